@@ -1,0 +1,39 @@
+#!/bin/sh
+':' //; exec node --import "$(dirname "$(readlink -f "$0")")/node_modules/tsx/dist/loader.mjs" "$(readlink -f "$0")" -- "$@"
+// (The two lines above are read by sh and ignored by Node: they start Node with TypeScript
+// support found beside this file, whatever the working directory. The `--` keeps Node 20 from
+// taking our --env-file for its own. See README "How the scripts run".)
+
+// backup-mello: the users' files on Mello to the R2 user-files bucket. Run by hand, and hourly
+// when Verda's cron triggers it. Never deletes in R2.
+import path from 'node:path';
+import fs from 'node:fs';
+import { UsageError } from './lib/cli.ts';
+import { bucketTarget } from './lib/config.ts';
+import { HashCache } from './lib/hash-cache.ts';
+import { runScript } from './lib/plan.ts';
+import { R2Backend } from './lib/r2.ts';
+import { syncStep } from './lib/sync.ts';
+
+await runScript({
+  name: 'backup-mello',
+  title: (f) => `=== Mello user files → R2 (${f.quick ? 'quick: user_data and inputs' : 'full'}) ===`,
+  usage: `Usage: backup-mello.mts [--full | --quick] [--dry-run | --verify] [--json] [-v] [--env-file PATH]
+
+Sends MELLO_DATA_DIR's user_data/, outputs/ and inputs/ to the R2 user-files bucket under the
+same keys. Files already there with the same size and sha256 are not sent again; a file deleted
+on Mello stays in R2. --quick leaves outputs/ out.`,
+  plan(cfg, flags) {
+    const data = cfg.melloDataDir;
+    if (!fs.existsSync(data)) throw new UsageError(`MELLO_DATA_DIR does not exist: ${data}`);
+    const r2 = new R2Backend(bucketTarget(cfg, 'userFiles'));
+    const cache = HashCache.load(path.join(cfg.stateDir, 'hashes-backup-mello.json'));
+    const tree = (name: string, dir: string) =>
+      syncStep({ name, root: path.join(data, dir), backend: r2, prefix: `${dir}/`, cache });
+    return [
+      tree('User data (workflows, settings)', 'user_data'),
+      { ...tree('Outputs', 'outputs'), skipReason: flags.quick ? '--quick' : undefined },
+      tree('Inputs', 'inputs'),
+    ];
+  },
+});

@@ -1,0 +1,170 @@
+// Command line and output: the SPEC's flags, exit codes, step lines like the bash originals
+// (`Step 3: ...`, `✓ ... (4.0K)`), and progress with rate and ETA on a terminal only.
+import minimist from 'minimist';
+
+export const EXIT = { ok: 0, failed: 1, usage: 2, locked: 75 } as const;
+
+/** Usage or configuration error: exit 2, nothing was done. */
+export class UsageError extends Error {}
+
+export interface Flags {
+  quick: boolean;
+  dryRun: boolean;
+  verify: boolean;
+  json: boolean;
+  verbose: boolean;
+  help: boolean;
+  envFile?: string;
+  /** Flags a script adds for itself (e.g. backup-verda's internal --remote-models). */
+  extra: Record<string, string | boolean | undefined>;
+}
+
+const BOOLEAN_FLAGS = ['quick', 'full', 'dry-run', 'verify', 'json', 'verbose', 'help'];
+
+export function parseFlags(
+  argv: string[],
+  extra: { boolean?: string[]; string?: string[] } = {},
+): Flags {
+  const unknown: string[] = [];
+  const stringFlags = ['env-file', ...(extra.string ?? [])];
+  const args = minimist(argv, {
+    boolean: [...BOOLEAN_FLAGS, ...(extra.boolean ?? [])],
+    string: stringFlags,
+    alias: { v: 'verbose', h: 'help' },
+    unknown: (arg) => {
+      unknown.push(arg);
+      return false;
+    },
+  });
+  if (unknown.length) {
+    const what = unknown[0].startsWith('-') ? 'unknown flag' : 'unexpected argument';
+    throw new UsageError(`${what}: ${unknown[0]} (see --help)`);
+  }
+  for (const name of stringFlags) {
+    const v = args[name];
+    if (Array.isArray(v)) throw new UsageError(`--${name} given more than once`);
+    if (v === '') {
+      throw new UsageError(`--${name} needs a value`);
+    }
+  }
+  if (args.quick && args.full) throw new UsageError('--quick and --full cannot be used together');
+  if (args.verify && args['dry-run']) throw new UsageError('--verify and --dry-run cannot be used together');
+  const extraValues: Flags['extra'] = {};
+  for (const name of [...(extra.boolean ?? []), ...(extra.string ?? [])]) extraValues[name] = args[name];
+  return {
+    quick: Boolean(args.quick),
+    dryRun: Boolean(args['dry-run']),
+    verify: Boolean(args.verify),
+    json: Boolean(args.json),
+    verbose: Boolean(args.verbose),
+    help: Boolean(args.help),
+    envFile: args['env-file'] || undefined,
+    extra: extraValues,
+  };
+}
+
+export const COMMON_HELP = `Flags:
+  --full            full run (the default)
+  --quick           see above
+  --dry-run         say what would be sent and where; change nothing
+  --verify          change nothing; check that the newest backup is whole (exit 1 naming what differs)
+  --json            machine-readable summary on stdout (step lines go to stderr)
+  -v, --verbose     say more
+  --env-file PATH   read configuration from PATH instead of .env beside the script
+  -h, --help        this text
+
+Exit codes: 0 done, 1 a step failed (the others still ran), 2 usage or configuration error,
+75 another run of this script holds the lock.`;
+
+/** An error as one line: the errno code and path, or the message. Never a stack. */
+export function errorText(e: unknown): string {
+  const err = e as NodeJS.ErrnoException;
+  if (err?.code && err.path) return `${err.code}: ${err.path}`;
+  return err?.message ?? String(e);
+}
+
+/** Sizes as `du -h` prints them, which is what the bash originals showed: 4.0K, 1.2M, 3.4G. */
+export function humanSize(bytes: number): string {
+  const units = ['B', 'K', 'M', 'G', 'T'];
+  let v = bytes;
+  let i = 0;
+  while (v >= 1024 && i < units.length - 1) {
+    v /= 1024;
+    i++;
+  }
+  if (i === 0) return `${bytes}B`;
+  return `${v < 10 ? v.toFixed(1) : Math.round(v)}${units[i]}`;
+}
+
+function humanDuration(seconds: number): string {
+  if (!Number.isFinite(seconds)) return '--:--';
+  const s = Math.round(seconds);
+  const h = Math.floor(s / 3600);
+  const m = Math.floor((s % 3600) / 60);
+  const pad = (n: number) => String(n).padStart(2, '0');
+  return h ? `${h}:${pad(m)}:${pad(s % 60)}` : `${m}:${pad(s % 60)}`;
+}
+
+/**
+ * Where the human lines go. With --json they go to stderr so stdout holds the JSON alone.
+ * Colour and progress only on a terminal without NO_COLOR.
+ */
+export class Output {
+  private readonly stream: NodeJS.WriteStream;
+  readonly fancy: boolean;
+  private progressShown = false;
+
+  constructor(
+    readonly json: boolean,
+    readonly verbose: boolean,
+  ) {
+    this.stream = json ? process.stderr : process.stdout;
+    this.fancy = Boolean(this.stream.isTTY) && !process.env.NO_COLOR && process.env.TERM !== 'dumb';
+  }
+
+  private write(line: string, colour?: number) {
+    this.clearProgress();
+    this.stream.write((this.fancy && colour ? `\x1b[${colour}m${line}\x1b[0m` : line) + '\n');
+  }
+  header(text: string) {
+    this.write(text, 1);
+  }
+  step(n: number, text: string) {
+    this.write(`Step ${n}: ${text}`, 1);
+  }
+  ok(text: string, bytes?: number) {
+    this.write(`  ✓ ${text}${bytes === undefined ? '' : ` (${humanSize(bytes)})`}`, 32);
+  }
+  warn(text: string) {
+    this.write(`  ⚠ ${text}`, 33);
+  }
+  fail(text: string) {
+    this.write(`  ✗ ${text}`, 31);
+  }
+  info(text: string) {
+    this.write(`  ${text}`);
+  }
+  detail(text: string) {
+    if (this.verbose) this.write(`    ${text}`, 2);
+  }
+  plain(text: string) {
+    this.write(text);
+  }
+
+  /** A progress line for a long transfer; nothing at all unless on a terminal. */
+  progress(label: string, done: number, total: number, startedMs: number) {
+    if (!this.fancy) return;
+    const seconds = (Date.now() - startedMs) / 1000;
+    const rate = seconds > 0 ? done / seconds : 0;
+    const eta = rate > 0 ? (total - done) / rate : Infinity;
+    const pct = total > 0 ? Math.floor((done / total) * 100) : 100;
+    this.stream.write(
+      `\r\x1b[2K  ${label} ${humanSize(done)}/${humanSize(total)} ${pct}% ${humanSize(rate)}/s ETA ${humanDuration(eta)}`,
+    );
+    this.progressShown = true;
+  }
+  clearProgress() {
+    if (this.progressShown) this.stream.write('\r\x1b[2K');
+    this.progressShown = false;
+  }
+}

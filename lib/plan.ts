@@ -1,0 +1,206 @@
+// A step is a value: its name, what it moves, and how to run it. The printed step lines,
+// --dry-run and --json all come from the same plan. runScript is every script's main: flags,
+// configuration, lock, signals, the plan, the summary and the exit code.
+import fs from 'node:fs';
+import path from 'node:path';
+import { COMMON_HELP, EXIT, Output, UsageError, errorText, humanSize, parseFlags, type Flags } from './cli.ts';
+import { loadConfig, type Config } from './config.ts';
+import { LockHeld, acquireLock } from './lock.ts';
+import { R2Error } from './r2.ts';
+
+export interface StepContext {
+  out: Output;
+  dryRun: boolean;
+  verbose: boolean;
+  signal: AbortSignal;
+}
+
+export interface StepResult {
+  /** The step's printed line: what was done, e.g. `1204 files (3.1G): 3 sent (12M), 1201 unchanged`. */
+  summary: string;
+  bytes?: number;
+  /** `skipped`: nothing to do here (a missing optional source); with a warning, say why. */
+  status?: 'ok' | 'skipped';
+  warnings?: string[];
+  /** Items that failed while the rest of the step went on: the step counts as failed. */
+  failures?: string[];
+  /** Machine-readable details for --json. */
+  data?: Record<string, unknown>;
+}
+
+export interface Step {
+  name: string;
+  /** What it moves and where: `~/data/outputs/ → r2://comfy-multi-user-files/outputs/`. */
+  moves: string;
+  /** Set when this mode leaves the step out (`--quick`): listed, not run. */
+  skipReason?: string;
+  run(ctx: StepContext): Promise<StepResult>;
+}
+
+export type StepStatus = 'ok' | 'skipped' | 'failed' | 'interrupted';
+
+export interface StepReport {
+  step: number;
+  name: string;
+  moves: string;
+  status: StepStatus;
+  summary?: string;
+  error?: string;
+  bytes?: number;
+  warnings: string[];
+  failures: string[];
+  ms: number;
+  data?: Record<string, unknown>;
+}
+
+/** Runs every step in order; a failed step does not stop the others, an interrupt does. */
+export async function runPlan(steps: Step[], ctx: StepContext): Promise<StepReport[]> {
+  const reports: StepReport[] = [];
+  for (const [i, step] of steps.entries()) {
+    const n = i + 1;
+    const report: StepReport = { step: n, name: step.name, moves: step.moves, status: 'ok', warnings: [], failures: [], ms: 0 };
+    reports.push(report);
+    ctx.out.step(n, step.name);
+    ctx.out.detail(step.moves);
+    if (ctx.signal.aborted) {
+      report.status = 'interrupted';
+      continue;
+    }
+    if (step.skipReason) {
+      report.status = 'skipped';
+      report.summary = `skipped (${step.skipReason})`;
+      ctx.out.info(`– ${report.summary}`);
+      continue;
+    }
+    const started = Date.now();
+    try {
+      const r = await step.run(ctx);
+      Object.assign(report, {
+        summary: r.summary,
+        bytes: r.bytes,
+        data: r.data,
+        warnings: r.warnings ?? [],
+        failures: r.failures ?? [],
+      });
+      report.status = r.failures?.length ? 'failed' : (r.status ?? 'ok');
+      for (const w of report.warnings) ctx.out.warn(w);
+      for (const f of report.failures) ctx.out.fail(f);
+      if (report.status === 'failed') ctx.out.fail(r.summary);
+      else if (report.status === 'skipped') ctx.out.info(`– ${r.summary}`);
+      else ctx.out.ok(r.summary);
+    } catch (e) {
+      report.status = ctx.signal.aborted ? 'interrupted' : 'failed';
+      report.error = ctx.signal.aborted ? `interrupted (${ctx.signal.reason?.message ?? 'signal'})` : errorText(e);
+      ctx.out.fail(report.error);
+      // A stack only for what is not an expected failure (a bug), and only with --verbose.
+      if (ctx.verbose && !ctx.signal.aborted && !(e instanceof R2Error) && !(e as NodeJS.ErrnoException).code && e instanceof Error && e.stack) {
+        ctx.out.detail(e.stack);
+      }
+    }
+    report.ms = Date.now() - started;
+  }
+  return reports;
+}
+
+export interface ScriptDef {
+  /** `backup-mello`: names the lock and the messages. */
+  name: string;
+  /** The first line printed. */
+  title: (flags: Flags) => string;
+  /** Usage and what the script does, above the common flags. */
+  usage: string;
+  extraFlags?: { boolean?: string[]; string?: string[] };
+  /** Builds the plan; throws UsageError for a configuration the plan cannot run with. */
+  plan: (cfg: Config, flags: Flags) => Step[];
+}
+
+/** Where the running script lives: `.env` is looked for beside it. */
+function scriptDir(): string {
+  const main = process.argv[1];
+  return main ? path.dirname(fs.realpathSync(main)) : process.cwd();
+}
+
+/** The script's arguments, without the `--` its launcher puts first (see the scripts' first lines). */
+function scriptArgs(): string[] {
+  const args = process.argv.slice(2);
+  return args[0] === '--' ? args.slice(1) : args;
+}
+
+/** The whole life of a script run. Never returns; exits with the SPEC's codes. */
+export async function runScript(def: ScriptDef, argv = scriptArgs()): Promise<never> {
+  let flags: Flags;
+  let cfg: Config;
+  let steps: Step[];
+  try {
+    flags = parseFlags(argv, def.extraFlags);
+    if (flags.help) {
+      process.stdout.write(`${def.usage}\n\n${COMMON_HELP}\n`);
+      process.exit(EXIT.ok);
+    }
+    cfg = loadConfig(process.env, scriptDir(), flags.envFile);
+    steps = def.plan(cfg, flags);
+  } catch (e) {
+    // A usage or configuration error is exit 2; anything else here is a bug, said without a stack.
+    process.stderr.write(`${def.name}: ${e instanceof UsageError ? '' : 'internal error: '}${errorText(e)}\n`);
+    process.exit(e instanceof UsageError ? EXIT.usage : EXIT.failed);
+  }
+
+  const out = new Output(flags.json, flags.verbose);
+  let release: () => void;
+  try {
+    release = acquireLock(path.join(cfg.stateDir, `${def.name}.lock`));
+  } catch (e) {
+    if (!(e instanceof LockHeld)) throw e;
+    process.stderr.write(`${def.name}: ${e.message}; not starting\n`);
+    process.exit(EXIT.locked);
+  }
+
+  // First SIGINT/SIGTERM: stop and clean up (partial files removed, multipart uploads aborted).
+  // A second one: leave at once.
+  const controller = new AbortController();
+  const onSignal = (sig: NodeJS.Signals) => {
+    if (controller.signal.aborted) {
+      release();
+      process.exit(EXIT.failed);
+    }
+    out.clearProgress();
+    process.stderr.write(`\n${def.name}: ${sig} received, stopping and cleaning up\n`);
+    controller.abort(new Error(sig));
+  };
+  process.on('SIGINT', onSignal);
+  process.on('SIGTERM', onSignal);
+  process.on('SIGHUP', onSignal);
+
+  const started = Date.now();
+  out.header(def.title(flags));
+  const reports = await runPlan(steps, { out, dryRun: flags.dryRun, verbose: flags.verbose, signal: controller.signal });
+  release();
+
+  const failed = reports.filter((r) => r.status === 'failed' || r.status === 'interrupted');
+  const seconds = ((Date.now() - started) / 1000).toFixed(1);
+  const code = failed.length ? EXIT.failed : EXIT.ok;
+  out.plain('');
+  const counts = (['ok', 'skipped', 'failed'] as const).map((s) => `${reports.filter((r) => r.status === s).length} ${s}`);
+  out.header(`=== ${flags.dryRun ? 'Dry run' : flags.verify ? 'Verify' : 'Backup'} ${failed.length ? 'FAILED' : 'complete'} in ${seconds}s: ${counts.join(', ')} ===`);
+  for (const r of failed) out.fail(`Step ${r.step} (${r.name}): ${r.error ?? r.summary ?? r.status}`);
+  if (controller.signal.aborted) out.fail(`interrupted by ${controller.signal.reason?.message}`);
+  const total = reports.reduce((n, r) => n + (r.bytes ?? 0), 0);
+  if (total && !flags.verify) out.info(`${flags.dryRun ? 'would send' : 'sent'} ${humanSize(total)} in all`);
+
+  if (flags.json) {
+    const summary = {
+      script: def.name,
+      mode: flags.quick ? 'quick' : 'full',
+      dryRun: flags.dryRun,
+      verify: flags.verify,
+      ok: code === EXIT.ok,
+      exitCode: code,
+      interrupted: controller.signal.aborted || undefined,
+      startedAt: new Date(started).toISOString(),
+      durationMs: Date.now() - started,
+      steps: reports,
+    };
+    process.stdout.write(JSON.stringify(summary, null, 2) + '\n');
+  }
+  process.exit(code);
+}

@@ -1,0 +1,53 @@
+// The storage interface, after restic's backend: five operations and nothing else. Sync,
+// rotation and verification are built on it; R2's quirks live in r2.ts alone.
+import fs from 'node:fs';
+import type { Readable } from 'node:stream';
+
+export interface ObjectInfo {
+  key: string;
+  size: number;
+  /** As the server gives it, without quotes: `md5hex` or `md5hex-N` for multipart. */
+  etag: string;
+}
+
+export interface ObjectHead extends ObjectInfo {
+  metadata: Record<string, string>;
+}
+
+/**
+ * Bytes to store, readable again from any offset: a part that failed is sent again by reopening
+ * its range, so nothing is held in memory (restic's RewindReader plays this role).
+ */
+export interface Source {
+  size: number;
+  open(start: number, endExclusive: number): Readable;
+  /** For messages only. */
+  describe: string;
+}
+
+export interface PutOptions {
+  metadata?: Record<string, string>;
+  signal?: AbortSignal;
+  /** Called with the count of bytes sent so far, for progress lines. */
+  onBytes?: (n: number) => void;
+}
+
+export interface Backend {
+  /** For messages: `r2://bucket`. */
+  readonly name: string;
+  list(prefix: string, signal?: AbortSignal): AsyncIterable<ObjectInfo>;
+  head(key: string, signal?: AbortSignal): Promise<ObjectHead | undefined>;
+  put(key: string, source: Source, opts?: PutOptions): Promise<ObjectInfo>;
+  get(key: string, signal?: AbortSignal): Promise<Readable>;
+  delete(key: string, signal?: AbortSignal): Promise<void>;
+}
+
+export function fileSource(file: string, size: number): Source {
+  return {
+    size,
+    describe: file,
+    // highWaterMark of 1 MiB: fewer, larger reads; still only a few MiB per part in flight.
+    open: (start, end) =>
+      fs.createReadStream(file, { start, end: Math.max(start, end - 1), highWaterMark: 1 << 20, emitClose: true }),
+  };
+}

@@ -1,0 +1,229 @@
+// A tree to a bucket prefix, sending only what is not already there. An object is skipped when
+// its size and sha256 match: the sha256 comes from the local hash cache, and the object's from
+// what the cache recorded for its ETag (no request), else its `sha256` metadata (one HEAD), else
+// an ETag that proves the content (objects the bash scripts uploaded). Never deletes.
+import fs from 'node:fs';
+import { etagProvesContent, type HashCache } from './hash-cache.ts';
+import { walkTree, type WalkedFile } from './files.ts';
+import { fileSource, type Backend, type ObjectInfo } from './storage.ts';
+import { R2Error } from './r2.ts';
+import { errorText, humanSize } from './cli.ts';
+import type { Step } from './plan.ts';
+
+export interface SyncOptions {
+  root: string;
+  backend: Backend;
+  /** Key prefix, `outputs/`; empty for the bucket's top. */
+  prefix: string;
+  cache: HashCache;
+  dryRun?: boolean;
+  signal?: AbortSignal;
+  /** Files in flight at once (each multipart file has its own parts in flight too). */
+  concurrency?: number;
+  /** Only files whose relative path this accepts (e.g. `*.safetensors`). */
+  filter?: (rel: string) => boolean;
+  onProgress?: (sentBytes: number, totalBytes: number) => void;
+  /** Told of each file as it is decided, for verbose and dry-run lines. */
+  onFile?: (action: FileAction) => void;
+}
+
+export type FileAction =
+  | { action: 'send'; key: string; bytes: number; reason: 'new' | 'changed' }
+  | { action: 'skip'; key: string; bytes: number; how: 'known' | 'metadata' | 'etag' }
+  | { action: 'failed'; key: string; bytes: number; error: string };
+
+export interface SyncResult {
+  files: number;
+  bytes: number;
+  sent: number;
+  sentBytes: number;
+  skipped: number;
+  /** Skipped objects proven by ETag alone (bash-era uploads), now recorded. */
+  adopted: number;
+  hashed: number;
+  symlinks: string[];
+  failures: { key: string; error: string }[];
+  actions: FileAction[];
+}
+
+/** The ID an object is remembered under in the hash cache. */
+export const objectId = (backend: Backend, key: string) => `${backend.name}/${key}`;
+
+export async function syncTree(opts: SyncOptions): Promise<SyncResult> {
+  const { backend, prefix, cache, signal } = opts;
+  const walked = await walkTree(opts.root);
+  const files = opts.filter ? walked.files.filter((f) => opts.filter!(f.rel)) : walked.files;
+  cache.prune(opts.root, new Set(walked.files.map((f) => f.path)));
+
+  const remote = new Map<string, ObjectInfo>();
+  for await (const o of backend.list(prefix, signal)) remote.set(o.key, o);
+
+  const totalBytes = files.reduce((n, f) => n + Number(f.stat.size), 0);
+  const hashedBefore = cache.hashedFiles;
+  const result: SyncResult = {
+    files: files.length,
+    bytes: totalBytes,
+    sent: 0,
+    sentBytes: 0,
+    skipped: 0,
+    adopted: 0,
+    hashed: 0,
+    symlinks: walked.symlinks,
+    failures: walked.unreadable.map((u) => ({ key: prefix + u.rel, error: `cannot read: ${u.error}` })),
+    actions: [],
+  };
+  let progressBytes = 0;
+  const report = (a: FileAction) => {
+    result.actions.push(a);
+    opts.onFile?.(a);
+  };
+
+  const one = async (file: WalkedFile) => {
+    const key = prefix + file.rel;
+    const size = Number(file.stat.size);
+    const sha256 = await cache.sha256(file.path, { size: file.stat.size, mtimeNs: file.stat.mtimeNs, ino: file.stat.ino }, signal);
+    const there = remote.get(key);
+    if (there && there.size === size) {
+      const id = objectId(backend, key);
+      if (cache.knownObject(id, there.etag) === sha256) {
+        result.skipped++;
+        return report({ action: 'skip', key, bytes: size, how: 'known' });
+      }
+      const head = await backend.head(key, signal);
+      if (head && head.size === size) {
+        const how = head.metadata.sha256
+          ? head.metadata.sha256 === sha256 && 'metadata'
+          : (await etagProvesContent(file.path, size, head.etag, signal)) && 'etag';
+        if (how) {
+          if (!opts.dryRun) cache.recordObject(id, head.etag, sha256);
+          result.skipped++;
+          if (how === 'etag') result.adopted++;
+          return report({ action: 'skip', key, bytes: size, how });
+        }
+      }
+    }
+    const reason = there ? 'changed' : 'new';
+    if (opts.dryRun) {
+      result.sent++;
+      result.sentBytes += size;
+      return report({ action: 'send', key, bytes: size, reason });
+    }
+    let counted = 0;
+    const put = await backend.put(key, fileSource(file.path, size), {
+      metadata: { sha256 },
+      signal,
+      onBytes: opts.onProgress
+        ? (n) => {
+            counted += n;
+            progressBytes += n;
+            opts.onProgress!(progressBytes, totalBytes);
+          }
+        : undefined,
+    });
+    // A file rewritten while it was being sent: the object may not hold what we hashed.
+    const after = await fs.promises.lstat(file.path, { bigint: true }).catch(() => undefined);
+    if (!after || after.mtimeNs !== file.stat.mtimeNs || after.size !== file.stat.size || after.ino !== file.stat.ino) {
+      throw new Error('changed while it was being sent; it will be sent again on the next run');
+    }
+    cache.recordObject(objectId(backend, key), put.etag, sha256);
+    result.sent++;
+    result.sentBytes += size;
+    progressBytes += size - counted;
+    report({ action: 'send', key, bytes: size, reason });
+  };
+
+  // A pool of workers over the files, in path order.
+  let next = 0;
+  let fatal: Error | undefined;
+  const worker = async () => {
+    while (next < files.length && !fatal) {
+      if (signal?.aborted) throw signal.reason;
+      const file = files[next++];
+      try {
+        await one(file);
+      } catch (e) {
+        if (signal?.aborted) throw signal.reason;
+        const error = errorText(e);
+        result.failures.push({ key: prefix + file.rel, error });
+        report({ action: 'failed', key: prefix + file.rel, bytes: Number(file.stat.size), error });
+        // Credentials refused or the bucket gone: every other file would fail the same way.
+        if (e instanceof R2Error && e.fatal) fatal = e;
+      }
+    }
+  };
+  try {
+    await Promise.all(Array.from({ length: Math.max(1, Math.min(opts.concurrency ?? 16, files.length)) }, worker));
+    if (fatal) throw fatal;
+  } finally {
+    result.hashed = cache.hashedFiles - hashedBefore;
+  }
+  return result;
+}
+
+
+/** A key or path as one printable line: control characters (a newline in a name) escaped. */
+export function printable(name: string): string {
+  return name.replace(/[\x00-\x1f\x7f]/g, (c) => JSON.stringify(c).slice(1, -1));
+}
+
+export interface SyncStepOptions {
+  name: string;
+  root: string;
+  backend: Backend;
+  prefix: string;
+  cache: HashCache;
+  filter?: (rel: string) => boolean;
+}
+
+/** The step that syncs one tree: a missing source is a warning and a skipped row. */
+export function syncStep(o: SyncStepOptions): Step {
+  return {
+    name: o.name,
+    moves: `${o.root}/ → ${o.backend.name}/${o.prefix}`,
+    async run(ctx) {
+      if (!fs.existsSync(o.root)) {
+        return { status: 'skipped', summary: `nothing to send`, warnings: [`${o.root} does not exist`] };
+      }
+      const started = Date.now();
+      const label = o.prefix || o.backend.name;
+      try {
+        const r = await syncTree({
+          ...o,
+          dryRun: ctx.dryRun,
+          signal: ctx.signal,
+          onProgress: ctx.out.fancy ? (done, total) => ctx.out.progress(label, done, total, started) : undefined,
+          onFile: (a) => {
+            const where = `${o.backend.name}/${printable(a.key)}`;
+            if (a.action === 'send') {
+              if (ctx.dryRun) ctx.out.info(`would send ${where} (${humanSize(a.bytes)}, ${a.reason})`);
+              else ctx.out.detail(`sent ${where} (${humanSize(a.bytes)}, ${a.reason})`);
+            } else if (a.action === 'skip') ctx.out.detail(`unchanged ${where} (${a.how})`);
+          },
+        });
+        ctx.out.clearProgress();
+        const parts = [`${r.sent} ${ctx.dryRun ? 'to send' : 'sent'} (${humanSize(r.sentBytes)})`, `${r.skipped} unchanged`];
+        if (r.adopted) parts.push(`${r.adopted} adopted from earlier uploads`);
+        if (r.symlinks.length) parts.push(`${r.symlinks.length} symlinks not followed`);
+        return {
+          summary: `${r.files} ${r.files === 1 ? 'file' : 'files'} (${humanSize(r.bytes)}): ${parts.join(', ')}`,
+          bytes: r.sentBytes,
+          failures: r.failures.map((f) => `${printable(f.key)}: ${f.error}`),
+          data: {
+            files: r.files,
+            bytes: r.bytes,
+            sent: r.sent,
+            sentBytes: r.sentBytes,
+            skipped: r.skipped,
+            adopted: r.adopted,
+            hashed: r.hashed,
+            symlinksNotFollowed: r.symlinks,
+            objects: r.actions,
+          },
+        };
+      } finally {
+        ctx.out.clearProgress();
+        if (!ctx.dryRun) o.cache.save();
+      }
+    },
+  };
+}

@@ -1,0 +1,181 @@
+// What the tests share: a real S3 server (s3rver) on loopback that counts the requests it gets,
+// temp trees, and running a script as the admin would, as a child process.
+import { spawn } from 'node:child_process';
+import crypto from 'node:crypto';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import type { IncomingMessage } from 'node:http';
+import S3rver from 's3rver';
+process.env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED = 'true';
+import { GetObjectCommand, HeadObjectCommand, ListObjectsV2Command, S3Client } from '@aws-sdk/client-s3';
+
+export const ROOT = path.resolve(import.meta.dirname, '..');
+export const SECRET = 'S3RVER'; // s3rver's built-in account: key id and secret are both this
+
+export function tempDir(label: string): string {
+  return fs.mkdtempSync(path.join(os.tmpdir(), `cms-${label}-`));
+}
+
+export interface RequestLog {
+  method: string;
+  url: string;
+}
+
+export interface S3Server {
+  endpoint: string;
+  port: number;
+  dir: string;
+  requests: RequestLog[];
+  client: S3Client;
+  /** Requests that carry an object body: PutObject and UploadPart are the only PUTs the scripts send. */
+  bodyRequests(): RequestLog[];
+  readObject(bucket: string, key: string): Promise<Buffer>;
+  headObject(bucket: string, key: string): Promise<{ size: number; etag: string; metadata: Record<string, string> } | undefined>;
+  listKeys(bucket: string, prefix?: string): Promise<string[]>;
+  /** Multipart uploads begun and neither completed nor aborted. */
+  openUploads(bucket: string): string[];
+  stop(): Promise<void>;
+}
+
+export async function startS3(buckets: string[]): Promise<S3Server> {
+  const dir = tempDir('s3');
+  const server = new (S3rver as any)({
+    port: 0,
+    address: '127.0.0.1',
+    silent: true,
+    directory: dir,
+    configureBuckets: buckets.map((name) => ({ name })),
+  });
+  const { port } = await server.run();
+  const requests: RequestLog[] = [];
+  server.httpServer.prependListener('request', (req: IncomingMessage) => {
+    requests.push({ method: req.method ?? '', url: req.url ?? '' });
+  });
+  const endpoint = `http://127.0.0.1:${port}`;
+  const client = new S3Client({
+    endpoint,
+    region: 'auto',
+    forcePathStyle: true,
+    credentials: { accessKeyId: SECRET, secretAccessKey: SECRET },
+    requestChecksumCalculation: 'WHEN_REQUIRED',
+    responseChecksumValidation: 'WHEN_REQUIRED',
+  });
+  return {
+    endpoint,
+    port,
+    dir,
+    requests,
+    client,
+    bodyRequests: () => requests.filter((r) => r.method === 'PUT'),
+    async readObject(bucket, key) {
+      const r = await client.send(new GetObjectCommand({ Bucket: bucket, Key: key }));
+      return Buffer.from(await r.Body!.transformToByteArray());
+    },
+    async headObject(bucket, key) {
+      try {
+        const h = await client.send(new HeadObjectCommand({ Bucket: bucket, Key: key }));
+        return { size: h.ContentLength ?? 0, etag: (h.ETag ?? '').replace(/"/g, ''), metadata: h.Metadata ?? {} };
+      } catch {
+        return undefined;
+      }
+    },
+    async listKeys(bucket, prefix) {
+      const keys: string[] = [];
+      let token: string | undefined;
+      do {
+        const page = await client.send(new ListObjectsV2Command({ Bucket: bucket, Prefix: prefix, ContinuationToken: token }));
+        keys.push(...(page.Contents ?? []).map((o) => o.Key!));
+        token = page.IsTruncated ? page.NextContinuationToken : undefined;
+      } while (token);
+      return keys.sort();
+    },
+    openUploads(bucket) {
+      const uploads = path.join(dir, bucket, '._S3rver_uploads');
+      return fs.existsSync(uploads) ? fs.readdirSync(uploads) : [];
+    },
+    async stop() {
+      client.destroy();
+      await server.close();
+      fs.rmSync(dir, { recursive: true, force: true });
+    },
+  };
+}
+
+/** The environment a script gets in a test: the S3 server's endpoint and credentials, a private state dir. */
+export function s3Env(s3: S3Server, stateDir: string): Record<string, string> {
+  return {
+    R2_ENDPOINT: s3.endpoint,
+    R2_ACCESS_KEY_ID: SECRET,
+    R2_SECRET_ACCESS_KEY: SECRET,
+    COMFYMULTI_STATE_DIR: stateDir,
+  };
+}
+
+export interface RunResult {
+  code: number | null;
+  signal: NodeJS.Signals | null;
+  stdout: string;
+  stderr: string;
+}
+
+/**
+ * Runs a script of the checkout as the admin would (its own shebang), with a clean environment:
+ * PATH, HOME and what the test passes; nothing inherited from the machine's AWS settings.
+ */
+export function runScript(
+  script: string,
+  args: string[],
+  env: Record<string, string>,
+  opts: { cwd?: string; onSpawn?: (pid: number) => void } = {},
+): Promise<RunResult> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(path.join(ROOT, script), args, {
+      cwd: opts.cwd ?? os.tmpdir(),
+      env: { PATH: process.env.PATH ?? '/usr/bin:/bin', HOME: process.env.HOME ?? '/root', ...env },
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (d) => (stdout += d));
+    child.stderr.on('data', (d) => (stderr += d));
+    child.on('error', reject);
+    if (child.pid && opts.onSpawn) opts.onSpawn(child.pid);
+    child.on('close', (code, signal) => resolve({ code, signal, stdout, stderr }));
+  });
+}
+
+export function writeTree(root: string, files: Record<string, string | Buffer>) {
+  for (const [rel, content] of Object.entries(files)) {
+    const file = path.join(root, rel);
+    fs.mkdirSync(path.dirname(file), { recursive: true });
+    fs.writeFileSync(file, content);
+  }
+}
+
+/** Every regular file under root, relative path → sha256. */
+export function treeDigest(root: string): Record<string, string> {
+  const out: Record<string, string> = {};
+  const visit = (dir: string, rel: string) => {
+    for (const e of fs.readdirSync(dir, { withFileTypes: true })) {
+      const r = rel ? `${rel}/${e.name}` : e.name;
+      if (e.isDirectory()) visit(path.join(dir, e.name), r);
+      else if (e.isFile()) out[r] = sha256(fs.readFileSync(path.join(dir, e.name)));
+    }
+  };
+  visit(root, '');
+  return out;
+}
+
+export function sha256(data: Buffer | string): string {
+  return crypto.createHash('sha256').update(data).digest('hex');
+}
+
+/** Random bytes of a given size, written in 1 MiB chunks (never held whole in memory). */
+export function writeRandomFile(file: string, size: number) {
+  fs.mkdirSync(path.dirname(file), { recursive: true });
+  const fd = fs.openSync(file, 'w');
+  const chunk = 1 << 20;
+  for (let done = 0; done < size; done += chunk) fs.writeSync(fd, crypto.randomBytes(Math.min(chunk, size - done)));
+  fs.closeSync(fd);
+}

@@ -1,0 +1,54 @@
+// The test command: the type check, then each test file in its own process (each starts the
+// servers it needs). The last line is the plain total CI reads: `N passed, N failed`.
+import { spawnSync } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+
+const root = path.resolve(import.meta.dirname, '..');
+const only = process.argv.slice(2);
+let passed = 0;
+let failed = 0;
+
+function record(name, ok, detail = '') {
+  if (ok) passed++;
+  else failed++;
+  console.log(`${ok ? 'PASS' : 'FAIL'} ${name}${detail ? ` — ${detail}` : ''}`);
+}
+
+if (!only.length) {
+  const tsc = spawnSync(process.execPath, [path.join(root, 'node_modules/typescript/bin/tsc'), '--noEmit', '-p', root], {
+    encoding: 'utf8',
+  });
+  process.stdout.write(tsc.stdout + tsc.stderr);
+  record('tsc --noEmit (strict)', tsc.status === 0);
+}
+
+const files = fs
+  .readdirSync(path.join(root, 'test'))
+  .filter((f) => f.endsWith('.test.ts'))
+  .filter((f) => !only.length || only.some((o) => f.includes(o)))
+  .sort();
+for (const file of files) {
+  const r = spawnSync(process.execPath, ['--import', 'tsx', path.join('test', file)], {
+    cwd: root,
+    encoding: 'utf8',
+    env: { ...process.env, NO_COLOR: '1', FORCE_COLOR: '0' },
+    timeout: 20 * 60 * 1000,
+    maxBuffer: 64 * 1024 * 1024,
+  });
+  const output = (r.stdout ?? '') + (r.stderr ?? '');
+  process.stdout.write(output);
+  const total = /Total:\s+(\d+)/.exec(output);
+  const ok = /Passed:\s+(\d+)/.exec(output);
+  if (!total || !ok) {
+    record(file, false, `no uvu summary (exit ${r.status}${r.signal ? `, ${r.signal}` : ''})`);
+    continue;
+  }
+  const p = Number(ok[1]);
+  const f = Number(total[1]) - p;
+  passed += p;
+  failed += f;
+  if (r.status !== 0 && f === 0) record(file, false, `exit ${r.status}`);
+}
+console.log(`${passed} passed, ${failed} failed`);
+process.exit(failed ? 1 : 0);
