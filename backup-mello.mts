@@ -30,10 +30,12 @@ on Mello stays in R2. --quick leaves outputs/ out.`,
     const cache = HashCache.load(path.join(cfg.stateDir, 'hashes-backup-mello.json'));
     const tree = (name: string, dir: string) =>
       syncStep({ name, root: path.join(data, dir), backend: r2, prefix: `${dir}/`, cache });
-    return [
-      tree('User data (workflows, settings)', 'user_data'),
-      { ...tree('Outputs', 'outputs'), skipReason: flags.quick ? '--quick' : undefined },
-      tree('Inputs', 'inputs'),
-    ];
+    return {
+      steps: [
+        tree('User data (workflows, settings)', 'user_data'),
+        { ...tree('Outputs', 'outputs'), skipReason: flags.quick ? '--quick' : undefined },
+        tree('Inputs', 'inputs'),
+      ],
+    };
   },
 });

@@ -13,6 +13,8 @@ export interface StepContext {
   dryRun: boolean;
   verbose: boolean;
   signal: AbortSignal;
+  /** The reports of the steps before this one (rotation runs only when none failed). */
+  earlier: StepReport[];
 }
 
 export interface StepResult {
@@ -54,8 +56,9 @@ export interface StepReport {
 }
 
 /** Runs every step in order; a failed step does not stop the others, an interrupt does. */
-export async function runPlan(steps: Step[], ctx: StepContext): Promise<StepReport[]> {
+export async function runPlan(steps: Step[], base: Omit<StepContext, 'earlier'>): Promise<StepReport[]> {
   const reports: StepReport[] = [];
+  const ctx: StepContext = { ...base, earlier: reports };
   for (const [i, step] of steps.entries()) {
     const n = i + 1;
     const report: StepReport = { step: n, name: step.name, moves: step.moves, status: 'ok', warnings: [], failures: [], ms: 0 };
@@ -110,8 +113,17 @@ export interface ScriptDef {
   /** Usage and what the script does, above the common flags. */
   usage: string;
   extraFlags?: { boolean?: string[]; string?: string[] };
-  /** Builds the plan; throws UsageError for a configuration the plan cannot run with. */
-  plan: (cfg: Config, flags: Flags) => Step[];
+  /**
+   * Builds the plan (for --verify too: its steps then check instead of send); throws UsageError
+   * for a configuration the plan cannot run with.
+   */
+  plan: (cfg: Config, flags: Flags) => Plan;
+}
+
+export interface Plan {
+  steps: Step[];
+  /** Runs after the steps whatever happened (closes the SSH connection). */
+  close?: () => Promise<void>;
 }
 
 /** Where the running script lives: `.env` is looked for beside it. */
@@ -130,7 +142,7 @@ function scriptArgs(): string[] {
 export async function runScript(def: ScriptDef, argv = scriptArgs()): Promise<never> {
   let flags: Flags;
   let cfg: Config;
-  let steps: Step[];
+  let plan: Plan;
   try {
     flags = parseFlags(argv, def.extraFlags);
     if (flags.help) {
@@ -138,7 +150,7 @@ export async function runScript(def: ScriptDef, argv = scriptArgs()): Promise<ne
       process.exit(EXIT.ok);
     }
     cfg = loadConfig(process.env, scriptDir(), flags.envFile);
-    steps = def.plan(cfg, flags);
+    plan = def.plan(cfg, flags);
   } catch (e) {
     // A usage or configuration error is exit 2; anything else here is a bug, said without a stack.
     process.stderr.write(`${def.name}: ${e instanceof UsageError ? '' : 'internal error: '}${errorText(e)}\n`);
@@ -173,14 +185,23 @@ export async function runScript(def: ScriptDef, argv = scriptArgs()): Promise<ne
 
   const started = Date.now();
   out.header(def.title(flags));
-  const reports = await runPlan(steps, { out, dryRun: flags.dryRun, verbose: flags.verbose, signal: controller.signal });
-  release();
+  let reports: StepReport[];
+  try {
+    reports = await runPlan(plan.steps, { out, dryRun: flags.dryRun, verbose: flags.verbose, signal: controller.signal });
+  } finally {
+    await plan.close?.().catch(() => {});
+    release();
+  }
 
   const failed = reports.filter((r) => r.status === 'failed' || r.status === 'interrupted');
   const seconds = ((Date.now() - started) / 1000).toFixed(1);
   const code = failed.length ? EXIT.failed : EXIT.ok;
   out.plain('');
-  const counts = (['ok', 'skipped', 'failed'] as const).map((s) => `${reports.filter((r) => r.status === s).length} ${s}`);
+  const counts = [
+    `${reports.filter((r) => r.status === 'ok').length} ok`,
+    `${reports.filter((r) => r.status === 'skipped').length} skipped`,
+    `${failed.length} failed`,
+  ];
   out.header(`=== ${flags.dryRun ? 'Dry run' : flags.verify ? 'Verify' : 'Backup'} ${failed.length ? 'FAILED' : 'complete'} in ${seconds}s: ${counts.join(', ')} ===`);
   for (const r of failed) out.fail(`Step ${r.step} (${r.name}): ${r.error ?? r.summary ?? r.status}`);
   if (controller.signal.aborted) out.fail(`interrupted by ${controller.signal.reason?.message}`);

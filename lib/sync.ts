@@ -28,8 +28,8 @@ export interface SyncOptions {
 }
 
 export type FileAction =
-  | { action: 'send'; key: string; bytes: number; reason: 'new' | 'changed' }
-  | { action: 'skip'; key: string; bytes: number; how: 'known' | 'metadata' | 'etag' }
+  | { action: 'send'; key: string; bytes: number; sha256: string; reason: 'new' | 'changed' }
+  | { action: 'skip'; key: string; bytes: number; sha256: string; how: 'known' | 'metadata' | 'etag' }
   | { action: 'failed'; key: string; bytes: number; error: string };
 
 export interface SyncResult {
@@ -87,7 +87,7 @@ export async function syncTree(opts: SyncOptions): Promise<SyncResult> {
       const id = objectId(backend, key);
       if (cache.knownObject(id, there.etag) === sha256) {
         result.skipped++;
-        return report({ action: 'skip', key, bytes: size, how: 'known' });
+        return report({ action: 'skip', key, bytes: size, sha256, how: 'known' });
       }
       const head = await backend.head(key, signal);
       if (head && head.size === size) {
@@ -98,7 +98,7 @@ export async function syncTree(opts: SyncOptions): Promise<SyncResult> {
           if (!opts.dryRun) cache.recordObject(id, head.etag, sha256);
           result.skipped++;
           if (how === 'etag') result.adopted++;
-          return report({ action: 'skip', key, bytes: size, how });
+          return report({ action: 'skip', key, bytes: size, sha256, how });
         }
       }
     }
@@ -106,7 +106,7 @@ export async function syncTree(opts: SyncOptions): Promise<SyncResult> {
     if (opts.dryRun) {
       result.sent++;
       result.sentBytes += size;
-      return report({ action: 'send', key, bytes: size, reason });
+      return report({ action: 'send', key, bytes: size, sha256, reason });
     }
     let counted = 0;
     const put = await backend.put(key, fileSource(file.path, size), {
@@ -129,7 +129,7 @@ export async function syncTree(opts: SyncOptions): Promise<SyncResult> {
     result.sent++;
     result.sentBytes += size;
     progressBytes += size - counted;
-    report({ action: 'send', key, bytes: size, reason });
+    report({ action: 'send', key, bytes: size, sha256, reason });
   };
 
   // A pool of workers over the files, in path order.

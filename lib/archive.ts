@@ -1,0 +1,275 @@
+// The config archives of the SPEC's table, shared by backup-verda (Verda → Mello over SSH) and
+// backup-cron (Verda → SFS, locally). Each is GNU tar run where the files are (so mode, owner
+// and mtime are kept, and root-only files are read through sudo), streamed out, gzipped here and
+// written under a temporary name. Its content identity is the sha256 of the uncompressed tar:
+// two runs over unchanged files give the same one, whatever gzip does.
+import crypto from 'node:crypto';
+import fs from 'node:fs';
+import path from 'node:path';
+import { PassThrough, Transform } from 'node:stream';
+import { pipeline } from 'node:stream/promises';
+import zlib from 'node:zlib';
+import tar from 'tar-stream';
+import type { Config } from './config.ts';
+import { humanSize } from './cli.ts';
+import { ensurePrivateDir, partialName, writeStreamAtomic, type Written } from './files.ts';
+import type { Step } from './plan.ts';
+import type { Host } from './ssh.ts';
+
+export interface ArchiveSpec {
+  /** The artifact kind: the file is `${kind}-T.tar.gz`. */
+  kind: string;
+  /** The step's name. */
+  title: string;
+  /** The directory tar runs in (`-C`): entries are relative to it. */
+  base: string;
+  /** Entries, relative to base; a trailing `*` is expanded there. Missing ones are left out. */
+  entries: string[];
+  /** GNU tar exclude patterns anchored at the archive's top (`./.cache`). */
+  anchoredExcludes?: string[];
+  /** GNU tar exclude patterns matched anywhere (`*.safetensors`, `node_modules`). */
+  anywhereExcludes?: string[];
+  /** Read through VERDA_SUDO (root-only sources). */
+  sudo: boolean;
+}
+
+const sys = (cfg: Config, p: string) => path.join(cfg.verdaSysroot, p);
+
+/** The SPEC's config artifacts, in its order. Layouts are what the restore script extracts. */
+export function configArchives(cfg: Config): ArchiveSpec[] {
+  return [
+    { kind: 'tailscale-identity', title: 'Tailscale identity', base: sys(cfg, 'var/lib'), entries: ['tailscale'], sudo: true },
+    { kind: 'ssh-host-keys', title: 'SSH host keys', base: sys(cfg, '/'), entries: ['etc/ssh/ssh_host_*'], sudo: true },
+    { kind: 'fail2ban', title: 'fail2ban config', base: sys(cfg, '/'), entries: ['etc/fail2ban/jail.local', 'etc/fail2ban/jail.d'], sudo: true },
+    {
+      kind: 'ufw',
+      title: 'ufw rules',
+      base: sys(cfg, '/'),
+      entries: ['etc/ufw/user.rules', 'etc/ufw/user6.rules', 'lib/ufw/user.rules'],
+      sudo: true,
+    },
+    { kind: 'project-env', title: 'Project .env', base: cfg.verdaProjectDir, entries: ['.env'], sudo: false },
+    {
+      kind: 'home-dev',
+      title: 'Home directory (dev)',
+      base: cfg.verdaHome,
+      entries: ['.'],
+      anchoredExcludes: ['./.cache', './.local/share', './.npm', './.docker', './comfy-multi/data/models', './comfy-multi/data/outputs'],
+      anywhereExcludes: ['*.safetensors'],
+      sudo: false,
+    },
+    {
+      kind: 'comfy-project',
+      title: 'ComfyUI project',
+      base: cfg.verdaProjectDir,
+      entries: ['.'],
+      anchoredExcludes: ['./data/models', './data/outputs'],
+      anywhereExcludes: ['node_modules', '__pycache__'],
+      sudo: false,
+    },
+    { kind: 'ohmyzsh-custom', title: 'oh-my-zsh custom', base: path.join(cfg.verdaHome, '.oh-my-zsh'), entries: ['custom'], sudo: false },
+  ];
+}
+
+/** The five archives backup-cron keeps on SFS. */
+export const CRON_KINDS = ['tailscale-identity', 'ssh-host-keys', 'fail2ban', 'ufw', 'project-env'];
+
+// Prints, NUL-separated, the entries (args after the base) that exist under the base; a
+// trailing `*` in an entry is expanded by the shell's glob. The script is a constant: the base
+// and the entries arrive as arguments, never as code.
+const PRESENT = `cd -- "$1" 2>/dev/null || exit 0; shift
+for entry do
+  case "$entry" in
+    *'*') for f in $entry; do [ -e "$f" ] || [ -L "$f" ] && printf '%s\\0' "$f"; done ;;
+    *) { [ -e "$entry" ] || [ -L "$entry" ]; } && printf '%s\\0' "$entry" ;;
+  esac
+done; exit 0`;
+
+export interface ArchiveResult extends Written {
+  /** sha256 of the uncompressed tar: equal for equal content. */
+  contentSha256: string;
+  /** Entries that were found and archived. */
+  entries: string[];
+  /** tar's own warnings (a file changed while read). */
+  warnings: string[];
+}
+
+export class ArchiveError extends Error {}
+
+/** Which of the spec's entries exist on the host. */
+export async function presentEntries(host: Host, spec: ArchiveSpec, signal?: AbortSignal): Promise<string[]> {
+  const r = await host.run(['sh', '-c', PRESENT, 'sh', spec.base, ...spec.entries], { sudo: spec.sudo, signal });
+  if (r.code !== 0) throw new ArchiveError(`cannot look at ${spec.base} on ${host.label}: ${r.stderr.trim() || `exit ${r.code}`}`);
+  return r.stdout.split('\0').filter(Boolean).sort();
+}
+
+export function tarCommand(spec: ArchiveSpec, entries: string[]): string[] {
+  return [
+    'tar', '--create', '--file=-', `--directory=${spec.base}`, '--sort=name',
+    '--anchored', ...(spec.anchoredExcludes ?? []).map((p) => `--exclude=${p}`),
+    '--no-anchored', ...(spec.anywhereExcludes ?? []).map((p) => `--exclude=${p}`),
+    '--', ...entries,
+  ];
+}
+
+/**
+ * Runs a command on the host and gzips its stdout into `file` through a temporary name. The
+ * file gets its final name only when the command exited with one of `okCodes`; otherwise, or
+ * on abort, the temporary file is removed and an older `file` stands.
+ */
+export async function commandToGzipFile(
+  host: Host,
+  argv: string[],
+  file: string,
+  opts: { sudo?: boolean; signal?: AbortSignal; level?: number; okCodes?: number[]; hashContent?: boolean } = {},
+): Promise<Written & { contentSha256?: string; code: number; stderr: string }> {
+  const content = opts.hashContent ? crypto.createHash('sha256') : undefined;
+  const raw = new PassThrough({ highWaterMark: 1 << 20 });
+  const tap = new Transform({
+    transform(chunk: Buffer, _e, cb) {
+      content?.update(chunk);
+      cb(null, chunk);
+    },
+  });
+  const writing = writeStreamAtomic(file, raw.pipe(tap).pipe(zlib.createGzip({ level: opts.level ?? 6 })), 0o600, opts.signal);
+  writing.catch(() => {}); // awaited below; a failure must not surface as unhandled first
+  let run;
+  try {
+    run = await host.stream(argv, raw, { sudo: opts.sudo, signal: opts.signal });
+  } catch (e) {
+    raw.destroy(e as Error);
+    await writing.catch(() => {});
+    throw e;
+  }
+  if (!(opts.okCodes ?? [0]).includes(run.code)) {
+    const said = run.stderr.trim().split('\n').slice(-3).join('; ') || 'no message';
+    const error = new ArchiveError(`${argv[0]} ${argv[1] ?? ''} on ${host.label} failed (exit ${run.code}): ${said}`);
+    raw.destroy(error);
+    await writing.catch(() => {});
+    throw error;
+  }
+  raw.end();
+  const written = await writing;
+  return { ...written, contentSha256: content?.digest('hex'), code: run.code, stderr: run.stderr };
+}
+
+/**
+ * Archives the spec's present entries on `host` into `file` (gzipped, mode 0600), through a
+ * temporary name. Returns undefined when none of its entries exist. With `unlessSameAs`, an
+ * archive whose content equals that file's is not written (the temporary file is removed).
+ */
+export async function writeArchive(
+  host: Host,
+  spec: ArchiveSpec,
+  file: string,
+  opts: { signal?: AbortSignal; unlessSameAs?: string } = {},
+): Promise<(ArchiveResult & { written: boolean }) | undefined> {
+  const entries = await presentEntries(host, spec, opts.signal);
+  if (!entries.length) return undefined;
+  const target = opts.unlessSameAs ? partialName(file) + '.candidate' : file;
+  // GNU tar: exit 1 = a file changed while being read (the archive is usable), 2 = fatal.
+  const r = await commandToGzipFile(host, tarCommand(spec, entries), target, {
+    sudo: spec.sudo,
+    signal: opts.signal,
+    okCodes: [0, 1],
+    hashContent: true,
+  });
+  const result = {
+    bytes: r.bytes,
+    sha256: r.sha256,
+    contentSha256: r.contentSha256!,
+    entries,
+    warnings: r.stderr.trim() ? r.stderr.trim().split('\n') : [],
+  };
+  if (opts.unlessSameAs) {
+    // A copy that cannot be read back (damaged) is not the same: a fresh one is written.
+    const same = fs.existsSync(opts.unlessSameAs) && (await contentSha256(opts.unlessSameAs).catch(() => undefined)) === result.contentSha256;
+    if (same) {
+      fs.rmSync(target, { force: true });
+      return { ...result, written: false };
+    }
+    fs.renameSync(target, file);
+  }
+  return { ...result, written: true };
+}
+
+/** sha256 of a .tar.gz's uncompressed bytes. */
+export async function contentSha256(gzFile: string): Promise<string> {
+  const hash = crypto.createHash('sha256');
+  await pipeline(fs.createReadStream(gzFile), zlib.createGunzip(), hash);
+  return hash.digest('hex');
+}
+
+/** The entry names of a .tar.gz, reading it as a stream: proof it is a whole archive. */
+export async function listArchive(gzFile: string): Promise<string[]> {
+  const names: string[] = [];
+  const extract = tar.extract();
+  extract.on('entry', (header, stream, next) => {
+    names.push(header.name);
+    stream.on('end', next);
+    stream.resume();
+  });
+  await pipeline(fs.createReadStream(gzFile), zlib.createGunzip(), extract);
+  return names;
+}
+
+/** A gzipped tar of local files, flat, by their base names (the R2 bundle of a run's artifacts). */
+export async function bundleFiles(files: string[], dest: string, signal?: AbortSignal): Promise<Written> {
+  const pack = tar.pack();
+  const feeding = (async () => {
+    for (const file of files) {
+      const st = fs.statSync(file);
+      const entry = pack.entry({ name: path.basename(file), size: st.size, mode: st.mode & 0o7777, mtime: st.mtime, uid: st.uid, gid: st.gid });
+      await pipeline(fs.createReadStream(file), entry);
+    }
+    pack.finalize();
+  })();
+  feeding.catch((e) => pack.destroy(e));
+  const written = await writeStreamAtomic(dest, pack.pipe(zlib.createGzip()), 0o600, signal);
+  await feeding;
+  return written;
+}
+
+/** An artifact of a run, as the manifest lists it. */
+export interface Artifact {
+  name: string;
+  bytes: number;
+  sha256: string;
+}
+
+/**
+ * The step that writes one config archive into `dir` as `KIND-T.tar.gz`. A source missing on
+ * the host is a warning and a skipped row. With `dedupe`, an archive whose content equals the
+ * newest copy in `dir` is not written again (backup-cron's hourly copies).
+ */
+export function archiveStep(opts: {
+  host: Host;
+  spec: ArchiveSpec;
+  dir: string;
+  stamp: string;
+  dedupe?: (dir: string, kind: string) => string | undefined;
+  onArtifact?: (a: Artifact) => void;
+}): Step {
+  const { spec, host } = opts;
+  const name = `${spec.kind}-${opts.stamp}.tar.gz`;
+  const file = path.join(opts.dir, name);
+  return {
+    name: spec.title,
+    moves: `${host.label}:${path.join(spec.base, spec.entries.join(' '))} → ${file}`,
+    async run(ctx) {
+      if (ctx.dryRun) {
+        const present = await presentEntries(host, spec, ctx.signal);
+        if (!present.length) return { status: 'skipped', summary: 'nothing to archive', warnings: [`${spec.base}: none of ${spec.entries.join(', ')} exists`] };
+        return { summary: `would write ${name} from ${present.length} ${present.length === 1 ? 'entry' : 'entries'}` };
+      }
+      ensurePrivateDir(opts.dir);
+      const newest = opts.dedupe?.(opts.dir, spec.kind);
+      const r = await writeArchive(host, spec, file, { signal: ctx.signal, unlessSameAs: newest });
+      if (!r) return { status: 'skipped', summary: 'nothing to archive', warnings: [`${spec.base}: none of ${spec.entries.join(', ')} exists on ${host.label}`] };
+      const warnings = r.warnings.map((w) => `tar: ${w}`);
+      if (!r.written) return { summary: `unchanged since ${path.basename(newest!)}: not written again`, warnings };
+      opts.onArtifact?.({ name, bytes: r.bytes, sha256: r.sha256 });
+      return { summary: `${name} (${humanSize(r.bytes)})`, bytes: r.bytes, warnings, data: { file, bytes: r.bytes, sha256: r.sha256, entries: r.entries } };
+    },
+  };
+}

@@ -1,0 +1,138 @@
+// Models go from Verda to R2 directly, never through Mello: Mello runs the installed
+// backup-verda.mts on Verda with `--models-here` over the run's SSH connection, and hands it
+// the R2 target and credentials on stdin (never on a command line). Verda syncs its
+// `*.safetensors` with the hash cache on SFS, so a new instance does not hash 45 GB again.
+import path from 'node:path';
+import { humanSize } from './cli.ts';
+import type { BucketTarget } from './config.ts';
+import { HashCache } from './hash-cache.ts';
+import type { Step } from './plan.ts';
+import { R2Backend } from './r2.ts';
+import type { Host } from './ssh.ts';
+import { printable, syncTree, type SyncResult } from './sync.ts';
+
+export const MODELS_FLAG = '--models-here';
+
+/** What Mello sends on stdin: one JSON line. */
+export interface ModelsRequest {
+  target: BucketTarget;
+  modelsDir: string;
+  hashCacheFile: string;
+  dryRun: boolean;
+}
+
+export const isModel = (rel: string) => rel.endsWith('.safetensors');
+
+/** The Mello side: one step that drives Verda and reports its result. */
+export function modelsStep(opts: {
+  host: Host;
+  scriptsDir: string;
+  /** Undefined only when the step is skipped (--quick needs no models bucket). */
+  target: BucketTarget | undefined;
+  modelsDir: string;
+  sfsBackupDir: string;
+  skipReason?: string;
+  /** Told of every model sent or found unchanged, for the manifest. */
+  onObject?: (o: { bucket: string; key: string; bytes: number; sha256: string; action: 'uploaded' | 'skipped' }) => void;
+}): Step {
+  const bucket = opts.target?.bucket ?? 'models bucket';
+  return {
+    name: 'Models to R2 (sent from Verda)',
+    moves: `${opts.host.label}:${opts.modelsDir}/**/*.safetensors → r2://${bucket}/`,
+    skipReason: opts.skipReason,
+    async run(ctx) {
+      if (!opts.target) throw new Error('no models bucket configured');
+      const request: ModelsRequest = {
+        target: opts.target,
+        modelsDir: opts.modelsDir,
+        hashCacheFile: path.join(opts.sfsBackupDir, '.hash-cache', 'models.json'),
+        dryRun: ctx.dryRun,
+      };
+      const r = await opts.host.run([path.join(opts.scriptsDir, 'backup-verda.mts'), MODELS_FLAG], {
+        input: JSON.stringify(request) + '\n',
+        holdStdin: true,
+        signal: ctx.signal,
+        onStderr: (text) => text.split('\n').filter(Boolean).forEach((line) => ctx.out.detail(`verda: ${line}`)),
+      });
+      const last = r.stdout.trim().split('\n').pop() ?? '';
+      let result: (SyncResult & { error?: string }) | undefined;
+      try {
+        result = JSON.parse(last);
+      } catch {
+        /* not our output: the command failed to start */
+      }
+      if (!result) {
+        const said = r.stderr.trim().split('\n').slice(-2).join('; ');
+        throw new Error(`backup-verda.mts ${MODELS_FLAG} on ${opts.host.label} failed (exit ${r.code}): ${said || 'no output'}`);
+      }
+      if (result.error) throw new Error(`on ${opts.host.label}: ${result.error}`);
+      for (const a of result.actions) {
+        if (a.action === 'send' && ctx.dryRun) ctx.out.info(`would send r2://${bucket}/${printable(a.key)} (${humanSize(a.bytes)})`);
+        if (a.action !== 'failed' && !ctx.dryRun) {
+          opts.onObject?.({ bucket, key: a.key, bytes: a.bytes, sha256: a.sha256, action: a.action === 'send' ? 'uploaded' : 'skipped' });
+        }
+      }
+      return {
+        summary: `${result.files} models (${humanSize(result.bytes)}): ${result.sent} ${ctx.dryRun ? 'to send' : 'sent'} (${humanSize(result.sentBytes)}), ${result.skipped} unchanged${result.adopted ? `, ${result.adopted} adopted from earlier uploads` : ''}`,
+        bytes: result.sentBytes,
+        failures: result.failures.map((f) => `${printable(f.key)}: ${f.error}`),
+        data: { ...result, bucket },
+      };
+    },
+  };
+}
+
+/**
+ * The Verda side of `--models-here`: reads the request line, syncs, prints the result as one
+ * JSON line. Stops (aborting uploads in flight) when stdin closes: Mello is gone.
+ */
+export async function runModelsHere(): Promise<never> {
+  const controller = new AbortController();
+  let buffered = '';
+  const request = await new Promise<ModelsRequest>((resolve, reject) => {
+    process.stdin.setEncoding('utf8');
+    process.stdin.on('data', (chunk: string) => {
+      buffered += chunk;
+      const nl = buffered.indexOf('\n');
+      if (nl >= 0) {
+        try {
+          resolve(JSON.parse(buffered.slice(0, nl)));
+        } catch {
+          reject(new Error('the request on stdin is not JSON'));
+        }
+      }
+    });
+    process.stdin.on('end', () => {
+      reject(new Error('no request on stdin'));
+      controller.abort(new Error('Mello closed the connection'));
+    });
+  }).catch((e: Error) => {
+    process.stdout.write(JSON.stringify({ error: e.message }) + '\n');
+    process.exit(2);
+  });
+  for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) process.on(sig, () => controller.abort(new Error(sig)));
+
+  const cache = HashCache.load(request.dryRun ? undefined : request.hashCacheFile);
+  const backend = new R2Backend(request.target);
+  let code = 0;
+  try {
+    const result = await syncTree({
+      root: request.modelsDir,
+      backend,
+      prefix: '',
+      cache,
+      filter: isModel,
+      dryRun: request.dryRun,
+      signal: controller.signal,
+      onFile: (a) => process.stderr.write(`${a.action} ${printable(a.key)}\n`),
+    });
+    process.stdout.write(JSON.stringify(result) + '\n');
+    code = result.failures.length ? 1 : 0;
+  } catch (e) {
+    process.stdout.write(JSON.stringify({ error: (e as Error).message }) + '\n');
+    code = 1;
+  } finally {
+    if (!request.dryRun) cache.save();
+  }
+  process.exit(code);
+}

@@ -1,0 +1,49 @@
+// Dated copies: `kind-YYYYMMDD-HHMMSS.ext`, local time of the run. The KEEP_BACKUPS newest of
+// each kind are kept; rotation runs only after a run completed, so a failed run never costs an
+// older good copy.
+import fs from 'node:fs';
+import path from 'node:path';
+import type { Backend } from './storage.ts';
+
+/** `YYYYMMDD-HHMMSS` in local time, as the bash originals' `date +%Y%m%d-%H%M%S`. */
+export function timestamp(d = new Date()): string {
+  const p = (n: number) => String(n).padStart(2, '0');
+  return `${d.getFullYear()}${p(d.getMonth() + 1)}${p(d.getDate())}-${p(d.getHours())}${p(d.getMinutes())}${p(d.getSeconds())}`;
+}
+
+const escape = (s: string) => s.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
+
+/** Matches `kind-T.ext` exactly; group 1 is T. */
+export function datedPattern(kind: string, ext: string): RegExp {
+  return new RegExp(`^${escape(kind)}-(\\d{8}-\\d{6})\\.${escape(ext)}$`);
+}
+
+/** The dated copies of a kind among names, newest first. */
+export function datedCopies(names: string[], kind: string, ext: string): string[] {
+  const re = datedPattern(kind, ext);
+  return names.filter((n) => re.test(n)).sort().reverse();
+}
+
+/** The newest dated copy of a kind in a directory, if any. */
+export function newestLocal(dir: string, kind: string, ext: string): string | undefined {
+  const names = fs.existsSync(dir) ? fs.readdirSync(dir) : [];
+  const newest = datedCopies(names, kind, ext)[0];
+  return newest && path.join(dir, newest);
+}
+
+/** Deletes all but the `keep` newest dated copies of a kind in a directory; returns what went. */
+export function rotateLocal(dir: string, kind: string, ext: string, keep: number): string[] {
+  const names = fs.existsSync(dir) ? fs.readdirSync(dir) : [];
+  const old = datedCopies(names, kind, ext).slice(keep);
+  for (const name of old) fs.rmSync(path.join(dir, name), { force: true });
+  return old;
+}
+
+/** The same for objects under a key prefix (`verda-config-backups/`). */
+export async function rotateRemote(backend: Backend, prefix: string, kind: string, ext: string, keep: number, signal?: AbortSignal): Promise<string[]> {
+  const names: string[] = [];
+  for await (const o of backend.list(prefix, signal)) names.push(o.key.slice(prefix.length));
+  const old = datedCopies(names, kind, ext).slice(keep);
+  for (const name of old) await backend.delete(prefix + name, signal);
+  return old.map((n) => prefix + n);
+}
