@@ -13,7 +13,7 @@ import { bucketTarget } from './lib/config.ts';
 import { HashCache } from './lib/hash-cache.ts';
 import { runScript } from './lib/plan.ts';
 import { R2Backend } from './lib/r2.ts';
-import { syncStep } from './lib/sync.ts';
+import { syncStep, verifyStep } from './lib/sync.ts';
 
 await runScript({
   name: 'backup-mello',
@@ -22,14 +22,17 @@ await runScript({
 
 Sends MELLO_DATA_DIR's user_data/, outputs/ and inputs/ to the R2 user-files bucket under the
 same keys. Files already there with the same size and sha256 are not sent again; a file deleted
-on Mello stays in R2. --quick leaves outputs/ out.`,
+on Mello stays in R2. --quick leaves outputs/ out. --verify checks that every file is in R2 with
+its sha256 (--deep: reads the objects back).`,
   plan(cfg, flags) {
     const data = cfg.melloDataDir;
     if (!fs.existsSync(data)) throw new UsageError(`MELLO_DATA_DIR does not exist: ${data}`);
     const r2 = new R2Backend(bucketTarget(cfg, 'userFiles'));
     const cache = HashCache.load(path.join(cfg.stateDir, 'hashes-backup-mello.json'));
-    const tree = (name: string, dir: string) =>
-      syncStep({ name, root: path.join(data, dir), backend: r2, prefix: `${dir}/`, cache });
+    const tree = (name: string, dir: string) => {
+      const o = { name, root: path.join(data, dir), backend: r2, prefix: `${dir}/`, cache };
+      return flags.verify ? verifyStep({ ...o, deep: flags.deep }) : syncStep(o);
+    };
     return {
       steps: [
         tree('User data (workflows, settings)', 'user_data'),

@@ -14,24 +14,16 @@ import { archiveStep, bundleFiles, commandToGzipFile, configArchives, type Artif
 import { humanSize } from './lib/cli.ts';
 import { bucketTarget } from './lib/config.ts';
 import { ensurePrivateDir, writeFileAtomic } from './lib/files.ts';
+import { verifyArtifactsStep, verifyObjectsStep, type Manifest, type R2Record } from './lib/manifest.ts';
 import { MODELS_FLAG, modelsStep, runModelsHere } from './lib/models.ts';
 import { runScript, type Step } from './lib/plan.ts';
 import { R2Backend } from './lib/r2.ts';
 import { rotateLocal, rotateRemote, timestamp } from './lib/rotation.ts';
 import { lazyHost } from './lib/ssh.ts';
-import { fileSource } from './lib/storage.ts';
+import { fileSource, type Backend } from './lib/storage.ts';
 
 // Verda's side of the models step (see lib/models.ts): not a flag for people.
 if (process.argv.includes(MODELS_FLAG)) await runModelsHere();
-
-/** An R2 object of the run, as the manifest lists it. */
-interface R2Record {
-  bucket: string;
-  key: string;
-  bytes: number;
-  sha256: string;
-  action: 'uploaded' | 'skipped';
-}
 
 const IMAGE_FILE = 'worker-image.tar.gz';
 const IMAGE_ID_FILE = 'worker-image.id';
@@ -54,8 +46,17 @@ to the R2 models bucket. --quick: config only. Keeps KEEP_BACKUPS dated copies o
     const cacheBucket = bucketTarget(cfg, 'cache');
     const modelsBucket = full ? bucketTarget(cfg, 'models') : undefined;
     const cache = new R2Backend(cacheBucket);
-    const verda = lazyHost(cfg.verdaHost, { configFile: cfg.sshConfig, sudo: cfg.verdaSudo });
     const dir = cfg.backupDir;
+    if (flags.verify) {
+      // From the newest manifest alone: no SSH, so it works once Verda is gone.
+      const models = new R2Backend(bucketTarget(cfg, 'models'));
+      const backends = new Map<string, Backend>([
+        [cache.target.bucket, cache],
+        [models.target.bucket, models],
+      ]);
+      return { steps: [verifyArtifactsStep(dir), verifyObjectsStep(dir, backends, flags.deep)] };
+    }
+    const verda = lazyHost(cfg.verdaHost, { configFile: cfg.sshConfig, sudo: cfg.verdaSudo });
     const stamp = timestamp();
     const artifacts: Artifact[] = [];
     const r2: R2Record[] = [];
@@ -158,7 +159,7 @@ to the R2 models bucket. --quick: config only. Keeps KEEP_BACKUPS dated copies o
       async run(ctx) {
         if (ctx.dryRun) return { summary: `would write ${manifestName}` };
         const failedSteps = ctx.earlier.filter((r) => r.status === 'failed').map((r) => r.name);
-        const body = {
+        const body: Manifest = {
           version: 1,
           script: 'backup-verda',
           timestamp: stamp,

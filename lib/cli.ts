@@ -11,6 +11,8 @@ export interface Flags {
   quick: boolean;
   dryRun: boolean;
   verify: boolean;
+  /** With --verify: read R2 objects back instead of trusting their metadata. */
+  deep: boolean;
   json: boolean;
   verbose: boolean;
   help: boolean;
@@ -19,7 +21,7 @@ export interface Flags {
   extra: Record<string, string | boolean | undefined>;
 }
 
-const BOOLEAN_FLAGS = ['quick', 'full', 'dry-run', 'verify', 'json', 'verbose', 'help'];
+const BOOLEAN_FLAGS = ['quick', 'full', 'dry-run', 'verify', 'deep', 'json', 'verbose', 'help'];
 
 export function parseFlags(
   argv: string[],
@@ -49,12 +51,14 @@ export function parseFlags(
   }
   if (args.quick && args.full) throw new UsageError('--quick and --full cannot be used together');
   if (args.verify && args['dry-run']) throw new UsageError('--verify and --dry-run cannot be used together');
+  if (args.deep && !args.verify) throw new UsageError('--deep goes with --verify');
   const extraValues: Flags['extra'] = {};
   for (const name of [...(extra.boolean ?? []), ...(extra.string ?? [])]) extraValues[name] = args[name];
   return {
     quick: Boolean(args.quick),
     dryRun: Boolean(args['dry-run']),
     verify: Boolean(args.verify),
+    deep: Boolean(args.deep),
     json: Boolean(args.json),
     verbose: Boolean(args.verbose),
     help: Boolean(args.help),
@@ -68,6 +72,7 @@ export const COMMON_HELP = `Flags:
   --quick           see above
   --dry-run         say what would be sent and where; change nothing
   --verify          change nothing; check that the newest backup is whole (exit 1 naming what differs)
+  --deep            with --verify: read R2 objects back and hash them, not only their metadata
   --json            machine-readable summary on stdout (step lines go to stderr)
   -v, --verbose     say more
   --env-file PATH   read configuration from PATH instead of .env beside the script

@@ -2,7 +2,9 @@
 // its size and sha256 match: the sha256 comes from the local hash cache, and the object's from
 // what the cache recorded for its ETag (no request), else its `sha256` metadata (one HEAD), else
 // an ETag that proves the content (objects the bash scripts uploaded). Never deletes.
+import crypto from 'node:crypto';
 import fs from 'node:fs';
+import { pipeline } from 'node:stream/promises';
 import { etagProvesContent, type HashCache } from './hash-cache.ts';
 import { walkTree, type WalkedFile } from './files.ts';
 import { fileSource, type Backend, type ObjectInfo } from './storage.ts';
@@ -224,6 +226,40 @@ export function syncStep(o: SyncStepOptions): Step {
         ctx.out.clearProgress();
         if (!ctx.dryRun) o.cache.save();
       }
+    },
+  };
+}
+
+/**
+ * --verify for a tree: every local file is in the bucket with its size and sha256 (what a dry
+ * run would send is what is missing or differs). With `deep`, the objects found equal are read
+ * back and hashed too. Changes nothing: the hash cache is not saved.
+ */
+export function verifyStep(o: SyncStepOptions & { deep: boolean }): Step {
+  return {
+    name: `${o.name}: verify`,
+    moves: `${o.root}/ against ${o.backend.name}/${o.prefix}`,
+    async run(ctx) {
+      if (!fs.existsSync(o.root)) return { status: 'skipped', summary: 'nothing to verify', warnings: [`${o.root} does not exist`] };
+      const r = await syncTree({ ...o, dryRun: true, signal: ctx.signal });
+      const failures = r.failures.map((f) => `${printable(f.key)}: ${f.error}`);
+      for (const a of r.actions) {
+        if (a.action === 'send') failures.push(`${a.reason === 'new' ? 'missing' : 'differs'}: ${o.backend.name}/${printable(a.key)}`);
+      }
+      if (o.deep) {
+        const equal = r.actions.filter((a): a is Extract<FileAction, { action: 'skip' }> => a.action === 'skip');
+        let next = 0;
+        const worker = async () => {
+          while (next < equal.length) {
+            const a = equal[next++];
+            const hash = crypto.createHash('sha256');
+            await pipeline(await o.backend.get(a.key, ctx.signal), hash);
+            if (hash.digest('hex') !== a.sha256) failures.push(`differs: ${o.backend.name}/${printable(a.key)} bytes read back are not the file's`);
+          }
+        };
+        await Promise.all(Array.from({ length: 8 }, worker));
+      }
+      return { summary: `${r.files - failures.length} of ${r.files} files in place${o.deep ? ', read back' : ''}`, failures };
     },
   };
 }

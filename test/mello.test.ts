@@ -6,6 +6,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import {
   CompleteMultipartUploadCommand,
+  DeleteObjectCommand,
   CreateMultipartUploadCommand,
   PutObjectCommand,
   UploadPartCommand,
@@ -194,6 +195,32 @@ test('objects the bash scripts uploaded (no sha256 metadata) are adopted without
   const r3 = await runScript('backup-mello.mts', ['--quick'], env);
   assert.is(r3.code, 0);
   assert.is((await s3.readObject(BUCKET, 'inputs/legacy/stale.bin')).toString(), 'new bytes');
+});
+
+test('--verify passes on a whole backup, names a deleted object, and --deep names altered bytes', async () => {
+  const ok = await runScript('backup-mello.mts', ['--verify'], env);
+  assert.is(ok.code, 0, ok.stdout + ok.stderr);
+  assert.match(ok.stdout, /files in place/);
+  const before = s3.requests.length;
+  // Same size, other bytes, metadata untouched: only reading the bytes back can tell.
+  const stored = path.join(s3.dir, BUCKET, 'user_data/user001/comfy.settings.json._S3rver_object');
+  const original = fs.readFileSync(stored);
+  fs.writeFileSync(stored, Buffer.alloc(original.length, 'x'));
+  await s3.client.send(new DeleteObjectCommand({ Bucket: BUCKET, Key: 'inputs/shared/ref.png' }));
+  const shallow = await runScript('backup-mello.mts', ['--verify'], env);
+  assert.is(shallow.code, 1);
+  assert.match(shallow.stdout, 'missing: r2://comfy-multi-user-files/inputs/shared/ref.png');
+  assert.not.match(shallow.stdout, 'comfy.settings.json');
+  const deep = await runScript('backup-mello.mts', ['--verify', '--deep'], env);
+  assert.is(deep.code, 1);
+  assert.match(deep.stdout, 'differs: r2://comfy-multi-user-files/user_data/user001/comfy.settings.json');
+  assert.match(deep.stdout, 'missing: r2://comfy-multi-user-files/inputs/shared/ref.png');
+  assert.equal(s3.requests.slice(before).filter((q) => q.method === 'PUT' || q.method === 'POST'), [], 'verify changes nothing');
+  // Mend what the test broke: the next backup sends the deleted file again.
+  fs.writeFileSync(stored, original);
+  const again = await runScript('backup-mello.mts', [], env);
+  assert.is(again.code, 0);
+  assert.is((await runScript('backup-mello.mts', ['--verify', '--deep'], env)).code, 0);
 });
 
 test('an unknown flag is exit 2 naming it, with no stack trace', async () => {

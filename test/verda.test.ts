@@ -6,7 +6,7 @@ import { spawnSync } from 'node:child_process';
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { CompleteMultipartUploadCommand, CreateMultipartUploadCommand, UploadPartCommand } from '@aws-sdk/client-s3';
+import { CompleteMultipartUploadCommand, CreateMultipartUploadCommand, DeleteObjectCommand, UploadPartCommand } from '@aws-sdk/client-s3';
 import { ROOT, runScript, s3Env, sha256, startS3, tempDir, type RunResult, type S3Server } from './helpers.ts';
 import { startSshd, type Sshd } from './sshd.ts';
 import { ENV_SECRET, ODD, makeVerda, type VerdaFixture } from './verda-fixture.ts';
@@ -316,6 +316,36 @@ test('an unreachable Verda is exit 1 within the connect timeout, naming it', asy
   assert.not.match(r.stdout + r.stderr, /\n\s+at /);
   assert.is(manifests().length, 3, 'a manifest records the failed run');
   assert.is((await s3.listKeys(CACHE, 'verda-config-backups/')).length, 2, 'not rotated after a failed run');
+});
+
+test('--verify checks the newest manifest: a corrupted artifact and a deleted object are named', async () => {
+  await new Promise((r) => setTimeout(r, 1100));
+  const good = await backup(['--quick']);
+  assert.is(good.code, 0, good.stdout + good.stderr);
+  const ok = await backup(['--verify']);
+  assert.is(ok.code, 0, ok.stdout + ok.stderr);
+  const before = s3.requests.length;
+  const home = newest('home-dev');
+  const original = fs.readFileSync(home);
+  fs.writeFileSync(home, Buffer.concat([original.subarray(0, 20), Buffer.alloc(original.length - 20)]));
+  await s3.client.send(new DeleteObjectCommand({ Bucket: CACHE, Key: 'verda-config-backup.tar.gz' }));
+  const bad = await backup(['--verify']);
+  assert.is(bad.code, 1);
+  assert.match(bad.stdout, `differs: ${path.basename(home)}`);
+  assert.match(bad.stdout, `missing: r2://${CACHE}/verda-config-backup.tar.gz`);
+  assert.equal(puts(before), [], 'verify changes nothing');
+  fs.writeFileSync(home, original);
+});
+
+test('--verify --deep reads objects back and names altered bytes', async () => {
+  const m = JSON.parse(fs.readFileSync(path.join(backupDir, manifests().pop()!), 'utf8'));
+  const dated = m.r2.find((o: { key: string }) => o.key.startsWith('verda-config-backups/')).key;
+  const stored = path.join(s3.dir, CACHE, `${dated}._S3rver_object`);
+  const size = fs.statSync(stored).size;
+  fs.writeFileSync(stored, Buffer.alloc(size, 1));
+  const r = await backup(['--verify', '--deep']);
+  assert.is(r.code, 1);
+  assert.match(r.stdout, `differs: r2://${CACHE}/${dated} bytes read back`);
 });
 
 test('.env contents and credentials never appear in any output', async () => {
