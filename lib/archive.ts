@@ -6,7 +6,7 @@
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { PassThrough, Transform } from 'node:stream';
+import { PassThrough, Transform, pipeline as chain } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import zlib from 'node:zlib';
 import tar from 'tar-stream';
@@ -131,7 +131,10 @@ export async function commandToGzipFile(
       cb(null, chunk);
     },
   });
-  const writing = writeStreamAtomic(file, raw.pipe(tap).pipe(zlib.createGzip({ level: opts.level ?? 6 })), 0o600, opts.signal);
+  // Joined with pipeline, not .pipe(): the command failing (raw destroyed) must fail the write,
+  // and the write failing (disk full) must destroy raw, which stops the command.
+  const gzipped = chain(raw, tap, zlib.createGzip({ level: opts.level ?? 6 }), () => {});
+  const writing = writeStreamAtomic(file, gzipped, 0o600, opts.signal);
   writing.catch(() => {}); // awaited below; a failure must not surface as unhandled first
   let run;
   try {

@@ -6,7 +6,7 @@ import path from 'node:path';
 import { COMMON_HELP, EXIT, Output, UsageError, errorText, humanSize, parseFlags, type Flags } from './cli.ts';
 import { loadConfig, type Config } from './config.ts';
 import { LockHeld, acquireLock } from './lock.ts';
-import { R2Error } from './r2.ts';
+import { StorageError } from './storage.ts';
 
 export interface StepContext {
   out: Output;
@@ -96,7 +96,7 @@ export async function runPlan(steps: Step[], base: Omit<StepContext, 'earlier'>)
       report.error = ctx.signal.aborted ? `interrupted (${ctx.signal.reason?.message ?? 'signal'})` : errorText(e);
       ctx.out.fail(report.error);
       // A stack only for what is not an expected failure (a bug), and only with --verbose.
-      if (ctx.verbose && !ctx.signal.aborted && !(e instanceof R2Error) && !(e as NodeJS.ErrnoException).code && e instanceof Error && e.stack) {
+      if (ctx.verbose && !ctx.signal.aborted && !(e instanceof StorageError) && !(e as NodeJS.ErrnoException).code && e instanceof Error && e.stack) {
         ctx.out.detail(e.stack);
       }
     }

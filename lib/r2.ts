@@ -22,7 +22,7 @@ import { Agent } from 'node:http';
 import { Agent as HttpsAgent } from 'node:https';
 import { PassThrough, type Readable } from 'node:stream';
 import type { BucketTarget } from './config.ts';
-import type { Backend, ObjectHead, ObjectInfo, PutOptions, Source } from './storage.ts';
+import { StorageError, type Backend, type ObjectHead, type ObjectInfo, type PutOptions, type Source } from './storage.ts';
 
 export const MiB = 1024 * 1024;
 export const MIN_PART_SIZE = 5 * MiB;
@@ -54,21 +54,6 @@ export function partSizeFor(size: number, preferred: number): number {
   const smallest = Math.ceil(size / MAX_PARTS);
   const partSize = Math.max(preferred, MIN_PART_SIZE, smallest);
   return Math.ceil(partSize / MiB) * MiB;
-}
-
-/**
- * Every failed request ends as an R2Error: a plain sentence for the admin (no stack, no
- * credentials), and whether retrying another object could help at all.
- */
-export class R2Error extends Error {
-  constructor(
-    message: string,
-    /** Credentials refused or bucket missing: every other request would fail the same way. */
-    readonly fatal: boolean,
-    readonly status?: number,
-  ) {
-    super(message);
-  }
 }
 
 /** A plain sentence for an S3 error: status, code, and what it likely means. No stack. */
@@ -162,13 +147,13 @@ export class R2Backend implements Backend {
     }
   }
 
-  private error(op: string, e: unknown, attempts: number): R2Error {
-    if (e instanceof R2Error) return e;
+  private error(op: string, e: unknown, attempts: number): StorageError {
+    if (e instanceof StorageError) return e;
     const status = (e as { $metadata?: { httpStatusCode?: number } }).$metadata?.httpStatusCode;
     const code = (e as { Code?: string; name?: string }).Code ?? (e as Error).name;
     const fatal = status === 403 || status === 401 || code === 'NoSuchBucket' || code === 'InvalidAccessKeyId';
     const tries = attempts > 1 ? ` after ${attempts} attempts` : '';
-    return new R2Error(`${this.name} ${op}: ${describeS3Error(e)}${tries}`, fatal, status);
+    return new StorageError(`${this.name} ${op}: ${describeS3Error(e)}${tries}`, fatal, status);
   }
 
   async *list(prefix: string, signal?: AbortSignal): AsyncIterable<ObjectInfo> {
@@ -194,7 +179,7 @@ export class R2Backend implements Backend {
       );
       return { key, size: h.ContentLength ?? 0, etag: unquote(h.ETag), metadata: h.Metadata ?? {} };
     } catch (e) {
-      if (e instanceof R2Error && e.status === 404) return undefined;
+      if (e instanceof StorageError && e.status === 404) return undefined;
       throw e;
     }
   }

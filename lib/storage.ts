@@ -42,6 +42,21 @@ export interface Backend {
   delete(key: string, signal?: AbortSignal): Promise<void>;
 }
 
+/**
+ * Every failed request of a backend ends as a StorageError: a plain sentence for the admin (no stack, no
+ * credentials), and whether retrying another object could help at all.
+ */
+export class StorageError extends Error {
+  constructor(
+    message: string,
+    /** Credentials refused or bucket missing: every other request would fail the same way. */
+    readonly fatal: boolean,
+    readonly status?: number,
+  ) {
+    super(message);
+  }
+}
+
 export function fileSource(file: string, size: number): Source {
   return {
     size,

@@ -7,8 +7,7 @@ import fs from 'node:fs';
 import { pipeline } from 'node:stream/promises';
 import { etagProvesContent, type HashCache } from './hash-cache.ts';
 import { walkTree, type WalkedFile } from './files.ts';
-import { fileSource, type Backend, type ObjectInfo } from './storage.ts';
-import { R2Error } from './r2.ts';
+import { StorageError, fileSource, type Backend, type ObjectInfo } from './storage.ts';
 import { errorText, humanSize } from './cli.ts';
 import type { Step } from './plan.ts';
 
@@ -149,12 +148,16 @@ export async function syncTree(opts: SyncOptions): Promise<SyncResult> {
         result.failures.push({ key: prefix + file.rel, error });
         report({ action: 'failed', key: prefix + file.rel, bytes: Number(file.stat.size), error });
         // Credentials refused or the bucket gone: every other file would fail the same way.
-        if (e instanceof R2Error && e.fatal) fatal = e;
+        if (e instanceof StorageError && e.fatal) fatal = e;
       }
     }
   };
   try {
-    await Promise.all(Array.from({ length: Math.max(1, Math.min(opts.concurrency ?? 16, files.length)) }, worker));
+    // Every worker settles before this returns or throws: on an interrupt, each one's upload is
+    // aborted at the server before the script goes on to exit.
+    const settled = await Promise.allSettled(Array.from({ length: Math.max(1, Math.min(opts.concurrency ?? 16, files.length)) }, worker));
+    const rejected = settled.find((s): s is PromiseRejectedResult => s.status === 'rejected');
+    if (rejected) throw rejected.reason;
     if (fatal) throw fatal;
   } finally {
     result.hashed = cache.hashedFiles - hashedBefore;

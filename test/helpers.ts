@@ -38,7 +38,7 @@ export interface S3Server {
   stop(): Promise<void>;
 }
 
-export async function startS3(buckets: string[]): Promise<S3Server> {
+export async function startS3(buckets: string[], opts: { onRequest?: (r: RequestLog) => void } = {}): Promise<S3Server> {
   const dir = tempDir('s3');
   const server = new (S3rver as any)({
     port: 0,
@@ -50,7 +50,9 @@ export async function startS3(buckets: string[]): Promise<S3Server> {
   const { port } = await server.run();
   const requests: RequestLog[] = [];
   server.httpServer.prependListener('request', (req: IncomingMessage) => {
-    requests.push({ method: req.method ?? '', url: req.url ?? '' });
+    const r = { method: req.method ?? '', url: req.url ?? '' };
+    requests.push(r);
+    opts.onRequest?.(r);
   });
   const endpoint = `http://127.0.0.1:${port}`;
   const client = new S3Client({
