@@ -1,8 +1,7 @@
 #!/bin/sh
-':' //; exec node --import "$(dirname "$(readlink -f "$0")")/node_modules/tsx/dist/loader.mjs" "$(readlink -f "$0")" -- "$@"
-// (The two lines above are read by sh and ignored by Node: they start Node with TypeScript
-// support found beside this file, whatever the working directory. The `--` keeps Node 20 from
-// taking our --env-file for its own. See README "How the scripts run".)
+':' //; exec "$(dirname "$(readlink -f "$0")")/lib/launch.sh" "$0" "$@"
+// (The two lines above are read by sh and ignored by Node: lib/launch.sh starts Node with this
+// script, found beside it whatever the working directory. See README "How the scripts run".)
 
 // backup-cron: run hourly on Verda by root's cron (see ./install). Verda's identity and firewall
 // config to SFS, which survives the instance, then backup-mello on Mello over SSH. Needs no R2.
@@ -12,7 +11,7 @@ import { Writable } from 'node:stream';
 import { CRON_KINDS, archiveStep, configArchives, listArchive, presentEntries } from './lib/archive.ts';
 import { errorText } from './lib/cli.ts';
 import { runScript, type Step } from './lib/plan.ts';
-import { newestLocal, rotateLocal, timestamp } from './lib/rotation.ts';
+import { newestLocal, rotateLocal, rotationStep, timestamp } from './lib/rotation.ts';
 import { LocalHost, openHost } from './lib/ssh.ts';
 
 // Run on Mello with the directory and flags as arguments, never as code. `~` is Mello's home
@@ -137,19 +136,11 @@ backup-mello.mts --verify on Mello (--deep is passed on).`,
       archiveStep({ host: verda, spec, dir, stamp, dedupe: (d, kind) => newestLocal(d, kind, 'tar.gz') }),
     );
 
-    const rotation: Step = {
-      name: 'Rotation',
-      moves: `keep the ${cfg.keepBackups} newest copies of each kind in ${dir}`,
-      async run(ctx) {
-        const failed = ctx.earlier.filter((r) => r.status === 'failed' || r.status === 'interrupted');
-        if (failed.length) {
-          return { status: 'skipped', summary: 'nothing deleted', warnings: [`not rotated: ${failed.map((r) => r.name).join(', ')} failed, older copies kept`] };
-        }
-        if (ctx.dryRun) return { summary: `would keep the ${cfg.keepBackups} newest of each kind` };
-        const gone = specs.flatMap((s) => rotateLocal(dir, s.kind, 'tar.gz', cfg.keepBackups));
-        return { summary: gone.length ? `deleted ${gone.length} older copies` : 'nothing to delete', data: { deleted: gone } };
-      },
-    };
+    const rotation = rotationStep({
+      where: dir,
+      keep: cfg.keepBackups,
+      rotate: async () => specs.flatMap((s) => rotateLocal(dir, s.kind, 'tar.gz', cfg.keepBackups)),
+    });
 
     return { steps: [...artifactSteps, rotation, trigger] };
   },

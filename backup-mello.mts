@@ -1,8 +1,7 @@
 #!/bin/sh
-':' //; exec node --import "$(dirname "$(readlink -f "$0")")/node_modules/tsx/dist/loader.mjs" "$(readlink -f "$0")" -- "$@"
-// (The two lines above are read by sh and ignored by Node: they start Node with TypeScript
-// support found beside this file, whatever the working directory. The `--` keeps Node 20 from
-// taking our --env-file for its own. See README "How the scripts run".)
+':' //; exec "$(dirname "$(readlink -f "$0")")/lib/launch.sh" "$0" "$@"
+// (The two lines above are read by sh and ignored by Node: lib/launch.sh starts Node with this
+// script, found beside it whatever the working directory. See README "How the scripts run".)
 
 // backup-mello: the users' files on Mello to the R2 user-files bucket. Run by hand, and hourly
 // when Verda's cron triggers it. Never deletes in R2.

@@ -1,8 +1,7 @@
 #!/bin/sh
-':' //; exec node --import "$(dirname "$(readlink -f "$0")")/node_modules/tsx/dist/loader.mjs" "$(readlink -f "$0")" -- "$@"
-// (The two lines above are read by sh and ignored by Node: they start Node with TypeScript
-// support found beside this file, whatever the working directory. The `--` keeps Node 20 from
-// taking our --env-file for its own. See README "How the scripts run".)
+':' //; exec "$(dirname "$(readlink -f "$0")")/lib/launch.sh" "$0" "$@"
+// (The two lines above are read by sh and ignored by Node: lib/launch.sh starts Node with this
+// script, found beside it whatever the working directory. See README "How the scripts run".)
 
 // backup-verda: run on Mello before Verda is shut down. Verda's identity and config to
 // BACKUP_DIR on Mello and to the R2 cache bucket; in a full run also the worker image, and the
@@ -18,7 +17,7 @@ import { verifyArtifactsStep, verifyObjectsStep, type Manifest, type R2Record } 
 import { MODELS_FLAG, modelsStep, runModelsHere } from './lib/models.ts';
 import { runScript, type Step } from './lib/plan.ts';
 import { R2Backend } from './lib/r2.ts';
-import { rotateLocal, rotateRemote, timestamp } from './lib/rotation.ts';
+import { rotateLocal, rotateRemote, rotationStep, timestamp } from './lib/rotation.ts';
 import { lazyHost } from './lib/ssh.ts';
 import { fileSource, type Backend } from './lib/storage.ts';
 
@@ -177,23 +176,15 @@ to the R2 models bucket. --quick: config only. Keeps KEEP_BACKUPS dated copies o
       },
     };
 
-    const rotation: Step = {
-      name: 'Rotation',
-      moves: `keep the ${cfg.keepBackups} newest dated copies of each kind in ${dir} and ${cache.name}/${BUNDLE_PREFIX}`,
-      async run(ctx) {
-        const failed = ctx.earlier.filter((r) => r.status === 'failed' || r.status === 'interrupted');
-        if (failed.length) {
-          return { status: 'skipped', summary: 'nothing deleted', warnings: [`not rotated: ${failed.map((r) => r.name).join(', ')} failed, older copies kept`] };
-        }
-        if (ctx.dryRun) return { summary: `would keep the ${cfg.keepBackups} newest of each kind` };
-        const gone = [
-          ...archives.map((a) => a.kind).flatMap((kind) => rotateLocal(dir, kind, 'tar.gz', cfg.keepBackups)),
-          ...rotateLocal(dir, 'manifest', 'json', cfg.keepBackups),
-          ...(await rotateRemote(cache, BUNDLE_PREFIX, 'verda-config-backup', 'tar.gz', cfg.keepBackups, ctx.signal)),
-        ];
-        return { summary: gone.length ? `deleted ${gone.length} older copies` : 'nothing to delete', data: { deleted: gone } };
-      },
-    };
+    const rotation = rotationStep({
+      where: `${dir} and ${cache.name}/${BUNDLE_PREFIX}`,
+      keep: cfg.keepBackups,
+      rotate: async (signal) => [
+        ...archives.flatMap((a) => rotateLocal(dir, a.kind, 'tar.gz', cfg.keepBackups)),
+        ...rotateLocal(dir, 'manifest', 'json', cfg.keepBackups),
+        ...(await rotateRemote(cache, BUNDLE_PREFIX, 'verda-config-backup', 'tar.gz', cfg.keepBackups, signal)),
+      ],
+    });
 
     return {
       steps: [

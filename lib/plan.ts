@@ -126,10 +126,12 @@ export interface Plan {
   close?: () => Promise<void>;
 }
 
-/** Where the running script lives: `.env` is looked for beside it. */
+/** Where the running script lives: `.env` is looked for beside it (a bundle's is its parent's). */
 function scriptDir(): string {
   const main = process.argv[1];
-  return main ? path.dirname(fs.realpathSync(main)) : process.cwd();
+  if (!main) return process.cwd();
+  const dir = path.dirname(fs.realpathSync(main));
+  return path.basename(dir) === 'dist' ? path.dirname(dir) : dir;
 }
 
 /** The script's arguments, without the `--` its launcher puts first (see the scripts' first lines). */

@@ -3,6 +3,7 @@
 // older good copy.
 import fs from 'node:fs';
 import path from 'node:path';
+import type { Step } from './plan.ts';
 import type { Backend } from './storage.ts';
 
 /** `YYYYMMDD-HHMMSS` in local time, as the bash originals' `date +%Y%m%d-%H%M%S`. */
@@ -46,4 +47,24 @@ export async function rotateRemote(backend: Backend, prefix: string, kind: strin
   const old = datedCopies(names, kind, ext).slice(keep);
   for (const name of old) await backend.delete(prefix + name, signal);
   return old.map((n) => prefix + n);
+}
+
+/**
+ * The last step of a run: rotation, only when no earlier step failed, so a failed run never
+ * costs an older good copy. `rotate` deletes and returns what went.
+ */
+export function rotationStep(opts: { where: string; keep: number; rotate: (signal: AbortSignal) => Promise<string[]> }): Step {
+  return {
+    name: 'Rotation',
+    moves: `keep the ${opts.keep} newest dated copies of each kind in ${opts.where}`,
+    async run(ctx) {
+      const failed = ctx.earlier.filter((r) => r.status === 'failed' || r.status === 'interrupted');
+      if (failed.length) {
+        return { status: 'skipped', summary: 'nothing deleted', warnings: [`not rotated: ${failed.map((r) => r.name).join(', ')} failed, older copies kept`] };
+      }
+      if (ctx.dryRun) return { summary: `would keep the ${opts.keep} newest of each kind` };
+      const gone = await opts.rotate(ctx.signal);
+      return { summary: gone.length ? `deleted ${gone.length} older copies` : 'nothing to delete', data: { deleted: gone } };
+    },
+  };
 }
