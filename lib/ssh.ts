@@ -76,6 +76,8 @@ function execute(plan: SpawnPlan, opts: RunOptions, into?: Writable): Promise<Ru
     else child.stdin.end(opts.input ?? '');
     child.on('close', (code, signal) => {
       if (opts.signal?.aborted) return reject(opts.signal.reason);
+      // ssh's own 255 with nothing said: the connection went away under the command.
+      if (plan.file === 'ssh' && code === 255 && !stderr.trim()) stderr = 'the SSH connection was lost';
       resolve({ code: code ?? (signal ? 128 : 1), stdout, stderr });
     });
   });
