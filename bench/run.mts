@@ -59,7 +59,7 @@ makeData(smallRoot, SMALL);
 const buckets = ['big', 'small'].flatMap((d) => ['ours', 'rclone', 'aws'].map((t) => `bench-${d}-${t}`));
 const requestLog = path.join(work, 'requests.log');
 fs.writeFileSync(requestLog, '');
-const server = spawn(process.execPath, ['--import', 'tsx', path.join(ROOT, 'bench/s3-server.mts'), requestLog, ...buckets], {
+const server = spawn(process.execPath, ['--openssl-legacy-provider', '--import', 'tsx', path.join(ROOT, 'bench/s3-server.mts'), requestLog, ...buckets], {
   cwd: ROOT,
   stdio: ['ignore', 'pipe', 'inherit'],
 });
@@ -152,7 +152,7 @@ console.log('backup-verda --quick against the fixture…');
 const sshd = await startSshd(['verda']);
 const fixtureRoot = fs.mkdtempSync(path.join(work, 'verda-'));
 const fixture = makeVerda(path.join(fixtureRoot, 'verda'));
-const s3b = spawn(process.execPath, ['--import', 'tsx', path.join(ROOT, 'bench/s3-server.mts'), path.join(fixtureRoot, 'req.log'), 'comfy-multi-cache', 'comfy-multi-model-vault-backup'], {
+const s3b = spawn(process.execPath, ['--openssl-legacy-provider', '--import', 'tsx', path.join(ROOT, 'bench/s3-server.mts'), path.join(fixtureRoot, 'req.log'), 'comfy-multi-cache', 'comfy-multi-model-vault-backup'], {
   cwd: ROOT,
   stdio: ['ignore', 'pipe', 'inherit'],
 });

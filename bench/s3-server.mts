@@ -1,6 +1,7 @@
 // The benchmarks' S3 server, in a process of its own so the tools under test do not share its
 // event loop with the harness. Prints its endpoint, then logs one line per request to the file
-// named by its first argument (the harness counts requests between runs).
+// named by its first argument (the harness counts requests between runs). Started with
+// --openssl-legacy-provider: s3rver's continuation tokens use DES.
 import fs from 'node:fs';
 import { startS3 } from '../test/helpers.ts';
 

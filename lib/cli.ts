@@ -4,6 +4,15 @@ import minimist from 'minimist';
 
 export const EXIT = { ok: 0, failed: 1, usage: 2, locked: 75 } as const;
 
+/**
+ * Exits once stdout and stderr have handed everything to the OS: into a pipe, Node writes
+ * asynchronously, and a bare process.exit() would cut a long --json summary short.
+ */
+export async function exitAfterOutput(code: number): Promise<never> {
+  await Promise.all([process.stdout, process.stderr].map((s) => new Promise((resolve) => s.write('', resolve))));
+  process.exit(code);
+}
+
 /** Usage or configuration error: exit 2, nothing was done. */
 export class UsageError extends Error {}
 
@@ -118,6 +127,7 @@ export class Output {
   private readonly stream: NodeJS.WriteStream;
   readonly fancy: boolean;
   private progressShown = false;
+  private lastProgressMs = 0;
 
   constructor(
     readonly json: boolean,
@@ -158,7 +168,9 @@ export class Output {
 
   /** A progress line for a long transfer; nothing at all unless on a terminal. */
   progress(label: string, done: number, total: number, startedMs: number) {
-    if (!this.fancy) return;
+    // Five redraws a second at most: it is called for every chunk sent.
+    if (!this.fancy || Date.now() - this.lastProgressMs < 200) return;
+    this.lastProgressMs = Date.now();
     const seconds = (Date.now() - startedMs) / 1000;
     const rate = seconds > 0 ? done / seconds : 0;
     const eta = rate > 0 ? (total - done) / rate : Infinity;

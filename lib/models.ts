@@ -3,7 +3,7 @@
 // the R2 target and credentials on stdin (never on a command line). Verda syncs its
 // `*.safetensors` with the hash cache on SFS, so a new instance does not hash 45 GB again.
 import path from 'node:path';
-import { humanSize } from './cli.ts';
+import { exitAfterOutput, humanSize } from './cli.ts';
 import type { BucketTarget } from './config.ts';
 import { HashCache } from './hash-cache.ts';
 import type { Step } from './plan.ts';
@@ -108,7 +108,7 @@ export async function runModelsHere(): Promise<never> {
     });
   }).catch((e: Error) => {
     process.stdout.write(JSON.stringify({ error: e.message }) + '\n');
-    process.exit(2);
+    return exitAfterOutput(2);
   });
   for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) process.on(sig, () => controller.abort(new Error(sig)));
 
@@ -134,5 +134,5 @@ export async function runModelsHere(): Promise<never> {
   } finally {
     if (!request.dryRun) cache.save();
   }
-  process.exit(code);
+  return exitAfterOutput(code);
 }

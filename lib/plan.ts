@@ -3,7 +3,7 @@
 // configuration, lock, signals, the plan, the summary and the exit code.
 import fs from 'node:fs';
 import path from 'node:path';
-import { COMMON_HELP, EXIT, Output, UsageError, errorText, humanSize, parseFlags, type Flags } from './cli.ts';
+import { COMMON_HELP, EXIT, Output, UsageError, errorText, exitAfterOutput, humanSize, parseFlags, type Flags } from './cli.ts';
 import { loadConfig, type Config } from './config.ts';
 import { LockHeld, acquireLock } from './lock.ts';
 import { StorageError } from './storage.ts';
@@ -149,14 +149,14 @@ export async function runScript(def: ScriptDef, argv = scriptArgs()): Promise<ne
     flags = parseFlags(argv, def.extraFlags);
     if (flags.help) {
       process.stdout.write(`${def.usage}\n\n${COMMON_HELP}\n`);
-      process.exit(EXIT.ok);
+      return exitAfterOutput(EXIT.ok);
     }
     cfg = loadConfig(process.env, scriptDir(), flags.envFile);
     plan = def.plan(cfg, flags);
   } catch (e) {
     // A usage or configuration error is exit 2; anything else here is a bug, said without a stack.
     process.stderr.write(`${def.name}: ${e instanceof UsageError ? '' : 'internal error: '}${errorText(e)}\n`);
-    process.exit(e instanceof UsageError ? EXIT.usage : EXIT.failed);
+    return exitAfterOutput(e instanceof UsageError ? EXIT.usage : EXIT.failed);
   }
 
   const out = new Output(flags.json, flags.verbose);
@@ -166,7 +166,7 @@ export async function runScript(def: ScriptDef, argv = scriptArgs()): Promise<ne
   } catch (e) {
     if (!(e instanceof LockHeld)) throw e;
     process.stderr.write(`${def.name}: ${e.message}; not starting\n`);
-    process.exit(EXIT.locked);
+    return exitAfterOutput(EXIT.locked);
   }
 
   // First SIGINT/SIGTERM: stop and clean up (partial files removed, multipart uploads aborted).
@@ -225,5 +225,5 @@ export async function runScript(def: ScriptDef, argv = scriptArgs()): Promise<ne
     };
     process.stdout.write(JSON.stringify(summary, null, 2) + '\n');
   }
-  process.exit(code);
+  return exitAfterOutput(code);
 }

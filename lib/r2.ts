@@ -216,7 +216,7 @@ export class R2Backend implements Backend {
   private async putSingle(key: string, source: Source, opts: PutOptions): Promise<ObjectInfo> {
     let sent = 0;
     const r = await this.retry('put', opts.signal, () => {
-      opts.onBytes?.(-sent); // a retry sends the bytes again
+      if (sent) opts.onBytes?.(-sent); // a retry sends the bytes again
       sent = 0;
       return this.client.send(
         new PutObjectCommand({
@@ -258,7 +258,7 @@ export class R2Backend implements Backend {
           const end = Math.min(source.size, start + partSize);
           let sent = 0;
           const r = await this.retry('upload-part', signal, () => {
-            opts.onBytes?.(-sent);
+            if (sent) opts.onBytes?.(-sent);
             sent = 0;
             return this.client.send(
               new UploadPartCommand({

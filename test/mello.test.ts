@@ -2,10 +2,11 @@
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import crypto from 'node:crypto';
+import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { DeleteObjectCommand, PutObjectCommand } from '@aws-sdk/client-s3';
-import { runScript, s3Env, startS3, tempDir, treeDigest, sha256, writeRandomFile, writeTree, type S3Server } from './helpers.ts';
+import { ROOT, runScript, s3Env, startS3, tempDir, treeDigest, sha256, writeRandomFile, writeTree, type S3Server } from './helpers.ts';
 
 const BUCKET = 'comfy-multi-user-files';
 const MiB = 1024 * 1024;
@@ -38,6 +39,8 @@ test.before(async () => {
     'outputs/user002/img_0001.png': crypto.randomBytes(5000),
     ...Object.fromEntries(ODD_NAMES.map((n) => [`user_data/user003/${n}`, `content of ${n}`])),
   });
+  // More than one listing page (1,000 keys).
+  writeTree(data, Object.fromEntries(Array.from({ length: 1050 }, (_, i) => [`inputs/many/${i}.txt`, `input ${i}`])));
   // Larger than the multipart threshold: sent in 16 MiB parts.
   writeRandomFile(path.join(data, 'outputs/user002/video.mp4'), 40 * MiB + 123);
   // A symlink out of the tree must not be followed.
@@ -93,8 +96,9 @@ test('an unchanged rerun sends no object body, reads no file and lists only', as
   const r = await runScript('backup-mello.mts', ['--json'], env);
   assert.is(r.code, 0, r.stderr);
   const sent = s3.requests.slice(before);
-  assert.equal(sent.filter((q) => q.method !== 'GET'), [], 'only GETs');
-  assert.ok(sent.length <= 3, `one listing per tree, got ${sent.length} requests`);
+  assert.equal(sent.filter((q) => q.method !== 'GET' || !q.url.includes('list-type=2')), [], 'only listings');
+  // user_data/ and outputs/ fit a page each; inputs/ holds 1,051 keys: two pages.
+  assert.is(sent.length, 4, `listing requests: ${sent.length}`);
   const summary = json(r.stdout);
   for (const step of summary.steps) {
     assert.is(step.data?.sent, 0);
@@ -202,6 +206,39 @@ test('--verify passes on a whole backup, names a deleted object, and --deep name
   const again = await runScript('backup-mello.mts', [], env);
   assert.is(again.code, 0);
   assert.is((await runScript('backup-mello.mts', ['--verify', '--deep'], env)).code, 0);
+});
+
+/** Runs a script under script(1), which gives it a pseudo-terminal; resolves with what it showed. */
+function onTerminal(extraEnv: Record<string, string>): Promise<{ code: number | null; screen: string }> {
+  return new Promise((resolve) => {
+    const child = spawn('script', ['-qec', path.join(ROOT, 'backup-mello.mts'), '/dev/null'], {
+      env: { ...process.env, ...env, TERM: 'xterm', ...extraEnv },
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    let screen = '';
+    child.stdout.on('data', (d) => (screen += d));
+    child.on('close', (code) => resolve({ code, screen }));
+  });
+}
+
+test('progress with rate and ETA on a terminal only; none with NO_COLOR or into a pipe', async () => {
+  const file = path.join(data, 'outputs/user009/progress.bin');
+  writeRandomFile(file, 24 * MiB);
+  const { NO_COLOR: _, ...withoutNoColor } = process.env;
+  process.env = withoutNoColor; // the test runner sets NO_COLOR for everything else
+  const tty = await onTerminal({});
+  assert.is(tty.code, 0, tty.screen);
+  assert.match(tty.screen, /\r\x1b\[2K {2}outputs\/ .*\/s ETA \d+:\d\d/);
+  assert.match(tty.screen, /\x1b\[32m/, 'colour on a terminal');
+  fs.writeFileSync(file, crypto.randomBytes(24 * MiB));
+  const noColor = await onTerminal({ NO_COLOR: '1' });
+  assert.is(noColor.code, 0);
+  assert.match(noColor.screen, /1 sent/);
+  assert.not.match(noColor.screen, /ETA|\x1b\[/);
+  fs.writeFileSync(file, crypto.randomBytes(24 * MiB));
+  const piped = await runScript('backup-mello.mts', [], env);
+  assert.match(piped.stdout, /1 sent/);
+  assert.not.match(piped.stdout, /ETA|\x1b\[|\r/);
 });
 
 test('an unknown flag is exit 2 naming it, with no stack trace', async () => {
