@@ -94,22 +94,27 @@ export async function walkTree(root: string): Promise<WalkResult> {
       result.unreadable.push({ rel: relDir || '.', error: (e as NodeJS.ErrnoException).code ?? String(e) });
       return;
     }
-    for (const entry of entries) {
-      const full = path.join(dir, entry.name);
-      const rel = relDir ? `${relDir}/${entry.name}` : entry.name;
-      if (entry.isSymbolicLink()) result.symlinks.push(rel);
-      else if (entry.isDirectory()) await visit(full, rel);
-      else if (entry.isFile()) {
-        try {
-          result.files.push({ path: full, rel, stat: await fs.promises.lstat(full, { bigint: true }) });
-        } catch (e) {
-          result.unreadable.push({ rel, error: (e as NodeJS.ErrnoException).code ?? String(e) });
+    // A directory's entries at once: thousands of outputs in one folder are common.
+    await Promise.all(
+      entries.map(async (entry) => {
+        const full = path.join(dir, entry.name);
+        const rel = relDir ? `${relDir}/${entry.name}` : entry.name;
+        if (entry.isSymbolicLink()) result.symlinks.push(rel);
+        else if (entry.isDirectory()) await visit(full, rel);
+        else if (entry.isFile()) {
+          try {
+            result.files.push({ path: full, rel, stat: await fs.promises.lstat(full, { bigint: true }) });
+          } catch (e) {
+            result.unreadable.push({ rel, error: (e as NodeJS.ErrnoException).code ?? String(e) });
+          }
         }
-      }
-      // sockets, fifos and devices are not user files: passed over
-    }
+        // sockets, fifos and devices are not user files: passed over
+      }),
+    );
   };
   await visit(root, '');
-  result.files.sort((a, b) => (a.rel < b.rel ? -1 : a.rel > b.rel ? 1 : 0));
+  const byRel = (a: string, b: string) => (a < b ? -1 : a > b ? 1 : 0);
+  result.files.sort((a, b) => byRel(a.rel, b.rel));
+  result.symlinks.sort(byRel);
   return result;
 }

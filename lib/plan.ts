@@ -1,6 +1,7 @@
 // A step is a value: its name, what it moves, and how to run it. The printed step lines,
 // --dry-run and --json all come from the same plan. runScript is every script's main: flags,
 // configuration, lock, signals, the plan, the summary and the exit code.
+import { setMaxListeners } from 'node:events';
 import fs from 'node:fs';
 import path from 'node:path';
 import { COMMON_HELP, EXIT, Output, UsageError, errorText, exitAfterOutput, humanSize, parseFlags, type Flags } from './cli.ts';
@@ -172,6 +173,8 @@ export async function runScript(def: ScriptDef, argv = scriptArgs()): Promise<ne
   // First SIGINT/SIGTERM: stop and clean up (partial files removed, multipart uploads aborted).
   // A second one: leave at once.
   const controller = new AbortController();
+  // Every request in flight listens on it: many more than Node's default warning threshold.
+  setMaxListeners(0, controller.signal);
   const onSignal = (sig: NodeJS.Signals) => {
     if (controller.signal.aborted) {
       release();

@@ -288,8 +288,10 @@ export class R2Backend implements Backend {
       const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
       if (failed) throw opts.signal?.aborted ? opts.signal.reason : failed.reason;
       if (signal.aborted) throw signal.reason;
-      const done = await this.retry('complete-multipart', opts.signal, () =>
-        this.client.send(
+      let completeAttempts = 0;
+      const done = await this.retry('complete-multipart', opts.signal, () => {
+        completeAttempts++;
+        return this.client.send(
           new CompleteMultipartUploadCommand({
             Bucket: bucket,
             Key: key,
@@ -297,8 +299,16 @@ export class R2Backend implements Backend {
             MultipartUpload: { Parts: etags.map((ETag, i) => ({ ETag, PartNumber: i + 1 })) },
           }),
           { abortSignal: opts.signal },
-        ),
-      );
+        );
+      }).catch(async (e) => {
+        // A completion whose answer was lost: the retry finds the upload gone (NoSuchUpload).
+        // The object is then whole if it holds this size and sha256.
+        const head = completeAttempts > 1 ? await this.head(key, opts.signal).catch(() => undefined) : undefined;
+        if (head && head.size === source.size && head.metadata.sha256 && head.metadata.sha256 === opts.metadata?.sha256) {
+          return { ETag: head.etag };
+        }
+        throw e;
+      });
       return { key, size: source.size, etag: unquote(done.ETag) };
     } catch (e) {
       await this.abortUpload(key, uploadId);

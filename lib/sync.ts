@@ -52,12 +52,17 @@ export const objectId = (backend: Backend, key: string) => `${backend.name}/${ke
 
 export async function syncTree(opts: SyncOptions): Promise<SyncResult> {
   const { backend, prefix, cache, signal } = opts;
+  // The walk and the listing at once: on an unchanged rerun they are nearly all the work.
+  const listing = (async () => {
+    const remote = new Map<string, ObjectInfo>();
+    for await (const o of backend.list(prefix, signal)) remote.set(o.key, o);
+    return remote;
+  })();
+  listing.catch(() => {}); // awaited below, after the walk
   const walked = await walkTree(opts.root);
+  const remote = await listing;
   const files = opts.filter ? walked.files.filter((f) => opts.filter!(f.rel)) : walked.files;
   cache.prune(opts.root, new Set(walked.files.map((f) => f.path)));
-
-  const remote = new Map<string, ObjectInfo>();
-  for await (const o of backend.list(prefix, signal)) remote.set(o.key, o);
 
   const totalBytes = files.reduce((n, f) => n + Number(f.stat.size), 0);
   const hashedBefore = cache.hashedFiles;

@@ -76,6 +76,7 @@ export class FaultProxy {
   readonly log: Exchange[] = [];
   private fails: (Rule & { status: number })[] = [];
   private cuts: (Rule & { afterBytes: number })[] = [];
+  private losses: Rule[] = [];
   private throttles = new Map<Kind, number>();
   private watchers: (() => void)[] = [];
   private readonly agent = new http.Agent({ keepAlive: true, maxSockets: 64 });
@@ -116,6 +117,14 @@ export class FaultProxy {
     this.cuts.push({ kinds, afterBytes, skip, remaining: count });
   }
 
+  /**
+   * The next `count` matching requests reach the server and are carried out, but their answer
+   * is lost: the connection is cut once the server has answered.
+   */
+  loseAnswer(kinds: Kind[], count = 1) {
+    this.losses.push({ kinds, skip: 0, remaining: count });
+  }
+
   /** Request bodies of these kinds pass at `bytesPerSecond` each at most; undefined lifts it, for those in flight too. */
   throttle(kinds: Kind[], bytesPerSecond: number | undefined) {
     for (const k of kinds) {
@@ -129,13 +138,14 @@ export class FaultProxy {
   clearFaults() {
     this.fails = [];
     this.cuts = [];
+    this.losses = [];
     this.throttles.clear();
     this.notify();
   }
 
   /** Matching fault rules not yet used up (a test asserts its faults were all met). */
   pendingFaults(): number {
-    return [...this.fails, ...this.cuts].filter((r) => r.remaining > 0 && Number.isFinite(r.remaining)).length;
+    return [...this.fails, ...this.cuts, ...this.losses].filter((r) => r.remaining > 0 && Number.isFinite(r.remaining)).length;
   }
 
   of(kind: Kind, from = 0): Exchange[] {
@@ -222,6 +232,7 @@ export class FaultProxy {
 
     const length = Number(req.headers['content-length'] ?? 0);
     const cut = this.take(this.cuts, ex.kind, (r) => length > r.afterBytes);
+    const lose = this.take(this.losses, ex.kind);
 
     const headers = { ...req.headers };
     for (const h of HOP_BY_HOP) delete headers[h];
@@ -238,6 +249,16 @@ export class FaultProxy {
     });
     up.on('response', (answer) => {
       ex.status = answer.statusCode;
+      if (lose) {
+        // Carried out upstream; the answer never reaches the client.
+        answer.resume();
+        answer.on('end', () => {
+          ex.outcome = 'cut';
+          req.socket.destroy();
+          this.notify();
+        });
+        return;
+      }
       const h = { ...answer.headers };
       for (const name of HOP_BY_HOP) delete h[name];
       res.writeHead(answer.statusCode ?? 502, h);

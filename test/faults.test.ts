@@ -210,6 +210,22 @@ test('R2: 500 and 503 answers to every kind of request are retried with backoff 
   assertCleanAfter('backup-mello', mello.state);
 });
 
+test('R2: a multipart completion whose answer is lost: the retry finds no upload, the object is whole, the run succeeds', async () => {
+  await ensureMello();
+  writeRandomFile(path.join(mello.data, VIDEO), 40 * MiB + 123);
+  const from = proxy.log.length;
+  proxy.loseAnswer(['complete-multipart']);
+  const r = await run('backup-mello.mts', [], mello.env);
+  assert.is(r.code, 0, out(r));
+  assert.is(proxy.pendingFaults(), 0, 'the answer was lost');
+  const completes = proxy.of('complete-multipart', from);
+  assert.is(completes.length, 2, 'completed, then retried');
+  assert.is(completes[0].outcome, 'cut');
+  assert.is(completes[1].status, 404, 'the retry finds the upload gone (NoSuchUpload)');
+  await assertMelloBackedUp(mello.data);
+  assertCleanAfter('backup-mello', mello.state);
+});
+
 test('R2: 503 on every part: exit 1 naming the step after bounded attempts, upload aborted, the older object whole', async () => {
   await ensureMello();
   const before = fs.readFileSync(path.join(mello.data, VIDEO)); // what R2 holds now

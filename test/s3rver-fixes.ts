@@ -3,6 +3,8 @@
 // (its router and store are module singletons) to
 //   - abort a multipart upload: DELETE /bucket/key?uploadId=X → 204, its parts removed; 404
 //     NoSuchUpload when there is no such upload (s3rver answers 405 MethodNotAllowed);
+//   - answer CompleteMultipartUpload for an unknown (completed or aborted) upload with 404
+//     NoSuchUpload as R2 does (s3rver fails reading its files: 500);
 //   - answer UploadPart for an unknown (or aborted) upload with 404 NoSuchUpload (s3rver creates
 //     the upload's directory again), and drop a part whose request body was cut short (s3rver
 //     waits for it forever);
@@ -63,6 +65,18 @@ async function abortMultipartUpload(ctx: Ctx) {
   const original = layer.stack[layer.stack.length - 1];
   layer.stack[layer.stack.length - 1] = (ctx: Ctx, next: () => Promise<void>) =>
     'uploadId' in ctx.query ? abortMultipartUpload(ctx) : original(ctx, next);
+
+  const putObjectMultipart = FilesystemStore.prototype.putObjectMultipart;
+  FilesystemStore.prototype.putObjectMultipart = async function (
+    this: { getResourcePath(bucket: string, key: string | undefined, resource: string): string },
+    bucket: string,
+    uploadId: string,
+    parts: unknown,
+  ) {
+    const dir = path.join(this.getResourcePath(bucket, undefined, 'uploads'), path.basename(uploadId));
+    if (!fs.existsSync(path.join(dir, 'key'))) throw noSuchUpload(uploadId);
+    return putObjectMultipart.call(this, bucket, uploadId, parts);
+  };
 
   FilesystemStore.prototype.putPart = async function putPart(
     this: { getResourcePath(bucket: string, key: string | undefined, resource: string): string },
