@@ -459,8 +459,9 @@ async function until(check: () => boolean, timeoutMs: number, what: string) {
 
 const wait = (ms: number) => new Promise((r) => setTimeout(r, ms)); // a new run timestamp
 
-test('SSH link cut in the middle of an artifact transfer: exit 1 naming the step, no partial file, older backups kept; the next run completes', async () => {
-  const v = verdaSetup('ssh-cut');
+/** A good --quick run, then a second one, returned while its home-dev (32 MiB) streams in. */
+async function verdaMidTransfer(name: string, grownBytes: number) {
+  const v = verdaSetup(name);
   const good = await run('backup-verda.mts', ['--quick'], v.env);
   assert.is(good.code, 0, out(good));
   const before = listing(v.backupDir);
@@ -468,10 +469,14 @@ test('SSH link cut in the middle of an artifact transfer: exit 1 naming the step
   await wait(1100);
   // A home that takes a moment to stream: 32 MiB that gzip cannot shrink.
   writeRandomFile(path.join(v.fixture.home, 'big/blob.bin'), 32 * MiB);
-
   let pid = 0;
   const running = run('backup-verda.mts', ['--quick'], v.env, { onSpawn: (p) => (pid = p) });
-  const partial = await partialGrown(v.backupDir, 'home-dev', 4 * MiB, 60_000);
+  const partial = await partialGrown(v.backupDir, 'home-dev', grownBytes, 60_000);
+  return { v, before, r2Before, running, pid, partial };
+}
+
+test('SSH link cut in the middle of an artifact transfer: exit 1 naming the step, no partial file, older backups kept; the next run completes', async () => {
+  const { v, before, r2Before, running, pid, partial } = await verdaMidTransfer('ssh-cut', 4 * MiB);
   const sessions = sshdSessions();
   assert.ok(sessions.length > 0, 'the run has an SSH connection to cut');
   for (const s of sessions) process.kill(s, 'SIGKILL');
@@ -547,16 +552,7 @@ test('Mello disk full while writing an artifact: exit 1 naming the step, no part
 });
 
 test('SIGTERM while an artifact streams in from Verda: exit 1, no partial file, older backups kept, lock released; the next run completes', async () => {
-  const v = verdaSetup('verda-sigterm');
-  const good = await run('backup-verda.mts', ['--quick'], v.env);
-  assert.is(good.code, 0, out(good));
-  const before = listing(v.backupDir);
-  const r2Before = await bundleState();
-  await wait(1100);
-  writeRandomFile(path.join(v.fixture.home, 'big/blob.bin'), 32 * MiB);
-  let pid = 0;
-  const running = run('backup-verda.mts', ['--quick'], v.env, { onSpawn: (p) => (pid = p) });
-  const partial = await partialGrown(v.backupDir, 'home-dev', 2 * MiB, 60_000);
+  const { v, before, r2Before, running, pid, partial } = await verdaMidTransfer('verda-sigterm', 2 * MiB);
   process.kill(pid, 'SIGTERM');
   const r = await running;
   assert.is(r.code, 1, out(r));

@@ -9,6 +9,24 @@ const only = process.argv.slice(2);
 let passed = 0;
 let failed = 0;
 
+// The tests need OpenSSH's server and podman from Debian: on a fresh machine, install them
+// (as root, as .ci/run does), so that `npm test` alone is the whole set-up.
+const has = (cmd) => spawnSync('sh', ['-c', 'command -v "$1" || [ -x "/usr/sbin/$1" ]', 'sh', cmd]).status === 0;
+const missing = [['sshd', 'openssh-server'], ['ssh', 'openssh-client'], ['podman', 'podman'], ['script', 'bsdutils']]
+  .filter(([cmd]) => !has(cmd))
+  .map(([, pkg]) => pkg);
+if (missing.length) {
+  if (process.getuid?.() !== 0) {
+    console.log(`missing Debian packages: ${missing.join(' ')} (run as root to install them, or: apt-get install ${missing.join(' ')})`);
+    console.log('0 passed, 1 failed');
+    process.exit(1);
+  }
+  console.log(`installing from Debian: ${missing.join(' ')}`);
+  const env = { ...process.env, DEBIAN_FRONTEND: 'noninteractive' };
+  spawnSync('apt-get', ['update', '-qq'], { stdio: 'inherit', env });
+  spawnSync('apt-get', ['install', '-y', '-qq', ...missing], { stdio: 'inherit', env });
+}
+
 function record(name, ok, detail = '') {
   if (ok) passed++;
   else failed++;
