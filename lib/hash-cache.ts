@@ -6,6 +6,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { pipeline } from 'node:stream/promises';
 import { writeFileAtomic } from './files.ts';
+import { SMALL_SOURCE, readSmallFile } from './storage.ts';
 
 type FileEntry = [size: number, mtimeNs: string, ino: string, sha256: string];
 type ObjectEntry = [etag: string, sha256: string];
@@ -51,7 +52,10 @@ export class HashCache {
   async sha256(file: string, st: FileStat, signal?: AbortSignal): Promise<string> {
     const e = this.data.files[file];
     if (e && BigInt(e[0]) === st.size && e[1] === String(st.mtimeNs) && e[2] === String(st.ino)) return e[3];
-    const sha256 = await hashFile(file, signal);
+    const sha256 =
+      st.size <= SMALL_SOURCE
+        ? crypto.createHash('sha256').update(await readSmallFile(file, Number(st.size))).digest('hex')
+        : await hashFile(file, signal);
     this.hashedFiles++;
     this.hashedBytes += Number(st.size);
     this.data.files[file] = [Number(st.size), String(st.mtimeNs), String(st.ino), sha256];

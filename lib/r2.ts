@@ -215,6 +215,9 @@ export class R2Backend implements Backend {
 
   private async putSingle(key: string, source: Source, opts: PutOptions): Promise<ObjectInfo> {
     let sent = 0;
+    // A small source is read once and each attempt sends the same buffer.
+    const whole = source.readAll ? await source.readAll() : undefined;
+    if (whole && whole.length !== source.size) throw new Error(`${source.describe} changed size while being read`);
     const r = await this.retry('put', opts.signal, () => {
       if (sent) opts.onBytes?.(-sent); // a retry sends the bytes again
       sent = 0;
@@ -222,16 +225,19 @@ export class R2Backend implements Backend {
         new PutObjectCommand({
           Bucket: this.target.bucket,
           Key: key,
-          Body: this.body(source, 0, source.size, (n) => {
-            sent += n;
-            opts.onBytes?.(n);
-          }),
+          Body:
+            whole ??
+            this.body(source, 0, source.size, (n) => {
+              sent += n;
+              opts.onBytes?.(n);
+            }),
           ContentLength: source.size,
           Metadata: opts.metadata,
         }),
         { abortSignal: opts.signal },
       );
     });
+    if (whole) opts.onBytes?.(whole.length);
     return { key, size: source.size, etag: unquote(r.ETag) };
   }
 

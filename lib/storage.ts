@@ -21,6 +21,11 @@ export interface ObjectHead extends ObjectInfo {
 export interface Source {
   size: number;
   open(start: number, endExclusive: number): Readable;
+  /**
+   * The whole of a source no larger than one read chunk (SMALL_SOURCE): sent as one buffer,
+   * without a stream's machinery. A stream would hold the same bytes as its one chunk.
+   */
+  readAll?(): Promise<Buffer>;
   /** For messages only. */
   describe: string;
 }
@@ -57,12 +62,28 @@ export class StorageError extends Error {
   }
 }
 
+/** A read chunk: files up to this size are read in one piece (hashed and sent from it). */
+export const SMALL_SOURCE = 1 << 20;
+
+/** The first `size` bytes of a file, read in one piece: for files of at most SMALL_SOURCE. */
+export async function readSmallFile(file: string, size: number): Promise<Buffer> {
+  const handle = await fs.promises.open(file, 'r');
+  try {
+    const buffer = Buffer.allocUnsafe(size);
+    const { bytesRead } = await handle.read(buffer, 0, size, 0);
+    return buffer.subarray(0, bytesRead);
+  } finally {
+    await handle.close();
+  }
+}
+
 export function fileSource(file: string, size: number): Source {
   return {
     size,
     describe: file,
     // highWaterMark of 1 MiB: fewer, larger reads; still only a few MiB per part in flight.
     open: (start, end) =>
-      fs.createReadStream(file, { start, end: Math.max(start, end - 1), highWaterMark: 1 << 20, emitClose: true }),
+      fs.createReadStream(file, { start, end: Math.max(start, end - 1), highWaterMark: SMALL_SOURCE, emitClose: true }),
+    readAll: size <= SMALL_SOURCE ? () => readSmallFile(file, size) : undefined,
   };
 }
