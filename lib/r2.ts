@@ -35,6 +35,8 @@ export interface R2Options {
   partSize?: number;
   /** Parts of one upload in flight at once. */
   partConcurrency?: number;
+  /** Parts in flight at once across all uploads of this backend: bounds memory with many big files. */
+  partsInFlight?: number;
   /** Attempts per request, the first included. */
   attempts?: number;
   /** First backoff delay; doubles per attempt, with jitter. */
@@ -45,6 +47,7 @@ const DEFAULTS: Required<R2Options> = {
   multipartThreshold: 16 * MiB,
   partSize: 16 * MiB,
   partConcurrency: 4,
+  partsInFlight: 8,
   attempts: 5,
   backoffMs: 500,
 };
@@ -130,6 +133,21 @@ export class R2Backend implements Backend {
         httpsAgent: new HttpsAgent(agentOpts),
       },
     });
+  }
+
+  private partsRunning = 0;
+  private readonly partWaiters: (() => void)[] = [];
+
+  /** Runs `fn` once fewer than `partsInFlight` parts are in flight on this backend. */
+  private async partSlot<T>(fn: () => Promise<T>): Promise<T> {
+    while (this.partsRunning >= this.opts.partsInFlight) await new Promise<void>((resolve) => this.partWaiters.push(resolve));
+    this.partsRunning++;
+    try {
+      return await fn();
+    } finally {
+      this.partsRunning--;
+      this.partWaiters.shift()?.();
+    }
   }
 
   /** Runs one request with bounded retries and exponential backoff on network errors and 5xx. */
@@ -263,7 +281,7 @@ export class R2Backend implements Backend {
           const start = index * partSize;
           const end = Math.min(source.size, start + partSize);
           let sent = 0;
-          const r = await this.retry('upload-part', signal, () => {
+          const r = await this.partSlot(() => this.retry('upload-part', signal, () => {
             if (sent) opts.onBytes?.(-sent);
             sent = 0;
             return this.client.send(
@@ -280,7 +298,7 @@ export class R2Backend implements Backend {
               }),
               { abortSignal: signal },
             );
-          });
+          }));
           etags[index] = r.ETag!;
         }
       };
