@@ -13,7 +13,8 @@ import { startSshd } from '../test/sshd.ts';
 import { makeVerda } from '../test/verda-fixture.ts';
 
 const work = fs.mkdtempSync(path.join(os.tmpdir(), 'comfymulti-figures-'));
-const s3 = await startS3(['comfy-multi-user-files', 'comfy-multi-cache', 'comfy-multi-model-vault-backup']);
+// A user-files bucket per case, so that one case's listing does not page through another's keys.
+const s3 = await startS3(['figures-small', 'figures-big', 'comfy-multi-cache', 'comfy-multi-model-vault-backup']);
 const base: NodeJS.ProcessEnv = { ...process.env };
 delete base.AWS_CA_BUNDLE;
 
@@ -32,21 +33,33 @@ async function timed(script: string, args: string[], env: NodeJS.ProcessEnv) {
     rssMb: Math.round(Number(fs.readFileSync(timeFile, 'utf8').trim().split('\n').pop()) / 1024),
     requests: s3.requests.length - before,
     puts: s3.requests.slice(before).filter((r) => r.method === 'PUT').length,
+    kinds: describeRequests(s3.requests.slice(before)),
   };
+}
+
+/** "2 GET list, 1 PUT object": what a run asked the server, to tell listings from bodies. */
+function describeRequests(requests: { method: string; url: string }[]): string {
+  const counts = new Map<string, number>();
+  for (const r of requests) {
+    const what = /[?&]list-type=2/.test(r.url) ? 'list' : /^\/[^/?]+\/?(\?|$)/.test(r.url) ? 'bucket' : 'object';
+    const kind = `${r.method} ${what}`;
+    counts.set(kind, (counts.get(kind) ?? 0) + 1);
+  }
+  return [...counts].map(([k, n]) => `${n} ${k}`).join(', ') || 'none';
 }
 
 const lines: string[] = [];
 try {
-  for (const [name, make] of [
-    ['2,000 small files (4 KiB)', (d: string) => writeTree(d, Object.fromEntries(Array.from({ length: 2000 }, (_, i) => [`u${i % 20}/f${i}.png`, crypto.randomBytes(4096)])))],
-    ['1 GB in 4 files', (d: string) => [0, 1, 2, 3].forEach((i) => writeRandomFile(path.join(d, `u${i}`, `video${i}.mp4`), 256 * 1024 * 1024))],
+  for (const [name, bucket, make] of [
+    ['2,000 small files (4 KiB)', 'figures-small', (d: string) => writeTree(d, Object.fromEntries(Array.from({ length: 2000 }, (_, i) => [`u${i % 20}/f${i}.png`, crypto.randomBytes(4096)])))],
+    ['1 GB in 4 files', 'figures-big', (d: string) => [0, 1, 2, 3].forEach((i) => writeRandomFile(path.join(d, `u${i}`, `video${i}.mp4`), 256 * 1024 * 1024))],
   ] as const) {
     const data = path.join(work, name.replace(/\W+/g, '-'));
     make(path.join(data, 'outputs'));
-    const env = { ...base, ...s3Env(s3, path.join(data, '.state')), MELLO_DATA_DIR: data };
+    const env = { ...base, ...s3Env(s3, path.join(data, '.state')), MELLO_DATA_DIR: data, R2_USER_FILES_BUCKET: bucket };
     const first = await timed('backup-mello.mts', [], env);
     const again = await timed('backup-mello.mts', [], env);
-    lines.push(`backup-mello, ${name}: first run ${first.seconds} s (${first.requests} requests, peak RSS ${first.rssMb} MB); unchanged rerun ${again.seconds} s (${again.requests} requests, ${again.puts} with a body, peak RSS ${again.rssMb} MB)`);
+    lines.push(`backup-mello, ${name}: first run ${first.seconds} s (${first.requests} requests, peak RSS ${first.rssMb} MB); unchanged rerun ${again.seconds} s (${again.requests} requests: ${again.kinds}; ${again.puts} with a body, peak RSS ${again.rssMb} MB)`);
     fs.rmSync(data, { recursive: true, force: true });
   }
 
