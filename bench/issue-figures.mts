@@ -41,8 +41,7 @@ async function timed(script: string, args: string[], env: NodeJS.ProcessEnv) {
 function describeRequests(requests: { method: string; url: string }[]): string {
   const counts = new Map<string, number>();
   for (const r of requests) {
-    const what = /[?&]list-type=2/.test(r.url) ? 'list' : /^\/[^/?]+\/?(\?|$)/.test(r.url) ? 'bucket' : 'object';
-    const kind = `${r.method} ${what}`;
+    const kind = `${r.method} ${/[?&]list-type=2/.test(r.url) ? 'list' : 'object'}`;
     counts.set(kind, (counts.get(kind) ?? 0) + 1);
   }
   return [...counts].map(([k, n]) => `${n} ${k}`).join(', ') || 'none';
