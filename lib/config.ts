@@ -15,6 +15,31 @@ export interface BucketTarget {
 
 export type BucketKind = 'models' | 'cache' | 'userFiles';
 
+/**
+ * Timeouts, attempts and backoff: production values by default; tests set them to seconds so a
+ * hung request or command is seen in seconds. Every value is in seconds (decimals allowed).
+ */
+export interface Limits {
+  /** COMFYMULTI_R2_TIMEOUT (60): an R2 request with no byte moving either way for this long is abandoned (and retried). */
+  r2IdleTimeoutMs: number;
+  /** COMFYMULTI_R2_ATTEMPTS (5): attempts per R2 request, the first included. */
+  r2Attempts: number;
+  /** COMFYMULTI_R2_BACKOFF (0.5): the first retry's delay; doubled per attempt, with jitter. */
+  r2BackoffMs: number;
+  /** COMFYMULTI_SSH_TIMEOUT (10): ssh's ConnectTimeout, and how long a dead link goes unnoticed (ServerAlive). */
+  sshTimeoutS: number;
+  /** COMFYMULTI_COMMAND_TIMEOUT (600): a command (local or remote) that neither ends nor prints for this long is killed. */
+  commandIdleTimeoutMs: number;
+}
+
+export const DEFAULT_LIMITS: Limits = {
+  r2IdleTimeoutMs: 60_000,
+  r2Attempts: 5,
+  r2BackoffMs: 500,
+  sshTimeoutS: 10,
+  commandIdleTimeoutMs: 600_000,
+};
+
 export interface Config {
   env: Record<string, string | undefined>; // merged view, for the few things read lazily
   verdaHost: string;
@@ -35,6 +60,7 @@ export interface Config {
   keepBackups: number;
   /** Where hash caches and locks live on this machine. */
   stateDir: string;
+  limits: Limits;
 }
 
 const BUCKETS: Record<BucketKind, { name: string; fallback: string; endpoint: string }> = {
@@ -131,6 +157,7 @@ export function loadConfig(processEnv: NodeJS.ProcessEnv, scriptDir: string, env
     containerImage: str('CONTAINER_IMAGE', 'comfy-multi-worker-1'),
     keepBackups: Number(keepRaw),
     stateDir: dir('COMFYMULTI_STATE_DIR', path.join(env.XDG_CACHE_HOME || path.join(home, '.cache'), 'comfymulti-scripts')),
+    limits: DEFAULT_LIMITS, // TODO(issue 10): read COMFYMULTI_R2_TIMEOUT etc.
   };
 }
 

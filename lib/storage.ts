@@ -62,6 +62,21 @@ export class StorageError extends Error {
   }
 }
 
+/**
+ * The bytes of a Source are no longer the bytes that were hashed: the file shrank, grew, was
+ * rewritten or vanished while it was read for sending. Never retried: the request that carried it
+ * is abandoned before its last byte, so the object keeps its previous content.
+ */
+export class SourceChanged extends Error {
+  constructor(
+    message: string,
+    /** The file is gone (deleted meanwhile): a warning, not a failure. */
+    readonly vanished = false,
+  ) {
+    super(message);
+  }
+}
+
 /** A read chunk: files up to this size are read in one piece (hashed and sent from it). */
 export const SMALL_SOURCE = 1 << 20;
 
