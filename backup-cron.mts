@@ -11,7 +11,7 @@ import { Writable } from 'node:stream';
 import { CRON_KINDS, archiveStep, configArchives, listArchive, presentEntries } from './lib/archive.ts';
 import { errorText } from './lib/cli.ts';
 import { runScript, type Step } from './lib/plan.ts';
-import { newestLocal, rotateLocal, rotationStep, timestamp } from './lib/rotation.ts';
+import { copyWarnings, newestLocal, rotateLocal, rotationStep, timestamp } from './lib/rotation.ts';
 import { LocalHost, openHost } from './lib/ssh.ts';
 
 // Run on Mello with the directory and flags as arguments, never as code. `~` is Mello's home
@@ -19,6 +19,9 @@ import { LocalHost, openHost } from './lib/ssh.ts';
 const TRIGGER = `d=$1; shift
 case $d in '~') d=$HOME ;; '~/'*) d=$HOME/\${d#'~/'} ;; esac
 cd -- "$d" && exec ./backup-mello.mts "$@"`;
+
+/** How long backup-mello on Mello may go without printing a line before this run gives up on it. */
+const TRIGGER_IDLE_LIMIT_MS = 6 * 3600_000;
 
 /** Calls `each` with every complete line written to it, and the rest at the end. */
 function lineSink(each: (line: string) => void) {
@@ -53,7 +56,7 @@ backup-mello.mts --verify on Mello (--deep is passed on).`,
   plan(cfg, flags) {
     const dir = cfg.sfsBackupDir;
     // Cron runs on Verda itself: the sources are read right here, through VERDA_SUDO.
-    const verda = new LocalHost(cfg.verdaSudo);
+    const verda = new LocalHost(cfg.verdaSudo, cfg.limits.commandIdleTimeoutMs);
     const specs = configArchives(cfg).filter((s) => CRON_KINDS.includes(s.kind));
 
     // The raw value, so that `~` means the home on Mello (see TRIGGER).
@@ -71,7 +74,7 @@ backup-mello.mts --verify on Mello (--deep is passed on).`,
         if (ctx.dryRun) return { summary: `would run backup-mello.mts ${melloFlags.join(' ')} in ${melloDir} on ${mello}` };
         let host;
         try {
-          host = await openHost(cfg.melloHost, { configFile: cfg.sshConfig, sudo: [], signal: ctx.signal });
+          host = await openHost(cfg.melloHost, { configFile: cfg.sshConfig, sudo: [], signal: ctx.signal, limits: cfg.limits });
         } catch (e) {
           if (ctx.signal.aborted) throw e;
           throw new Error(`${mello} cannot be reached: ${errorText(e)}; the SFS copies above stand`);
@@ -87,12 +90,22 @@ backup-mello.mts --verify on Mello (--deep is passed on).`,
           const r = await host.stream(['sh', '-c', TRIGGER, 'sh', melloDir, ...melloFlags], sink.stream, {
             signal: ctx.signal,
             onStderr: sink.feed,
+            // backup-mello prints a line per step, and a first upload of outputs can take hours;
+            // it bounds each of its own requests, and ServerAlive notices a dead link.
+            idleTimeoutMs: TRIGGER_IDLE_LIMIT_MS,
           });
           sink.flush();
           const last = kept.filter((l) => l.startsWith('===')).pop();
           if (r.code === 0) return { summary: `backup-mello on ${cfg.melloHost}: ${last ?? 'done'}` };
-          // 75: a run on Mello (by hand, or the last hour's) is still going; it is doing this job.
-          if (r.code === 75) return { status: 'skipped', summary: 'already running on Mello', warnings: [`backup-mello on ${cfg.melloHost} holds its lock: not started again`] };
+          // 75: another run holds Mello's lock. It may be doing this job, or it may be stuck: this
+          // run did not do its work, and says so (a lock held for days must not pass as "skipped").
+          if (r.code === 75) {
+            const held = r.stderr.trim().split('\n').filter((l) => l.includes('holds the lock')).pop();
+            return {
+              summary: `backup-mello on ${cfg.melloHost} did not run: another run holds its lock`,
+              failures: [`mello: ${held?.replace(/^backup-mello: /, '') ?? 'lock held (exit 75)'}`],
+            };
+          }
           const said = kept.filter((l) => l.startsWith('✗')).map((l) => l.replace(/^✗\s*/, ''));
           const why = said.length ? said : [r.stderr.trim().split('\n').pop() || 'no output'];
           return {
@@ -140,8 +153,9 @@ backup-mello.mts --verify on Mello (--deep is passed on).`,
       where: dir,
       keep: cfg.keepBackups,
       rotate: async () => specs.flatMap((s) => rotateLocal(dir, s.kind, 'tar.gz', cfg.keepBackups)),
+      inspect: () => specs.flatMap((s) => copyWarnings(dir, s.kind, 'tar.gz')),
     });
 
-    return { steps: [...artifactSteps, rotation, trigger] };
+    return { steps: [...artifactSteps, rotation, trigger], workDirs: [dir] };
   },
 });

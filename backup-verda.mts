@@ -12,20 +12,23 @@ import path from 'node:path';
 import { archiveStep, bundleFiles, commandToGzipFile, configArchives, type Artifact } from './lib/archive.ts';
 import { humanSize } from './lib/cli.ts';
 import { bucketTarget } from './lib/config.ts';
-import { ensurePrivateDir, writeFileAtomic } from './lib/files.ts';
+import { ensurePrivateDir, isRegularFile, readRegularFileSync, writeFileAtomic } from './lib/files.ts';
+import { HashCache } from './lib/hash-cache.ts';
 import { verifyArtifactsStep, verifyObjectsStep, type Manifest, type R2Record } from './lib/manifest.ts';
 import { MODELS_FLAG, modelsStep, runModelsHere } from './lib/models.ts';
 import { runScript, type Step } from './lib/plan.ts';
 import { R2Backend } from './lib/r2.ts';
-import { rotateLocal, rotateRemote, rotationStep, timestamp } from './lib/rotation.ts';
+import { copyWarnings, rotateLocal, rotateRemote, rotationStep, timestamp } from './lib/rotation.ts';
 import { lazyHost } from './lib/ssh.ts';
-import { fileSource, type Backend } from './lib/storage.ts';
+import { fingerprintedSource, type Backend } from './lib/storage.ts';
+import { saveCache } from './lib/sync.ts';
 
 // Verda's side of the models step (see lib/models.ts): not a flag for people.
 if (process.argv.includes(MODELS_FLAG)) await runModelsHere();
 
 const IMAGE_FILE = 'worker-image.tar.gz';
 const IMAGE_ID_FILE = 'worker-image.id';
+const IMAGE_SHA_FILE = 'worker-image.sha256';
 const BUNDLE_KEY = 'verda-config-backup.tar.gz';
 const BUNDLE_PREFIX = 'verda-config-backups/';
 
@@ -55,7 +58,7 @@ to the R2 models bucket. --quick: config only. Keeps KEEP_BACKUPS dated copies o
       ]);
       return { steps: [verifyArtifactsStep(dir), verifyObjectsStep(dir, backends, flags.deep)] };
     }
-    const verda = lazyHost(cfg.verdaHost, { configFile: cfg.sshConfig, sudo: cfg.verdaSudo });
+    const verda = lazyHost(cfg.verdaHost, { configFile: cfg.sshConfig, sudo: cfg.verdaSudo, limits: cfg.limits });
     const stamp = timestamp();
     const artifacts: Artifact[] = [];
     const r2: R2Record[] = [];
@@ -92,28 +95,50 @@ to the R2 models bucket. --quick: config only. Keeps KEEP_BACKUPS dated copies o
         const short = imageId.replace(/^sha256:/, '').slice(0, 12);
         const file = path.join(dir, IMAGE_FILE);
         const idFile = path.join(dir, IMAGE_ID_FILE);
-        const lastId = fs.existsSync(idFile) ? fs.readFileSync(idFile, 'utf8').trim() : undefined;
+        const recorded = readImageRecord(idFile, path.join(dir, IMAGE_SHA_FILE));
         const there = await cache.head(IMAGE_FILE, ctx.signal);
-        if (lastId === imageId && fs.existsSync(file) && there?.metadata['image-id'] === imageId) {
-          r2.push({ bucket: cacheBucket.bucket, key: IMAGE_FILE, bytes: there.size, sha256: there.metadata.sha256 ?? '', action: 'skipped' });
-          return { summary: `image ${short} unchanged since the last backup: not saved again` };
+        const warnings: string[] = [];
+        // Unchanged only when all three agree: the recorded ID is this image's, R2's object
+        // carries it with the recorded bytes, and Mello's copy still holds them (its sha256 from
+        // the hash cache, so an unchanged file is not read again). A file that merely exists is
+        // not proof: a bad save once stood there.
+        if (recorded?.imageId === imageId && there?.metadata['image-id'] === imageId && there.metadata.sha256 === recorded.sha256) {
+          const local = await sha256Of(file, ctx.signal);
+          if (local?.sha256 === recorded.sha256 && local.bytes === there.size) {
+            artifacts.push({ name: IMAGE_FILE, bytes: local.bytes, sha256: local.sha256 });
+            r2.push({ bucket: cacheBucket.bucket, key: IMAGE_FILE, bytes: there.size, sha256: local.sha256, action: 'skipped' });
+            return { summary: `image ${short} unchanged since the last backup: not saved again` };
+          }
+          warnings.push(`${file} no longer holds the image recorded in ${IMAGE_SHA_FILE}: saved again`);
         }
-        if (ctx.dryRun) return { summary: `would save image ${short} to ${file} and send it to ${cache.name}/${IMAGE_FILE}` };
+        if (ctx.dryRun) return { summary: `would save image ${short} to ${file} and send it to ${cache.name}/${IMAGE_FILE}`, warnings };
         ensurePrivateDir(dir);
         // gzip level 1: the image is gigabytes and Mello is a small VPS; speed over a few % of size.
-        const saved = await commandToGzipFile(verda, [cli, 'save', cfg.containerImage], file, { signal: ctx.signal, level: 1 });
+        const saved = await commandToGzipFile(verda, [cli, 'save', cfg.containerImage], file, { signal: ctx.signal, level: 1, expectTar: true });
         artifacts.push({ name: IMAGE_FILE, bytes: saved.bytes, sha256: saved.sha256 });
         const started = Date.now();
         let sent = 0;
-        await cache.put(IMAGE_FILE, fileSource(file, saved.bytes), {
+        await cache.put(IMAGE_FILE, fingerprintedSource(file, saved.fingerprint), {
           metadata: { sha256: saved.sha256, 'image-id': imageId },
           signal: ctx.signal,
           onBytes: ctx.out.fancy ? (n) => ctx.out.progress(IMAGE_FILE, (sent += n), saved.bytes, started) : undefined,
         });
         r2.push({ bucket: cacheBucket.bucket, key: IMAGE_FILE, bytes: saved.bytes, sha256: saved.sha256, action: 'uploaded' });
-        writeFileAtomic(idFile, `${imageId}\n`, 0o600); // only once both copies are complete
-        return { summary: `${IMAGE_FILE}: image ${short} (${humanSize(saved.bytes)}), saved and sent`, bytes: saved.bytes };
+        // Recorded only once both copies are complete: the ID last.
+        writeFileAtomic(path.join(dir, IMAGE_SHA_FILE), `${saved.sha256}  ${IMAGE_FILE}\n`, 0o600);
+        writeFileAtomic(idFile, `${imageId}\n`, 0o600);
+        return { summary: `${IMAGE_FILE}: image ${short} (${humanSize(saved.bytes)}), saved and sent`, bytes: saved.bytes, warnings };
       },
+    };
+
+    /** sha256 of a file on Mello, by the hash cache (read again only when its stat changed). */
+    const sha256Of = async (file: string, signal: AbortSignal): Promise<{ sha256: string; bytes: number } | undefined> => {
+      if (!isRegularFile(file)) return undefined;
+      const hashes = HashCache.load(path.join(cfg.stateDir, 'hashes-backup-verda.json'));
+      const st = fs.lstatSync(file, { bigint: true });
+      const { sha256, fingerprint } = await hashes.hash(file, { size: st.size, mtimeNs: st.mtimeNs, ino: st.ino }, signal);
+      saveCache(hashes);
+      return { sha256, bytes: fingerprint?.size ?? Number(st.size) };
     };
 
     const models = modelsStep({
@@ -141,7 +166,7 @@ to the R2 models bucket. --quick: config only. Keeps KEEP_BACKUPS dated copies o
         try {
           const b = await bundleFiles(config.map((a) => path.join(dir, a.name)), tmp, ctx.signal);
           for (const key of [BUNDLE_KEY, dated]) {
-            await cache.put(key, fileSource(tmp, b.bytes), { metadata: { sha256: b.sha256 }, signal: ctx.signal });
+            await cache.put(key, fingerprintedSource(tmp, b.fingerprint), { metadata: { sha256: b.sha256 }, signal: ctx.signal });
             r2.push({ bucket: cacheBucket.bucket, key, bytes: b.bytes, sha256: b.sha256, action: 'uploaded' });
           }
           return { summary: `${config.length} artifacts (${humanSize(b.bytes)}) sent as ${BUNDLE_KEY} and ${dated}`, bytes: b.bytes * 2 };
@@ -184,6 +209,7 @@ to the R2 models bucket. --quick: config only. Keeps KEEP_BACKUPS dated copies o
         ...rotateLocal(dir, 'manifest', 'json', cfg.keepBackups),
         ...(await rotateRemote(cache, BUNDLE_PREFIX, 'verda-config-backup', 'tar.gz', cfg.keepBackups, signal)),
       ],
+      inspect: () => [...archives.map((a) => a.kind), 'manifest'].flatMap((k) => copyWarnings(dir, k, k === 'manifest' ? 'json' : 'tar.gz')),
     });
 
     return {
@@ -197,9 +223,24 @@ to the R2 models bucket. --quick: config only. Keeps KEEP_BACKUPS dated copies o
         rotation,
       ],
       close: () => verda.close(),
+      workDirs: [dir],
     };
   },
 });
+
+/**
+ * The image last saved (worker-image.id) and the sha256 of its saved copy (worker-image.sha256,
+ * in sha256sum's format). Either missing or damaged records nothing: the image is saved again.
+ */
+function readImageRecord(idFile: string, shaFile: string): { imageId: string; sha256: string } | undefined {
+  try {
+    const imageId = readRegularFileSync(idFile).toString('utf8').trim();
+    const sha256 = /^([0-9a-f]{64}) /.exec(readRegularFileSync(shaFile).toString('utf8'))?.[1];
+    return imageId && sha256 ? { imageId, sha256 } : undefined;
+  } catch {
+    return undefined;
+  }
+}
 
 function sha256Text(text: string): string {
   return createHash('sha256').update(text).digest('hex');

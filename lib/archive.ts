@@ -12,7 +12,7 @@ import zlib from 'node:zlib';
 import tar from 'tar-stream';
 import type { Config } from './config.ts';
 import { humanSize } from './cli.ts';
-import { ensurePrivateDir, partialName, writeStreamAtomic, type Written } from './files.ts';
+import { ensurePrivateDir, isRegularFile, openRegular, partialName, writeStreamAtomic, type Written } from './files.ts';
 import type { Step } from './plan.ts';
 import type { Host } from './ssh.ts';
 
@@ -103,14 +103,40 @@ export async function presentEntries(host: Host, spec: ArchiveSpec, signal?: Abo
   return r.stdout.split('\0').filter(Boolean).sort();
 }
 
+/** tar in the C locale: its messages are read (which files it could not read), so they must be English. */
 export function tarCommand(spec: ArchiveSpec, entries: string[]): string[] {
   return [
-    'tar', '--create', '--file=-', `--directory=${spec.base}`, '--sort=name',
+    'env', 'LC_ALL=C', 'tar', '--create', '--file=-', `--directory=${spec.base}`, '--sort=name',
     '--anchored', ...(spec.anchoredExcludes ?? []).map((p) => `--exclude=${p}`),
     '--no-anchored', ...(spec.anywhereExcludes ?? []).map((p) => `--exclude=${p}`),
     '--', ...entries,
   ];
 }
+
+// GNU tar's messages (C locale) about one file it could not read, or that changed as it read it:
+// the archive holds everything else. Any other message (a missing base, a write error, "not
+// recoverable") is fatal.
+const TAR_FILE_PROBLEM =
+  /^tar: (.*): (Cannot (?:open|stat|read|readlink|savedir|opendir|close)|Read error|File shrank|file changed as we read it|file removed before we read it|socket ignored)(?:[^:]*)?(?:: (.*))?$/;
+const TAR_EXIT_LINE = /^tar: Exiting with failure status due to previous errors$/;
+
+/**
+ * What tar said, sorted: files it could not read (each a warning naming it), and whether
+ * anything else went wrong (then the archive is not to be trusted).
+ */
+export function readTarMessages(stderr: string): { fileProblems: string[]; other: string[] } {
+  const fileProblems: string[] = [];
+  const other: string[] = [];
+  for (const line of stderr.split('\n').filter(Boolean)) {
+    const m = TAR_FILE_PROBLEM.exec(line);
+    if (m) fileProblems.push(`${m[1]}: ${m[2]}${m[3] ? ` (${m[3]})` : ''}${/^Cannot/.test(m[2]) ? ': not in the archive' : ''}`);
+    else if (!TAR_EXIT_LINE.test(line)) other.push(line);
+  }
+  return { fileProblems, other };
+}
+
+/** The first 512 bytes of a tar stream say `ustar` at 257: `save --help` text does not. */
+const looksLikeTar = (header: Buffer) => header.length >= 512 && header.subarray(257, 262).toString('latin1') === 'ustar';
 
 /**
  * Runs a command on the host and gzips its stdout into `file` through a temporary name. The
@@ -121,14 +147,37 @@ export async function commandToGzipFile(
   host: Host,
   argv: string[],
   file: string,
-  opts: { sudo?: boolean; signal?: AbortSignal; level?: number; okCodes?: number[]; hashContent?: boolean } = {},
+  opts: {
+    sudo?: boolean;
+    signal?: AbortSignal;
+    level?: number;
+    okCodes?: number[];
+    hashContent?: boolean;
+    /** The output must be a tar stream (an image save): anything else is refused, the old file kept. */
+    expectTar?: boolean;
+    /** Whether a failing exit code is still a whole archive (tar's per-file read errors). */
+    acceptFailure?: (code: number, stderr: string) => boolean;
+  } = {},
 ): Promise<Written & { contentSha256?: string; code: number; stderr: string }> {
   const content = opts.hashContent ? crypto.createHash('sha256') : undefined;
   const raw = new PassThrough({ highWaterMark: 1 << 20 });
+  let header = Buffer.alloc(0);
   const tap = new Transform({
     transform(chunk: Buffer, _e, cb) {
       content?.update(chunk);
+      if (opts.expectTar && header.length < 512) {
+        header = Buffer.concat([header, chunk.subarray(0, 512 - header.length)]);
+        if (header.length === 512 && !looksLikeTar(header)) {
+          return cb(new ArchiveError(`${argv.join(' ')} on ${host.label} did not give a tar stream: refused, the previous copy kept`));
+        }
+      }
       cb(null, chunk);
+    },
+    flush(cb) {
+      if (opts.expectTar && !looksLikeTar(header)) {
+        return cb(new ArchiveError(`${argv.join(' ')} on ${host.label} did not give a tar stream: refused, the previous copy kept`));
+      }
+      cb();
     },
   });
   // Joined with pipeline, not .pipe(): the command failing (raw destroyed) must fail the write,
@@ -144,9 +193,10 @@ export async function commandToGzipFile(
     await writing.catch(() => {});
     throw e;
   }
-  if (!(opts.okCodes ?? [0]).includes(run.code)) {
+  if (!(opts.okCodes ?? [0]).includes(run.code) && !opts.acceptFailure?.(run.code, run.stderr)) {
     const said = run.stderr.trim().split('\n').slice(-3).join('; ') || 'no message';
-    const error = new ArchiveError(`${argv[0]} ${argv[1] ?? ''} on ${host.label} failed (exit ${run.code}): ${said}`);
+    const what = argv.filter((a) => !/^(env|LC_ALL=C)$/.test(a)).slice(0, 2).join(' ');
+    const error = new ArchiveError(`${what} on ${host.label} failed (exit ${run.code}): ${said}`);
     raw.destroy(error);
     await writing.catch(() => {});
     throw error;
@@ -170,23 +220,33 @@ export async function writeArchive(
   const entries = await presentEntries(host, spec, opts.signal);
   if (!entries.length) return undefined;
   const target = opts.unlessSameAs ? partialName(file) + '.candidate' : file;
-  // GNU tar: exit 1 = a file changed while being read (the archive is usable), 2 = fatal.
+  // GNU tar: exit 1 = a file changed while being read (the archive is usable); exit 2 with only
+  // per-file read errors (a root-owned 0600 file a container wrote) = the archive holds the rest,
+  // and each such file is a warning naming it; any other exit 2 is fatal.
   const r = await commandToGzipFile(host, tarCommand(spec, entries), target, {
     sudo: spec.sudo,
     signal: opts.signal,
     okCodes: [0, 1],
     hashContent: true,
+    acceptFailure: (code, stderr) => {
+      const said = readTarMessages(stderr);
+      return code === 2 && said.fileProblems.length > 0 && said.other.length === 0;
+    },
   });
+  const said = readTarMessages(r.stderr);
   const result = {
     bytes: r.bytes,
     sha256: r.sha256,
+    fingerprint: r.fingerprint,
     contentSha256: r.contentSha256!,
     entries,
-    warnings: r.stderr.trim() ? r.stderr.trim().split('\n') : [],
+    warnings: [...said.fileProblems, ...said.other],
   };
   if (opts.unlessSameAs) {
-    // A copy that cannot be read back (damaged) is not the same: a fresh one is written.
-    const same = fs.existsSync(opts.unlessSameAs) && (await contentSha256(opts.unlessSameAs).catch(() => undefined)) === result.contentSha256;
+    // A copy that cannot be read back (damaged, or not a regular file) is not the same: a fresh
+    // one is written.
+    const same =
+      isRegularFile(opts.unlessSameAs) && (await contentSha256(opts.unlessSameAs).catch(() => undefined)) === result.contentSha256;
     if (same) {
       fs.rmSync(target, { force: true });
       return { ...result, written: false };
@@ -199,8 +259,14 @@ export async function writeArchive(
 /** sha256 of a .tar.gz's uncompressed bytes. */
 export async function contentSha256(gzFile: string): Promise<string> {
   const hash = crypto.createHash('sha256');
-  await pipeline(fs.createReadStream(gzFile), zlib.createGunzip(), hash);
+  await pipeline(await readStream(gzFile), zlib.createGunzip(), hash);
   return hash.digest('hex');
+}
+
+/** A regular file as a stream, opened without blocking (a FIFO under an artifact's name is refused). */
+async function readStream(file: string) {
+  const { handle } = await openRegular(file);
+  return handle.createReadStream({ highWaterMark: 1 << 20 });
 }
 
 /** The entry names of a .tar.gz, reading it as a stream: proof it is a whole archive. */
@@ -212,7 +278,7 @@ export async function listArchive(gzFile: string): Promise<string[]> {
     stream.on('end', next);
     stream.resume();
   });
-  await pipeline(fs.createReadStream(gzFile), zlib.createGunzip(), extract);
+  await pipeline(await readStream(gzFile), zlib.createGunzip(), extract);
   return names;
 }
 
@@ -223,7 +289,7 @@ export async function bundleFiles(files: string[], dest: string, signal?: AbortS
     for (const file of files) {
       const st = fs.statSync(file);
       const entry = pack.entry({ name: path.basename(file), size: st.size, mode: st.mode & 0o7777, mtime: st.mtime, uid: st.uid, gid: st.gid });
-      await pipeline(fs.createReadStream(file), entry);
+      await pipeline(await readStream(file), entry);
     }
     pack.finalize();
   })();
@@ -269,7 +335,7 @@ export function archiveStep(opts: {
       const newest = opts.dedupe?.(opts.dir, spec.kind);
       const r = await writeArchive(host, spec, file, { signal: ctx.signal, unlessSameAs: newest });
       if (!r) return { status: 'skipped', summary: 'nothing to archive', warnings: [`${spec.base}: none of ${spec.entries.join(', ')} exists on ${host.label}`] };
-      const warnings = r.warnings.map((w) => `tar: ${w}`);
+      const warnings = r.warnings.map((w) => `${name}: ${w}`);
       if (!r.written) return { summary: `unchanged since ${path.basename(newest!)}: not written again`, warnings };
       opts.onArtifact?.({ name, bytes: r.bytes, sha256: r.sha256 });
       return { summary: `${name} (${humanSize(r.bytes)})`, bytes: r.bytes, warnings, data: { file, bytes: r.bytes, sha256: r.sha256, entries: r.entries } };

@@ -1,31 +1,146 @@
-// Local files: written under a temporary name and renamed once complete (no partial file ever
-// stands under a final name), and trees walked without following symlinks.
+// Local files. Every file written is created exclusively under a temporary name (a symlink
+// planted there is never followed), fsynced, then renamed: no partial file ever stands under a
+// final name. Every file read is opened without blocking and must be a regular file (a FIFO
+// never blocks a run). Trees are walked without following symlinks, with names read as bytes, so
+// a name that is not UTF-8 is reported by what it is instead of vanishing as "ENOENT".
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { Transform, type Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
+import zlib from 'node:zlib';
 
-/** The temporary name beside `file`: hidden, and named for the process that writes it. */
+const { O_WRONLY, O_RDONLY, O_CREAT, O_EXCL, O_NOFOLLOW, O_NONBLOCK } = fs.constants;
+
+/** Files are checked block by block when read again for sending (see Fingerprint). */
+export const BLOCK = 1 << 20;
+
+/**
+ * What a file held when it was read: its size and sha256, a crc32 of each BLOCK (so a later read
+ * of any block-aligned range can be checked against it) and the stat it had. A file whose bytes
+ * are sent is fingerprinted first; what is sent is checked against the fingerprint, so the
+ * recorded sha256 is always the object's (lib/storage.ts `fingerprintedSource`).
+ */
+export interface Fingerprint {
+  size: number;
+  sha256: string;
+  blockCrcs: number[];
+  ino: bigint;
+  mtimeNs: bigint;
+  /** The bytes themselves, for a file of at most one BLOCK: sent from memory, never read twice. */
+  data?: Buffer;
+}
+
+/** sha256 and a crc32 per BLOCK of bytes fed in order. */
+export class Digester {
+  readonly hash = crypto.createHash('sha256');
+  readonly blockCrcs: number[] = [];
+  bytes = 0;
+  private crc = 0;
+  private inBlock = 0;
+
+  update(chunk: Buffer) {
+    this.hash.update(chunk);
+    this.bytes += chunk.length;
+    for (let at = 0; at < chunk.length; ) {
+      const take = Math.min(chunk.length - at, BLOCK - this.inBlock);
+      this.crc = zlib.crc32(chunk.subarray(at, at + take), this.crc);
+      at += take;
+      this.inBlock += take;
+      if (this.inBlock === BLOCK) this.endBlock();
+    }
+  }
+  private endBlock() {
+    this.blockCrcs.push(this.crc >>> 0);
+    this.crc = 0;
+    this.inBlock = 0;
+  }
+  finish(): { sha256: string; blockCrcs: number[]; bytes: number } {
+    if (this.inBlock > 0) this.endBlock();
+    return { sha256: this.hash.digest('hex'), blockCrcs: this.blockCrcs, bytes: this.bytes };
+  }
+}
+
+/** An fs error as the admin needs it: with the file it concerns (a failed write names none). */
+export function withPath<E>(e: E, file: string): E {
+  const err = e as NodeJS.ErrnoException;
+  if (err && typeof err === 'object' && err.code && !err.path) err.path = file;
+  return e;
+}
+
+/** The temporary name beside `file`: hidden, named for the writing process, unpredictable. */
 export function partialName(file: string): string {
-  return path.join(path.dirname(file), `.${path.basename(file)}.partial-${process.pid}`);
+  const tag = `${process.pid}-${crypto.randomBytes(4).toString('hex')}`;
+  return path.join(path.dirname(file), `.${path.basename(file)}.partial-${tag}`);
+}
+
+const PARTIAL = /^\..+\.partial-(\d+)(?:-[0-9a-f]{8})?(?:\.candidate)?$/;
+
+function processAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
+
+/**
+ * Removes temporary files a killed run (SIGKILL, power loss) left in `dir`: those whose writer is
+ * gone. Returns their names. A writer that is alive (another script sharing the directory) is
+ * left alone.
+ */
+export function removeStalePartials(dir: string): string[] {
+  let names: string[];
+  try {
+    names = fs.readdirSync(dir);
+  } catch {
+    return [];
+  }
+  const removed: string[] = [];
+  for (const name of names) {
+    const m = PARTIAL.exec(name);
+    if (!m || Number(m[1]) === process.pid || processAlive(Number(m[1]))) continue;
+    try {
+      if (fs.lstatSync(path.join(dir, name)).isDirectory()) continue;
+      fs.unlinkSync(path.join(dir, name));
+      removed.push(name);
+    } catch {
+      /* gone meanwhile */
+    }
+  }
+  return removed;
+}
+
+/** Creates `tmp` for writing, exclusively, never through a symlink; `mode` whatever the umask. */
+function createExclusive(tmp: string, mode: number): number {
+  const fd = fs.openSync(tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW, mode);
+  fs.fchmodSync(fd, mode);
+  return fd;
 }
 
 export function writeFileAtomic(file: string, data: string | Buffer, mode = 0o644) {
   const tmp = partialName(file);
+  let fd: number | undefined;
   try {
-    fs.writeFileSync(tmp, data, { mode });
-    fs.chmodSync(tmp, mode); // umask may have narrowed it
+    fd = createExclusive(tmp, mode);
+    fs.writeFileSync(fd, data);
+    fs.fsyncSync(fd);
+    fs.closeSync(fd);
+    fd = undefined;
     fs.renameSync(tmp, file);
   } catch (e) {
+    if (fd !== undefined) fs.closeSync(fd);
     fs.rmSync(tmp, { force: true });
-    throw e;
+    throw withPath(e, file);
   }
 }
 
+/** What writeStreamAtomic wrote: its bytes and sha256, and its fingerprint for sending it. */
 export interface Written {
   bytes: number;
   sha256: string;
+  fingerprint: Fingerprint;
 }
 
 /**
@@ -34,38 +149,117 @@ export interface Written {
  */
 export async function writeStreamAtomic(file: string, source: Readable, mode: number, signal?: AbortSignal): Promise<Written> {
   const tmp = partialName(file);
-  const hash = crypto.createHash('sha256');
-  let bytes = 0;
+  const digest = new Digester();
   const tap = new Transform({
     transform(chunk: Buffer, _enc, cb) {
-      hash.update(chunk);
-      bytes += chunk.length;
+      digest.update(chunk);
       cb(null, chunk);
     },
   });
   try {
-    const out = fs.createWriteStream(tmp, { mode, flags: 'wx' });
+    // Created exclusively, never through a symlink; the stream owns the descriptor from here on
+    // (it closes it on error too).
+    const out = fs.createWriteStream(tmp, { fd: createExclusive(tmp, mode) });
     await pipeline(source, tap, out, { signal });
-    const fd = fs.openSync(tmp, 'r');
+    const fd = fs.openSync(tmp, O_RDONLY | O_NOFOLLOW);
+    let st: fs.BigIntStats;
     try {
       fs.fsyncSync(fd);
+      st = fs.fstatSync(fd, { bigint: true });
     } finally {
       fs.closeSync(fd);
     }
-    fs.chmodSync(tmp, mode);
     fs.renameSync(tmp, file);
+    const { sha256, blockCrcs, bytes } = digest.finish();
+    return { bytes, sha256, fingerprint: { size: bytes, sha256, blockCrcs, ino: st.ino, mtimeNs: st.mtimeNs } };
   } catch (e) {
     source.destroy();
     fs.rmSync(tmp, { force: true });
-    throw e;
+    throw withPath(e, file);
   }
-  return { bytes, sha256: hash.digest('hex') };
 }
 
 /** A directory that holds secrets: created 0700, and narrowed to 0700 if it was wider. */
 export function ensurePrivateDir(dir: string) {
   fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
   fs.chmodSync(dir, 0o700);
+}
+
+/** A file that is not a regular file where one was expected (a FIFO, a device, a directory). */
+export class NotRegularFile extends Error {
+  constructor(readonly file: string, what: string) {
+    super(`${file} is not a regular file (${what}): not read`);
+  }
+}
+
+function kindOf(st: fs.BigIntStats | fs.Stats): string {
+  if (st.isFIFO()) return 'a FIFO';
+  if (st.isDirectory()) return 'a directory';
+  if (st.isSocket()) return 'a socket';
+  if (st.isCharacterDevice() || st.isBlockDevice()) return 'a device';
+  if (st.isSymbolicLink()) return 'a symlink';
+  return 'not a file';
+}
+
+/**
+ * Opens a file for reading without ever blocking (O_NONBLOCK: a FIFO opens at once) and checks
+ * it is a regular file. `follow: false` refuses a symlink (ELOOP).
+ */
+export async function openRegular(file: string, opts: { follow?: boolean } = {}): Promise<{ handle: fs.promises.FileHandle; stat: fs.BigIntStats }> {
+  const handle = await fs.promises.open(file, O_RDONLY | O_NONBLOCK | (opts.follow ? 0 : O_NOFOLLOW));
+  try {
+    const stat = await handle.stat({ bigint: true });
+    if (!stat.isFile()) throw new NotRegularFile(file, kindOf(stat));
+    return { handle, stat };
+  } catch (e) {
+    await handle.close();
+    throw e;
+  }
+}
+
+/** The same, synchronously: for small files read before any work (configuration, locks, ids). */
+export function readRegularFileSync(file: string, opts: { follow?: boolean } = {}): Buffer {
+  const fd = fs.openSync(file, O_RDONLY | O_NONBLOCK | (opts.follow ? 0 : O_NOFOLLOW));
+  try {
+    const st = fs.fstatSync(fd);
+    if (!st.isFile()) throw new NotRegularFile(file, kindOf(st));
+    return fs.readFileSync(fd);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+/** Whether `file` is a regular file (not following a symlink). */
+export function isRegularFile(file: string): boolean {
+  try {
+    return fs.lstatSync(file).isFile();
+  } catch {
+    return false;
+  }
+}
+
+/** Reads a regular file through `onChunk`, one BLOCK at a time, from a stream it opens itself. */
+export async function readRegular(file: string, onChunk: (chunk: Buffer) => void, signal?: AbortSignal, follow = false): Promise<number> {
+  const { handle } = await openRegular(file, { follow });
+  try {
+    const stream = handle.createReadStream({ highWaterMark: BLOCK, autoClose: false });
+    let bytes = 0;
+    for await (const chunk of stream as AsyncIterable<Buffer>) {
+      if (signal?.aborted) throw signal.reason;
+      onChunk(chunk);
+      bytes += chunk.length;
+    }
+    return bytes;
+  } finally {
+    await handle.close();
+  }
+}
+
+/** A hash of a regular file's bytes (sha256 unless told otherwise). */
+export async function hashFile(file: string, signal?: AbortSignal, algorithm = 'sha256'): Promise<string> {
+  const hash = crypto.createHash(algorithm);
+  await readRegular(file, (c) => hash.update(c), signal);
+  return hash.digest('hex');
 }
 
 export interface WalkedFile {
@@ -79,36 +273,79 @@ export interface WalkResult {
   files: WalkedFile[];
   /** Symlinks met and not followed, relative paths. */
   symlinks: string[];
-  /** Entries that could not be read, with why. */
+  /** Entries that could not be read or named, with why (a name that is not UTF-8, EACCES). */
   unreadable: { rel: string; error: string }[];
 }
 
-/** Every regular file under `root`, sorted by relative path; symlinks are never followed. */
+/** A name as bytes, shown with every byte that is not UTF-8 as `\xNN`. */
+export function showBytes(name: Buffer): string {
+  let out = '';
+  for (let at = 0; at < name.length; ) {
+    let len = 1;
+    const b = name[at];
+    if (b >= 0xc2 && b <= 0xdf) len = 2;
+    else if (b >= 0xe0 && b <= 0xef) len = 3;
+    else if (b >= 0xf0 && b <= 0xf4) len = 4;
+    const piece = name.subarray(at, at + len);
+    if (b < 0x80 || (piece.length === len && Buffer.from(piece.toString('utf8'), 'utf8').equals(piece) && len > 1)) {
+      out += piece.toString('utf8');
+      at += len;
+    } else {
+      out += `\\x${b.toString(16).padStart(2, '0')}`;
+      at += 1;
+    }
+  }
+  return out;
+}
+
+const isUtf8 = (name: Buffer) => Buffer.from(name.toString('utf8'), 'utf8').equals(name);
+
+/**
+ * Every regular file under `root`, sorted by relative path; symlinks are never followed, other
+ * kinds (FIFOs, sockets, devices) passed over. A name that is not valid UTF-8 cannot be an S3 key:
+ * it is reported in `unreadable`, named with its bad bytes shown.
+ */
 export async function walkTree(root: string): Promise<WalkResult> {
   const result: WalkResult = { files: [], symlinks: [], unreadable: [] };
   const visit = async (dir: string, relDir: string) => {
     let entries: fs.Dirent[];
     try {
-      entries = await fs.promises.readdir(dir, { withFileTypes: true });
+      entries = (await fs.promises.readdir(Buffer.from(dir), { withFileTypes: true, encoding: 'buffer' })) as unknown as fs.Dirent[];
     } catch (e) {
-      result.unreadable.push({ rel: relDir || '.', error: (e as NodeJS.ErrnoException).code ?? String(e) });
+      const code = (e as NodeJS.ErrnoException).code;
+      if (code === 'ENOENT' && relDir) return; // removed meanwhile: nothing to send
+      result.unreadable.push({ rel: relDir || '.', error: `cannot read the directory: ${code ?? String(e)}` });
       return;
     }
     // A directory's entries at once: thousands of outputs in one folder are common.
     await Promise.all(
       entries.map(async (entry) => {
-        const full = path.join(dir, entry.name);
-        const rel = relDir ? `${relDir}/${entry.name}` : entry.name;
-        if (entry.isSymbolicLink()) result.symlinks.push(rel);
-        else if (entry.isDirectory()) await visit(full, rel);
-        else if (entry.isFile()) {
-          try {
-            result.files.push({ path: full, rel, stat: await fs.promises.lstat(full, { bigint: true }) });
-          } catch (e) {
-            result.unreadable.push({ rel, error: (e as NodeJS.ErrnoException).code ?? String(e) });
-          }
+        const raw = entry.name as unknown as Buffer;
+        if (!isUtf8(raw)) {
+          const shown = relDir ? `${relDir}/${showBytes(raw)}` : showBytes(raw);
+          result.unreadable.push({ rel: shown, error: 'the name is not valid UTF-8, which an S3 key must be: rename it to back it up' });
+          return;
         }
-        // sockets, fifos and devices are not user files: passed over
+        const name = raw.toString('utf8');
+        const full = path.join(dir, name);
+        const rel = relDir ? `${relDir}/${name}` : name;
+        let type: 'file' | 'dir' | 'link' | 'other' = entry.isFile() ? 'file' : entry.isDirectory() ? 'dir' : entry.isSymbolicLink() ? 'link' : 'other';
+        let stat: fs.BigIntStats | undefined;
+        // Some filesystems give no type in the listing: ask lstat. A file needs its stat anyway.
+        if (type === 'file' || (type === 'other' && !entry.isFIFO() && !entry.isSocket() && !entry.isBlockDevice() && !entry.isCharacterDevice())) {
+          try {
+            stat = await fs.promises.lstat(full, { bigint: true });
+          } catch (e) {
+            const code = (e as NodeJS.ErrnoException).code;
+            if (code !== 'ENOENT') result.unreadable.push({ rel, error: code ?? String(e) }); // gone meanwhile: nothing to send
+            return;
+          }
+          type = stat.isFile() ? 'file' : stat.isDirectory() ? 'dir' : stat.isSymbolicLink() ? 'link' : 'other';
+        }
+        if (type === 'link') result.symlinks.push(rel);
+        else if (type === 'dir') await visit(full, rel);
+        else if (type === 'file' && stat) result.files.push({ path: full, rel, stat });
+        // FIFOs, sockets and devices are not user files: passed over
       }),
     );
   };
@@ -116,5 +353,6 @@ export async function walkTree(root: string): Promise<WalkResult> {
   const byRel = (a: string, b: string) => (a < b ? -1 : a > b ? 1 : 0);
   result.files.sort((a, b) => byRel(a.rel, b.rel));
   result.symlinks.sort(byRel);
+  result.unreadable.sort((a, b) => byRel(a.rel, b.rel));
   return result;
 }

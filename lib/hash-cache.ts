@@ -4,9 +4,10 @@
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { pipeline } from 'node:stream/promises';
-import { writeFileAtomic } from './files.ts';
-import { SMALL_SOURCE, readSmallFile } from './storage.ts';
+import { hashFile, readRegular, readRegularFileSync, writeFileAtomic, type Fingerprint } from './files.ts';
+import { fingerprintFile } from './storage.ts';
+
+export { hashFile };
 
 type FileEntry = [size: number, mtimeNs: string, ino: string, sha256: string];
 type ObjectEntry = [etag: string, sha256: string];
@@ -34,13 +35,19 @@ export class HashCache {
     private data: CacheFile,
   ) {}
 
-  /** Loads the cache; a missing or unreadable one starts empty (it is only a cache). */
+  /**
+   * Loads the cache; a missing or unreadable one starts empty (it is only a cache), and an entry
+   * that is not of the expected shape is dropped (its file is hashed again).
+   */
   static load(file: string | undefined): HashCache {
-    let data: CacheFile = { version: 1, files: {}, objects: {} };
+    const data: CacheFile = { version: 1, files: {}, objects: {} };
     if (file) {
       try {
-        const parsed = JSON.parse(fs.readFileSync(file, 'utf8')) as CacheFile;
-        if (parsed.version === 1 && parsed.files && parsed.objects) data = parsed;
+        const parsed = JSON.parse(readRegularFileSync(file).toString('utf8')) as Partial<CacheFile>;
+        if (parsed?.version === 1) {
+          for (const [k, e] of Object.entries(parsed.files ?? {})) if (isFileEntry(e)) data.files[k] = e;
+          for (const [k, e] of Object.entries(parsed.objects ?? {})) if (isObjectEntry(e)) data.objects[k] = e;
+        }
       } catch {
         /* first run, or a damaged cache: hash again */
       }
@@ -48,19 +55,24 @@ export class HashCache {
     return new HashCache(file, data);
   }
 
-  /** The file's sha256, read only when its path, size, mtime or inode changed. */
-  async sha256(file: string, st: FileStat, signal?: AbortSignal): Promise<string> {
+  /**
+   * The file's sha256, read only when its path, size, mtime or inode changed. When it was read
+   * now, its fingerprint comes with it (what is sent is checked against it).
+   */
+  async hash(file: string, st: FileStat, signal?: AbortSignal): Promise<{ sha256: string; fingerprint?: Fingerprint }> {
     const e = this.data.files[file];
-    if (e && BigInt(e[0]) === st.size && e[1] === String(st.mtimeNs) && e[2] === String(st.ino)) return e[3];
-    const sha256 =
-      st.size <= SMALL_SOURCE
-        ? crypto.createHash('sha256').update(await readSmallFile(file, Number(st.size))).digest('hex')
-        : await hashFile(file, signal);
+    if (e && BigInt(e[0]) === st.size && e[1] === String(st.mtimeNs) && e[2] === String(st.ino)) return { sha256: e[3] };
+    const fingerprint = await fingerprintFile(file, signal);
+    this.remember(file, fingerprint);
+    return { sha256: fingerprint.sha256, fingerprint };
+  }
+
+  /** Records what a file held when it was read (by the stat it had then, not the walk's). */
+  remember(file: string, fp: Fingerprint) {
     this.hashedFiles++;
-    this.hashedBytes += Number(st.size);
-    this.data.files[file] = [Number(st.size), String(st.mtimeNs), String(st.ino), sha256];
+    this.hashedBytes += fp.size;
+    this.data.files[file] = [fp.size, String(fp.mtimeNs), String(fp.ino), fp.sha256];
     this.dirty = true;
-    return sha256;
   }
 
   /** Forgets files under `root` that were not seen in this walk of it (deleted or renamed). */
@@ -95,11 +107,11 @@ export class HashCache {
   }
 }
 
-export async function hashFile(file: string, signal?: AbortSignal, algorithm = 'sha256'): Promise<string> {
-  const hash = crypto.createHash(algorithm);
-  await pipeline(fs.createReadStream(file, { highWaterMark: 1 << 20 }), hash, { signal });
-  return hash.digest('hex');
-}
+const HEX64 = /^[0-9a-f]{64}$/;
+const isFileEntry = (e: unknown): e is FileEntry =>
+  Array.isArray(e) && e.length === 4 && Number.isSafeInteger(e[0]) && e[0] >= 0 && /^\d+$/.test(e[1]) && /^\d+$/.test(e[2]) && HEX64.test(e[3]);
+const isObjectEntry = (e: unknown): e is ObjectEntry =>
+  Array.isArray(e) && e.length === 2 && typeof e[0] === 'string' && HEX64.test(e[1]);
 
 /**
  * The part size aws-cli used for a multipart upload: 8 MiB, doubled until the file fits in
@@ -126,8 +138,7 @@ export async function etagProvesContent(file: string, size: number, etag: string
   const partDigests: Buffer[] = [];
   let part = crypto.createHash('md5');
   let inPart = 0;
-  const stream = fs.createReadStream(file, { highWaterMark: 1 << 20, signal });
-  for await (const chunk of stream as AsyncIterable<Buffer>) {
+  await readRegular(file, (chunk) => {
     let offset = 0;
     while (offset < chunk.length) {
       const take = Math.min(chunk.length - offset, partSize - inPart);
@@ -140,7 +151,7 @@ export async function etagProvesContent(file: string, size: number, etag: string
         inPart = 0;
       }
     }
-  }
+  }, signal);
   if (inPart > 0) partDigests.push(part.digest());
   const combined = crypto.createHash('md5').update(Buffer.concat(partDigests)).digest('hex');
   return partDigests.length === parts && combined === m[1];

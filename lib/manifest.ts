@@ -11,7 +11,8 @@ import { listArchive } from './archive.ts';
 import { errorText } from './cli.ts';
 import { hashFile } from './hash-cache.ts';
 import type { Step } from './plan.ts';
-import { newestLocal } from './rotation.ts';
+import { readRegularFileSync } from './files.ts';
+import { copyWarnings, localCopies } from './rotation.ts';
 import type { Backend } from './storage.ts';
 import { printable } from './sync.ts';
 
@@ -37,45 +38,93 @@ export interface Manifest {
   r2: R2Record[];
 }
 
-function readNewest(dir: string): { file: string; manifest: Manifest } {
-  const file = newestLocal(dir, 'manifest', 'json');
-  if (!file) throw new Error(`no manifest-*.json in ${dir}: nothing to verify`);
+function readManifest(file: string): Manifest {
   try {
-    return { file, manifest: JSON.parse(fs.readFileSync(file, 'utf8')) as Manifest };
+    const m = JSON.parse(readRegularFileSync(file).toString('utf8')) as Manifest;
+    if (!Array.isArray(m.artifacts) || !Array.isArray(m.r2) || typeof m.complete !== 'boolean') throw new Error('not a manifest');
+    return m;
   } catch (e) {
-    throw new Error(`${file} is not readable JSON: ${errorText(e)}`);
+    throw new Error(`${file} is not a readable manifest: ${errorText(e)}`);
   }
 }
 
-/** Each artifact of the newest manifest: present, same bytes and sha256, archives list whole. */
+function readNewest(dir: string): { file: string; manifest: Manifest } {
+  const newest = localCopies(dir, 'manifest', 'json')[0];
+  if (!newest) throw new Error(`no manifest-*.json in ${dir}: nothing to verify`);
+  const file = path.join(dir, newest);
+  return { file, manifest: readManifest(file) };
+}
+
+/** The newest manifest that records a complete run, if any. */
+export function newestComplete(dir: string): { file: string; manifest: Manifest } | undefined {
+  for (const name of localCopies(dir, 'manifest', 'json')) {
+    const file = path.join(dir, name);
+    try {
+      const manifest = readManifest(file);
+      if (manifest.complete && manifest.artifacts.length) return { file, manifest };
+    } catch {
+      /* a damaged manifest is reported by the newest check when it is the newest */
+    }
+  }
+  return undefined;
+}
+
+/** Failures of one manifest's artifacts: missing, other bytes, other sha256, or not an archive. */
+async function checkArtifacts(dir: string, manifest: Manifest, signal: AbortSignal): Promise<string[]> {
+  const failures: string[] = [];
+  for (const a of manifest.artifacts) {
+    const p = path.join(dir, a.name);
+    let size: number;
+    try {
+      size = fs.lstatSync(p).size;
+    } catch {
+      failures.push(`missing: ${a.name}`);
+      continue;
+    }
+    if (size !== a.bytes) {
+      failures.push(`differs: ${a.name} has ${size} bytes, the manifest says ${a.bytes}`);
+      continue;
+    }
+    const sha = await hashFile(p, signal).catch((e) => `unreadable (${errorText(e)})`);
+    if (sha !== a.sha256) {
+      failures.push(`differs: ${a.name} sha256 is not the manifest's${sha.startsWith('unreadable') ? `: ${sha}` : ''}`);
+      continue;
+    }
+    if (a.name.endsWith('.tar.gz')) {
+      await listArchive(p).catch((e) => failures.push(`damaged: ${a.name} does not list as an archive (${errorText(e)})`));
+    }
+  }
+  return failures;
+}
+
+/**
+ * The newest backup is whole: its manifest records a complete run with artifacts, and each
+ * artifact is present with its bytes and sha256 (archives list whole). When the newest run
+ * failed, that is the failure, and the newest complete backup is checked too, to say what there is.
+ */
 export function verifyArtifactsStep(dir: string): Step {
   return {
     name: 'Local artifacts against the newest manifest',
     moves: `${dir}/manifest-*.json → ${dir}`,
     async run(ctx) {
       const { file, manifest } = readNewest(dir);
-      const failures: string[] = [];
-      for (const a of manifest.artifacts) {
-        const p = path.join(dir, a.name);
-        if (!fs.existsSync(p)) {
-          failures.push(`missing: ${a.name}`);
-          continue;
-        }
-        const size = fs.statSync(p).size;
-        if (size !== a.bytes) {
-          failures.push(`differs: ${a.name} has ${size} bytes, the manifest says ${a.bytes}`);
-          continue;
-        }
-        if ((await hashFile(p, ctx.signal)) !== a.sha256) {
-          failures.push(`differs: ${a.name} sha256 is not the manifest's`);
-          continue;
-        }
-        if (a.name.endsWith('.tar.gz')) {
-          await listArchive(p).catch((e) => failures.push(`damaged: ${a.name} does not list as an archive (${errorText(e)})`));
+      const name = path.basename(file);
+      const warnings = copyWarnings(dir, 'manifest', 'json');
+      const failures = await checkArtifacts(dir, manifest, ctx.signal); // at most one per artifact
+      const whole = manifest.artifacts.length - failures.length;
+      if (!manifest.artifacts.length) failures.push(`${name} records no artifact: the newest backup holds nothing`);
+      if (!manifest.complete) {
+        failures.push(`${name} records an incomplete run: ${manifest.failedSteps.join(', ') || 'a step'} failed`);
+        const good = newestComplete(dir);
+        if (!good) failures.push(`no complete backup in ${dir}`);
+        else {
+          const older = await checkArtifacts(dir, good.manifest, ctx.signal);
+          const goodName = path.basename(good.file);
+          if (older.length) failures.push(...older.map((f) => `${goodName}: ${f}`));
+          else warnings.push(`the newest complete backup, ${goodName}, is whole (${good.manifest.artifacts.length} artifacts)`);
         }
       }
-      const warnings = manifest.complete ? [] : [`${path.basename(file)} records an incomplete run: ${manifest.failedSteps.join(', ')} failed`];
-      return { summary: `${manifest.artifacts.length - failures.length} of ${manifest.artifacts.length} artifacts of ${path.basename(file)} whole`, failures, warnings };
+      return { summary: `${whole} of ${manifest.artifacts.length} artifacts of ${name} whole`, failures, warnings };
     },
   };
 }

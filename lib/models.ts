@@ -9,9 +9,10 @@ import { HashCache } from './hash-cache.ts';
 import type { Step } from './plan.ts';
 import { R2Backend } from './r2.ts';
 import type { Host } from './ssh.ts';
-import { printable, syncTree, type SyncResult } from './sync.ts';
+import { printable, saveCache, syncTree, type SyncResult } from './sync.ts';
 
 export const MODELS_FLAG = '--models-here';
+const HEARTBEAT_MS = 30_000;
 
 /** What Mello sends on stdin: one JSON line. */
 export interface ModelsRequest {
@@ -55,7 +56,7 @@ export function modelsStep(opts: {
         onStderr: (text) => text.split('\n').filter(Boolean).forEach((line) => ctx.out.detail(`verda: ${line}`)),
       });
       const last = r.stdout.trim().split('\n').pop() ?? '';
-      let result: (SyncResult & { error?: string }) | undefined;
+      let result: (SyncResult & { error?: string; cacheWarning?: string }) | undefined;
       try {
         result = JSON.parse(last);
       } catch {
@@ -66,6 +67,10 @@ export function modelsStep(opts: {
         throw new Error(`backup-verda.mts ${MODELS_FLAG} on ${opts.host.label} failed (exit ${r.code}): ${said || 'no output'}`);
       }
       if (result.error) throw new Error(`on ${opts.host.label}: ${result.error}`);
+      const warnings = [
+        ...(result.vanished ?? []).map((k) => `${printable(k)} vanished on Verda before it was sent: not backed up`),
+        ...(result.cacheWarning ? [`on Verda: ${result.cacheWarning}`] : []),
+      ];
       for (const a of result.actions) {
         if (a.action === 'send' && ctx.dryRun) ctx.out.info(`would send r2://${bucket}/${printable(a.key)} (${humanSize(a.bytes)})`);
         if (a.action !== 'failed' && !ctx.dryRun) {
@@ -75,6 +80,7 @@ export function modelsStep(opts: {
       return {
         summary: `${result.files} models (${humanSize(result.bytes)}): ${result.sent} ${ctx.dryRun ? 'to send' : 'sent'} (${humanSize(result.sentBytes)}), ${result.skipped} unchanged${result.adopted ? `, ${result.adopted} adopted from earlier uploads` : ''}`,
         bytes: result.sentBytes,
+        warnings,
         failures: result.failures.map((f) => `${printable(f.key)}: ${f.error}`),
         data: { ...result, bucket },
       };
@@ -114,6 +120,10 @@ export async function runModelsHere(): Promise<never> {
 
   const cache = HashCache.load(request.dryRun ? undefined : request.hashCacheFile);
   const backend = new R2Backend(request.target);
+  // A line every half minute while a big model is hashed or sent: Mello stops a command that
+  // stays silent (COMFYMULTI_COMMAND_TIMEOUT), and this one is alive.
+  let decided = 0;
+  const heartbeat = setInterval(() => process.stderr.write(`working: ${decided} models done so far\n`), HEARTBEAT_MS);
   let code = 0;
   try {
     const result = await syncTree({
@@ -124,15 +134,20 @@ export async function runModelsHere(): Promise<never> {
       filter: isModel,
       dryRun: request.dryRun,
       signal: controller.signal,
-      onFile: (a) => process.stderr.write(`${a.action} ${printable(a.key)}\n`),
+      onFile: (a) => {
+        decided++;
+        process.stderr.write(`${a.action} ${printable(a.key)}\n`);
+      },
     });
-    process.stdout.write(JSON.stringify(result) + '\n');
+    const cacheWarning = request.dryRun ? undefined : saveCache(cache);
+    process.stdout.write(JSON.stringify({ ...result, cacheWarning }) + '\n');
     code = result.failures.length ? 1 : 0;
   } catch (e) {
+    if (!request.dryRun) saveCache(cache);
     process.stdout.write(JSON.stringify({ error: (e as Error).message }) + '\n');
     code = 1;
   } finally {
-    if (!request.dryRun) cache.save();
+    clearInterval(heartbeat);
   }
   return exitAfterOutput(code);
 }

@@ -6,7 +6,8 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { COMMON_HELP, EXIT, Output, UsageError, errorText, exitAfterOutput, humanSize, parseFlags, type Flags } from './cli.ts';
 import { loadConfig, type Config } from './config.ts';
-import { LockHeld, acquireLock } from './lock.ts';
+import { removeStalePartials } from './files.ts';
+import { LockError, LockHeld, acquireLock } from './lock.ts';
 import { StorageError } from './storage.ts';
 
 export interface StepContext {
@@ -96,14 +97,18 @@ export async function runPlan(steps: Step[], base: Omit<StepContext, 'earlier'>)
       report.status = ctx.signal.aborted ? 'interrupted' : 'failed';
       report.error = ctx.signal.aborted ? `interrupted (${ctx.signal.reason?.message ?? 'signal'})` : errorText(e);
       ctx.out.fail(report.error);
-      // A stack only for what is not an expected failure (a bug), and only with --verbose.
-      if (ctx.verbose && !ctx.signal.aborted && !(e instanceof StorageError) && !(e as NodeJS.ErrnoException).code && e instanceof Error && e.stack) {
-        ctx.out.detail(e.stack);
-      }
+      // A stack only for a bug (a TypeError and its kin), never for a failure the step expects,
+      // and only with --verbose.
+      if (ctx.verbose && !ctx.signal.aborted && isBug(e) && e.stack) ctx.out.detail(e.stack);
     }
     report.ms = Date.now() - started;
   }
   return reports;
+}
+
+/** Errors that only a bug in these scripts raises: worth a stack trace (with --verbose). */
+function isBug(e: unknown): e is Error {
+  return e instanceof TypeError || e instanceof ReferenceError || e instanceof RangeError || e instanceof SyntaxError;
 }
 
 export interface ScriptDef {
@@ -123,6 +128,8 @@ export interface ScriptDef {
 
 export interface Plan {
   steps: Step[];
+  /** Directories the run writes into: temporary files a killed run left there are removed first. */
+  workDirs?: string[];
   /** Runs after the steps whatever happened (closes the SSH connection). */
   close?: () => Promise<void>;
 }
@@ -163,12 +170,18 @@ export async function runScript(def: ScriptDef, argv = scriptArgs()): Promise<ne
   const out = new Output(flags.json, flags.verbose);
   let release: () => void;
   try {
-    release = acquireLock(path.join(cfg.stateDir, `${def.name}.lock`));
+    release = acquireLock(path.join(cfg.stateDir, `${def.name}.lock`), def.name);
   } catch (e) {
-    if (!(e instanceof LockHeld)) throw e;
-    process.stderr.write(`${def.name}: ${e.message}; not starting\n`);
-    return exitAfterOutput(EXIT.locked);
+    if (e instanceof LockHeld) {
+      process.stderr.write(`${def.name}: ${e.message}; not starting\n`);
+      return exitAfterOutput(EXIT.locked);
+    }
+    const why = e instanceof LockError ? e.message : errorText(e);
+    process.stderr.write(`${def.name}: COMFYMULTI_STATE_DIR (${cfg.stateDir}): ${why}; nothing was done\n`);
+    return exitAfterOutput(EXIT.usage);
   }
+  // What a killed run (SIGKILL, power loss) left half-written: its writer is gone.
+  for (const dir of [cfg.stateDir, ...(plan.workDirs ?? [])]) removeStalePartials(dir);
 
   // First SIGINT/SIGTERM: stop and clean up (partial files removed, multipart uploads aborted).
   // A second one: leave at once.
@@ -177,8 +190,11 @@ export async function runScript(def: ScriptDef, argv = scriptArgs()): Promise<ne
   setMaxListeners(0, controller.signal);
   const onSignal = (sig: NodeJS.Signals) => {
     if (controller.signal.aborted) {
+      // Leave now, whatever is in progress: process.exit() itself waits for a blocked file
+      // system call, SIGKILL does not.
       release();
-      process.exit(EXIT.failed);
+      process.stderr.write(`${def.name}: second ${sig}: leaving at once\n`);
+      process.kill(process.pid, 'SIGKILL');
     }
     out.clearProgress();
     process.stderr.write(`\n${def.name}: ${sig} received, stopping and cleaning up\n`);

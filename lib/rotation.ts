@@ -3,6 +3,7 @@
 // older good copy.
 import fs from 'node:fs';
 import path from 'node:path';
+import { isRegularFile } from './files.ts';
 import type { Step } from './plan.ts';
 import type { Backend } from './storage.ts';
 
@@ -25,17 +26,55 @@ export function datedCopies(names: string[], kind: string, ext: string): string[
   return names.filter((n) => re.test(n)).sort().reverse();
 }
 
-/** The newest dated copy of a kind in a directory, if any. */
+/** The time a `YYYYMMDD-HHMMSS` stamp names, in local time. */
+export function stampTime(stamp: string): Date {
+  const n = (from: number, len: number) => Number(stamp.slice(from, from + len));
+  return new Date(n(0, 4), n(4, 2) - 1, n(6, 2), n(9, 2), n(11, 2), n(13, 2));
+}
+
+/** A stamp more than five minutes ahead of now: written while the clock was ahead. */
+export function isFuture(stamp: string, now = Date.now()): boolean {
+  return stampTime(stamp).getTime() > now + 5 * 60_000;
+}
+
+function names(dir: string): string[] {
+  try {
+    return fs.readdirSync(dir);
+  } catch {
+    return [];
+  }
+}
+
+/** The dated copies of a kind in a directory that are regular files, newest first. */
+export function localCopies(dir: string, kind: string, ext: string): string[] {
+  return datedCopies(names(dir), kind, ext).filter((n) => isRegularFile(path.join(dir, n)));
+}
+
+/** The newest dated copy of a kind in a directory, if any (regular files only: never a FIFO). */
 export function newestLocal(dir: string, kind: string, ext: string): string | undefined {
-  const names = fs.existsSync(dir) ? fs.readdirSync(dir) : [];
-  const newest = datedCopies(names, kind, ext)[0];
+  const newest = localCopies(dir, kind, ext)[0];
   return newest && path.join(dir, newest);
+}
+
+/**
+ * What is odd about a kind's dated copies, as warnings: a name of ours that is not a regular file
+ * (ignored), and a stamp in the future, which stays "newest" until its time comes.
+ */
+export function copyWarnings(dir: string, kind: string, ext: string): string[] {
+  const re = datedPattern(kind, ext);
+  const warnings: string[] = [];
+  for (const name of datedCopies(names(dir), kind, ext)) {
+    if (!isRegularFile(path.join(dir, name))) warnings.push(`${path.join(dir, name)} is not a regular file: ignored`);
+    else if (isFuture(re.exec(name)![1])) {
+      warnings.push(`${name} is dated in the future (the clock was ahead when it was written): it counts as the newest ${kind} until then`);
+    }
+  }
+  return warnings;
 }
 
 /** Deletes all but the `keep` newest dated copies of a kind in a directory; returns what went. */
 export function rotateLocal(dir: string, kind: string, ext: string, keep: number): string[] {
-  const names = fs.existsSync(dir) ? fs.readdirSync(dir) : [];
-  const old = datedCopies(names, kind, ext).slice(keep);
+  const old = localCopies(dir, kind, ext).slice(keep);
   for (const name of old) fs.rmSync(path.join(dir, name), { force: true });
   return old;
 }
@@ -53,18 +92,26 @@ export async function rotateRemote(backend: Backend, prefix: string, kind: strin
  * The last step of a run: rotation, only when no earlier step failed, so a failed run never
  * costs an older good copy. `rotate` deletes and returns what went.
  */
-export function rotationStep(opts: { where: string; keep: number; rotate: (signal: AbortSignal) => Promise<string[]> }): Step {
+export function rotationStep(opts: {
+  where: string;
+  keep: number;
+  rotate: (signal: AbortSignal) => Promise<string[]>;
+  /** Warnings about the copies (copyWarnings), given whether or not anything is deleted. */
+  inspect?: () => string[];
+}): Step {
   return {
     name: 'Rotation',
     moves: `keep the ${opts.keep} newest dated copies of each kind in ${opts.where}`,
     async run(ctx) {
+      const warnings = opts.inspect?.() ?? [];
       const failed = ctx.earlier.filter((r) => r.status === 'failed' || r.status === 'interrupted');
       if (failed.length) {
-        return { status: 'skipped', summary: 'nothing deleted', warnings: [`not rotated: ${failed.map((r) => r.name).join(', ')} failed, older copies kept`] };
+        warnings.push(`not rotated: ${failed.map((r) => r.name).join(', ')} failed, older copies kept`);
+        return { status: 'skipped', summary: 'nothing deleted', warnings };
       }
-      if (ctx.dryRun) return { summary: `would keep the ${opts.keep} newest of each kind` };
+      if (ctx.dryRun) return { summary: `would keep the ${opts.keep} newest of each kind`, warnings };
       const gone = await opts.rotate(ctx.signal);
-      return { summary: gone.length ? `deleted ${gone.length} older copies` : 'nothing to delete', data: { deleted: gone } };
+      return { summary: gone.length ? `deleted ${gone.length} older copies` : 'nothing to delete', warnings, data: { deleted: gone } };
     },
   };
 }

@@ -8,6 +8,7 @@ import os from 'node:os';
 import path from 'node:path';
 import type { Writable } from 'node:stream';
 import { $ } from 'zx';
+import { DEFAULT_LIMITS, type Limits } from './config.ts';
 
 $.verbose = false;
 $.quiet = true;
@@ -30,6 +31,8 @@ export interface RunOptions {
    * stdin learns that this side is gone (interrupted, link dropped) and stops cleanly.
    */
   holdStdin?: boolean;
+  /** Stop the command when it prints nothing for this long (default: the host's). */
+  idleTimeoutMs?: number;
 }
 
 export interface RunResult {
@@ -53,29 +56,66 @@ export interface Host {
 interface SpawnPlan {
   file: string;
   args: string[];
+  /** The command as the admin would read it, for messages. */
+  what: string;
 }
 
-/** Spawns without a shell; stdout either collected or streamed; stderr collected (bounded). */
-function execute(plan: SpawnPlan, opts: RunOptions, into?: Writable): Promise<RunResult> {
+/** A command that printed nothing for too long: stopped, so a run always ends by itself. */
+export class CommandTimeout extends Error {}
+
+/**
+ * Spawns without a shell; stdout either collected or streamed; stderr collected (bounded). A
+ * command silent for `idleTimeoutMs` (nothing on stdout or stderr) is stopped: SIGTERM, then
+ * SIGKILL.
+ */
+function execute(plan: SpawnPlan, opts: RunOptions, idleTimeoutMs: number, into?: Writable): Promise<RunResult> {
   return new Promise((resolve, reject) => {
     const child = spawn(plan.file, plan.args, { stdio: ['pipe', 'pipe', 'pipe'], signal: opts.signal });
     let stdout = '';
     let stderr = '';
+    let timedOut = false;
+    let idle: NodeJS.Timeout | undefined;
+    const limit = opts.idleTimeoutMs ?? idleTimeoutMs;
+    const quiet = () => {
+      timedOut = true;
+      child.kill('SIGTERM');
+      setTimeout(() => child.exitCode === null && child.signalCode === null && child.kill('SIGKILL'), 2000).unref();
+    };
+    const activity = () => {
+      clearTimeout(idle);
+      idle = setTimeout(quiet, limit);
+    };
+    activity();
     if (into) {
+      child.stdout.on('data', activity);
       child.stdout.pipe(into, { end: false });
       into.once('error', (e) => child.kill('SIGTERM') && reject(e));
-    } else child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
+    } else {
+      child.stdout.on('data', (d: Buffer) => {
+        activity();
+        stdout += d.toString();
+      });
+    }
     child.stderr.on('data', (d: Buffer) => {
+      activity();
       const text = d.toString();
       if (opts.onStderr) opts.onStderr(text);
       if (stderr.length < 64 * 1024) stderr += text;
     });
-    child.on('error', (e) => reject(opts.signal?.aborted ? opts.signal.reason : e));
+    child.on('error', (e) => {
+      clearTimeout(idle);
+      reject(opts.signal?.aborted ? opts.signal.reason : e);
+    });
     child.stdin.on('error', () => {}); // a command that does not read its input
     if (opts.holdStdin) child.stdin.write(opts.input ?? '');
     else child.stdin.end(opts.input ?? '');
     child.on('close', (code, signal) => {
+      clearTimeout(idle);
       if (opts.signal?.aborted) return reject(opts.signal.reason);
+      if (timedOut) {
+        const s = Math.round(limit / 100) / 10;
+        return reject(new CommandTimeout(`${plan.what}: nothing from it for ${s}s: stopped (COMFYMULTI_COMMAND_TIMEOUT)`));
+      }
       // ssh's own 255 with nothing said: the connection went away under the command.
       if (plan.file === 'ssh' && code === 255 && !stderr.trim()) stderr = 'the SSH connection was lost';
       resolve({ code: code ?? (signal ? 128 : 1), stdout, stderr });
@@ -83,27 +123,34 @@ function execute(plan: SpawnPlan, opts: RunOptions, into?: Writable): Promise<Ru
   });
 }
 
+/** The first words of a command, for messages (never its data: a secret could be in it). */
+const describe = (argv: string[], where: string) => `${argv.slice(0, 2).join(' ')} on ${where}`;
+
 export class LocalHost implements Host {
   readonly label = 'local';
-  constructor(private readonly sudo: string[]) {}
+  constructor(
+    private readonly sudo: string[],
+    private readonly idleTimeoutMs = DEFAULT_LIMITS.commandIdleTimeoutMs,
+  ) {}
   private plan(argv: string[], sudo?: boolean): SpawnPlan {
     const full = sudo ? [...this.sudo, ...argv] : argv;
-    return { file: full[0], args: full.slice(1) };
+    return { file: full[0], args: full.slice(1), what: describe(argv, 'local') };
   }
   run(argv: string[], opts: RunOptions = {}) {
-    return execute(this.plan(argv, opts.sudo), opts);
+    return execute(this.plan(argv, opts.sudo), opts, this.idleTimeoutMs);
   }
   stream(argv: string[], into: Writable, opts: RunOptions = {}) {
-    return execute(this.plan(argv, opts.sudo), opts, into);
+    return execute(this.plan(argv, opts.sudo), opts, this.idleTimeoutMs, into);
   }
   async close() {}
 }
 
 export interface SshOptions {
   configFile?: string;
-  connectTimeoutSeconds?: number;
   sudo: string[];
   signal?: AbortSignal;
+  /** COMFYMULTI_SSH_TIMEOUT and COMFYMULTI_COMMAND_TIMEOUT (see lib/config.ts). */
+  limits?: Pick<Limits, 'sshTimeoutS' | 'commandIdleTimeoutMs'>;
 }
 
 export class SshHost implements Host {
@@ -114,6 +161,7 @@ export class SshHost implements Host {
     private readonly dir: string,
     private readonly baseArgs: string[],
     private readonly sudo: string[],
+    private readonly idleTimeoutMs: number,
   ) {
     this.label = `${destination}`;
   }
@@ -126,46 +174,49 @@ export class SshHost implements Host {
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'comfymulti-ssh-'));
     fs.chmodSync(dir, 0o700);
     const socket = path.join(dir, 'control');
-    const timeout = opts.connectTimeoutSeconds ?? 10;
+    const limits = opts.limits ?? DEFAULT_LIMITS;
+    const timeout = Math.max(1, Math.ceil(limits.sshTimeoutS));
     const baseArgs = [
       ...(opts.configFile ? ['-F', opts.configFile] : []),
       '-o', 'BatchMode=yes',
       '-o', `ConnectTimeout=${timeout}`,
-      '-o', 'ServerAliveInterval=15',
+      // A dead link is noticed within three unanswered keepalives.
+      '-o', `ServerAliveInterval=${Math.max(1, Math.ceil(timeout / 3))}`,
       '-o', 'ServerAliveCountMax=3',
       '-o', `ControlPath=${socket}`,
     ];
     // -f: ssh goes to the background once authenticated, so its exit status says whether the
     // connection stands. ControlPersist bounds an orphaned master if this process is killed -9.
-    const master = await $({ nothrow: true, signal: opts.signal, timeout: `${timeout + 5}s` })`ssh ${baseArgs} -o ControlMaster=yes -o ControlPersist=120 -f -N ${destination}`;
+    // `--`: the destination is never read as an option, whatever it holds.
+    const master = await $({ nothrow: true, signal: opts.signal, timeout: `${timeout + 5}s` })`ssh ${baseArgs} -o ControlMaster=yes -o ControlPersist=120 -f -N -- ${destination}`;
     if (master.exitCode !== 0) {
       fs.rmSync(dir, { recursive: true, force: true });
       const said = master.stderr.trim().split('\n').filter(Boolean).pop() ?? `exit ${master.exitCode}`;
       throw new HostError(`cannot reach ${destination} over SSH: ${said}`);
     }
-    return new SshHost(destination, socket, dir, baseArgs, opts.sudo);
+    return new SshHost(destination, socket, dir, baseArgs, opts.sudo, limits.commandIdleTimeoutMs);
   }
 
   private plan(argv: string[], sudo?: boolean): SpawnPlan {
     const full = sudo ? [...this.sudo, ...argv] : argv;
     const remote = full.map(shellQuote).join(' ');
-    return { file: 'ssh', args: [...this.baseArgs, '-o', 'ControlMaster=no', this.destination, '--', remote] };
+    return { file: 'ssh', args: [...this.baseArgs, '-o', 'ControlMaster=no', '--', this.destination, remote], what: describe(argv, this.destination) };
   }
   run(argv: string[], opts: RunOptions = {}) {
-    return execute(this.plan(argv, opts.sudo), opts);
+    return execute(this.plan(argv, opts.sudo), opts, this.idleTimeoutMs);
   }
   stream(argv: string[], into: Writable, opts: RunOptions = {}) {
-    return execute(this.plan(argv, opts.sudo), opts, into);
+    return execute(this.plan(argv, opts.sudo), opts, this.idleTimeoutMs, into);
   }
   async close() {
-    await $({ nothrow: true, timeout: '10s' })`ssh ${this.baseArgs} -O exit ${this.destination}`;
+    await $({ nothrow: true, timeout: '10s' })`ssh ${this.baseArgs} -O exit -- ${this.destination}`;
     fs.rmSync(this.dir, { recursive: true, force: true });
   }
 }
 
 /** `local` means this machine; anything else is an SSH destination. */
 export async function openHost(destination: string, opts: SshOptions): Promise<Host> {
-  return destination === 'local' ? new LocalHost(opts.sudo) : SshHost.connect(destination, opts);
+  return destination === 'local' ? new LocalHost(opts.sudo, opts.limits?.commandIdleTimeoutMs) : SshHost.connect(destination, opts);
 }
 
 /**

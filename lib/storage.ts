@@ -1,7 +1,9 @@
 // The storage interface, after restic's backend: five operations and nothing else. Sync,
 // rotation and verification are built on it; R2's quirks live in r2.ts alone.
 import fs from 'node:fs';
-import type { Readable } from 'node:stream';
+import { Readable } from 'node:stream';
+import zlib from 'node:zlib';
+import { BLOCK, Digester, NotRegularFile, openRegular, withPath, type Fingerprint } from './files.ts';
 
 export interface ObjectInfo {
   key: string;
@@ -28,6 +30,11 @@ export interface Source {
   readAll?(): Promise<Buffer>;
   /** For messages only. */
   describe: string;
+  /**
+   * Throws SourceChanged when the source no longer holds the bytes it gave out: the backend calls
+   * it before it commits an object (completes a multipart upload).
+   */
+  check?(): Promise<void>;
 }
 
 export interface PutOptions {
@@ -77,28 +84,122 @@ export class SourceChanged extends Error {
   }
 }
 
-/** A read chunk: files up to this size are read in one piece (hashed and sent from it). */
-export const SMALL_SOURCE = 1 << 20;
+/** Files up to this size are read in one piece, hashed and sent from that one read. */
+export const SMALL_SOURCE = BLOCK;
 
-/** The first `size` bytes of a file, read in one piece: for files of at most SMALL_SOURCE. */
-export async function readSmallFile(file: string, size: number): Promise<Buffer> {
-  const handle = await fs.promises.open(file, 'r');
+/** Why a file could not be opened again, as a SourceChanged where the file changed or went. */
+function reopenError(e: unknown, file: string): unknown {
+  const code = (e as NodeJS.ErrnoException).code;
+  if (code === 'ENOENT') return new SourceChanged(`${file} vanished before it was sent`, true);
+  if (code === 'ELOOP') return new SourceChanged(`${file} was replaced by a symlink while it was sent`);
+  if (e instanceof NotRegularFile) return new SourceChanged(e.message);
+  return withPath(e, file);
+}
+
+/**
+ * Reads a regular file whole and fingerprints it (sha256, crc32 per block, stat). A file that
+ * grows, shrinks or changes while it is read is a SourceChanged: what would be recorded is then
+ * no one state of the file.
+ */
+export async function fingerprintFile(file: string, signal?: AbortSignal): Promise<Fingerprint> {
+  let opened;
   try {
-    const buffer = Buffer.allocUnsafe(size);
-    const { bytesRead } = await handle.read(buffer, 0, size, 0);
-    return buffer.subarray(0, bytesRead);
+    opened = await openRegular(file);
+  } catch (e) {
+    throw reopenError(e, file);
+  }
+  const { handle, stat } = opened;
+  try {
+    const size = Number(stat.size);
+    const digest = new Digester();
+    let data: Buffer | undefined;
+    // Each read asks one byte more than is left: a file that grew since its stat gives it, and a
+    // short read is the end of the file.
+    const buffer = Buffer.allocUnsafe(Math.min(size, BLOCK) + 1);
+    for (let pos = 0; ; ) {
+      if (signal?.aborted) throw signal.reason;
+      const want = Math.min(buffer.length, size - pos + 1);
+      const { bytesRead } = await handle.read(buffer, 0, want, pos);
+      if (pos + bytesRead > size) throw new SourceChanged(`${file} grew while it was read`);
+      digest.update(buffer.subarray(0, bytesRead));
+      pos += bytesRead;
+      if (bytesRead < want) {
+        if (pos < size) throw new SourceChanged(`${file} shrank while it was read`);
+        break;
+      }
+    }
+    // A small file's bytes are kept: they are what is sent, so nothing is read twice.
+    if (size <= BLOCK) data = buffer.subarray(0, size);
+    const after = await handle.stat({ bigint: true });
+    if (after.size !== stat.size || after.mtimeNs !== stat.mtimeNs) throw new SourceChanged(`${file} changed while it was read`);
+    const { sha256, blockCrcs } = digest.finish();
+    return { size, sha256, blockCrcs, ino: stat.ino, mtimeNs: stat.mtimeNs, data };
   } finally {
     await handle.close();
   }
 }
 
-export function fileSource(file: string, size: number): Source {
+/** Block-aligned bytes of a fingerprinted file, each block checked before it is given out. */
+async function* verifiedRange(file: string, fp: Fingerprint, start: number, end: number): AsyncGenerator<Buffer> {
+  if (start % BLOCK !== 0 || (end % BLOCK !== 0 && end !== fp.size)) throw new Error(`unaligned range ${start}-${end} of ${file}`);
+  let opened;
+  try {
+    opened = await openRegular(file);
+  } catch (e) {
+    throw reopenError(e, file);
+  }
+  const { handle, stat } = opened;
+  const changed = () => new SourceChanged(`${file} changed while it was being sent; it will be sent again on the next run`);
+  try {
+    if (stat.ino !== fp.ino || Number(stat.size) !== fp.size || stat.mtimeNs !== fp.mtimeNs) throw changed();
+    for (let pos = start; pos < end; ) {
+      const len = Math.min(BLOCK, end - pos);
+      const block = Buffer.allocUnsafe(len);
+      for (let got = 0; got < len; ) {
+        const { bytesRead } = await handle.read(block, got, len - got, pos + got);
+        if (!bytesRead) throw changed(); // shrank
+        got += bytesRead;
+      }
+      if (zlib.crc32(block) >>> 0 !== fp.blockCrcs[pos / BLOCK]) throw changed();
+      pos += len;
+      // Before the last byte leaves: the file is still the one fingerprinted (it did not grow).
+      if (pos === end) {
+        const after = await handle.stat({ bigint: true });
+        if (after.size !== stat.size || after.mtimeNs !== stat.mtimeNs) throw changed();
+      }
+      yield block;
+    }
+  } finally {
+    await handle.close();
+  }
+}
+
+/**
+ * A fingerprinted file as a Source: every range it gives is checked, block by block, against
+ * the fingerprint, and fails with SourceChanged before its last byte when the file is no longer
+ * what was hashed. So the `sha256` sent with the object is always the object's.
+ */
+export function fingerprintedSource(file: string, fp: Fingerprint): Source {
+  const data = fp.data;
   return {
-    size,
+    size: fp.size,
     describe: file,
-    // highWaterMark of 1 MiB: fewer, larger reads; still only a few MiB per part in flight.
     open: (start, end) =>
-      fs.createReadStream(file, { start, end: Math.max(start, end - 1), highWaterMark: SMALL_SOURCE, emitClose: true }),
-    readAll: size <= SMALL_SOURCE ? () => readSmallFile(file, size) : undefined,
+      data
+        ? Readable.from(data.subarray(start, end), { objectMode: false })
+        : Readable.from(verifiedRange(file, fp, start, end), { objectMode: false, highWaterMark: BLOCK }),
+    readAll: data ? async () => data : undefined,
+    async check() {
+      if (data) return; // sent from memory: what was hashed is what was sent
+      let st;
+      try {
+        st = await fs.promises.lstat(file, { bigint: true });
+      } catch (e) {
+        throw reopenError(e, file);
+      }
+      if (!st.isFile() || st.ino !== fp.ino || Number(st.size) !== fp.size || st.mtimeNs !== fp.mtimeNs) {
+        throw new SourceChanged(`${file} changed while it was being sent; it will be sent again on the next run`);
+      }
+    },
   };
 }

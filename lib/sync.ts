@@ -7,7 +7,7 @@ import fs from 'node:fs';
 import { pipeline } from 'node:stream/promises';
 import { etagProvesContent, type HashCache } from './hash-cache.ts';
 import { walkTree, type WalkedFile } from './files.ts';
-import { StorageError, fileSource, type Backend, type ObjectInfo } from './storage.ts';
+import { SourceChanged, StorageError, fingerprintFile, fingerprintedSource, type Backend, type ObjectInfo } from './storage.ts';
 import { errorText, humanSize } from './cli.ts';
 import type { Step } from './plan.ts';
 
@@ -44,6 +44,8 @@ export interface SyncResult {
   hashed: number;
   symlinks: string[];
   failures: { key: string; error: string }[];
+  /** Files that vanished between the walk and their upload: not an error (rclone and restic agree). */
+  vanished: string[];
   actions: FileAction[];
 }
 
@@ -75,7 +77,8 @@ export async function syncTree(opts: SyncOptions): Promise<SyncResult> {
     adopted: 0,
     hashed: 0,
     symlinks: walked.symlinks,
-    failures: walked.unreadable.map((u) => ({ key: prefix + u.rel, error: `cannot read: ${u.error}` })),
+    failures: walked.unreadable.map((u) => ({ key: prefix + u.rel, error: u.error })),
+    vanished: [],
     actions: [],
   };
   let progressBytes = 0;
@@ -86,8 +89,9 @@ export async function syncTree(opts: SyncOptions): Promise<SyncResult> {
 
   const one = async (file: WalkedFile) => {
     const key = prefix + file.rel;
-    const size = Number(file.stat.size);
-    const sha256 = await cache.sha256(file.path, { size: file.stat.size, mtimeNs: file.stat.mtimeNs, ino: file.stat.ino }, signal);
+    const hashed = await cache.hash(file.path, { size: file.stat.size, mtimeNs: file.stat.mtimeNs, ino: file.stat.ino }, signal);
+    const sha256 = hashed.sha256;
+    const size = hashed.fingerprint?.size ?? Number(file.stat.size);
     const there = remote.get(key);
     if (there && there.size === size) {
       const id = objectId(backend, key);
@@ -114,9 +118,16 @@ export async function syncTree(opts: SyncOptions): Promise<SyncResult> {
       result.sentBytes += size;
       return report({ action: 'send', key, bytes: size, sha256, reason });
     }
+    // What is sent is checked against a fingerprint taken from one read of the file, so the
+    // object's sha256 metadata is always its bytes' (a file read from the cache is read again).
+    let fp = hashed.fingerprint;
+    if (!fp) {
+      fp = await fingerprintFile(file.path, signal);
+      cache.remember(file.path, fp);
+    }
     let counted = 0;
-    const put = await backend.put(key, fileSource(file.path, size), {
-      metadata: { sha256 },
+    const put = await backend.put(key, fingerprintedSource(file.path, fp), {
+      metadata: { sha256: fp.sha256 },
       signal,
       onBytes: opts.onProgress
         ? (n) => {
@@ -126,16 +137,11 @@ export async function syncTree(opts: SyncOptions): Promise<SyncResult> {
           }
         : undefined,
     });
-    // A file rewritten while it was being sent: the object may not hold what we hashed.
-    const after = await fs.promises.lstat(file.path, { bigint: true }).catch(() => undefined);
-    if (!after || after.mtimeNs !== file.stat.mtimeNs || after.size !== file.stat.size || after.ino !== file.stat.ino) {
-      throw new Error('changed while it was being sent; it will be sent again on the next run');
-    }
-    cache.recordObject(objectId(backend, key), put.etag, sha256);
+    cache.recordObject(objectId(backend, key), put.etag, fp.sha256);
     result.sent++;
-    result.sentBytes += size;
-    progressBytes += size - counted;
-    report({ action: 'send', key, bytes: size, sha256, reason });
+    result.sentBytes += fp.size;
+    progressBytes += fp.size - counted;
+    report({ action: 'send', key, bytes: fp.size, sha256: fp.sha256, reason });
   };
 
   // A pool of workers over the files, in path order.
@@ -149,6 +155,10 @@ export async function syncTree(opts: SyncOptions): Promise<SyncResult> {
         await one(file);
       } catch (e) {
         if (signal?.aborted) throw signal.reason;
+        if (e instanceof SourceChanged && e.vanished) {
+          result.vanished.push(prefix + file.rel);
+          continue;
+        }
         const error = errorText(e);
         result.failures.push({ key: prefix + file.rel, error });
         report({ action: 'failed', key: prefix + file.rel, bytes: Number(file.stat.size), error });
@@ -196,8 +206,10 @@ export function syncStep(o: SyncStepOptions): Step {
       }
       const started = Date.now();
       const label = o.prefix || o.backend.name;
+      let r: SyncResult;
+      let cacheWarning: string | undefined;
       try {
-        const r = await syncTree({
+        r = await syncTree({
           ...o,
           dryRun: ctx.dryRun,
           signal: ctx.signal,
@@ -210,32 +222,48 @@ export function syncStep(o: SyncStepOptions): Step {
             } else if (a.action === 'skip') ctx.out.detail(`unchanged ${where} (${a.how})`);
           },
         });
-        ctx.out.clearProgress();
-        const parts = [`${r.sent} ${ctx.dryRun ? 'to send' : 'sent'} (${humanSize(r.sentBytes)})`, `${r.skipped} unchanged`];
-        if (r.adopted) parts.push(`${r.adopted} adopted from earlier uploads`);
-        if (r.symlinks.length) parts.push(`${r.symlinks.length} symlinks not followed`);
-        return {
-          summary: `${r.files} ${r.files === 1 ? 'file' : 'files'} (${humanSize(r.bytes)}): ${parts.join(', ')}`,
-          bytes: r.sentBytes,
-          failures: r.failures.map((f) => `${printable(f.key)}: ${f.error}`),
-          data: {
-            files: r.files,
-            bytes: r.bytes,
-            sent: r.sent,
-            sentBytes: r.sentBytes,
-            skipped: r.skipped,
-            adopted: r.adopted,
-            hashed: r.hashed,
-            symlinksNotFollowed: r.symlinks,
-            objects: r.actions,
-          },
-        };
       } finally {
         ctx.out.clearProgress();
-        if (!ctx.dryRun) o.cache.save();
+        if (!ctx.dryRun) cacheWarning = saveCache(o.cache);
       }
+      const parts = [`${r.sent} ${ctx.dryRun ? 'to send' : 'sent'} (${humanSize(r.sentBytes)})`, `${r.skipped} unchanged`];
+      if (r.adopted) parts.push(`${r.adopted} adopted from earlier uploads`);
+      if (r.symlinks.length) parts.push(`${r.symlinks.length} symlinks not followed`);
+      const warnings = r.vanished.map((k) => `${printable(k)} vanished before it was sent (deleted meanwhile): not backed up`);
+      if (cacheWarning) warnings.push(cacheWarning);
+      return {
+        summary: `${r.files} ${r.files === 1 ? 'file' : 'files'} (${humanSize(r.bytes)}): ${parts.join(', ')}`,
+        bytes: r.sentBytes,
+        warnings,
+        failures: r.failures.map((f) => `${printable(f.key)}: ${f.error}`),
+        data: {
+          files: r.files,
+          bytes: r.bytes,
+          sent: r.sent,
+          sentBytes: r.sentBytes,
+          skipped: r.skipped,
+          adopted: r.adopted,
+          hashed: r.hashed,
+          vanished: r.vanished,
+          symlinksNotFollowed: r.symlinks,
+          objects: r.actions,
+        },
+      };
     },
   };
+}
+
+/**
+ * Saves a hash cache; a cache that cannot be written (a full disk) costs only re-hashing next
+ * time, so it is a warning naming the file, and never replaces the result of uploads that worked.
+ */
+export function saveCache(cache: HashCache): string | undefined {
+  try {
+    cache.save();
+    return undefined;
+  } catch (e) {
+    return `hash cache not saved (${errorText(e)}): unchanged files will be hashed again next run`;
+  }
 }
 
 /**

@@ -11,7 +11,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { shellQuote } from '../lib/ssh.ts';
-import { ROOT, SECRET, sha256, startS3, tempDir, treeDigest, writeTree, type RunResult, type S3Server } from './helpers.ts';
+import { ROOT, SECRET, sha256, startS3, tempDir, treeDigest, writeHeldLock, writeTree, type RunResult, type S3Server } from './helpers.ts';
 import { startSshd, type Sshd } from './sshd.ts';
 
 const BUCKET = 'comfy-multi-user-files';
@@ -416,7 +416,7 @@ test('a missing optional source is a warning and a skipped row, not a failure', 
 
 test('a run while another holds the lock exits 75 at once and writes nothing', async () => {
   const lock = path.join(work, 'verda state', 'backup-cron.lock');
-  fs.writeFileSync(lock, `${process.pid}\n`); // this test process is alive
+  writeHeldLock(lock, 'backup-cron'); // a live holder: this test process, as its record says
   const before = sfsListing();
   fs.appendFileSync(path.join(sysroot, 'etc/ufw/user6.rules'), '# changed\n');
   const r = await cron();

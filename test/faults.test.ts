@@ -346,7 +346,7 @@ test('two runs at once: the second exits 75 at once and changes nothing', async 
     assert.ok(second.ms < 15_000, `exits at once (${second.ms} ms)`);
     assert.is(witness.log.length, 0, 'the second run sent no request');
     assert.ok(alive(pid), 'the first run goes on');
-    assert.is(fs.readFileSync(lock, 'utf8').trim(), String(pid), 'the lock is still the first run’s');
+    assert.is(JSON.parse(fs.readFileSync(lock, 'utf8')).pid, pid, 'the lock is still the first run’s');
     assert.ok(fs.readFileSync(cache).equals(cacheBefore), 'the hash cache untouched');
   } finally {
     await witness.close();
@@ -440,7 +440,7 @@ async function partialGrown(dir: string, kind: string, bytes: number, timeoutMs:
   const deadline = Date.now() + timeoutMs;
   while (Date.now() < deadline) {
     for (const name of fs.existsSync(dir) ? fs.readdirSync(dir) : []) {
-      if (!name.startsWith(`.${kind}-`) || !/\.partial-\d+$/.test(name)) continue;
+      if (!name.startsWith(`.${kind}-`) || !/\.partial-\d+-[0-9a-f]{8}$/.test(name)) continue;
       const size = fs.statSync(path.join(dir, name), { throwIfNoEntry: false })?.size ?? 0;
       if (size >= bytes) return name;
     }

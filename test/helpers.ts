@@ -7,6 +7,7 @@ import os from 'node:os';
 import path from 'node:path';
 import type { IncomingMessage } from 'node:http';
 import S3rver from 's3rver';
+import { processStart } from '../lib/lock.ts';
 import './s3rver-fixes.ts'; // aborting multipart uploads and checking signatures, as R2 does
 process.env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED = 'true';
 import {
@@ -176,6 +177,22 @@ export function runScript(
     if (child.pid && opts.onSpawn) opts.onSpawn(child.pid);
     child.on('close', (code, signal) => resolve({ code, signal, stdout, stderr }));
   });
+}
+
+/**
+ * A lock as a live run of `script` holds it: this test process's pid, host, boot and start time.
+ * (A bare pid of a process that is not the script is a stale lock since pid reuse is detected.)
+ */
+export function writeHeldLock(lockFile: string, script: string) {
+  const record = {
+    script,
+    pid: process.pid,
+    host: os.hostname(),
+    bootId: fs.readFileSync('/proc/sys/kernel/random/boot_id', 'utf8').trim(),
+    procStart: processStart(process.pid),
+    started: new Date().toISOString(),
+  };
+  fs.writeFileSync(lockFile, JSON.stringify(record) + '\n');
 }
 
 export function writeTree(root: string, files: Record<string, string | Buffer>) {

@@ -6,7 +6,7 @@ import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { DeleteObjectCommand, PutObjectCommand } from '@aws-sdk/client-s3';
-import { ROOT, runScript, s3Env, startS3, tempDir, treeDigest, sha256, writeRandomFile, writeTree, type S3Server } from './helpers.ts';
+import { ROOT, runScript, s3Env, startS3, tempDir, treeDigest, sha256, writeRandomFile, writeHeldLock, writeTree, type S3Server } from './helpers.ts';
 
 const BUCKET = 'comfy-multi-user-files';
 const MiB = 1024 * 1024;
@@ -296,7 +296,7 @@ test('.env beside the script or --env-file configures; the environment wins', as
 
 test('a second run while one holds the lock exits 75 at once; a stale lock is taken over', async () => {
   const lock = path.join(env.COMFYMULTI_STATE_DIR, 'backup-mello.lock');
-  fs.writeFileSync(lock, `${process.pid}\n`); // this test process is alive
+  writeHeldLock(lock, 'backup-mello'); // a live holder: this test process, as its record says
   const started = Date.now();
   const r = await runScript('backup-mello.mts', [], env);
   assert.is(r.code, 75);
