@@ -180,7 +180,7 @@ export function expandHome(p: string, home: string): string {
   return p.startsWith('~/') ? path.join(home, p.slice(2)) : p;
 }
 
-/** Characters no configuration value may hold: they end a line or a C string, or are invisible. */
+/** Control characters: they end a line or a C string, or are invisible; never part of a host or an endpoint. */
 const CONTROL = /[\x00-\x1f\x7f]/;
 
 // An SSH user name: the portable POSIX set (useradd's), never starting with `-`.
