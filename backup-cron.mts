@@ -10,6 +10,7 @@ import path from 'node:path';
 import { Writable } from 'node:stream';
 import { CRON_KINDS, archiveStep, configArchives, listArchive, presentEntries } from './lib/archive.ts';
 import { errorText } from './lib/cli.ts';
+import { requireDirOrAbsent } from './lib/config.ts';
 import { runScript, type Step } from './lib/plan.ts';
 import { copyWarnings, newestLocal, rotateLocal, rotationStep, timestamp } from './lib/rotation.ts';
 import { LocalHost, openHost } from './lib/ssh.ts';
@@ -54,6 +55,8 @@ Mello cannot be reached the SFS copies stand and the run exits 1.
 --verify: checks that the newest SFS copy of each kind is a whole archive, and runs
 backup-mello.mts --verify on Mello (--deep is passed on).`,
   plan(cfg, flags) {
+    requireDirOrAbsent(cfg, 'SFS_BACKUP_DIR');
+    requireDirOrAbsent(cfg, 'COMFYMULTI_STATE_DIR');
     const dir = cfg.sfsBackupDir;
     // Cron runs on Verda itself: the sources are read right here, through VERDA_SUDO.
     const verda = new LocalHost(cfg.verdaSudo, cfg.limits.commandIdleTimeoutMs);

@@ -6,9 +6,7 @@
 // backup-mello: the users' files on Mello to the R2 user-files bucket. Run by hand, and hourly
 // when Verda's cron triggers it. Never deletes in R2.
 import path from 'node:path';
-import fs from 'node:fs';
-import { UsageError } from './lib/cli.ts';
-import { bucketTarget } from './lib/config.ts';
+import { bucketTarget, requireDir, requireDirOrAbsent } from './lib/config.ts';
 import { HashCache } from './lib/hash-cache.ts';
 import { runScript } from './lib/plan.ts';
 import { R2Backend } from './lib/r2.ts';
@@ -24,8 +22,9 @@ same keys. Files already there with the same size and sha256 are not sent again;
 on Mello stays in R2. --quick leaves outputs/ out. --verify checks that every file is in R2 with
 its sha256 (--deep: reads the objects back).`,
   plan(cfg, flags) {
+    requireDir(cfg, 'MELLO_DATA_DIR');
+    requireDirOrAbsent(cfg, 'COMFYMULTI_STATE_DIR');
     const data = cfg.melloDataDir;
-    if (!fs.existsSync(data)) throw new UsageError(`MELLO_DATA_DIR does not exist: ${data}`);
     const r2 = new R2Backend(bucketTarget(cfg, 'userFiles'));
     const cache = HashCache.load(path.join(cfg.stateDir, 'hashes-backup-mello.json'));
     const tree = (name: string, dir: string) => {

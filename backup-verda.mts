@@ -11,7 +11,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { archiveStep, bundleFiles, commandToGzipFile, configArchives, type Artifact } from './lib/archive.ts';
 import { humanSize } from './lib/cli.ts';
-import { bucketTarget } from './lib/config.ts';
+import { bucketTarget, requireDirOrAbsent } from './lib/config.ts';
 import { ensurePrivateDir, isRegularFile, readRegularFileSync, writeFileAtomic } from './lib/files.ts';
 import { HashCache } from './lib/hash-cache.ts';
 import { verifyArtifactsStep, verifyObjectsStep, type Manifest, type R2Record } from './lib/manifest.ts';
@@ -43,6 +43,8 @@ and sends a bundle of them to the R2 cache bucket. A full run (the default) also
 image when its ID changed and sends every *.safetensors under VERDA_MODELS_DIR from Verda straight
 to the R2 models bucket. --quick: config only. Keeps KEEP_BACKUPS dated copies of each kind.`,
   plan(cfg, flags) {
+    requireDirOrAbsent(cfg, 'BACKUP_DIR');
+    requireDirOrAbsent(cfg, 'COMFYMULTI_STATE_DIR');
     const full = !flags.quick;
     const quickOnly = full ? undefined : '--quick';
     const cacheBucket = bucketTarget(cfg, 'cache');
