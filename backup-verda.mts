@@ -19,7 +19,7 @@ import { MODELS_FLAG, modelsStep, runModelsHere } from './lib/models.ts';
 import { runScript, type Step } from './lib/plan.ts';
 import { R2Backend } from './lib/r2.ts';
 import { copyWarnings, rotateLocal, rotateRemote, rotationStep, timestamp } from './lib/rotation.ts';
-import { lazyHost } from './lib/ssh.ts';
+import { CommandTimeout, lazyHost } from './lib/ssh.ts';
 import { fingerprintedSource, type Backend } from './lib/storage.ts';
 import { saveCache } from './lib/sync.ts';
 
@@ -72,14 +72,22 @@ to the R2 models bucket. --quick: config only. Keeps KEEP_BACKUPS dated copies o
       name: 'Tailscale IP',
       moves: `${verda.label}: tailscale ip -4 → ${dir}/tailscale-ip.txt`,
       async run(ctx) {
-        // No tailscale on Verda is "unknown"; no Verda at all is a failure (the run throws).
-        const r = await verda.run(['sh', '-c', 'command -v tailscale >/dev/null && tailscale ip -4'], { signal: ctx.signal });
+        // No tailscale on Verda, or one that fails or hangs, is "unknown"; no Verda at all is a
+        // failure (the run throws).
+        let said = '';
+        const r = await verda
+          .run(['sh', '-c', 'command -v tailscale >/dev/null && tailscale ip -4'], { signal: ctx.signal })
+          .catch((e) => {
+            if (!(e instanceof CommandTimeout)) throw e;
+            said = e.message;
+            return { code: 1, stdout: '', stderr: '' };
+          });
         const ip = (r.code === 0 && r.stdout.trim().split('\n')[0]) || 'unknown';
         if (ctx.dryRun) return { summary: `would write tailscale-ip.txt (${ip})` };
         ensurePrivateDir(dir);
         writeFileAtomic(path.join(dir, 'tailscale-ip.txt'), `${ip}\n`, 0o600);
         record({ name: 'tailscale-ip.txt', bytes: ip.length + 1, sha256: sha256Text(`${ip}\n`) });
-        return { summary: `tailscale-ip.txt: ${ip}`, warnings: ip === 'unknown' ? ['tailscale ip -4 failed on Verda: wrote "unknown"'] : [] };
+        return { summary: `tailscale-ip.txt: ${ip}`, warnings: ip === 'unknown' ? [`tailscale ip -4 failed on Verda${said ? ` (${said})` : ''}: wrote "unknown"`] : [] };
       },
     };
 

@@ -25,10 +25,11 @@ export interface ArchiveSpec {
   base: string;
   /** Entries, relative to base; a trailing `*` is expanded there. Missing ones are left out. */
   entries: string[];
-  /** GNU tar exclude patterns anchored at the archive's top (`./.cache`). */
-  anchoredExcludes?: string[];
-  /** GNU tar exclude patterns matched anywhere (`*.safetensors`, `node_modules`). */
-  anywhereExcludes?: string[];
+  /**
+   * GNU tar `--exclude` patterns, matched as the bash original's were (tar's default: at any
+   * depth, wildcards allowed): `.cache` drops `./.cache` and `./comfy-multi/.cache` alike.
+   */
+  excludes?: string[];
   /** Read through VERDA_SUDO (root-only sources). */
   sudo: boolean;
 }
@@ -54,8 +55,7 @@ export function configArchives(cfg: Config): ArchiveSpec[] {
       title: 'Home directory (dev)',
       base: cfg.verdaHome,
       entries: ['.'],
-      anchoredExcludes: ['./.cache', './.local/share', './.npm', './.docker', './comfy-multi/data/models', './comfy-multi/data/outputs'],
-      anywhereExcludes: ['*.safetensors'],
+      excludes: ['.cache', '.local/share', '.npm', '.docker', 'comfy-multi/data/models', 'comfy-multi/data/outputs', '*.safetensors'],
       sudo: false,
     },
     {
@@ -63,8 +63,7 @@ export function configArchives(cfg: Config): ArchiveSpec[] {
       title: 'ComfyUI project',
       base: cfg.verdaProjectDir,
       entries: ['.'],
-      anchoredExcludes: ['./data/models', './data/outputs'],
-      anywhereExcludes: ['node_modules', '__pycache__'],
+      excludes: ['data/models', 'data/outputs', 'node_modules', '__pycache__'],
       sudo: false,
     },
     { kind: 'ohmyzsh-custom', title: 'oh-my-zsh custom', base: path.join(cfg.verdaHome, '.oh-my-zsh'), entries: ['custom'], sudo: false },
@@ -107,8 +106,7 @@ export async function presentEntries(host: Host, spec: ArchiveSpec, signal?: Abo
 export function tarCommand(spec: ArchiveSpec, entries: string[]): string[] {
   return [
     'env', 'LC_ALL=C', 'tar', '--create', '--file=-', `--directory=${spec.base}`, '--sort=name',
-    '--anchored', ...(spec.anchoredExcludes ?? []).map((p) => `--exclude=${p}`),
-    '--no-anchored', ...(spec.anywhereExcludes ?? []).map((p) => `--exclude=${p}`),
+    ...(spec.excludes ?? []).map((p) => `--exclude=${p}`),
     '--', ...entries,
   ];
 }

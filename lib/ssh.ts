@@ -70,7 +70,15 @@ export class CommandTimeout extends Error {}
  */
 function execute(plan: SpawnPlan, opts: RunOptions, idleTimeoutMs: number, into?: Writable): Promise<RunResult> {
   return new Promise((resolve, reject) => {
-    const child = spawn(plan.file, plan.args, { stdio: ['pipe', 'pipe', 'pipe'], signal: opts.signal });
+    // Its own process group, so that stopping it stops what it started too (a shell's children).
+    const child = spawn(plan.file, plan.args, { stdio: ['pipe', 'pipe', 'pipe'], detached: true });
+    const stop = (sig: NodeJS.Signals) => {
+      try {
+        process.kill(-child.pid!, sig);
+      } catch {
+        child.kill(sig);
+      }
+    };
     let stdout = '';
     let stderr = '';
     let timedOut = false;
@@ -78,9 +86,12 @@ function execute(plan: SpawnPlan, opts: RunOptions, idleTimeoutMs: number, into?
     const limit = opts.idleTimeoutMs ?? idleTimeoutMs;
     const quiet = () => {
       timedOut = true;
-      child.kill('SIGTERM');
-      setTimeout(() => child.exitCode === null && child.signalCode === null && child.kill('SIGKILL'), 2000).unref();
+      stop('SIGTERM');
+      setTimeout(() => child.exitCode === null && child.signalCode === null && stop('SIGKILL'), 2000).unref();
     };
+    const onAbort = () => stop('SIGTERM');
+    if (opts.signal?.aborted) onAbort();
+    opts.signal?.addEventListener('abort', onAbort, { once: true });
     const activity = () => {
       clearTimeout(idle);
       idle = setTimeout(quiet, limit);
@@ -89,7 +100,10 @@ function execute(plan: SpawnPlan, opts: RunOptions, idleTimeoutMs: number, into?
     if (into) {
       child.stdout.on('data', activity);
       child.stdout.pipe(into, { end: false });
-      into.once('error', (e) => child.kill('SIGTERM') && reject(e));
+      into.once('error', (e) => {
+        stop('SIGTERM');
+        reject(e);
+      });
     } else {
       child.stdout.on('data', (d: Buffer) => {
         activity();
@@ -104,6 +118,7 @@ function execute(plan: SpawnPlan, opts: RunOptions, idleTimeoutMs: number, into?
     });
     child.on('error', (e) => {
       clearTimeout(idle);
+      opts.signal?.removeEventListener('abort', onAbort);
       reject(opts.signal?.aborted ? opts.signal.reason : e);
     });
     child.stdin.on('error', () => {}); // a command that does not read its input
@@ -111,6 +126,7 @@ function execute(plan: SpawnPlan, opts: RunOptions, idleTimeoutMs: number, into?
     else child.stdin.end(opts.input ?? '');
     child.on('close', (code, signal) => {
       clearTimeout(idle);
+      opts.signal?.removeEventListener('abort', onAbort);
       if (opts.signal?.aborted) return reject(opts.signal.reason);
       if (timedOut) {
         const s = Math.round(limit / 100) / 10;

@@ -136,6 +136,14 @@ test('a model the bash scripts uploaded with aws-cli multipart is adopted, not s
   assert.is(sshd.connections() - connectionsBefore, 1, 'one SSH connection for the whole run');
 });
 
+/**
+ * Whether GNU tar's `--exclude=X` (its default matching, as the bash original used it) drops the
+ * member `r`: X's components appear in r's at any depth, and r is that or below it.
+ */
+function excludedAtAnyDepth(r: string, excludes: string[]): boolean {
+  return excludes.some((x) => `/${r}/`.includes(`/${x}/`));
+}
+
 test('each config artifact restores with the SPEC command to its source: contents, modes, mtimes', async () => {
   const sys = verda.sysroot;
   const cases: { kind: string; into: string; from: string; keep?: (rel: string) => boolean }[] = [
@@ -150,14 +158,14 @@ test('each config artifact restores with the SPEC command to its source: content
       into: 'home/dev',
       from: verda.home,
       keep: (r) =>
-        !['.cache', '.local/share', '.npm', '.docker', 'comfy-multi/data/models', 'comfy-multi/data/outputs'].some((x) => r === x || r.startsWith(`${x}/`)) &&
-        !r.endsWith('.safetensors'),
+        !excludedAtAnyDepth(r, ['.cache', '.local/share', '.npm', '.docker', 'comfy-multi/data/models', 'comfy-multi/data/outputs']) &&
+        !r.split('/').some((c) => c.endsWith('.safetensors')),
     },
     {
       kind: 'comfy-project',
       into: 'home/dev/comfy-multi',
       from: verda.project,
-      keep: (r) => !['data/models', 'data/outputs'].some((x) => r === x || r.startsWith(`${x}/`)) && !r.split('/').some((c) => c === 'node_modules' || c === '__pycache__'),
+      keep: (r) => !excludedAtAnyDepth(r, ['data/models', 'data/outputs', 'node_modules', '__pycache__']),
     },
   ];
   for (const c of cases) {
