@@ -2,10 +2,8 @@
 // manifest's artifacts against their bytes and sha256 (and that the archives list), and its R2
 // objects against the sha256 of their sources, recorded when they were sent. Needs no Verda:
 // verify still works once the instance is gone.
-import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { pipeline } from 'node:stream/promises';
 import type { Artifact } from './archive.ts';
 import { listArchive } from './archive.ts';
 import { errorText } from './cli.ts';
@@ -13,7 +11,8 @@ import { hashFile } from './hash-cache.ts';
 import type { Step } from './plan.ts';
 import { readRegularFileSync } from './files.ts';
 import { copyWarnings, localCopies } from './rotation.ts';
-import type { Backend } from './storage.ts';
+import { pool } from './pool.ts';
+import { readBackSha256, type Backend } from './storage.ts';
 import { printable } from './sync.ts';
 
 /** An R2 object of the run. */
@@ -144,29 +143,19 @@ export function verifyObjectsStep(dir: string, backends: Map<string, Backend>, d
       let sizeOnly = 0;
       let checked = 0;
       const records = manifest.r2.filter((o) => o.sha256);
-      let next = 0;
-      const worker = async () => {
-        while (next < records.length) {
-          const o = records[next++];
-          const backend = backends.get(o.bucket);
-          const name = `r2://${o.bucket}/${printable(o.key)}`;
-          if (!backend) {
-            failures.push(`${name}: bucket not configured here`);
-            continue;
-          }
-          const head = await backend.head(o.key, ctx.signal);
-          if (!head) failures.push(`missing: ${name}`);
-          else if (head.size !== o.bytes) failures.push(`differs: ${name} has ${head.size} bytes, the source ${o.bytes}`);
-          else if (head.metadata.sha256 && head.metadata.sha256 !== o.sha256) failures.push(`differs: ${name} sha256 metadata is not the source's`);
-          else if (deep) {
-            const hash = crypto.createHash('sha256');
-            await pipeline(await backend.get(o.key, ctx.signal), hash);
-            if (hash.digest('hex') !== o.sha256) failures.push(`differs: ${name} bytes read back are not the source's`);
-          } else if (!head.metadata.sha256) sizeOnly++;
-          checked++;
-        }
-      };
-      await Promise.all(Array.from({ length: 8 }, worker));
+      await pool(records, 8, async (o) => {
+        const backend = backends.get(o.bucket);
+        const name = `r2://${o.bucket}/${printable(o.key)}`;
+        if (!backend) return void failures.push(`${name}: bucket not configured here`);
+        const head = await backend.head(o.key, ctx.signal);
+        if (!head) failures.push(`missing: ${name}`);
+        else if (head.size !== o.bytes) failures.push(`differs: ${name} has ${head.size} bytes, the source ${o.bytes}`);
+        else if (head.metadata.sha256 && head.metadata.sha256 !== o.sha256) failures.push(`differs: ${name} sha256 metadata is not the source's`);
+        else if (deep) {
+          if ((await readBackSha256(backend, o.key, ctx.signal)) !== o.sha256) failures.push(`differs: ${name} bytes read back are not the source's`);
+        } else if (!head.metadata.sha256) sizeOnly++;
+        checked++;
+      }, ctx.signal);
       const warnings = sizeOnly ? [`${sizeOnly} objects have no sha256 metadata (bash-era uploads): checked by size only; --deep reads them back`] : [];
       return { summary: `${records.length - failures.length} of ${records.length} objects match their sources`, failures, warnings, data: { checked } };
     },

@@ -1,7 +1,9 @@
 // The storage interface, after restic's backend: five operations and nothing else. Sync,
 // rotation and verification are built on it; R2's quirks live in r2.ts alone.
+import crypto from 'node:crypto';
 import fs from 'node:fs';
 import { Readable } from 'node:stream';
+import { pipeline } from 'node:stream/promises';
 import zlib from 'node:zlib';
 import { BLOCK, Digester, NotRegularFile, openRegular, withPath, type Fingerprint } from './files.ts';
 
@@ -82,6 +84,13 @@ export class SourceChanged extends Error {
   ) {
     super(message);
   }
+}
+
+/** The sha256 of an object's bytes, read back whole (--verify --deep). */
+export async function readBackSha256(backend: Backend, key: string, signal?: AbortSignal): Promise<string> {
+  const hash = crypto.createHash('sha256');
+  await pipeline(await backend.get(key, signal), hash, { signal });
+  return hash.digest('hex');
 }
 
 /** Files up to this size are read in one piece, hashed and sent from that one read. */

@@ -2,12 +2,11 @@
 // its size and sha256 match: the sha256 comes from the local hash cache, and the object's from
 // what the cache recorded for its ETag (no request), else its `sha256` metadata (one HEAD), else
 // an ETag that proves the content (objects the bash scripts uploaded). Never deletes.
-import crypto from 'node:crypto';
 import fs from 'node:fs';
-import { pipeline } from 'node:stream/promises';
 import { etagProvesContent, type HashCache } from './hash-cache.ts';
 import { walkTree, type WalkedFile } from './files.ts';
-import { SourceChanged, StorageError, fingerprintFile, fingerprintedSource, type Backend, type ObjectInfo } from './storage.ts';
+import { pool } from './pool.ts';
+import { SourceChanged, StorageError, fingerprintFile, fingerprintedSource, readBackSha256, type Backend, type ObjectInfo } from './storage.ts';
 import { errorText, humanSize } from './cli.ts';
 import type { Step } from './plan.ts';
 
@@ -144,36 +143,29 @@ export async function syncTree(opts: SyncOptions): Promise<SyncResult> {
     report({ action: 'send', key, bytes: fp.size, sha256: fp.sha256, reason });
   };
 
-  // A pool of workers over the files, in path order.
-  let next = 0;
-  let fatal: Error | undefined;
-  const worker = async () => {
-    while (next < files.length && !fatal) {
-      if (signal?.aborted) throw signal.reason;
-      const file = files[next++];
-      try {
-        await one(file);
-      } catch (e) {
-        if (signal?.aborted) throw signal.reason;
-        if (e instanceof SourceChanged && e.vanished) {
-          result.vanished.push(prefix + file.rel);
-          continue;
-        }
-        const error = errorText(e);
-        result.failures.push({ key: prefix + file.rel, error });
-        report({ action: 'failed', key: prefix + file.rel, bytes: Number(file.stat.size), error });
-        // Credentials refused or the bucket gone: every other file would fail the same way.
-        if (e instanceof StorageError && e.fatal) fatal = e;
-      }
-    }
-  };
   try {
-    // Every worker settles before this returns or throws: on an interrupt, each one's upload is
-    // aborted at the server before the script goes on to exit.
-    const settled = await Promise.allSettled(Array.from({ length: Math.max(1, Math.min(opts.concurrency ?? 16, files.length)) }, worker));
-    const rejected = settled.find((s): s is PromiseRejectedResult => s.status === 'rejected');
-    if (rejected) throw rejected.reason;
-    if (fatal) throw fatal;
+    // Files in path order, 16 in flight. Each failure is recorded and the others go on; only
+    // credentials refused or the bucket gone stops the pool: every other file would fail the same.
+    await pool(
+      files,
+      opts.concurrency ?? 16,
+      async (file) => {
+        try {
+          await one(file);
+        } catch (e) {
+          if (signal?.aborted) throw signal.reason;
+          if (e instanceof SourceChanged && e.vanished) {
+            result.vanished.push(prefix + file.rel);
+            return;
+          }
+          const error = errorText(e);
+          result.failures.push({ key: prefix + file.rel, error });
+          report({ action: 'failed', key: prefix + file.rel, bytes: Number(file.stat.size), error });
+          if (e instanceof StorageError && e.fatal) throw e;
+        }
+      },
+      signal,
+    );
   } finally {
     result.hashed = cache.hashedFiles - hashedBefore;
   }
@@ -284,16 +276,11 @@ export function verifyStep(o: SyncStepOptions & { deep: boolean }): Step {
       }
       if (o.deep) {
         const equal = r.actions.filter((a): a is Extract<FileAction, { action: 'skip' }> => a.action === 'skip');
-        let next = 0;
-        const worker = async () => {
-          while (next < equal.length) {
-            const a = equal[next++];
-            const hash = crypto.createHash('sha256');
-            await pipeline(await o.backend.get(a.key, ctx.signal), hash);
-            if (hash.digest('hex') !== a.sha256) failures.push(`differs: ${o.backend.name}/${printable(a.key)} bytes read back are not the file's`);
+        await pool(equal, 8, async (a) => {
+          if ((await readBackSha256(o.backend, a.key, ctx.signal)) !== a.sha256) {
+            failures.push(`differs: ${o.backend.name}/${printable(a.key)} bytes read back are not the file's`);
           }
-        };
-        await Promise.all(Array.from({ length: 8 }, worker));
+        }, ctx.signal);
       }
       return { summary: `${r.files - failures.length} of ${r.files} files in place${o.deep ? ', read back' : ''}`, failures };
     },
