@@ -1,0 +1,119 @@
+// What every Backend must do, as one suite: run on the in-memory backend and on R2Backend over a
+// real S3 server (test/backend.test.ts). Sync, rotation and verify are written against this
+// contract, so a backend that passes it can carry them.
+import * as assert from 'uvu/assert';
+import crypto from 'node:crypto';
+import { Readable } from 'node:stream';
+import type { Test } from 'uvu';
+import { readBackSha256, SourceChanged, type Backend, type Source } from '../lib/storage.ts';
+
+export function bufferSource(data: Buffer): Source {
+  return { size: data.length, describe: 'buffer', open: (start, end) => Readable.from([data.subarray(start, end)]) };
+}
+
+/** A source whose stream gives `goodBytes` bytes, then fails as a file that changed under it. */
+export function changingSource(size: number, goodBytes: number): Source {
+  const data = crypto.randomBytes(size);
+  return {
+    size,
+    describe: 'changing',
+    open: (start, end) =>
+      Readable.from(
+        (async function* () {
+          const stop = Math.min(end, Math.max(start, goodBytes));
+          for (let at = start; at < stop; at += 64 * 1024) yield data.subarray(at, Math.min(stop, at + 64 * 1024));
+          if (stop < end) throw new SourceChanged('changed while it was being sent');
+        })(),
+        { objectMode: false },
+      ),
+  };
+}
+
+/** A source that gives fewer bytes than it declares: a file that shrank. */
+export function shortSource(size: number, given: number): Source {
+  const data = crypto.randomBytes(given);
+  return { size, describe: 'short', open: (start, end) => Readable.from([data.subarray(start, Math.min(end, given))]) };
+}
+
+const sha = (b: Buffer) => crypto.createHash('sha256').update(b).digest('hex');
+
+/**
+ * Adds the conformance tests to `suite`. `backend()` gives a backend on an empty bucket;
+ * `big` is a size that the backend sends in several parts (R2: multipart).
+ */
+export function backendConformance(suite: Test, backend: () => Backend, big: number) {
+  suite('put, then head and get give the bytes, size and metadata back', async () => {
+    const b = backend();
+    const data = crypto.randomBytes(70_000);
+    const put = await b.put('dir/a file ü.bin', bufferSource(data), { metadata: { sha256: sha(data), 'image-id': 'x' } });
+    assert.is(put.size, data.length);
+    assert.ok(put.etag, 'an ETag');
+    const head = await b.head('dir/a file ü.bin');
+    assert.is(head?.size, data.length);
+    assert.is(head?.etag, put.etag);
+    assert.is(head?.metadata.sha256, sha(data));
+    assert.is(head?.metadata['image-id'], 'x');
+    assert.is(await readBackSha256(b, 'dir/a file ü.bin'), sha(data));
+  });
+
+  suite('head of a missing key is undefined; delete removes, and deleting a missing key is fine', async () => {
+    const b = backend();
+    assert.is(await b.head('nothing/here'), undefined);
+    await b.put('gone', bufferSource(Buffer.from('x')));
+    await b.delete('gone');
+    assert.is(await b.head('gone'), undefined);
+    await b.delete('gone');
+  });
+
+  suite('list gives every key under a prefix, in key order, with sizes and ETags, past a page of 1,000', async () => {
+    const b = backend();
+    const keys = Array.from({ length: 1010 }, (_, i) => `many/${String(i).padStart(4, '0')}`);
+    for (let i = 0; i < keys.length; i += 50) await Promise.all(keys.slice(i, i + 50).map((k) => b.put(k, bufferSource(Buffer.from(k)))));
+    await b.put('other/x', bufferSource(Buffer.from('x')));
+    const listed = [];
+    for await (const o of b.list('many/')) listed.push(o);
+    assert.equal(listed.map((o) => o.key), keys);
+    assert.ok(listed.every((o) => o.size === 9 && o.etag));
+  });
+
+  suite('a put replaces the object whole', async () => {
+    const b = backend();
+    await b.put('r', bufferSource(Buffer.from('first version')));
+    const second = crypto.randomBytes(big);
+    await b.put('r', bufferSource(second), { metadata: { sha256: sha(second) } });
+    assert.is(await readBackSha256(b, 'r'), sha(second));
+    assert.is((await b.head('r'))?.size, big);
+  });
+
+  suite('a source that fails partway (a file changed): the put fails with that error, the old object stands', async () => {
+    const b = backend();
+    const old = Buffer.from('the good old bytes');
+    await b.put('c', bufferSource(old), { metadata: { sha256: sha(old) } });
+    for (const size of [200_000, big]) {
+      const started = Date.now();
+      const e = await b.put('c', changingSource(size, Math.floor(size / 2)), { metadata: { sha256: 'f'.repeat(64) } }).catch((x) => x);
+      assert.instance(e, SourceChanged, `a ${size}-byte put rejects with the source's SourceChanged`);
+      assert.ok(Date.now() - started < 10_000, 'at once, not after a timeout');
+      assert.is(await readBackSha256(b, 'c'), sha(old), 'the old object is whole');
+      assert.is((await b.head('c'))?.metadata.sha256, sha(old));
+    }
+  });
+
+  suite('a source shorter than it declares (a file that shrank) fails, and does not hang', async () => {
+    const b = backend();
+    const started = Date.now();
+    const e = await b.put('s', shortSource(300_000, 100_000)).catch((x) => x);
+    assert.instance(e, Error);
+    assert.ok(Date.now() - started < 10_000, `failed in ${Date.now() - started} ms`);
+    assert.is(await b.head('s'), undefined, 'nothing stored');
+  });
+
+  suite('a source whose check fails before commit: nothing stored', async () => {
+    const b = backend();
+    const data = crypto.randomBytes(big);
+    const src: Source = { ...bufferSource(data), check: async () => { throw new SourceChanged('grew while it was being sent'); } };
+    const e = await b.put('k', src).catch((x) => x);
+    assert.instance(e, SourceChanged);
+    assert.is(await b.head('k'), undefined);
+  });
+}

@@ -1,0 +1,89 @@
+// A Backend held in memory: what the unit tests of sync, rotation and verify run on, in
+// milliseconds. It keeps the storage interface's contract as R2 does (the conformance suite in
+// backend-conformance.ts runs on both): a put is all or nothing, the stream must give exactly
+// the source's size, the source is checked before the object is committed, ETags are MD5s.
+import crypto from 'node:crypto';
+import { Readable } from 'node:stream';
+import { StorageError, type Backend, type ObjectHead, type ObjectInfo, type PutOptions, type Source } from '../lib/storage.ts';
+
+interface Stored {
+  data: Buffer;
+  etag: string;
+  metadata: Record<string, string>;
+}
+
+export class MemoryBackend implements Backend {
+  readonly objects = new Map<string, Stored>();
+  /** Requests by operation, as the counting wrapper of the benchmarks counts them. */
+  readonly calls: Record<string, number> = {};
+  /** Keys whose next put fails with this error (then the rule is spent). */
+  failNextPut = new Map<string, Error>();
+
+  constructor(readonly name = 'mem://bucket') {}
+
+  private count(op: string) {
+    this.calls[op] = (this.calls[op] ?? 0) + 1;
+  }
+
+  async *list(prefix: string, signal?: AbortSignal): AsyncIterable<ObjectInfo> {
+    this.count('list');
+    const keys = [...this.objects.keys()].filter((k) => k.startsWith(prefix)).sort();
+    for (const key of keys) {
+      signal?.throwIfAborted();
+      const o = this.objects.get(key);
+      if (o) yield { key, size: o.data.length, etag: o.etag };
+    }
+  }
+
+  async head(key: string, signal?: AbortSignal): Promise<ObjectHead | undefined> {
+    this.count('head');
+    signal?.throwIfAborted();
+    const o = this.objects.get(key);
+    return o && { key, size: o.data.length, etag: o.etag, metadata: { ...o.metadata } };
+  }
+
+  async put(key: string, source: Source, opts: PutOptions = {}): Promise<ObjectInfo> {
+    this.count('put');
+    const planted = this.failNextPut.get(key);
+    if (planted) {
+      this.failNextPut.delete(key);
+      throw planted;
+    }
+    const chunks: Buffer[] = [];
+    let size = 0;
+    const whole = source.readAll ? await source.readAll() : undefined;
+    if (whole) {
+      chunks.push(whole);
+      size = whole.length;
+    } else {
+      for await (const chunk of source.open(0, source.size) as AsyncIterable<Buffer>) {
+        opts.signal?.throwIfAborted();
+        chunks.push(chunk);
+        size += chunk.length;
+        opts.onBytes?.(chunk.length);
+      }
+    }
+    if (size !== source.size) throw new StorageError(`${this.name} put ${key}: ${size} bytes where ${source.size} were declared`, false, 400);
+    await source.check?.();
+    const data = Buffer.concat(chunks);
+    const etag = crypto.createHash('md5').update(data).digest('hex');
+    // S3 lowercases metadata names.
+    const metadata = Object.fromEntries(Object.entries(opts.metadata ?? {}).map(([k, v]) => [k.toLowerCase(), v]));
+    this.objects.set(key, { data, etag, metadata });
+    return { key, size, etag };
+  }
+
+  async get(key: string, signal?: AbortSignal): Promise<Readable> {
+    this.count('get');
+    signal?.throwIfAborted();
+    const o = this.objects.get(key);
+    if (!o) throw new StorageError(`${this.name} get ${key}: no such key`, false, 404);
+    return Readable.from([o.data]);
+  }
+
+  async delete(key: string, signal?: AbortSignal): Promise<void> {
+    this.count('delete');
+    signal?.throwIfAborted();
+    this.objects.delete(key);
+  }
+}

@@ -1,0 +1,370 @@
+// Unit tests of lib/: pure functions, and the sync's decisions on the in-memory backend. No
+// server, no child process: they run in milliseconds, beneath the end-to-end suites.
+import { test } from 'uvu';
+import * as assert from 'uvu/assert';
+import { spawnSync } from 'node:child_process';
+import crypto from 'node:crypto';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { readTarMessages } from '../lib/archive.ts';
+import { UsageError, humanSize, parseFlags } from '../lib/cli.ts';
+import { BLOCK, Digester, showBytes, walkTree } from '../lib/files.ts';
+import { HashCache, awsCliPartSize, etagProvesContent } from '../lib/hash-cache.ts';
+import { LockHeld, acquireLock, isHeld, processStart } from '../lib/lock.ts';
+import { pool } from '../lib/pool.ts';
+import { MAX_PARTS, MIN_PART_SIZE, MiB, partSizeFor } from '../lib/r2.ts';
+import { datedCopies, datedPattern, isFuture, rotateRemote, stampTime, timestamp } from '../lib/rotation.ts';
+import { SourceChanged, StorageError, fingerprintFile, fingerprintedSource, readBackSha256 } from '../lib/storage.ts';
+import { syncTree } from '../lib/sync.ts';
+import { bufferSource } from './backend-conformance.ts';
+import { MemoryBackend } from './memory-backend.ts';
+
+const tmp = () => fs.mkdtempSync(path.join(os.tmpdir(), 'cms-unit-'));
+const sha = (b: Buffer | string) => crypto.createHash('sha256').update(b).digest('hex');
+const md5 = (b: Buffer | string) => crypto.createHash('md5').update(b).digest('hex');
+const throwsUsage = (fn: () => unknown, names: RegExp) => {
+  try {
+    fn();
+  } catch (e) {
+    assert.instance(e, UsageError);
+    assert.match((e as Error).message, names);
+    return;
+  }
+  assert.unreachable('expected a UsageError');
+};
+
+// ---------------------------------------------------------------------------------------------
+// cli
+
+test('parseFlags: the SPEC flags, their aliases, and what is refused', () => {
+  const f = parseFlags(['--quick', '-v', '--json', '--env-file', '/x.env']);
+  assert.equal([f.quick, f.verbose, f.json, f.envFile, f.dryRun], [true, true, true, '/x.env', false]);
+  assert.is(parseFlags(['-h']).help, true);
+  assert.is(parseFlags(['--full']).quick, false);
+  throwsUsage(() => parseFlags(['--qiuck']), /unknown flag: --qiuck/);
+  throwsUsage(() => parseFlags(['now']), /unexpected argument: now/);
+  throwsUsage(() => parseFlags(['--quick', '--full']), /--quick and --full/);
+  throwsUsage(() => parseFlags(['--verify', '--dry-run']), /--verify and --dry-run/);
+  throwsUsage(() => parseFlags(['--deep']), /--deep goes with --verify/);
+  throwsUsage(() => parseFlags(['--env-file', 'a', '--env-file', 'b']), /more than once/);
+  throwsUsage(() => parseFlags(['--env-file']), /--env-file needs a value/);
+  assert.is(parseFlags(['--drill'], { boolean: ['drill'] }).extra.drill, true);
+});
+
+test('humanSize prints as du -h does', () => {
+  assert.equal([0, 512, 4096, 1536 * 1024, 45 * 1024 ** 3].map(humanSize), ['0B', '512B', '4.0K', '1.5M', '45G']);
+});
+
+// ---------------------------------------------------------------------------------------------
+// r2: part sizes
+
+test('partSizeFor: equal parts of at least 5 MiB, whole MiB, at most 10,000 of them', () => {
+  assert.is(partSizeFor(100 * MiB, 16 * MiB), 16 * MiB);
+  assert.is(partSizeFor(100 * MiB, MiB), MIN_PART_SIZE, 'never below 5 MiB');
+  const fifty = 50 * 1024 ** 3;
+  const p = partSizeFor(fifty, 5 * MiB);
+  assert.ok(p > 5 * MiB, 'a 50 GB model needs parts over 5 MiB');
+  assert.ok(Math.ceil(fifty / p) <= MAX_PARTS);
+  assert.is(p % MiB, 0, 'a whole number of MiB: parts stay block-aligned');
+});
+
+test('awsCliPartSize: 8 MiB, doubled until 10,000 parts suffice', () => {
+  assert.is(awsCliPartSize(100 * MiB), 8 * MiB);
+  assert.is(awsCliPartSize(8 * MiB * 10_000), 8 * MiB);
+  assert.is(awsCliPartSize(8 * MiB * 10_000 + 1), 16 * MiB);
+});
+
+test('etagProvesContent: a single-part MD5, and md5-N recomputed with aws-cli parts; anything else is no proof', async () => {
+  const dir = tmp();
+  const small = path.join(dir, 'small');
+  fs.writeFileSync(small, 'hello');
+  assert.is(await etagProvesContent(small, 5, md5('hello')), true);
+  assert.is(await etagProvesContent(small, 5, md5('other')), false);
+  assert.is(await etagProvesContent(small, 5, 'not-an-etag'), false);
+  const big = path.join(dir, 'big');
+  const data = crypto.randomBytes(20 * MiB + 7);
+  fs.writeFileSync(big, data);
+  const parts = [0, 8 * MiB, 16 * MiB].map((at) => crypto.createHash('md5').update(data.subarray(at, at + 8 * MiB)).digest());
+  const etag = `${md5(Buffer.concat(parts))}-3`;
+  assert.is(await etagProvesContent(big, data.length, etag), true);
+  assert.is(await etagProvesContent(big, data.length, `${md5(Buffer.concat(parts))}-4`), false, 'another part count');
+  fs.rmSync(dir, { recursive: true });
+});
+
+// ---------------------------------------------------------------------------------------------
+// rotation: dated names
+
+test('dated names: the pattern, newest first, stamps in the future', () => {
+  const t = timestamp(new Date(2026, 10, 28, 9, 5, 7));
+  assert.is(t, '20261128-090507');
+  assert.is(stampTime(t).getTime(), new Date(2026, 10, 28, 9, 5, 7).getTime());
+  const re = datedPattern('home-dev', 'tar.gz');
+  assert.ok(re.test('home-dev-20261128-090507.tar.gz'));
+  assert.not.ok(re.test('home-dev-20261128-090507.tar.gz.partial-1'));
+  assert.not.ok(re.test('xhome-dev-20261128-090507.tar.gz'));
+  assert.not.ok(datedPattern('a.b', 'json').test('aXb-20261128-090507.json'), 'the kind is literal');
+  const names = ['ufw-20260101-000000.tar.gz', 'ufw-20261128-090507.tar.gz', 'ufw-20250101-000000.tar.gz', 'other', 'ufw-latest.tar.gz'];
+  assert.equal(datedCopies(names, 'ufw', 'tar.gz'), ['ufw-20261128-090507.tar.gz', 'ufw-20260101-000000.tar.gz', 'ufw-20250101-000000.tar.gz']);
+  assert.ok(isFuture('20991231-000000'));
+  assert.not.ok(isFuture(timestamp()));
+});
+
+test('rotateRemote keeps the newest KEEP copies under the prefix and touches nothing else', async () => {
+  const b = new MemoryBackend();
+  const stamps = ['20260101-000000', '20260102-000000', '20260103-000000', '20260104-000000'];
+  for (const s of stamps) await b.put(`verda-config-backups/verda-config-backup-${s}.tar.gz`, bufferSource(Buffer.from(s)));
+  await b.put('verda-config-backups/notes.txt', bufferSource(Buffer.from('x')));
+  await b.put('verda-config-backup.tar.gz', bufferSource(Buffer.from('latest')));
+  const gone = await rotateRemote(b, 'verda-config-backups/', 'verda-config-backup', 'tar.gz', 2);
+  assert.equal(gone.sort(), stamps.slice(0, 2).map((s) => `verda-config-backups/verda-config-backup-${s}.tar.gz`));
+  assert.equal([...b.objects.keys()].sort(), [
+    'verda-config-backup.tar.gz',
+    'verda-config-backups/notes.txt',
+    'verda-config-backups/verda-config-backup-20260103-000000.tar.gz',
+    'verda-config-backups/verda-config-backup-20260104-000000.tar.gz',
+  ]);
+});
+
+// ---------------------------------------------------------------------------------------------
+// archive: tar's messages
+
+test('readTarMessages: a file tar could not read is a named warning; anything else is fatal', () => {
+  const ok = readTarMessages(
+    "tar: ./data/root.db: Cannot open: Permission denied\ntar: ./x: file changed as we read it\ntar: Exiting with failure status due to previous errors\n",
+  );
+  assert.equal(ok.other, []);
+  assert.equal(ok.fileProblems, ['./data/root.db: Cannot open (Permission denied): not in the archive', './x: file changed as we read it']);
+  const bad = readTarMessages('tar: /nope: Cannot open: No such file or directory\ntar: Error is not recoverable: exiting now\n');
+  assert.equal(bad.other, ['tar: Error is not recoverable: exiting now']);
+  assert.equal(readTarMessages('tar: -: Cannot write: No space left on device\n').other.length, 1, 'a write error is not a file problem');
+});
+
+// ---------------------------------------------------------------------------------------------
+// files: names, digests, fingerprints
+
+test('showBytes shows what is not UTF-8 as \\xNN and keeps the rest', () => {
+  assert.is(showBytes(Buffer.from('café ü 日本.txt')), 'café ü 日本.txt');
+  assert.is(showBytes(Buffer.concat([Buffer.from('caf'), Buffer.from([0xe9]), Buffer.from('.png')])), 'caf\\xe9.png');
+  assert.is(showBytes(Buffer.from([0xff, 0xfe, 0x41])), '\\xff\\xfeA');
+});
+
+test('Digester: the sha256 of all bytes, and a crc32 per 1 MiB block, however the chunks fall', () => {
+  const data = crypto.randomBytes(2 * BLOCK + 100);
+  const a = new Digester();
+  a.update(data);
+  const b = new Digester();
+  for (let at = 0; at < data.length; at += 77_777) b.update(data.subarray(at, at + 77_777));
+  const fa = a.finish();
+  const fb = b.finish();
+  assert.is(fa.sha256, sha(data));
+  assert.equal(fa, fb);
+  assert.is(fa.blockCrcs.length, 3);
+});
+
+test('a fingerprinted file gives exactly its bytes; a change of any kind after fingerprinting is SourceChanged, a deletion a vanished one', async () => {
+  const dir = tmp();
+  const file = path.join(dir, 'f');
+  const data = crypto.randomBytes(3 * BLOCK + 5);
+  fs.writeFileSync(file, data);
+  const fp = await fingerprintFile(file);
+  assert.is(fp.sha256, sha(data));
+  const read = async (start: number, end: number) => {
+    const chunks: Buffer[] = [];
+    for await (const c of fingerprintedSource(file, fp).open(start, end)) chunks.push(c as Buffer);
+    return Buffer.concat(chunks);
+  };
+  assert.ok((await read(0, data.length)).equals(data));
+  assert.ok((await read(BLOCK, 2 * BLOCK)).equals(data.subarray(BLOCK, 2 * BLOCK)));
+  // One byte rewritten in place (same size; mtime kept as it was): the block check catches it.
+  const st = fs.statSync(file);
+  const fd = fs.openSync(file, 'r+');
+  fs.writeSync(fd, Buffer.from([data[BLOCK + 10] ^ 1]), 0, 1, BLOCK + 10);
+  fs.closeSync(fd);
+  fs.utimesSync(file, st.atime, st.mtime);
+  await read(0, data.length).then(() => assert.unreachable('a rewritten block must not pass'), (e) => assert.instance(e, SourceChanged));
+  // Grown, shrunk: caught before the last byte leaves.
+  fs.writeFileSync(file, data);
+  const fp2 = await fingerprintFile(file);
+  fs.appendFileSync(file, 'more');
+  await fingerprintedSource(file, fp2).check!().then(() => assert.unreachable('grown'), (e) => assert.instance(e, SourceChanged));
+  fs.truncateSync(file, BLOCK);
+  await (async () => read(0, data.length))().then(() => assert.unreachable('shrunk'), (e) => assert.instance(e, SourceChanged));
+  fs.rmSync(file);
+  const gone = await read(0, BLOCK).catch((e) => e);
+  assert.instance(gone, SourceChanged);
+  assert.is(gone.vanished, true);
+  // A small file is read once: its bytes travel with the fingerprint.
+  fs.writeFileSync(file, 'small');
+  const small = await fingerprintFile(file);
+  assert.is(small.data?.toString(), 'small');
+  fs.writeFileSync(file, 'SMALL'); // what was read is what is sent
+  assert.is((await fingerprintedSource(file, small).readAll!()).toString(), 'small');
+  fs.rmSync(dir, { recursive: true });
+});
+
+test('walkTree: regular files sorted, symlinks not followed, FIFOs passed over, names that are not UTF-8 reported', async () => {
+  const dir = tmp();
+  fs.mkdirSync(path.join(dir, 'b'));
+  fs.writeFileSync(path.join(dir, 'b/z.txt'), 'z');
+  fs.writeFileSync(path.join(dir, 'a.txt'), 'a');
+  fs.symlinkSync('/etc', path.join(dir, 'etc-link'));
+  require_mkfifo(path.join(dir, 'pipe'));
+  fs.writeFileSync(Buffer.concat([Buffer.from(dir + '/bad'), Buffer.from([0xff])]), 'x');
+  const w = await walkTree(dir);
+  assert.equal(w.files.map((f) => f.rel), ['a.txt', 'b/z.txt']);
+  assert.equal(w.symlinks, ['etc-link']);
+  assert.is(w.unreadable.length, 1);
+  assert.match(w.unreadable[0].rel, 'bad\\xff');
+  assert.match(w.unreadable[0].error, /not valid UTF-8/);
+  fs.rmSync(dir, { recursive: true });
+});
+
+function require_mkfifo(p: string) {
+  const r = spawnSync('mkfifo', [p]);
+  assert.is(r.status, 0, 'mkfifo');
+}
+
+// ---------------------------------------------------------------------------------------------
+// pool
+
+test('pool: at most N at once, items in order, the first error thrown once every started item settled', async () => {
+  let running = 0;
+  let most = 0;
+  const started: number[] = [];
+  const settled: number[] = [];
+  const e = await pool(
+    Array.from({ length: 20 }, (_, i) => i),
+    4,
+    async (i) => {
+      started.push(i);
+      running++;
+      most = Math.max(most, running);
+      await new Promise((r) => setTimeout(r, i === 5 ? 5 : 15));
+      running--;
+      settled.push(i);
+      if (i === 5) throw new Error('five');
+    },
+  ).catch((x) => x);
+  assert.is(e.message, 'five');
+  assert.is(most, 4);
+  assert.equal(started, started.slice().sort((a, b) => a - b), 'taken in order');
+  assert.ok(started.length < 20, 'no new item after the failure');
+  assert.equal(settled.sort((a, b) => a - b), started.slice().sort((a, b) => a - b), 'every started item settled first');
+});
+
+// ---------------------------------------------------------------------------------------------
+// hash cache
+
+test('HashCache: an unchanged file is not read again; an entry of the wrong shape is dropped', async () => {
+  const dir = tmp();
+  const file = path.join(dir, 'f');
+  fs.writeFileSync(file, 'content');
+  const st = fs.statSync(file, { bigint: true });
+  const stat = { size: st.size, mtimeNs: st.mtimeNs, ino: st.ino };
+  const cacheFile = path.join(dir, 'cache.json');
+  const c1 = HashCache.load(cacheFile);
+  assert.is((await c1.hash(file, stat)).sha256, sha('content'));
+  c1.save();
+  const c2 = HashCache.load(cacheFile);
+  const again = await c2.hash(file, stat);
+  assert.is(again.sha256, sha('content'));
+  assert.is(again.fingerprint, undefined, 'from the cache');
+  assert.is(c2.hashedFiles, 0);
+  fs.writeFileSync(cacheFile, JSON.stringify({ version: 1, files: { [file]: ['x', 1, null, 'no'] }, objects: { o: [1] } }));
+  const c3 = HashCache.load(cacheFile);
+  assert.is((await c3.hash(file, stat)).sha256, sha('content'));
+  assert.is(c3.hashedFiles, 1, 'hashed again');
+  fs.rmSync(dir, { recursive: true });
+});
+
+// ---------------------------------------------------------------------------------------------
+// sync: why each file is sent or skipped
+
+async function tree(files: Record<string, string>) {
+  const root = tmp();
+  for (const [rel, content] of Object.entries(files)) {
+    fs.mkdirSync(path.dirname(path.join(root, rel)), { recursive: true });
+    fs.writeFileSync(path.join(root, rel), content);
+  }
+  return root;
+}
+
+test('syncTree: new files are sent with their sha256; an unchanged rerun sends nothing, reads nothing, asks nothing but the listing', async () => {
+  const root = await tree({ 'u1/a.json': 'a', 'u2/b.json': 'bb' });
+  const b = new MemoryBackend();
+  const cache = HashCache.load(undefined);
+  const first = await syncTree({ root, backend: b, prefix: 'user_data/', cache });
+  assert.equal([first.sent, first.skipped, first.failures], [2, 0, []]);
+  assert.is(b.objects.get('user_data/u1/a.json')?.metadata.sha256, sha('a'));
+  const calls = { ...b.calls };
+  const again = await syncTree({ root, backend: b, prefix: 'user_data/', cache });
+  assert.equal([again.sent, again.skipped, again.hashed], [0, 2, 0]);
+  assert.ok(again.actions.every((a) => a.action === 'skip' && a.how === 'known'));
+  assert.equal({ list: b.calls.list - calls.list, head: (b.calls.head ?? 0) - (calls.head ?? 0), put: b.calls.put - calls.put }, { list: 1, head: 0, put: 0 });
+});
+
+test('syncTree: an object proven by its sha256 metadata or by a bash-era ETag is skipped; other bytes of the same size are sent', async () => {
+  const root = await tree({ 'meta.txt': 'same', 'bash.txt': 'from bash', 'changed.txt': 'new!' });
+  const b = new MemoryBackend();
+  await b.put('meta.txt', bufferSource(Buffer.from('same')), { metadata: { sha256: sha('same') } });
+  await b.put('bash.txt', bufferSource(Buffer.from('from bash'))); // no metadata: its ETag is the MD5
+  await b.put('changed.txt', bufferSource(Buffer.from('old!')), { metadata: { sha256: sha('old!') } });
+  const r = await syncTree({ root, backend: b, prefix: '', cache: HashCache.load(undefined) });
+  const how = Object.fromEntries(r.actions.map((a) => [a.key, a.action === 'skip' ? a.how : a.action === 'send' ? a.reason : 'failed']));
+  assert.equal(how, { 'bash.txt': 'etag', 'changed.txt': 'changed', 'meta.txt': 'metadata' });
+  assert.is(r.adopted, 1);
+  assert.is(b.objects.get('changed.txt')?.data.toString(), 'new!');
+});
+
+test('syncTree: --dry-run stores nothing; one failing file is recorded and the rest are sent; refused credentials stop the run', async () => {
+  const root = await tree({ 'a': '1', 'b': '2', 'c': '3' });
+  const b = new MemoryBackend();
+  const dry = await syncTree({ root, backend: b, prefix: '', cache: HashCache.load(undefined), dryRun: true });
+  assert.is(dry.sent, 3);
+  assert.is(b.objects.size, 0);
+  b.failNextPut.set('b', new StorageError('r2 put: R2 answered 500', false, 500));
+  const r = await syncTree({ root, backend: b, prefix: '', cache: HashCache.load(undefined) });
+  assert.equal(r.failures.map((f) => f.key), ['b']);
+  assert.equal([...b.objects.keys()].sort(), ['a', 'c']);
+  const c = new MemoryBackend();
+  c.failNextPut.set('a', new StorageError('refused', true, 403));
+  const e = await syncTree({ root, backend: c, prefix: '', cache: HashCache.load(undefined), concurrency: 1 }).catch((x) => x);
+  assert.instance(e, StorageError);
+  assert.is(c.objects.size, 0, 'nothing more was tried');
+});
+
+test('syncTree: what is sent is the object’s sha256 (read back), also when the cache knew the file', async () => {
+  const root = await tree({ 'x.bin': 'version one' });
+  const b = new MemoryBackend();
+  const cache = HashCache.load(undefined);
+  await syncTree({ root, backend: b, prefix: '', cache });
+  b.objects.delete('x.bin'); // gone from the bucket: sent again from a cache hit
+  await syncTree({ root, backend: b, prefix: '', cache });
+  assert.is(await readBackSha256(b, 'x.bin'), b.objects.get('x.bin')!.metadata.sha256);
+});
+
+// ---------------------------------------------------------------------------------------------
+// lock
+
+test('lock: a live holder is respected; a dead pid, a reused pid, an earlier boot and a silent other host are stale', () => {
+  const me = { script: 'backup-x', pid: process.pid, host: os.hostname(), procStart: processStart(process.pid), started: 'now' };
+  assert.is(isHeld(me, 'backup-x', 0), true);
+  assert.is(isHeld({ ...me, pid: 999_999_999 }, 'backup-x', 0), false, 'no such process');
+  assert.is(isHeld({ ...me, procStart: '1' }, 'backup-x', 0), false, 'the pid was reused');
+  assert.is(isHeld({ ...me, bootId: 'another-boot' }, 'backup-x', 0), false, 'an earlier boot');
+  assert.is(isHeld({ pid: process.pid }, 'backup-x', 0), false, 'a bare pid of a process that is not the script');
+  assert.is(isHeld({ ...me, host: 'other-instance' }, 'backup-x', 60_000), true, 'another host, heartbeat fresh');
+  assert.is(isHeld({ ...me, host: 'other-instance' }, 'backup-x', 3600_000), false, 'another host, silent for an hour');
+  const dir = tmp();
+  const lock = path.join(dir, 'x.lock');
+  const release = acquireLock(lock, 'backup-x');
+  assert.throws(() => acquireLock(lock, 'backup-x'), (e: unknown) => e instanceof LockHeld);
+  release();
+  assert.not.ok(fs.existsSync(lock));
+  fs.writeFileSync(lock, '999999999\n');
+  acquireLock(lock, 'backup-x')();
+  fs.rmSync(dir, { recursive: true });
+});
+
+test.run();
