@@ -1,7 +1,12 @@
 // Running commands on the other machine: one OpenSSH connection per run (a ControlMaster
 // socket in a private directory), every command over it; or, for a host named `local`, right
-// here with no SSH at all. Commands are argument lists: locally no shell is involved, and the
-// remote shell gets each argument single-quoted, so no name or value is ever parsed as code.
+// here with no SSH at all.
+//
+// Commands read as zx's do: `await verda.$`${cli} image inspect --format {{.Id}} ${image}``,
+// with zx's rules for `${}` (one argument each, a list spread, never split or parsed). Locally no
+// shell is involved; the remote shell gets each argument single-quoted, so no name or value is
+// ever parsed as code. Underneath is node's spawn, not zx's process: zx keeps every output chunk
+// for a late pipe(), and an image save or a home archive is gigabytes streamed into a file.
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
@@ -33,6 +38,8 @@ export interface RunOptions {
   holdStdin?: boolean;
   /** Stop the command when it prints nothing for this long (default: the host's). */
   idleTimeoutMs?: number;
+  /** For a template: stream stdout into this (a multi-GB archive) instead of collecting it. */
+  into?: Writable;
 }
 
 export interface RunResult {
@@ -43,9 +50,58 @@ export interface RunResult {
 
 export class HostError extends Error {}
 
+/** One `${}` of a command template: one argument, or a list of them. */
+export type Arg = string | number | readonly (string | number)[];
+
+/**
+ * The argument list a command template stands for, by zx's rules: the literal text splits on
+ * whitespace; each `${}` is one argument, a list is one argument per element, and neither is
+ * ever split or parsed; text touching a `${}` joins it (`--directory=${dir}` is one argument).
+ */
+export function commandArgs(pieces: TemplateStringsArray, ...values: Arg[]): string[] {
+  const args: string[] = [];
+  let word: string | undefined; // the argument being built; undefined between arguments
+  const end = () => {
+    if (word !== undefined) args.push(word);
+    word = undefined;
+  };
+  pieces.forEach((piece, i) => {
+    for (const part of piece.split(/(\s+)/)) {
+      if (/^\s+$/.test(part)) end();
+      else if (part) word = (word ?? '') + part;
+    }
+    if (i >= values.length) return;
+    const value = values[i];
+    if (Array.isArray(value)) {
+      value.forEach((v, j) => {
+        if (j > 0) end();
+        word = (word ?? '') + String(v);
+      });
+    } else word = (word ?? '') + String(value);
+  });
+  end();
+  return args;
+}
+
+/** `host.$`cmd ${arg}`` runs it; `host.$({ sudo, signal, into })`cmd`` with options first. */
+export interface CommandTemplate {
+  (pieces: TemplateStringsArray, ...values: Arg[]): Promise<RunResult>;
+  (opts: RunOptions): (pieces: TemplateStringsArray, ...values: Arg[]) => Promise<RunResult>;
+}
+
+function templateOn(host: Pick<Host, 'run' | 'stream'>): CommandTemplate {
+  const exec = (argv: string[], opts: RunOptions) => (opts.into ? host.stream(argv, opts.into, opts) : host.run(argv, opts));
+  return ((first: TemplateStringsArray | RunOptions, ...values: Arg[]) => {
+    if (Array.isArray(first) && 'raw' in first) return exec(commandArgs(first as TemplateStringsArray, ...values), {});
+    return (pieces: TemplateStringsArray, ...rest: Arg[]) => exec(commandArgs(pieces, ...rest), first as RunOptions);
+  }) as CommandTemplate;
+}
+
 export interface Host {
   /** For messages: `verda (dev@verda)`, `local`. */
   readonly label: string;
+  /** A command there, as a zx template: output captured (or streamed into `into`). */
+  readonly $: CommandTemplate;
   /** Runs a command there, its output captured. Rejects only when it could not run at all. */
   run(argv: string[], opts?: RunOptions): Promise<RunResult>;
   /** Runs a command there with its stdout streamed into `into` (archives, images). */
@@ -144,6 +200,7 @@ const describe = (argv: string[], where: string) => `${argv.slice(0, 2).join(' '
 
 export class LocalHost implements Host {
   readonly label = 'local';
+  readonly $ = templateOn(this);
   constructor(
     private readonly sudo: string[],
     private readonly idleTimeoutMs = DEFAULT_LIMITS.commandIdleTimeoutMs,
@@ -171,6 +228,7 @@ export interface SshOptions {
 
 export class SshHost implements Host {
   readonly label: string;
+  readonly $ = templateOn(this);
   private constructor(
     readonly destination: string,
     private readonly socket: string,
@@ -242,6 +300,7 @@ export async function openHost(destination: string, opts: SshOptions): Promise<H
  */
 export class LazyHost implements Host {
   private opening?: Promise<Host>;
+  readonly $ = templateOn(this);
   constructor(
     readonly label: string,
     private readonly open: () => Promise<Host>,

@@ -13,6 +13,7 @@ import { BLOCK, Digester, showBytes, walkTree } from '../lib/files.ts';
 import { HashCache, awsCliPartSize, etagProvesContent } from '../lib/hash-cache.ts';
 import { LockHeld, acquireLock, isHeld, processStart } from '../lib/lock.ts';
 import { pool } from '../lib/pool.ts';
+import { commandArgs, shellQuote } from '../lib/ssh.ts';
 import { MAX_PARTS, MIN_PART_SIZE, MiB, partSizeFor } from '../lib/r2.ts';
 import { datedCopies, datedPattern, isFuture, rotateRemote, stampTime, timestamp } from '../lib/rotation.ts';
 import { SourceChanged, StorageError, fingerprintFile, fingerprintedSource, readBackSha256 } from '../lib/storage.ts';
@@ -342,6 +343,21 @@ test('syncTree: what is sent is the object’s sha256 (read back), also when the
   b.objects.delete('x.bin'); // gone from the bucket: sent again from a cache hit
   await syncTree({ root, backend: b, prefix: '', cache });
   assert.is(await readBackSha256(b, 'x.bin'), b.objects.get('x.bin')!.metadata.sha256);
+});
+
+// ---------------------------------------------------------------------------------------------
+// ssh: commands as templates
+
+test('commandArgs: zx rules; shellQuote: each argument one word for the remote shell, never code', () => {
+  const image = '--help';
+  const entries = ['a b', "it's", '$(touch PWNED)'];
+  assert.equal(commandArgs`${'docker'} image inspect --format {{.Id}} ${image}`, ['docker', 'image', 'inspect', '--format', '{{.Id}}', '--help']);
+  assert.equal(commandArgs`tar --directory=${'/x y'} -- ${entries}`, ['tar', '--directory=/x y', '--', ...entries]);
+  assert.equal(commandArgs`echo ${''} ${[]} end`, ['echo', '', 'end']);
+  assert.equal(commandArgs`  sh -c ${'a\nb'}  `, ['sh', '-c', 'a\nb']);
+  assert.equal(entries.map(shellQuote), [`'a b'`, `'it'\\''s'`, `'$(touch PWNED)'`]);
+  const sh = spawnSync('sh', ['-c', `printf '%s\\n' ${entries.map(shellQuote).join(' ')}`], { encoding: 'utf8', cwd: os.tmpdir() });
+  assert.equal(sh.stdout.split('\n').slice(0, 3), entries, 'the shell reads them back as they were');
 });
 
 // ---------------------------------------------------------------------------------------------
