@@ -11,7 +11,7 @@ import { UsageError } from './lib/cli.ts';
 import { bucketTarget } from './lib/config.ts';
 import { HashCache } from './lib/hash-cache.ts';
 import { runScript } from './lib/plan.ts';
-import { R2Backend } from './lib/r2.ts';
+import { R2Backend, r2Limits } from './lib/r2.ts';
 import { syncStep, verifyStep } from './lib/sync.ts';
 
 await runScript({
@@ -26,7 +26,7 @@ its sha256 (--deep: reads the objects back).`,
   plan(cfg, flags) {
     const data = cfg.melloDataDir;
     if (!fs.existsSync(data)) throw new UsageError(`MELLO_DATA_DIR does not exist: ${data}`);
-    const r2 = new R2Backend(bucketTarget(cfg, 'userFiles'));
+    const r2 = new R2Backend(bucketTarget(cfg, 'userFiles'), r2Limits(cfg.limits));
     const cache = HashCache.load(path.join(cfg.stateDir, 'hashes-backup-mello.json'));
     const tree = (name: string, dir: string) => {
       const o = { name, root: path.join(data, dir), backend: r2, prefix: `${dir}/`, cache };
