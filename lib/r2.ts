@@ -309,11 +309,16 @@ export class R2Backend implements Backend {
     let clockRetried = false;
     for (let attempt = 1; ; attempt++) {
       this.requests[op] = (this.requests[op] ?? 0) + 1;
+      // The attempt's own signal, tied to the caller's by a listener removed after it (an
+      // AbortSignal.any per request would grow the caller's signal by a reference each, in Node 20).
       const abandon = new AbortController();
+      const onAbort = () => abandon.abort(signal!.reason);
+      if (signal?.aborted) onAbort();
+      else signal?.addEventListener('abort', onAbort, { once: true });
       let bodyError: unknown;
       const bodies: Readable[] = [];
       const current: Attempt = {
-        signal: signal ? AbortSignal.any([signal, abandon.signal]) : abandon.signal,
+        signal: abandon.signal,
         body: (source, start, end, onBytes) => {
           if (end <= start) return '';
           // The SDK pipes the body into the request, and a pipe does not pass an error on: the
@@ -344,6 +349,7 @@ export class R2Backend implements Backend {
         const delay = this.opts.backoffMs * 2 ** (attempt - 1) * (0.75 + Math.random() / 2);
         await sleep(delay, signal);
       } finally {
+        signal?.removeEventListener('abort', onAbort);
         // An abandoned attempt's file stream is closed, not left paused with its descriptor open.
         for (const body of bodies) body.destroy();
       }
