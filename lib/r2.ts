@@ -103,15 +103,16 @@ type S3Failure = {
 
 /**
  * R2's time minus ours, as its answer to a refused request shows it: NaN when R2 said the clock is
- * skewed without saying its time; undefined when the refusal is not about the clock.
+ * skewed without saying its time; undefined when the refusal is not about the clock. `signedOffsetMs`
+ * is the correction the request was signed with: a 403 to a request signed on R2's time is not.
  */
-function clockOffsetOf(e: unknown): number | undefined {
+function clockOffsetOf(e: unknown, signedOffsetMs = 0): number | undefined {
   const err = e as S3Failure;
   const date = Date.parse(err.$response?.headers?.date ?? err.$response?.headers?.Date ?? '');
   const offset = Number.isNaN(date) ? NaN : date - Date.now();
   // A Date close to ours beside RequestTimeTooSkewed tells nothing of R2's clock.
   if ((err.Code ?? err.name) === 'RequestTimeTooSkewed') return Math.abs(offset) > CLOCK_SKEW_MS ? offset : NaN;
-  if (err.$metadata?.httpStatusCode === 403 && Math.abs(offset) > CLOCK_SKEW_MS) return offset;
+  if (err.$metadata?.httpStatusCode === 403 && Math.abs(offset - signedOffsetMs) > CLOCK_SKEW_MS) return offset;
   return undefined;
 }
 
@@ -122,12 +123,15 @@ export function partSizeFor(size: number, preferred: number): number {
   return Math.ceil(partSize / MiB) * MiB;
 }
 
-/** A plain sentence for an S3 error: status, code, and what it likely means. No stack. */
-export function describeS3Error(e: unknown): string {
+/**
+ * A plain sentence for an S3 error: status, code, and what it likely means. No stack.
+ * `signedOffsetMs`: the clock correction the failed request was signed with.
+ */
+export function describeS3Error(e: unknown, signedOffsetMs = 0): string {
   const err = e as S3Failure;
   const status = err.$metadata?.httpStatusCode;
   const code = err.Code ?? err.name ?? err.code;
-  const clock = clockOffsetOf(e);
+  const clock = clockOffsetOf(e, signedOffsetMs);
   if (clock !== undefined) {
     // Not the credentials: R2 refuses a request signed at a time 15 minutes from its own.
     const how = Number.isNaN(clock) ? 'too far from' : `${clockDistance(clock)} ${clock > 0 ? 'behind' : 'ahead of'}`;
@@ -309,6 +313,8 @@ export class R2Backend implements Backend {
     let clockRetried = false;
     for (let attempt = 1; ; attempt++) {
       this.requests[op] = (this.requests[op] ?? 0) + 1;
+      // R2's time minus ours as the SDK knows it now: what this attempt is signed with.
+      const signedOffset = this.client.config.systemClockOffset ?? 0;
       // The attempt's own signal, tied to the caller's by a listener removed after it (an
       // AbortSignal.any per request would grow the caller's signal by a reference each, in Node 20).
       const abandon = new AbortController();
@@ -336,16 +342,16 @@ export class R2Backend implements Backend {
       } catch (e) {
         if (bodyError !== undefined) throw bodyError;
         if (signal?.aborted) throw signal.reason;
-        if (clockOffsetOf(e) !== undefined) {
+        if (clockOffsetOf(e, signedOffset) !== undefined) {
           this.noticeClock();
           if (!clockRetried) {
             clockRetried = true;
             attempt--;
             continue;
           }
-          throw this.error(op, key, e, attempt);
+          throw this.error(op, key, e, attempt, signedOffset);
         }
-        if (attempt >= this.opts.attempts || !isRetryable(e)) throw this.error(op, key, e, attempt);
+        if (attempt >= this.opts.attempts || !isRetryable(e)) throw this.error(op, key, e, attempt, signedOffset);
         const delay = this.opts.backoffMs * 2 ** (attempt - 1) * (0.75 + Math.random() / 2);
         await sleep(delay, signal);
       } finally {
@@ -365,7 +371,7 @@ export class R2Backend implements Backend {
   }
 
   /** The failure of request `op` on `key` (a prefix, for a listing) as a sentence naming both. */
-  private error(op: string, key: string, e: unknown, attempts: number): StorageError {
+  private error(op: string, key: string, e: unknown, attempts: number, signedOffset: number): StorageError {
     if (e instanceof StorageError) return e;
     const err = e as S3Failure;
     const status = err.$metadata?.httpStatusCode;
@@ -376,7 +382,7 @@ export class R2Backend implements Backend {
     const refused = status === 403 || status === 401 || code === 'NoSuchBucket' || code === 'InvalidAccessKeyId';
     const tries = attempts > 1 ? ` after ${attempts} attempts` : '';
     const idle = seconds(this.opts.idleTimeoutMs);
-    const what = timedOut ? `R2 did not answer (no byte moved for ${idle})` : describeS3Error(e);
+    const what = timedOut ? `R2 did not answer (no byte moved for ${idle})` : describeS3Error(e, signedOffset);
     return new StorageError(`${this.name}/${key} ${op}: ${what}${tries}`, refused || unreachable, status);
   }
 

@@ -24,6 +24,7 @@ import {
   type S3Server,
 } from './helpers.ts';
 import { setServerClock } from './s3rver-fixes.ts';
+import { notices } from '../lib/cli.ts';
 import { R2Backend } from '../lib/r2.ts';
 import { SourceChanged, StorageError, type Source } from '../lib/storage.ts';
 
@@ -405,6 +406,26 @@ test('a clock R2 refuses and does not correct: the error says the clock, not the
   assert.not.match(message, /credentials/);
   assert.ok((r.error as StorageError).fatal, 'every other request would fail the same way');
   assert.is(backend.requests.list, 2, 'sent again once, at once');
+});
+
+test('a clock 3 h off and a wrong secret: once the clock is corrected, the error names the credentials', async () => {
+  const wrongSecret = { ...target(s3.endpoint), secretAccessKey: 'wrong' };
+  const backend = new R2Backend(wrongSecret, { idleTimeoutMs: 20_000, backoffMs: 50 });
+  setServerClock(3 * 3600_000);
+  const listing = (async () => {
+    for await (const o of backend.list('')) void o;
+  })();
+  const r = await settle(listing, 10_000, 'the listing');
+  const head = await settle(backend.head('anything'), 10_000, 'the HEAD'); // no body: no code to tell
+  setServerClock(0);
+  for (const [what, error] of [['list', r.error], ['head', head.error]] as const) {
+    assert.instance(error, StorageError, what);
+    assert.match((error as Error).message, /refused the credentials \(403.*\): check R2_ACCESS_KEY_ID/, what);
+    assert.not.match((error as Error).message, /clock/, what);
+  }
+  assert.is(backend.requests.list, 2, 'refused for the clock, then for the signature');
+  assert.is(backend.requests.head, 1, 'signed on the corrected clock at once');
+  assert.ok([...notices].some((n) => /clock is 3h0m behind R2's/.test(n)), `the clock in the notices: ${[...notices]}`);
 });
 
 // ---------------------------------------------------------------------------------------------
