@@ -9,7 +9,7 @@ import path from 'node:path';
 import { bucketTarget, requireDir, requireDirOrAbsent } from './lib/config.ts';
 import { HashCache } from './lib/hash-cache.ts';
 import { runScript } from './lib/plan.ts';
-import { R2Backend } from './lib/r2.ts';
+import { R2Backend, r2Limits } from './lib/r2.ts';
 import { syncStep, verifyStep } from './lib/sync.ts';
 
 await runScript({
@@ -25,7 +25,7 @@ its sha256 (--deep: reads the objects back).`,
     requireDir(cfg, 'MELLO_DATA_DIR');
     requireDirOrAbsent(cfg, 'COMFYMULTI_STATE_DIR');
     const data = cfg.melloDataDir;
-    const r2 = new R2Backend(bucketTarget(cfg, 'userFiles'));
+    const r2 = new R2Backend(bucketTarget(cfg, 'userFiles'), r2Limits(cfg.limits));
     const cache = HashCache.load(path.join(cfg.stateDir, 'hashes-backup-mello.json'));
     const tree = (name: string, dir: string) => {
       const o = { name, root: path.join(data, dir), backend: r2, prefix: `${dir}/`, cache };

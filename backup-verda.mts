@@ -17,7 +17,7 @@ import { HashCache } from './lib/hash-cache.ts';
 import { verifyArtifactsStep, verifyObjectsStep, type Manifest, type R2Record } from './lib/manifest.ts';
 import { MODELS_FLAG, modelsStep, runModelsHere } from './lib/models.ts';
 import { runScript, type Step } from './lib/plan.ts';
-import { R2Backend } from './lib/r2.ts';
+import { R2Backend, r2Limits } from './lib/r2.ts';
 import { copyWarnings, rotateLocal, rotateRemote, rotationStep, timestamp } from './lib/rotation.ts';
 import { CommandTimeout, lazyHost } from './lib/ssh.ts';
 import { fingerprintedSource, type Backend } from './lib/storage.ts';
@@ -49,11 +49,11 @@ to the R2 models bucket. --quick: config only. Keeps KEEP_BACKUPS dated copies o
     const quickOnly = full ? undefined : '--quick';
     const cacheBucket = bucketTarget(cfg, 'cache');
     const modelsBucket = full ? bucketTarget(cfg, 'models') : undefined;
-    const cache = new R2Backend(cacheBucket);
+    const cache = new R2Backend(cacheBucket, r2Limits(cfg.limits));
     const dir = cfg.backupDir;
     if (flags.verify) {
       // From the newest manifest alone: no SSH, so it works once Verda is gone.
-      const models = new R2Backend(bucketTarget(cfg, 'models'));
+      const models = new R2Backend(bucketTarget(cfg, 'models'), r2Limits(cfg.limits));
       const backends = new Map<string, Backend>([
         [cache.target.bucket, cache],
         [models.target.bucket, models],
@@ -157,6 +157,7 @@ to the R2 models bucket. --quick: config only. Keeps KEEP_BACKUPS dated copies o
       target: modelsBucket,
       modelsDir: cfg.verdaModelsDir,
       sfsBackupDir: cfg.sfsBackupDir,
+      limits: cfg.limits,
       skipReason: quickOnly,
       onObject: (o) => r2.push(o),
     });

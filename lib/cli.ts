@@ -13,6 +13,10 @@ export async function exitAfterOutput(code: number): Promise<never> {
   process.exit(code);
 }
 
+/** What the admin should know about the run as a whole (a skewed clock): summary ⚠ lines, --json `notices`. */
+export const notices = new Set<string>();
+export const addNotice = (text: string) => void notices.add(text);
+
 /** Usage or configuration error: exit 2, nothing was done. */
 export class UsageError extends Error {}
 

@@ -41,6 +41,41 @@ export const DEFAULT_LIMITS: Limits = {
   commandIdleTimeoutMs: 600_000,
 };
 
+/** The limits from COMFYMULTI_R2_TIMEOUT and its siblings; unset or empty keeps the default. */
+export function readLimits(env: Record<string, string | undefined>): Limits {
+  const value = (name: string) => {
+    const raw = env[name]?.trim();
+    return raw ? raw : undefined;
+  };
+  // Seconds, decimals allowed; at most a day, beyond which Node's timers would fire at once.
+  const secondsOf = (name: string, fallbackS: number, zero: boolean) => {
+    const raw = value(name);
+    if (raw === undefined) return fallbackS;
+    const s = /^(\d+(\.\d*)?|\.\d+)$/.test(raw) ? Number(raw) : NaN;
+    if (!(s <= 86_400) || (!zero && s === 0)) {
+      throw new UsageError(`${name} must be a number of seconds, ${zero ? '0' : 'above 0'} to 86400 (got "${raw}")`);
+    }
+    return s;
+  };
+  const attemptsRaw = value('COMFYMULTI_R2_ATTEMPTS') ?? String(DEFAULT_LIMITS.r2Attempts);
+  const attempts = /^\d+$/.test(attemptsRaw) ? Number(attemptsRaw) : 0;
+  if (attempts < 1 || attempts > 100) {
+    throw new UsageError(`COMFYMULTI_R2_ATTEMPTS must be a whole number from 1 to 100 (got "${attemptsRaw}")`);
+  }
+  // A timeout in whole ms, never 0 (which would mean none at all).
+  const ms = (name: string, fallbackMs: number, zero = false) => {
+    const n = Math.round(secondsOf(name, fallbackMs / 1000, zero) * 1000);
+    return zero ? n : Math.max(1, n);
+  };
+  return {
+    r2IdleTimeoutMs: ms('COMFYMULTI_R2_TIMEOUT', DEFAULT_LIMITS.r2IdleTimeoutMs),
+    r2Attempts: attempts,
+    r2BackoffMs: ms('COMFYMULTI_R2_BACKOFF', DEFAULT_LIMITS.r2BackoffMs, true),
+    sshTimeoutS: secondsOf('COMFYMULTI_SSH_TIMEOUT', DEFAULT_LIMITS.sshTimeoutS, false),
+    commandIdleTimeoutMs: ms('COMFYMULTI_COMMAND_TIMEOUT', DEFAULT_LIMITS.commandIdleTimeoutMs),
+  };
+}
+
 export interface Config {
   env: Record<string, string | undefined>; // merged view, for the few things read lazily
   verdaHost: string;
@@ -433,7 +468,7 @@ export function loadConfig(processEnv: NodeJS.ProcessEnv, scriptDir: string, env
     containerImage: str('CONTAINER_IMAGE', 'comfy-multi-worker-1'),
     keepBackups: Number(keepRaw),
     stateDir: dir('COMFYMULTI_STATE_DIR', path.join(env.XDG_CACHE_HOME || path.join(home, '.cache'), 'comfymulti-scripts')),
-    limits: DEFAULT_LIMITS, // TODO(issue 10): read COMFYMULTI_R2_TIMEOUT etc.
+    limits: readLimits(env),
   };
 }
 

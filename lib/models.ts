@@ -3,11 +3,11 @@
 // the R2 target and credentials on stdin (never on a command line). Verda syncs its
 // `*.safetensors` with the hash cache on SFS, so a new instance does not hash 45 GB again.
 import path from 'node:path';
-import { exitAfterOutput, humanSize } from './cli.ts';
-import type { BucketTarget } from './config.ts';
+import { addNotice, exitAfterOutput, humanSize, notices } from './cli.ts';
+import { DEFAULT_LIMITS, type BucketTarget, type Limits } from './config.ts';
 import { HashCache } from './hash-cache.ts';
 import type { Step } from './plan.ts';
-import { R2Backend } from './r2.ts';
+import { R2Backend, r2Limits } from './r2.ts';
 import type { Host } from './ssh.ts';
 import { printable, saveCache, syncTree, type SyncResult } from './sync.ts';
 
@@ -20,6 +20,8 @@ export interface ModelsRequest {
   modelsDir: string;
   hashCacheFile: string;
   dryRun: boolean;
+  /** Mello's R2 timeout, attempts and backoff, so Verda's requests end as Mello's do. */
+  limits: Pick<Limits, 'r2IdleTimeoutMs' | 'r2Attempts' | 'r2BackoffMs'>;
 }
 
 export const isModel = (rel: string) => rel.endsWith('.safetensors');
@@ -32,6 +34,7 @@ export function modelsStep(opts: {
   target: BucketTarget | undefined;
   modelsDir: string;
   sfsBackupDir: string;
+  limits: Limits;
   skipReason?: string;
   /** Told of every model sent or found unchanged, for the manifest. */
   onObject?: (o: { bucket: string; key: string; bytes: number; sha256: string; action: 'uploaded' | 'skipped' }) => void;
@@ -48,6 +51,7 @@ export function modelsStep(opts: {
         modelsDir: opts.modelsDir,
         hashCacheFile: path.join(opts.sfsBackupDir, '.hash-cache', 'models.json'),
         dryRun: ctx.dryRun,
+        limits: opts.limits,
       };
       const r = await opts.host.run([path.join(opts.scriptsDir, 'backup-verda.mts'), MODELS_FLAG], {
         input: JSON.stringify(request) + '\n',
@@ -56,7 +60,7 @@ export function modelsStep(opts: {
         onStderr: (text) => text.split('\n').filter(Boolean).forEach((line) => ctx.out.detail(`verda: ${line}`)),
       });
       const last = r.stdout.trim().split('\n').pop() ?? '';
-      let result: (SyncResult & { error?: string; cacheWarning?: string }) | undefined;
+      let result: (SyncResult & { error?: string; cacheWarning?: string; notices?: string[] }) | undefined;
       try {
         result = JSON.parse(last);
       } catch {
@@ -66,6 +70,7 @@ export function modelsStep(opts: {
         const said = r.stderr.trim().split('\n').slice(-2).join('; ');
         throw new Error(`backup-verda.mts ${MODELS_FLAG} on ${opts.host.label} failed (exit ${r.code}): ${said || 'no output'}`);
       }
+      for (const notice of result.notices ?? []) addNotice(`on ${opts.host.label}: ${notice}`);
       if (result.error) throw new Error(`on ${opts.host.label}: ${result.error}`);
       const warnings = [
         ...(result.vanished ?? []).map((k) => `${printable(k)} vanished on Verda before it was sent: not backed up`),
@@ -119,7 +124,8 @@ export async function runModelsHere(): Promise<never> {
   for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) process.on(sig, () => controller.abort(new Error(sig)));
 
   const cache = HashCache.load(request.dryRun ? undefined : request.hashCacheFile);
-  const backend = new R2Backend(request.target);
+  // A request from an older Mello carries no limits.
+  const backend = new R2Backend(request.target, r2Limits(request.limits ?? DEFAULT_LIMITS));
   // A line every half minute while a big model is hashed or sent: Mello stops a command that
   // stays silent (COMFYMULTI_COMMAND_TIMEOUT), and this one is alive.
   let decided = 0;
@@ -140,11 +146,11 @@ export async function runModelsHere(): Promise<never> {
       },
     });
     const cacheWarning = request.dryRun ? undefined : saveCache(cache);
-    process.stdout.write(JSON.stringify({ ...result, cacheWarning }) + '\n');
+    process.stdout.write(JSON.stringify({ ...result, cacheWarning, notices: [...notices] }) + '\n');
     code = result.failures.length ? 1 : 0;
   } catch (e) {
     if (!request.dryRun) saveCache(cache);
-    process.stdout.write(JSON.stringify({ error: (e as Error).message }) + '\n');
+    process.stdout.write(JSON.stringify({ error: (e as Error).message, notices: [...notices] }) + '\n');
     code = 1;
   } finally {
     clearInterval(heartbeat);

@@ -4,7 +4,7 @@
 import { setMaxListeners } from 'node:events';
 import fs from 'node:fs';
 import path from 'node:path';
-import { COMMON_HELP, EXIT, Output, UsageError, errorText, exitAfterOutput, humanSize, parseFlags, type Flags } from './cli.ts';
+import { COMMON_HELP, EXIT, Output, UsageError, errorText, exitAfterOutput, humanSize, notices, parseFlags, type Flags } from './cli.ts';
 import { loadConfig, type Config } from './config.ts';
 import { removeStalePartials } from './files.ts';
 import { LockError, LockHeld, acquireLock } from './lock.ts';
@@ -226,6 +226,7 @@ export async function runScript(def: ScriptDef, argv = scriptArgs()): Promise<ne
   out.header(`=== ${flags.dryRun ? 'Dry run' : flags.verify ? 'Verify' : 'Backup'} ${failed.length ? 'FAILED' : 'complete'} in ${seconds}s: ${counts.join(', ')} ===`);
   for (const r of failed) out.fail(`Step ${r.step} (${r.name}): ${r.error ?? r.summary ?? r.status}`);
   if (controller.signal.aborted) out.fail(`interrupted by ${controller.signal.reason?.message}`);
+  for (const notice of notices) out.warn(notice);
   const total = reports.reduce((n, r) => n + (r.bytes ?? 0), 0);
   if (total && !flags.verify) out.info(`${flags.dryRun ? 'would send' : 'sent'} ${humanSize(total)} in all`);
 
@@ -241,6 +242,7 @@ export async function runScript(def: ScriptDef, argv = scriptArgs()): Promise<ne
       startedAt: new Date(started).toISOString(),
       durationMs: Date.now() - started,
       steps: reports,
+      notices: [...notices],
     };
     process.stdout.write(JSON.stringify(summary, null, 2) + '\n');
   }

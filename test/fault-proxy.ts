@@ -1,7 +1,8 @@
 // A programmable HTTP proxy on loopback in front of the S3 server: the scripts under test use it
 // as R2_ENDPOINT, and the test decides what the network and the server do to each request. It
 // can answer requests of a kind with a 5xx (an S3 XML error, the request never forwarded), cut
-// the client's connection after N bytes of a request body, and slow request bodies down; and it
+// the client's connection after N bytes of a request body, slow request bodies down, hold a
+// request without ever answering it, and stop reading a request body midway; and it
 // logs every exchange with its outcome, so a test can count what passed.
 // Request signing covers the Host header, which is forwarded unchanged.
 import http from 'node:http';
@@ -38,8 +39,9 @@ export interface Exchange {
   /** Request body bytes passed on to the server. */
   bodyBytes: number;
   /** forwarded: answered by the server; injected: answered by the proxy with an error; cut: the
-   * connection was cut by the proxy; client-gone: the client went away before the answer. */
-  outcome: 'pending' | 'forwarded' | 'injected' | 'cut' | 'client-gone' | 'upstream-error';
+   * connection was cut by the proxy; client-gone: the client went away before the answer; held:
+   * accepted and never answered; stalled: its body stopped being read midway. */
+  outcome: 'pending' | 'forwarded' | 'injected' | 'cut' | 'client-gone' | 'upstream-error' | 'held' | 'stalled';
 }
 
 export function requestKind(method: string, url: string): Kind {
@@ -77,6 +79,8 @@ export class FaultProxy {
   private fails: (Rule & { status: number })[] = [];
   private cuts: (Rule & { afterBytes: number })[] = [];
   private losses: Rule[] = [];
+  private holds: (Rule & { readBody: boolean })[] = [];
+  private stalls: (Rule & { afterBytes: number })[] = [];
   private throttles = new Map<Kind, number>();
   private watchers: (() => void)[] = [];
   private readonly agent = new http.Agent({ keepAlive: true, maxSockets: 64 });
@@ -125,6 +129,24 @@ export class FaultProxy {
     this.losses.push({ kinds, skip: 0, remaining: count });
   }
 
+  /**
+   * The next `count` matching requests (after `skip` let through) are accepted and never
+   * answered, nor forwarded: their body is read to its end (`readBody`), or never read at all, so
+   * the client's bytes pile up in the socket buffers.
+   */
+  hold(kinds: Kind[], count: number, skip = 0, { readBody = true } = {}) {
+    this.holds.push({ kinds, remaining: count, skip, readBody });
+  }
+
+  /**
+   * The next `count` matching requests whose body is longer than `afterBytes` (after `skip` such
+   * let through) have `afterBytes` of their body passed on, and then it is no longer read: a
+   * server that stops reading mid-upload.
+   */
+  stall(kinds: Kind[], afterBytes: number, skip = 0, count = 1) {
+    this.stalls.push({ kinds, afterBytes, skip, remaining: count });
+  }
+
   /** Request bodies of these kinds pass at `bytesPerSecond` each at most; undefined lifts it, for those in flight too. */
   throttle(kinds: Kind[], bytesPerSecond: number | undefined) {
     for (const k of kinds) {
@@ -139,13 +161,16 @@ export class FaultProxy {
     this.fails = [];
     this.cuts = [];
     this.losses = [];
+    this.holds = [];
+    this.stalls = [];
     this.throttles.clear();
     this.notify();
   }
 
   /** Matching fault rules not yet used up (a test asserts its faults were all met). */
   pendingFaults(): number {
-    return [...this.fails, ...this.cuts, ...this.losses].filter((r) => r.remaining > 0 && Number.isFinite(r.remaining)).length;
+    const rules = [...this.fails, ...this.cuts, ...this.losses, ...this.holds, ...this.stalls];
+    return rules.filter((r) => r.remaining > 0 && Number.isFinite(r.remaining)).length;
   }
 
   of(kind: Kind, from = 0): Exchange[] {
@@ -230,8 +255,22 @@ export class FaultProxy {
       return;
     }
 
+    const hold = this.take(this.holds, ex.kind);
+    if (hold) {
+      ex.outcome = 'held';
+      if (hold.readBody) {
+        req.on('data', (chunk: Buffer) => {
+          ex.bodyBytes += chunk.length;
+          this.notify();
+        });
+      }
+      this.notify();
+      return;
+    }
+
     const length = Number(req.headers['content-length'] ?? 0);
     const cut = this.take(this.cuts, ex.kind, (r) => length > r.afterBytes);
+    const stall = cut ? undefined : this.take(this.stalls, ex.kind, (r) => length > r.afterBytes);
     const lose = this.take(this.losses, ex.kind);
 
     const headers = { ...req.headers };
@@ -286,6 +325,7 @@ export class FaultProxy {
             const rate = proxy.throttles.get(ex.kind);
             let n = rate ? Math.min(chunk.length - at, 64 * 1024) : chunk.length - at;
             if (cut) n = Math.min(n, cut.afterBytes - ex.bodyBytes);
+            if (stall) n = Math.min(n, stall.afterBytes - ex.bodyBytes);
             this.push(chunk.subarray(at, at + n));
             at += n;
             ex.bodyBytes += n;
@@ -300,6 +340,12 @@ export class FaultProxy {
                 proxy.notify();
               }, 20);
               break;
+            }
+            if (stall && ex.bodyBytes >= stall.afterBytes) {
+              // Never calling back: nothing more is read from the client, whose sends then stop.
+              ex.outcome = 'stalled';
+              proxy.notify();
+              return;
             }
             if (rate) await sleep((n / rate) * 1000);
           }

@@ -8,8 +8,13 @@
 //   - answer UploadPart for an unknown (or aborted) upload with 404 NoSuchUpload (s3rver creates
 //     the upload's directory again), and drop a part whose request body was cut short (s3rver
 //     waits for it forever);
+//   - store a PutObject only once its whole body has arrived (s3rver writes it into the object as
+//     it comes: a request cut short left a truncated object in place of the previous one);
 //   - check Signature Version 4 (s3rver accepts any signature from a known key id, so a wrong
-//     secret went unnoticed): a request signed with another secret gets 403 SignatureDoesNotMatch.
+//     secret went unnoticed): a request signed with another secret gets 403 SignatureDoesNotMatch;
+//   - keep a clock of its own (setServerClock, or S3RVER_CLOCK_OFFSET_MS): a request signed more
+//     than 15 minutes from it gets 403 RequestTimeTooSkewed, and every answer carries the server's
+//     Date, from which clients correct their own clock (s3rver uses this machine's clock).
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import { createRequire } from 'node:module';
@@ -78,6 +83,18 @@ async function abortMultipartUpload(ctx: Ctx) {
     return putObjectMultipart.call(this, bucket, uploadId, parts);
   };
 
+  const putObject = FilesystemStore.prototype.putObject;
+  FilesystemStore.prototype.putObject = async function (this: unknown, object: { content: Readable | Buffer }) {
+    if (!Buffer.isBuffer(object.content)) {
+      const content = object.content;
+      const chunks: Buffer[] = [];
+      for await (const chunk of content) chunks.push(chunk as Buffer); // a cut request errors here
+      if ((content as { complete?: boolean }).complete === false) throw new Error('request body cut short');
+      object.content = Buffer.concat(chunks);
+    }
+    return putObject.call(this, object);
+  };
+
   FilesystemStore.prototype.putPart = async function putPart(
     this: { getResourcePath(bucket: string, key: string | undefined, resource: string): string },
     bucket: string,
@@ -113,6 +130,64 @@ async function abortMultipartUpload(ctx: Ctx) {
     fs.writeFileSync(`${partPath}.md5`, digest);
     return { size, md5: digest };
   };
+}
+
+// The server's clock: this machine's plus an offset.
+let clockOffsetMs = Number(process.env.S3RVER_CLOCK_OFFSET_MS ?? 0);
+let announceClock = true;
+
+/**
+ * Puts the server's clock `offsetMs` from this machine's (0: the same). `announce: false` keeps
+ * that clock to itself (no Date or ServerTime from it), so a client cannot correct its own.
+ */
+export function setServerClock(offsetMs: number, { announce = true } = {}) {
+  clockOffsetMs = offsetMs;
+  announceClock = announce;
+}
+
+const AMZ_DATE = /^(\d{4})(\d\d)(\d\d)T(\d\d)(\d\d)(\d\d)Z$/;
+const parseAmzDate = (v: string) => {
+  const m = AMZ_DATE.exec(v);
+  return m ? Date.UTC(+m[1], +m[2] - 1, +m[3], +m[4], +m[5], +m[6]) : NaN;
+};
+const formatAmzDate = (ms: number) => new Date(ms).toISOString().replace(/[-:]|\.\d+/g, '');
+
+interface ClockCtx extends Ctx {
+  res: { writeHead: (...args: unknown[]) => unknown; setHeader(name: string, value: string): void };
+}
+
+/** R2's check of the request time against the server's clock, and its Date on the answer. */
+function checkClock(ctx: ClockCtx) {
+  const offset = clockOffsetMs;
+  if (announceClock) {
+    // At writeHead: s3rver's error handler removes the headers set before it.
+    const { res } = ctx;
+    const writeHead = res.writeHead;
+    res.writeHead = function (this: typeof res, ...args: unknown[]) {
+      res.setHeader('Date', new Date(Date.now() + offset).toUTCString());
+      return writeHead.apply(this, args);
+    };
+  }
+  const sent = ctx.headers['x-amz-date'];
+  if (typeof sent !== 'string') return;
+  const requestTime = parseAmzDate(sent);
+  const serverTime = Date.now() + offset;
+  if (Math.abs(serverTime - requestTime) > 15 * 60_000) {
+    const message = 'The difference between the request time and the current time is too large.';
+    throw new S3Error('RequestTimeTooSkewed', message, {
+      RequestTime: sent,
+      ...(announceClock ? { ServerTime: new Date(serverTime).toISOString().replace(/\.\d+/, '') } : {}),
+      MaxAllowedSkewMilliseconds: 900000,
+    });
+  }
+}
+
+/** s3rver's own check compares the request time with this machine's clock: it gets that time. */
+function unskew(ctx: Ctx) {
+  const sent = ctx.headers['x-amz-date'];
+  if (typeof sent === 'string' && AMZ_DATE.test(sent)) {
+    ctx.headers['x-amz-date'] = formatAmzDate(parseAmzDate(sent) - clockOffsetMs);
+  }
 }
 
 // Signature Version 4, checked as R2 checks it: the canonical request rebuilt from what arrived.
@@ -175,8 +250,10 @@ function checkSigV4(ctx: Ctx) {
   if (!layer) throw new Error('s3rver router: no authentication middleware to extend');
   const i = layer.stack.findIndex((f) => f.name === 'authentication');
   const original = layer.stack[i];
-  layer.stack[i] = function authentication(ctx: Ctx, next: () => Promise<void>) {
-    checkSigV4(ctx);
+  layer.stack[i] = function authentication(ctx: ClockCtx, next: () => Promise<void>) {
+    if (clockOffsetMs) checkClock(ctx);
+    checkSigV4(ctx); // on the request as it arrived
+    if (clockOffsetMs) unskew(ctx);
     return original(ctx, next);
   };
 }

@@ -1,0 +1,467 @@
+// Every R2 request ends, and ends right. Against a real S3 server (s3rver, taught what R2 does:
+// see s3rver-fixes.ts) behind the fault proxy: a request that is never answered, or whose body
+// the server stops reading, is abandoned after the idle timeout and retried, and a run where R2
+// answers nothing ends by itself, naming the step; a body whose source fails or changes length
+// abandons its request at once, leaving the previous object; a clock hours off is corrected and
+// said, not reported as refused credentials; and the SDK never writes to the console.
+import { test } from 'uvu';
+import * as assert from 'uvu/assert';
+import crypto from 'node:crypto';
+import fs from 'node:fs';
+import path from 'node:path';
+import { Readable } from 'node:stream';
+import { FaultProxy, type Exchange, type Kind } from './fault-proxy.ts';
+import {
+  SECRET,
+  runScript,
+  sha256,
+  startS3,
+  tempDir,
+  treeDigest,
+  writeRandomFile,
+  writeTree,
+  type RunResult,
+  type S3Server,
+} from './helpers.ts';
+import { setServerClock } from './s3rver-fixes.ts';
+import { notices } from '../lib/cli.ts';
+import { R2Backend } from '../lib/r2.ts';
+import { SourceChanged, StorageError, type Source } from '../lib/storage.ts';
+
+const BUCKET = 'comfy-multi-user-files';
+const MiB = 1024 * 1024;
+/** A run that takes longer than this is hung: it is killed and the test fails. */
+const RUN_LIMIT_MS = 90_000;
+/** Short limits, so a held request costs seconds: 1.5 s idle timeout, 50 ms first backoff. */
+const LIMITS = { COMFYMULTI_R2_TIMEOUT: '1.5', COMFYMULTI_R2_BACKOFF: '0.05' };
+const IDLE_MS = 1500;
+/** What the SDK writes when left to itself: none of it may reach the run's output. */
+const SDK_TEXT = /\[WARN\]|@smithy|@aws-sdk|WARN -/;
+
+let s3: S3Server;
+let proxy: FaultProxy;
+let work: string;
+
+test.before(async () => {
+  s3 = await startS3([BUCKET]);
+  proxy = await FaultProxy.start(s3.endpoint);
+  work = tempDir('r2');
+});
+
+test.before.each(() => {
+  proxy.clearFaults();
+  setServerClock(0);
+});
+
+test.after(async () => {
+  setServerClock(0);
+  await proxy.close();
+  await s3.stop();
+  fs.rmSync(work, { recursive: true, force: true });
+});
+
+// ---------------------------------------------------------------------------------------------
+// Shared
+
+interface Run extends RunResult {
+  ms: number;
+}
+
+const out = (r: RunResult) => `--- stdout\n${r.stdout}\n--- stderr\n${r.stderr}`;
+
+/** Runs backup-mello; kills it (and fails the test) when it runs longer than RUN_LIMIT_MS. */
+async function runMello(env: Record<string, string>, args: string[] = []): Promise<Run> {
+  let timer: NodeJS.Timeout | undefined;
+  const started = Date.now();
+  const r = await runScript('backup-mello.mts', args, env, {
+    onSpawn: (pid) => (timer = setTimeout(() => process.kill(pid, 'SIGKILL'), RUN_LIMIT_MS)),
+  });
+  clearTimeout(timer);
+  const ms = Date.now() - started;
+  if (r.signal === 'SIGKILL') assert.unreachable(`backup-mello hung: killed after ${ms} ms\n${out(r)}`);
+  assert.not.match(r.stdout + r.stderr, SDK_TEXT, `no SDK line in the output\n${out(r)}`);
+  assert.not.match(r.stdout + r.stderr, /\n\s+at .+:\d+/, 'no stack trace');
+  return { ...r, ms };
+}
+
+/** A Mello data dir: small files, and a 40 MiB video sent as three parts (16, 16, 8 MiB). */
+function melloData(name: string) {
+  const root = path.join(work, name);
+  const data = path.join(root, 'data');
+  writeTree(data, {
+    'user_data/user001/workflows/flow.json': '{"nodes":[1,2,3]}',
+    'user_data/user002/comfy.settings.json': '{"theme":"dark"}',
+    'inputs/shared/ref.png': crypto.randomBytes(300_000),
+    'outputs/user001/img_0001.png': crypto.randomBytes(200_000),
+  });
+  writeRandomFile(path.join(data, VIDEO), 40 * MiB + 123);
+  const env = (state = 'state') => ({
+    R2_ENDPOINT: proxy.endpoint,
+    R2_ACCESS_KEY_ID: SECRET,
+    R2_SECRET_ACCESS_KEY: SECRET,
+    COMFYMULTI_STATE_DIR: path.join(root, state),
+    MELLO_DATA_DIR: data,
+    ...LIMITS,
+  });
+  return { data, env };
+}
+
+const VIDEO = 'outputs/user002/video.mp4';
+
+/** Every file of the data dir is in the bucket, byte for byte, with its sha256. */
+async function assertBackedUp(data: string) {
+  setServerClock(0); // the test's own client reads with this machine's clock
+  for (const tree of ['user_data', 'outputs', 'inputs']) {
+    for (const [rel, digest] of Object.entries(treeDigest(path.join(data, tree)))) {
+      const key = `${tree}/${rel}`;
+      assert.is(sha256(await s3.readObject(BUCKET, key)), digest, `bytes of ${key}`);
+      assert.is((await s3.headObject(BUCKET, key))?.metadata.sha256, digest, `sha256 metadata of ${key}`);
+    }
+  }
+}
+
+function assertClean(env: Record<string, string>) {
+  assert.equal(s3.openUploads(BUCKET), [], 'no multipart upload left open');
+  assert.not.ok(fs.existsSync(path.join(env.COMFYMULTI_STATE_DIR, 'backup-mello.lock')), 'the lock is released');
+}
+
+/** For each exchange the proxy held or stalled: the same request again, later, and answered. */
+function assertRetriedAfterTimeout(from: number, kinds: Kind[]) {
+  const same = (a: Exchange, b: Exchange) => a.kind === b.kind && a.url === b.url;
+  for (const kind of kinds) {
+    const held = proxy.of(kind, from).find((e) => e.outcome === 'held' || e.outcome === 'stalled');
+    assert.ok(held, `a ${kind} request was held`);
+    const retry = proxy.log.slice(held!.n).find((later) => same(later, held!) && later.outcome === 'forwarded');
+    assert.ok(retry, `the held ${kind} request was sent again and answered`);
+    assert.ok(retry!.status! < 300, `${kind} retry answered ${retry!.status}`);
+    // Abandoned after the idle timeout, not sooner; and not much later either.
+    const waited = retry!.at - held!.at;
+    assert.ok(waited >= IDLE_MS - 100 && waited < IDLE_MS + 5_000, `${kind} retried ${waited} ms after it was sent`);
+  }
+}
+
+const target = (endpoint: string) => ({ bucket: BUCKET, endpoint, accessKeyId: SECRET, secretAccessKey: SECRET });
+
+/** Settles `p` within `ms` or fails the test (a request that hangs must not hang the test). */
+async function settle<T>(p: Promise<T>, ms: number, what: string): Promise<{ value?: T; error?: unknown; ms: number }> {
+  const started = Date.now();
+  let timer: NodeJS.Timeout | undefined;
+  const deadline = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`${what}: still pending after ${ms} ms`)), ms);
+  });
+  try {
+    const value = await Promise.race([p, deadline]);
+    return { value, ms: Date.now() - started };
+  } catch (error) {
+    if ((error as Error).message?.includes('still pending')) assert.unreachable((error as Error).message);
+    return { error, ms: Date.now() - started };
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+/**
+ * A source of `bytes` whose streams behave as `fault` says once they reach `at` bytes from the
+ * start of the source: `error` yields what comes before, waits a little (the bytes reach the
+ * server) and errors with `error`; `end` ends there (the file shrank); `more` goes on past the
+ * range's end (the file grew).
+ */
+function faultySource(bytes: Buffer, at: number, fault: { error: Error } | 'end' | 'more'): Source {
+  return {
+    size: bytes.length,
+    describe: 'test source',
+    open(start, end) {
+      let pos = start;
+      let grown = false;
+      const stop = fault === 'more' ? end : Math.min(end, Math.max(start, at));
+      const stream: Readable = new Readable({
+        read() {
+          if (pos < stop) {
+            const n = Math.min(64 * 1024, stop - pos);
+            this.push(bytes.subarray(pos, pos + n));
+            pos += n;
+          } else if (fault === 'more' && end === bytes.length && !grown) {
+            grown = true;
+            this.push(crypto.randomBytes(1000)); // past the end: bytes written since the file was hashed
+          } else if (fault === 'more' || fault === 'end' || stop === end) {
+            this.push(null);
+          } else {
+            setTimeout(() => stream.destroy(fault.error), 100);
+          }
+        },
+      });
+      return stream;
+    },
+  };
+}
+
+const bufferSource = (bytes: Buffer): Source => ({
+  size: bytes.length,
+  describe: 'buffer',
+  open: (start, end) => Readable.from([bytes.subarray(start, end)]),
+});
+
+/** Parts of 5 MiB from 5 MiB on, so multipart uploads stay small here. */
+const SMALL_PARTS = { multipartThreshold: 5 * MiB, partSize: 5 * MiB };
+
+// ---------------------------------------------------------------------------------------------
+// 1. Every request ends: held and stalled requests are retried after the idle timeout
+
+test('one held request of each kind is abandoned after the idle timeout and retried; the run succeeds', async () => {
+  const m = melloData('held-each');
+  const first = await runMello(m.env());
+  assert.is(first.code, 0, out(first));
+  // A new state dir: every object is looked at again (HEAD). New bytes for the video (multipart)
+  // and a new file (single PUT).
+  writeRandomFile(path.join(m.data, VIDEO), 40 * MiB + 123);
+  writeTree(m.data, { 'inputs/shared/new.png': crypto.randomBytes(50_000) });
+  const from = proxy.log.length;
+  proxy.hold(['list'], 1);
+  proxy.hold(['head'], 1);
+  proxy.hold(['put'], 1); // body read, never answered
+  proxy.hold(['create-multipart'], 1);
+  proxy.hold(['upload-part'], 1, 0, { readBody: false }); // body never read
+  proxy.hold(['complete-multipart'], 1);
+  const r = await runMello(m.env('state2'));
+  assert.is(r.code, 0, out(r));
+  assert.is(proxy.pendingFaults(), 0, 'every request was held once');
+  assertRetriedAfterTimeout(from, ['list', 'head', 'put', 'create-multipart', 'upload-part', 'complete-multipart']);
+  await assertBackedUp(m.data);
+  assertClean(m.env('state2'));
+});
+
+test('bodies the server stops reading midway (a part, a PUT): retried after the idle timeout', async () => {
+  const m = melloData('stalled');
+  writeTree(m.data, { 'inputs/shared/big.png': crypto.randomBytes(4 * MiB) });
+  const from = proxy.log.length;
+  proxy.stall(['upload-part'], 5 * MiB);
+  proxy.stall(['put'], 1 * MiB);
+  const r = await runMello(m.env());
+  assert.is(r.code, 0, out(r));
+  assert.is(proxy.pendingFaults(), 0, 'both bodies stalled');
+  const stalledPart = proxy.of('upload-part', from).find((e) => e.outcome === 'stalled')!;
+  assert.is(stalledPart.bodyBytes, 5 * MiB, 'the part stalled 5 MiB in');
+  assertRetriedAfterTimeout(from, ['upload-part', 'put']);
+  await assertBackedUp(m.data);
+  assertClean(m.env());
+});
+
+test('R2 answers nothing at all: exit 1 within bounded time naming each step, lock released', async () => {
+  const m = melloData('silent');
+  const from = proxy.log.length;
+  const all: Kind[] = ['list', 'head', 'get', 'put', 'upload-part', 'create-multipart', 'complete-multipart'];
+  all.push('abort-multipart', 'delete', 'other');
+  proxy.hold(all, Infinity);
+  const r = await runMello({ ...m.env(), COMFYMULTI_R2_ATTEMPTS: '3' });
+  proxy.clearFaults();
+  assert.is(r.code, 1, out(r));
+  assert.ok(r.ms < 30_000, `ended by itself in ${r.ms} ms`);
+  assert.match(r.stdout, /Backup FAILED/);
+  for (const step of ['User data', 'Outputs', 'Inputs']) {
+    assert.match(r.stdout, new RegExp(`Step \\d \\(${step}.*\\): .*did not answer.*after 3 attempts`), `names ${step}`);
+  }
+  assert.is(proxy.of('list', from).length, 9, 'three attempts per step, no more');
+  assertClean(m.env());
+});
+
+test('every part and completion held: exit 1 in bounded time, the upload aborted, the older object whole', async () => {
+  const m = melloData('parts-held');
+  const first = await runMello(m.env());
+  assert.is(first.code, 0, out(first));
+  const before = fs.readFileSync(path.join(m.data, VIDEO));
+  writeRandomFile(path.join(m.data, VIDEO), 40 * MiB + 123);
+  const from = proxy.log.length;
+  proxy.hold(['upload-part', 'complete-multipart'], Infinity, 0, { readBody: false });
+  const r = await runMello({ ...m.env(), COMFYMULTI_R2_ATTEMPTS: '3' });
+  proxy.clearFaults();
+  assert.is(r.code, 1, out(r));
+  assert.ok(r.ms < 30_000, `ended by itself in ${r.ms} ms`);
+  assert.match(r.stdout, /Step \d \(Outputs\)/, 'the summary names the step');
+  assert.match(r.stdout, VIDEO, 'and the file');
+  assert.match(r.stdout, /did not answer/);
+  const aborts = proxy.of('abort-multipart', from);
+  assert.is(aborts.length, 1, 'the upload was aborted');
+  assert.is(aborts[0].status, 204);
+  assertClean(m.env());
+  assert.is(sha256(await s3.readObject(BUCKET, VIDEO)), sha256(before), 'the older object is whole');
+});
+
+test('limits not in seconds, or attempts not a whole number from 1, are exit 2 naming the variable', async () => {
+  const m = melloData('bad-limits');
+  const bad: [string, string][] = [
+    ['COMFYMULTI_R2_TIMEOUT', 'abc'],
+    ['COMFYMULTI_R2_TIMEOUT', '0'],
+    ['COMFYMULTI_R2_BACKOFF', '-1'],
+    ['COMFYMULTI_R2_ATTEMPTS', '0'],
+    ['COMFYMULTI_R2_ATTEMPTS', '2.5'],
+    ['COMFYMULTI_SSH_TIMEOUT', '10s'],
+    ['COMFYMULTI_COMMAND_TIMEOUT', '1e9'],
+  ];
+  const from = proxy.log.length;
+  for (const [name, value] of bad) {
+    const r = await runMello({ ...m.env(), [name]: value });
+    assert.is(r.code, 2, `${name}=${value}\n${out(r)}`);
+    assert.match(r.stderr, name);
+    assert.is(r.stdout, '', 'nothing was done');
+  }
+  assert.is(proxy.log.length, from, 'no request sent');
+  const limits = { COMFYMULTI_R2_TIMEOUT: '.5', COMFYMULTI_R2_BACKOFF: '0', COMFYMULTI_R2_ATTEMPTS: '3' };
+  const fine = await runMello({ ...m.env(), ...limits }, ['--dry-run']);
+  assert.is(fine.code, 0, out(fine));
+});
+
+// ---------------------------------------------------------------------------------------------
+// 2. A body that fails abandons its request at once
+
+test('a body erroring with SourceChanged: the PUT rejects with that error at once, the older object kept', async () => {
+  const backend = new R2Backend(target(s3.endpoint), { idleTimeoutMs: 20_000, backoffMs: 50 });
+  const key = 'body/single.bin';
+  const older = crypto.randomBytes(700_000);
+  await backend.put(key, bufferSource(older));
+  const changed = new SourceChanged('test source changed while it was being sent');
+  const bytes = crypto.randomBytes(700_000);
+  const r = await settle(backend.put(key, faultySource(bytes, 300_000, { error: changed })), 10_000, 'the PUT');
+  assert.is(r.error, changed, `rejects with the source's own error, got ${r.error}`);
+  assert.ok(r.ms < 1_500, `at once (${r.ms} ms), not after the idle timeout`);
+  assert.is(backend.requests.put, 2, 'not retried');
+  assert.ok((await s3.readObject(BUCKET, key)).equals(older), 'the older object is unchanged');
+});
+
+test('a part body erroring with SourceChanged: rejects with it at once, upload aborted, object kept', async () => {
+  const backend = new R2Backend(target(s3.endpoint), { idleTimeoutMs: 20_000, backoffMs: 50, ...SMALL_PARTS });
+  const key = 'body/multi.bin';
+  const older = crypto.randomBytes(6 * MiB);
+  await backend.put(key, bufferSource(older));
+  const changed = new SourceChanged('test source changed while it was being sent');
+  const bytes = crypto.randomBytes(12 * MiB);
+  const r = await settle(backend.put(key, faultySource(bytes, 6 * MiB, { error: changed })), 10_000, 'the upload');
+  assert.is(r.error, changed, `rejects with the source's own error, got ${r.error}`);
+  assert.ok(r.ms < 1_500, `at once (${r.ms} ms), not after the idle timeout`);
+  assert.is(backend.requests['abort-multipart'], 1, 'the upload was aborted');
+  assert.is(backend.requests['complete-multipart'], 1, 'only the older object was completed');
+  assert.equal(s3.openUploads(BUCKET), [], 'no multipart upload left open');
+  assert.ok((await s3.readObject(BUCKET, key)).equals(older), 'the older object is unchanged');
+});
+
+test('a body shorter or longer than declared (the file shrank or grew) is a SourceChanged at once', async () => {
+  const backend = new R2Backend(target(s3.endpoint), { idleTimeoutMs: 20_000, backoffMs: 50, ...SMALL_PARTS });
+  const key = 'body/resized.bin';
+  const older = crypto.randomBytes(100_000);
+  await backend.put(key, bufferSource(older));
+  const cases: [string, number, 'end' | 'more', RegExp][] = [
+    ['shrank, single PUT', 700_000, 'end', /shrank/],
+    ['grew, single PUT', 700_000, 'more', /grew/],
+    ['shrank, in a part', 12 * MiB, 'end', /shrank/],
+    ['grew, last part', 12 * MiB, 'more', /grew/],
+  ];
+  for (const [what, size, fault, message] of cases) {
+    const bytes = crypto.randomBytes(size);
+    const source = faultySource(bytes, fault === 'end' ? size - 1000 : size, fault);
+    const r = await settle(backend.put(key, source), 10_000, what);
+    assert.instance(r.error, SourceChanged, `${what}: ${r.error}`);
+    assert.match((r.error as Error).message, message, what);
+    assert.ok(r.ms < 1_500, `${what}: at once (${r.ms} ms)`);
+    assert.ok((await s3.readObject(BUCKET, key)).equals(older), `${what}: the older object is unchanged`);
+  }
+  // A small file read whole, whose read came back short.
+  const small: Source = { ...bufferSource(Buffer.alloc(1000)), readAll: async () => Buffer.alloc(999) };
+  const r = await settle(backend.put(key, small), 5_000, 'the small PUT');
+  assert.instance(r.error, SourceChanged);
+  assert.equal(s3.openUploads(BUCKET), [], 'no multipart upload left open');
+  assert.ok((await s3.readObject(BUCKET, key)).equals(older), 'the older object is unchanged');
+});
+
+// ---------------------------------------------------------------------------------------------
+// 3. A clock hours off
+
+test('the machine clock 3 hours behind R2: corrected at once, the run succeeds and says so', async () => {
+  const m = melloData('clock');
+  const from = proxy.log.length;
+  setServerClock(3 * 3600_000);
+  const r = await runMello(m.env(), ['--json']);
+  setServerClock(0);
+  assert.is(r.code, 0, out(r));
+  assert.is(proxy.log[from].status, 403, 'the first request was refused for the clock');
+  assert.match(r.stderr, /⚠ this machine's clock is 3h0m behind R2's: fix it \(timedatectl \/ chrony\)/, out(r));
+  assert.not.match(r.stdout + r.stderr, /credentials/);
+  const summary = JSON.parse(r.stdout);
+  assert.is(summary.notices.length, 1, 'one notice in --json');
+  assert.match(summary.notices[0], /3h0m behind/);
+  await assertBackedUp(m.data);
+  assertClean(m.env());
+});
+
+test('a clock R2 refuses and does not correct: the error says the clock, not the credentials', async () => {
+  const backend = new R2Backend(target(s3.endpoint), { idleTimeoutMs: 20_000, backoffMs: 50 });
+  setServerClock(-2 * 3600_000, { announce: false });
+  // A listing: R2 says RequestTimeTooSkewed in its body (an answer to HEAD has none).
+  const listing = (async () => {
+    for await (const o of backend.list('')) void o;
+  })();
+  const r = await settle(listing, 10_000, 'the listing');
+  setServerClock(0);
+  assert.instance(r.error, StorageError);
+  const message = (r.error as Error).message;
+  assert.match(message, /clock is too far from R2's; fix it/);
+  assert.not.match(message, /credentials/);
+  assert.ok((r.error as StorageError).fatal, 'every other request would fail the same way');
+  assert.is(backend.requests.list, 2, 'sent again once, at once');
+});
+
+test('a clock 3 h off and a wrong secret: once the clock is corrected, the error names the credentials', async () => {
+  const wrongSecret = { ...target(s3.endpoint), secretAccessKey: 'wrong' };
+  const backend = new R2Backend(wrongSecret, { idleTimeoutMs: 20_000, backoffMs: 50 });
+  setServerClock(3 * 3600_000);
+  const listing = (async () => {
+    for await (const o of backend.list('')) void o;
+  })();
+  const r = await settle(listing, 10_000, 'the listing');
+  const head = await settle(backend.head('anything'), 10_000, 'the HEAD'); // no body: no code to tell
+  setServerClock(0);
+  for (const [what, error] of [['list', r.error], ['head', head.error]] as const) {
+    assert.instance(error, StorageError, what);
+    assert.match((error as Error).message, /refused the credentials \(403.*\): check R2_ACCESS_KEY_ID/, what);
+    assert.not.match((error as Error).message, /clock/, what);
+  }
+  assert.is(backend.requests.list, 2, 'refused for the clock, then for the signature');
+  assert.is(backend.requests.head, 1, 'signed on the corrected clock at once');
+  assert.ok([...notices].some((n) => /clock is 3h0m behind R2's/.test(n)), `the clock in the notices: ${[...notices]}`);
+});
+
+// ---------------------------------------------------------------------------------------------
+// 4. The SDK never writes to the console
+
+test('the SDK warns of requests queueing for sockets: the warning is kept, nothing reaches the console', async () => {
+  const backend = new R2Backend(target(proxy.endpoint), { idleTimeoutMs: 20_000, backoffMs: 50, maxSockets: 1 });
+  const printed: string[] = [];
+  const writes = [process.stdout, process.stderr].map((s) => [s, s.write] as const);
+  const consoleWarn = console.warn;
+  for (const [s] of writes) {
+    s.write = ((chunk: string | Uint8Array) => (printed.push(String(chunk)), true)) as typeof s.write;
+  }
+  console.warn = (...args: unknown[]) => void printed.push(args.map(String).join(' '));
+  try {
+    // One socket, busy with a slow PUT, and three more waiting for it: the SDK's socket check
+    // (at 2 s plus the connection timeout of 10 s) finds it at capacity. (The waiting requests
+    // also reach their connection timeout, and are retried.)
+    proxy.throttle(['put'], 64 * 1024);
+    const puts = Array.from({ length: 4 }, (_, i) => {
+      const bytes = crypto.randomBytes(1 * MiB);
+      return backend.put(`queued/${i}.bin`, { ...bufferSource(bytes), describe: `queued ${i}` });
+    });
+    const warned = (async () => {
+      while (!backend.sdkWarnings.some((w) => /socket usage/.test(w))) await new Promise((r) => setTimeout(r, 100));
+    })();
+    await settle(warned, 20_000, 'the SDK socket warning');
+    proxy.throttle(['put'], undefined);
+    await settle(Promise.all(puts), 30_000, 'the queued PUTs');
+  } finally {
+    for (const [s, write] of writes) s.write = write;
+    console.warn = consoleWarn;
+    proxy.clearFaults();
+  }
+  assert.match(backend.sdkWarnings.join('\n'), /socket usage at capacity/);
+  assert.equal(printed.filter((p) => SDK_TEXT.test(p)), [], 'nothing of the SDK printed');
+});
+
+test.run();
