@@ -209,11 +209,17 @@ function exactBody(source: Source, start: number, end: number, onBytes?: (n: num
         const short = `${source.describe} shrank while it was being sent (${start + seen} bytes, not ${end})`;
         return done(new SourceChanged(short));
       }
-      if (last) {
-        onBytes?.(last.length);
-        this.push(last);
-      }
-      done();
+      // Before the last byte leaves: the source still holds what it gave (a file not rewritten).
+      (source.check?.() ?? Promise.resolve()).then(
+        () => {
+          if (last) {
+            onBytes?.(last.length);
+            this.push(last);
+          }
+          done();
+        },
+        (e) => done(e),
+      );
     },
   });
   const stream = source.open(start, end);
@@ -516,6 +522,7 @@ export class R2Backend implements Backend {
       const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
       if (failed) throw opts.signal?.aborted ? opts.signal.reason : failed.reason;
       if (signal.aborted) throw signal.reason;
+      await source.check?.(); // the parts are still the source's bytes: else no object at all
       let completeAttempts = 0;
       const done = await this.retry('complete-multipart', key, opts.signal, (a) => {
         completeAttempts++;
