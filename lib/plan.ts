@@ -224,7 +224,12 @@ export async function runScript(def: ScriptDef, argv = scriptArgs()): Promise<ne
     `${failed.length} failed`,
   ];
   out.header(`=== ${flags.dryRun ? 'Dry run' : flags.verify ? 'Verify' : 'Backup'} ${failed.length ? 'FAILED' : 'complete'} in ${seconds}s: ${counts.join(', ')} ===`);
-  for (const r of failed) out.fail(`Step ${r.step} (${r.name}): ${r.error ?? r.summary ?? r.status}`);
+  // The summary names the failures themselves, not only their steps: a cron log is read from its end.
+  for (const r of failed) {
+    const items = r.failures.slice(0, 5).concat(r.failures.length > 5 ? [`and ${r.failures.length - 5} more`] : []);
+    const why = r.error ?? (items.length ? items.join('; ') : (r.summary ?? r.status));
+    out.fail(`Step ${r.step} (${r.name}): ${why}`);
+  }
   if (controller.signal.aborted) out.fail(`interrupted by ${controller.signal.reason?.message}`);
   for (const notice of notices) out.warn(notice);
   const total = reports.reduce((n, r) => n + (r.bytes ?? 0), 0);
