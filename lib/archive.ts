@@ -11,10 +11,13 @@ import { pipeline } from 'node:stream/promises';
 import zlib from 'node:zlib';
 import tar from 'tar-stream';
 import type { Config } from './config.ts';
-import { humanSize } from './cli.ts';
-import { ensurePrivateDir, isRegularFile, openRegular, partialName, writeStreamAtomic, type Written } from './files.ts';
-import type { Step } from './plan.ts';
-import type { Host } from './ssh.ts';
+import { errorText, humanSize } from './cli.ts';
+import { ensurePrivateDir, isRegularFile, openRegular, partialName, writeFileAtomic, writeStreamAtomic, type Written } from './files.ts';
+import type { RunRecord } from './manifest.ts';
+import { failedBefore, type Step } from './plan.ts';
+import { copyWarnings, newestLocal } from './rotation.ts';
+import { CommandTimeout, type Host } from './ssh.ts';
+import { fingerprintedSource, type Backend } from './storage.ts';
 
 export interface ArchiveSpec {
   /** The artifact kind: the file is `${kind}-T.tar.gz`. */
@@ -297,46 +300,133 @@ export async function bundleFiles(files: string[], dest: string, signal?: AbortS
   return written;
 }
 
-/** An artifact of a run, as the manifest lists it. */
-export interface Artifact {
-  name: string;
-  bytes: number;
-  sha256: string;
-}
-
 /**
  * The step that writes one config archive into `dir` as `KIND-T.tar.gz`. A source missing on
  * the host is a warning and a skipped row. With `dedupe`, an archive whose content equals the
  * newest copy in `dir` is not written again (backup-cron's hourly copies).
  */
-export function archiveStep(opts: {
-  host: Host;
-  spec: ArchiveSpec;
-  dir: string;
-  stamp: string;
-  dedupe?: (dir: string, kind: string) => string | undefined;
-  onArtifact?: (a: Artifact) => void;
-}): Step {
-  const { spec, host } = opts;
-  const name = `${spec.kind}-${opts.stamp}.tar.gz`;
-  const file = path.join(opts.dir, name);
+export function archiveStep(o: { host: Host; spec: ArchiveSpec; dir: string; run: RunRecord; dedupe?: boolean }): Step {
+  const { spec, host } = o;
+  const name = `${spec.kind}-${o.run.stamp}.tar.gz`;
+  const file = path.join(o.dir, name);
+  const none = (where: string) => `${spec.base}: none of ${spec.entries.join(', ')} exists${where}`;
   return {
     name: spec.title,
     moves: `${host.label}:${path.join(spec.base, spec.entries.join(' '))} → ${file}`,
     async run(ctx) {
       if (ctx.dryRun) {
         const present = await presentEntries(host, spec, ctx.signal);
-        if (!present.length) return { status: 'skipped', summary: 'nothing to archive', warnings: [`${spec.base}: none of ${spec.entries.join(', ')} exists`] };
+        if (!present.length) return { status: 'skipped', summary: 'nothing to archive', warnings: [none('')] };
         return { summary: `would write ${name} from ${present.length} ${present.length === 1 ? 'entry' : 'entries'}` };
       }
-      ensurePrivateDir(opts.dir);
-      const newest = opts.dedupe?.(opts.dir, spec.kind);
+      ensurePrivateDir(o.dir);
+      const newest = o.dedupe ? newestLocal(o.dir, spec.kind, 'tar.gz') : undefined;
       const r = await writeArchive(host, spec, file, { signal: ctx.signal, unlessSameAs: newest });
-      if (!r) return { status: 'skipped', summary: 'nothing to archive', warnings: [`${spec.base}: none of ${spec.entries.join(', ')} exists on ${host.label}`] };
+      if (!r) return { status: 'skipped', summary: 'nothing to archive', warnings: [none(` on ${host.label}`)] };
       const warnings = r.warnings.map((w) => `${name}: ${w}`);
       if (!r.written) return { summary: `unchanged since ${path.basename(newest!)}: not written again`, warnings };
-      opts.onArtifact?.({ name, bytes: r.bytes, sha256: r.sha256 });
-      return { summary: `${name} (${humanSize(r.bytes)})`, bytes: r.bytes, warnings, data: { file, bytes: r.bytes, sha256: r.sha256, entries: r.entries } };
+      o.run.artifact({ name, bytes: r.bytes, sha256: r.sha256 });
+      const data = { file, bytes: r.bytes, sha256: r.sha256, entries: r.entries };
+      return { summary: `${name} (${humanSize(r.bytes)})`, bytes: r.bytes, warnings, data };
+    },
+  };
+}
+
+/** `tailscale-ip.txt`: Verda's Tailscale IPv4, or `unknown` when tailscale is missing, fails or hangs. */
+export function tailscaleIpStep(o: { host: Host; dir: string; run: RunRecord }): Step {
+  const file = path.join(o.dir, 'tailscale-ip.txt');
+  return {
+    name: 'Tailscale IP',
+    moves: `${o.host.label}: tailscale ip -4 → ${file}`,
+    async run(ctx) {
+      // No Verda at all is a failure (the command throws); a hung tailscale is "unknown".
+      let said = '';
+      const r = await o.host
+        .$({ signal: ctx.signal })`sh -c ${'command -v tailscale >/dev/null && tailscale ip -4'}`
+        .catch((e) => {
+          if (!(e instanceof CommandTimeout)) throw e;
+          said = ` (${e.message})`;
+          return { code: 1, stdout: '', stderr: '' };
+        });
+      const ip = (r.code === 0 && r.stdout.trim().split('\n')[0]) || 'unknown';
+      if (ctx.dryRun) return { summary: `would write tailscale-ip.txt (${ip})` };
+      ensurePrivateDir(o.dir);
+      writeFileAtomic(file, `${ip}\n`, 0o600);
+      o.run.artifact({ name: 'tailscale-ip.txt', bytes: ip.length + 1, sha256: crypto.createHash('sha256').update(`${ip}\n`).digest('hex') });
+      const warnings = ip === 'unknown' ? [`tailscale ip -4 failed on Verda${said}: wrote "unknown"`] : [];
+      return { summary: `tailscale-ip.txt: ${ip}`, warnings };
+    },
+  };
+}
+
+export const BUNDLE_KEY = 'verda-config-backup.tar.gz';
+/** The worker image's artifact: Mello keeps it, the config bundle leaves it out. */
+export const IMAGE_FILE = 'worker-image.tar.gz';
+export const BUNDLE_PREFIX = 'verda-config-backups/';
+
+/**
+ * The R2 config bundle: this run's config artifacts in one tarball, sent as the latest
+ * `verda-config-backup.tar.gz` and as a dated copy. Not sent when a config step failed: an
+ * incomplete bundle must not replace the last good one.
+ */
+export function bundleStep(o: {
+  dir: string;
+  cache: Backend;
+  bucket: string;
+  run: RunRecord;
+  configSteps: Step[];
+}): Step {
+  const dated = `${BUNDLE_PREFIX}verda-config-backup-${o.run.stamp}.tar.gz`;
+  return {
+    name: 'Config bundle to R2',
+    moves: `this run's config artifacts → ${o.cache.name}/${BUNDLE_KEY} and ${dated}`,
+    async run(ctx) {
+      if (ctx.dryRun) return { summary: `would send the run's config artifacts as ${BUNDLE_KEY} and ${dated}` };
+      const failed = failedBefore(ctx, o.configSteps);
+      if (failed.length) throw new Error(`not sent, ${failed.map((r) => r.name).join(', ')} failed: R2 keeps the previous bundle`);
+      const config = o.run.artifacts.filter((a) => a.name !== IMAGE_FILE);
+      if (!config.length) throw new Error('no config artifact was written: nothing to bundle');
+      const tmp = path.join(o.dir, `.verda-config-backup-${o.run.stamp}.tar.gz`);
+      try {
+        const b = await bundleFiles(config.map((a) => path.join(o.dir, a.name)), tmp, ctx.signal);
+        const bucket = o.bucket;
+        for (const key of [BUNDLE_KEY, dated]) {
+          await o.cache.put(key, fingerprintedSource(tmp, b.fingerprint), { metadata: { sha256: b.sha256 }, signal: ctx.signal });
+          o.run.object({ bucket, key, bytes: b.bytes, sha256: b.sha256, action: 'uploaded' });
+        }
+        return { summary: `${config.length} artifacts (${humanSize(b.bytes)}) sent as ${BUNDLE_KEY} and ${dated}`, bytes: b.bytes * 2 };
+      } finally {
+        fs.rmSync(tmp, { force: true });
+      }
+    },
+  };
+}
+
+/** --verify for backup-cron: the newest SFS copy of a kind is a whole archive, mode 0600. */
+export function verifyCopyStep(o: { host: Host; spec: ArchiveSpec; dir: string }): Step {
+  const { spec, dir } = o;
+  return {
+    name: `${spec.title}: newest copy`,
+    moves: `${dir}/${spec.kind}-*.tar.gz`,
+    async run(ctx) {
+      const newest = newestLocal(dir, spec.kind, 'tar.gz');
+      const warnings = copyWarnings(dir, spec.kind, 'tar.gz');
+      if (!newest) {
+        const present = await presentEntries(o.host, spec, ctx.signal);
+        if (present.length) throw new Error(`no copy of ${spec.kind} in ${dir}, though its source exists`);
+        warnings.push(`${spec.base}: none of ${spec.entries.join(', ')} exists; no copy expected`);
+        return { status: 'skipped', summary: 'no copy', warnings };
+      }
+      const name = path.basename(newest);
+      let entries: string[];
+      try {
+        entries = await listArchive(newest);
+      } catch (e) {
+        throw new Error(`${name} is not a whole archive (${errorText(e)})`);
+      }
+      const mode = fs.statSync(newest).mode & 0o777;
+      if (mode !== 0o600) warnings.push(`${name} has mode ${mode.toString(8)}, not 600`);
+      return { summary: `${name}: whole, ${entries.length} entries`, warnings, data: { file: newest, entries } };
     },
   };
 }

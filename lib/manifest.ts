@@ -1,19 +1,25 @@
-// The manifest of a backup-verda run, written last, and --verify built on it: the newest
-// manifest's artifacts against their bytes and sha256 (and that the archives list), and its R2
-// objects against the sha256 of their sources, recorded when they were sent. Needs no Verda:
-// verify still works once the instance is gone.
+// The record of a backup-verda run and its manifest, written last; and --verify built on it:
+// the newest manifest's artifacts against their bytes and sha256 (and that the archives list),
+// and its R2 objects against the sha256 of their sources, recorded when they were sent. Needs no
+// Verda: verify still works once the instance is gone.
 import fs from 'node:fs';
 import path from 'node:path';
-import type { Artifact } from './archive.ts';
 import { listArchive } from './archive.ts';
 import { errorText } from './cli.ts';
+import { ensurePrivateDir, readRegularFileSync, writeFileAtomic } from './files.ts';
 import { hashFile } from './hash-cache.ts';
-import type { Step } from './plan.ts';
-import { readRegularFileSync } from './files.ts';
+import { failedBefore, type Step } from './plan.ts';
 import { copyWarnings, localCopies } from './rotation.ts';
 import { pool } from './pool.ts';
 import { readBackSha256, type Backend } from './storage.ts';
 import { printable } from './sync.ts';
+
+/** An artifact of a run, as the manifest lists it. */
+export interface Artifact {
+  name: string;
+  bytes: number;
+  sha256: string;
+}
 
 /** An R2 object of the run. */
 export interface R2Record {
@@ -35,6 +41,49 @@ export interface Manifest {
   failedSteps: string[];
   artifacts: Artifact[];
   r2: R2Record[];
+}
+
+/** What a run has done so far, shared by its steps; the manifest is written from it, last. */
+export class RunRecord {
+  readonly artifacts: Artifact[] = [];
+  readonly r2: R2Record[] = [];
+  imageId?: string;
+  /** `stamp`: the run's `YYYYMMDD-HHMMSS`, in every dated name it writes. */
+  constructor(readonly stamp: string) {}
+  artifact(a: Artifact) {
+    this.artifacts.push(a);
+  }
+  object(o: R2Record) {
+    this.r2.push(o);
+  }
+}
+
+/** The manifest, written last: every artifact and R2 object of the run, and whether it is whole. */
+export function manifestStep(o: { dir: string; run: RunRecord; mode: Manifest['mode']; verdaHost: string }): Step {
+  const name = `manifest-${o.run.stamp}.json`;
+  return {
+    name: 'Manifest',
+    moves: `→ ${o.dir}/${name}`,
+    async run(ctx) {
+      if (ctx.dryRun) return { summary: `would write ${name}` };
+      const failedSteps = failedBefore(ctx).map((r) => r.name);
+      const manifest: Manifest = {
+        version: 1,
+        script: 'backup-verda',
+        timestamp: o.run.stamp,
+        mode: o.mode,
+        verdaHost: o.verdaHost,
+        imageId: o.run.imageId,
+        complete: failedSteps.length === 0,
+        failedSteps,
+        artifacts: o.run.artifacts,
+        r2: o.run.r2,
+      };
+      ensurePrivateDir(o.dir);
+      writeFileAtomic(path.join(o.dir, name), JSON.stringify(manifest, null, 2) + '\n', 0o600);
+      return { summary: `${name}: ${o.run.artifacts.length} artifacts, ${o.run.r2.length} R2 objects` };
+    },
+  };
 }
 
 function readManifest(file: string): Manifest {

@@ -6,6 +6,7 @@ import path from 'node:path';
 import { addNotice, exitAfterOutput, humanSize, notices } from './cli.ts';
 import { DEFAULT_LIMITS, type BucketTarget, type Limits } from './config.ts';
 import { HashCache } from './hash-cache.ts';
+import type { RunRecord } from './manifest.ts';
 import type { Step } from './plan.ts';
 import { R2Backend, r2Limits } from './r2.ts';
 import type { Host } from './ssh.ts';
@@ -36,8 +37,8 @@ export function modelsStep(opts: {
   sfsBackupDir: string;
   limits: Limits;
   skipReason?: string;
-  /** Told of every model sent or found unchanged, for the manifest. */
-  onObject?: (o: { bucket: string; key: string; bytes: number; sha256: string; action: 'uploaded' | 'skipped' }) => void;
+  /** The run's record: every model sent or found unchanged goes into the manifest. */
+  run: RunRecord;
 }): Step {
   const bucket = opts.target?.bucket ?? 'models bucket';
   return {
@@ -53,12 +54,13 @@ export function modelsStep(opts: {
         dryRun: ctx.dryRun,
         limits: opts.limits,
       };
-      const r = await opts.host.run([path.join(opts.scriptsDir, 'backup-verda.mts'), MODELS_FLAG], {
+      // The request (with the models bucket's credentials) goes on stdin, never on a command line.
+      const r = await opts.host.$({
         input: JSON.stringify(request) + '\n',
         holdStdin: true,
         signal: ctx.signal,
         onStderr: (text) => text.split('\n').filter(Boolean).forEach((line) => ctx.out.detail(`verda: ${line}`)),
-      });
+      })`${path.join(opts.scriptsDir, 'backup-verda.mts')} ${MODELS_FLAG}`;
       const last = r.stdout.trim().split('\n').pop() ?? '';
       let result: (SyncResult & { error?: string; cacheWarning?: string; notices?: string[] }) | undefined;
       try {
@@ -79,7 +81,7 @@ export function modelsStep(opts: {
       for (const a of result.actions) {
         if (a.action === 'send' && ctx.dryRun) ctx.out.info(`would send r2://${bucket}/${printable(a.key)} (${humanSize(a.bytes)})`);
         if (a.action !== 'failed' && !ctx.dryRun) {
-          opts.onObject?.({ bucket, key: a.key, bytes: a.bytes, sha256: a.sha256, action: a.action === 'send' ? 'uploaded' : 'skipped' });
+          opts.run.object({ bucket, key: a.key, bytes: a.bytes, sha256: a.sha256, action: a.action === 'send' ? 'uploaded' : 'skipped' });
         }
       }
       return {

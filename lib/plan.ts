@@ -8,15 +8,26 @@ import { COMMON_HELP, EXIT, Output, UsageError, errorText, exitAfterOutput, huma
 import { loadConfig, type Config } from './config.ts';
 import { removeStalePartials } from './files.ts';
 import { LockError, LockHeld, acquireLock } from './lock.ts';
-import { StorageError } from './storage.ts';
 
 export interface StepContext {
   out: Output;
   dryRun: boolean;
   verbose: boolean;
   signal: AbortSignal;
-  /** The reports of the steps before this one (rotation runs only when none failed). */
+  /** The reports of the steps before this one, in order (see failedBefore). */
   earlier: StepReport[];
+  /** The plan's steps, in the same order as the reports. */
+  steps: Step[];
+}
+
+/**
+ * The one rule for "did an earlier step fail": the steps before this one (or those of `among`)
+ * that failed or were interrupted. The bundle, the manifest and rotation all ask it.
+ */
+export function failedBefore(ctx: StepContext, among?: Step[]): StepReport[] {
+  return ctx.earlier.filter(
+    (r, i) => (r.status === 'failed' || r.status === 'interrupted') && (!among || among.includes(ctx.steps[i])),
+  );
 }
 
 export interface StepResult {
@@ -58,9 +69,9 @@ export interface StepReport {
 }
 
 /** Runs every step in order; a failed step does not stop the others, an interrupt does. */
-export async function runPlan(steps: Step[], base: Omit<StepContext, 'earlier'>): Promise<StepReport[]> {
+export async function runPlan(steps: Step[], base: Omit<StepContext, 'earlier' | 'steps'>): Promise<StepReport[]> {
   const reports: StepReport[] = [];
-  const ctx: StepContext = { ...base, earlier: reports };
+  const ctx: StepContext = { ...base, earlier: reports, steps };
   for (const [i, step] of steps.entries()) {
     const n = i + 1;
     const report: StepReport = { step: n, name: step.name, moves: step.moves, status: 'ok', warnings: [], failures: [], ms: 0 };

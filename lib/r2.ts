@@ -25,6 +25,8 @@ import { Agent } from 'node:http';
 import { Agent as HttpsAgent } from 'node:https';
 import { Transform, type Readable } from 'node:stream';
 import { addNotice } from './cli.ts';
+import { Pacer, Slots } from './pacer.ts';
+import { pool } from './pool.ts';
 import type { BucketTarget, Limits } from './config.ts';
 import {
   SourceChanged,
@@ -37,8 +39,25 @@ import {
 } from './storage.ts';
 
 export const MiB = 1024 * 1024;
-export const MIN_PART_SIZE = 5 * MiB;
-export const MAX_PARTS = 10_000;
+
+/**
+ * What R2 asks of an S3 client, in one place (the SPEC's "R2 as it really behaves"): region
+ * `auto` and path-style addressing (which a loopback endpoint also takes); checksums only when an
+ * operation requires one (R2 rejects Content-MD5 beside an x-amz-checksum-* header, older R2
+ * rejected the SDK's default CRC32, and an aws-chunked body is refused by some S3 servers); equal
+ * multipart parts of at least 5 MiB, at most 10,000 of them.
+ */
+export const R2_QUIRKS = {
+  region: 'auto',
+  forcePathStyle: true,
+  requestChecksumCalculation: 'WHEN_REQUIRED',
+  responseChecksumValidation: 'WHEN_REQUIRED',
+  minPartSize: 5 * MiB,
+  maxParts: 10_000,
+} as const;
+
+export const MIN_PART_SIZE = R2_QUIRKS.minPartSize;
+export const MAX_PARTS = R2_QUIRKS.maxParts;
 
 export interface R2Options {
   /** Objects this size and larger go multipart. */
@@ -91,15 +110,40 @@ export function clockNotice(offsetMs: number): string {
   return `this machine's clock is ${clockDistance(offsetMs)} ${where} R2's: ${fix}`;
 }
 
-type S3Failure = {
-  name?: string;
-  Code?: string;
+/** What an error from the SDK (or the network under it) says, read in one place. */
+export interface S3Fields {
+  /** HTTP status of R2's answer, if there was one. */
+  status?: number;
+  /** S3's error code (`NoSuchKey`, `SlowDown`) or the error's name (`TimeoutError`). */
   code?: string;
-  message?: string;
-  $metadata?: { httpStatusCode?: number; clockSkewCorrected?: boolean };
-  $response?: { headers?: Record<string, string | undefined> };
-  $retryable?: unknown;
-};
+  /** A system error code (`ECONNRESET`), if the request never got an answer. */
+  errno?: string;
+  /** R2's time, from its answer's Date header (NaN without one). */
+  serverTime: number;
+  retryable: boolean;
+  message: string;
+}
+
+export function s3Fields(e: unknown): S3Fields {
+  const err = e as {
+    name?: string;
+    Code?: string;
+    code?: string;
+    message?: string;
+    $metadata?: { httpStatusCode?: number };
+    $response?: { headers?: Record<string, string | undefined> };
+    $retryable?: unknown;
+  };
+  const headers = err?.$response?.headers ?? {};
+  return {
+    status: err?.$metadata?.httpStatusCode,
+    code: err?.Code ?? err?.name,
+    errno: typeof err?.code === 'string' && /^E[A-Z]+$/.test(err.code) ? err.code : undefined,
+    serverTime: Date.parse(headers.date ?? headers.Date ?? ''),
+    retryable: Boolean(err?.$retryable),
+    message: err?.message ?? String(e),
+  };
+}
 
 /**
  * R2's time minus ours, as its answer to a refused request shows it: NaN when R2 said the clock is
@@ -107,19 +151,18 @@ type S3Failure = {
  * is the correction the request was signed with: a 403 to a request signed on R2's time is not.
  */
 function clockOffsetOf(e: unknown, signedOffsetMs = 0): number | undefined {
-  const err = e as S3Failure;
-  const date = Date.parse(err.$response?.headers?.date ?? err.$response?.headers?.Date ?? '');
-  const offset = Number.isNaN(date) ? NaN : date - Date.now();
+  const f = s3Fields(e);
+  const offset = Number.isNaN(f.serverTime) ? NaN : f.serverTime - Date.now();
   // A Date close to ours beside RequestTimeTooSkewed tells nothing of R2's clock.
-  if ((err.Code ?? err.name) === 'RequestTimeTooSkewed') return Math.abs(offset) > CLOCK_SKEW_MS ? offset : NaN;
-  if (err.$metadata?.httpStatusCode === 403 && Math.abs(offset - signedOffsetMs) > CLOCK_SKEW_MS) return offset;
+  if (f.code === 'RequestTimeTooSkewed') return Math.abs(offset) > CLOCK_SKEW_MS ? offset : NaN;
+  if (f.status === 403 && Math.abs(offset - signedOffsetMs) > CLOCK_SKEW_MS) return offset;
   return undefined;
 }
 
 /** Equal parts of `preferred` size or more: every part but the last the same, at most 10,000. */
 export function partSizeFor(size: number, preferred: number): number {
-  const smallest = Math.ceil(size / MAX_PARTS);
-  const partSize = Math.max(preferred, MIN_PART_SIZE, smallest);
+  const smallest = Math.ceil(size / R2_QUIRKS.maxParts);
+  const partSize = Math.max(preferred, R2_QUIRKS.minPartSize, smallest);
   return Math.ceil(partSize / MiB) * MiB;
 }
 
@@ -128,9 +171,7 @@ export function partSizeFor(size: number, preferred: number): number {
  * `signedOffsetMs`: the clock correction the failed request was signed with.
  */
 export function describeS3Error(e: unknown, signedOffsetMs = 0): string {
-  const err = e as S3Failure;
-  const status = err.$metadata?.httpStatusCode;
-  const code = err.Code ?? err.name ?? err.code;
+  const { status, code, errno, message } = s3Fields(e);
   const clock = clockOffsetOf(e, signedOffsetMs);
   if (clock !== undefined) {
     // Not the credentials: R2 refuses a request signed at a time 15 minutes from its own.
@@ -142,38 +183,22 @@ export function describeS3Error(e: unknown, signedOffsetMs = 0): string {
     return `R2 refused the credentials (${[status, code].filter(Boolean).join(' ')}): check R2_ACCESS_KEY_ID and R2_SECRET_ACCESS_KEY`;
   }
   if (code === 'NoSuchBucket') return `the bucket does not exist (${code})`;
-  if (err.code && /^E[A-Z]+$/.test(err.code)) return `cannot reach R2: ${err.code}`;
-  if (err.name === 'TimeoutError') return 'R2 did not answer in time (nothing moved either way)';
-  if (status) return `R2 answered ${status} ${code ?? ''}: ${err.message ?? ''}`.trim();
-  return `${code ?? 'error'}: ${err.message ?? String(e)}`;
+  if (errno) return `cannot reach R2: ${errno}`;
+  if (code === 'TimeoutError') return 'R2 did not answer in time (nothing moved either way)';
+  if (status) return `R2 answered ${status} ${code ?? ''}: ${message}`.trim();
+  return `${code ?? 'error'}: ${message}`;
 }
 
 const CONNECTION_ERRORS = ['ECONNREFUSED', 'EAI_AGAIN', 'ENOTFOUND', 'EHOSTUNREACH', 'ENETUNREACH'];
 
+/** Worth another attempt: no answer, a timeout, 5xx, 429 (slow down) or 408. */
 function isRetryable(e: unknown): boolean {
-  const err = e as S3Failure;
-  if (err.name === 'AbortError') return false;
-  const status = err.$metadata?.httpStatusCode;
+  const { status, code, errno, retryable } = s3Fields(e);
+  if (code === 'AbortError') return false;
   if (status !== undefined && (status >= 500 || status === 429 || status === 408)) return true;
-  if (err.$retryable) return true;
-  const code = err.code ?? '';
-  if (['ECONNRESET', 'EPIPE', 'ETIMEDOUT', 'ECONNABORTED', ...CONNECTION_ERRORS].includes(code)) return true;
-  return ['TimeoutError', 'RequestTimeout', 'NetworkingError', 'InternalError'].includes(err.name ?? '');
-}
-
-function sleep(ms: number, signal?: AbortSignal): Promise<void> {
-  return new Promise((resolve, reject) => {
-    if (signal?.aborted) return reject(signal.reason);
-    const t = setTimeout(() => {
-      signal?.removeEventListener('abort', onAbort);
-      resolve();
-    }, ms);
-    const onAbort = () => {
-      clearTimeout(t);
-      reject(signal!.reason);
-    };
-    signal?.addEventListener('abort', onAbort, { once: true });
-  });
+  if (retryable) return true;
+  if (errno && ['ECONNRESET', 'EPIPE', 'ETIMEDOUT', 'ECONNABORTED', ...CONNECTION_ERRORS].includes(errno)) return true;
+  return ['TimeoutError', 'RequestTimeout', 'NetworkingError', 'InternalError'].includes(code ?? '');
 }
 
 const unquote = (etag: string | undefined) => (etag ?? '').replace(/^"|"$/g, '');
@@ -228,14 +253,46 @@ function exactBody(source: Source, start: number, end: number, onBytes?: (n: num
   return stream.pipe(guard);
 }
 
-/** One attempt of a request: the signal its request listens on, and its body. */
-interface Attempt {
-  signal: AbortSignal;
-  /**
-   * A range of `source` as this attempt's request body. A body that fails (a read error, a
-   * SourceChanged) abandons the request at once, and the attempt ends with the body's error.
-   */
-  body(source: Source, start: number, end: number, onBytes?: (n: number) => void): Readable | string;
+/**
+ * One attempt of a request: the signal its request listens on (the caller's, and its own), and
+ * its body. A body that fails (a read error, a SourceChanged) abandons the request at once: the
+ * SDK pipes the body into the request, and a pipe does not pass an error on, so the request would
+ * wait for bytes that never come.
+ */
+class Attempt {
+  private readonly abandon = new AbortController();
+  private readonly bodies: Readable[] = [];
+  private readonly onAbort = () => this.abandon.abort(this.parent!.reason);
+  bodyError: unknown;
+
+  // Tied to the caller's signal by a listener removed afterwards (an AbortSignal.any per request
+  // would grow the caller's signal by a reference each, in Node 20).
+  constructor(private readonly parent?: AbortSignal) {
+    if (parent?.aborted) this.onAbort();
+    else parent?.addEventListener('abort', this.onAbort, { once: true });
+  }
+  get signal() {
+    return this.abandon.signal;
+  }
+  body(source: Source, start: number, end: number, onBytes?: (n: number) => void): Readable | string {
+    if (end <= start) return '';
+    const body = exactBody(source, start, end, onBytes).on('error', (e) => {
+      this.bodyError ??= e;
+      this.abandon.abort(e);
+    });
+    this.bodies.push(body);
+    return body;
+  }
+  /** An abandoned attempt's file streams are closed, not left paused with a descriptor open. */
+  close() {
+    this.parent?.removeEventListener('abort', this.onAbort);
+    for (const body of this.bodies) body.destroy();
+  }
+}
+
+/** A request whose body failed: never retried, and its body's own error is what is thrown. */
+class BodyFailed {
+  constructor(readonly error: unknown) {}
 }
 
 /** The clock of this process is said once, whichever backend saw it first. */
@@ -245,8 +302,10 @@ export class R2Backend implements Backend {
   readonly name: string;
   readonly client: S3Client;
   private readonly opts: Required<R2Options>;
-  /** Count of requests sent, by operation; the benchmarks and notes read it. */
-  readonly requests: Record<string, number> = {};
+  /** Retries and backoff; its `attempts` counts the requests sent, by operation. */
+  readonly pacer: Pacer;
+  /** Parts in flight across all uploads of this backend: what bounds memory with many big files. */
+  private readonly partSlots: Slots;
   /** The SDK's own warnings (the last few), kept off the console: tests read them. */
   readonly sdkWarnings: string[] = [];
 
@@ -256,6 +315,8 @@ export class R2Backend implements Backend {
   ) {
     this.opts = { ...DEFAULTS, ...opts };
     this.name = `r2://${target.bucket}`;
+    this.pacer = new Pacer({ attempts: this.opts.attempts, backoffMs: this.opts.backoffMs });
+    this.partSlots = new Slots(this.opts.partsInFlight);
     // Above the requests a backend has in flight (16 files, 8 parts): the SDK's connection
     // timeout also counts the wait for a socket, so a queued request would time out.
     const agentOpts = { keepAlive: true, maxSockets: this.opts.maxSockets };
@@ -269,11 +330,11 @@ export class R2Backend implements Backend {
     const logger = { trace() {}, debug() {}, info() {}, warn: keep, error: keep };
     this.client = new S3Client({
       endpoint: target.endpoint,
-      region: 'auto',
-      forcePathStyle: true,
+      region: R2_QUIRKS.region,
+      forcePathStyle: R2_QUIRKS.forcePathStyle,
       credentials: { accessKeyId: target.accessKeyId, secretAccessKey: target.secretAccessKey },
-      requestChecksumCalculation: 'WHEN_REQUIRED',
-      responseChecksumValidation: 'WHEN_REQUIRED',
+      requestChecksumCalculation: R2_QUIRKS.requestChecksumCalculation,
+      responseChecksumValidation: R2_QUIRKS.responseChecksumValidation,
       maxAttempts: 1, // retries are ours: a body is reopened from its Source, which the SDK cannot do
       logger,
       requestHandler: {
@@ -290,82 +351,40 @@ export class R2Backend implements Backend {
   }
 
 
-  private partsRunning = 0;
-  private readonly partWaiters: (() => void)[] = [];
-
-  /** Runs `fn` once fewer than `partsInFlight` parts are in flight on this backend. */
-  private async partSlot<T>(fn: () => Promise<T>): Promise<T> {
-    while (this.partsRunning >= this.opts.partsInFlight) await new Promise<void>((resolve) => this.partWaiters.push(resolve));
-    this.partsRunning++;
-    try {
-      return await fn();
-    } finally {
-      this.partsRunning--;
-      this.partWaiters.shift()?.();
-    }
-  }
-
   /**
-   * Runs one request with bounded retries and exponential backoff on network errors, timeouts and
-   * 5xx. A request refused for the clock is sent again at once, signed with the SDK's corrected
-   * clock. A request whose body failed is not retried: the body's error is thrown as it is.
+   * Runs one request with bounded retries and backoff on network errors, timeouts and 5xx. A
+   * request refused for the clock is sent again at once, signed with the SDK's corrected clock.
+   * A request whose body failed is not retried: the body's error is thrown as it is.
    */
-  private async retry<T>(
-    op: string,
-    key: string,
-    signal: AbortSignal | undefined,
-    fn: (attempt: Attempt) => Promise<T>,
-  ): Promise<T> {
+  private request<T>(op: string, key: string, signal: AbortSignal | undefined, fn: (a: Attempt) => Promise<T>): Promise<T> {
     let clockRetried = false;
-    for (let attempt = 1; ; attempt++) {
-      this.requests[op] = (this.requests[op] ?? 0) + 1;
-      // R2's time minus ours as the SDK knows it now: what this attempt is signed with.
-      const signedOffset = this.client.config.systemClockOffset ?? 0;
-      // The attempt's own signal, tied to the caller's by a listener removed after it (an
-      // AbortSignal.any per request would grow the caller's signal by a reference each, in Node 20).
-      const abandon = new AbortController();
-      const onAbort = () => abandon.abort(signal!.reason);
-      if (signal?.aborted) onAbort();
-      else signal?.addEventListener('abort', onAbort, { once: true });
-      let bodyError: unknown;
-      const bodies: Readable[] = [];
-      const current: Attempt = {
-        signal: abandon.signal,
-        body: (source, start, end, onBytes) => {
-          if (end <= start) return '';
-          // The SDK pipes the body into the request, and a pipe does not pass an error on: the
-          // request would wait for bytes that never come.
-          const body = exactBody(source, start, end, onBytes).on('error', (e) => {
-            bodyError ??= e;
-            abandon.abort(e);
-          });
-          bodies.push(body);
-          return body;
-        },
-      };
-      try {
-        return await fn(current);
-      } catch (e) {
-        if (bodyError !== undefined) throw bodyError;
-        if (signal?.aborted) throw signal.reason;
+    let signedOffset = 0; // R2's time minus ours as the SDK knew it when the attempt was signed
+    return this.pacer.run(
+      op,
+      signal,
+      async () => {
+        signedOffset = this.client.config.systemClockOffset ?? 0;
+        const attempt = new Attempt(signal);
+        try {
+          return await fn(attempt);
+        } catch (e) {
+          throw attempt.bodyError !== undefined ? new BodyFailed(attempt.bodyError) : e;
+        } finally {
+          attempt.close();
+        }
+      },
+      (e) => {
+        if (e instanceof BodyFailed) return 'fail';
         if (clockOffsetOf(e, signedOffset) !== undefined) {
           this.noticeClock();
-          if (!clockRetried) {
-            clockRetried = true;
-            attempt--;
-            continue;
-          }
-          throw this.error(op, key, e, attempt, signedOffset);
+          if (clockRetried) return 'fail';
+          clockRetried = true;
+          return 'now';
         }
-        if (attempt >= this.opts.attempts || !isRetryable(e)) throw this.error(op, key, e, attempt, signedOffset);
-        const delay = this.opts.backoffMs * 2 ** (attempt - 1) * (0.75 + Math.random() / 2);
-        await sleep(delay, signal);
-      } finally {
-        signal?.removeEventListener('abort', onAbort);
-        // An abandoned attempt's file stream is closed, not left paused with its descriptor open.
-        for (const body of bodies) body.destroy();
-      }
-    }
+        return isRetryable(e) ? 'backoff' : 'fail';
+      },
+      (e, attempts) => (e instanceof BodyFailed ? e.error : this.error(op, key, e, attempts, signedOffset)),
+    );
   }
 
   /** Puts the clock in the run's notices once the SDK has learnt R2's time from a refusal. */
@@ -379,12 +398,10 @@ export class R2Backend implements Backend {
   /** The failure of request `op` on `key` (a prefix, for a listing) as a sentence naming both. */
   private error(op: string, key: string, e: unknown, attempts: number, signedOffset: number): StorageError {
     if (e instanceof StorageError) return e;
-    const err = e as S3Failure;
-    const status = err.$metadata?.httpStatusCode;
-    const code = err.Code ?? err.name;
+    const { status, code, errno } = s3Fields(e);
     // No answer, time after time: every other request would wait as long for nothing.
-    const timedOut = err.name === 'TimeoutError';
-    const unreachable = attempts >= this.opts.attempts && (timedOut || CONNECTION_ERRORS.includes(err.code ?? ''));
+    const timedOut = code === 'TimeoutError';
+    const unreachable = attempts >= this.opts.attempts && (timedOut || CONNECTION_ERRORS.includes(errno ?? ''));
     const refused = status === 403 || status === 401 || code === 'NoSuchBucket' || code === 'InvalidAccessKeyId';
     const tries = attempts > 1 ? ` after ${attempts} attempts` : '';
     const idle = seconds(this.opts.idleTimeoutMs);
@@ -395,7 +412,7 @@ export class R2Backend implements Backend {
   async *list(prefix: string, signal?: AbortSignal): AsyncIterable<ObjectInfo> {
     let token: string | undefined;
     do {
-      const page = await this.retry('list', prefix, signal, (a) =>
+      const page = await this.request('list', prefix, signal, (a) =>
         this.client.send(
           new ListObjectsV2Command({ Bucket: this.target.bucket, Prefix: prefix, ContinuationToken: token }),
           { abortSignal: a.signal },
@@ -410,7 +427,7 @@ export class R2Backend implements Backend {
 
   async head(key: string, signal?: AbortSignal): Promise<ObjectHead | undefined> {
     try {
-      const h = await this.retry('head', key, signal, (a) =>
+      const h = await this.request('head', key, signal, (a) =>
         this.client.send(new HeadObjectCommand({ Bucket: this.target.bucket, Key: key }), { abortSignal: a.signal }),
       );
       return { key, size: h.ContentLength ?? 0, etag: unquote(h.ETag), metadata: h.Metadata ?? {} };
@@ -421,14 +438,14 @@ export class R2Backend implements Backend {
   }
 
   async get(key: string, signal?: AbortSignal): Promise<Readable> {
-    const r = await this.retry('get', key, signal, (a) =>
+    const r = await this.request('get', key, signal, (a) =>
       this.client.send(new GetObjectCommand({ Bucket: this.target.bucket, Key: key }), { abortSignal: a.signal }),
     );
     return r.Body as Readable;
   }
 
   async delete(key: string, signal?: AbortSignal): Promise<void> {
-    await this.retry('delete', key, signal, (a) =>
+    await this.request('delete', key, signal, (a) =>
       this.client.send(new DeleteObjectCommand({ Bucket: this.target.bucket, Key: key }), { abortSignal: a.signal }),
     );
   }
@@ -446,7 +463,7 @@ export class R2Backend implements Backend {
       const sizes = `${whole.length} bytes, not ${source.size}`;
       throw new SourceChanged(`${source.describe} changed size while it was read (${sizes})`);
     }
-    const r = await this.retry('put', key, opts.signal, (a) => {
+    const r = await this.request('put', key, opts.signal, (a) => {
       if (sent) opts.onBytes?.(-sent); // a retry sends the bytes again
       sent = 0;
       return this.client.send(
@@ -473,7 +490,7 @@ export class R2Backend implements Backend {
     const bucket = this.target.bucket;
     const partSize = partSizeFor(source.size, this.opts.partSize);
     const partCount = Math.ceil(source.size / partSize);
-    const created = await this.retry('create-multipart', key, opts.signal, (a) =>
+    const created = await this.request('create-multipart', key, opts.signal, (a) =>
       this.client.send(new CreateMultipartUploadCommand({ Bucket: bucket, Key: key, Metadata: opts.metadata }), {
         abortSignal: a.signal,
       }),
@@ -484,47 +501,37 @@ export class R2Backend implements Backend {
     const signal = opts.signal ? AbortSignal.any([opts.signal, failFast.signal]) : failFast.signal;
     try {
       const etags: string[] = new Array(partCount);
-      let next = 0;
-      const worker = async () => {
-        while (next < partCount && !signal.aborted) {
-          const index = next++;
-          const start = index * partSize;
-          const end = Math.min(source.size, start + partSize);
-          let sent = 0;
-          const r = await this.partSlot(() => this.retry('upload-part', key, signal, (a) => {
-            if (sent) opts.onBytes?.(-sent);
+      const parts = Array.from({ length: partCount }, (_, i) => i);
+      const sendPart = async (index: number) => {
+        const start = index * partSize;
+        const end = Math.min(source.size, start + partSize);
+        let sent = 0;
+        const r = await this.partSlots.run(() =>
+          this.request('upload-part', key, signal, (a) => {
+            if (sent) opts.onBytes?.(-sent); // a retry sends the bytes again
             sent = 0;
-            return this.client.send(
-              new UploadPartCommand({
-                Bucket: bucket,
-                Key: key,
-                UploadId: uploadId,
-                PartNumber: index + 1,
-                Body: a.body(source, start, end, (n) => {
-                  sent += n;
-                  opts.onBytes?.(n);
-                }),
-                ContentLength: end - start,
-              }),
-              { abortSignal: a.signal },
-            );
-          }));
-          etags[index] = r.ETag!;
-        }
+            const body = a.body(source, start, end, (n) => {
+              sent += n;
+              opts.onBytes?.(n);
+            });
+            const part = { Bucket: bucket, Key: key, UploadId: uploadId, PartNumber: index + 1, Body: body, ContentLength: end - start };
+            return this.client.send(new UploadPartCommand(part), { abortSignal: a.signal });
+          }),
+        );
+        etags[index] = r.ETag!;
       };
-      const workers = Array.from({ length: Math.min(this.opts.partConcurrency, partCount) }, () =>
-        worker().catch((e) => {
+      await pool(parts, this.opts.partConcurrency, (index) =>
+        sendPart(index).catch((e) => {
           failFast.abort(e);
           throw e;
         }),
-      );
-      const results = await Promise.allSettled(workers);
-      const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
-      if (failed) throw opts.signal?.aborted ? opts.signal.reason : failed.reason;
+      ).catch((e) => {
+        throw opts.signal?.aborted ? opts.signal.reason : e;
+      });
       if (signal.aborted) throw signal.reason;
       await source.check?.(); // the parts are still the source's bytes: else no object at all
       let completeAttempts = 0;
-      const done = await this.retry('complete-multipart', key, opts.signal, (a) => {
+      const done = await this.request('complete-multipart', key, opts.signal, (a) => {
         completeAttempts++;
         return this.client.send(
           new CompleteMultipartUploadCommand({
@@ -554,7 +561,7 @@ export class R2Backend implements Backend {
   /** Aborts an upload so no parts stay billed; not tied to the run's signal, which may be aborted. */
   private async abortUpload(key: string, uploadId: string): Promise<void> {
     try {
-      await this.retry('abort-multipart', key, undefined, (a) =>
+      await this.request('abort-multipart', key, undefined, (a) =>
         this.client.send(
           new AbortMultipartUploadCommand({ Bucket: this.target.bucket, Key: key, UploadId: uploadId }),
           { abortSignal: a.signal },

@@ -4,7 +4,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { isRegularFile } from './files.ts';
-import type { Step } from './plan.ts';
+import { failedBefore, type Step } from './plan.ts';
 import type { Backend } from './storage.ts';
 
 /** `YYYYMMDD-HHMMSS` in local time, as the bash originals' `date +%Y%m%d-%H%M%S`. */
@@ -104,7 +104,7 @@ export function rotationStep(opts: {
     moves: `keep the ${opts.keep} newest dated copies of each kind in ${opts.where}`,
     async run(ctx) {
       const warnings = opts.inspect?.() ?? [];
-      const failed = ctx.earlier.filter((r) => r.status === 'failed' || r.status === 'interrupted');
+      const failed = failedBefore(ctx);
       if (failed.length) {
         warnings.push(`not rotated: ${failed.map((r) => r.name).join(', ')} failed, older copies kept`);
         return { status: 'skipped', summary: 'nothing deleted', warnings };

@@ -56,6 +56,38 @@ export interface Backend {
   delete(key: string, signal?: AbortSignal): Promise<void>;
 }
 
+/** A Backend that counts what is asked of another, by operation: the tests' and benchmarks' request counts. */
+export class CountingBackend implements Backend {
+  readonly calls: Record<string, number> = {};
+  readonly name: string;
+  constructor(readonly inner: Backend) {
+    this.name = inner.name;
+  }
+  private count(op: string) {
+    this.calls[op] = (this.calls[op] ?? 0) + 1;
+  }
+  list(prefix: string, signal?: AbortSignal) {
+    this.count('list');
+    return this.inner.list(prefix, signal);
+  }
+  head(key: string, signal?: AbortSignal) {
+    this.count('head');
+    return this.inner.head(key, signal);
+  }
+  put(key: string, source: Source, opts?: PutOptions) {
+    this.count('put');
+    return this.inner.put(key, source, opts);
+  }
+  get(key: string, signal?: AbortSignal) {
+    this.count('get');
+    return this.inner.get(key, signal);
+  }
+  delete(key: string, signal?: AbortSignal) {
+    this.count('delete');
+    return this.inner.delete(key, signal);
+  }
+}
+
 /**
  * Every failed request of a backend ends as a StorageError: a plain sentence for the admin (no stack, no
  * credentials), and whether retrying another object could help at all.

@@ -14,19 +14,12 @@ interface Stored {
 
 export class MemoryBackend implements Backend {
   readonly objects = new Map<string, Stored>();
-  /** Requests by operation, as the counting wrapper of the benchmarks counts them. */
-  readonly calls: Record<string, number> = {};
   /** Keys whose next put fails with this error (then the rule is spent). */
   failNextPut = new Map<string, Error>();
 
   constructor(readonly name = 'mem://bucket') {}
 
-  private count(op: string) {
-    this.calls[op] = (this.calls[op] ?? 0) + 1;
-  }
-
   async *list(prefix: string, signal?: AbortSignal): AsyncIterable<ObjectInfo> {
-    this.count('list');
     const keys = [...this.objects.keys()].filter((k) => k.startsWith(prefix)).sort();
     for (const key of keys) {
       signal?.throwIfAborted();
@@ -36,14 +29,12 @@ export class MemoryBackend implements Backend {
   }
 
   async head(key: string, signal?: AbortSignal): Promise<ObjectHead | undefined> {
-    this.count('head');
     signal?.throwIfAborted();
     const o = this.objects.get(key);
     return o && { key, size: o.data.length, etag: o.etag, metadata: { ...o.metadata } };
   }
 
   async put(key: string, source: Source, opts: PutOptions = {}): Promise<ObjectInfo> {
-    this.count('put');
     const planted = this.failNextPut.get(key);
     if (planted) {
       this.failNextPut.delete(key);
@@ -74,7 +65,6 @@ export class MemoryBackend implements Backend {
   }
 
   async get(key: string, signal?: AbortSignal): Promise<Readable> {
-    this.count('get');
     signal?.throwIfAborted();
     const o = this.objects.get(key);
     if (!o) throw new StorageError(`${this.name} get ${key}: no such key`, false, 404);
@@ -82,7 +72,6 @@ export class MemoryBackend implements Backend {
   }
 
   async delete(key: string, signal?: AbortSignal): Promise<void> {
-    this.count('delete');
     signal?.throwIfAborted();
     this.objects.delete(key);
   }

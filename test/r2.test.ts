@@ -323,7 +323,7 @@ test('a body erroring with SourceChanged: the PUT rejects with that error at onc
   const r = await settle(backend.put(key, faultySource(bytes, 300_000, { error: changed })), 10_000, 'the PUT');
   assert.is(r.error, changed, `rejects with the source's own error, got ${r.error}`);
   assert.ok(r.ms < 1_500, `at once (${r.ms} ms), not after the idle timeout`);
-  assert.is(backend.requests.put, 2, 'not retried');
+  assert.is(backend.pacer.attempts.put, 2, 'not retried');
   assert.ok((await s3.readObject(BUCKET, key)).equals(older), 'the older object is unchanged');
 });
 
@@ -337,8 +337,8 @@ test('a part body erroring with SourceChanged: rejects with it at once, upload a
   const r = await settle(backend.put(key, faultySource(bytes, 6 * MiB, { error: changed })), 10_000, 'the upload');
   assert.is(r.error, changed, `rejects with the source's own error, got ${r.error}`);
   assert.ok(r.ms < 1_500, `at once (${r.ms} ms), not after the idle timeout`);
-  assert.is(backend.requests['abort-multipart'], 1, 'the upload was aborted');
-  assert.is(backend.requests['complete-multipart'], 1, 'only the older object was completed');
+  assert.is(backend.pacer.attempts['abort-multipart'], 1, 'the upload was aborted');
+  assert.is(backend.pacer.attempts['complete-multipart'], 1, 'only the older object was completed');
   assert.equal(s3.openUploads(BUCKET), [], 'no multipart upload left open');
   assert.ok((await s3.readObject(BUCKET, key)).equals(older), 'the older object is unchanged');
 });
@@ -405,7 +405,7 @@ test('a clock R2 refuses and does not correct: the error says the clock, not the
   assert.match(message, /clock is too far from R2's; fix it/);
   assert.not.match(message, /credentials/);
   assert.ok((r.error as StorageError).fatal, 'every other request would fail the same way');
-  assert.is(backend.requests.list, 2, 'sent again once, at once');
+  assert.is(backend.pacer.attempts.list, 2, 'sent again once, at once');
 });
 
 test('a clock 3 h off and a wrong secret: once the clock is corrected, the error names the credentials', async () => {
@@ -423,8 +423,8 @@ test('a clock 3 h off and a wrong secret: once the clock is corrected, the error
     assert.match((error as Error).message, /refused the credentials \(403.*\): check R2_ACCESS_KEY_ID/, what);
     assert.not.match((error as Error).message, /clock/, what);
   }
-  assert.is(backend.requests.list, 2, 'refused for the clock, then for the signature');
-  assert.is(backend.requests.head, 1, 'signed on the corrected clock at once');
+  assert.is(backend.pacer.attempts.list, 2, 'refused for the clock, then for the signature');
+  assert.is(backend.pacer.attempts.head, 1, 'signed on the corrected clock at once');
   assert.ok([...notices].some((n) => /clock is 3h0m behind R2's/.test(n)), `the clock in the notices: ${[...notices]}`);
 });
 

@@ -16,7 +16,7 @@ import { pool } from '../lib/pool.ts';
 import { commandArgs, shellQuote } from '../lib/ssh.ts';
 import { MAX_PARTS, MIN_PART_SIZE, MiB, partSizeFor } from '../lib/r2.ts';
 import { datedCopies, datedPattern, isFuture, rotateRemote, stampTime, timestamp } from '../lib/rotation.ts';
-import { SourceChanged, StorageError, fingerprintFile, fingerprintedSource, readBackSha256 } from '../lib/storage.ts';
+import { CountingBackend, SourceChanged, StorageError, fingerprintFile, fingerprintedSource, readBackSha256 } from '../lib/storage.ts';
 import { syncTree } from '../lib/sync.ts';
 import { bufferSource } from './backend-conformance.ts';
 import { MemoryBackend } from './memory-backend.ts';
@@ -293,11 +293,12 @@ async function tree(files: Record<string, string>) {
 
 test('syncTree: new files are sent with their sha256; an unchanged rerun sends nothing, reads nothing, asks nothing but the listing', async () => {
   const root = await tree({ 'u1/a.json': 'a', 'u2/b.json': 'bb' });
-  const b = new MemoryBackend();
+  const memory = new MemoryBackend();
+  const b = new CountingBackend(memory);
   const cache = HashCache.load(undefined);
   const first = await syncTree({ root, backend: b, prefix: 'user_data/', cache });
   assert.equal([first.sent, first.skipped, first.failures], [2, 0, []]);
-  assert.is(b.objects.get('user_data/u1/a.json')?.metadata.sha256, sha('a'));
+  assert.is(memory.objects.get('user_data/u1/a.json')?.metadata.sha256, sha('a'));
   const calls = { ...b.calls };
   const again = await syncTree({ root, backend: b, prefix: 'user_data/', cache });
   assert.equal([again.sent, again.skipped, again.hashed], [0, 2, 0]);

@@ -1,0 +1,103 @@
+// The worker image: saved on Verda (`CONTAINER_CLI save`), streamed into Mello's
+// worker-image.tar.gz through a temporary name (the old file is replaced only once the new one
+// is complete), then sent to the cache bucket. Saved only when the image ID changed since the
+// last backup, and only trusted as unchanged when Mello's copy and R2's object prove it.
+import fs from 'node:fs';
+import path from 'node:path';
+import { IMAGE_FILE, commandToGzipFile } from './archive.ts';
+import { humanSize } from './cli.ts';
+import { ensurePrivateDir, isRegularFile, readRegularFileSync, writeFileAtomic } from './files.ts';
+import { HashCache } from './hash-cache.ts';
+import type { RunRecord } from './manifest.ts';
+import type { Step } from './plan.ts';
+import type { Host } from './ssh.ts';
+import { fingerprintedSource, type Backend } from './storage.ts';
+import { saveCache } from './sync.ts';
+
+const IMAGE_ID_FILE = 'worker-image.id';
+const IMAGE_SHA_FILE = 'worker-image.sha256';
+
+/**
+ * The image last saved (worker-image.id) and the sha256 of its saved copy (worker-image.sha256,
+ * in sha256sum's format). Either missing or damaged records nothing: the image is saved again.
+ */
+function readImageRecord(dir: string): { imageId: string; sha256: string } | undefined {
+  try {
+    const imageId = readRegularFileSync(path.join(dir, IMAGE_ID_FILE)).toString('utf8').trim();
+    const sha256 = /^([0-9a-f]{64}) /.exec(readRegularFileSync(path.join(dir, IMAGE_SHA_FILE)).toString('utf8'))?.[1];
+    return imageId && sha256 ? { imageId, sha256 } : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** sha256 and size of a file on Mello, by a hash cache (read again only when its stat changed). */
+async function localDigest(file: string, cacheFile: string, signal: AbortSignal) {
+  if (!isRegularFile(file)) return undefined;
+  const hashes = HashCache.load(cacheFile);
+  const st = fs.lstatSync(file, { bigint: true });
+  const { sha256, fingerprint } = await hashes.hash(file, { size: st.size, mtimeNs: st.mtimeNs, ino: st.ino }, signal);
+  saveCache(hashes);
+  return { sha256, bytes: fingerprint?.size ?? Number(st.size) };
+}
+
+export function imageStep(o: {
+  host: Host;
+  cli: string;
+  image: string;
+  dir: string;
+  cache: Backend;
+  bucket: string;
+  run: RunRecord;
+  /** Where Mello's hash cache of its own files lives (COMFYMULTI_STATE_DIR). */
+  stateDir: string;
+  skipReason?: string;
+}): Step {
+  const file = path.join(o.dir, IMAGE_FILE);
+  return {
+    name: 'Container image',
+    moves: `${o.host.label}: ${o.cli} save ${o.image} → ${file} → ${o.cache.name}/${IMAGE_FILE}`,
+    skipReason: o.skipReason,
+    async run(ctx) {
+      const inspect = await o.host.$({ signal: ctx.signal })`${o.cli} image inspect --format {{.Id}} ${o.image}`;
+      if (inspect.code !== 0) {
+        throw new Error(`${o.cli} image inspect ${o.image} on ${o.host.label}: ${inspect.stderr.trim() || `exit ${inspect.code}`}`);
+      }
+      const imageId = inspect.stdout.trim();
+      o.run.imageId = imageId;
+      const short = imageId.replace(/^sha256:/, '').slice(0, 12);
+      const recorded = readImageRecord(o.dir);
+      const there = await o.cache.head(IMAGE_FILE, ctx.signal);
+      const warnings: string[] = [];
+      // Unchanged only when all three agree: the recorded ID is this image's, R2's object carries
+      // it with the recorded bytes, and Mello's copy still holds them. A file that merely exists
+      // is no proof: a bad save once stood there.
+      if (recorded?.imageId === imageId && there?.metadata['image-id'] === imageId && there.metadata.sha256 === recorded.sha256) {
+        const local = await localDigest(file, path.join(o.stateDir, 'hashes-backup-verda.json'), ctx.signal);
+        if (local?.sha256 === recorded.sha256 && local.bytes === there.size) {
+          o.run.artifact({ name: IMAGE_FILE, bytes: local.bytes, sha256: local.sha256 });
+          o.run.object({ bucket: o.bucket, key: IMAGE_FILE, bytes: there.size, sha256: local.sha256, action: 'skipped' });
+          return { summary: `image ${short} unchanged since the last backup: not saved again` };
+        }
+        warnings.push(`${file} no longer holds the image recorded in ${IMAGE_SHA_FILE}: saved again`);
+      }
+      if (ctx.dryRun) return { summary: `would save image ${short} to ${file} and send it to ${o.cache.name}/${IMAGE_FILE}`, warnings };
+      ensurePrivateDir(o.dir);
+      // gzip level 1: the image is gigabytes and Mello is a small VPS; speed over a few % of size.
+      const saved = await commandToGzipFile(o.host, [o.cli, 'save', o.image], file, { signal: ctx.signal, level: 1, expectTar: true });
+      o.run.artifact({ name: IMAGE_FILE, bytes: saved.bytes, sha256: saved.sha256 });
+      const started = Date.now();
+      let sent = 0;
+      await o.cache.put(IMAGE_FILE, fingerprintedSource(file, saved.fingerprint), {
+        metadata: { sha256: saved.sha256, 'image-id': imageId },
+        signal: ctx.signal,
+        onBytes: ctx.out.fancy ? (n) => ctx.out.progress(IMAGE_FILE, (sent += n), saved.bytes, started) : undefined,
+      });
+      o.run.object({ bucket: o.bucket, key: IMAGE_FILE, bytes: saved.bytes, sha256: saved.sha256, action: 'uploaded' });
+      // Recorded only once both copies are complete: the ID last.
+      writeFileAtomic(path.join(o.dir, IMAGE_SHA_FILE), `${saved.sha256}  ${IMAGE_FILE}\n`, 0o600);
+      writeFileAtomic(path.join(o.dir, IMAGE_ID_FILE), `${imageId}\n`, 0o600);
+      return { summary: `${IMAGE_FILE}: image ${short} (${humanSize(saved.bytes)}), saved and sent`, bytes: saved.bytes, warnings };
+    },
+  };
+}
