@@ -7,7 +7,6 @@
 // when Verda's cron triggers it. Never deletes in R2.
 import path from 'node:path';
 import { bucketTarget, requireDir, requireDirOrAbsent } from './lib/config.ts';
-import { HashCache } from './lib/hash-cache.ts';
 import { runScript } from './lib/plan.ts';
 import { R2Backend, r2Limits } from './lib/r2.ts';
 import { syncStep, verifyStep } from './lib/sync.ts';
@@ -26,9 +25,17 @@ its sha256 (--deep: reads the objects back).`,
     requireDirOrAbsent(cfg, 'COMFYMULTI_STATE_DIR');
     const data = cfg.melloDataDir;
     const r2 = new R2Backend(bucketTarget(cfg, 'userFiles'), r2Limits(cfg.limits));
-    const cache = HashCache.load(path.join(cfg.stateDir, 'hashes-backup-mello.json'));
+    // One hash cache per tree, read and written as a stream (see lib/hash-cache.ts TreeCache);
+    // the older single file is read the first time only.
     const tree = (name: string, dir: string) => {
-      const o = { name, root: path.join(data, dir), backend: r2, prefix: `${dir}/`, cache };
+      const o = {
+        name,
+        root: path.join(data, dir),
+        backend: r2,
+        prefix: `${dir}/`,
+        cacheFile: path.join(cfg.stateDir, `hashes-backup-mello-${dir}.jsonl`),
+        legacyCache: path.join(cfg.stateDir, 'hashes-backup-mello.json'),
+      };
       return flags.verify ? verifyStep({ ...o, deep: flags.deep }) : syncStep(o);
     };
     return {

@@ -277,6 +277,29 @@ export interface WalkResult {
   unreadable: { rel: string; error: string }[];
 }
 
+/** What the walk meets, in key order: a file (stat it when its turn comes), a symlink, a problem. */
+export type WalkEntry =
+  | { kind: 'file'; path: string; rel: string }
+  | { kind: 'symlink'; rel: string }
+  | { kind: 'unreadable'; rel: string; error: string };
+
+/**
+ * Orders keys as S3 lists them, by UTF-8 bytes (JavaScript compares UTF-16 code units, which
+ * puts U+E000–U+FFFF after astral characters: the code point fix-up below undoes that).
+ */
+export function compareKeys(a: string, b: string): number {
+  const n = Math.min(a.length, b.length);
+  for (let i = 0; i < n; i++) {
+    let x = a.charCodeAt(i);
+    let y = b.charCodeAt(i);
+    if (x === y) continue;
+    if (x >= 0xd800) x += x < 0xe000 ? 0x2000 : -0x800;
+    if (y >= 0xd800) y += y < 0xe000 ? 0x2000 : -0x800;
+    return x - y;
+  }
+  return a.length - b.length;
+}
+
 /** A name as bytes, shown with every byte that is not UTF-8 as `\xNN`. */
 export function showBytes(name: Buffer): string {
   let out = '';
@@ -301,58 +324,66 @@ export function showBytes(name: Buffer): string {
 const isUtf8 = (name: Buffer) => Buffer.from(name.toString('utf8'), 'utf8').equals(name);
 
 /**
- * Every regular file under `root`, sorted by relative path; symlinks are never followed, other
- * kinds (FIFOs, sockets, devices) passed over. A name that is not valid UTF-8 cannot be an S3 key:
- * it is reported in `unreadable`, named with its bad bytes shown.
+ * Every entry under `root` in the order S3 lists their keys, one directory in memory at a time:
+ * a directory's entries are sorted by name, a subdirectory's as `name/`, which is where its keys
+ * fall among its siblings' (`a-c` < `a/x`). Symlinks are never followed; FIFOs, sockets and
+ * devices are passed over. A name that is not valid UTF-8 cannot be an S3 key: it is reported,
+ * with its bad bytes shown. Files are not stat'ed here: the consumer does, when it takes them.
  */
+export async function* walkSorted(root: string, relDir = ''): AsyncGenerator<WalkEntry> {
+  const dir = relDir ? path.join(root, relDir) : root;
+  let entries: fs.Dirent[];
+  try {
+    entries = (await fs.promises.readdir(Buffer.from(dir), { withFileTypes: true, encoding: 'buffer' })) as unknown as fs.Dirent[];
+  } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code;
+    if (code === 'ENOENT' && relDir) return; // removed meanwhile: nothing to send
+    yield { kind: 'unreadable', rel: relDir || '.', error: `cannot read the directory: ${code ?? String(e)}` };
+    return;
+  }
+  const named: { name: string; sortKey: string; type: 'file' | 'dir' | 'link' | 'bad' }[] = [];
+  for (const entry of entries) {
+    const raw = entry.name as unknown as Buffer;
+    if (!isUtf8(raw)) {
+      named.push({ name: showBytes(raw), sortKey: showBytes(raw), type: 'bad' });
+      continue;
+    }
+    const name = raw.toString('utf8');
+    let type: 'file' | 'dir' | 'link' | 'other' = entry.isFile()
+      ? 'file'
+      : entry.isDirectory()
+        ? 'dir'
+        : entry.isSymbolicLink()
+          ? 'link'
+          : 'other';
+    // Some filesystems give no type in a listing: ask lstat.
+    if (type === 'other' && !entry.isFIFO() && !entry.isSocket() && !entry.isBlockDevice() && !entry.isCharacterDevice()) {
+      const st = await fs.promises.lstat(path.join(dir, name)).catch(() => undefined);
+      type = st?.isFile() ? 'file' : st?.isDirectory() ? 'dir' : st?.isSymbolicLink() ? 'link' : 'other';
+    }
+    if (type !== 'other') named.push({ name, sortKey: type === 'dir' ? `${name}/` : name, type });
+  }
+  entries = [];
+  named.sort((a, b) => compareKeys(a.sortKey, b.sortKey));
+  for (const e of named) {
+    const rel = relDir ? `${relDir}/${e.name}` : e.name;
+    if (e.type === 'dir') yield* walkSorted(root, rel);
+    else if (e.type === 'file') yield { kind: 'file', path: path.join(root, rel), rel };
+    else if (e.type === 'link') yield { kind: 'symlink', rel };
+    else yield { kind: 'unreadable', rel, error: 'the name is not valid UTF-8, which an S3 key must be: rename it to back it up' };
+  }
+}
+
+/** The whole walk, stat'ed and collected: for small trees and tests (syncTree streams instead). */
 export async function walkTree(root: string): Promise<WalkResult> {
   const result: WalkResult = { files: [], symlinks: [], unreadable: [] };
-  const visit = async (dir: string, relDir: string) => {
-    let entries: fs.Dirent[];
-    try {
-      entries = (await fs.promises.readdir(Buffer.from(dir), { withFileTypes: true, encoding: 'buffer' })) as unknown as fs.Dirent[];
-    } catch (e) {
-      const code = (e as NodeJS.ErrnoException).code;
-      if (code === 'ENOENT' && relDir) return; // removed meanwhile: nothing to send
-      result.unreadable.push({ rel: relDir || '.', error: `cannot read the directory: ${code ?? String(e)}` });
-      return;
+  for await (const e of walkSorted(root)) {
+    if (e.kind === 'symlink') result.symlinks.push(e.rel);
+    else if (e.kind === 'unreadable') result.unreadable.push({ rel: e.rel, error: e.error });
+    else {
+      const stat = await fs.promises.lstat(e.path, { bigint: true }).catch(() => undefined);
+      if (stat?.isFile()) result.files.push({ path: e.path, rel: e.rel, stat });
     }
-    // A directory's entries at once: thousands of outputs in one folder are common.
-    await Promise.all(
-      entries.map(async (entry) => {
-        const raw = entry.name as unknown as Buffer;
-        if (!isUtf8(raw)) {
-          const shown = relDir ? `${relDir}/${showBytes(raw)}` : showBytes(raw);
-          result.unreadable.push({ rel: shown, error: 'the name is not valid UTF-8, which an S3 key must be: rename it to back it up' });
-          return;
-        }
-        const name = raw.toString('utf8');
-        const full = path.join(dir, name);
-        const rel = relDir ? `${relDir}/${name}` : name;
-        let type: 'file' | 'dir' | 'link' | 'other' = entry.isFile() ? 'file' : entry.isDirectory() ? 'dir' : entry.isSymbolicLink() ? 'link' : 'other';
-        let stat: fs.BigIntStats | undefined;
-        // Some filesystems give no type in the listing: ask lstat. A file needs its stat anyway.
-        if (type === 'file' || (type === 'other' && !entry.isFIFO() && !entry.isSocket() && !entry.isBlockDevice() && !entry.isCharacterDevice())) {
-          try {
-            stat = await fs.promises.lstat(full, { bigint: true });
-          } catch (e) {
-            const code = (e as NodeJS.ErrnoException).code;
-            if (code !== 'ENOENT') result.unreadable.push({ rel, error: code ?? String(e) }); // gone meanwhile: nothing to send
-            return;
-          }
-          type = stat.isFile() ? 'file' : stat.isDirectory() ? 'dir' : stat.isSymbolicLink() ? 'link' : 'other';
-        }
-        if (type === 'link') result.symlinks.push(rel);
-        else if (type === 'dir') await visit(full, rel);
-        else if (type === 'file' && stat) result.files.push({ path: full, rel, stat });
-        // FIFOs, sockets and devices are not user files: passed over
-      }),
-    );
-  };
-  await visit(root, '');
-  const byRel = (a: string, b: string) => (a < b ? -1 : a > b ? 1 : 0);
-  result.files.sort((a, b) => byRel(a.rel, b.rel));
-  result.symlinks.sort(byRel);
-  result.unreadable.sort((a, b) => byRel(a.rel, b.rel));
+  }
   return result;
 }

@@ -12,7 +12,6 @@ import type { RunRecord } from './manifest.ts';
 import type { Step } from './plan.ts';
 import type { Host } from './ssh.ts';
 import { fingerprintedSource, type Backend } from './storage.ts';
-import { saveCache } from './sync.ts';
 
 const IMAGE_ID_FILE = 'worker-image.id';
 const IMAGE_SHA_FILE = 'worker-image.sha256';
@@ -37,7 +36,7 @@ async function localDigest(file: string, cacheFile: string, signal: AbortSignal)
   const hashes = HashCache.load(cacheFile);
   const st = fs.lstatSync(file, { bigint: true });
   const { sha256, fingerprint } = await hashes.hash(file, { size: st.size, mtimeNs: st.mtimeNs, ino: st.ino }, signal);
-  saveCache(hashes);
+  hashes.trySave();
   return { sha256, bytes: fingerprint?.size ?? Number(st.size) };
 }
 

@@ -5,12 +5,11 @@
 import path from 'node:path';
 import { addNotice, exitAfterOutput, humanSize, notices } from './cli.ts';
 import { DEFAULT_LIMITS, type BucketTarget, type Limits } from './config.ts';
-import { HashCache } from './hash-cache.ts';
 import type { RunRecord } from './manifest.ts';
 import type { Step } from './plan.ts';
 import { R2Backend, r2Limits } from './r2.ts';
 import type { Host } from './ssh.ts';
-import { printable, saveCache, syncTree, type SyncResult } from './sync.ts';
+import { printable, syncTree, type SyncResult } from './sync.ts';
 
 export const MODELS_FLAG = '--models-here';
 const HEARTBEAT_MS = 30_000;
@@ -19,7 +18,10 @@ const HEARTBEAT_MS = 30_000;
 export interface ModelsRequest {
   target: BucketTarget;
   modelsDir: string;
+  /** The models' hash cache on SFS, so a new instance does not hash 45 GB again. */
   hashCacheFile: string;
+  /** Its older whole-file form, read the first time only. */
+  legacyHashCacheFile?: string;
   dryRun: boolean;
   /** Mello's R2 timeout, attempts and backoff, so Verda's requests end as Mello's do. */
   limits: Pick<Limits, 'r2IdleTimeoutMs' | 'r2Attempts' | 'r2BackoffMs'>;
@@ -50,7 +52,8 @@ export function modelsStep(opts: {
       const request: ModelsRequest = {
         target: opts.target,
         modelsDir: opts.modelsDir,
-        hashCacheFile: path.join(opts.sfsBackupDir, '.hash-cache', 'models.json'),
+        hashCacheFile: path.join(opts.sfsBackupDir, '.hash-cache', 'models.jsonl'),
+        legacyHashCacheFile: path.join(opts.sfsBackupDir, '.hash-cache', 'models.json'),
         dryRun: ctx.dryRun,
         limits: opts.limits,
       };
@@ -62,7 +65,7 @@ export function modelsStep(opts: {
         onStderr: (text) => text.split('\n').filter(Boolean).forEach((line) => ctx.out.detail(`verda: ${line}`)),
       })`${path.join(opts.scriptsDir, 'backup-verda.mts')} ${MODELS_FLAG}`;
       const last = r.stdout.trim().split('\n').pop() ?? '';
-      let result: (SyncResult & { error?: string; cacheWarning?: string; notices?: string[] }) | undefined;
+      let result: (SyncResult & { error?: string; notices?: string[] }) | undefined;
       try {
         result = JSON.parse(last);
       } catch {
@@ -125,7 +128,6 @@ export async function runModelsHere(): Promise<never> {
   });
   for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) process.on(sig, () => controller.abort(new Error(sig)));
 
-  const cache = HashCache.load(request.dryRun ? undefined : request.hashCacheFile);
   // A request from an older Mello carries no limits.
   const backend = new R2Backend(request.target, r2Limits(request.limits ?? DEFAULT_LIMITS));
   // A line every half minute while a big model is hashed or sent: Mello stops a command that
@@ -138,7 +140,10 @@ export async function runModelsHere(): Promise<never> {
       root: request.modelsDir,
       backend,
       prefix: '',
-      cache,
+      cacheFile: request.hashCacheFile,
+      legacyCache: request.legacyHashCacheFile,
+      // Every model goes into Mello's manifest.
+      keepActions: Infinity,
       filter: isModel,
       dryRun: request.dryRun,
       signal: controller.signal,
@@ -147,11 +152,9 @@ export async function runModelsHere(): Promise<never> {
         process.stderr.write(`${a.action} ${printable(a.key)}\n`);
       },
     });
-    const cacheWarning = request.dryRun ? undefined : saveCache(cache);
-    process.stdout.write(JSON.stringify({ ...result, cacheWarning, notices: [...notices] }) + '\n');
+    process.stdout.write(JSON.stringify({ ...result, notices: [...notices] }) + '\n');
     code = result.failures.length ? 1 : 0;
   } catch (e) {
-    if (!request.dryRun) saveCache(cache);
     process.stdout.write(JSON.stringify({ error: (e as Error).message, notices: [...notices] }) + '\n');
     code = 1;
   } finally {

@@ -409,12 +409,17 @@ export class R2Backend implements Backend {
     return new StorageError(`${this.name}/${key} ${op}: ${what}${tries}`, refused || unreachable, status);
   }
 
-  async *list(prefix: string, signal?: AbortSignal): AsyncIterable<ObjectInfo> {
+  async *list(prefix: string, signal?: AbortSignal, startAfter?: string): AsyncIterable<ObjectInfo> {
     let token: string | undefined;
     do {
       const page = await this.request('list', prefix, signal, (a) =>
         this.client.send(
-          new ListObjectsV2Command({ Bucket: this.target.bucket, Prefix: prefix, ContinuationToken: token }),
+          new ListObjectsV2Command({
+            Bucket: this.target.bucket,
+            Prefix: prefix,
+            ContinuationToken: token,
+            StartAfter: token ? undefined : startAfter,
+          }),
           { abortSignal: a.signal },
         ),
       );

@@ -49,7 +49,8 @@ export interface PutOptions {
 export interface Backend {
   /** For messages: `r2://bucket`. */
   readonly name: string;
-  list(prefix: string, signal?: AbortSignal): AsyncIterable<ObjectInfo>;
+  /** The objects under `prefix` in key order (UTF-8 bytes, as S3 lists), after `startAfter` if given. */
+  list(prefix: string, signal?: AbortSignal, startAfter?: string): AsyncIterable<ObjectInfo>;
   head(key: string, signal?: AbortSignal): Promise<ObjectHead | undefined>;
   put(key: string, source: Source, opts?: PutOptions): Promise<ObjectInfo>;
   get(key: string, signal?: AbortSignal): Promise<Readable>;
@@ -66,9 +67,9 @@ export class CountingBackend implements Backend {
   private count(op: string) {
     this.calls[op] = (this.calls[op] ?? 0) + 1;
   }
-  list(prefix: string, signal?: AbortSignal) {
+  list(prefix: string, signal?: AbortSignal, startAfter?: string) {
     this.count('list');
-    return this.inner.list(prefix, signal);
+    return this.inner.list(prefix, signal, startAfter);
   }
   head(key: string, signal?: AbortSignal) {
     this.count('head');

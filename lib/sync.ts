@@ -1,36 +1,55 @@
-// A tree to a bucket prefix, sending only what is not already there. An object is skipped when
-// its size and sha256 match: the sha256 comes from the local hash cache, and the object's from
-// what the cache recorded for its ETag (no request), else its `sha256` metadata (one HEAD), else
-// an ETag that proves the content (objects the bash scripts uploaded). Never deletes.
+// A tree to a bucket prefix, sending only what is not already there, in bounded memory whatever
+// the size of the tree: the walk, the listing and the hash cache are three streams in the same
+// key order, merged as they come (as rclone's march does), and results are counted as they come.
+// An object is skipped when its size and sha256 match: the sha256 comes from the tree's hash
+// cache, and the object's from the ETag the cache remembers for it (no request), else its `sha256`
+// metadata (one HEAD), else an ETag that proves the content (objects the bash scripts uploaded).
+// Never deletes.
 import fs from 'node:fs';
-import { etagProvesContent, type HashCache } from './hash-cache.ts';
-import { walkTree, type WalkedFile } from './files.ts';
-import { pool } from './pool.ts';
-import { SourceChanged, StorageError, fingerprintFile, fingerprintedSource, readBackSha256, type Backend, type ObjectInfo } from './storage.ts';
 import { errorText, humanSize } from './cli.ts';
+import { compareKeys, walkSorted, type WalkEntry } from './files.ts';
+import { etagProvesContent, lineMatches, TreeCache, type TreeCacheLine } from './hash-cache.ts';
 import type { Step } from './plan.ts';
+import { pool } from './pool.ts';
+import {
+  SourceChanged,
+  StorageError,
+  fingerprintFile,
+  fingerprintedSource,
+  readBackSha256,
+  type Backend,
+  type ObjectInfo,
+} from './storage.ts';
 
 export interface SyncOptions {
   root: string;
   backend: Backend;
   /** Key prefix, `outputs/`; empty for the bucket's top. */
   prefix: string;
-  cache: HashCache;
+  /** The tree's hash cache file (undefined: none, every file is hashed). */
+  cacheFile?: string;
+  /** An older whole-file cache to read once, the first time (see TreeCache.open). */
+  legacyCache?: string;
   dryRun?: boolean;
   signal?: AbortSignal;
   /** Files in flight at once (each multipart file has its own parts in flight too). */
   concurrency?: number;
   /** Only files whose relative path this accepts (e.g. `*.safetensors`). */
   filter?: (rel: string) => boolean;
-  onProgress?: (sentBytes: number, totalBytes: number) => void;
+  onProgress?: (sentBytes: number, seenBytes: number) => void;
   /** Told of each file as it is decided, for verbose and dry-run lines. */
   onFile?: (action: FileAction) => void;
+  /** How many decided files the result lists (--json, the manifest); the rest are only counted. */
+  keepActions?: number;
 }
 
 export type FileAction =
   | { action: 'send'; key: string; bytes: number; sha256: string; reason: 'new' | 'changed' }
   | { action: 'skip'; key: string; bytes: number; sha256: string; how: 'known' | 'metadata' | 'etag' }
   | { action: 'failed'; key: string; bytes: number; error: string };
+
+/** Lists beyond this many entries are counted, not kept: a tree may hold a million files. */
+const KEEP = 1000;
 
 export interface SyncResult {
   files: number;
@@ -41,73 +60,226 @@ export interface SyncResult {
   /** Skipped objects proven by ETag alone (bash-era uploads), now recorded. */
   adopted: number;
   hashed: number;
+  /** Symlinks not followed: how many, and the first few. */
+  symlinkCount: number;
   symlinks: string[];
+  failureCount: number;
   failures: { key: string; error: string }[];
   /** Files that vanished between the walk and their upload: not an error (rclone and restic agree). */
   vanished: string[];
+  /** The first `keepActions` decisions; `actionCount` counts them all. */
   actions: FileAction[];
+  actionCount: number;
+  /** Set when the hash cache could not be saved (a full disk): a warning, never a failure. */
+  cacheWarning?: string;
 }
 
-/** The ID an object is remembered under in the hash cache. */
-export const objectId = (backend: Backend, key: string) => `${backend.name}/${key}`;
+/**
+ * The objects under `prefix`, in key order. Where the tree has several top-level directories
+ * (users), their key ranges are listed at once, up to 8 in flight, each a few pages ahead of
+ * where the merge reads: an unchanged rerun over a long path costs about as many round trips as
+ * the longest range has pages, not as the whole listing has.
+ */
+export async function* listRanges(
+  backend: Backend,
+  prefix: string,
+  splits: string[],
+  signal?: AbortSignal,
+): AsyncGenerator<ObjectInfo> {
+  if (!splits.length) {
+    yield* backend.list(prefix, signal);
+    return;
+  }
+  // Range i holds the keys from splits[i-1] (inclusive) to splits[i] (exclusive).
+  const bounds = [undefined, ...splits.map((s) => prefix + s), undefined];
+  const ranges = bounds.slice(0, -1).map((from, i) => ({ from, to: bounds[i + 1] }));
+  const AHEAD = 2000; // keys a range may hold before the merge reads them
+  let closed = false;
+  const fetchers = ranges.map((r) => {
+    const buffer: ObjectInfo[] = [];
+    let done = false;
+    let error: unknown;
+    let wake: (() => void) | undefined;
+    let room: (() => void) | undefined;
+    void (async () => {
+      // `startAfter` is exclusive: from just before the range, dropping what sorts before it.
+      const from = r.from;
+      const after = from ? from.slice(0, -1) + String.fromCharCode(from.charCodeAt(from.length - 1) - 1) : undefined;
+      try {
+        for await (const o of backend.list(prefix, signal, after)) {
+          if (closed) break;
+          if (from && compareKeys(o.key, from) < 0) continue;
+          if (r.to && compareKeys(o.key, r.to) >= 0) break;
+          buffer.push(o);
+          wake?.();
+          while (buffer.length >= AHEAD && !closed) await new Promise<void>((resolve) => (room = resolve));
+        }
+      } catch (e) {
+        error = e;
+      } finally {
+        done = true;
+        wake?.();
+      }
+    })();
+    const next = async (): Promise<ObjectInfo | undefined> => {
+      while (!buffer.length && !done) await new Promise<void>((resolve) => (wake = resolve));
+      if (buffer.length) {
+        const o = buffer.shift()!;
+        room?.();
+        return o;
+      }
+      if (error) throw error;
+      return undefined;
+    };
+    return { next, release: () => room?.() };
+  });
+  try {
+    for (const f of fetchers) {
+      for (let o = await f.next(); o; o = await f.next()) yield o;
+    }
+  } finally {
+    closed = true;
+    for (const f of fetchers) f.release();
+  }
+}
+
+/**
+ * Where to split a tree's listing: some of its top-level directories, evenly spaced, as `name/`,
+ * for at most `ranges` ranges. A range costs a request of its own, so a tree is split only as far
+ * as it has pages to list: `ranges` comes from the keys the last run saw (its hash cache).
+ */
+export function listingSplits(root: string, ranges: number): string[] {
+  let dirs: string[];
+  try {
+    dirs = fs
+      .readdirSync(root, { withFileTypes: true })
+      .filter((d) => d.isDirectory())
+      .map((d) => `${d.name}/`)
+      .sort(compareKeys);
+  } catch {
+    return [];
+  }
+  ranges = Math.min(ranges, dirs.length);
+  if (ranges < 2) return [];
+  return Array.from({ length: ranges - 1 }, (_, i) => dirs[Math.round(((i + 1) * dirs.length) / ranges)]).filter(
+    (d, i, all) => d !== undefined && all.indexOf(d) === i,
+  );
+}
+
+/** The walk's files with what the listing and the cache say of each, in key order. */
+interface Marched {
+  seq: number;
+  path: string;
+  rel: string;
+  key: string;
+  there?: ObjectInfo;
+  cached?: TreeCacheLine;
+}
+
+async function* march(
+  walk: AsyncGenerator<WalkEntry>,
+  listing: AsyncGenerator<ObjectInfo>,
+  cache: TreeCache,
+  prefix: string,
+  filter: ((rel: string) => boolean) | undefined,
+  other: (e: Exclude<WalkEntry, { kind: 'file' }>) => void,
+): AsyncGenerator<Marched> {
+  let remote = await listing.next();
+  for await (const e of walk) {
+    if (e.kind !== 'file') {
+      other(e);
+      continue;
+    }
+    if (filter && !filter(e.rel)) continue;
+    const key = prefix + e.rel;
+    while (!remote.done && compareKeys(remote.value.key, key) < 0) remote = await listing.next();
+    const there = !remote.done && remote.value.key === key ? remote.value : undefined;
+    yield { seq: cache.reserve(), path: e.path, rel: e.rel, key, there, cached: await cache.lookup(e.rel) };
+  }
+  await listing.return(undefined);
+}
 
 export async function syncTree(opts: SyncOptions): Promise<SyncResult> {
-  const { backend, prefix, cache, signal } = opts;
-  // The walk and the listing at once: on an unchanged rerun they are nearly all the work.
-  const listing = (async () => {
-    const remote = new Map<string, ObjectInfo>();
-    for await (const o of backend.list(prefix, signal)) remote.set(o.key, o);
-    return remote;
-  })();
-  listing.catch(() => {}); // awaited below, after the walk
-  const walked = await walkTree(opts.root);
-  const remote = await listing;
-  const files = opts.filter ? walked.files.filter((f) => opts.filter!(f.rel)) : walked.files;
-  cache.prune(opts.root, new Set(walked.files.map((f) => f.path)));
-
-  const totalBytes = files.reduce((n, f) => n + Number(f.stat.size), 0);
-  const hashedBefore = cache.hashedFiles;
+  const { backend, prefix, signal } = opts;
+  const keep = opts.keepActions ?? KEEP;
+  const cache = await TreeCache.open(opts.cacheFile, {
+    write: !opts.dryRun,
+    legacy: opts.legacyCache ? { file: opts.legacyCache, root: opts.root, objectPrefix: `${backend.name}/${prefix}` } : undefined,
+  });
   const result: SyncResult = {
-    files: files.length,
-    bytes: totalBytes,
+    files: 0,
+    bytes: 0,
     sent: 0,
     sentBytes: 0,
     skipped: 0,
     adopted: 0,
     hashed: 0,
-    symlinks: walked.symlinks,
-    failures: walked.unreadable.map((u) => ({ key: prefix + u.rel, error: u.error })),
+    symlinkCount: 0,
+    symlinks: [],
+    failureCount: 0,
+    failures: [],
     vanished: [],
     actions: [],
+    actionCount: 0,
   };
   let progressBytes = 0;
   const report = (a: FileAction) => {
-    result.actions.push(a);
+    result.actionCount++;
+    if (result.actions.length < keep) result.actions.push(a);
     opts.onFile?.(a);
   };
+  const fail = (key: string, error: string, bytes = 0) => {
+    result.failureCount++;
+    if (result.failures.length < KEEP) result.failures.push({ key, error });
+    report({ action: 'failed', key, bytes, error });
+  };
 
-  const one = async (file: WalkedFile) => {
-    const key = prefix + file.rel;
-    const hashed = await cache.hash(file.path, { size: file.stat.size, mtimeNs: file.stat.mtimeNs, ino: file.stat.ino }, signal);
-    const sha256 = hashed.sha256;
-    const size = hashed.fingerprint?.size ?? Number(file.stat.size);
-    const there = remote.get(key);
+  const one = async (f: Marched) => {
+    let st: fs.BigIntStats;
+    try {
+      st = await fs.promises.lstat(f.path, { bigint: true });
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code === 'ENOENT') throw new SourceChanged(`${f.path} vanished`, true);
+      throw e;
+    }
+    if (!st.isFile()) throw new SourceChanged(`${f.path} is no longer a regular file`);
+    result.files++;
+    result.bytes += Number(st.size);
+    const stat = { size: st.size, mtimeNs: st.mtimeNs, ino: st.ino };
+    // The hash: from the cache when the file is as it was, else one read that also fingerprints it.
+    let fp = lineMatches(f.cached, stat) ? undefined : await fingerprintFile(f.path, signal);
+    if (fp) {
+      cache.recordHash();
+      result.hashed++;
+    }
+    const sha256 = fp?.sha256 ?? f.cached!.sha256;
+    const size = fp?.size ?? Number(st.size);
+    const line = (etag?: string): TreeCacheLine => ({
+      rel: f.rel,
+      size,
+      mtimeNs: String(fp?.mtimeNs ?? st.mtimeNs),
+      ino: String(fp?.ino ?? st.ino),
+      sha256,
+      etag,
+    });
+    cache.provisional(f.seq, line(f.cached?.sha256 === sha256 ? f.cached.etag : undefined));
+    const there = f.there;
     if (there && there.size === size) {
-      const id = objectId(backend, key);
-      if (cache.knownObject(id, there.etag) === sha256) {
+      if (f.cached?.etag === there.etag && f.cached.sha256 === sha256) {
         result.skipped++;
-        return report({ action: 'skip', key, bytes: size, sha256, how: 'known' });
+        cache.settle(f.seq, line(there.etag));
+        return report({ action: 'skip', key: f.key, bytes: size, sha256, how: 'known' });
       }
-      const head = await backend.head(key, signal);
+      const head = await backend.head(f.key, signal);
       if (head && head.size === size) {
         const how = head.metadata.sha256
           ? head.metadata.sha256 === sha256 && 'metadata'
-          : (await etagProvesContent(file.path, size, head.etag, signal)) && 'etag';
+          : (await etagProvesContent(f.path, size, head.etag, signal)) && 'etag';
         if (how) {
-          if (!opts.dryRun) cache.recordObject(id, head.etag, sha256);
           result.skipped++;
           if (how === 'etag') result.adopted++;
-          return report({ action: 'skip', key, bytes: size, sha256, how });
+          cache.settle(f.seq, line(head.etag));
+          return report({ action: 'skip', key: f.key, bytes: size, sha256, how });
         }
       }
     }
@@ -115,63 +287,68 @@ export async function syncTree(opts: SyncOptions): Promise<SyncResult> {
     if (opts.dryRun) {
       result.sent++;
       result.sentBytes += size;
-      return report({ action: 'send', key, bytes: size, sha256, reason });
+      cache.settle(f.seq, line());
+      return report({ action: 'send', key: f.key, bytes: size, sha256, reason });
     }
     // What is sent is checked against a fingerprint taken from one read of the file, so the
-    // object's sha256 metadata is always its bytes' (a file read from the cache is read again).
-    let fp = hashed.fingerprint;
-    if (!fp) {
-      fp = await fingerprintFile(file.path, signal);
-      cache.remember(file.path, fp);
-    }
+    // object's sha256 metadata is always its bytes' (a file known to the cache is read again).
+    fp ??= await fingerprintFile(f.path, signal);
     let counted = 0;
-    const put = await backend.put(key, fingerprintedSource(file.path, fp), {
+    const put = await backend.put(f.key, fingerprintedSource(f.path, fp), {
       metadata: { sha256: fp.sha256 },
       signal,
       onBytes: opts.onProgress
         ? (n) => {
             counted += n;
             progressBytes += n;
-            opts.onProgress!(progressBytes, totalBytes);
+            opts.onProgress!(progressBytes, result.bytes);
           }
         : undefined,
     });
-    cache.recordObject(objectId(backend, key), put.etag, fp.sha256);
     result.sent++;
     result.sentBytes += fp.size;
     progressBytes += fp.size - counted;
-    report({ action: 'send', key, bytes: fp.size, sha256: fp.sha256, reason });
+    cache.settle(f.seq, { ...line(put.etag), sha256: fp.sha256, size: fp.size, mtimeNs: String(fp.mtimeNs), ino: String(fp.ino) });
+    report({ action: 'send', key: f.key, bytes: fp.size, sha256: fp.sha256, reason });
   };
 
+  // As many listing ranges (8 at most) as the last run's keys fill pages of 1,000: its hash cache
+  // holds a line of about 150 bytes per file.
+  const pages = opts.cacheFile ? Math.floor((fs.statSync(opts.cacheFile, { throwIfNoEntry: false })?.size ?? 0) / 150 / 1000) : 0;
+  const listing = listRanges(backend, prefix, listingSplits(opts.root, Math.min(8, pages)), signal);
+  const items = march(walkSorted(opts.root), listing, cache, prefix, opts.filter, (e) => {
+    if (e.kind === 'symlink') {
+      result.symlinkCount++;
+      if (result.symlinks.length < KEEP) result.symlinks.push(e.rel);
+    } else fail(prefix + e.rel, e.error);
+  });
   try {
-    // Files in path order, 16 in flight. Each failure is recorded and the others go on; only
-    // credentials refused or the bucket gone stops the pool: every other file would fail the same.
+    // Files in key order, 16 in flight. Each failure is recorded and the others go on; only
+    // credentials refused or R2 gone silent stops the pool: every other file would fail the same.
     await pool(
-      files,
+      items,
       opts.concurrency ?? 16,
-      async (file) => {
+      async (f) => {
         try {
-          await one(file);
+          await one(f);
         } catch (e) {
           if (signal?.aborted) throw signal.reason;
+          cache.settle(f.seq, undefined);
           if (e instanceof SourceChanged && e.vanished) {
-            result.vanished.push(prefix + file.rel);
+            if (result.vanished.length < KEEP) result.vanished.push(f.key);
             return;
           }
-          const error = errorText(e);
-          result.failures.push({ key: prefix + file.rel, error });
-          report({ action: 'failed', key: prefix + file.rel, bytes: Number(file.stat.size), error });
+          fail(f.key, errorText(e));
           if (e instanceof StorageError && e.fatal) throw e;
         }
       },
       signal,
     );
   } finally {
-    result.hashed = cache.hashedFiles - hashedBefore;
+    if (!opts.dryRun) result.cacheWarning = await cache.finish();
   }
   return result;
 }
-
 
 /** A key or path as one printable line: control characters (a newline in a name) escaped. */
 export function printable(name: string): string {
@@ -183,8 +360,22 @@ export interface SyncStepOptions {
   root: string;
   backend: Backend;
   prefix: string;
-  cache: HashCache;
+  /** The tree's hash cache file; `legacyCache`: the older whole-file one, read the first time. */
+  cacheFile?: string;
+  legacyCache?: string;
   filter?: (rel: string) => boolean;
+}
+
+/** A step's lines for one sync: the summary, warnings (vanished files, an unsaved cache), failures. */
+export function syncSummary(r: SyncResult, dryRun: boolean) {
+  const parts = [`${r.sent} ${dryRun ? 'to send' : 'sent'} (${humanSize(r.sentBytes)})`, `${r.skipped} unchanged`];
+  if (r.adopted) parts.push(`${r.adopted} adopted from earlier uploads`);
+  if (r.symlinkCount) parts.push(`${r.symlinkCount} symlinks not followed`);
+  const warnings = r.vanished.map((k) => `${printable(k)} vanished before it was sent (deleted meanwhile): not backed up`);
+  if (r.cacheWarning) warnings.push(r.cacheWarning);
+  const failures = r.failures.map((f) => `${printable(f.key)}: ${f.error}`);
+  if (r.failureCount > r.failures.length) failures.push(`and ${r.failureCount - r.failures.length} more files failed`);
+  return { summary: `${r.files} ${r.files === 1 ? 'file' : 'files'} (${humanSize(r.bytes)}): ${parts.join(', ')}`, warnings, failures };
 }
 
 /** The step that syncs one tree: a missing source is a warning and a skipped row. */
@@ -199,13 +390,12 @@ export function syncStep(o: SyncStepOptions): Step {
       const started = Date.now();
       const label = o.prefix || o.backend.name;
       let r: SyncResult;
-      let cacheWarning: string | undefined;
       try {
         r = await syncTree({
           ...o,
           dryRun: ctx.dryRun,
           signal: ctx.signal,
-          onProgress: ctx.out.fancy ? (done, total) => ctx.out.progress(label, done, total, started) : undefined,
+          onProgress: ctx.out.fancy ? (done, seen) => ctx.out.progress(label, done, seen, started) : undefined,
           onFile: (a) => {
             const where = `${o.backend.name}/${printable(a.key)}`;
             if (a.action === 'send') {
@@ -216,52 +406,21 @@ export function syncStep(o: SyncStepOptions): Step {
         });
       } finally {
         ctx.out.clearProgress();
-        if (!ctx.dryRun) cacheWarning = saveCache(o.cache);
       }
-      const parts = [`${r.sent} ${ctx.dryRun ? 'to send' : 'sent'} (${humanSize(r.sentBytes)})`, `${r.skipped} unchanged`];
-      if (r.adopted) parts.push(`${r.adopted} adopted from earlier uploads`);
-      if (r.symlinks.length) parts.push(`${r.symlinks.length} symlinks not followed`);
-      const warnings = r.vanished.map((k) => `${printable(k)} vanished before it was sent (deleted meanwhile): not backed up`);
-      if (cacheWarning) warnings.push(cacheWarning);
+      const { actions, ...counts } = r;
       return {
-        summary: `${r.files} ${r.files === 1 ? 'file' : 'files'} (${humanSize(r.bytes)}): ${parts.join(', ')}`,
+        ...syncSummary(r, ctx.dryRun),
         bytes: r.sentBytes,
-        warnings,
-        failures: r.failures.map((f) => `${printable(f.key)}: ${f.error}`),
-        data: {
-          files: r.files,
-          bytes: r.bytes,
-          sent: r.sent,
-          sentBytes: r.sentBytes,
-          skipped: r.skipped,
-          adopted: r.adopted,
-          hashed: r.hashed,
-          vanished: r.vanished,
-          symlinksNotFollowed: r.symlinks,
-          objects: r.actions,
-        },
+        data: { ...counts, objects: actions },
       };
     },
   };
 }
 
 /**
- * Saves a hash cache; a cache that cannot be written (a full disk) costs only re-hashing next
- * time, so it is a warning naming the file, and never replaces the result of uploads that worked.
- */
-export function saveCache(cache: HashCache): string | undefined {
-  try {
-    cache.save();
-    return undefined;
-  } catch (e) {
-    return `hash cache not saved (${errorText(e)}): unchanged files will be hashed again next run`;
-  }
-}
-
-/**
  * --verify for a tree: every local file is in the bucket with its size and sha256 (what a dry
  * run would send is what is missing or differs). With `deep`, the objects found equal are read
- * back and hashed too. Changes nothing: the hash cache is not saved.
+ * back and hashed too. Changes nothing: the hash cache is read, not written.
  */
 export function verifyStep(o: SyncStepOptions & { deep: boolean }): Step {
   return {
@@ -269,20 +428,31 @@ export function verifyStep(o: SyncStepOptions & { deep: boolean }): Step {
     moves: `${o.root}/ against ${o.backend.name}/${o.prefix}`,
     async run(ctx) {
       if (!fs.existsSync(o.root)) return { status: 'skipped', summary: 'nothing to verify', warnings: [`${o.root} does not exist`] };
-      const r = await syncTree({ ...o, dryRun: true, signal: ctx.signal });
-      const failures = r.failures.map((f) => `${printable(f.key)}: ${f.error}`);
-      for (const a of r.actions) {
-        if (a.action === 'send') failures.push(`${a.reason === 'new' ? 'missing' : 'differs'}: ${o.backend.name}/${printable(a.key)}`);
-      }
+      const failures: string[] = [];
+      const equal: { key: string; sha256: string }[] = [];
+      let missing = 0;
+      const r = await syncTree({
+        ...o,
+        dryRun: true,
+        signal: ctx.signal,
+        onFile: (a) => {
+          if (a.action === 'send') {
+            missing++;
+            if (failures.length < KEEP) failures.push(`${a.reason === 'new' ? 'missing' : 'differs'}: ${o.backend.name}/${printable(a.key)}`);
+          } else if (a.action === 'skip' && o.deep) equal.push({ key: a.key, sha256: a.sha256 });
+        },
+      });
+      failures.push(...syncSummary(r, true).failures);
+      if (missing > KEEP) failures.push(`and ${missing - KEEP} more missing or differing`);
       if (o.deep) {
-        const equal = r.actions.filter((a): a is Extract<FileAction, { action: 'skip' }> => a.action === 'skip');
         await pool(equal, 8, async (a) => {
           if ((await readBackSha256(o.backend, a.key, ctx.signal)) !== a.sha256) {
             failures.push(`differs: ${o.backend.name}/${printable(a.key)} bytes read back are not the file's`);
           }
         }, ctx.signal);
       }
-      return { summary: `${r.files - failures.length} of ${r.files} files in place${o.deep ? ', read back' : ''}`, failures };
+      const bad = missing + r.failureCount;
+      return { summary: `${r.files - Math.min(bad, r.files)} of ${r.files} files in place${o.deep ? ', read back' : ''}`, failures };
     },
   };
 }

@@ -11,7 +11,7 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { FaultProxy, type Exchange } from './fault-proxy.ts';
-import { ROOT, SECRET, runScript, sha256, startS3, tempDir, treeDigest, writeRandomFile, writeTree, type RunResult, type S3Server } from './helpers.ts';
+import { ROOT, SECRET, hashCaches, runScript, sha256, startS3, tempDir, treeDigest, writeRandomFile, writeTree, type RunResult, type S3Server } from './helpers.ts';
 import { startSshd, type Sshd } from './sshd.ts';
 import { makeVerda, type VerdaFixture } from './verda-fixture.ts';
 
@@ -333,8 +333,7 @@ test('two runs at once: the second exits 75 at once and changes nothing', async 
   const first = run('backup-mello.mts', [], mello.env, { onSpawn: (p) => (pid = p) });
   await proxy.waitFor(() => proxy.of('upload-part', from).some((e) => e.bodyBytes > 0), 60_000, 'the first run sending');
   const lock = path.join(mello.state, 'backup-mello.lock');
-  const cache = path.join(mello.state, 'hashes-backup-mello.json');
-  const cacheBefore = fs.readFileSync(cache);
+  const cacheBefore = hashCaches(mello.state);
   // The second run talks to its own (counting) proxy: any request it made would show there.
   const witness = await FaultProxy.start(s3.endpoint);
   try {
@@ -347,7 +346,7 @@ test('two runs at once: the second exits 75 at once and changes nothing', async 
     assert.is(witness.log.length, 0, 'the second run sent no request');
     assert.ok(alive(pid), 'the first run goes on');
     assert.is(JSON.parse(fs.readFileSync(lock, 'utf8')).pid, pid, 'the lock is still the first run’s');
-    assert.ok(fs.readFileSync(cache).equals(cacheBefore), 'the hash cache untouched');
+    assert.equal(hashCaches(mello.state), cacheBefore, 'the hash caches untouched');
   } finally {
     await witness.close();
     proxy.clearFaults();

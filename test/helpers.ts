@@ -217,6 +217,15 @@ export function treeDigest(root: string): Record<string, string> {
   return out;
 }
 
+/** The hash caches in a state directory, name → sha256 of its bytes: to tell that none changed. */
+export function hashCaches(stateDir: string): Record<string, string> {
+  const out: Record<string, string> = {};
+  for (const name of fs.readdirSync(stateDir).filter((n) => n.startsWith('hashes-')).sort()) {
+    out[name] = sha256(fs.readFileSync(path.join(stateDir, name)));
+  }
+  return out;
+}
+
 export function sha256(data: Buffer | string): string {
   return crypto.createHash('sha256').update(data).digest('hex');
 }

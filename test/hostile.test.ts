@@ -408,7 +408,7 @@ test('13. a full state disk: the uploads that worked stand, the run says the has
   try {
     const r = await run('backup-mello.mts', [], m.env);
     assert.is(r.code, 0, out(r));
-    assert.match(r.stdout, new RegExp(`hash cache not saved \\(ENOSPC: ${m.state}/hashes-backup-mello\\.json`));
+    assert.match(r.stdout, new RegExp(`hash cache not saved \\(ENOSPC: ${m.state}/hashes-backup-mello-user_data\\.jsonl`), out(r));
     assert.is((await s3.listKeys(USER_FILES, 'user_data/u1')).length > 0, true);
     for (let i = 0; i < 200; i += 37) {
       assert.is(sha256(await s3.readObject(USER_FILES, `user_data/u${i}/workflow-${i}.json`)), sha256(`{"n":${i}}`));
@@ -471,10 +471,15 @@ test('18. a hash-cache entry of the wrong type is dropped and the file hashed ag
   const m = melloEnv('cache-type', { 'user_data/u1/a.json': '{"a":1}' });
   fs.mkdirSync(m.state, { recursive: true });
   const file = path.join(m.data, 'user_data/u1/a.json');
+  // In the older whole-file cache, read the first time, and in a tree's cache of lines.
   fs.writeFileSync(path.join(m.state, 'hashes-backup-mello.json'), JSON.stringify({ version: 1, files: { [file]: ['x', 5, null, 'nope'] }, objects: { bad: 7 } }));
+  const r0 = await run('backup-mello.mts', [], m.env);
+  assert.is(r0.code, 0, out(r0));
+  fs.writeFileSync(path.join(m.data, 'user_data/u1/a.json'), '{"a":2}');
+  fs.writeFileSync(path.join(m.state, 'hashes-backup-mello-user_data.jsonl'), '{"rel":"u1/a.json","size":"x","mtimeNs":5}\nnot json\n');
   const r = await run('backup-mello.mts', [], m.env);
   assert.is(r.code, 0, out(r));
-  assert.is(sha256(await s3.readObject(USER_FILES, 'user_data/u1/a.json')), sha256('{"a":1}'));
+  assert.is(sha256(await s3.readObject(USER_FILES, 'user_data/u1/a.json')), sha256('{"a":2}'));
 });
 
 test('18. temporary files a SIGKILL left behind are removed by the next run; a live writer’s are not', async () => {

@@ -6,7 +6,7 @@ import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { DeleteObjectCommand, PutObjectCommand } from '@aws-sdk/client-s3';
-import { ROOT, runScript, s3Env, startS3, tempDir, treeDigest, sha256, writeRandomFile, writeHeldLock, writeTree, type S3Server } from './helpers.ts';
+import { ROOT, hashCaches, runScript, s3Env, startS3, tempDir, treeDigest, sha256, writeRandomFile, writeHeldLock, writeTree, type S3Server } from './helpers.ts';
 
 const BUCKET = 'comfy-multi-user-files';
 const MiB = 1024 * 1024;
@@ -132,15 +132,15 @@ test('--quick leaves outputs alone', async () => {
 });
 
 test('--dry-run says what would be sent and where, and changes nothing', async () => {
-  const cacheFile = path.join(env.COMFYMULTI_STATE_DIR, 'hashes-backup-mello.json');
-  const cacheBefore = fs.readFileSync(cacheFile);
+  const cacheBefore = hashCaches(env.COMFYMULTI_STATE_DIR);
+  assert.ok(Object.keys(cacheBefore).length >= 3, 'a hash cache per tree');
   const before = s3.requests.length;
   const r = await runScript('backup-mello.mts', ['--dry-run'], env);
   assert.is(r.code, 0, r.stderr);
   assert.match(r.stdout, `would send r2://${BUCKET}/outputs/user001/img_0002.png`);
   assert.equal(s3.requests.slice(before).filter((q) => q.method !== 'GET' && q.method !== 'HEAD'), []);
   assert.is(await s3.headObject(BUCKET, 'outputs/user001/img_0002.png'), undefined);
-  assert.ok(fs.readFileSync(cacheFile).equals(cacheBefore), 'hash cache untouched');
+  assert.equal(hashCaches(env.COMFYMULTI_STATE_DIR), cacheBefore, 'hash caches untouched');
 });
 
 test('a file deleted on Mello stays in R2', async () => {

@@ -4,6 +4,7 @@
 // the source's size, the source is checked before the object is committed, ETags are MD5s.
 import crypto from 'node:crypto';
 import { Readable } from 'node:stream';
+import { compareKeys } from '../lib/files.ts';
 import { StorageError, type Backend, type ObjectHead, type ObjectInfo, type PutOptions, type Source } from '../lib/storage.ts';
 
 interface Stored {
@@ -19,8 +20,10 @@ export class MemoryBackend implements Backend {
 
   constructor(readonly name = 'mem://bucket') {}
 
-  async *list(prefix: string, signal?: AbortSignal): AsyncIterable<ObjectInfo> {
-    const keys = [...this.objects.keys()].filter((k) => k.startsWith(prefix)).sort();
+  async *list(prefix: string, signal?: AbortSignal, startAfter?: string): AsyncIterable<ObjectInfo> {
+    const keys = [...this.objects.keys()]
+      .filter((k) => k.startsWith(prefix) && (startAfter === undefined || compareKeys(k, startAfter) > 0))
+      .sort(compareKeys);
     for (const key of keys) {
       signal?.throwIfAborted();
       const o = this.objects.get(key);

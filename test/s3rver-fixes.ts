@@ -85,7 +85,9 @@ async function abortMultipartUpload(ctx: Ctx) {
 
   const putObject = FilesystemStore.prototype.putObject;
   FilesystemStore.prototype.putObject = async function (this: unknown, object: { content: Readable | Buffer }) {
-    if (!Buffer.isBuffer(object.content)) {
+    // Only a request body (a single PUT) is held until whole; a completed multipart upload's
+    // parts arrive through s3rver's own stream of streams, which ends early when read this way.
+    if (!Buffer.isBuffer(object.content) && 'complete' in object.content) {
       const content = object.content;
       const chunks: Buffer[] = [];
       for await (const chunk of content) chunks.push(chunk as Buffer); // a cut request errors here

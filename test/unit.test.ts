@@ -17,7 +17,7 @@ import { commandArgs, shellQuote } from '../lib/ssh.ts';
 import { MAX_PARTS, MIN_PART_SIZE, MiB, partSizeFor } from '../lib/r2.ts';
 import { datedCopies, datedPattern, isFuture, rotateRemote, stampTime, timestamp } from '../lib/rotation.ts';
 import { CountingBackend, SourceChanged, StorageError, fingerprintFile, fingerprintedSource, readBackSha256 } from '../lib/storage.ts';
-import { syncTree } from '../lib/sync.ts';
+import { listRanges, syncTree } from '../lib/sync.ts';
 import { bufferSource } from './backend-conformance.ts';
 import { MemoryBackend } from './memory-backend.ts';
 
@@ -295,12 +295,12 @@ test('syncTree: new files are sent with their sha256; an unchanged rerun sends n
   const root = await tree({ 'u1/a.json': 'a', 'u2/b.json': 'bb' });
   const memory = new MemoryBackend();
   const b = new CountingBackend(memory);
-  const cache = HashCache.load(undefined);
-  const first = await syncTree({ root, backend: b, prefix: 'user_data/', cache });
+  const cacheFile = path.join(tmp(), 'tree.jsonl');
+  const first = await syncTree({ root, backend: b, prefix: 'user_data/', cacheFile });
   assert.equal([first.sent, first.skipped, first.failures], [2, 0, []]);
   assert.is(memory.objects.get('user_data/u1/a.json')?.metadata.sha256, sha('a'));
   const calls = { ...b.calls };
-  const again = await syncTree({ root, backend: b, prefix: 'user_data/', cache });
+  const again = await syncTree({ root, backend: b, prefix: 'user_data/', cacheFile });
   assert.equal([again.sent, again.skipped, again.hashed], [0, 2, 0]);
   assert.ok(again.actions.every((a) => a.action === 'skip' && a.how === 'known'));
   assert.equal({ list: b.calls.list - calls.list, head: (b.calls.head ?? 0) - (calls.head ?? 0), put: b.calls.put - calls.put }, { list: 1, head: 0, put: 0 });
@@ -312,7 +312,7 @@ test('syncTree: an object proven by its sha256 metadata or by a bash-era ETag is
   await b.put('meta.txt', bufferSource(Buffer.from('same')), { metadata: { sha256: sha('same') } });
   await b.put('bash.txt', bufferSource(Buffer.from('from bash'))); // no metadata: its ETag is the MD5
   await b.put('changed.txt', bufferSource(Buffer.from('old!')), { metadata: { sha256: sha('old!') } });
-  const r = await syncTree({ root, backend: b, prefix: '', cache: HashCache.load(undefined) });
+  const r = await syncTree({ root, backend: b, prefix: '' });
   const how = Object.fromEntries(r.actions.map((a) => [a.key, a.action === 'skip' ? a.how : a.action === 'send' ? a.reason : 'failed']));
   assert.equal(how, { 'bash.txt': 'etag', 'changed.txt': 'changed', 'meta.txt': 'metadata' });
   assert.is(r.adopted, 1);
@@ -322,16 +322,16 @@ test('syncTree: an object proven by its sha256 metadata or by a bash-era ETag is
 test('syncTree: --dry-run stores nothing; one failing file is recorded and the rest are sent; refused credentials stop the run', async () => {
   const root = await tree({ 'a': '1', 'b': '2', 'c': '3' });
   const b = new MemoryBackend();
-  const dry = await syncTree({ root, backend: b, prefix: '', cache: HashCache.load(undefined), dryRun: true });
+  const dry = await syncTree({ root, backend: b, prefix: '', dryRun: true });
   assert.is(dry.sent, 3);
   assert.is(b.objects.size, 0);
   b.failNextPut.set('b', new StorageError('r2 put: R2 answered 500', false, 500));
-  const r = await syncTree({ root, backend: b, prefix: '', cache: HashCache.load(undefined) });
+  const r = await syncTree({ root, backend: b, prefix: '' });
   assert.equal(r.failures.map((f) => f.key), ['b']);
   assert.equal([...b.objects.keys()].sort(), ['a', 'c']);
   const c = new MemoryBackend();
   c.failNextPut.set('a', new StorageError('refused', true, 403));
-  const e = await syncTree({ root, backend: c, prefix: '', cache: HashCache.load(undefined), concurrency: 1 }).catch((x) => x);
+  const e = await syncTree({ root, backend: c, prefix: '', concurrency: 1 }).catch((x) => x);
   assert.instance(e, StorageError);
   assert.is(c.objects.size, 0, 'nothing more was tried');
 });
@@ -339,11 +339,55 @@ test('syncTree: --dry-run stores nothing; one failing file is recorded and the r
 test('syncTree: what is sent is the object’s sha256 (read back), also when the cache knew the file', async () => {
   const root = await tree({ 'x.bin': 'version one' });
   const b = new MemoryBackend();
-  const cache = HashCache.load(undefined);
-  await syncTree({ root, backend: b, prefix: '', cache });
+  const cacheFile = path.join(tmp(), 'tree.jsonl');
+  await syncTree({ root, backend: b, prefix: '', cacheFile });
   b.objects.delete('x.bin'); // gone from the bucket: sent again from a cache hit
-  await syncTree({ root, backend: b, prefix: '', cache });
+  await syncTree({ root, backend: b, prefix: '', cacheFile });
   assert.is(await readBackSha256(b, 'x.bin'), b.objects.get('x.bin')!.metadata.sha256);
+});
+
+test('syncTree: keys in S3 order even where the walk and JavaScript disagree (a-c before a/x, astral names)', async () => {
+  const root = await tree({ 'a/x': '1', 'a-c': '2', 'a.b': '3', 'b/\u{1F600}.txt': '4', 'b/\uFFFD.txt': '5', 'b/z.txt': '6' });
+  const b = new MemoryBackend();
+  await syncTree({ root, backend: b, prefix: '' });
+  const cacheFile = path.join(tmp(), 'c.jsonl');
+  const r = await syncTree({ root, backend: b, prefix: '', cacheFile });
+  assert.is(r.skipped, 6, 'every file found in the listing: the merge did not lose its place');
+  const keys = fs.readFileSync(cacheFile, 'utf8').trim().split('\n').map((l) => JSON.parse(l).rel);
+  assert.equal(keys, ['a-c', 'a.b', 'a/x', 'b/z.txt', 'b/\uFFFD.txt', 'b/\u{1F600}.txt'], 'UTF-8 byte order');
+  assert.equal(keys, [...keys].sort((x, y) => Buffer.compare(Buffer.from(x), Buffer.from(y))));
+});
+
+test('listRanges: split at top-level directories, every key once and in order, in-between keys included', async () => {
+  const b = new CountingBackend(new MemoryBackend());
+  const keys = ['p/a.txt', 'p/a/1', 'p/a/2', 'p/b/1', 'p/b0', 'p/c/1', 'p/c/2', 'p/d/9', 'p/zz']; // in byte order
+  for (const k of keys) await b.put(k, bufferSource(Buffer.from(k)));
+  const got: string[] = [];
+  for await (const o of listRanges(b, 'p/', ['b/', 'c/'])) got.push(o.key);
+  assert.equal(got, keys);
+  assert.is(b.calls.list, 3, 'one listing per range, at once');
+});
+
+test('TreeCache: what a run hashed is read back by the next; an older whole-file cache is read once', async () => {
+  const dir = tmp();
+  const root = await tree({ 'x/a.txt': 'a', 'x/b.txt': 'b' });
+  const legacy = path.join(dir, 'old.json');
+  const st = (rel: string) => fs.statSync(path.join(root, rel), { bigint: true });
+  fs.writeFileSync(
+    legacy,
+    JSON.stringify({
+      version: 1,
+      files: { [path.join(root, 'x/a.txt')]: [1, String(st('x/a.txt').mtimeNs), String(st('x/a.txt').ino), sha('a')] },
+      objects: {},
+    }),
+  );
+  const b = new MemoryBackend();
+  const cacheFile = path.join(dir, 'tree.jsonl');
+  const first = await syncTree({ root, backend: b, prefix: '', cacheFile, legacyCache: legacy });
+  assert.is(first.hashed, 1, 'a.txt came from the older cache, b.txt was read');
+  const second = await syncTree({ root, backend: b, prefix: '', cacheFile, legacyCache: legacy });
+  assert.is(second.hashed, 0);
+  assert.is(second.skipped, 2);
 });
 
 // ---------------------------------------------------------------------------------------------
