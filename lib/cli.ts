@@ -92,7 +92,10 @@ export const COMMON_HELP = `Flags:
   -h, --help        this text
 
 Exit codes: 0 done, 1 a step failed (the others still ran), 2 usage or configuration error,
-75 another run of this script holds the lock.`;
+75 another run of this script holds the lock.
+
+NOTIFY_URL (or NOTIFY_URL_VERDA, _MELLO, _CRON for one script) receives healthchecks.io pings:
+URL/start when a run begins, URL with the summary when it succeeds, URL/fail when it fails.`;
 
 /** An error as one line: the errno code and path, or the message. Never a stack. */
 export function errorText(e: unknown): string {
