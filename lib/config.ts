@@ -101,6 +101,8 @@ export interface Config {
   keepBackups: number;
   /** Where hash caches and locks live on this machine. */
   stateDir: string;
+  /** STALE_HOURS (26): --status flags a newest backup older than this. */
+  staleHours: number;
   limits: Limits;
 }
 
@@ -457,6 +459,11 @@ export function loadConfig(processEnv: NodeJS.ProcessEnv, scriptDir: string, env
     throw new UsageError(`VERDA_SUDO must be ${expected} (got ${JSON.stringify(sudo)})`);
   }
   checkImageReference('CONTAINER_IMAGE', str('CONTAINER_IMAGE', 'comfy-multi-worker-1'));
+  const staleRaw = str('STALE_HOURS', '26').trim();
+  const staleHours = /^(\d+(\.\d*)?|\.\d+)$/.test(staleRaw) ? Number(staleRaw) : NaN;
+  if (!(staleHours > 0 && staleHours <= 87_600)) {
+    throw new UsageError(`STALE_HOURS must be a number of hours, above 0 and at most 87600 (got "${staleRaw}")`);
+  }
   // Every ping URL is checked, used by this script or not, as the R2 settings below are.
   for (const name of NOTIFY_VARIABLES) if (env[name]) checkNotifyUrl(name, env[name]!);
   // R2 settings are checked whether or not this script uses them: a wrong one is wrong everywhere.
@@ -485,6 +492,7 @@ export function loadConfig(processEnv: NodeJS.ProcessEnv, scriptDir: string, env
     containerImage: str('CONTAINER_IMAGE', 'comfy-multi-worker-1'),
     keepBackups: Number(keepRaw),
     stateDir: dir('COMFYMULTI_STATE_DIR', path.join(env.XDG_CACHE_HOME || path.join(home, '.cache'), 'comfymulti-scripts')),
+    staleHours,
     limits: readLimits(env),
   };
 }

@@ -10,6 +10,7 @@ import { DEFAULT_LIMITS, loadConfig, mergedEnv, readLimits, type Config } from '
 import { removeStalePartials } from './files.ts';
 import { LockError, LockHeld, acquireLock } from './lock.ts';
 import { Notifier, notifyTarget, pingBody, pingNotStarted, type NotifyTarget } from './notify.ts';
+import { statusText, writeLastRun, type StatusReport } from './status.ts';
 
 export interface StepContext {
   out: Output;
@@ -137,6 +138,8 @@ export interface ScriptDef {
    * for a configuration the plan cannot run with.
    */
   plan: (cfg: Config, flags: Flags) => Plan;
+  /** --status: what is there, read without changing anything (lib/status.ts). */
+  status?: (cfg: Config) => Promise<StatusReport>;
 }
 
 export interface Plan {
@@ -186,6 +189,19 @@ async function pingNoStart(name: string, cfg: Config | undefined, envFile: strin
   if (problem) process.stderr.write(`${name}: ⚠ ${problem}\n`);
 }
 
+/** --status: the script's report as a screen or JSON; exit 1 when anything is flagged. */
+async function showStatus(def: ScriptDef, cfg: Config, json: boolean): Promise<never> {
+  let report: StatusReport;
+  try {
+    report = await def.status!(cfg);
+  } catch (e) {
+    process.stderr.write(`${def.name}: internal error: ${errorText(e)}\n`);
+    return exitAfterOutput(EXIT.failed);
+  }
+  process.stdout.write(json ? JSON.stringify(report, null, 2) + '\n' : statusText(report));
+  return exitAfterOutput(report.ok ? EXIT.ok : EXIT.failed);
+}
+
 /** The whole life of a script run. Never returns; exits with the SPEC's codes. */
 export async function runScript(def: ScriptDef, argv = scriptArgs()): Promise<never> {
   let flags: Flags;
@@ -205,19 +221,21 @@ export async function runScript(def: ScriptDef, argv = scriptArgs()): Promise<ne
     return exitAfterOutput(EXIT.ok);
   }
   // Only a backup run pings: a success ping from a run that backed nothing up (--dry-run,
-  // --verify) would tell the check that backups are being made.
-  const pings = !flags.dryRun && !flags.verify;
+  // --verify, --status) would tell the check that backups are being made.
+  const pings = !flags.dryRun && !flags.verify && !flags.status;
   let notifier: Notifier | undefined;
   try {
     cfg = loadConfig(process.env, scriptDir(), flags.envFile);
+    if (flags.status && !def.status) throw new UsageError(`--status is not available for ${def.name}`);
     const target = pings ? notifyTarget(cfg.env, def.name) : undefined;
     if (target) notifier = new Notifier(target, cfg.limits.notifyTimeoutMs);
-    plan = def.plan(cfg, flags);
+    plan = flags.status ? { steps: [] } : def.plan(cfg, flags);
   } catch (e) {
     process.stderr.write(`${def.name}: ${notStarted(e)}\n`);
     if (pings) await pingNoStart(def.name, cfg, flags.envFile, notStarted(e));
     return exitAfterOutput(e instanceof UsageError ? EXIT.usage : EXIT.failed);
   }
+  if (flags.status) return showStatus(def, cfg, flags.json);
 
   const out = new Output(flags.json, flags.verbose);
   let release: () => void;
@@ -288,6 +306,27 @@ export async function runScript(def: ScriptDef, argv = scriptArgs()): Promise<ne
   });
   if (controller.signal.aborted) failures.push(`interrupted by ${controller.signal.reason?.message}`);
   const total = reports.reduce((n, r) => n + (r.bytes ?? 0), 0);
+  if (!flags.dryRun && !flags.verify) {
+    try {
+      writeLastRun(cfg.stateDir, {
+        version: 1,
+        script: def.name,
+        host: os.hostname(),
+        mode: flags.quick ? 'quick' : 'full',
+        startedAt: new Date(started).toISOString(),
+        endedAt: new Date().toISOString(),
+        exitCode: code,
+        ok: code === EXIT.ok,
+        interrupted: controller.signal.aborted || undefined,
+        failedSteps: failed.map((r) => r.name),
+        failures,
+        steps: reports.map((r) => ({ name: r.name, status: r.status, bytes: r.bytes })),
+        bytesSent: total,
+      });
+    } catch (e) {
+      notices.add(`the run's record for --status was not written: ${errorText(e)}`);
+    }
+  }
   const startProblem = await notifier?.settleStart();
   if (startProblem) notices.add(startProblem);
   const sent = total && !flags.verify ? `${flags.dryRun ? 'would send' : 'sent'} ${humanSize(total)} in all` : '';

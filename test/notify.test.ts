@@ -371,14 +371,14 @@ test('a malformed NOTIFY_URL is exit 2 naming the variable, without repeating it
   }
 });
 
-test('--dry-run and --verify send no ping', async () => {
+test('--dry-run, --verify and --status send no ping', async () => {
   const server = await pingServer();
   try {
     const m = mello('no-ping', { NOTIFY_URL: `${server.url}/n` });
     const good = await run('backup-mello.mts', ['--quick'], m.env);
     assert.is(good.code, 0, out(good));
     server.pings.length = 0;
-    for (const flag of ['--dry-run', '--verify']) {
+    for (const flag of ['--dry-run', '--verify', '--status']) {
       const r = await run('backup-mello.mts', ['--quick', flag], m.env);
       assert.is(r.code, 0, `${flag}\n${out(r)}`);
     }
