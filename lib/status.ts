@@ -7,7 +7,7 @@
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { CRON_KINDS, configArchives } from './archive.ts';
+import { BUNDLE_KEY, BUNDLE_PREFIX, CRON_KINDS, configArchives } from './archive.ts';
 import { errorText, humanSize } from './cli.ts';
 import { bucketTarget, type Config } from './config.ts';
 import { isRegularFile, readRegularFileSync, writeFileAtomic } from './files.ts';
@@ -17,9 +17,7 @@ import type { StepStatus } from './plan.ts';
 import { R2Backend } from './r2.ts';
 import { datedCopies, datedPattern, localCopies, stampTime } from './rotation.ts';
 
-// As backup-verda.mts names them (a script's constants cannot be imported: it runs on import).
-const BUNDLE_KEY = 'verda-config-backup.tar.gz';
-const BUNDLE_PREFIX = 'verda-config-backups/';
+/** The dated copies' kind: `verda-config-backups/verda-config-backup-T.tar.gz`. */
 const BUNDLE_KIND = 'verda-config-backup';
 
 const HOUR_MS = 3600_000;
