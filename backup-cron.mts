@@ -11,6 +11,7 @@ import { RunRecord } from './lib/manifest.ts';
 import { runScript } from './lib/plan.ts';
 import { copyWarnings, rotateLocal, rotationStep, timestamp } from './lib/rotation.ts';
 import { LocalHost } from './lib/ssh.ts';
+import { cronStatus } from './lib/status.ts';
 import { triggerMelloStep } from './lib/trigger.ts';
 
 await runScript({
@@ -26,6 +27,7 @@ Mello cannot be reached the SFS copies stand and the run exits 1.
 --quick: the same SFS copies (they are all small config); Mello's run is --quick (no outputs).
 --verify: checks that the newest SFS copy of each kind is a whole archive, and runs
 backup-mello.mts --verify on Mello (--deep is passed on).`,
+  status: (cfg) => cronStatus(cfg),
   plan(cfg, flags) {
     requireDirOrAbsent(cfg, 'SFS_BACKUP_DIR');
     requireDirOrAbsent(cfg, 'COMFYMULTI_STATE_DIR');

@@ -9,6 +9,7 @@ import path from 'node:path';
 import { bucketTarget, requireDir, requireDirOrAbsent } from './lib/config.ts';
 import { runScript } from './lib/plan.ts';
 import { R2Backend, r2Limits } from './lib/r2.ts';
+import { melloStatus } from './lib/status.ts';
 import { syncStep, verifyStep } from './lib/sync.ts';
 
 await runScript({
@@ -20,6 +21,7 @@ Sends MELLO_DATA_DIR's user_data/, outputs/ and inputs/ to the R2 user-files buc
 same keys. Files already there with the same size and sha256 are not sent again; a file deleted
 on Mello stays in R2. --quick leaves outputs/ out. --verify checks that every file is in R2 with
 its sha256 (--deep: reads the objects back).`,
+  status: (cfg) => melloStatus(cfg),
   plan(cfg, flags) {
     requireDir(cfg, 'MELLO_DATA_DIR');
     requireDirOrAbsent(cfg, 'COMFYMULTI_STATE_DIR');

@@ -15,6 +15,7 @@ import { runScript, type Plan } from './lib/plan.ts';
 import { R2Backend, r2Limits } from './lib/r2.ts';
 import { copyWarnings, rotateLocal, rotateRemote, rotationStep, timestamp } from './lib/rotation.ts';
 import { lazyHost } from './lib/ssh.ts';
+import { verdaStatus } from './lib/status.ts';
 
 // Verda's side of the models step (see lib/models.ts): not a flag for people.
 if (process.argv.includes(MODELS_FLAG)) await runModelsHere();
@@ -29,6 +30,7 @@ keys, fail2ban, ufw, .env, home, project, oh-my-zsh) into BACKUP_DIR as KIND-YYY
 and sends a bundle of them to the R2 cache bucket. A full run (the default) also saves the worker
 image when its ID changed and sends every *.safetensors under VERDA_MODELS_DIR from Verda straight
 to the R2 models bucket. --quick: config only. Keeps KEEP_BACKUPS dated copies of each kind.`,
+  status: (cfg) => verdaStatus(cfg),
   plan(cfg, flags) {
     requireDirOrAbsent(cfg, 'BACKUP_DIR');
     requireDirOrAbsent(cfg, 'COMFYMULTI_STATE_DIR');

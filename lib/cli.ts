@@ -24,6 +24,8 @@ export interface Flags {
   quick: boolean;
   dryRun: boolean;
   verify: boolean;
+  /** Read what is there and change nothing: the newest backups, their age, complete or not. */
+  status: boolean;
   /** With --verify: read R2 objects back instead of trusting their metadata. */
   deep: boolean;
   json: boolean;
@@ -34,7 +36,7 @@ export interface Flags {
   extra: Record<string, string | boolean | undefined>;
 }
 
-const BOOLEAN_FLAGS = ['quick', 'full', 'dry-run', 'verify', 'deep', 'json', 'verbose', 'help'];
+const BOOLEAN_FLAGS = ['quick', 'full', 'dry-run', 'verify', 'status', 'deep', 'json', 'verbose', 'help'];
 
 export function parseFlags(
   argv: string[],
@@ -64,6 +66,9 @@ export function parseFlags(
   }
   if (args.quick && args.full) throw new UsageError('--quick and --full cannot be used together');
   if (args.verify && args['dry-run']) throw new UsageError('--verify and --dry-run cannot be used together');
+  if (args.status && (args['dry-run'] || args.verify)) {
+    throw new UsageError(`--status and --${args.verify ? 'verify' : 'dry-run'} cannot be used together`);
+  }
   if (args.deep && !args.verify) throw new UsageError('--deep goes with --verify');
   const extraValues: Flags['extra'] = {};
   for (const name of [...(extra.boolean ?? []), ...(extra.string ?? [])]) extraValues[name] = args[name];
@@ -71,6 +76,7 @@ export function parseFlags(
     quick: Boolean(args.quick),
     dryRun: Boolean(args['dry-run']),
     verify: Boolean(args.verify),
+    status: Boolean(args.status),
     deep: Boolean(args.deep),
     json: Boolean(args.json),
     verbose: Boolean(args.verbose),
@@ -86,13 +92,19 @@ export const COMMON_HELP = `Flags:
   --dry-run         say what would be sent and where; change nothing
   --verify          change nothing; check that the newest backup is whole (exit 1 naming what differs)
   --deep            with --verify: read R2 objects back and hash them, not only their metadata
+  --status          change nothing, no SSH, no lock: the newest backups (and, for backup-verda, the
+                    bundle in R2, read only), their age, complete or not, and the last run; exit 1
+                    when the newest is older than STALE_HOURS, incomplete or missing, or the last run failed
   --json            machine-readable summary on stdout (step lines go to stderr)
   -v, --verbose     say more
   --env-file PATH   read configuration from PATH instead of .env beside the script
   -h, --help        this text
 
 Exit codes: 0 done, 1 a step failed (the others still ran), 2 usage or configuration error,
-75 another run of this script holds the lock.`;
+75 another run of this script holds the lock.
+
+NOTIFY_URL (or NOTIFY_URL_VERDA, _MELLO, _CRON for one script) receives healthchecks.io pings:
+URL/start when a run begins, URL with the summary when it succeeds, URL/fail when it fails.`;
 
 /** An error as one line: the errno code and path, or the message. Never a stack. */
 export function errorText(e: unknown): string {

@@ -6,6 +6,7 @@ import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { UsageError } from './cli.ts';
+import { NOTIFY_VARIABLES, checkNotifyUrl } from './notify.ts';
 
 export interface BucketTarget {
   bucket: string;
@@ -31,6 +32,8 @@ export interface Limits {
   sshTimeoutS: number;
   /** COMFYMULTI_COMMAND_TIMEOUT (600): a command (local or remote) that neither ends nor prints for this long is killed. */
   commandIdleTimeoutMs: number;
+  /** COMFYMULTI_NOTIFY_TIMEOUT (3): one NOTIFY_URL request; a run's end waits for its pings at most twice this. */
+  notifyTimeoutMs: number;
 }
 
 export const DEFAULT_LIMITS: Limits = {
@@ -39,6 +42,7 @@ export const DEFAULT_LIMITS: Limits = {
   r2BackoffMs: 500,
   sshTimeoutS: 10,
   commandIdleTimeoutMs: 600_000,
+  notifyTimeoutMs: 3_000,
 };
 
 /** The limits from COMFYMULTI_R2_TIMEOUT and its siblings; unset or empty keeps the default. */
@@ -73,6 +77,7 @@ export function readLimits(env: Record<string, string | undefined>): Limits {
     r2BackoffMs: ms('COMFYMULTI_R2_BACKOFF', DEFAULT_LIMITS.r2BackoffMs, true),
     sshTimeoutS: secondsOf('COMFYMULTI_SSH_TIMEOUT', DEFAULT_LIMITS.sshTimeoutS, false),
     commandIdleTimeoutMs: ms('COMFYMULTI_COMMAND_TIMEOUT', DEFAULT_LIMITS.commandIdleTimeoutMs),
+    notifyTimeoutMs: ms('COMFYMULTI_NOTIFY_TIMEOUT', DEFAULT_LIMITS.notifyTimeoutMs),
   };
 }
 
@@ -96,6 +101,8 @@ export interface Config {
   keepBackups: number;
   /** Where hash caches and locks live on this machine. */
   stateDir: string;
+  /** STALE_HOURS (26): --status flags a newest backup older than this. */
+  staleHours: number;
   limits: Limits;
 }
 
@@ -398,16 +405,26 @@ export function requireDir(cfg: Config, name: LocalDirVariable): void {
   if (!st.isDirectory()) throw new UsageError(`${name} is not a directory: ${dir} is ${fileKind(st)}`);
 }
 
-/**
- * Loads the configuration. `scriptDir` is where the default `.env` is looked for; `envFile`
- * (from --env-file) replaces it and must exist.
- */
-export function loadConfig(processEnv: NodeJS.ProcessEnv, scriptDir: string, envFile?: string): Config {
+/** The environment over `.env` (or --env-file), unchecked: loadConfig's first step. */
+export function mergedEnv(
+  processEnv: NodeJS.ProcessEnv,
+  scriptDir: string,
+  envFile?: string,
+): Record<string, string | undefined> {
   const fileVars = envFile
     ? readEnvFile(envFile, `--env-file ${envFile}`, true)
     : readEnvFile(path.join(scriptDir, '.env'), path.join(scriptDir, '.env'), false);
   const env: Record<string, string | undefined> = { ...fileVars };
   for (const [k, v] of Object.entries(processEnv)) if (v !== undefined) env[k] = v;
+  return env;
+}
+
+/**
+ * Loads the configuration. `scriptDir` is where the default `.env` is looked for; `envFile`
+ * (from --env-file) replaces it and must exist.
+ */
+export function loadConfig(processEnv: NodeJS.ProcessEnv, scriptDir: string, envFile?: string): Config {
+  const env = mergedEnv(processEnv, scriptDir, envFile);
 
   const home = env.HOME || os.homedir();
   // XDG: a relative XDG_CACHE_HOME is invalid and ignored.
@@ -442,6 +459,13 @@ export function loadConfig(processEnv: NodeJS.ProcessEnv, scriptDir: string, env
     throw new UsageError(`VERDA_SUDO must be ${expected} (got ${JSON.stringify(sudo)})`);
   }
   checkImageReference('CONTAINER_IMAGE', str('CONTAINER_IMAGE', 'comfy-multi-worker-1'));
+  const staleRaw = str('STALE_HOURS', '26').trim();
+  const staleHours = /^(\d+(\.\d*)?|\.\d+)$/.test(staleRaw) ? Number(staleRaw) : NaN;
+  if (!(staleHours > 0 && staleHours <= 87_600)) {
+    throw new UsageError(`STALE_HOURS must be a number of hours, above 0 and at most 87600 (got "${staleRaw}")`);
+  }
+  // Every ping URL is checked, used by this script or not, as the R2 settings below are.
+  for (const name of NOTIFY_VARIABLES) if (env[name]) checkNotifyUrl(name, env[name]!);
   // R2 settings are checked whether or not this script uses them: a wrong one is wrong everywhere.
   if (env.R2_ENDPOINT) checkEndpoint('R2_ENDPOINT', env.R2_ENDPOINT);
   for (const b of Object.values(BUCKETS)) {
@@ -468,6 +492,7 @@ export function loadConfig(processEnv: NodeJS.ProcessEnv, scriptDir: string, env
     containerImage: str('CONTAINER_IMAGE', 'comfy-multi-worker-1'),
     keepBackups: Number(keepRaw),
     stateDir: dir('COMFYMULTI_STATE_DIR', path.join(env.XDG_CACHE_HOME || path.join(home, '.cache'), 'comfymulti-scripts')),
+    staleHours,
     limits: readLimits(env),
   };
 }

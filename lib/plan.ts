@@ -3,11 +3,14 @@
 // configuration, lock, signals, the plan, the summary and the exit code.
 import { setMaxListeners } from 'node:events';
 import fs from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import { COMMON_HELP, EXIT, Output, UsageError, errorText, exitAfterOutput, humanSize, notices, parseFlags, type Flags } from './cli.ts';
-import { loadConfig, type Config } from './config.ts';
+import { DEFAULT_LIMITS, loadConfig, mergedEnv, readLimits, type Config } from './config.ts';
 import { removeStalePartials } from './files.ts';
 import { LockError, LockHeld, acquireLock } from './lock.ts';
+import { Notifier, notifyTarget, pingBody, pingNotStarted, type NotifyTarget } from './notify.ts';
+import { statusText, writeLastRun, type StatusReport } from './status.ts';
 
 export interface StepContext {
   out: Output;
@@ -135,6 +138,8 @@ export interface ScriptDef {
    * for a configuration the plan cannot run with.
    */
   plan: (cfg: Config, flags: Flags) => Plan;
+  /** --status: what is there, read without changing anything (lib/status.ts). */
+  status?: (cfg: Config) => Promise<StatusReport>;
 }
 
 export interface Plan {
@@ -159,24 +164,78 @@ function scriptArgs(): string[] {
   return args[0] === '--' ? args.slice(1) : args;
 }
 
+/**
+ * Pings NOTIFY_URL (or the script's own variable) that the run stopped before it started, when
+ * the URL can be read at all: from the configuration when it loaded, else from the environment
+ * and `.env` as far as they read. Says on stderr when the ping could not be sent.
+ */
+async function pingNoStart(name: string, cfg: Config | undefined, envFile: string | undefined, why: string) {
+  let target: NotifyTarget | undefined;
+  let timeoutMs = DEFAULT_LIMITS.notifyTimeoutMs;
+  try {
+    let env: Record<string, string | undefined> = process.env;
+    try {
+      env = cfg?.env ?? mergedEnv(process.env, scriptDir(), envFile);
+    } catch {
+      /* the .env is what is wrong: the environment alone */
+    }
+    target = notifyTarget(env, name);
+    timeoutMs = readLimits(env).notifyTimeoutMs;
+  } catch {
+    /* a malformed URL or timeout: the message above already says what to fix */
+  }
+  if (!target) return;
+  const problem = await pingNotStarted(target, timeoutMs, name, why);
+  if (problem) process.stderr.write(`${name}: ⚠ ${problem}\n`);
+}
+
+/** --status: the script's report as a screen or JSON; exit 1 when anything is flagged. */
+async function showStatus(def: ScriptDef, cfg: Config, json: boolean): Promise<never> {
+  let report: StatusReport;
+  try {
+    report = await def.status!(cfg);
+  } catch (e) {
+    process.stderr.write(`${def.name}: internal error: ${errorText(e)}\n`);
+    return exitAfterOutput(EXIT.failed);
+  }
+  process.stdout.write(json ? JSON.stringify(report, null, 2) + '\n' : statusText(report));
+  return exitAfterOutput(report.ok ? EXIT.ok : EXIT.failed);
+}
+
 /** The whole life of a script run. Never returns; exits with the SPEC's codes. */
 export async function runScript(def: ScriptDef, argv = scriptArgs()): Promise<never> {
   let flags: Flags;
-  let cfg: Config;
+  let cfg: Config | undefined;
   let plan: Plan;
+  // A usage or configuration error is exit 2; anything else here is a bug, said without a stack.
+  const notStarted = (e: unknown) => `${e instanceof UsageError ? '' : 'internal error: '}${errorText(e)}`;
   try {
     flags = parseFlags(argv, def.extraFlags);
-    if (flags.help) {
-      process.stdout.write(`${def.usage}\n\n${COMMON_HELP}\n`);
-      return exitAfterOutput(EXIT.ok);
-    }
-    cfg = loadConfig(process.env, scriptDir(), flags.envFile);
-    plan = def.plan(cfg, flags);
   } catch (e) {
-    // A usage or configuration error is exit 2; anything else here is a bug, said without a stack.
-    process.stderr.write(`${def.name}: ${e instanceof UsageError ? '' : 'internal error: '}${errorText(e)}\n`);
+    // Not pinged: a mistyped flag is someone at a terminal, and nothing configured is wrong.
+    process.stderr.write(`${def.name}: ${notStarted(e)}\n`);
     return exitAfterOutput(e instanceof UsageError ? EXIT.usage : EXIT.failed);
   }
+  if (flags.help) {
+    process.stdout.write(`${def.usage}\n\n${COMMON_HELP}\n`);
+    return exitAfterOutput(EXIT.ok);
+  }
+  // Only a backup run pings: a success ping from a run that backed nothing up (--dry-run,
+  // --verify, --status) would tell the check that backups are being made.
+  const pings = !flags.dryRun && !flags.verify && !flags.status;
+  let notifier: Notifier | undefined;
+  try {
+    cfg = loadConfig(process.env, scriptDir(), flags.envFile);
+    if (flags.status && !def.status) throw new UsageError(`--status is not available for ${def.name}`);
+    const target = pings ? notifyTarget(cfg.env, def.name) : undefined;
+    if (target) notifier = new Notifier(target, cfg.limits.notifyTimeoutMs);
+    plan = flags.status ? { steps: [] } : def.plan(cfg, flags);
+  } catch (e) {
+    process.stderr.write(`${def.name}: ${notStarted(e)}\n`);
+    if (pings) await pingNoStart(def.name, cfg, flags.envFile, notStarted(e));
+    return exitAfterOutput(e instanceof UsageError ? EXIT.usage : EXIT.failed);
+  }
+  if (flags.status) return showStatus(def, cfg, flags.json);
 
   const out = new Output(flags.json, flags.verbose);
   let release: () => void;
@@ -184,13 +243,17 @@ export async function runScript(def: ScriptDef, argv = scriptArgs()): Promise<ne
     release = acquireLock(path.join(cfg.stateDir, `${def.name}.lock`), def.name);
   } catch (e) {
     if (e instanceof LockHeld) {
+      // Not pinged: the holder pings when it ends, and one that never ends goes silent, which is
+      // what the check's grace time is for. A /75 ping would mark a long, healthy run as failed.
       process.stderr.write(`${def.name}: ${e.message}; not starting\n`);
       return exitAfterOutput(EXIT.locked);
     }
-    const why = e instanceof LockError ? e.message : errorText(e);
-    process.stderr.write(`${def.name}: COMFYMULTI_STATE_DIR (${cfg.stateDir}): ${why}; nothing was done\n`);
+    const why = `COMFYMULTI_STATE_DIR (${cfg.stateDir}): ${e instanceof LockError ? e.message : errorText(e)}`;
+    process.stderr.write(`${def.name}: ${why}; nothing was done\n`);
+    if (pings) await pingNoStart(def.name, cfg, flags.envFile, why);
     return exitAfterOutput(EXIT.usage);
   }
+  notifier?.start();
   // What a killed run (SIGKILL, power loss) left half-written: its writer is gone.
   for (const dir of [cfg.stateDir, ...(plan.workDirs ?? [])]) removeStalePartials(dir);
 
@@ -228,23 +291,69 @@ export async function runScript(def: ScriptDef, argv = scriptArgs()): Promise<ne
   const failed = reports.filter((r) => r.status === 'failed' || r.status === 'interrupted');
   const seconds = ((Date.now() - started) / 1000).toFixed(1);
   const code = failed.length ? EXIT.failed : EXIT.ok;
-  out.plain('');
   const counts = [
     `${reports.filter((r) => r.status === 'ok').length} ok`,
     `${reports.filter((r) => r.status === 'skipped').length} skipped`,
     `${failed.length} failed`,
   ];
-  out.header(`=== ${flags.dryRun ? 'Dry run' : flags.verify ? 'Verify' : 'Backup'} ${failed.length ? 'FAILED' : 'complete'} in ${seconds}s: ${counts.join(', ')} ===`);
+  const what = flags.dryRun ? 'Dry run' : flags.verify ? 'Verify' : 'Backup';
+  const result = `${what} ${failed.length ? 'FAILED' : 'complete'} in ${seconds}s: ${counts.join(', ')}`;
   // The summary names the failures themselves, not only their steps: a cron log is read from its end.
-  for (const r of failed) {
+  const failures = failed.map((r) => {
     const items = r.failures.slice(0, 5).concat(r.failures.length > 5 ? [`and ${r.failures.length - 5} more`] : []);
     const why = r.error ?? (items.length ? items.join('; ') : (r.summary ?? r.status));
-    out.fail(`Step ${r.step} (${r.name}): ${why}`);
-  }
-  if (controller.signal.aborted) out.fail(`interrupted by ${controller.signal.reason?.message}`);
-  for (const notice of notices) out.warn(notice);
+    return `Step ${r.step} (${r.name}): ${why}`;
+  });
+  if (controller.signal.aborted) failures.push(`interrupted by ${controller.signal.reason?.message}`);
   const total = reports.reduce((n, r) => n + (r.bytes ?? 0), 0);
-  if (total && !flags.verify) out.info(`${flags.dryRun ? 'would send' : 'sent'} ${humanSize(total)} in all`);
+  if (!flags.dryRun && !flags.verify) {
+    try {
+      writeLastRun(cfg.stateDir, {
+        version: 1,
+        script: def.name,
+        host: os.hostname(),
+        mode: flags.quick ? 'quick' : 'full',
+        startedAt: new Date(started).toISOString(),
+        endedAt: new Date().toISOString(),
+        exitCode: code,
+        ok: code === EXIT.ok,
+        interrupted: controller.signal.aborted || undefined,
+        failedSteps: failed.map((r) => r.name),
+        failures,
+        steps: reports.map((r) => ({ name: r.name, status: r.status, bytes: r.bytes })),
+        bytesSent: total,
+      });
+    } catch (e) {
+      notices.add(`the run's record for --status was not written: ${errorText(e)}`);
+    }
+  }
+  const startProblem = await notifier?.settleStart();
+  if (startProblem) notices.add(startProblem);
+  const sent = total && !flags.verify ? `${flags.dryRun ? 'would send' : 'sent'} ${humanSize(total)} in all` : '';
+  out.plain('');
+  out.header(`=== ${result} ===`);
+  for (const f of failures) out.fail(f);
+  for (const notice of notices) out.warn(notice);
+  if (sent) out.info(sent);
+  if (notifier) {
+    // The summary as the lines above, then each step's line; never an environment value.
+    const body = pingBody([
+      `${def.name} on ${os.hostname()} (${flags.quick ? 'quick' : 'full'}): ${result}`,
+      ...failures.map((f) => `✗ ${f}`),
+      ...[...notices].map((n) => `⚠ ${n}`),
+      ...(sent ? [sent] : []),
+      '',
+      ...reports.map((r) => {
+        const mark = r.status === 'ok' ? '✓' : r.status === 'skipped' ? '–' : '✗';
+        return `Step ${r.step} (${r.name}): ${mark} ${r.error ?? r.summary ?? r.status}`;
+      }),
+    ]);
+    const endProblem = await notifier.end(code === EXIT.ok, body);
+    if (endProblem) {
+      notices.add(endProblem);
+      out.warn(endProblem);
+    }
+  }
 
   if (flags.json) {
     const summary = {
