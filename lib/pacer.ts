@@ -68,20 +68,91 @@ export class Pacer {
   }
 }
 
-/** At most `size` callers inside `run` at once; the others wait their turn, in order. */
+/** At most `limit` callers inside `run` at once; the others wait their turn, in order. */
 export class Slots {
-  private busy = 0;
-  private readonly waiting: (() => void)[] = [];
-  constructor(readonly size: number) {}
+  protected busy = 0;
+  protected readonly waiting: (() => void)[] = [];
+  constructor(public limit: number) {}
 
   async run<T>(fn: () => Promise<T>): Promise<T> {
-    while (this.busy >= this.size) await new Promise<void>((resolve) => this.waiting.push(resolve));
+    while (this.busy >= this.limit) await new Promise<void>((resolve) => this.waiting.push(resolve));
     this.busy++;
     try {
       return await fn();
     } finally {
       this.busy--;
-      this.waiting.shift()?.();
+      this.wake();
     }
+  }
+
+  protected wake() {
+    for (let free = this.limit - this.busy; free > 0 && this.waiting.length; free--) this.waiting.shift()!();
+  }
+}
+
+/**
+ * Slots that size themselves to the link: while callers wait and throughput grows with more in
+ * flight, the limit grows by half (up to `max`, the memory budget); when growing gains nothing it
+ * steps back; on congestion (R2's 429 or 503) it halves. One TCP connection over a long thin path
+ * carries tens of MB/s: filling it takes many requests at once, which on loopback would only add
+ * contention.
+ */
+export class AdaptiveSlots extends Slots {
+  private units = 0;
+  private best = 0;
+  private grownFrom?: number;
+  private cooldown = 0;
+  private readonly timer: NodeJS.Timeout;
+
+  constructor(
+    readonly min: number,
+    start: number,
+    readonly max: number,
+    windowMs = 1000,
+  ) {
+    super(start);
+    this.timer = setInterval(() => this.adjust(), windowMs);
+    this.timer.unref();
+  }
+
+  /** Work finished (bytes, or a unit per small request): the throughput the limit is judged by. */
+  done(units: number) {
+    this.units += units;
+  }
+
+  /** The server asked to slow down. */
+  congested() {
+    this.limit = Math.max(this.min, Math.floor(this.limit / 2));
+    this.best = 0;
+    this.grownFrom = undefined;
+    this.cooldown = 3;
+  }
+
+  private adjust() {
+    const rate = this.units;
+    this.units = 0;
+    if (this.cooldown > 0) {
+      this.cooldown--;
+      return;
+    }
+    if (rate > this.best * 1.1) {
+      this.best = rate;
+      // Still more waiting than running: more in flight may carry more.
+      if (this.waiting.length && this.limit < this.max) {
+        this.grownFrom = this.limit;
+        this.limit = Math.min(this.max, Math.ceil(this.limit * 1.5));
+        this.cooldown = 1; // the window after a change is half old, half new: judged by the next
+        this.wake();
+      }
+    } else if (this.grownFrom !== undefined) {
+      // Growing gained nothing: back to where it was, and stay a while.
+      this.limit = this.grownFrom;
+      this.grownFrom = undefined;
+      this.cooldown = 5;
+    }
+  }
+
+  stop() {
+    clearInterval(this.timer);
   }
 }

@@ -25,7 +25,7 @@ import { Agent } from 'node:http';
 import { Agent as HttpsAgent } from 'node:https';
 import { Transform, type Readable } from 'node:stream';
 import { addNotice } from './cli.ts';
-import { Pacer, Slots } from './pacer.ts';
+import { AdaptiveSlots, Pacer } from './pacer.ts';
 import { pool } from './pool.ts';
 import type { BucketTarget, Limits } from './config.ts';
 import {
@@ -64,10 +64,15 @@ export interface R2Options {
   multipartThreshold?: number;
   /** Preferred part size; raised when a file would need more than 10,000 parts. */
   partSize?: number;
-  /** Parts of one upload in flight at once. */
+  /** Parts of one upload in flight at once (the backend's part slots bound them all). */
   partConcurrency?: number;
-  /** Parts in flight at once across all uploads of this backend: bounds memory with many big files. */
+  /**
+   * Parts in flight at once across all uploads of this backend, to start with: it grows with the
+   * link's throughput up to `maxPartsInFlight` (the memory budget: a part in flight holds a few
+   * MiB of stream buffers) and halves when R2 says slow down.
+   */
   partsInFlight?: number;
+  maxPartsInFlight?: number;
   /** Attempts per request, the first included. */
   attempts?: number;
   /** First backoff delay; doubles per attempt, with jitter. */
@@ -81,8 +86,9 @@ export interface R2Options {
 const DEFAULTS: Required<R2Options> = {
   multipartThreshold: 16 * MiB,
   partSize: 16 * MiB,
-  partConcurrency: 4,
+  partConcurrency: 16,
   partsInFlight: 8,
+  maxPartsInFlight: 32,
   attempts: 5,
   backoffMs: 500,
   idleTimeoutMs: 60_000,
@@ -305,7 +311,7 @@ export class R2Backend implements Backend {
   /** Retries and backoff; its `attempts` counts the requests sent, by operation. */
   readonly pacer: Pacer;
   /** Parts in flight across all uploads of this backend: what bounds memory with many big files. */
-  private readonly partSlots: Slots;
+  readonly partSlots: AdaptiveSlots;
   /** The SDK's own warnings (the last few), kept off the console: tests read them. */
   readonly sdkWarnings: string[] = [];
 
@@ -316,7 +322,11 @@ export class R2Backend implements Backend {
     this.opts = { ...DEFAULTS, ...opts };
     this.name = `r2://${target.bucket}`;
     this.pacer = new Pacer({ attempts: this.opts.attempts, backoffMs: this.opts.backoffMs });
-    this.partSlots = new Slots(this.opts.partsInFlight);
+    this.partSlots = new AdaptiveSlots(
+      Math.min(4, this.opts.partsInFlight),
+      this.opts.partsInFlight,
+      Math.max(this.opts.partsInFlight, this.opts.maxPartsInFlight),
+    );
     // Above the requests a backend has in flight (16 files, 8 parts): the SDK's connection
     // timeout also counts the wait for a socket, so a queued request would time out.
     const agentOpts = { keepAlive: true, maxSockets: this.opts.maxSockets };
@@ -381,6 +391,8 @@ export class R2Backend implements Backend {
           clockRetried = true;
           return 'now';
         }
+        const status = s3Fields(e).status;
+        if (status === 429 || status === 503) this.partSlots.congested();
         return isRetryable(e) ? 'backoff' : 'fail';
       },
       (e, attempts) => (e instanceof BodyFailed ? e.error : this.error(op, key, e, attempts, signedOffset)),
@@ -524,6 +536,7 @@ export class R2Backend implements Backend {
           }),
         );
         etags[index] = r.ETag!;
+        this.partSlots.done(end - start);
       };
       await pool(parts, this.opts.partConcurrency, (index) =>
         sendPart(index).catch((e) => {

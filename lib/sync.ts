@@ -10,6 +10,7 @@ import { errorText, humanSize } from './cli.ts';
 import { compareKeys, walkSorted, type WalkEntry } from './files.ts';
 import { etagProvesContent, lineMatches, TreeCache, type TreeCacheLine } from './hash-cache.ts';
 import type { Step } from './plan.ts';
+import { AdaptiveSlots } from './pacer.ts';
 import { pool } from './pool.ts';
 import {
   SourceChanged,
@@ -47,6 +48,9 @@ export type FileAction =
   | { action: 'send'; key: string; bytes: number; sha256: string; reason: 'new' | 'changed' }
   | { action: 'skip'; key: string; bytes: number; sha256: string; how: 'known' | 'metadata' | 'etag' }
   | { action: 'failed'; key: string; bytes: number; error: string };
+
+/** What a request costs beside its bytes, in the units the adaptive slots weigh throughput in. */
+const REQUEST_UNITS = 64 * 1024;
 
 /** Lists beyond this many entries are counted, not kept: a tree may hold a million files. */
 const KEEP = 1000;
@@ -307,6 +311,7 @@ export async function syncTree(opts: SyncOptions): Promise<SyncResult> {
     });
     result.sent++;
     result.sentBytes += fp.size;
+    files.done(fp.size);
     progressBytes += fp.size - counted;
     cache.settle(f.seq, { ...line(put.etag), sha256: fp.sha256, size: fp.size, mtimeNs: String(fp.mtimeNs), ino: String(fp.ino) });
     report({ action: 'send', key: f.key, bytes: fp.size, sha256: fp.sha256, reason });
@@ -316,6 +321,9 @@ export async function syncTree(opts: SyncOptions): Promise<SyncResult> {
   // holds a line of about 150 bytes per file.
   const pages = opts.cacheFile ? Math.floor((fs.statSync(opts.cacheFile, { throwIfNoEntry: false })?.size ?? 0) / 150 / 1000) : 0;
   const listing = listRanges(backend, prefix, listingSplits(opts.root, Math.min(8, pages)), signal);
+  // Files in flight: 16 to start, more while more carry more (a long path), up to 64.
+  const maxFiles = opts.concurrency ?? 64;
+  const files = new AdaptiveSlots(Math.min(8, maxFiles), Math.min(16, maxFiles), maxFiles);
   const items = march(walkSorted(opts.root), listing, cache, prefix, opts.filter, (e) => {
     if (e.kind === 'symlink') {
       result.symlinkCount++;
@@ -327,10 +335,11 @@ export async function syncTree(opts: SyncOptions): Promise<SyncResult> {
     // credentials refused or R2 gone silent stops the pool: every other file would fail the same.
     await pool(
       items,
-      opts.concurrency ?? 16,
+      maxFiles,
       async (f) => {
         try {
-          await one(f);
+          await files.run(() => one(f));
+          files.done(REQUEST_UNITS);
         } catch (e) {
           if (signal?.aborted) throw signal.reason;
           cache.settle(f.seq, undefined);
@@ -345,6 +354,7 @@ export async function syncTree(opts: SyncOptions): Promise<SyncResult> {
       signal,
     );
   } finally {
+    files.stop();
     if (!opts.dryRun) result.cacheWarning = await cache.finish();
   }
   return result;

@@ -12,6 +12,7 @@ import { UsageError, humanSize, parseFlags } from '../lib/cli.ts';
 import { BLOCK, Digester, showBytes, walkTree } from '../lib/files.ts';
 import { HashCache, awsCliPartSize, etagProvesContent } from '../lib/hash-cache.ts';
 import { LockHeld, acquireLock, isHeld, processStart } from '../lib/lock.ts';
+import { AdaptiveSlots } from '../lib/pacer.ts';
 import { pool } from '../lib/pool.ts';
 import { commandArgs, shellQuote } from '../lib/ssh.ts';
 import { MAX_PARTS, MIN_PART_SIZE, MiB, partSizeFor } from '../lib/r2.ts';
@@ -252,6 +253,24 @@ test('pool: at most N at once, items in order, the first error thrown once every
   assert.equal(started, started.slice().sort((a, b) => a - b), 'taken in order');
   assert.ok(started.length < 20, 'no new item after the failure');
   assert.equal(settled.sort((a, b) => a - b), started.slice().sort((a, b) => a - b), 'every started item settled first');
+});
+
+test('AdaptiveSlots: grow while throughput grows and callers wait, step back when it does not, halve on congestion', async () => {
+  const slots = new AdaptiveSlots(2, 4, 16, 20);
+  const wait = (ms: number) => new Promise((r) => setTimeout(r, ms));
+  // Work whose throughput rises with what is in flight (a long path): each slot carries 10 units a window.
+  const runs = Array.from({ length: 200 }, () => slots.run(async () => {
+    await wait(20);
+    slots.done(10);
+  }));
+  await wait(150);
+  assert.ok(slots.limit > 4, `grew to ${slots.limit}`);
+  assert.ok(slots.limit <= 16, 'never past the budget');
+  const before = slots.limit;
+  slots.congested();
+  assert.is(slots.limit, Math.max(2, Math.floor(before / 2)));
+  await Promise.all(runs);
+  slots.stop();
 });
 
 // ---------------------------------------------------------------------------------------------
