@@ -5,6 +5,7 @@ import fs from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
+import { parseAgeRecipients, type AgeRecipients } from './age.ts';
 import { UsageError } from './cli.ts';
 
 export interface BucketTarget {
@@ -97,6 +98,10 @@ export interface Config {
   /** Where hash caches and locks live on this machine. */
   stateDir: string;
   limits: Limits;
+  /** AGE_RECIPIENTS: the age public keys (or their file; see loadRecipients) the secrets sent to R2 are encrypted to; undefined: not encrypted. */
+  ageRecipients?: AgeRecipients;
+  /** AGE_IDENTITY_FILE: the age identity that decrypts them (restore, --verify --deep). */
+  ageIdentityFile?: string;
 }
 
 const BUCKETS: Record<BucketKind, { name: string; fallback: string; endpoint: string; keys: string }> = {
@@ -465,6 +470,7 @@ export function loadConfig(processEnv: NodeJS.ProcessEnv, scriptDir: string, env
     if (env[b.name]) checkBucketName(b.name, env[b.name]!);
   }
   for (const kind of Object.keys(BUCKETS) as BucketKind[]) bucketKeyPair(env, kind);
+  const ageRecipients = parseAgeRecipients(env.AGE_RECIPIENTS, home);
 
   return {
     env,
@@ -486,6 +492,8 @@ export function loadConfig(processEnv: NodeJS.ProcessEnv, scriptDir: string, env
     keepBackups: Number(keepRaw),
     stateDir: dir('COMFYMULTI_STATE_DIR', path.join(env.XDG_CACHE_HOME || path.join(home, '.cache'), 'comfymulti-scripts')),
     limits: readLimits(env),
+    ageRecipients,
+    ageIdentityFile: env.AGE_IDENTITY_FILE ? absolute('AGE_IDENTITY_FILE', env.AGE_IDENTITY_FILE) : undefined,
   };
 }
 

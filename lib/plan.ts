@@ -132,9 +132,10 @@ export interface ScriptDef {
   extraFlags?: { boolean?: string[]; string?: string[] };
   /**
    * Builds the plan (for --verify too: its steps then check instead of send); throws UsageError
-   * for a configuration the plan cannot run with.
+   * for a configuration the plan cannot run with (asynchronously, too: AGE_RECIPIENTS is checked
+   * by the age library, loaded on demand).
    */
-  plan: (cfg: Config, flags: Flags) => Plan;
+  plan: (cfg: Config, flags: Flags) => Plan | Promise<Plan>;
 }
 
 export interface Plan {
@@ -171,7 +172,7 @@ export async function runScript(def: ScriptDef, argv = scriptArgs()): Promise<ne
       return exitAfterOutput(EXIT.ok);
     }
     cfg = loadConfig(process.env, scriptDir(), flags.envFile);
-    plan = def.plan(cfg, flags);
+    plan = await def.plan(cfg, flags);
   } catch (e) {
     // A usage or configuration error is exit 2; anything else here is a bug, said without a stack.
     process.stderr.write(`${def.name}: ${e instanceof UsageError ? '' : 'internal error: '}${errorText(e)}\n`);
