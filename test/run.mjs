@@ -9,10 +9,10 @@ const only = process.argv.slice(2);
 let passed = 0;
 let failed = 0;
 
-// The tests need OpenSSH's server and podman from Debian: on a fresh machine, install them
+// The tests need OpenSSH's server, podman and age from Debian: on a fresh machine, install them
 // (as root, as .ci/run does), so that `npm test` alone is the whole set-up.
 const has = (cmd) => spawnSync('sh', ['-c', 'command -v "$1" || [ -x "/usr/sbin/$1" ]', 'sh', cmd]).status === 0;
-const missing = [['sshd', 'openssh-server'], ['ssh', 'openssh-client'], ['podman', 'podman'], ['script', 'bsdutils']]
+const missing = [['sshd', 'openssh-server'], ['ssh', 'openssh-client'], ['podman', 'podman'], ['script', 'bsdutils'], ['age', 'age']]
   .filter(([cmd]) => !has(cmd))
   .map(([, pkg]) => pkg);
 if (missing.length) {
