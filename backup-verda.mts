@@ -6,14 +6,15 @@
 // backup-verda: run on Mello before Verda is shut down. Verda's identity and config to
 // BACKUP_DIR on Mello and to the R2 cache bucket; in a full run also the worker image, and the
 // models straight from Verda to the R2 models bucket. One SSH connection for the whole run.
-import { BUNDLE_PREFIX, archiveStep, bundleStep, configArchives, tailscaleIpStep } from './lib/archive.ts';
+import { loadRecipients } from './lib/age.ts';
+import { BUNDLE_PREFIX, archiveStep, bundleStep, configArchives, rotateBundles, tailscaleIpStep } from './lib/archive.ts';
 import { bucketTarget, requireDirOrAbsent, type Config } from './lib/config.ts';
 import { imageStep } from './lib/image.ts';
 import { RunRecord, manifestStep, verifyArtifactsStep, verifyObjectsStep } from './lib/manifest.ts';
 import { MODELS_FLAG, modelsStep, runModelsHere } from './lib/models.ts';
 import { runScript, type Plan } from './lib/plan.ts';
 import { R2Backend, r2Limits } from './lib/r2.ts';
-import { copyWarnings, rotateLocal, rotateRemote, rotationStep, timestamp } from './lib/rotation.ts';
+import { copyWarnings, rotateLocal, rotationStep, timestamp } from './lib/rotation.ts';
 import { lazyHost } from './lib/ssh.ts';
 import { verdaStatus } from './lib/status.ts';
 
@@ -29,12 +30,15 @@ Run on Mello before Verda is shut down. Archives Verda's identity and config (ta
 keys, fail2ban, ufw, .env, home, project, oh-my-zsh) into BACKUP_DIR as KIND-YYYYMMDD-HHMMSS.tar.gz
 and sends a bundle of them to the R2 cache bucket. A full run (the default) also saves the worker
 image when its ID changed and sends every *.safetensors under VERDA_MODELS_DIR from Verda straight
-to the R2 models bucket. --quick: config only. Keeps KEEP_BACKUPS dated copies of each kind.`,
+to the R2 models bucket. --quick: config only. Keeps KEEP_BACKUPS dated copies of each kind.
+With AGE_RECIPIENTS set, the bundle is age-encrypted before it leaves Mello (.tar.gz.age);
+--verify --deep then decrypts it with AGE_IDENTITY_FILE.`,
   status: (cfg) => verdaStatus(cfg),
-  plan(cfg, flags) {
+  async plan(cfg, flags) {
     requireDirOrAbsent(cfg, 'BACKUP_DIR');
     requireDirOrAbsent(cfg, 'COMFYMULTI_STATE_DIR');
     if (flags.verify) return verifyPlan(cfg, flags.deep);
+    const ageRecipients = cfg.ageRecipients && (await loadRecipients(cfg.ageRecipients));
     const quick = flags.quick ? '--quick' : undefined; // leaves the image and the models out
     const dir = cfg.backupDir;
     const verda = lazyHost(cfg.verdaHost, { configFile: cfg.sshConfig, sudo: cfg.verdaSudo, limits: cfg.limits });
@@ -69,14 +73,14 @@ to the R2 models bucket. --quick: config only. Keeps KEEP_BACKUPS dated copies o
           run,
           skipReason: quick,
         }),
-        bundleStep({ dir, cache, bucket: cacheBucket.bucket, run, configSteps }),
+        bundleStep({ dir, cache, bucket: cacheBucket.bucket, run, configSteps, ageRecipients }),
         manifestStep({ dir, run, mode: quick ? 'quick' : 'full', verdaHost: cfg.verdaHost }),
         rotationStep({
           where: `${dir} and ${cache.name}/${BUNDLE_PREFIX}`,
           keep: cfg.keepBackups,
           rotate: async (signal) => [
             ...kinds.flatMap((k) => rotateLocal(dir, k, k === 'manifest' ? 'json' : 'tar.gz', cfg.keepBackups)),
-            ...(await rotateRemote(cache, BUNDLE_PREFIX, 'verda-config-backup', 'tar.gz', cfg.keepBackups, signal)),
+            ...(await rotateBundles(cache, cfg.keepBackups, Boolean(ageRecipients), signal)),
           ],
           inspect: () => kinds.flatMap((k) => copyWarnings(dir, k, k === 'manifest' ? 'json' : 'tar.gz')),
         }),
@@ -91,5 +95,6 @@ to the R2 models bucket. --quick: config only. Keeps KEEP_BACKUPS dated copies o
 function verifyPlan(cfg: Config, deep: boolean): Plan {
   const buckets = [bucketTarget(cfg, 'cache'), bucketTarget(cfg, 'models')];
   const backends = new Map(buckets.map((b) => [b.bucket, new R2Backend(b, r2Limits(cfg.limits))]));
-  return { steps: [verifyArtifactsStep(cfg.backupDir), verifyObjectsStep(cfg.backupDir, backends, deep)] };
+  const objects = verifyObjectsStep(cfg.backupDir, backends, deep, { ageIdentityFile: cfg.ageIdentityFile });
+  return { steps: [verifyArtifactsStep(cfg.backupDir), objects] };
 }

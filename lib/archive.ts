@@ -12,6 +12,7 @@ import zlib from 'node:zlib';
 import tar from 'tar-stream';
 import type { Config } from './config.ts';
 import { errorText, humanSize } from './cli.ts';
+import { AGE_SUFFIX, encryptStream } from './age.ts';
 import { ensurePrivateDir, isRegularFile, openRegular, partialName, writeFileAtomic, writeStreamAtomic, type Written } from './files.ts';
 import type { RunRecord } from './manifest.ts';
 import { failedBefore, type Step } from './plan.ts';
@@ -368,6 +369,14 @@ export const BUNDLE_PREFIX = 'verda-config-backups/';
  * The R2 config bundle: this run's config artifacts in one tarball, sent as the latest
  * `verda-config-backup.tar.gz` and as a dated copy. Not sent when a config step failed: an
  * incomplete bundle must not replace the last good one.
+ *
+ * With `ageRecipients` (AGE_RECIPIENTS) the bundle holds secrets (Tailscale identity, SSH host
+ * keys, the project .env, home) and leaves Mello encrypted: the plaintext tarball is written to a
+ * temporary file on Mello (0600, removed after), streamed through age into a second temporary
+ * file, and that ciphertext is what is sent, as `verda-config-backup.tar.gz.age` and
+ * `verda-config-backups/verda-config-backup-T.tar.gz.age`. Sending from a file keeps memory to a
+ * chunk and lets a failed part be sent again. The manifest records the ciphertext's bytes and
+ * sha256 (what R2 holds, and its `sha256` metadata) and the plaintext's sha256.
  */
 export function bundleStep(o: {
   dir: string;
@@ -375,31 +384,75 @@ export function bundleStep(o: {
   bucket: string;
   run: RunRecord;
   configSteps: Step[];
+  ageRecipients?: string[];
 }): Step {
-  const dated = `${BUNDLE_PREFIX}verda-config-backup-${o.run.stamp}.tar.gz`;
+  const encrypt = o.ageRecipients?.length ? o.ageRecipients : undefined;
+  const suffix = encrypt ? AGE_SUFFIX : '';
+  const latest = BUNDLE_KEY + suffix;
+  const dated = `${BUNDLE_PREFIX}verda-config-backup-${o.run.stamp}.tar.gz${suffix}`;
+  const how = encrypt ? `, age-encrypted to ${encrypt.length} recipient${encrypt.length === 1 ? '' : 's'}` : '';
   return {
     name: 'Config bundle to R2',
-    moves: `this run's config artifacts → ${o.cache.name}/${BUNDLE_KEY} and ${dated}`,
+    moves: `this run's config artifacts → ${o.cache.name}/${latest} and ${dated}${how}`,
     async run(ctx) {
-      if (ctx.dryRun) return { summary: `would send the run's config artifacts as ${BUNDLE_KEY} and ${dated}` };
+      if (ctx.dryRun) return { summary: `would send the run's config artifacts as ${latest} and ${dated}${how}` };
       const failed = failedBefore(ctx, o.configSteps);
       if (failed.length) throw new Error(`not sent, ${failed.map((r) => r.name).join(', ')} failed: R2 keeps the previous bundle`);
       const config = o.run.artifacts.filter((a) => a.name !== IMAGE_FILE);
       if (!config.length) throw new Error('no config artifact was written: nothing to bundle');
       const tmp = path.join(o.dir, `.verda-config-backup-${o.run.stamp}.tar.gz`);
+      const tmpAge = tmp + AGE_SUFFIX;
       try {
-        const b = await bundleFiles(config.map((a) => path.join(o.dir, a.name)), tmp, ctx.signal);
+        const plain = await bundleFiles(config.map((a) => path.join(o.dir, a.name)), tmp, ctx.signal);
+        const b = encrypt ? await encryptFile(encrypt, tmp, tmpAge, ctx.signal) : plain;
+        const file = encrypt ? tmpAge : tmp;
         const bucket = o.bucket;
-        for (const key of [BUNDLE_KEY, dated]) {
-          await o.cache.put(key, fingerprintedSource(tmp, b.fingerprint), { metadata: { sha256: b.sha256 }, signal: ctx.signal });
-          o.run.object({ bucket, key, bytes: b.bytes, sha256: b.sha256, action: 'uploaded' });
+        for (const key of [latest, dated]) {
+          await o.cache.put(key, fingerprintedSource(file, b.fingerprint), { metadata: { sha256: b.sha256 }, signal: ctx.signal });
+          o.run.object({
+            bucket,
+            key,
+            bytes: b.bytes,
+            sha256: b.sha256,
+            action: 'uploaded',
+            ...(encrypt ? { encrypted: 'age' as const, plaintextSha256: plain.sha256 } : {}),
+          });
         }
-        return { summary: `${config.length} artifacts (${humanSize(b.bytes)}) sent as ${BUNDLE_KEY} and ${dated}`, bytes: b.bytes * 2 };
+        return { summary: `${config.length} artifacts (${humanSize(b.bytes)}${how}) sent as ${latest} and ${dated}`, bytes: b.bytes * 2 };
       } finally {
         fs.rmSync(tmp, { force: true });
+        fs.rmSync(tmpAge, { force: true });
       }
     },
   };
+}
+
+/** A local file encrypted with age into `dest` (0600, through a temporary name), streamed. */
+async function encryptFile(recipients: string[], src: string, dest: string, signal: AbortSignal): Promise<Written> {
+  const cipher = await encryptStream(recipients, await readStream(src));
+  return writeStreamAtomic(dest, cipher, 0o600, signal);
+}
+
+/**
+ * Rotation of the dated bundles in R2: the `keep` newest of `verda-config-backup-T.tar.gz` and
+ * `...tar.gz.age` together (one series, whichever way each was sent). With `encrypted` (this
+ * run sent `.age` bundles), every plaintext bundle left in R2 goes too, the latest
+ * `verda-config-backup.tar.gz` included: once AGE_RECIPIENTS is set, no plaintext copy of the
+ * secrets stays in R2 (Mello keeps its own plaintext copies). Returns the deleted keys.
+ */
+export async function rotateBundles(cache: Backend, keep: number, encrypted: boolean, signal?: AbortSignal): Promise<string[]> {
+  const dated = /^verda-config-backup-(\d{8}-\d{6})\.tar\.gz(\.age)?$/;
+  const found: { key: string; stamp: string; plain: boolean }[] = [];
+  for await (const obj of cache.list(BUNDLE_PREFIX, signal)) {
+    const m = dated.exec(obj.key.slice(BUNDLE_PREFIX.length));
+    if (m) found.push({ key: obj.key, stamp: m[1], plain: !m[2] });
+  }
+  // Newest first; for one stamp, the encrypted copy before the plaintext one.
+  found.sort((a, b) => (a.stamp === b.stamp ? Number(a.plain) - Number(b.plain) : a.stamp < b.stamp ? 1 : -1));
+  const doomed = found.filter((f, i) => i >= keep || (encrypted && f.plain)).map((f) => f.key);
+  if (encrypted && (await cache.head(BUNDLE_KEY, signal))) doomed.push(BUNDLE_KEY);
+  for (const key of doomed) await cache.delete(key, signal);
+  return doomed;
 }
 
 /** --verify for backup-cron: the newest SFS copy of a kind is a whole archive, mode 0600. */

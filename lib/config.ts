@@ -5,6 +5,7 @@ import fs from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
+import { parseAgeRecipients, type AgeRecipients } from './age.ts';
 import { UsageError } from './cli.ts';
 import { NOTIFY_VARIABLES, checkNotifyUrl } from './notify.ts';
 
@@ -104,13 +105,33 @@ export interface Config {
   /** STALE_HOURS (26): --status flags a newest backup older than this. */
   staleHours: number;
   limits: Limits;
+  /** AGE_RECIPIENTS: the age public keys (or their file; see loadRecipients) the secrets sent to R2 are encrypted to; undefined: not encrypted. */
+  ageRecipients?: AgeRecipients;
+  /** AGE_IDENTITY_FILE: the age identity that decrypts them (restore, --verify --deep). */
+  ageIdentityFile?: string;
 }
 
-const BUCKETS: Record<BucketKind, { name: string; fallback: string; endpoint: string }> = {
-  models: { name: 'R2_MODELS_BUCKET', fallback: 'comfy-multi-model-vault-backup', endpoint: 'R2_MODELS_ENDPOINT' },
-  cache: { name: 'R2_CACHE_BUCKET', fallback: 'comfy-multi-cache', endpoint: 'R2_CACHE_ENDPOINT' },
-  userFiles: { name: 'R2_USER_FILES_BUCKET', fallback: 'comfy-multi-user-files', endpoint: 'R2_USER_FILES_ENDPOINT' },
+const BUCKETS: Record<BucketKind, { name: string; fallback: string; endpoint: string; keys: string }> = {
+  models: { name: 'R2_MODELS_BUCKET', fallback: 'comfy-multi-model-vault-backup', endpoint: 'R2_MODELS_ENDPOINT', keys: 'R2_MODELS' },
+  cache: { name: 'R2_CACHE_BUCKET', fallback: 'comfy-multi-cache', endpoint: 'R2_CACHE_ENDPOINT', keys: 'R2_CACHE' },
+  userFiles: { name: 'R2_USER_FILES_BUCKET', fallback: 'comfy-multi-user-files', endpoint: 'R2_USER_FILES_ENDPOINT', keys: 'R2_USER_FILES' },
 };
+
+/**
+ * A bucket's own key pair (`R2_MODELS_ACCESS_KEY_ID` and `R2_MODELS_SECRET_ACCESS_KEY`), or
+ * undefined when neither is set (the bucket then uses R2_ACCESS_KEY_ID / R2_SECRET_ACCESS_KEY).
+ * Half a pair is a UsageError naming the missing half: it would silently fall back otherwise.
+ */
+function bucketKeyPair(env: Record<string, string | undefined>, kind: BucketKind) {
+  const idVar = `${BUCKETS[kind].keys}_ACCESS_KEY_ID`;
+  const secretVar = `${BUCKETS[kind].keys}_SECRET_ACCESS_KEY`;
+  const accessKeyId = env[idVar];
+  const secretAccessKey = env[secretVar];
+  if (!accessKeyId && !secretAccessKey) return undefined;
+  if (!secretAccessKey) throw new UsageError(`${secretVar} is not set, but ${idVar} is: set both (the ${kind} bucket's key pair) or neither`);
+  if (!accessKeyId) throw new UsageError(`${idVar} is not set, but ${secretVar} is: set both (the ${kind} bucket's key pair) or neither`);
+  return { accessKeyId, secretAccessKey };
+}
 
 /** Why a dotenv line is refused: `file:line: ...`, naming the key but never its value (it may be a secret). */
 function dotenvError(where: string, text: string): UsageError {
@@ -472,6 +493,8 @@ export function loadConfig(processEnv: NodeJS.ProcessEnv, scriptDir: string, env
     if (env[b.endpoint]) checkEndpoint(b.endpoint, env[b.endpoint]!, b.name);
     if (env[b.name]) checkBucketName(b.name, env[b.name]!);
   }
+  for (const kind of Object.keys(BUCKETS) as BucketKind[]) bucketKeyPair(env, kind);
+  const ageRecipients = parseAgeRecipients(env.AGE_RECIPIENTS, home);
 
   return {
     env,
@@ -494,6 +517,8 @@ export function loadConfig(processEnv: NodeJS.ProcessEnv, scriptDir: string, env
     stateDir: dir('COMFYMULTI_STATE_DIR', path.join(env.XDG_CACHE_HOME || path.join(home, '.cache'), 'comfymulti-scripts')),
     staleHours,
     limits: readLimits(env),
+    ageRecipients,
+    ageIdentityFile: env.AGE_IDENTITY_FILE ? absolute('AGE_IDENTITY_FILE', env.AGE_IDENTITY_FILE) : undefined,
   };
 }
 
@@ -508,10 +533,14 @@ export function bucketTarget(cfg: Config, kind: BucketKind): BucketTarget {
   const endpoint = env[endpointVar];
   if (!endpoint) throw new UsageError(`R2_ENDPOINT is not set (needed for the ${kind} bucket; ${b.endpoint} may override it)`);
   const origin = checkEndpoint(endpointVar, endpoint, b.name);
+  const bucket = checkBucketName(b.name, env[b.name] || b.fallback);
+  // The bucket's own pair (a token scoped to it), else the shared one.
+  const own = bucketKeyPair(env, kind);
+  if (own) return { bucket, endpoint: origin, ...own };
   const accessKeyId = env.R2_ACCESS_KEY_ID || env.AWS_ACCESS_KEY_ID;
   const secretAccessKey = env.R2_SECRET_ACCESS_KEY || env.AWS_SECRET_ACCESS_KEY;
-  if (!accessKeyId) throw new UsageError('R2_ACCESS_KEY_ID (or AWS_ACCESS_KEY_ID) is not set');
-  if (!secretAccessKey) throw new UsageError('R2_SECRET_ACCESS_KEY (or AWS_SECRET_ACCESS_KEY) is not set');
-  const bucket = checkBucketName(b.name, env[b.name] || b.fallback);
+  const pair = `${b.keys}_ACCESS_KEY_ID and ${b.keys}_SECRET_ACCESS_KEY may set the ${kind} bucket's own`;
+  if (!accessKeyId) throw new UsageError(`R2_ACCESS_KEY_ID (or AWS_ACCESS_KEY_ID) is not set (${pair})`);
+  if (!secretAccessKey) throw new UsageError(`R2_SECRET_ACCESS_KEY (or AWS_SECRET_ACCESS_KEY) is not set (${pair})`);
   return { bucket, endpoint: origin, accessKeyId, secretAccessKey };
 }

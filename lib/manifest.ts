@@ -4,6 +4,7 @@
 // Verda: verify still works once the instance is gone.
 import fs from 'node:fs';
 import path from 'node:path';
+import { readBackDecrypted, readIdentities, requireIdentityFile } from './age.ts';
 import { listArchive } from './archive.ts';
 import { errorText } from './cli.ts';
 import { ensurePrivateDir, readRegularFileSync, writeFileAtomic } from './files.ts';
@@ -28,6 +29,10 @@ export interface R2Record {
   bytes: number;
   sha256: string;
   action: 'uploaded' | 'skipped';
+  /** `age`: R2 holds the object age-encrypted; `bytes` and `sha256` are the ciphertext's (what was stored). */
+  encrypted?: 'age';
+  /** For an encrypted object: the sha256 of its plaintext (the bundle on Mello), checked by --verify --deep. */
+  plaintextSha256?: string;
 }
 
 export interface Manifest {
@@ -181,8 +186,13 @@ export function verifyArtifactsStep(dir: string): Step {
  * Each R2 object of the newest manifest: present with its size, and its `sha256` metadata the
  * source's. With `deep`, its bytes are read back and hashed. An object without metadata (a
  * bash-era upload adopted by ETag) is checked by size, or with `deep` by its bytes.
+ *
+ * An age-encrypted object (the config bundle with AGE_RECIPIENTS) is recorded with its
+ * ciphertext's bytes and sha256, so the plain check needs no key. `deep` also decrypts it with
+ * AGE_IDENTITY_FILE and compares the plaintext's sha256 with the bundle's: proof that the key the
+ * admin holds restores it. Without AGE_IDENTITY_FILE that object fails, naming the variable.
  */
-export function verifyObjectsStep(dir: string, backends: Map<string, Backend>, deep: boolean): Step {
+export function verifyObjectsStep(dir: string, backends: Map<string, Backend>, deep: boolean, opts: { ageIdentityFile?: string } = {}): Step {
   return {
     name: `R2 objects against the sources' sha256${deep ? ' (reading every byte back)' : ''}`,
     moves: `${dir}/manifest-*.json → ${[...backends.values()].map((b) => b.name).join(', ')}`,
@@ -191,6 +201,19 @@ export function verifyObjectsStep(dir: string, backends: Map<string, Backend>, d
       const failures: string[] = [];
       let sizeOnly = 0;
       let checked = 0;
+      let decrypted = 0;
+      // Read once, on first need; its problem (unset, unreadable, no identity) is every encrypted object's.
+      let identities: string[] | Error | undefined;
+      const identitiesFor = (name: string) => {
+        identities ??= (() => {
+          try {
+            return readIdentities(requireIdentityFile(opts.ageIdentityFile, `for --verify --deep to decrypt ${name}`));
+          } catch (e) {
+            return e as Error;
+          }
+        })();
+        return identities;
+      };
       const records = manifest.r2.filter((o) => o.sha256);
       await pool(records, 8, async (o) => {
         const backend = backends.get(o.bucket);
@@ -200,13 +223,28 @@ export function verifyObjectsStep(dir: string, backends: Map<string, Backend>, d
         if (!head) failures.push(`missing: ${name}`);
         else if (head.size !== o.bytes) failures.push(`differs: ${name} has ${head.size} bytes, the source ${o.bytes}`);
         else if (head.metadata.sha256 && head.metadata.sha256 !== o.sha256) failures.push(`differs: ${name} sha256 metadata is not the source's`);
-        else if (deep) {
+        else if (deep && o.encrypted === 'age') {
+          const ids = identitiesFor(name);
+          if (ids instanceof Error) failures.push(`${name} is age-encrypted and not decrypted: ${ids.message}`);
+          else {
+            try {
+              const r = await readBackDecrypted(await backend.get(o.key, ctx.signal), ids, ctx.signal);
+              if (r.sha256 !== o.sha256) failures.push(`differs: ${name} bytes read back are not the ones sent`);
+              else if (o.plaintextSha256 && r.plaintextSha256 !== o.plaintextSha256) failures.push(`differs: ${name} decrypts to other bytes than the bundle sent`);
+              else decrypted++;
+            } catch (e) {
+              if (ctx.signal.aborted) throw e;
+              failures.push(`${name} cannot be decrypted with AGE_IDENTITY_FILE: ${errorText(e)}`);
+            }
+          }
+        } else if (deep) {
           if ((await readBackSha256(backend, o.key, ctx.signal)) !== o.sha256) failures.push(`differs: ${name} bytes read back are not the source's`);
         } else if (!head.metadata.sha256) sizeOnly++;
         checked++;
       }, ctx.signal);
       const warnings = sizeOnly ? [`${sizeOnly} objects have no sha256 metadata (bash-era uploads): checked by size only; --deep reads them back`] : [];
-      return { summary: `${records.length - failures.length} of ${records.length} objects match their sources`, failures, warnings, data: { checked } };
+      const also = decrypted ? ` (${decrypted} age-encrypted, decrypted with AGE_IDENTITY_FILE)` : '';
+      return { summary: `${records.length - failures.length} of ${records.length} objects match their sources${also}`, failures, warnings, data: { checked, decrypted } };
     },
   };
 }

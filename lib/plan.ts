@@ -135,9 +135,10 @@ export interface ScriptDef {
   extraFlags?: { boolean?: string[]; string?: string[] };
   /**
    * Builds the plan (for --verify too: its steps then check instead of send); throws UsageError
-   * for a configuration the plan cannot run with.
+   * for a configuration the plan cannot run with (asynchronously, too: AGE_RECIPIENTS is checked
+   * by the age library, loaded on demand).
    */
-  plan: (cfg: Config, flags: Flags) => Plan;
+  plan: (cfg: Config, flags: Flags) => Plan | Promise<Plan>;
   /** --status: what is there, read without changing anything (lib/status.ts). */
   status?: (cfg: Config) => Promise<StatusReport>;
 }
@@ -229,7 +230,7 @@ export async function runScript(def: ScriptDef, argv = scriptArgs()): Promise<ne
     if (flags.status && !def.status) throw new UsageError(`--status is not available for ${def.name}`);
     const target = pings ? notifyTarget(cfg.env, def.name) : undefined;
     if (target) notifier = new Notifier(target, cfg.limits.notifyTimeoutMs);
-    plan = flags.status ? { steps: [] } : def.plan(cfg, flags);
+    plan = flags.status ? { steps: [] } : await def.plan(cfg, flags);
   } catch (e) {
     process.stderr.write(`${def.name}: ${notStarted(e)}\n`);
     if (pings) await pingNoStart(def.name, cfg, flags.envFile, notStarted(e));

@@ -9,7 +9,7 @@ const only = process.argv.slice(2);
 let passed = 0;
 let failed = 0;
 
-// The tests need OpenSSH's server, podman and logrotate from Debian: on a fresh machine, install
+// The tests need OpenSSH's server, podman, logrotate and age from Debian: on a fresh machine, install
 // them (as root, as .ci/run does), so that `npm test` alone is the whole set-up.
 const has = (cmd) => spawnSync('sh', ['-c', 'command -v "$1" || [ -x "/usr/sbin/$1" ]', 'sh', cmd]).status === 0;
 const needs = [
@@ -18,6 +18,7 @@ const needs = [
   ['podman', 'podman'],
   ['script', 'bsdutils'],
   ['logrotate', 'logrotate'],
+  ['age', 'age'],
 ];
 const missing = needs
   .filter(([cmd]) => !has(cmd))

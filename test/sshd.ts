@@ -32,7 +32,8 @@ function keygen(file: string) {
   if (r.status !== 0) throw new Error(`ssh-keygen: ${r.stderr}`);
 }
 
-export async function startSshd(hostNames: string[]): Promise<Sshd> {
+/** `extraConfig`: more sshd_config lines (e.g. `SetEnv` for what a forced command runs). */
+export async function startSshd(hostNames: string[], extraConfig: string[] = []): Promise<Sshd> {
   const dir = tempDir('sshd');
   fs.chmodSync(dir, 0o700);
   const port = await freePort();
@@ -60,6 +61,7 @@ export async function startSshd(hostNames: string[]): Promise<Sshd> {
       'MaxStartups 50',
       'AcceptEnv LANG',
       'Subsystem sftp internal-sftp',
+      ...extraConfig,
       '',
     ].join('\n'),
   );
