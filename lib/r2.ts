@@ -9,17 +9,15 @@
 // the console (its warnings would land in the cron log).
 process.env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED ??= 'true';
 
-import {
-  AbortMultipartUploadCommand,
-  CompleteMultipartUploadCommand,
-  CreateMultipartUploadCommand,
-  DeleteObjectCommand,
-  GetObjectCommand,
-  HeadObjectCommand,
-  ListObjectsV2Command,
-  PutObjectCommand,
+import type {
+  CompleteMultipartUploadCommandOutput,
+  CreateMultipartUploadCommandOutput,
+  GetObjectCommandOutput,
+  HeadObjectCommandOutput,
+  ListObjectsV2CommandOutput,
+  PutObjectCommandOutput,
   S3Client,
-  UploadPartCommand,
+  UploadPartCommandOutput,
 } from '@aws-sdk/client-s3';
 import { Agent } from 'node:http';
 import { Agent as HttpsAgent } from 'node:https';
@@ -301,12 +299,19 @@ class BodyFailed {
   constructor(readonly error: unknown) {}
 }
 
+type Sdk = typeof import('@aws-sdk/client-s3');
+let sdkLoading: Promise<Sdk> | undefined;
+/** The AWS SDK, loaded on the first request: `--help` and usage errors start without it (0.1 s). */
+const loadSdk = () => (sdkLoading ??= import('@aws-sdk/client-s3'));
+
 /** The clock of this process is said once, whichever backend saw it first. */
 let clockNoticed = false;
 
 export class R2Backend implements Backend {
   readonly name: string;
-  readonly client: S3Client;
+  private s3?: Promise<{ client: S3Client; sdk: Sdk }>;
+  /** R2's time minus ours as the SDK has learnt it (from a refusal's Date). */
+  private clockOffset = 0;
   private readonly opts: Required<R2Options>;
   /** Retries and backoff; its `attempts` counts the requests sent, by operation. */
   readonly pacer: Pacer;
@@ -327,37 +332,57 @@ export class R2Backend implements Backend {
       this.opts.partsInFlight,
       Math.max(this.opts.partsInFlight, this.opts.maxPartsInFlight),
     );
-    // Above the requests a backend has in flight (16 files, 8 parts): the SDK's connection
-    // timeout also counts the wait for a socket, so a queued request would time out.
-    const agentOpts = { keepAlive: true, maxSockets: this.opts.maxSockets };
-    // Never the console: a cron log must hold the run's lines only. Socket-queue and timing
-    // warnings say nothing the admin can act on.
-    const keep = (...args: unknown[]) => {
-      const text = args.map((a) => (a instanceof Error ? a.message : typeof a === 'string' ? a : ''));
-      this.sdkWarnings.push(text.join(' '));
-      if (this.sdkWarnings.length > 20) this.sdkWarnings.shift();
-    };
-    const logger = { trace() {}, debug() {}, info() {}, warn: keep, error: keep };
-    this.client = new S3Client({
-      endpoint: target.endpoint,
-      region: R2_QUIRKS.region,
-      forcePathStyle: R2_QUIRKS.forcePathStyle,
-      credentials: { accessKeyId: target.accessKeyId, secretAccessKey: target.secretAccessKey },
-      requestChecksumCalculation: R2_QUIRKS.requestChecksumCalculation,
-      responseChecksumValidation: R2_QUIRKS.responseChecksumValidation,
-      maxAttempts: 1, // retries are ours: a body is reopened from its Source, which the SDK cannot do
-      logger,
-      requestHandler: {
-        connectionTimeout: Math.min(10_000, this.opts.idleTimeoutMs),
-        // An idle timeout, not a total one: a 16 MiB part on a slow link may take minutes, but
-        // no byte moving either way for this long is a dead request. (requestTimeout would only
-        // warn, and would cut a slow transfer that is still moving.)
-        socketTimeout: this.opts.idleTimeoutMs,
-        httpAgent: new Agent(agentOpts),
-        httpsAgent: new HttpsAgent(agentOpts),
+  }
+
+  /** The SDK client, made on the first request. */
+  private connect(): Promise<{ client: S3Client; sdk: Sdk }> {
+    this.s3 ??= loadSdk().then((sdk) => {
+      const target = this.target;
+      // Above the requests a backend has in flight (16 files, 8 parts): the SDK's connection
+      // timeout also counts the wait for a socket, so a queued request would time out.
+      const agentOpts = { keepAlive: true, maxSockets: this.opts.maxSockets };
+      // Never the console: a cron log must hold the run's lines only. Socket-queue and timing
+      // warnings say nothing the admin can act on.
+      const keep = (...args: unknown[]) => {
+        const text = args.map((a) => (a instanceof Error ? a.message : typeof a === 'string' ? a : ''));
+        this.sdkWarnings.push(text.join(' '));
+        if (this.sdkWarnings.length > 20) this.sdkWarnings.shift();
+      };
+      const logger = { trace() {}, debug() {}, info() {}, warn: keep, error: keep };
+      const client = new sdk.S3Client({
+        endpoint: target.endpoint,
+        region: R2_QUIRKS.region,
+        forcePathStyle: R2_QUIRKS.forcePathStyle,
+        credentials: { accessKeyId: target.accessKeyId, secretAccessKey: target.secretAccessKey },
+        requestChecksumCalculation: R2_QUIRKS.requestChecksumCalculation,
+        responseChecksumValidation: R2_QUIRKS.responseChecksumValidation,
+        maxAttempts: 1, // retries are ours: a body is reopened from its Source, which the SDK cannot do
         logger,
-      },
+        requestHandler: {
+          connectionTimeout: Math.min(10_000, this.opts.idleTimeoutMs),
+          // An idle timeout, not a total one: a 16 MiB part on a slow link may take minutes, but
+          // no byte moving either way for this long is a dead request. (requestTimeout would only
+          // warn, and would cut a slow transfer that is still moving.)
+          socketTimeout: this.opts.idleTimeoutMs,
+          httpAgent: new Agent(agentOpts),
+          httpsAgent: new HttpsAgent(agentOpts),
+          logger,
+        },
+      });
+      return { client, sdk };
     });
+    return this.s3;
+  }
+
+  /** Sends one command: `make` builds it from the SDK's classes. */
+  private async send<O>(make: (sdk: Sdk) => unknown, signal: AbortSignal): Promise<O> {
+    const { client, sdk } = await this.connect();
+    return (client.send as (command: unknown, options: unknown) => Promise<O>).call(client, make(sdk), { abortSignal: signal });
+  }
+
+  /** Closes the SDK's connections (a short-lived use, such as --status). */
+  async destroy() {
+    if (this.s3) (await this.s3).client.destroy();
   }
 
 
@@ -373,7 +398,7 @@ export class R2Backend implements Backend {
       op,
       signal,
       async () => {
-        signedOffset = this.client.config.systemClockOffset ?? 0;
+        signedOffset = (await this.connect()).client.config.systemClockOffset ?? 0;
         const attempt = new Attempt(signal);
         try {
           return await fn(attempt);
@@ -381,6 +406,7 @@ export class R2Backend implements Backend {
           throw attempt.bodyError !== undefined ? new BodyFailed(attempt.bodyError) : e;
         } finally {
           attempt.close();
+          this.clockOffset = (await this.connect()).client.config.systemClockOffset ?? 0;
         }
       },
       (e) => {
@@ -401,7 +427,7 @@ export class R2Backend implements Backend {
 
   /** Puts the clock in the run's notices once the SDK has learnt R2's time from a refusal. */
   private noticeClock() {
-    const offset = this.client.config.systemClockOffset;
+    const offset = this.clockOffset;
     if (clockNoticed || !(Math.abs(offset) > CLOCK_SKEW_MS)) return;
     clockNoticed = true;
     addNotice(clockNotice(offset));
@@ -425,14 +451,15 @@ export class R2Backend implements Backend {
     let token: string | undefined;
     do {
       const page = await this.request('list', prefix, signal, (a) =>
-        this.client.send(
-          new ListObjectsV2Command({
-            Bucket: this.target.bucket,
-            Prefix: prefix,
-            ContinuationToken: token,
-            StartAfter: token ? undefined : startAfter,
-          }),
-          { abortSignal: a.signal },
+        this.send<ListObjectsV2CommandOutput>(
+          (sdk) =>
+            new sdk.ListObjectsV2Command({
+              Bucket: this.target.bucket,
+              Prefix: prefix,
+              ContinuationToken: token,
+              StartAfter: token ? undefined : startAfter,
+            }),
+          a.signal,
         ),
       );
       for (const o of page.Contents ?? []) {
@@ -445,7 +472,7 @@ export class R2Backend implements Backend {
   async head(key: string, signal?: AbortSignal): Promise<ObjectHead | undefined> {
     try {
       const h = await this.request('head', key, signal, (a) =>
-        this.client.send(new HeadObjectCommand({ Bucket: this.target.bucket, Key: key }), { abortSignal: a.signal }),
+        this.send<HeadObjectCommandOutput>((sdk) => new sdk.HeadObjectCommand({ Bucket: this.target.bucket, Key: key }), a.signal),
       );
       return { key, size: h.ContentLength ?? 0, etag: unquote(h.ETag), metadata: h.Metadata ?? {} };
     } catch (e) {
@@ -456,14 +483,14 @@ export class R2Backend implements Backend {
 
   async get(key: string, signal?: AbortSignal): Promise<Readable> {
     const r = await this.request('get', key, signal, (a) =>
-      this.client.send(new GetObjectCommand({ Bucket: this.target.bucket, Key: key }), { abortSignal: a.signal }),
+      this.send<GetObjectCommandOutput>((sdk) => new sdk.GetObjectCommand({ Bucket: this.target.bucket, Key: key }), a.signal),
     );
     return r.Body as Readable;
   }
 
   async delete(key: string, signal?: AbortSignal): Promise<void> {
     await this.request('delete', key, signal, (a) =>
-      this.client.send(new DeleteObjectCommand({ Bucket: this.target.bucket, Key: key }), { abortSignal: a.signal }),
+      this.send<unknown>((sdk) => new sdk.DeleteObjectCommand({ Bucket: this.target.bucket, Key: key }), a.signal),
     );
   }
 
@@ -483,20 +510,21 @@ export class R2Backend implements Backend {
     const r = await this.request('put', key, opts.signal, (a) => {
       if (sent) opts.onBytes?.(-sent); // a retry sends the bytes again
       sent = 0;
-      return this.client.send(
-        new PutObjectCommand({
-          Bucket: this.target.bucket,
-          Key: key,
-          Body:
-            whole ??
-            a.body(source, 0, source.size, (n) => {
-              sent += n;
-              opts.onBytes?.(n);
-            }),
-          ContentLength: source.size,
-          Metadata: opts.metadata,
-        }),
-        { abortSignal: a.signal },
+      return this.send<PutObjectCommandOutput>(
+        (sdk) =>
+          new sdk.PutObjectCommand({
+            Bucket: this.target.bucket,
+            Key: key,
+            Body:
+              whole ??
+              a.body(source, 0, source.size, (n) => {
+                sent += n;
+                opts.onBytes?.(n);
+              }),
+            ContentLength: source.size,
+            Metadata: opts.metadata,
+          }),
+        a.signal,
       );
     });
     if (whole) opts.onBytes?.(whole.length);
@@ -508,9 +536,10 @@ export class R2Backend implements Backend {
     const partSize = partSizeFor(source.size, this.opts.partSize);
     const partCount = Math.ceil(source.size / partSize);
     const created = await this.request('create-multipart', key, opts.signal, (a) =>
-      this.client.send(new CreateMultipartUploadCommand({ Bucket: bucket, Key: key, Metadata: opts.metadata }), {
-        abortSignal: a.signal,
-      }),
+      this.send<CreateMultipartUploadCommandOutput>(
+        (sdk) => new sdk.CreateMultipartUploadCommand({ Bucket: bucket, Key: key, Metadata: opts.metadata }),
+        a.signal,
+      ),
     );
     const uploadId = created.UploadId!;
     // A failure of one part stops the others at once, then the upload is aborted.
@@ -532,7 +561,7 @@ export class R2Backend implements Backend {
               opts.onBytes?.(n);
             });
             const part = { Bucket: bucket, Key: key, UploadId: uploadId, PartNumber: index + 1, Body: body, ContentLength: end - start };
-            return this.client.send(new UploadPartCommand(part), { abortSignal: a.signal });
+            return this.send<UploadPartCommandOutput>((sdk) => new sdk.UploadPartCommand(part), a.signal);
           }),
         );
         etags[index] = r.ETag!;
@@ -551,14 +580,15 @@ export class R2Backend implements Backend {
       let completeAttempts = 0;
       const done = await this.request('complete-multipart', key, opts.signal, (a) => {
         completeAttempts++;
-        return this.client.send(
-          new CompleteMultipartUploadCommand({
-            Bucket: bucket,
-            Key: key,
-            UploadId: uploadId,
-            MultipartUpload: { Parts: etags.map((ETag, i) => ({ ETag, PartNumber: i + 1 })) },
-          }),
-          { abortSignal: a.signal },
+        return this.send<CompleteMultipartUploadCommandOutput>(
+          (sdk) =>
+            new sdk.CompleteMultipartUploadCommand({
+              Bucket: bucket,
+              Key: key,
+              UploadId: uploadId,
+              MultipartUpload: { Parts: etags.map((ETag, i) => ({ ETag, PartNumber: i + 1 })) },
+            }),
+          a.signal,
         );
       }).catch(async (e) => {
         // A completion whose answer was lost: the retry finds the upload gone (NoSuchUpload).
@@ -580,9 +610,9 @@ export class R2Backend implements Backend {
   private async abortUpload(key: string, uploadId: string): Promise<void> {
     try {
       await this.request('abort-multipart', key, undefined, (a) =>
-        this.client.send(
-          new AbortMultipartUploadCommand({ Bucket: this.target.bucket, Key: key, UploadId: uploadId }),
-          { abortSignal: a.signal },
+        this.send<unknown>(
+          (sdk) => new sdk.AbortMultipartUploadCommand({ Bucket: this.target.bucket, Key: key, UploadId: uploadId }),
+          a.signal,
         ),
       );
     } catch {

@@ -12,11 +12,8 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import type { Writable } from 'node:stream';
-import { $ } from 'zx';
 import { DEFAULT_LIMITS, type Limits } from './config.ts';
 
-$.verbose = false;
-$.quiet = true;
 
 /** One argument for a POSIX shell (sh, dash, bash, zsh alike): single quotes, `'` as `'\''`. */
 export function shellQuote(arg: string): string {
@@ -262,7 +259,8 @@ export class SshHost implements Host {
     // -f: ssh goes to the background once authenticated, so its exit status says whether the
     // connection stands. ControlPersist bounds an orphaned master if this process is killed -9.
     // `--`: the destination is never read as an option, whatever it holds.
-    const master = await $({ nothrow: true, signal: opts.signal, timeout: `${timeout + 5}s` })`ssh ${baseArgs} -o ControlMaster=yes -o ControlPersist=120 -f -N -- ${destination}`;
+    const { $ } = await import('zx'); // loaded when a connection is made: --help starts without it
+    const master = await $({ quiet: true, verbose: false, nothrow: true, signal: opts.signal, timeout: `${timeout + 5}s` })`ssh ${baseArgs} -o ControlMaster=yes -o ControlPersist=120 -f -N -- ${destination}`;
     if (master.exitCode !== 0) {
       fs.rmSync(dir, { recursive: true, force: true });
       const said = master.stderr.trim().split('\n').filter(Boolean).pop() ?? `exit ${master.exitCode}`;
@@ -283,7 +281,8 @@ export class SshHost implements Host {
     return execute(this.plan(argv, opts.sudo), opts, this.idleTimeoutMs, into);
   }
   async close() {
-    await $({ nothrow: true, timeout: '10s' })`ssh ${this.baseArgs} -O exit -- ${this.destination}`;
+    const { $ } = await import('zx');
+    await $({ quiet: true, verbose: false, nothrow: true, timeout: '10s' })`ssh ${this.baseArgs} -O exit -- ${this.destination}`;
     fs.rmSync(this.dir, { recursive: true, force: true });
   }
 }

@@ -310,7 +310,7 @@ async function r2Bundle(cfg: Config, now: number): Promise<R2BundleStatus> {
       problem: signal.aborted ? 'no answer within 30 s' : errorText(e),
     };
   } finally {
-    backend.client.destroy();
+    await backend.destroy();
   }
 }
 
