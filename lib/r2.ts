@@ -302,7 +302,9 @@ class BodyFailed {
 type Sdk = typeof import('@aws-sdk/client-s3');
 let sdkLoading: Promise<Sdk> | undefined;
 /** The AWS SDK, loaded on the first request: `--help` and usage errors start without it (0.1 s). */
-const loadSdk = () => (sdkLoading ??= import('@aws-sdk/client-s3'));
+const loadSdk = () =>
+  // A bundle (dist/) loads the SDK's CommonJS build, whose exports arrive under `default`.
+  (sdkLoading ??= import('@aws-sdk/client-s3').then((m) => ('S3Client' in m ? m : (m as { default: Sdk }).default)));
 
 /** The clock of this process is said once, whichever backend saw it first. */
 let clockNoticed = false;
