@@ -1,6 +1,6 @@
 // The Backend conformance suite on R2Backend over a real Ceph RGW (test/rgw.ts), and what RGW
 // enforces as R2 does and s3rver does not: signatures, paging past 1,000 keys (server-side
-// tokens, no legacy OpenSSL in Node), and a 5 MiB floor on every part but the last.
+// tokens, no legacy OpenSSL in Node), a 5 MiB floor on every part but the last, Content-MD5.
 import { suite } from 'uvu';
 import * as assert from 'uvu/assert';
 import {
@@ -124,6 +124,16 @@ conformance('RGW: a multipart upload with a 1 MiB part before the last is refuse
     await rgw.client.send(new AbortMultipartUploadCommand({ Bucket, Key, UploadId }));
   }
   assert.equal(await openUploads(Bucket), []);
+});
+
+conformance('RGW: a body that does not match its Content-MD5 is refused (BadDigest), nothing stored', async () => {
+  const wrongMd5 = crypto.createHash('md5').update('other bytes').digest('base64');
+  const e = await rgw.client
+    .send(new PutObjectCommand({ Bucket: 'rgw-checks', Key: 'md5', Body: 'the bytes', ContentMD5: wrongMd5 }))
+    .then(() => undefined, (x: { name?: string; $metadata?: { httpStatusCode?: number } }) => x);
+  assert.is(e?.name, 'BadDigest');
+  assert.is(e?.$metadata?.httpStatusCode, 400);
+  assert.is(await new R2Backend(target('rgw-checks'), opts).head('md5'), undefined);
 });
 
 conformance.after(async () => {
