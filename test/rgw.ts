@@ -59,6 +59,21 @@ function freePort(): Promise<number> {
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
+/** Clusters not stopped yet: killed, their dirs removed, when this process exits or is stopped. */
+const running = new Set<() => void>();
+function cleanUpAll() {
+  for (const cleanUp of running) cleanUp();
+  running.clear();
+}
+process.on('exit', cleanUpAll);
+for (const signal of ['SIGINT', 'SIGTERM'] as const) {
+  // A test run stopped by its timeout (SIGTERM) leaves no cluster dir; then dies of the signal.
+  process.once(signal, () => {
+    cleanUpAll();
+    process.kill(process.pid, signal);
+  });
+}
+
 /** The last `n` lines of a file, or '' when it cannot be read. */
 function tail(file: string, n: number): string {
   try {
@@ -119,9 +134,12 @@ mon cluster log file = ${dir}/log/cluster.log
 osd data = ${dir}/osd
 osd objectstore = ${store}
 memstore device bytes = ${storeBytes}
+# An object's bytes in a buffer of their size, not in 64 KiB pages.
+memstore page set = false
 bluestore block path = ${dir}/osd-block
 bluestore block size = ${storeBytes}
 bluestore block create = true
+bluestore fsck on mkfs = false
 bluestore block db create = false
 bluestore block wal create = false
 osd memory target = 536870912
@@ -167,22 +185,41 @@ export async function startRgw(opts: RgwOptions = {}): Promise<Rgw> {
   const kill = () => {
     for (const d of daemons) if (d.child.exitCode === null && d.child.signalCode === null) d.child.kill('SIGKILL');
   };
-  const killSync = () => {
+  const cleanUp = () => {
     kill();
-    fs.rmSync(dir, { recursive: true, force: true });
+    // The killed daemons may still be closing files: retry a dir that is not empty yet.
+    fs.rmSync(dir, { recursive: true, force: true, maxRetries: 10, retryDelay: 50 });
   };
-  // A test process that exits without stop() still takes its daemons and dir along (setpriv's
-  // pdeathsig covers a process that is killed outright, but leaves the dir).
-  process.once('exit', killSync);
+  // A test process that ends without stop() still takes its daemons and dir along (setpriv's
+  // pdeathsig covers a process killed outright, but leaves the dir).
+  running.add(cleanUp);
 
-  /** A one-shot tool; fails with its output and the cluster's logs, within the boot deadline. */
+  // A daemon that dies during the boot fails the boot at once, not at the deadline.
+  const tools = new AbortController();
+  let died: (why: string) => void = () => {};
+  const death = new Promise<never>((_, reject) => {
+    died = (why) => {
+      reject(new Error(why));
+      tools.abort();
+    };
+  });
+  death.catch(() => {});
+
+  /** A one-shot tool, bounded by the boot's deadline; fails with its last lines of stderr. */
   const run = (cmd: string, args: string[]) =>
-    new Promise<string>((resolve, reject) => {
-      execFile(cmd, args, { env, timeout: left(), killSignal: 'SIGKILL' }, (e, stdout, stderr) => {
-        if (e) reject(new Error(`${cmd} ${args[0]} failed: ${e.message.split('\n')[0]}\n${stderr}`.trim()));
-        else resolve(stdout);
-      });
-    });
+    Promise.race([
+      death,
+      new Promise<string>((resolve, reject) => {
+        const bounds = { env, timeout: left(), killSignal: 'SIGKILL' as const, signal: tools.signal };
+        execFile(cmd, args, bounds, (e, stdout, stderr) => {
+          const said = stderr.trimEnd().split('\n').slice(-8).join('\n');
+          const late = e?.killed && !tools.signal.aborted;
+          const how = late ? `not done at the boot's deadline` : e?.message.split('\n')[0];
+          if (e) reject(new Error(`${cmd} ${args[0]}: ${how}\n${said}`.trim()));
+          else resolve(stdout);
+        });
+      }),
+    ]);
 
   /** A daemon in the foreground, killed with this process (pdeathsig), its output in a file. */
   const daemon = (name: string, cmd: string, args: string[], log: string) => {
@@ -192,8 +229,11 @@ export async function startRgw(opts: RgwOptions = {}): Promise<Rgw> {
       stdio: ['ignore', out, out],
     });
     fs.closeSync(out);
+    // A test that forgets stop() still ends; its exit kills the daemons.
+    child.unref();
     child.on('exit', (code, signal) => {
       failure ??= `${name} exited (${signal ?? `code ${code}`})`;
+      died(failure);
     });
     daemons.push({ name, child, log: path.join(logs, log) });
     pids[name] = child.pid!;
@@ -208,11 +248,11 @@ export async function startRgw(opts: RgwOptions = {}): Promise<Rgw> {
         return `--- ${d.name}\n${[outTail, logTail].filter(Boolean).join('\n')}`;
       })
       .join('\n');
-    return new Error(`RGW did not start: ${why} (cluster in ${dir})\n${lines}`);
+    return new Error(`RGW did not start: ${why}\n${lines}`);
   };
 
   const stop = async () => {
-    process.removeListener('exit', killSync);
+    running.delete(cleanUp);
     kill();
     // SIGKILL: a throwaway cluster needs no clean shutdown (memstore would write its RAM out).
     await Promise.all(
