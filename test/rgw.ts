@@ -22,11 +22,12 @@ export interface RgwOptions {
   /** Bound of the whole boot; a boot that takes longer fails with the logs' last lines. */
   timeoutMs?: number;
   /**
-   * The OSD's object store. memstore (RAM) boots fastest; bluestore keeps the data in a file in
-   * the temp dir (sparse, `storeBytes` big), for a data set larger than RAM should hold.
+   * The OSD's object store. memstore (RAM) boots in 2-3 s but keeps ~40 KiB of RAM per object
+   * (20,000 tiny objects: an 850 MiB OSD); bluestore boots in 5-7 s and keeps the data in a sparse
+   * file in the temp dir, its RAM bounded (200,000 objects: 1.3 GiB OSD, 2.8 GB of disk).
    */
   store?: 'memstore' | 'bluestore';
-  /** memstore: its capacity (the RAM it may take); bluestore: the size of its block file. */
+  /** memstore: the data it may hold (its RAM use is more); bluestore: the size of its block file. */
   storeBytes?: number;
 }
 
@@ -123,6 +124,11 @@ mon warn on pool no redundancy = false
 # Each pool RGW creates is a map change: propose at once, not every second.
 paxos propose interval = 0.1
 ms async op threads = 2
+
+[client]
+# radosgw-admin starts while the OSD boots: its first requests wait for a map with the OSD up,
+# which it asks for on its tick (5 s by default).
+objecter tick interval = 0.5
 
 [mon]
 mon data = ${dir}/mon
