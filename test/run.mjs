@@ -9,30 +9,35 @@ const only = process.argv.slice(2);
 let passed = 0;
 let failed = 0;
 
-// The tests need OpenSSH's server, podman, logrotate and age from Debian: on a fresh machine, install
-// them (as root, as .ci/run does), so that `npm test` alone is the whole set-up.
+// The tests need OpenSSH's server, podman, logrotate, age and Ceph RGW (radosgw, ceph-mon,
+// ceph-osd) from Debian: on a fresh machine, install them (as root, as .ci/run does), so that
+// `npm test` alone is the whole set-up. Ceph without its recommends: ceph-mgr, ceph-mds and 50
+// more packages go unused.
 const has = (cmd) => spawnSync('sh', ['-c', 'command -v "$1" || [ -x "/usr/sbin/$1" ]', 'sh', cmd]).status === 0;
-const needs = [
+const lacking = (pairs) => pairs.filter(([cmd]) => !has(cmd)).map(([, pkg]) => pkg);
+const missing = lacking([
   ['sshd', 'openssh-server'],
   ['ssh', 'openssh-client'],
   ['podman', 'podman'],
   ['script', 'bsdutils'],
   ['logrotate', 'logrotate'],
   ['age', 'age'],
-];
-const missing = needs
-  .filter(([cmd]) => !has(cmd))
-  .map(([, pkg]) => pkg);
-if (missing.length) {
+]);
+const missingCeph = lacking([['radosgw', 'radosgw'], ['ceph-mon', 'ceph-mon'], ['ceph-osd', 'ceph-osd']]);
+if (missing.length || missingCeph.length) {
+  const all = [...missing, ...missingCeph];
   if (process.getuid?.() !== 0) {
-    console.log(`missing Debian packages: ${missing.join(' ')} (run as root to install them, or: apt-get install ${missing.join(' ')})`);
+    const how = `run as root to install them, or: apt-get install ${all.join(' ')}`;
+    console.log(`missing Debian packages: ${all.join(' ')} (${how})`);
     console.log('0 passed, 1 failed');
     process.exit(1);
   }
-  console.log(`installing from Debian: ${missing.join(' ')}`);
+  console.log(`installing from Debian: ${all.join(' ')}`);
   const env = { ...process.env, DEBIAN_FRONTEND: 'noninteractive' };
   spawnSync('apt-get', ['update', '-qq'], { stdio: 'inherit', env });
-  spawnSync('apt-get', ['install', '-y', '-qq', ...missing], { stdio: 'inherit', env });
+  const install = (args) => spawnSync('apt-get', ['install', '-y', '-qq', ...args], { stdio: 'inherit', env });
+  if (missing.length) install(missing);
+  if (missingCeph.length) install(['--no-install-recommends', ...missingCeph]);
 }
 
 function record(name, ok, detail = '') {
