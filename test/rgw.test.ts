@@ -87,7 +87,7 @@ conformance('RGW: a listing of 2,500 keys pages right in a Node without the lega
     const b = new R2Backend(JSON.parse(process.env.RGW_TARGET));
     const keys = [];
     for await (const o of b.list('page/')) keys.push(o.key);
-    console.log(JSON.stringify({ keys, requests: b.requests, execArgv: process.execArgv }));`;
+    console.log(JSON.stringify({ keys, requests: b.pacer.attempts, execArgv: process.execArgv }));`;
   const env = { ...process.env, RGW_TARGET: JSON.stringify(target('rgw-checks')), NODE_OPTIONS: '' };
   const out = await new Promise<string>((resolve, reject) =>
     execFile(
