@@ -76,7 +76,8 @@ export function partialName(file: string): string {
 
 const PARTIAL = /^\..+\.partial-(\d+)(?:-[0-9a-f]{8})?(?:\.candidate)?$/;
 
-function processAlive(pid: number): boolean {
+/** Whether a process with this pid exists (EPERM: it does, as another user's). */
+export function processAlive(pid: number): boolean {
   try {
     process.kill(pid, 0);
     return true;

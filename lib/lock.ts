@@ -7,7 +7,7 @@
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { partialName, readRegularFileSync } from './files.ts';
+import { partialName, processAlive, readRegularFileSync } from './files.ts';
 
 export interface LockRecord {
   script: string;
@@ -53,22 +53,13 @@ export function processStart(pid: number): string | undefined {
   return stat.slice(stat.lastIndexOf(')') + 2).split(' ')[19];
 }
 
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (e) {
-    return (e as NodeJS.ErrnoException).code === 'EPERM';
-  }
-}
-
 /** Whether the lock's holder is still running this script, as far as this host can tell. */
 export function isHeld(record: Partial<LockRecord>, script: string, ageMs: number): boolean {
   if (record.host && record.host !== os.hostname()) return ageMs < FOREIGN_STALE_MS;
   const pid = record.pid;
   if (!Number.isInteger(pid) || pid! <= 0) return false;
   if (record.bootId && bootId() && record.bootId !== bootId()) return false;
-  if (!alive(pid!)) return false;
+  if (!processAlive(pid!)) return false;
   if (record.procStart) return processStart(pid!) === record.procStart;
   // A lock written by an older version: the pid alone. Held only if that process runs this script.
   const cmdline = readProc(`/proc/${pid}/cmdline`);

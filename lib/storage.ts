@@ -138,19 +138,22 @@ function reopenError(e: unknown, file: string): unknown {
   return withPath(e, file);
 }
 
+/** Opens a file to be hashed or sent: gone or replaced by something else is a SourceChanged. */
+async function openToSend(file: string) {
+  try {
+    return await openRegular(file);
+  } catch (e) {
+    throw reopenError(e, file);
+  }
+}
+
 /**
  * Reads a regular file whole and fingerprints it (sha256, crc32 per block, stat). A file that
  * grows, shrinks or changes while it is read is a SourceChanged: what would be recorded is then
  * no one state of the file.
  */
 export async function fingerprintFile(file: string, signal?: AbortSignal): Promise<Fingerprint> {
-  let opened;
-  try {
-    opened = await openRegular(file);
-  } catch (e) {
-    throw reopenError(e, file);
-  }
-  const { handle, stat } = opened;
+  const { handle, stat } = await openToSend(file);
   try {
     const size = Number(stat.size);
     const digest = new Digester();
@@ -184,13 +187,7 @@ export async function fingerprintFile(file: string, signal?: AbortSignal): Promi
 /** Block-aligned bytes of a fingerprinted file, each block checked before it is given out. */
 async function* verifiedRange(file: string, fp: Fingerprint, start: number, end: number): AsyncGenerator<Buffer> {
   if (start % BLOCK !== 0 || (end % BLOCK !== 0 && end !== fp.size)) throw new Error(`unaligned range ${start}-${end} of ${file}`);
-  let opened;
-  try {
-    opened = await openRegular(file);
-  } catch (e) {
-    throw reopenError(e, file);
-  }
-  const { handle, stat } = opened;
+  const { handle, stat } = await openToSend(file);
   const changed = () => new SourceChanged(`${file} changed while it was being sent; it will be sent again on the next run`);
   try {
     if (stat.ino !== fp.ino || Number(stat.size) !== fp.size || stat.mtimeNs !== fp.mtimeNs) throw changed();

@@ -11,7 +11,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { shellQuote } from '../lib/ssh.ts';
-import { ROOT, SECRET, sha256, startS3, tempDir, treeDigest, writeHeldLock, writeTree, type RunResult, type S3Server } from './helpers.ts';
+import { runCommand, ROOT, SECRET, sha256, startS3, tempDir, treeDigest, writeHeldLock, writeTree, type RunResult, type S3Server } from './helpers.ts';
 import { startSshd, type Sshd } from './sshd.ts';
 
 const BUCKET = 'comfy-multi-user-files';
@@ -36,17 +36,7 @@ const pkgOf = (root: string) => path.join(root, 'usr/local/lib/comfymulti-script
 const cronOf = (root: string) => path.join(root, 'etc/cron.d/comfymulti-backup');
 const logOf = (root: string) => path.join(root, 'var/log/comfymulti-backup.log');
 
-function run(cmd: string, args: string[], env: Record<string, string>, cwd = '/'): Promise<RunResult> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(cmd, args, { cwd, env, stdio: ['ignore', 'pipe', 'pipe'] });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (d) => (stdout += d));
-    child.stderr.on('data', (d) => (stderr += d));
-    child.on('error', reject);
-    child.on('close', (code, signal) => resolve({ code, signal, stdout, stderr }));
-  });
-}
+const run = (cmd: string, args: string[], env: Record<string, string>, cwd = '/') => runCommand(cmd, args, env, { cwd });
 
 const install = (args: string[], env: Record<string, string> = BARE) => run(path.join(ROOT, 'install'), args, env, os.tmpdir());
 /** The installed launcher, from /, under cron's bare environment, configured by the env file. */

@@ -5,7 +5,8 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import type { IncomingMessage } from 'node:http';
+import http, { type IncomingMessage } from 'node:http';
+import type { AddressInfo } from 'node:net';
 import S3rver from 's3rver';
 import { processStart } from '../lib/lock.ts';
 import './s3rver-fixes.ts'; // aborting multipart uploads and checking signatures, as R2 does
@@ -151,33 +152,60 @@ export interface RunResult {
   signal: NodeJS.Signals | null;
   stdout: string;
   stderr: string;
+  /** How long it ran. */
+  ms: number;
+}
+
+export interface RunOptions {
+  cwd?: string;
+  onSpawn?: (pid: number) => void;
+  /** Kill it after this long and reject: a run that does not end by itself is a bug. */
+  limitMs?: number;
+  /** Run it as this uid and gid (setpriv), for what root would bypass: a permission. */
+  asUser?: number;
+  /** Directories put first on PATH (stand-in commands). */
+  pathFirst?: string[];
 }
 
 /**
- * Runs a script of the checkout as the admin would (its own shebang), with a clean environment:
- * PATH, HOME and what the test passes; nothing inherited from the machine's AWS settings.
+ * Runs a command (a script of the checkout, by name, or any path) as the admin would, with a
+ * clean environment: PATH, HOME and what the test passes; nothing inherited from the machine's
+ * AWS settings.
  */
-export function runScript(
-  script: string,
-  args: string[],
-  env: Record<string, string>,
-  opts: { cwd?: string; onSpawn?: (pid: number) => void } = {},
-): Promise<RunResult> {
+export function runCommand(command: string, args: string[], env: Record<string, string>, opts: RunOptions = {}): Promise<RunResult> {
+  const started = Date.now();
+  const file = command.includes('/') ? command : path.join(ROOT, command);
+  const [cmd, argv] =
+    opts.asUser === undefined
+      ? [file, args]
+      : ['setpriv', [`--reuid=${opts.asUser}`, `--regid=${opts.asUser}`, '--clear-groups', '--', file, ...args]];
+  const basePath = process.env.PATH ?? '/usr/bin:/bin';
   return new Promise((resolve, reject) => {
-    const child = spawn(path.join(ROOT, script), args, {
+    const child = spawn(cmd, argv, {
       cwd: opts.cwd ?? os.tmpdir(),
-      env: { PATH: process.env.PATH ?? '/usr/bin:/bin', HOME: process.env.HOME ?? '/root', ...env },
+      env: { PATH: [...(opts.pathFirst ?? []), basePath].join(':'), HOME: process.env.HOME ?? '/root', ...env },
       stdio: ['ignore', 'pipe', 'pipe'],
     });
     let stdout = '';
     let stderr = '';
     child.stdout.on('data', (d) => (stdout += d));
     child.stderr.on('data', (d) => (stderr += d));
+    const timer = opts.limitMs ? setTimeout(() => child.kill('SIGKILL'), opts.limitMs) : undefined;
     child.on('error', reject);
     if (child.pid && opts.onSpawn) opts.onSpawn(child.pid);
-    child.on('close', (code, signal) => resolve({ code, signal, stdout, stderr }));
+    child.on('close', (code, signal) => {
+      clearTimeout(timer);
+      const ms = Date.now() - started;
+      if (opts.limitMs && signal === 'SIGKILL') {
+        reject(new Error(`${command} ${args.join(' ')} hung: killed after ${ms} ms\n${stdout}\n${stderr}`));
+      } else resolve({ code, signal, stdout, stderr, ms });
+    });
   });
 }
+
+/** A script of the checkout, run as the admin would (see runCommand). */
+export const runScript = (script: string, args: string[], env: Record<string, string>, opts: RunOptions = {}) =>
+  runCommand(script, args, env, opts);
 
 /**
  * A lock as a live run of `script` holds it: this test process's pid, host, boot and start time.
@@ -215,6 +243,15 @@ export function treeDigest(root: string): Record<string, string> {
   };
   visit(root, '');
   return out;
+}
+
+/** A loopback port nobody listens on. */
+export async function closedPort(): Promise<number> {
+  const server = http.createServer();
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  const { port } = server.address() as AddressInfo;
+  await new Promise((resolve) => server.close(resolve));
+  return port;
 }
 
 /** The hash caches in a state directory, name → sha256 of its bytes: to tell that none changed. */

@@ -11,7 +11,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { writeFileAtomic } from '../lib/files.ts';
 import { FaultProxy } from './fault-proxy.ts';
-import { ROOT, SECRET, sha256, startS3, tempDir, treeDigest, writeRandomFile, writeTree, writeHeldLock, type RunResult, type S3Server } from './helpers.ts';
+import { runScript, ROOT, SECRET, sha256, startS3, tempDir, treeDigest, writeRandomFile, writeTree, writeHeldLock, type RunResult, type S3Server } from './helpers.ts';
 import { makeVerda } from './verda-fixture.ts';
 
 const USER_FILES = 'comfy-multi-user-files';
@@ -39,47 +39,37 @@ test.after(async () => {
   fs.rmSync(work, { recursive: true, force: true });
 });
 
-interface Run extends RunResult {
-  ms: number;
-}
-
-/**
- * Runs a script of the checkout (as root, or as nobody with `asNobody`) with a clean environment;
- * kills it after `limitMs` and fails the test: a run that does not end by itself is a bug.
- */
-function run(script: string, args: string[], env: Record<string, string>, opts: { asNobody?: boolean; limitMs?: number; onSpawn?: (pid: number) => void } = {}): Promise<Run> {
-  const started = Date.now();
-  const file = path.join(ROOT, script);
-  const [cmd, argv] = opts.asNobody
-    ? ['setpriv', [`--reuid=${NOBODY}`, `--regid=${NOBODY}`, '--clear-groups', '--', file, ...args]]
-    : [file, args];
-  return new Promise((resolve, reject) => {
-    const child = spawn(cmd as string, argv as string[], {
-      cwd: os.tmpdir(),
-      env: { PATH: process.env.PATH ?? '/usr/bin:/bin', HOME: process.env.HOME ?? '/root', ...env },
-      stdio: ['ignore', 'pipe', 'pipe'],
-    });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (d) => (stdout += d));
-    child.stderr.on('data', (d) => (stderr += d));
-    const timer = setTimeout(() => child.kill('SIGKILL'), opts.limitMs ?? 90_000);
-    if (child.pid) opts.onSpawn?.(child.pid);
-    child.on('error', reject);
-    child.on('close', (code, signal) => {
-      clearTimeout(timer);
-      const ms = Date.now() - started;
-      if (signal === 'SIGKILL') reject(new Error(`${script} ${args.join(' ')} hung: killed after ${ms} ms\n${stdout}\n${stderr}`));
-      else resolve({ code, signal, stdout, stderr, ms });
-    });
-  });
-}
+/** A script as the admin runs it (or as nobody); one that does not end by itself fails the test. */
+const run = (
+  script: string,
+  args: string[],
+  env: Record<string, string>,
+  opts: { asNobody?: boolean; limitMs?: number; onSpawn?: (pid: number) => void } = {},
+) => runScript(script, args, env, { limitMs: opts.limitMs ?? 90_000, asUser: opts.asNobody ? NOBODY : undefined, onSpawn: opts.onSpawn });
 
 const out = (r: RunResult) => `--- stdout\n${r.stdout}\n--- stderr\n${r.stderr}`;
 const assertNoStack = (r: RunResult) => assert.not.match(r.stdout + r.stderr, /\n\s+at .+:\d+/, 'no stack trace');
 
 /** Short limits: a hung request or command is given up in seconds here, minutes in production. */
 const FAST = { COMFYMULTI_R2_TIMEOUT: '3', COMFYMULTI_R2_BACKOFF: '0.05', COMFYMULTI_COMMAND_TIMEOUT: '3' };
+
+/** A fixture Verda under `work/name`, backed up to `work/name/backups` with VERDA_HOST=local. */
+function verdaEnv(name: string, extra: Record<string, string> = {}) {
+  const root = path.join(work, name);
+  const v = makeVerda(path.join(root, 'verda'));
+  const env: Record<string, string> = {
+    ...v.env,
+    VERDA_HOST: 'local',
+    BACKUP_DIR: path.join(root, 'backups'),
+    COMFYMULTI_STATE_DIR: path.join(root, 'state'),
+    R2_ENDPOINT: s3.endpoint,
+    R2_ACCESS_KEY_ID: SECRET,
+    R2_SECRET_ACCESS_KEY: SECRET,
+    ...FAST,
+    ...extra,
+  };
+  return { root, v, env };
+}
 
 function melloEnv(name: string, files: Record<string, string | Buffer>, endpoint = s3.endpoint) {
   const root = path.join(work, name);
@@ -330,18 +320,7 @@ esac
 // 8. --verify after a failed run
 
 test('8. --verify after a failed run is exit 1 naming the incomplete run, and says what the newest complete backup holds', async () => {
-  const root = path.join(work, 'verify-failed');
-  const v = makeVerda(path.join(root, 'verda'));
-  const env = {
-    ...v.env,
-    VERDA_HOST: 'local',
-    BACKUP_DIR: path.join(root, 'backups'),
-    COMFYMULTI_STATE_DIR: path.join(root, 'state'),
-    R2_ENDPOINT: s3.endpoint,
-    R2_ACCESS_KEY_ID: SECRET,
-    R2_SECRET_ACCESS_KEY: SECRET,
-    ...FAST,
-  };
+  const { env } = verdaEnv('verify-failed');
   const good = await run('backup-verda.mts', ['--quick'], env);
   assert.is(good.code, 0, out(good));
   await new Promise((r) => setTimeout(r, 1100));
@@ -497,21 +476,7 @@ test('18. temporary files a SIGKILL left behind are removed by the next run; a l
 });
 
 test('18. -v prints no stack for an expected failure', async () => {
-  const root = path.join(work, 'verbose');
-  const v = makeVerda(path.join(root, 'verda'));
-  const env = {
-    ...v.env,
-    VERDA_HOST: 'local',
-    BACKUP_DIR: path.join(root, 'backups'),
-    COMFYMULTI_STATE_DIR: path.join(root, 'state'),
-    CONTAINER_CLI: 'podman',
-    CONTAINER_IMAGE: 'no-such-image-here',
-    VERDA_SCRIPTS_DIR: ROOT,
-    R2_ENDPOINT: s3.endpoint,
-    R2_ACCESS_KEY_ID: SECRET,
-    R2_SECRET_ACCESS_KEY: SECRET,
-    ...FAST,
-  };
+  const { env } = verdaEnv('verbose', { CONTAINER_CLI: 'podman', CONTAINER_IMAGE: 'no-such-image-here', VERDA_SCRIPTS_DIR: ROOT });
   const r = await run('backup-verda.mts', ['-v'], env);
   assert.is(r.code, 1, out(r));
   assert.match(r.stdout, /Container image.*no-such-image-here/s);
@@ -522,23 +487,10 @@ test('18. -v prints no stack for an expected failure', async () => {
 // Every remote or local command has a timeout
 
 test('a command that hangs (tailscale on Verda) is stopped after COMFYMULTI_COMMAND_TIMEOUT; the run goes on', async () => {
-  const root = path.join(work, 'hang');
-  const v = makeVerda(path.join(root, 'verda'));
-  const bin = path.join(root, 'bin');
+  const bin = path.join(work, 'hang', 'bin');
   fs.mkdirSync(bin, { recursive: true });
   fs.writeFileSync(path.join(bin, 'tailscale'), '#!/bin/sh\nexec sleep 600\n', { mode: 0o755 });
-  const env = {
-    ...v.env,
-    PATH: `${bin}:${process.env.PATH}`,
-    VERDA_HOST: 'local',
-    BACKUP_DIR: path.join(root, 'backups'),
-    COMFYMULTI_STATE_DIR: path.join(root, 'state'),
-    R2_ENDPOINT: s3.endpoint,
-    R2_ACCESS_KEY_ID: SECRET,
-    R2_SECRET_ACCESS_KEY: SECRET,
-    ...FAST,
-    COMFYMULTI_COMMAND_TIMEOUT: '2',
-  };
+  const { root, env } = verdaEnv('hang', { PATH: `${bin}:${process.env.PATH}`, COMFYMULTI_COMMAND_TIMEOUT: '2' });
   const r = await run('backup-verda.mts', ['--quick'], env, { limitMs: 60_000 });
   assert.match(r.stdout, /Tailscale IP/, out(r));
   assert.match(r.stdout, /nothing from it for 2s: stopped/, out(r));

@@ -10,17 +10,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { UsageError } from '../lib/cli.ts';
 import { BODY_LIMIT, checkNotifyUrl, pingBody, pingUrl } from '../lib/notify.ts';
-import {
-  ROOT,
-  SECRET,
-  sha256,
-  startS3,
-  tempDir,
-  writeHeldLock,
-  writeTree,
-  type RunResult,
-  type S3Server,
-} from './helpers.ts';
+import { closedPort, runScript, ROOT, SECRET, sha256, startS3, tempDir, writeHeldLock, writeTree, type RunResult, type S3Server } from './helpers.ts';
 import { ENV_SECRET, makeVerda } from './verda-fixture.ts';
 
 const USER_FILES = 'comfy-multi-user-files';
@@ -79,43 +69,9 @@ async function pingServer(mode: 'answer' | 'hang' = 'answer'): Promise<PingServe
   };
 }
 
-/** A loopback port nobody listens on. */
-async function closedPort(): Promise<number> {
-  const server = http.createServer();
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-  const { port } = server.address() as net.AddressInfo;
-  await new Promise((resolve) => server.close(resolve));
-  return port;
-}
 
-interface Run extends RunResult {
-  ms: number;
-}
-
-/** Runs a script of the checkout with a clean environment; a run that does not end by itself fails the test. */
-function run(script: string, args: string[], env: Record<string, string>, limitMs = 90_000): Promise<Run> {
-  const started = Date.now();
-  return new Promise((resolve, reject) => {
-    const child = spawn(path.join(ROOT, script), args, {
-      cwd: os.tmpdir(),
-      env: { PATH: process.env.PATH ?? '/usr/bin:/bin', HOME: process.env.HOME ?? '/root', ...env },
-      stdio: ['ignore', 'pipe', 'pipe'],
-    });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (d) => (stdout += d));
-    child.stderr.on('data', (d) => (stderr += d));
-    const timer = setTimeout(() => child.kill('SIGKILL'), limitMs);
-    child.on('error', reject);
-    child.on('close', (code, signal) => {
-      clearTimeout(timer);
-      const ms = Date.now() - started;
-      if (signal === 'SIGKILL')
-        reject(new Error(`${script} ${args.join(' ')} hung: killed after ${ms} ms\n${stdout}\n${stderr}`));
-      else resolve({ code, signal, stdout, stderr, ms });
-    });
-  });
-}
+const run = (script: string, args: string[], env: Record<string, string>, limitMs = 90_000) =>
+  runScript(script, args, env, { limitMs });
 
 const out = (r: RunResult) => `--- stdout\n${r.stdout}\n--- stderr\n${r.stderr}`;
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));

@@ -13,7 +13,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { humanAge, type StatusReport } from '../lib/status.ts';
 import { timestamp } from '../lib/rotation.ts';
-import { ROOT, SECRET, startS3, tempDir, writeHeldLock, writeTree, type RunResult, type S3Server } from './helpers.ts';
+import { closedPort, runScript, ROOT, SECRET, startS3, tempDir, writeHeldLock, writeTree, type RunResult, type S3Server } from './helpers.ts';
 import { makeVerda } from './verda-fixture.ts';
 
 const USER_FILES = 'comfy-multi-user-files';
@@ -28,27 +28,9 @@ let work: string;
 let fakeBin: string;
 let sshCalls: string;
 
-function run(script: string, args: string[], env: Record<string, string>, limitMs = 90_000): Promise<RunResult> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(path.join(ROOT, script), args, {
-      cwd: os.tmpdir(),
-      // The fake ssh first: any ssh the script starts is recorded (and fails).
-      env: { PATH: `${fakeBin}:${process.env.PATH ?? '/usr/bin:/bin'}`, HOME: process.env.HOME ?? '/root', ...env },
-      stdio: ['ignore', 'pipe', 'pipe'],
-    });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (d) => (stdout += d));
-    child.stderr.on('data', (d) => (stderr += d));
-    const timer = setTimeout(() => child.kill('SIGKILL'), limitMs);
-    child.on('error', reject);
-    child.on('close', (code, signal) => {
-      clearTimeout(timer);
-      if (signal === 'SIGKILL') reject(new Error(`${script} ${args.join(' ')} hung\n${stdout}\n${stderr}`));
-      else resolve({ code, signal, stdout, stderr });
-    });
-  });
-}
+/** The fake ssh first on PATH: any ssh the script starts is recorded (and fails). */
+const run = (script: string, args: string[], env: Record<string, string>, limitMs = 90_000) =>
+  runScript(script, args, env, { limitMs, pathFirst: [fakeBin] });
 
 const out = (r: RunResult) => `--- stdout\n${r.stdout}\n--- stderr\n${r.stderr}`;
 
@@ -126,13 +108,6 @@ function ageLastRun(stateDir: string, script: string, hours: number) {
   fs.utimesSync(file, ended, ended);
 }
 
-async function closedPort(): Promise<number> {
-  const server = http.createServer();
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-  const { port } = server.address() as net.AddressInfo;
-  await new Promise((resolve) => server.close(resolve));
-  return port;
-}
 
 test.before(async () => {
   s3 = await startS3([USER_FILES, CACHE, MODELS]);

@@ -16,7 +16,7 @@ import zlib from 'node:zlib';
 import { decryptStream, encryptStream, loadRecipients, parseAgeRecipients } from '../lib/age.ts';
 import { UsageError } from '../lib/cli.ts';
 import { bucketTarget, loadConfig } from '../lib/config.ts';
-import { ROOT, runScript, sha256, startS3, tempDir, writeTree, type RunResult, type S3Server } from './helpers.ts';
+import { runCommand, ROOT, runScript, sha256, startS3, tempDir, writeTree, type RunResult, type S3Server } from './helpers.ts';
 import { startSshd, type Sshd } from './sshd.ts';
 import { ENV_SECRET, makeVerda, type VerdaFixture } from './verda-fixture.ts';
 
@@ -81,21 +81,9 @@ function sh(cmd: string, args: string[], opts: { input?: string | Buffer; env?: 
   return { code: r.status, stdout: r.stdout ?? Buffer.alloc(0), stderr: (r.stderr ?? Buffer.alloc(0)).toString() };
 }
 
-function run(cmd: string, args: string[], env: Record<string, string>, timeoutMs = 30_000): Promise<RunResult> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(cmd, args, { env, stdio: ['ignore', 'pipe', 'pipe'], cwd: os.tmpdir() });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (d) => (stdout += d));
-    child.stderr.on('data', (d) => (stderr += d));
-    const timer = setTimeout(() => child.kill('SIGKILL'), timeoutMs);
-    child.on('error', reject);
-    child.on('close', (code, signal) => {
-      clearTimeout(timer);
-      resolve({ code, signal, stdout, stderr });
-    });
-  });
-}
+/** A command with exactly this environment (no PATH or HOME added), killed after `timeoutMs`. */
+const run = (cmd: string, args: string[], env: Record<string, string>, timeoutMs = 30_000) =>
+  runCommand(cmd, args, env, { limitMs: timeoutMs });
 
 const install = (args: string[], home = melloHome) =>
   run(path.join(ROOT, 'install'), args, { PATH: process.env.PATH ?? '/usr/bin:/bin', HOME: home });
