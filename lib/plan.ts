@@ -130,6 +130,10 @@ export interface ScriptDef {
   name: string;
   /** The first line printed. */
   title: (flags: Flags) => string;
+  /** What the summary line calls a run (`Restore`, `Drill`); `Backup` unless said. */
+  outcome?: (flags: Flags) => string;
+  /** What the last line calls the bytes the steps moved (`restored`); `sent` unless said. */
+  moved?: (flags: Flags) => string;
   /** Usage and what the script does, above the common flags. */
   usage: string;
   extraFlags?: { boolean?: string[]; string?: string[] };
@@ -205,11 +209,68 @@ async function showStatus(def: ScriptDef, cfg: Config, json: boolean): Promise<n
 
 /** The whole life of a script run. Never returns; exits with the SPEC's codes. */
 export async function runScript(def: ScriptDef, argv = scriptArgs()): Promise<never> {
-  let flags: Flags;
-  let cfg: Config | undefined;
-  let plan: Plan;
-  // A usage or configuration error is exit 2; anything else here is a bug, said without a stack.
+  const { flags, cfg, plan, notifier } = await prepare(def, argv);
+  if (flags.status) return showStatus(def, cfg, flags.json);
+  const out = new Output(flags.json, flags.verbose);
+  const release = await takeLock(def, cfg, flags);
+  notifier?.start();
+  // What a killed run (SIGKILL, power loss) left half-written: its writer is gone.
+  for (const dir of [cfg.stateDir, ...(plan.workDirs ?? [])]) removeStalePartials(dir);
+  const signal = stopOnSignals(def, out, release);
+
+  const started = Date.now();
+  out.header(def.title(flags));
+  let reports: StepReport[];
+  try {
+    reports = await runPlan(plan.steps, { out, dryRun: flags.dryRun, verbose: flags.verbose, signal });
+  } finally {
+    await plan.close?.().catch(() => {});
+    release();
+  }
+  const run = summarize(def, flags, reports, started, signal);
+  if (!flags.dryRun && !flags.verify) recordLastRun(def, cfg, flags, run);
+  const startProblem = await notifier?.settleStart();
+  if (startProblem) notices.add(startProblem);
+
+  out.plain('');
+  out.header(`=== ${run.result} ===`);
+  for (const f of run.failures) out.fail(f);
+  for (const notice of notices) out.warn(notice);
+  if (run.moved) out.info(run.moved);
+  if (notifier) {
+    const endProblem = await notifier.end(run.code === EXIT.ok, pingBody(pingLines(def, flags, run)));
+    if (endProblem) {
+      notices.add(endProblem);
+      out.warn(endProblem);
+    }
+  }
+  if (flags.json) {
+    const summary = {
+      script: def.name,
+      mode: flags.quick ? 'quick' : 'full',
+      dryRun: flags.dryRun,
+      verify: flags.verify,
+      ok: run.code === EXIT.ok,
+      exitCode: run.code,
+      interrupted: signal.aborted || undefined,
+      startedAt: new Date(started).toISOString(),
+      durationMs: Date.now() - started,
+      steps: reports,
+      notices: [...notices],
+    };
+    process.stdout.write(JSON.stringify(summary, null, 2) + '\n');
+  }
+  return exitAfterOutput(run.code);
+}
+
+/**
+ * Flags, configuration and the plan, or the exit: `--help`; exit 2 for a usage or configuration
+ * error (nothing was done; the message names the flag or variable); anything else is a bug, said
+ * without a stack.
+ */
+async function prepare(def: ScriptDef, argv: string[]) {
   const notStarted = (e: unknown) => `${e instanceof UsageError ? '' : 'internal error: '}${errorText(e)}`;
+  let flags: Flags;
   try {
     flags = parseFlags(argv, def.extraFlags);
   } catch (e) {
@@ -221,27 +282,31 @@ export async function runScript(def: ScriptDef, argv = scriptArgs()): Promise<ne
     process.stdout.write(`${def.usage}\n\n${COMMON_HELP}\n`);
     return exitAfterOutput(EXIT.ok);
   }
-  // Only a backup run pings: a success ping from a run that backed nothing up (--dry-run,
-  // --verify, --status) would tell the check that backups are being made.
-  const pings = !flags.dryRun && !flags.verify && !flags.status;
-  let notifier: Notifier | undefined;
+  let cfg: Config | undefined;
   try {
     cfg = loadConfig(process.env, scriptDir(), flags.envFile);
     if (flags.status && !def.status) throw new UsageError(`--status is not available for ${def.name}`);
-    const target = pings ? notifyTarget(cfg.env, def.name) : undefined;
-    if (target) notifier = new Notifier(target, cfg.limits.notifyTimeoutMs);
-    plan = flags.status ? { steps: [] } : await def.plan(cfg, flags);
+    const target = pings(flags) ? notifyTarget(cfg.env, def.name) : undefined;
+    const notifier = target ? new Notifier(target, cfg.limits.notifyTimeoutMs) : undefined;
+    const plan: Plan = flags.status ? { steps: [] } : await def.plan(cfg, flags);
+    return { flags, cfg, plan, notifier };
   } catch (e) {
     process.stderr.write(`${def.name}: ${notStarted(e)}\n`);
-    if (pings) await pingNoStart(def.name, cfg, flags.envFile, notStarted(e));
+    if (pings(flags)) await pingNoStart(def.name, cfg, flags.envFile, notStarted(e));
     return exitAfterOutput(e instanceof UsageError ? EXIT.usage : EXIT.failed);
   }
-  if (flags.status) return showStatus(def, cfg, flags.json);
+}
 
-  const out = new Output(flags.json, flags.verbose);
-  let release: () => void;
+/**
+ * Only a backup run pings: a success ping from a run that backed nothing up (--dry-run,
+ * --verify, --status) would tell the check that backups are being made.
+ */
+const pings = (flags: Flags) => !flags.dryRun && !flags.verify && !flags.status;
+
+/** The script's lock, or the exit: 75 when another run holds it, 2 when it cannot be written. */
+async function takeLock(def: ScriptDef, cfg: Config, flags: Flags): Promise<() => void> {
   try {
-    release = acquireLock(path.join(cfg.stateDir, `${def.name}.lock`), def.name);
+    return acquireLock(path.join(cfg.stateDir, `${def.name}.lock`), def.name);
   } catch (e) {
     if (e instanceof LockHeld) {
       // Not pinged: the holder pings when it ends, and one that never ends goes silent, which is
@@ -251,22 +316,22 @@ export async function runScript(def: ScriptDef, argv = scriptArgs()): Promise<ne
     }
     const why = `COMFYMULTI_STATE_DIR (${cfg.stateDir}): ${e instanceof LockError ? e.message : errorText(e)}`;
     process.stderr.write(`${def.name}: ${why}; nothing was done\n`);
-    if (pings) await pingNoStart(def.name, cfg, flags.envFile, why);
+    if (pings(flags)) await pingNoStart(def.name, cfg, flags.envFile, why);
     return exitAfterOutput(EXIT.usage);
   }
-  notifier?.start();
-  // What a killed run (SIGKILL, power loss) left half-written: its writer is gone.
-  for (const dir of [cfg.stateDir, ...(plan.workDirs ?? [])]) removeStalePartials(dir);
+}
 
-  // First SIGINT/SIGTERM: stop and clean up (partial files removed, multipart uploads aborted).
-  // A second one: leave at once.
+/**
+ * The run's signal. First SIGINT/SIGTERM/SIGHUP: stop and clean up (partial files removed,
+ * multipart uploads aborted). A second one: leave at once.
+ */
+function stopOnSignals(def: ScriptDef, out: Output, release: () => void): AbortSignal {
   const controller = new AbortController();
   // Every request in flight listens on it: many more than Node's default warning threshold.
   setMaxListeners(0, controller.signal);
   const onSignal = (sig: NodeJS.Signals) => {
     if (controller.signal.aborted) {
-      // Leave now, whatever is in progress: process.exit() itself waits for a blocked file
-      // system call, SIGKILL does not.
+      // process.exit() itself waits for a blocked file system call; SIGKILL does not.
       release();
       process.stderr.write(`${def.name}: second ${sig}: leaving at once\n`);
       process.kill(process.pid, 'SIGKILL');
@@ -275,102 +340,85 @@ export async function runScript(def: ScriptDef, argv = scriptArgs()): Promise<ne
     process.stderr.write(`\n${def.name}: ${sig} received, stopping and cleaning up\n`);
     controller.abort(new Error(sig));
   };
-  process.on('SIGINT', onSignal);
-  process.on('SIGTERM', onSignal);
-  process.on('SIGHUP', onSignal);
+  for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) process.on(sig, onSignal);
+  return controller.signal;
+}
 
-  const started = Date.now();
-  out.header(def.title(flags));
-  let reports: StepReport[];
-  try {
-    reports = await runPlan(plan.steps, { out, dryRun: flags.dryRun, verbose: flags.verbose, signal: controller.signal });
-  } finally {
-    await plan.close?.().catch(() => {});
-    release();
-  }
+interface RunSummary {
+  code: number;
+  /** `Backup FAILED in 3.2s: 9 ok, 1 skipped, 2 failed`. */
+  result: string;
+  /** Each failed step with its failures named: a cron log is read from its end. */
+  failures: string[];
+  failedSteps: string[];
+  reports: StepReport[];
+  started: number;
+  bytes: number;
+  /** `sent 1.2G in all`, or nothing. */
+  moved: string;
+  interrupted: boolean;
+}
 
+function summarize(def: ScriptDef, flags: Flags, reports: StepReport[], started: number, signal: AbortSignal): RunSummary {
   const failed = reports.filter((r) => r.status === 'failed' || r.status === 'interrupted');
+  const count = (status: StepStatus) => reports.filter((r) => r.status === status).length;
+  const counts = `${count('ok')} ok, ${count('skipped')} skipped, ${failed.length} failed`;
+  const what = flags.dryRun ? 'Dry run' : flags.verify ? 'Verify' : (def.outcome?.(flags) ?? 'Backup');
   const seconds = ((Date.now() - started) / 1000).toFixed(1);
-  const code = failed.length ? EXIT.failed : EXIT.ok;
-  const counts = [
-    `${reports.filter((r) => r.status === 'ok').length} ok`,
-    `${reports.filter((r) => r.status === 'skipped').length} skipped`,
-    `${failed.length} failed`,
-  ];
-  const what = flags.dryRun ? 'Dry run' : flags.verify ? 'Verify' : 'Backup';
-  const result = `${what} ${failed.length ? 'FAILED' : 'complete'} in ${seconds}s: ${counts.join(', ')}`;
-  // The summary names the failures themselves, not only their steps: a cron log is read from its end.
   const failures = failed.map((r) => {
     const items = r.failures.slice(0, 5).concat(r.failures.length > 5 ? [`and ${r.failures.length - 5} more`] : []);
-    const why = r.error ?? (items.length ? items.join('; ') : (r.summary ?? r.status));
-    return `Step ${r.step} (${r.name}): ${why}`;
+    return `Step ${r.step} (${r.name}): ${r.error ?? (items.length ? items.join('; ') : (r.summary ?? r.status))}`;
   });
-  if (controller.signal.aborted) failures.push(`interrupted by ${controller.signal.reason?.message}`);
-  const total = reports.reduce((n, r) => n + (r.bytes ?? 0), 0);
-  if (!flags.dryRun && !flags.verify) {
-    try {
-      writeLastRun(cfg.stateDir, {
-        version: 1,
-        script: def.name,
-        host: os.hostname(),
-        mode: flags.quick ? 'quick' : 'full',
-        startedAt: new Date(started).toISOString(),
-        endedAt: new Date().toISOString(),
-        exitCode: code,
-        ok: code === EXIT.ok,
-        interrupted: controller.signal.aborted || undefined,
-        failedSteps: failed.map((r) => r.name),
-        failures,
-        steps: reports.map((r) => ({ name: r.name, status: r.status, bytes: r.bytes })),
-        bytesSent: total,
-      });
-    } catch (e) {
-      notices.add(`the run's record for --status was not written: ${errorText(e)}`);
-    }
-  }
-  const startProblem = await notifier?.settleStart();
-  if (startProblem) notices.add(startProblem);
-  const sent = total && !flags.verify ? `${flags.dryRun ? 'would send' : 'sent'} ${humanSize(total)} in all` : '';
-  out.plain('');
-  out.header(`=== ${result} ===`);
-  for (const f of failures) out.fail(f);
-  for (const notice of notices) out.warn(notice);
-  if (sent) out.info(sent);
-  if (notifier) {
-    // The summary as the lines above, then each step's line; never an environment value.
-    const body = pingBody([
-      `${def.name} on ${os.hostname()} (${flags.quick ? 'quick' : 'full'}): ${result}`,
-      ...failures.map((f) => `✗ ${f}`),
-      ...[...notices].map((n) => `⚠ ${n}`),
-      ...(sent ? [sent] : []),
-      '',
-      ...reports.map((r) => {
-        const mark = r.status === 'ok' ? '✓' : r.status === 'skipped' ? '–' : '✗';
-        return `Step ${r.step} (${r.name}): ${mark} ${r.error ?? r.summary ?? r.status}`;
-      }),
-    ]);
-    const endProblem = await notifier.end(code === EXIT.ok, body);
-    if (endProblem) {
-      notices.add(endProblem);
-      out.warn(endProblem);
-    }
-  }
+  if (signal.aborted) failures.push(`interrupted by ${signal.reason?.message}`);
+  const bytes = reports.reduce((n, r) => n + (r.bytes ?? 0), 0);
+  const verb = flags.dryRun ? 'would send' : (def.moved?.(flags) ?? 'sent');
+  return {
+    code: failed.length ? EXIT.failed : EXIT.ok,
+    result: `${what} ${failed.length ? 'FAILED' : 'complete'} in ${seconds}s: ${counts}`,
+    failures,
+    failedSteps: failed.map((r) => r.name),
+    reports,
+    started,
+    bytes,
+    moved: bytes && !flags.verify ? `${verb} ${humanSize(bytes)} in all` : '',
+    interrupted: signal.aborted,
+  };
+}
 
-  if (flags.json) {
-    const summary = {
+/** The record --status reads; one that cannot be written is a notice, not a failure. */
+function recordLastRun(def: ScriptDef, cfg: Config, flags: Flags, run: RunSummary) {
+  try {
+    writeLastRun(cfg.stateDir, {
+      version: 1,
       script: def.name,
+      host: os.hostname(),
       mode: flags.quick ? 'quick' : 'full',
-      dryRun: flags.dryRun,
-      verify: flags.verify,
-      ok: code === EXIT.ok,
-      exitCode: code,
-      interrupted: controller.signal.aborted || undefined,
-      startedAt: new Date(started).toISOString(),
-      durationMs: Date.now() - started,
-      steps: reports,
-      notices: [...notices],
-    };
-    process.stdout.write(JSON.stringify(summary, null, 2) + '\n');
+      startedAt: new Date(run.started).toISOString(),
+      endedAt: new Date().toISOString(),
+      exitCode: run.code,
+      ok: run.code === EXIT.ok,
+      interrupted: run.interrupted || undefined,
+      failedSteps: run.failedSteps,
+      failures: run.failures,
+      steps: run.reports.map((r) => ({ name: r.name, status: r.status, bytes: r.bytes })),
+      bytesSent: run.bytes,
+    });
+  } catch (e) {
+    notices.add(`the run's record for --status was not written: ${errorText(e)}`);
   }
-  return exitAfterOutput(code);
+}
+
+/** The ping's body: the summary as printed, then each step's line; never an environment value. */
+function pingLines(def: ScriptDef, flags: Flags, run: RunSummary): string[] {
+  return [
+    `${def.name} on ${os.hostname()} (${flags.quick ? 'quick' : 'full'}): ${run.result}`,
+    ...run.failures.map((f) => `✗ ${f}`),
+    ...[...notices].map((n) => `⚠ ${n}`),
+    ...(run.moved ? [run.moved] : []),
+    '',
+    ...run.reports.map((r) => {
+      const mark = r.status === 'ok' ? '✓' : r.status === 'skipped' ? '–' : '✗';
+      return `Step ${r.step} (${r.name}): ${mark} ${r.error ?? r.summary ?? r.status}`;
+    }),
+  ];
 }

@@ -203,14 +203,20 @@ async function* march(
   await listing.return(undefined);
 }
 
+/** Sends a tree: see the top of this file. */
 export async function syncTree(opts: SyncOptions): Promise<SyncResult> {
-  const { backend, prefix, signal } = opts;
-  const keep = opts.keepActions ?? KEEP;
   const cache = await TreeCache.open(opts.cacheFile, {
     write: !opts.dryRun,
-    legacy: opts.legacyCache ? { file: opts.legacyCache, root: opts.root, objectPrefix: `${backend.name}/${prefix}` } : undefined,
+    legacy: opts.legacyCache
+      ? { file: opts.legacyCache, root: opts.root, objectPrefix: `${opts.backend.name}/${opts.prefix}` }
+      : undefined,
   });
-  const result: SyncResult = {
+  return new TreeSync(opts, cache).run();
+}
+
+/** One sync of a tree: its counts, and what it does with each file. */
+class TreeSync {
+  readonly result: SyncResult = {
     files: 0,
     bytes: 0,
     sent: 0,
@@ -226,19 +232,75 @@ export async function syncTree(opts: SyncOptions): Promise<SyncResult> {
     actions: [],
     actionCount: 0,
   };
-  let progressBytes = 0;
-  const report = (a: FileAction) => {
-    result.actionCount++;
-    if (result.actions.length < keep) result.actions.push(a);
-    opts.onFile?.(a);
-  };
-  const fail = (key: string, error: string, bytes = 0) => {
-    result.failureCount++;
-    if (result.failures.length < KEEP) result.failures.push({ key, error });
-    report({ action: 'failed', key, bytes, error });
-  };
+  private progressBytes = 0;
+  // Files in flight: 16 to start, more while more carry more (a long path), up to 64.
+  private readonly maxFiles: number;
+  private readonly files: AdaptiveSlots;
 
-  const one = async (f: Marched) => {
+  constructor(
+    private readonly opts: SyncOptions,
+    private readonly cache: TreeCache,
+  ) {
+    this.maxFiles = opts.concurrency ?? 64;
+    this.files = new AdaptiveSlots(Math.min(8, this.maxFiles), Math.min(16, this.maxFiles), this.maxFiles);
+  }
+
+  async run(): Promise<SyncResult> {
+    const { opts, cache, result } = this;
+    // As many listing ranges (8 at most) as the last run's keys fill pages of 1,000: its hash
+    // cache holds a line of about 150 bytes per file.
+    const cacheBytes = opts.cacheFile ? (fs.statSync(opts.cacheFile, { throwIfNoEntry: false })?.size ?? 0) : 0;
+    const ranges = Math.min(8, Math.floor(cacheBytes / 150 / 1000));
+    const listing = listRanges(opts.backend, opts.prefix, listingSplits(opts.root, ranges), opts.signal);
+    const items = march(walkSorted(opts.root), listing, cache, opts.prefix, opts.filter, (e) => {
+      if (e.kind === 'symlink') {
+        result.symlinkCount++;
+        if (result.symlinks.length < KEEP) result.symlinks.push(e.rel);
+      } else this.fail(opts.prefix + e.rel, e.error);
+    });
+    try {
+      // Files in key order. Each failure is recorded and the others go on; only credentials
+      // refused or R2 gone silent stops the pool: every other file would fail the same way.
+      await pool(items, this.maxFiles, (f) => this.file(f), opts.signal);
+    } finally {
+      this.files.stop();
+      if (!opts.dryRun) result.cacheWarning = await cache.finish();
+    }
+    return result;
+  }
+
+  private report(a: FileAction) {
+    this.result.actionCount++;
+    if (this.result.actions.length < (this.opts.keepActions ?? KEEP)) this.result.actions.push(a);
+    this.opts.onFile?.(a);
+  }
+
+  private fail(key: string, error: string, bytes = 0) {
+    this.result.failureCount++;
+    if (this.result.failures.length < KEEP) this.result.failures.push({ key, error });
+    this.report({ action: 'failed', key, bytes, error });
+  }
+
+  /** One file, its failure recorded: a vanished file is a warning, refused credentials stop all. */
+  private async file(f: Marched) {
+    try {
+      await this.files.run(() => this.decide(f));
+      this.files.done(REQUEST_UNITS);
+    } catch (e) {
+      if (this.opts.signal?.aborted) throw this.opts.signal.reason;
+      this.cache.settle(f.seq, undefined);
+      if (e instanceof SourceChanged && e.vanished) {
+        if (this.result.vanished.length < KEEP) this.result.vanished.push(f.key);
+        return;
+      }
+      this.fail(f.key, errorText(e));
+      if (e instanceof StorageError && e.fatal) throw e;
+    }
+  }
+
+  /** Skips the file when the bucket already holds its bytes, else sends it. */
+  private async decide(f: Marched) {
+    const { opts, cache, result } = this;
     let st: fs.BigIntStats;
     try {
       st = await fs.promises.lstat(f.path, { bigint: true });
@@ -249,115 +311,76 @@ export async function syncTree(opts: SyncOptions): Promise<SyncResult> {
     if (!st.isFile()) throw new SourceChanged(`${f.path} is no longer a regular file`);
     result.files++;
     result.bytes += Number(st.size);
-    const stat = { size: st.size, mtimeNs: st.mtimeNs, ino: st.ino };
     // The hash: from the cache when the file is as it was, else one read that also fingerprints it.
-    let fp = lineMatches(f.cached, stat) ? undefined : await fingerprintFile(f.path, signal);
+    let fp = lineMatches(f.cached, { size: st.size, mtimeNs: st.mtimeNs, ino: st.ino })
+      ? undefined
+      : await fingerprintFile(f.path, opts.signal);
     if (fp) {
       cache.recordHash();
       result.hashed++;
     }
     const sha256 = fp?.sha256 ?? f.cached!.sha256;
     const size = fp?.size ?? Number(st.size);
-    const line = (etag?: string): TreeCacheLine => ({
+    const line = (etag?: string, p = fp): TreeCacheLine => ({
       rel: f.rel,
-      size,
-      mtimeNs: String(fp?.mtimeNs ?? st.mtimeNs),
-      ino: String(fp?.ino ?? st.ino),
-      sha256,
+      size: p?.size ?? size,
+      mtimeNs: String(p?.mtimeNs ?? st.mtimeNs),
+      ino: String(p?.ino ?? st.ino),
+      sha256: p?.sha256 ?? sha256,
       etag,
     });
     cache.provisional(f.seq, line(f.cached?.sha256 === sha256 ? f.cached.etag : undefined));
-    const there = f.there;
-    if (there && there.size === size) {
-      if (f.cached?.etag === there.etag && f.cached.sha256 === sha256) {
-        result.skipped++;
-        cache.settle(f.seq, line(there.etag));
-        return report({ action: 'skip', key: f.key, bytes: size, sha256, how: 'known' });
-      }
-      const head = await backend.head(f.key, signal);
-      if (head && head.size === size) {
-        const how = head.metadata.sha256
-          ? head.metadata.sha256 === sha256 && 'metadata'
-          : (await etagProvesContent(f.path, size, head.etag, signal)) && 'etag';
-        if (how) {
-          result.skipped++;
-          if (how === 'etag') result.adopted++;
-          cache.settle(f.seq, line(head.etag));
-          return report({ action: 'skip', key: f.key, bytes: size, sha256, how });
-        }
-      }
+    const how = await this.alreadyThere(f, size, sha256);
+    if (how) {
+      result.skipped++;
+      if (how.how === 'etag') result.adopted++;
+      cache.settle(f.seq, line(how.etag));
+      return this.report({ action: 'skip', key: f.key, bytes: size, sha256, how: how.how });
     }
-    const reason = there ? 'changed' : 'new';
+    const reason = f.there ? 'changed' : 'new';
     if (opts.dryRun) {
       result.sent++;
       result.sentBytes += size;
       cache.settle(f.seq, line());
-      return report({ action: 'send', key: f.key, bytes: size, sha256, reason });
+      return this.report({ action: 'send', key: f.key, bytes: size, sha256, reason });
     }
     // What is sent is checked against a fingerprint taken from one read of the file, so the
     // object's sha256 metadata is always its bytes' (a file known to the cache is read again).
-    fp ??= await fingerprintFile(f.path, signal);
+    fp ??= await fingerprintFile(f.path, opts.signal);
     let counted = 0;
-    const put = await backend.put(f.key, fingerprintedSource(f.path, fp), {
+    const put = await opts.backend.put(f.key, fingerprintedSource(f.path, fp), {
       metadata: { sha256: fp.sha256 },
-      signal,
+      signal: opts.signal,
       onBytes: opts.onProgress
         ? (n) => {
             counted += n;
-            progressBytes += n;
-            opts.onProgress!(progressBytes, result.bytes);
+            this.progressBytes += n;
+            opts.onProgress!(this.progressBytes, result.bytes);
           }
         : undefined,
     });
     result.sent++;
     result.sentBytes += fp.size;
-    files.done(fp.size);
-    progressBytes += fp.size - counted;
-    cache.settle(f.seq, { ...line(put.etag), sha256: fp.sha256, size: fp.size, mtimeNs: String(fp.mtimeNs), ino: String(fp.ino) });
-    report({ action: 'send', key: f.key, bytes: fp.size, sha256: fp.sha256, reason });
-  };
-
-  // As many listing ranges (8 at most) as the last run's keys fill pages of 1,000: its hash cache
-  // holds a line of about 150 bytes per file.
-  const pages = opts.cacheFile ? Math.floor((fs.statSync(opts.cacheFile, { throwIfNoEntry: false })?.size ?? 0) / 150 / 1000) : 0;
-  const listing = listRanges(backend, prefix, listingSplits(opts.root, Math.min(8, pages)), signal);
-  // Files in flight: 16 to start, more while more carry more (a long path), up to 64.
-  const maxFiles = opts.concurrency ?? 64;
-  const files = new AdaptiveSlots(Math.min(8, maxFiles), Math.min(16, maxFiles), maxFiles);
-  const items = march(walkSorted(opts.root), listing, cache, prefix, opts.filter, (e) => {
-    if (e.kind === 'symlink') {
-      result.symlinkCount++;
-      if (result.symlinks.length < KEEP) result.symlinks.push(e.rel);
-    } else fail(prefix + e.rel, e.error);
-  });
-  try {
-    // Files in key order, 16 in flight. Each failure is recorded and the others go on; only
-    // credentials refused or R2 gone silent stops the pool: every other file would fail the same.
-    await pool(
-      items,
-      maxFiles,
-      async (f) => {
-        try {
-          await files.run(() => one(f));
-          files.done(REQUEST_UNITS);
-        } catch (e) {
-          if (signal?.aborted) throw signal.reason;
-          cache.settle(f.seq, undefined);
-          if (e instanceof SourceChanged && e.vanished) {
-            if (result.vanished.length < KEEP) result.vanished.push(f.key);
-            return;
-          }
-          fail(f.key, errorText(e));
-          if (e instanceof StorageError && e.fatal) throw e;
-        }
-      },
-      signal,
-    );
-  } finally {
-    files.stop();
-    if (!opts.dryRun) result.cacheWarning = await cache.finish();
+    this.files.done(fp.size);
+    this.progressBytes += fp.size - counted;
+    cache.settle(f.seq, line(put.etag, fp));
+    this.report({ action: 'send', key: f.key, bytes: fp.size, sha256: fp.sha256, reason });
   }
-  return result;
+
+  /**
+   * How the bucket is known to hold these bytes already: the ETag the cache remembers (no
+   * request), the object's sha256 metadata (one HEAD), or an ETag proving the content (a
+   * bash-era upload). Undefined: send it.
+   */
+  private async alreadyThere(f: Marched, size: number, sha256: string) {
+    const there = f.there;
+    if (!there || there.size !== size) return undefined;
+    if (f.cached?.etag === there.etag && f.cached.sha256 === sha256) return { how: 'known' as const, etag: there.etag };
+    const head = await this.opts.backend.head(f.key, this.opts.signal);
+    if (!head || head.size !== size) return undefined;
+    if (head.metadata.sha256) return head.metadata.sha256 === sha256 ? { how: 'metadata' as const, etag: head.etag } : undefined;
+    return (await etagProvesContent(f.path, size, head.etag, this.opts.signal)) ? { how: 'etag' as const, etag: head.etag } : undefined;
+  }
 }
 
 /** A key or path as one printable line: control characters (a newline in a name) escaped. */
