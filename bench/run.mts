@@ -97,6 +97,8 @@ const work = path.join(os.tmpdir(), 'comfymulti-bench');
 fs.mkdirSync(work, { recursive: true });
 const has = (cmd: string) => spawnSync('sh', ['-c', 'command -v "$1"', 'sh', cmd]).status === 0;
 const benchStarted = performance.now();
+// Other work on the machine skews the seconds (less so the ratios): the report gives the load.
+const loadAtStart = os.loadavg()[0];
 
 // --- tools ------------------------------------------------------------------------------------
 const missing = [
@@ -528,7 +530,8 @@ const lines = [
   ...(startup ? [`Start-up: ${startup.how}.`, ''] : []),
   ...(verda ? [verda, ''] : []),
   `The bench took ${f(totalSeconds / 60)} min; by case (all tools, first upload and rerun): ` +
-    `${[...caseSeconds].map(([k, s]) => `${k} ${f(s / 60)} min`).join('; ')}.`,
+    `${[...caseSeconds].map(([k, s]) => `${k} ${f(s / 60)} min`).join('; ')}. ` +
+    `Load average (1 min) at the start ${loadAtStart.toFixed(1)}, at the end ${os.loadavg()[0].toFixed(1)}.`,
 ];
 const report = lines.join('\n');
 const out = subset ? path.join(work, 'results.md') : path.join(ROOT, 'bench/results.md');
