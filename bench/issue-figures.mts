@@ -23,7 +23,10 @@ async function timed(script: string, args: string[], env: NodeJS.ProcessEnv) {
   const timeFile = path.join(work, 'time');
   const before = s3.requests.length;
   const started = process.hrtime.bigint();
-  const child = spawn('/usr/bin/time', ['-f', '%M', '-o', timeFile, path.join(ROOT, script), ...args], { env, stdio: ['ignore', 'ignore', 'pipe'] });
+  const child = spawn('/usr/bin/time', ['-f', '%M', '-o', timeFile, path.join(ROOT, script), ...args], {
+    env,
+    stdio: ['ignore', 'ignore', 'pipe'],
+  });
   let err = '';
   child.stderr.on('data', (d) => (err += d));
   const code = await new Promise((r) => child.on('close', r));
@@ -50,15 +53,39 @@ function describeRequests(requests: { method: string; url: string }[]): string {
 const lines: string[] = [];
 try {
   for (const [name, bucket, make] of [
-    ['2,000 small files (4 KiB)', 'figures-small', (d: string) => writeTree(d, Object.fromEntries(Array.from({ length: 2000 }, (_, i) => [`u${i % 20}/f${i}.png`, crypto.randomBytes(4096)])))],
-    ['1 GB in 4 files', 'figures-big', (d: string) => [0, 1, 2, 3].forEach((i) => writeRandomFile(path.join(d, `u${i}`, `video${i}.mp4`), 256 * 1024 * 1024))],
+    [
+      '2,000 small files (4 KiB)',
+      'figures-small',
+      (d: string) =>
+        writeTree(
+          d,
+          Object.fromEntries(
+            Array.from({ length: 2000 }, (_, i) => [`u${i % 20}/f${i}.png`, crypto.randomBytes(4096)]),
+          ),
+        ),
+    ],
+    [
+      '1 GB in 4 files',
+      'figures-big',
+      (d: string) =>
+        [0, 1, 2, 3].forEach((i) => writeRandomFile(path.join(d, `u${i}`, `video${i}.mp4`), 256 * 1024 * 1024)),
+    ],
   ] as const) {
     const data = path.join(work, name.replace(/\W+/g, '-'));
     make(path.join(data, 'outputs'));
-    const env = { ...base, ...s3Env(s3, path.join(data, '.state')), MELLO_DATA_DIR: data, R2_USER_FILES_BUCKET: bucket };
+    const env = {
+      ...base,
+      ...s3Env(s3, path.join(data, '.state')),
+      MELLO_DATA_DIR: data,
+      R2_USER_FILES_BUCKET: bucket,
+    };
     const first = await timed('backup-mello.mts', [], env);
     const again = await timed('backup-mello.mts', [], env);
-    lines.push(`backup-mello, ${name}: first run ${first.seconds} s (${first.requests} requests, peak RSS ${first.rssMb} MB); unchanged rerun ${again.seconds} s (${again.requests} requests: ${again.kinds}; ${again.puts} with a body, peak RSS ${again.rssMb} MB)`);
+    lines.push(
+      `backup-mello, ${name}: first run ${first.seconds} s (${first.requests} requests, peak RSS ${first.rssMb} MB); ` +
+        `unchanged rerun ${again.seconds} s (${again.requests} requests: ${again.kinds}; ` +
+        `${again.puts} with a body, peak RSS ${again.rssMb} MB)`,
+    );
     fs.rmSync(data, { recursive: true, force: true });
   }
 
@@ -85,7 +112,10 @@ try {
     for (const args of [['--quick'], [], []]) {
       const before = sshd.connections();
       const r = await timed('backup-verda.mts', args, env);
-      lines.push(`backup-verda ${args.join(' ') || '(full)'} against the fixture: ${r.seconds} s, ${sshd.connections() - before} SSH connection(s), ${r.puts} R2 bodies sent`);
+      lines.push(
+        `backup-verda ${args.join(' ') || '(full)'} against the fixture: ${r.seconds} s, ` +
+          `${sshd.connections() - before} SSH connection(s), ${r.puts} R2 bodies sent`,
+      );
       await new Promise((res) => setTimeout(res, 1100)); // a new timestamp
     }
   } finally {
@@ -96,4 +126,7 @@ try {
   await s3.stop();
   fs.rmSync(work, { recursive: true, force: true });
 }
-console.log(`${new Date().toISOString()} on ${os.cpus().length} × ${os.cpus()[0]?.model.trim()}, Node ${process.version}\n${lines.join('\n')}`);
+console.log(
+  `${new Date().toISOString()} on ${os.cpus().length} × ${os.cpus()[0]?.model.trim()}, Node ${process.version}\n` +
+    lines.join('\n'),
+);

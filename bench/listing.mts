@@ -6,30 +6,55 @@ import { startS3 } from '../test/helpers.ts';
 
 const s3 = await startS3(['listing']);
 const dirs = 20;
-const keys = Array.from({ length: 2000 }, (_, i) => `outputs/user${String(i % dirs).padStart(3, '0')}/img_${String(i).padStart(5, '0')}.bin`).sort();
+const keys = Array.from(
+  { length: 2000 },
+  (_, i) => `outputs/user${String(i % dirs).padStart(3, '0')}/img_${String(i).padStart(5, '0')}.bin`,
+).sort();
 for (let i = 0; i < keys.length; i += 50) {
-  await Promise.all(keys.slice(i, i + 50).map((Key) => s3.client.send(new PutObjectCommand({ Bucket: 'listing', Key, Body: 'x'.repeat(100) }))));
+  await Promise.all(
+    keys
+      .slice(i, i + 50)
+      .map((Key) => s3.client.send(new PutObjectCommand({ Bucket: 'listing', Key, Body: 'x'.repeat(100) }))),
+  );
 }
-const page = (o: Partial<ListObjectsV2CommandInput>) => s3.client.send(new ListObjectsV2Command({ Bucket: 'listing', Prefix: 'outputs/', ...o }));
+const page = (o: Partial<ListObjectsV2CommandInput>) =>
+  s3.client.send(new ListObjectsV2Command({ Bucket: 'listing', Prefix: 'outputs/', ...o }));
 const count = (pages: { KeyCount?: number }[]) => pages.reduce((n, p) => n + (p.KeyCount ?? 0), 0);
 
 const ways: [string, () => Promise<number>][] = [
-  ['pages one after the other', async () => {
-    const pages = [];
-    let token: string | undefined;
-    do {
-      const p = await page({ ContinuationToken: token });
-      pages.push(p);
-      token = p.IsTruncated ? p.NextContinuationToken : undefined;
-    } while (token);
-    return count(pages);
-  }],
-  ...[2, 4, 8].map((n): [string, () => Promise<number>] => [`${n} key ranges at once`, async () => {
-    const per = keys.length / n;
-    return count(await Promise.all(Array.from({ length: n }, (_, i) => page({ StartAfter: i ? keys[i * per - 1] : undefined, MaxKeys: per }))));
-  }]),
-  [`${dirs} directories at once`, async () =>
-    count(await Promise.all(Array.from({ length: dirs }, (_, i) => page({ Prefix: `outputs/user${String(i).padStart(3, '0')}/` }))))],
+  [
+    'pages one after the other',
+    async () => {
+      const pages = [];
+      let token: string | undefined;
+      do {
+        const p = await page({ ContinuationToken: token });
+        pages.push(p);
+        token = p.IsTruncated ? p.NextContinuationToken : undefined;
+      } while (token);
+      return count(pages);
+    },
+  ],
+  ...[2, 4, 8].map((n): [string, () => Promise<number>] => [
+    `${n} key ranges at once`,
+    async () => {
+      const per = keys.length / n;
+      return count(
+        await Promise.all(
+          Array.from({ length: n }, (_, i) => page({ StartAfter: i ? keys[i * per - 1] : undefined, MaxKeys: per })),
+        ),
+      );
+    },
+  ]),
+  [
+    `${dirs} directories at once`,
+    async () =>
+      count(
+        await Promise.all(
+          Array.from({ length: dirs }, (_, i) => page({ Prefix: `outputs/user${String(i).padStart(3, '0')}/` })),
+        ),
+      ),
+  ],
 ];
 try {
   for (const [name, list] of ways) {
