@@ -83,18 +83,26 @@ async function abortMultipartUpload(ctx: Ctx) {
     return putObjectMultipart.call(this, bucket, uploadId, parts);
   };
 
+  type Store = { getResourcePath(b: string, k: string, r: string): string; putMetadata(...a: unknown[]): Promise<void> };
+  type Put = { bucket: string; key: string; content: Readable | Buffer; metadata: Record<string, string> };
   const putObject = FilesystemStore.prototype.putObject;
-  FilesystemStore.prototype.putObject = async function (this: unknown, object: { content: Readable | Buffer }) {
-    // Only a request body (a single PUT) is held until whole; a completed multipart upload's
-    // parts arrive through s3rver's own stream of streams, which ends early when read this way.
-    if (!Buffer.isBuffer(object.content) && 'complete' in object.content) {
-      const content = object.content;
-      const chunks: Buffer[] = [];
-      for await (const chunk of content) chunks.push(chunk as Buffer); // a cut request errors here
-      if ((content as { complete?: boolean }).complete === false) throw new Error('request body cut short');
-      object.content = Buffer.concat(chunks);
-    }
-    return putObject.call(this, object);
+  FilesystemStore.prototype.putObject = async function (this: Store, object: Put) {
+    // A completed multipart upload's parts arrive through s3rver's own stream of streams, which
+    // ends early when read as below: that path is left as it was.
+    if (Buffer.isBuffer(object.content) || !('complete' in object.content)) return putObject.call(this, object);
+    // A request body (a single PUT) is held until whole, then written and on disk before the
+    // answer (s3rver's own write of a buffer answers first: a HEAD right after saw a short object).
+    const content = object.content;
+    const chunks: Buffer[] = [];
+    for await (const chunk of content) chunks.push(chunk as Buffer); // a cut request errors here
+    if ((content as { complete?: boolean }).complete === false) throw new Error('request body cut short');
+    const body = Buffer.concat(chunks);
+    const file = this.getResourcePath(object.bucket, object.key, 'object');
+    await fs.promises.mkdir(path.dirname(file), { recursive: true });
+    await fs.promises.writeFile(file, body);
+    const md5 = crypto.createHash('md5').update(body).digest('hex');
+    await this.putMetadata(object.bucket, object.key, object.metadata, md5);
+    return { size: body.length, md5 };
   };
 
   FilesystemStore.prototype.putPart = async function putPart(
