@@ -68,14 +68,24 @@ export class Pacer {
   }
 }
 
-/** At most `limit` callers inside `run` at once; the others wait their turn, in order. */
+/**
+ * At most `limit` callers inside `run` at once; the others wait their turn: lowest `priority`
+ * first, then in order of arrival.
+ */
 export class Slots {
   protected busy = 0;
-  protected readonly waiting: (() => void)[] = [];
+  protected readonly waiting: { priority: number; go: () => void }[] = [];
   constructor(public limit: number) {}
 
-  async run<T>(fn: () => Promise<T>): Promise<T> {
-    while (this.busy >= this.limit) await new Promise<void>((resolve) => this.waiting.push(resolve));
+  async run<T>(fn: () => Promise<T>, priority = 0): Promise<T> {
+    while (this.busy >= this.limit) {
+      await new Promise<void>((go) => {
+        // Sorted on the way in: after every waiter of the same or a lower priority.
+        let at = this.waiting.length;
+        while (at > 0 && this.waiting[at - 1].priority > priority) at--;
+        this.waiting.splice(at, 0, { priority, go });
+      });
+    }
     this.busy++;
     try {
       return await fn();
@@ -86,7 +96,7 @@ export class Slots {
   }
 
   protected wake() {
-    for (let free = this.limit - this.busy; free > 0 && this.waiting.length; free--) this.waiting.shift()!();
+    for (let free = this.limit - this.busy; free > 0 && this.waiting.length; free--) this.waiting.shift()!.go();
   }
 }
 

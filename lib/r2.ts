@@ -312,6 +312,8 @@ let clockNoticed = false;
 export class R2Backend implements Backend {
   readonly name: string;
   private s3?: Promise<{ client: S3Client; sdk: Sdk }>;
+  /** Multipart uploads begun by this backend: the earlier an upload, the sooner its parts go. */
+  private uploadsBegun = 0;
   /** R2's time minus ours as the SDK has learnt it (from a refusal's Date). */
   private clockOffset = 0;
   private readonly opts: Required<R2Options>;
@@ -544,6 +546,7 @@ export class R2Backend implements Backend {
       ),
     );
     const uploadId = created.UploadId!;
+    const order = this.uploadsBegun++;
     // A failure of one part stops the others at once, then the upload is aborted.
     const failFast = new AbortController();
     const signal = opts.signal ? AbortSignal.any([opts.signal, failFast.signal]) : failFast.signal;
@@ -554,6 +557,8 @@ export class R2Backend implements Backend {
         const start = index * partSize;
         const end = Math.min(source.size, start + partSize);
         let sent = 0;
+        // The parts of the upload begun first go first: it completes (R2 joins its parts) while
+        // the next one's parts are still on the way, instead of every completion at the end.
         const r = await this.partSlots.run(() =>
           this.request('upload-part', key, signal, (a) => {
             if (sent) opts.onBytes?.(-sent); // a retry sends the bytes again
@@ -565,6 +570,7 @@ export class R2Backend implements Backend {
             const part = { Bucket: bucket, Key: key, UploadId: uploadId, PartNumber: index + 1, Body: body, ContentLength: end - start };
             return this.send<UploadPartCommandOutput>((sdk) => new sdk.UploadPartCommand(part), a.signal);
           }),
+          order * MAX_PARTS + index,
         );
         etags[index] = r.ETag!;
         this.partSlots.done(end - start);

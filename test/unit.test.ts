@@ -12,7 +12,7 @@ import { UsageError, humanSize, parseFlags } from '../lib/cli.ts';
 import { BLOCK, Digester, showBytes, walkTree } from '../lib/files.ts';
 import { HashCache, awsCliPartSize, etagProvesContent } from '../lib/hash-cache.ts';
 import { LockHeld, acquireLock, isHeld, processStart } from '../lib/lock.ts';
-import { AdaptiveSlots } from '../lib/pacer.ts';
+import { AdaptiveSlots, Slots } from '../lib/pacer.ts';
 import { pool } from '../lib/pool.ts';
 import { commandArgs, shellQuote } from '../lib/ssh.ts';
 import { MAX_PARTS, MIN_PART_SIZE, MiB, partSizeFor } from '../lib/r2.ts';
@@ -253,6 +253,23 @@ test('pool: at most N at once, items in order, the first error thrown once every
   assert.equal(started, started.slice().sort((a, b) => a - b), 'taken in order');
   assert.ok(started.length < 20, 'no new item after the failure');
   assert.equal(settled.sort((a, b) => a - b), started.slice().sort((a, b) => a - b), 'every started item settled first');
+});
+
+test('Slots: waiters go by priority, then in order of arrival', async () => {
+  const slots = new Slots(1);
+  const order: string[] = [];
+  let open!: () => void;
+  const first = slots.run(() => new Promise<void>((r) => (open = r)));
+  const waiting = [
+    slots.run(async () => void order.push('b1'), 2),
+    slots.run(async () => void order.push('a1'), 1),
+    slots.run(async () => void order.push('b2'), 2),
+    slots.run(async () => void order.push('a2'), 1),
+  ];
+  await new Promise((r) => setTimeout(r, 5));
+  open();
+  await Promise.all([first, ...waiting]);
+  assert.equal(order, ['a1', 'a2', 'b1', 'b2']);
 });
 
 test('AdaptiveSlots: grow while throughput grows and callers wait, step back when it does not, halve on congestion', async () => {
