@@ -127,6 +127,8 @@ export interface ScriptDef {
   name: string;
   /** The first line printed. */
   title: (flags: Flags) => string;
+  /** What the summary line calls a run (`Restore`, `Drill`); `Backup` unless said. */
+  outcome?: (flags: Flags) => string;
   /** Usage and what the script does, above the common flags. */
   usage: string;
   extraFlags?: { boolean?: string[]; string?: string[] };
@@ -234,7 +236,8 @@ export async function runScript(def: ScriptDef, argv = scriptArgs()): Promise<ne
     `${reports.filter((r) => r.status === 'skipped').length} skipped`,
     `${failed.length} failed`,
   ];
-  out.header(`=== ${flags.dryRun ? 'Dry run' : flags.verify ? 'Verify' : 'Backup'} ${failed.length ? 'FAILED' : 'complete'} in ${seconds}s: ${counts.join(', ')} ===`);
+  const what = flags.dryRun ? 'Dry run' : flags.verify ? 'Verify' : (def.outcome?.(flags) ?? 'Backup');
+  out.header(`=== ${what} ${failed.length ? 'FAILED' : 'complete'} in ${seconds}s: ${counts.join(', ')} ===`);
   // The summary names the failures themselves, not only their steps: a cron log is read from its end.
   for (const r of failed) {
     const items = r.failures.slice(0, 5).concat(r.failures.length > 5 ? [`and ${r.failures.length - 5} more`] : []);
