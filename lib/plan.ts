@@ -129,6 +129,8 @@ export interface ScriptDef {
   title: (flags: Flags) => string;
   /** What the summary line calls a run (`Restore`, `Drill`); `Backup` unless said. */
   outcome?: (flags: Flags) => string;
+  /** What the last line calls the bytes the steps moved (`restored`); `sent` unless said. */
+  moved?: (flags: Flags) => string;
   /** Usage and what the script does, above the common flags. */
   usage: string;
   extraFlags?: { boolean?: string[]; string?: string[] };
@@ -247,7 +249,8 @@ export async function runScript(def: ScriptDef, argv = scriptArgs()): Promise<ne
   if (controller.signal.aborted) out.fail(`interrupted by ${controller.signal.reason?.message}`);
   for (const notice of notices) out.warn(notice);
   const total = reports.reduce((n, r) => n + (r.bytes ?? 0), 0);
-  if (total && !flags.verify) out.info(`${flags.dryRun ? 'would send' : 'sent'} ${humanSize(total)} in all`);
+  const moved = flags.dryRun ? 'would send' : (def.moved?.(flags) ?? 'sent');
+  if (total && !flags.verify) out.info(`${moved} ${humanSize(total)} in all`);
 
   if (flags.json) {
     const summary = {

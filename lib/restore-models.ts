@@ -1,0 +1,600 @@
+// Models back onto a restored Verda, downloaded by Verda itself from the models bucket (never
+// through Mello). Mello brings restore-verda's bundle over the run's connection (a fresh Verda has
+// no scripts installed), runs it with `--models-here` and hands it the models bucket's target and
+// credentials on stdin, as the backup's models step does.
+//
+// Verda downloads every object that is missing or differs: several ranged GETs in flight per
+// file, each file written under a temporary name (O_EXCL), its sha256 taken in order as the
+// ranges land, checked against the object's `sha256` metadata (or its ETag, for bash-era
+// uploads), fsynced and renamed. A file already there with the object's size and sha256 (by the
+// hash cache on SFS, which the backup keeps too) is not downloaded. Nothing is ever deleted.
+import { constants as FS } from 'node:fs';
+import fs from 'node:fs';
+import path from 'node:path';
+import { Readable } from 'node:stream';
+import { addNotice, exitAfterOutput, humanSize, notices } from './cli.ts';
+import { DEFAULT_LIMITS, type BucketTarget, type Limits } from './config.ts';
+import { BLOCK, Digester, partialName, removeStalePartials } from './files.ts';
+import { HashCache, etagProvesContent } from './hash-cache.ts';
+import { Pacer, Slots } from './pacer.ts';
+import type { Step } from './plan.ts';
+import { pool } from './pool.ts';
+import { R2Backend, r2Limits } from './r2.ts';
+import type { RestoreSource } from './restore.ts';
+import type { Host } from './ssh.ts';
+import { StorageError, type Backend, type ObjectInfo } from './storage.ts';
+import { objectId, printable, saveCache } from './sync.ts';
+
+export const MODELS_HERE_FLAG = '--models-here';
+const HEARTBEAT_MS = 30_000;
+const MiB = 1024 * 1024;
+
+/** What Mello sends on stdin: one JSON line. */
+export interface ModelsRestoreRequest {
+  target: BucketTarget;
+  modelsDir: string;
+  hashCacheFile: string;
+  dryRun: boolean;
+  limits: Pick<Limits, 'r2IdleTimeoutMs' | 'r2Attempts' | 'r2BackoffMs'>;
+}
+
+export type ModelAction =
+  | { action: 'download'; key: string; bytes: number; reason: 'new' | 'changed' }
+  | { action: 'in-place'; key: string; bytes: number; how: 'known' | 'metadata' | 'etag' }
+  | { action: 'failed'; key: string; bytes: number; error: string };
+
+export interface RestoreTreeResult {
+  objects: number;
+  bytes: number;
+  downloaded: number;
+  downloadedBytes: number;
+  inPlace: number;
+  /** Local files read to learn their sha256 (the hash cache knew the others). */
+  hashed: number;
+  failures: { key: string; error: string }[];
+  actions: ModelAction[];
+}
+
+export interface RestoreTreeOptions {
+  root: string;
+  backend: Backend;
+  cache: HashCache;
+  dryRun?: boolean;
+  signal?: AbortSignal;
+  /** Files downloaded at once. */
+  files?: number;
+  /** Bytes per ranged GET. */
+  rangeSize?: number;
+  /** Ranged GETs in flight for one file. */
+  rangesPerFile?: number;
+  /** Ranged GETs in flight in all: what bounds the connections (and memory) of a run. */
+  rangesInFlight?: number;
+  /** Attempts at one range whose body failed midway (each resumes where it stopped). */
+  attempts?: number;
+  backoffMs?: number;
+  /** A body that gives no byte for this long is abandoned (and resumed). */
+  idleTimeoutMs?: number;
+  onFile?: (a: ModelAction) => void;
+  onBytes?: (n: number) => void;
+}
+
+/** An object key as path components under the root, or undefined for one that would leave it. */
+function keyParts(key: string): string[] | undefined {
+  const parts = key.split('/');
+  return parts.some((p) => p === '' || p === '.' || p === '..' || p.includes('\0')) ? undefined : parts;
+}
+
+/**
+ * The directories of `parts` under root, made where missing; a symlink or a file in the way is
+ * an error (never followed out of the root). Directories already seen are not looked at again.
+ */
+function ensureDirs(root: string, parts: string[], seen: Set<string>): string {
+  let dir = root;
+  for (const part of parts) {
+    dir = path.join(dir, part);
+    if (seen.has(dir)) continue;
+    try {
+      fs.mkdirSync(dir, { mode: 0o755 });
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
+    }
+    const st = fs.lstatSync(dir);
+    if (!st.isDirectory())
+      throw new Error(`${dir} is ${st.isSymbolicLink() ? 'a symlink' : 'not a directory'}: not followed`);
+    // What a killed run left here (its writer gone) is removed before anything is written.
+    removeStalePartials(dir);
+    seen.add(dir);
+  }
+  return dir;
+}
+
+/** A body that gives no byte for `ms` is destroyed with an error: a stalled download ends. */
+function watchIdle(body: Readable, ms: number, what: string): () => void {
+  let timer: NodeJS.Timeout;
+  const arm = () => {
+    clearTimeout(timer);
+    timer = setTimeout(() => body.destroy(new Error(`${what}: no byte for ${ms / 1000} s`)), ms);
+  };
+  body.on('data', arm);
+  arm();
+  return () => clearTimeout(timer);
+}
+
+interface Range {
+  start: number;
+  end: number;
+  /** Bytes of it written so far, from its start: the hash follows them. */
+  written: number;
+}
+
+/**
+ * Downloads `o` into `dest` through a temporary name: ranges in flight at once, written where
+ * they belong, the sha256 taken in order by reading back what has landed (from the page cache).
+ * Renamed only once the sha256 is the object's (or its ETag proves the bytes), fsynced first.
+ */
+async function download(
+  opts: Required<Pick<RestoreTreeOptions, 'rangeSize' | 'rangesPerFile' | 'attempts' | 'backoffMs' | 'idleTimeoutMs'>> &
+    RestoreTreeOptions,
+  slots: Slots,
+  o: ObjectInfo,
+  dest: string,
+  wantSha256: string | undefined,
+): Promise<{ sha256: string; blockCrcs: number[] }> {
+  const { backend, signal } = opts;
+  const tmp = partialName(dest);
+  const fh = await fs.promises.open(tmp, FS.O_RDWR | FS.O_CREAT | FS.O_EXCL | FS.O_NOFOLLOW, 0o644);
+  const ranges: Range[] = [];
+  for (let start = 0; start < o.size; start += opts.rangeSize)
+    ranges.push({ start, end: Math.min(o.size, start + opts.rangeSize), written: 0 });
+  // One failure stops the other ranges of this file, and the hash that waits on them.
+  const stop = new AbortController();
+  const onAbort = () => stop.abort(signal!.reason);
+  signal?.addEventListener('abort', onAbort, { once: true });
+  let wake: (() => void) | undefined;
+  const landed = () => {
+    wake?.();
+    wake = undefined;
+  };
+  stop.signal.addEventListener('abort', landed);
+  const pacer = new Pacer({ attempts: opts.attempts, backoffMs: opts.backoffMs });
+
+  const fetchRange = (r: Range) =>
+    pacer.run(
+      'get',
+      stop.signal,
+      async () => {
+        const at = r.start + r.written;
+        // The whole object in one GET needs no range (and no Range header).
+        const body = await backend.get(
+          o.key,
+          stop.signal,
+          at === 0 && r.end === o.size ? undefined : { start: at, end: r.end },
+        );
+        const quiet = watchIdle(body, opts.idleTimeoutMs, `${o.key} bytes ${at}-${r.end - 1}`);
+        const destroy = () => body.destroy(stop.signal.reason);
+        stop.signal.addEventListener('abort', destroy, { once: true });
+        try {
+          for await (const chunk of body as AsyncIterable<Buffer>) {
+            const pos = r.start + r.written;
+            if (pos + chunk.length > r.end)
+              throw new StorageError(`${o.key}: more bytes than asked (the object changed?)`, false);
+            await fh.write(chunk, 0, chunk.length, pos);
+            r.written += chunk.length;
+            opts.onBytes?.(chunk.length);
+            landed();
+          }
+          if (r.start + r.written < r.end)
+            throw new Error(`${o.key}: the body ended at ${r.start + r.written} of ${r.end}`);
+        } finally {
+          quiet();
+          stop.signal.removeEventListener('abort', destroy);
+          body.destroy();
+        }
+      },
+      // The backend retried the request itself; what fails here is a body cut midway: resumed.
+      (e) => (e instanceof StorageError ? 'fail' : 'backoff'),
+      (e) => e,
+    );
+
+  const hashInOrder = async () => {
+    const digest = new Digester();
+    const buffer = Buffer.allocUnsafe(BLOCK);
+    for (let cursor = 0; cursor < o.size;) {
+      stop.signal.throwIfAborted();
+      const r = ranges[Math.floor(cursor / opts.rangeSize)];
+      const ready = r.start + r.written - cursor;
+      if (ready <= 0) {
+        await new Promise<void>((resolve) => (wake = resolve));
+        continue;
+      }
+      const { bytesRead } = await fh.read(buffer, 0, Math.min(ready, BLOCK), cursor);
+      if (!bytesRead) throw new Error(`${tmp}: could not read back what was written`);
+      digest.update(buffer.subarray(0, bytesRead));
+      cursor += bytesRead;
+    }
+    return digest.finish();
+  };
+
+  try {
+    const hashing = hashInOrder();
+    hashing.catch(() => {}); // awaited below
+    await pool(ranges, opts.rangesPerFile, (r) =>
+      slots
+        .run(() => fetchRange(r))
+        .catch((e) => {
+          stop.abort(e);
+          throw e;
+        }),
+    );
+    const { sha256, blockCrcs } = await hashing;
+    if (wantSha256 ? sha256 !== wantSha256 : !(await etagProvesContent(tmp, o.size, o.etag, signal))) {
+      throw new Error(
+        `the bytes downloaded are not the object's (${wantSha256 ? 'sha256' : 'ETag'} differs): not restored`,
+      );
+    }
+    await fh.sync();
+    await fh.close();
+    await fs.promises.rename(tmp, dest);
+    return { sha256, blockCrcs };
+  } catch (e) {
+    stop.abort(e);
+    await fh.close().catch(() => {});
+    await fs.promises.rm(tmp, { force: true });
+    throw signal?.aborted ? signal.reason : e;
+  } finally {
+    signal?.removeEventListener('abort', onAbort);
+  }
+}
+
+/** Every object of the bucket into `root`, where missing or different. Never deletes. */
+export async function restoreTree(options: RestoreTreeOptions): Promise<RestoreTreeResult> {
+  const opts = {
+    files: 4,
+    rangeSize: 8 * MiB,
+    rangesPerFile: 4,
+    rangesInFlight: 16,
+    attempts: DEFAULT_LIMITS.r2Attempts,
+    backoffMs: DEFAULT_LIMITS.r2BackoffMs,
+    idleTimeoutMs: DEFAULT_LIMITS.r2IdleTimeoutMs,
+    ...options,
+  };
+  const { backend, cache, signal, root } = opts;
+  const objects: ObjectInfo[] = [];
+  for await (const o of backend.list('', signal)) if (!o.key.endsWith('/')) objects.push(o);
+  const result: RestoreTreeResult = {
+    objects: objects.length,
+    bytes: objects.reduce((n, o) => n + o.size, 0),
+    downloaded: 0,
+    downloadedBytes: 0,
+    inPlace: 0,
+    hashed: 0,
+    failures: [],
+    actions: [],
+  };
+  const report = (a: ModelAction) => {
+    result.actions.push(a);
+    opts.onFile?.(a);
+  };
+  const slots = new Slots(opts.rangesInFlight);
+  const dirs = new Set<string>();
+  const hashedBefore = cache.hashedFiles;
+  if (!opts.dryRun) fs.mkdirSync(root, { recursive: true });
+
+  /** The object's sha256: remembered for its ETag, else its metadata; undefined for a bash-era upload. */
+  const objectSha = async (o: ObjectInfo): Promise<{ sha256?: string; how: 'known' | 'metadata' | 'etag' }> => {
+    const known = cache.knownObject(objectId(backend, o.key), o.etag);
+    if (known) return { sha256: known, how: 'known' };
+    const head = await backend.head(o.key, signal);
+    if (!head) throw new Error('gone from the bucket since it was listed');
+    return head.metadata.sha256 ? { sha256: head.metadata.sha256, how: 'metadata' } : { how: 'etag' };
+  };
+
+  const one = async (o: ObjectInfo) => {
+    const parts = keyParts(o.key);
+    if (!parts) throw new Error('the key would leave the models directory: not restored');
+    const dest = path.join(root, ...parts);
+    const st = fs.lstatSync(dest, { bigint: true, throwIfNoEntry: false });
+    if (st && !st.isFile())
+      throw new Error(`${dest} is ${st.isDirectory() ? 'a directory' : 'not a regular file'}: not replaced`);
+    const object = await objectSha(o);
+    if (st && Number(st.size) === o.size) {
+      const local = await cache.hash(dest, { size: st.size, mtimeNs: st.mtimeNs, ino: st.ino }, signal);
+      const same = object.sha256
+        ? object.sha256 === local.sha256
+        : await etagProvesContent(dest, o.size, o.etag, signal);
+      if (same) {
+        if (!opts.dryRun) cache.recordObject(objectId(backend, o.key), o.etag, local.sha256);
+        result.inPlace++;
+        return report({ action: 'in-place', key: o.key, bytes: o.size, how: object.how });
+      }
+    }
+    const reason = st ? 'changed' : 'new';
+    if (!opts.dryRun) {
+      ensureDirs(root, parts.slice(0, -1), dirs);
+      const got = await download(opts, slots, o, dest, object.sha256);
+      const after = fs.statSync(dest, { bigint: true });
+      cache.remember(dest, {
+        size: o.size,
+        sha256: got.sha256,
+        blockCrcs: got.blockCrcs,
+        ino: after.ino,
+        mtimeNs: after.mtimeNs,
+      });
+      cache.recordObject(objectId(backend, o.key), o.etag, got.sha256);
+    }
+    result.downloaded++;
+    result.downloadedBytes += o.size;
+    report({ action: 'download', key: o.key, bytes: o.size, reason });
+  };
+
+  try {
+    await pool(
+      objects,
+      opts.files,
+      async (o) => {
+        try {
+          await one(o);
+        } catch (e) {
+          if (signal?.aborted) throw signal.reason;
+          const error = e instanceof Error ? e.message : String(e);
+          result.failures.push({ key: o.key, error });
+          report({ action: 'failed', key: o.key, bytes: o.size, error });
+          if (e instanceof StorageError && e.fatal) throw e;
+        }
+      },
+      signal,
+    );
+  } finally {
+    result.hashed = cache.hashedFiles - hashedBefore;
+  }
+  return result;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Mello's side
+
+/** Node.js on Verda: its version, or undefined when a non-interactive login finds none. */
+const NODE_VERSION = 'command -v node >/dev/null 2>&1 || exit 127; exec node --version';
+
+// Writes stdin (the bundle) into a new private directory and prints the directory.
+const BRING = `umask 077
+d=$(mktemp -d "\${TMPDIR:-/tmp}/comfymulti-restore.XXXXXXXX") || exit 1
+cat > "$d/restore-verda.mjs" || { rm -rf -- "$d"; exit 1; }
+printf '%s\\n' "$d"`;
+
+export interface ModelsRestoreStepOptions {
+  host: Host;
+  /** Undefined only when the step is skipped (no models bucket needed). */
+  target: BucketTarget | undefined;
+  modelsDir: string;
+  hashCacheFile: string;
+  limits: Limits;
+  source: RestoreSource;
+  /** restore-verda's bundle (one file): what Verda runs. */
+  bundle: () => Promise<Buffer>;
+  skipReason?: string;
+}
+
+export function modelsRestoreStep(o: ModelsRestoreStepOptions): Step {
+  const bucket = o.target?.bucket ?? 'models bucket';
+  return {
+    name: 'Models (downloaded by Verda)',
+    moves: `r2://${bucket}/ → ${o.host.label}:${o.modelsDir}/ (what is missing or differs)`,
+    skipReason: o.skipReason,
+    async run(ctx) {
+      if (!o.source.checked)
+        return { status: 'skipped', summary: 'not restored: the backup did not check out (step 1)' };
+      if (!o.target) throw new Error('no models bucket configured');
+      const node = await o.host.run(['sh', '-c', NODE_VERSION], { signal: ctx.signal });
+      const version = /^v(\d+)\./.exec(node.stdout.trim());
+      if (node.code !== 0 || !version || Number(version[1]) < 20) {
+        const found =
+          node.code === 127
+            ? 'none on the PATH of a non-interactive SSH login'
+            : node.stdout.trim() || node.stderr.trim();
+        throw new Error(
+          `Node.js 20 or newer is needed on ${o.host.label} to download the models (found: ${found}): ` +
+            `install it there, then run restore-verda.mts --only models`,
+        );
+      }
+      const code = await o.bundle();
+      const brought = await o.host.run(['sh', '-c', BRING], { stdin: bufferStream(code), signal: ctx.signal });
+      const dir = brought.stdout.trim();
+      if (brought.code !== 0 || !/^\/\S*\/comfymulti-restore\.[A-Za-z0-9]{8}$/.test(dir)) {
+        throw new Error(
+          `could not bring restore-verda to ${o.host.label}: ${brought.stderr.trim() || `exit ${brought.code}`}`,
+        );
+      }
+      let r;
+      try {
+        const request: ModelsRestoreRequest = {
+          target: o.target,
+          modelsDir: o.modelsDir,
+          hashCacheFile: o.hashCacheFile,
+          dryRun: ctx.dryRun,
+          limits: o.limits,
+        };
+        // The request (with the models bucket's credentials) goes on stdin, never on a command line.
+        r = await o.host.run(['node', path.join(dir, 'restore-verda.mjs'), MODELS_HERE_FLAG], {
+          input: JSON.stringify(request) + '\n',
+          holdStdin: true,
+          signal: ctx.signal,
+          onStderr: (text) =>
+            text
+              .split('\n')
+              .filter(Boolean)
+              .forEach((line) => ctx.out.detail(`verda: ${line}`)),
+        });
+      } finally {
+        await o.host.run(['rm', '-rf', '--', dir]).catch(() => {});
+      }
+      let result: (RestoreTreeResult & { error?: string; cacheWarning?: string; notices?: string[] }) | undefined;
+      try {
+        result = JSON.parse(r.stdout.trim().split('\n').pop() ?? '');
+      } catch {
+        /* not its output: it did not start */
+      }
+      if (!result) {
+        // ssh's 255: the connection went (its stderr holds Verda's progress lines, not why).
+        const lost = r.code === 255 && o.host.label !== 'local' ? 'the SSH connection was lost; ' : '';
+        const said = lost + r.stderr.trim().split('\n').slice(-2).join('; ');
+        throw new Error(
+          `restore-verda ${MODELS_HERE_FLAG} on ${o.host.label} failed (exit ${r.code}): ${said || 'no output'}`,
+        );
+      }
+      for (const notice of result.notices ?? []) addNotice(`on ${o.host.label}: ${notice}`);
+      if (result.error) throw new Error(`on ${o.host.label}: ${result.error}`);
+      for (const a of result.actions) {
+        if (a.action === 'download' && ctx.dryRun)
+          ctx.out.info(`would download ${printable(a.key)} (${humanSize(a.bytes)}, ${a.reason})`);
+        else if (a.action === 'download')
+          ctx.out.detail(`downloaded ${printable(a.key)} (${humanSize(a.bytes)}, ${a.reason})`);
+        else if (a.action === 'in-place') ctx.out.detail(`in place ${printable(a.key)} (${a.how})`);
+      }
+      const verb = ctx.dryRun ? 'to download' : 'downloaded';
+      return {
+        summary: `${result.objects} models (${humanSize(result.bytes)}): ${result.downloaded} ${verb} (${humanSize(result.downloadedBytes)}), ${result.inPlace} already in place`,
+        bytes: ctx.dryRun ? 0 : result.downloadedBytes,
+        warnings: result.cacheWarning ? [`on ${o.host.label}: ${result.cacheWarning}`] : [],
+        failures: result.failures.map((f) => `${printable(f.key)}: ${f.error}`),
+        data: { ...result, bucket },
+      };
+    },
+  };
+}
+
+function bufferStream(data: Buffer): Readable {
+  // One chunk per MiB: backpressure holds the rest here, not in the pipe.
+  return Readable.from(
+    (function* () {
+      for (let at = 0; at < data.length; at += MiB) yield data.subarray(at, at + MiB);
+    })(),
+  );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Verda's side
+
+/**
+ * `restore-verda.mjs --models-here` on Verda: reads the request line, restores the models,
+ * prints the result as one JSON line. Stops (removing what it was writing) when stdin closes:
+ * Mello is gone, or the link dropped.
+ */
+export async function runModelsRestoreHere(): Promise<never> {
+  const controller = new AbortController();
+  // Mello gone: what is still said goes nowhere, and must not stop the clean-up.
+  process.stdout.on('error', () => {});
+  process.stderr.on('error', () => {});
+  let buffered = '';
+  const request = await new Promise<ModelsRestoreRequest>((resolve, reject) => {
+    process.stdin.setEncoding('utf8');
+    process.stdin.on('data', (chunk: string) => {
+      buffered += chunk;
+      const nl = buffered.indexOf('\n');
+      if (nl >= 0) {
+        try {
+          resolve(JSON.parse(buffered.slice(0, nl)));
+        } catch {
+          reject(new Error('the request on stdin is not JSON'));
+        }
+      }
+    });
+    process.stdin.on('end', () => {
+      reject(new Error('no request on stdin'));
+      controller.abort(new Error('Mello closed the connection'));
+    });
+  }).catch((e: Error) => {
+    process.stdout.write(JSON.stringify({ error: e.message }) + '\n');
+    return exitAfterOutput(2);
+  });
+  for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) process.on(sig, () => controller.abort(new Error(sig)));
+
+  const limits = request.limits ?? DEFAULT_LIMITS;
+  const cache = HashCache.load(request.hashCacheFile);
+  const backend = new R2Backend(request.target, r2Limits(limits));
+  // A line every half minute: Mello stops a command that stays silent (COMFYMULTI_COMMAND_TIMEOUT).
+  let done = 0;
+  let bytes = 0;
+  const heartbeat = setInterval(
+    () => process.stderr.write(`working: ${done} models decided, ${humanSize(bytes)} downloaded\n`),
+    HEARTBEAT_MS,
+  );
+  let code = 0;
+  try {
+    const result = await restoreTree({
+      root: request.modelsDir,
+      backend,
+      cache,
+      dryRun: request.dryRun,
+      signal: controller.signal,
+      attempts: limits.r2Attempts,
+      backoffMs: limits.r2BackoffMs,
+      idleTimeoutMs: limits.r2IdleTimeoutMs,
+      onBytes: (n) => (bytes += n),
+      onFile: (a) => {
+        done++;
+        process.stderr.write(`${a.action} ${printable(a.key)}\n`);
+      },
+    });
+    const cacheWarning = request.dryRun ? undefined : saveCache(cache);
+    process.stdout.write(JSON.stringify({ ...result, cacheWarning, notices: [...notices] }) + '\n');
+    code = result.failures.length ? 1 : 0;
+  } catch (e) {
+    if (!request.dryRun) saveCache(cache);
+    process.stdout.write(JSON.stringify({ error: (e as Error).message, notices: [...notices] }) + '\n');
+    code = 1;
+  } finally {
+    clearInterval(heartbeat);
+  }
+  return exitAfterOutput(code);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The bundle Verda runs
+
+/** The checkout (or installed copy) the running script is in: a bundle's is its parent's. */
+function scriptRoot(): string {
+  const dir = path.dirname(fs.realpathSync(process.argv[1] ?? '.'));
+  return path.basename(dir) === 'dist' ? path.dirname(dir) : dir;
+}
+
+/** The newest mtime of the script and every file under lib/ (lib/launch.sh's rule for a stale bundle). */
+function newestSource(root: string, script: string): number {
+  let newest = fs.statSync(path.join(root, `${script}.mts`)).mtimeMs;
+  const visit = (dir: string) => {
+    for (const e of fs.readdirSync(dir, { withFileTypes: true })) {
+      const p = path.join(dir, e.name);
+      if (e.isDirectory()) visit(p);
+      else newest = Math.max(newest, fs.statSync(p).mtimeMs);
+    }
+  };
+  visit(path.join(root, 'lib'));
+  return newest;
+}
+
+/**
+ * A script as one file Node 20 runs anywhere: `dist/NAME.mjs` while it is newer than every
+ * source, else bundled now, in memory, with build.mjs's settings (an installed copy has no dist/).
+ */
+export async function scriptBundle(script: string): Promise<Buffer> {
+  const root = scriptRoot();
+  const built = path.join(root, 'dist', `${script}.mjs`);
+  const st = fs.statSync(built, { throwIfNoEntry: false });
+  if (st?.isFile() && st.mtimeMs > newestSource(root, script)) return fs.readFileSync(built);
+  // esbuild cannot be bundled (its binary): it is external to the bundles, loaded here on Mello.
+  const { build } = await import('esbuild');
+  const r = await build({
+    entryPoints: [path.join(root, `${script}.mts`)],
+    bundle: true,
+    write: false,
+    platform: 'node',
+    format: 'esm',
+    target: 'node20',
+    external: ['esbuild'],
+    banner: {
+      js: "import { createRequire as __createRequire } from 'node:module'; const require = __createRequire(import.meta.url);",
+    },
+    logLevel: 'silent',
+  });
+  return Buffer.from(r.outputFiles[0].contents);
+}
