@@ -96,7 +96,8 @@ function restorePlan(cfg: Config, flags: Flags): Plan {
   const drill = Boolean(x.drill);
   if (drill && (where.from !== 'manifest' || root || flags.dryRun || flags.verify)) {
     throw new UsageError(
-      '--drill restores a backup of BACKUP_DIR into its own temporary root: not with --from sfs|r2, --root, --dry-run or --verify',
+      '--drill restores a backup of BACKUP_DIR into its own temporary root: ' +
+        'not with --from sfs|r2, --root, --dry-run or --verify',
     );
   }
   if (flags.verify && where.from !== 'manifest')

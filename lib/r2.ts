@@ -439,11 +439,15 @@ export class R2Backend implements Backend {
   }
 
   async get(key: string, signal?: AbortSignal, range?: ByteRange): Promise<Readable> {
-    if (range && !(range.start >= 0 && range.start < range.end)) throw new Error(`bad range ${range.start}-${range.end} of ${key}`);
+    if (range && !(range.start >= 0 && range.start < range.end)) {
+      throw new Error(`bad range ${range.start}-${range.end} of ${key}`);
+    }
     // HTTP ranges are inclusive; ours ends before `end`.
     const Range = range && `bytes=${range.start}-${range.end - 1}`;
     const r = await this.request('get', key, signal, (a) =>
-      this.client.send(new GetObjectCommand({ Bucket: this.target.bucket, Key: key, Range }), { abortSignal: a.signal }),
+      this.client.send(new GetObjectCommand({ Bucket: this.target.bucket, Key: key, Range }), {
+        abortSignal: a.signal,
+      }),
     );
     const body = r.Body as Readable;
     // A server that ignored the range (a whole 200) or cut it at the object's end (it shrank) gives

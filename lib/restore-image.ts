@@ -61,7 +61,7 @@ export function imageRestoreStep(o: ImageRestoreOptions): Step {
   const sfsCopy = path.join(o.cacheDir, IMAGE_FILE);
   return {
     name: 'Worker image',
-    moves: `${o.host.label}: ${o.cli} load ${o.image}, from ${sfsCopy}, else Mello's ${IMAGE_FILE}, else the cache bucket`,
+    moves: `${o.host.label}: ${o.cli} load ${o.image}, from ${sfsCopy}, else Mello's ${IMAGE_FILE}, else R2`,
     skipReason: o.skipReason,
     async run(ctx): Promise<StepResult> {
       if (!o.source.checked)
@@ -144,13 +144,15 @@ export function imageRestoreStep(o: ImageRestoreOptions): Step {
       const load = await o.host.run(['sh', '-c', LOAD, 'sh', sfsCopy, o.cli], { signal: ctx.signal });
       if (load.code !== 0) {
         throw new Error(
-          `${o.cli} load on ${o.host.label} failed (exit ${load.code}): ${load.stderr.trim().split('\n').slice(-2).join('; ')}`,
+          `${o.cli} load on ${o.host.label} failed (exit ${load.code}): ` +
+            load.stderr.trim().split('\n').slice(-2).join('; '),
         );
       }
       const after = await loaded();
       if (!after || !sameId(after, want.imageId)) {
         throw new Error(
-          `${o.cli} load gave ${o.image} the ID ${after ? shortId(after) : '(none)'}, not ${short} as ${want.recordedIn} records`,
+          `${o.cli} load gave ${o.image} the ID ${after ? shortId(after) : '(none)'}, ` +
+            `not ${short} as ${want.recordedIn} records`,
         );
       }
       const kept = from === sfsCopy ? '' : `; kept as ${sfsCopy}`;

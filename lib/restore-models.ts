@@ -453,7 +453,9 @@ export function modelsRestoreStep(o: ModelsRestoreStepOptions): Step {
       }
       const verb = ctx.dryRun ? 'to download' : 'downloaded';
       return {
-        summary: `${result.objects} models (${humanSize(result.bytes)}): ${result.downloaded} ${verb} (${humanSize(result.downloadedBytes)}), ${result.inPlace} already in place`,
+        summary:
+          `${result.objects} models (${humanSize(result.bytes)}): ` +
+          `${result.downloaded} ${verb} (${humanSize(result.downloadedBytes)}), ${result.inPlace} already in place`,
         bytes: ctx.dryRun ? 0 : result.downloadedBytes,
         warnings: result.cacheWarning ? [`on ${o.host.label}: ${result.cacheWarning}`] : [],
         failures: result.failures.map((f) => `${printable(f.key)}: ${f.error}`),
@@ -572,6 +574,11 @@ function newestSource(root: string, script: string): number {
   return newest;
 }
 
+// CommonJS dependencies inside an ES module bundle still call require() for Node's builtins.
+const BANNER =
+  "import { createRequire as __createRequire } from 'node:module'; " +
+  'const require = __createRequire(import.meta.url);';
+
 /**
  * A script as one file Node 20 runs anywhere: `dist/NAME.mjs` while it is newer than every
  * source, else bundled now, in memory, with build.mjs's settings (an installed copy has no dist/).
@@ -591,9 +598,7 @@ export async function scriptBundle(script: string): Promise<Buffer> {
     format: 'esm',
     target: 'node20',
     external: ['esbuild'],
-    banner: {
-      js: "import { createRequire as __createRequire } from 'node:module'; const require = __createRequire(import.meta.url);",
-    },
+    banner: { js: BANNER },
     logLevel: 'silent',
   });
   return Buffer.from(r.outputFiles[0].contents);

@@ -256,7 +256,8 @@ async function fromManifest(
     const m = chosen.manifest;
     if (!m.complete)
       warnings.push(
-        `manifest-${stamp}.json records an incomplete run (${m.failedSteps.join(', ') || 'a step'} failed): what it holds is restored`,
+        `manifest-${stamp}.json records an incomplete run (${m.failedSteps.join(', ') || 'a step'} failed): ` +
+          'what it holds is restored',
       );
   } else {
     chosen = newestComplete(o.backupDir);
@@ -365,7 +366,8 @@ async function fromSfs(o: SourceOptions, ctx: StepContext, failures: string[]) {
     });
     if (r.code !== 0) {
       failures.push(
-        `damaged: ${file} on ${o.host.label} does not list as a whole archive (${r.stderr.trim().split('\n').pop() || `exit ${r.code}`})`,
+        `damaged: ${file} on ${o.host.label} does not list as a whole archive ` +
+          `(${r.stderr.trim().split('\n').pop() || `exit ${r.code}`})`,
       );
     } else
       s.archives.set(kind, { name: newest, verdaFile: file, entries: r.stdout.split('\n').filter(Boolean).length });
@@ -572,14 +574,16 @@ async function compareTailscaleIp(
   }
   if (!recorded || recorded === 'unknown') {
     warnings.push(
-      `Tailscale IP is ${now.ip}; the backup recorded none (tailscale-ip.txt: ${recorded ?? 'absent'}), so it is not compared`,
+      `Tailscale IP is ${now.ip}; the backup recorded none (tailscale-ip.txt: ${recorded ?? 'absent'}): ` +
+        'not compared',
     );
     return `, Tailscale IP ${now.ip}`;
   }
   if (now.ip !== recorded) {
     const loud =
       `TAILSCALE IP CHANGED: Verda came back as ${now.ip}, the backup recorded ${recorded}. ` +
-      `The platform's fixed Tailscale IP is lost: check /var/lib/tailscale/tailscaled.state, or update every place that uses ${recorded}`;
+      "The platform's fixed Tailscale IP is lost: check /var/lib/tailscale/tailscaled.state, " +
+      `or update every place that uses ${recorded}`;
     warnings.push(loud);
     addNotice(loud);
     return `, Tailscale IP ${now.ip} (NOT the recorded ${recorded})`;
@@ -609,9 +613,10 @@ export function unpackStep(o: UnpackStepOptions): Step {
     ...(actions?.before ?? []).map(([v, u]) => `${v} ${u} before`),
     ...(actions?.after ?? []).map(([v, u]) => `${v} ${u} after`),
   ];
+  const services = around.length ? ` (${around.join(', ')})` : '';
   return {
     name: spec.title,
-    moves: `${spec.kind}-*.tar.gz → ${host.label}:${o.root ? `ROOT${spec.base}` : spec.base}${around.length ? ` (${around.join(', ')})` : ''}`,
+    moves: `${spec.kind}-*.tar.gz → ${host.label}:${o.root ? `ROOT${spec.base}` : spec.base}${services}`,
     skipReason: o.skipReason,
     async run(ctx) {
       if (!o.source.checked) return notChecked();
@@ -786,7 +791,8 @@ export function objectsStep(o: { source: RestoreSource; backends: () => Map<stri
       const backends = o.backends();
       // Each object once, as the newest of those manifests records it.
       const byKey = new Map<string, R2Record>();
-      for (const r of o.source.objectsFrom.flatMap((m) => m.r2)) if (r.sha256) byKey.set(`${r.bucket}/${r.key}`, byKey.get(`${r.bucket}/${r.key}`) ?? r);
+      for (const r of o.source.objectsFrom.flatMap((m) => m.r2))
+        if (r.sha256) byKey.set(`${r.bucket}/${r.key}`, byKey.get(`${r.bucket}/${r.key}`) ?? r);
       const records = [...byKey.values()];
       const failures: string[] = [];
       let sizeOnly = 0;
@@ -813,7 +819,8 @@ export function objectsStep(o: { source: RestoreSource; backends: () => Map<stri
       const warnings = sizeOnly
         ? [`${sizeOnly} objects have no sha256 metadata (bash-era uploads): checked by size only`]
         : [];
-      const summary = `${records.length - failures.length} of ${records.length} objects present with their size and sha256`;
+      const present = records.length - failures.length;
+      const summary = `${present} of ${records.length} objects present with their size and sha256`;
       return { summary, failures, warnings, data: { objects: records.length } };
     },
   };
@@ -835,7 +842,9 @@ export function verdictStep(o: { source: RestoreSource; root: TempRoot }): Step 
       const objects = ctx.earlier.find((r) => r.data?.objects !== undefined)?.data?.objects;
       const archives = o.source.archives.size;
       return {
-        summary: `drill passed: ${o.source.label} restores whole (${archives} archives identical on restore, ${objects ?? 0} R2 objects in place)`,
+        summary:
+          `drill passed: ${o.source.label} restores whole ` +
+          `(${archives} archives identical on restore, ${objects ?? 0} R2 objects in place)`,
       };
     },
   };

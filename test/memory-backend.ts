@@ -4,7 +4,15 @@
 // the source's size, the source is checked before the object is committed, ETags are MD5s.
 import crypto from 'node:crypto';
 import { Readable } from 'node:stream';
-import { StorageError, type Backend, type ByteRange, type ObjectHead, type ObjectInfo, type PutOptions, type Source } from '../lib/storage.ts';
+import {
+  StorageError,
+  type Backend,
+  type ByteRange,
+  type ObjectHead,
+  type ObjectInfo,
+  type PutOptions,
+  type Source,
+} from '../lib/storage.ts';
 
 interface Stored {
   data: Buffer;

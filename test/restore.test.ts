@@ -13,7 +13,18 @@ import { DeleteObjectCommand, PutObjectCommand } from '@aws-sdk/client-s3';
 import { compareWithArchive } from '../lib/restore.ts';
 import { LocalHost } from '../lib/ssh.ts';
 import { FaultProxy } from './fault-proxy.ts';
-import { ROOT, SECRET, runScript, s3Env, sha256, startS3, tempDir, writeRandomFile, type RunResult, type S3Server } from './helpers.ts';
+import {
+  ROOT,
+  SECRET,
+  runScript,
+  s3Env,
+  sha256,
+  startS3,
+  tempDir,
+  writeRandomFile,
+  type RunResult,
+  type S3Server,
+} from './helpers.ts';
 import { startSshd, type Sshd } from './sshd.ts';
 import { ENV_SECRET, ODD, makeVerda, type VerdaFixture } from './verda-fixture.ts';
 
@@ -55,7 +66,8 @@ function importImage(content: string) {
   return sh('podman', ['image', 'inspect', '--format', '{{.Id}}', IMAGE]).trim();
 }
 
-const loadedId = () => spawnSync('podman', ['image', 'inspect', '--format', '{{.Id}}', IMAGE], { encoding: 'utf8' }).stdout.trim();
+const loadedId = () =>
+  spawnSync('podman', ['image', 'inspect', '--format', '{{.Id}}', IMAGE], { encoding: 'utf8' }).stdout.trim();
 
 /** A restore as the admin runs it on Mello: Verda over the loopback sshd, its paths the defaults (`/`...). */
 function restoreEnv(extra: Record<string, string> = {}): Record<string, string> {
@@ -71,7 +83,11 @@ function restoreEnv(extra: Record<string, string> = {}): Record<string, string> 
   };
 }
 
-async function restore(args: string[], extra: Record<string, string> = {}, opts: { onSpawn?: (pid: number) => void } = {}) {
+async function restore(
+  args: string[],
+  extra: Record<string, string> = {},
+  opts: { onSpawn?: (pid: number) => void } = {},
+) {
   const r = await runScript('restore-verda.mts', args, restoreEnv(extra), opts);
   outputs.push(r);
   return r;
@@ -90,7 +106,8 @@ function snapshot(root: string, keep: (rel: string) => boolean = () => true): Re
       if (st.isDirectory()) {
         result[r] = `dir ${meta} ${Math.floor(st.mtimeMs / 1000)}`;
         visit(full, r);
-      } else if (st.isFile()) result[r] = `file ${meta} ${sha256(fs.readFileSync(full))} ${Math.floor(st.mtimeMs / 1000)}`;
+      } else if (st.isFile())
+        result[r] = `file ${meta} ${sha256(fs.readFileSync(full))} ${Math.floor(st.mtimeMs / 1000)}`;
       else if (st.isSymbolicLink()) result[r] = `link ${fs.readlinkSync(full)}`;
     }
   };
@@ -105,22 +122,44 @@ const excludedAtAnyDepth = (r: string, excludes: string[]) => excludes.some((x) 
 function kindCases(into: string) {
   const sys = verda.sysroot;
   return [
-    { kind: 'tailscale-identity', got: path.join(into, 'var/lib'), want: path.join(sys, 'var/lib'), keep: (r: string) => r === 'tailscale' || r.startsWith('tailscale/') },
-    { kind: 'ssh-host-keys', got: into, want: sys, keep: (r: string) => r === 'etc' || r === 'etc/ssh' || r.startsWith('etc/ssh/ssh_host_') },
+    {
+      kind: 'tailscale-identity',
+      got: path.join(into, 'var/lib'),
+      want: path.join(sys, 'var/lib'),
+      keep: (r: string) => r === 'tailscale' || r.startsWith('tailscale/'),
+    },
+    {
+      kind: 'ssh-host-keys',
+      got: into,
+      want: sys,
+      keep: (r: string) => r === 'etc' || r === 'etc/ssh' || r.startsWith('etc/ssh/ssh_host_'),
+    },
     {
       kind: 'fail2ban',
       got: into,
       want: sys,
-      keep: (r: string) => ['etc', 'etc/fail2ban', 'etc/fail2ban/jail.local'].includes(r) || r.startsWith('etc/fail2ban/jail.d'),
+      keep: (r: string) =>
+        ['etc', 'etc/fail2ban', 'etc/fail2ban/jail.local'].includes(r) || r.startsWith('etc/fail2ban/jail.d'),
     },
-    { kind: 'ufw', got: into, want: sys, keep: (r: string) => ['etc', 'etc/ufw', 'etc/ufw/user.rules', 'etc/ufw/user6.rules'].includes(r) },
+    {
+      kind: 'ufw',
+      got: into,
+      want: sys,
+      keep: (r: string) => ['etc', 'etc/ufw', 'etc/ufw/user.rules', 'etc/ufw/user6.rules'].includes(r),
+    },
     {
       kind: 'home-dev (with project-env, comfy-project, ohmyzsh-custom)',
       got: path.join(into, 'home/dev'),
       want: verda.home,
       keep: (r: string) =>
-        !excludedAtAnyDepth(r, ['.cache', '.local/share', '.npm', '.docker', 'comfy-multi/data/models', 'comfy-multi/data/outputs']) &&
-        !r.split('/').some((c) => c.endsWith('.safetensors')),
+        !excludedAtAnyDepth(r, [
+          '.cache',
+          '.local/share',
+          '.npm',
+          '.docker',
+          'comfy-multi/data/models',
+          'comfy-multi/data/outputs',
+        ]) && !r.split('/').some((c) => c.endsWith('.safetensors')),
     },
   ];
 }
@@ -135,7 +174,11 @@ function withoutDirMeta(snap: Record<string, string>, dirs: string[]): Record<st
 function assertRestoredTree(into: string) {
   for (const c of kindCases(into)) {
     const dirs = ['etc', 'etc/ssh', 'etc/fail2ban', 'etc/ufw'];
-    assert.equal(withoutDirMeta(snapshot(c.got, c.keep), dirs), withoutDirMeta(snapshot(c.want, c.keep), dirs), `${c.kind} restored as it was`);
+    assert.equal(
+      withoutDirMeta(snapshot(c.got, c.keep), dirs),
+      withoutDirMeta(snapshot(c.want, c.keep), dirs),
+      `${c.kind} restored as it was`,
+    );
   }
   // The project's data/models and outputs, excluded from home-dev and comfy-project, are not there.
   assert.not.ok(fs.existsSync(path.join(into, 'home/dev/comfy-multi/data/models')));
@@ -145,7 +188,11 @@ function assertRestoredTree(into: string) {
 
 function assertModels(modelsDir: string) {
   for (const key of ['checkpoints/sd_xl_base.safetensors', 'loras/my lora $(x).safetensors', 'unet/big.safetensors']) {
-    assert.is(sha256(fs.readFileSync(path.join(modelsDir, key))), sha256(fs.readFileSync(path.join(verda.models, key))), key);
+    assert.is(
+      sha256(fs.readFileSync(path.join(modelsDir, key))),
+      sha256(fs.readFileSync(path.join(verda.models, key))),
+      key,
+    );
   }
 }
 
@@ -174,7 +221,10 @@ function sshdSessions(): number[] {
   const listener = Number(fs.readFileSync(path.join(sshd.dir, 'sshd.pid'), 'utf8'));
   const found: number[] = [];
   const visit = (pid: number) => {
-    const kids = spawnSync('pgrep', ['-P', String(pid)], { encoding: 'utf8' }).stdout.split('\n').filter(Boolean).map(Number);
+    const kids = spawnSync('pgrep', ['-P', String(pid)], { encoding: 'utf8' })
+      .stdout.split('\n')
+      .filter(Boolean)
+      .map(Number);
     for (const kid of kids) {
       let comm = '';
       try {
@@ -199,7 +249,10 @@ async function until(check: () => boolean, ms: number, what: string) {
 }
 
 function newest(kind: string): string {
-  const names = fs.readdirSync(backupDir).filter((n) => new RegExp(`^${kind}-\\d{8}-\\d{6}\\.tar\\.gz$`).test(n)).sort();
+  const names = fs
+    .readdirSync(backupDir)
+    .filter((n) => new RegExp(`^${kind}-\\d{8}-\\d{6}\\.tar\\.gz$`).test(n))
+    .sort();
   return path.join(backupDir, names[names.length - 1]);
 }
 
@@ -219,7 +272,9 @@ test.before(async () => {
   // A `tailscale` that says the address in its file: the backup records it, the restore compares.
   fakeBin = path.join(work, 'bin');
   fs.mkdirSync(fakeBin);
-  fs.writeFileSync(path.join(fakeBin, 'tailscale'), `#!/bin/sh\n[ "$1 $2" = "ip -4" ] && cat '${fakeBin}/ip'\n`, { mode: 0o755 });
+  fs.writeFileSync(path.join(fakeBin, 'tailscale'), `#!/bin/sh\n[ "$1 $2" = "ip -4" ] && cat '${fakeBin}/ip'\n`, {
+    mode: 0o755,
+  });
   fs.writeFileSync(path.join(fakeBin, 'ip'), '100.64.0.1\n');
   backupEnv = {
     ...s3Env(s3, path.join(work, 'backup-state')),
@@ -236,7 +291,11 @@ test.before(async () => {
   await wait(1100);
   // The newest backup is a --quick one (no image: the restore finds it in the full one before),
   // taken with Verda as `local` so that the fake tailscale is on its PATH.
-  const quick = await runScript('backup-verda.mts', ['--quick'], { ...backupEnv, VERDA_HOST: 'local', PATH: `${fakeBin}:${process.env.PATH}` });
+  const quick = await runScript('backup-verda.mts', ['--quick'], {
+    ...backupEnv,
+    VERDA_HOST: 'local',
+    PATH: `${fakeBin}:${process.env.PATH}`,
+  });
   assert.is(quick.code, 0, out(quick));
   assert.is(fs.readFileSync(path.join(backupDir, 'tailscale-ip.txt'), 'utf8'), '100.64.0.1\n');
 });
@@ -249,10 +308,12 @@ test.after(async () => {
   fs.rmSync(work, { recursive: true, force: true });
 });
 
-test('a command over SSH takes a stream on stdin, with backpressure; a failing stream stops it and is its error', async () => {
+test('a command takes a stream on stdin, with backpressure; a failing stream stops it and is its error', async () => {
   const host = new LocalHost([]);
   const big = crypto.randomBytes(12 * MiB);
-  const r = await host.run(['sh', '-c', 'sha256sum'], { stdin: Readable.from([big.subarray(0, 5 * MiB), big.subarray(5 * MiB)]) });
+  const r = await host.run(['sh', '-c', 'sha256sum'], {
+    stdin: Readable.from([big.subarray(0, 5 * MiB), big.subarray(5 * MiB)]),
+  });
   assert.is(r.code, 0);
   assert.is(r.stdout.split(' ')[0], sha256(big));
   const failing = new PassThrough();
@@ -283,7 +344,8 @@ test('usage errors are exit 2 naming the flag, before anything is done', async (
   assert.match(r.stderr, /VERDA_SYSTEMCTL/, out(r));
 });
 
-test('a fresh Verda over SSH: every kind identical to its source (contents, modes, owners, mtimes), the image loaded, every model; one connection', async () => {
+test('a fresh Verda over SSH: every kind as its source, the image loaded, every model; one connection', async () => {
+  // As its source: contents, modes, owners, mtimes.
   spawnSync('podman', ['rmi', '--force', IMAGE]);
   assert.is(loadedId(), '', 'the image is not loaded before');
   const into = path.join(work, 'fresh');
@@ -295,22 +357,36 @@ test('a fresh Verda over SSH: every kind identical to its source (contents, mode
   assertRestoredTree(into);
   assert.is(loadedId(), imageId.replace(/^sha256:/, ''), 'the image loaded with podman is the one backed up');
   const kept = path.join(into, 'mnt/sfs/cache/backups/worker-image.tar.gz');
-  assert.is(sha256(fs.readFileSync(kept)), sha256(fs.readFileSync(path.join(backupDir, 'worker-image.tar.gz'))), 'Verda keeps an SFS copy');
+  assert.is(
+    sha256(fs.readFileSync(kept)),
+    sha256(fs.readFileSync(path.join(backupDir, 'worker-image.tar.gz'))),
+    'Verda keeps an SFS copy',
+  );
   assertModels(path.join(into, 'mnt/sfs/models'));
   const gets = modelGets(before);
   assert.ok(gets.filter((k) => k === 'unet/big.safetensors').length >= 3, `ranged GETs of the 20 MiB model: ${gets}`);
   assert.equal(partials(into), [], 'no temporary file left');
   // Odd names survive and run nothing.
   for (const n of ODD) {
-    assert.is(fs.readFileSync(path.join(into, 'home/dev/comfy-multi/odd', n), 'utf8'), `content of ${n}`, JSON.stringify(n));
+    assert.is(
+      fs.readFileSync(path.join(into, 'home/dev/comfy-multi/odd', n), 'utf8'),
+      `content of ${n}`,
+      JSON.stringify(n),
+    );
   }
-  for (const d of [into, path.join(into, 'home/dev/comfy-multi'), path.join(into, 'home/dev/comfy-multi/odd'), os.tmpdir(), process.cwd()]) {
+  for (const d of [
+    into,
+    path.join(into, 'home/dev/comfy-multi'),
+    path.join(into, 'home/dev/comfy-multi/odd'),
+    os.tmpdir(),
+    process.cwd(),
+  ]) {
     assert.not.ok(fs.existsSync(path.join(d, 'PWNED')), `no PWNED in ${d}`);
   }
   assert.match(r.stdout, /=== Restore complete/, out(r));
 });
 
-test('a second restore downloads nothing and loads nothing; one changed model is downloaded alone; a local file not in R2 stays', async () => {
+test('a second restore downloads and loads nothing; a changed model is downloaded alone; none deleted', async () => {
   const into = path.join(work, 'fresh');
   const models = path.join(into, 'mnt/sfs/models');
   fs.writeFileSync(path.join(models, 'checkpoints/mine.safetensors'), 'not in R2');
@@ -319,7 +395,10 @@ test('a second restore downloads nothing and loads nothing; one changed model is
   assert.is(again.code, 0, out(again));
   const summary = JSON.parse(again.stdout);
   assert.is(summary.script, 'restore-verda');
-  assert.equal(summary.steps.map((x: { status: string }) => x.status), Array(11).fill('ok'));
+  assert.equal(
+    summary.steps.map((x: { status: string }) => x.status),
+    Array(11).fill('ok'),
+  );
   assert.equal(modelGets(before), [], 'no model read');
   assert.match(again.stdout, /image \w{12} already loaded: nothing to do/, out(again));
   assert.match(again.stdout, /3 models \(20M\): 0 downloaded \(0B\), 3 already in place/, out(again));
@@ -345,7 +424,7 @@ test('an image that is not loaded comes from the SFS copy Verda kept, and nothin
   assert.is(loadedId(), imageId.replace(/^sha256:/, ''));
 });
 
-test('the image neither loaded, nor on SFS, nor whole on Mello comes from the cache bucket, relayed by Mello', async () => {
+test('an image neither loaded, nor on SFS, nor on Mello comes from the cache bucket, relayed by Mello', async () => {
   spawnSync('podman', ['rmi', '--force', IMAGE]);
   const into = path.join(work, 'image-r2');
   const mello = path.join(backupDir, 'worker-image.tar.gz');
@@ -356,14 +435,16 @@ test('the image neither loaded, nor on SFS, nor whole on Mello comes from the ca
     assert.is(r.code, 0, out(r));
     assert.match(r.stdout, /Mello's worker-image.tar.gz is not the image manifest-\d{8}-\d{6}\.json records/, out(r));
     assert.match(r.stdout, new RegExp(`loaded from r2://${CACHE}/worker-image.tar.gz; kept as `), out(r));
-    assert.ok(s3.requests.slice(before).some((q) => q.method === 'GET' && q.url.startsWith(`/${CACHE}/worker-image.tar.gz`)));
+    assert.ok(
+      s3.requests.slice(before).some((q) => q.method === 'GET' && q.url.startsWith(`/${CACHE}/worker-image.tar.gz`)),
+    );
     assert.is(loadedId(), imageId.replace(/^sha256:/, ''));
   } finally {
     fs.renameSync(`${mello}.away`, mello);
   }
 });
 
-test('services: tailscaled stopped before the identity is unpacked and started after, ssh restarted, fail2ban and ufw reloaded; a new Tailscale IP is said loudly', async () => {
+test('services: tailscaled stopped before the identity, started after, the others after; a new IP said', async () => {
   const t = path.join(work, 'services');
   const sys = path.join(t, 'sys');
   const log = path.join(t, 'systemctl.log');
@@ -376,7 +457,9 @@ test('services: tailscaled stopped before the identity is unpacked and started a
 if [ -f '${sys}/var/lib/tailscale/tailscaled.state' ]; then id=present; else id=absent; fi
 echo "$* identity=$id" >> '${log}'
 if [ "$2" = fail2ban ]; then echo "Failed to reload fail2ban.service: Unit fail2ban.service not loaded." >&2; exit 5; fi
-if [ "$1 $2" = "stop tailscaled" ] && [ -e '${t}/stop-fails' ]; then echo "Job for tailscaled.service failed." >&2; exit 1; fi
+if [ "$1 $2" = "stop tailscaled" ] && [ -e '${t}/stop-fails' ]; then
+  echo "Job for tailscaled.service failed." >&2; exit 1
+fi
 exit 0
 `,
     { mode: 0o755 },
@@ -401,11 +484,18 @@ exit 0
     'reload fail2ban identity=present',
     'reload ufw identity=present',
   ]);
-  assert.match(r.stdout, /⚠ TAILSCALE IP CHANGED: Verda came back as 100\.64\.0\.99, the backup recorded 100\.64\.0\.1/, out(r));
+  assert.match(
+    r.stdout,
+    /⚠ TAILSCALE IP CHANGED: Verda came back as 100\.64\.0\.99, the backup recorded 100\.64\.0\.1/,
+    out(r),
+  );
   const summary = r.stdout.slice(r.stdout.indexOf('=== Restore'));
   assert.match(summary, /TAILSCALE IP CHANGED/, 'said again in the summary');
   assert.match(r.stdout, /reload fail2ban: no such unit on local/, out(r));
-  assert.is(fs.readFileSync(path.join(sys, 'var/lib/tailscale/tailscaled.state'), 'utf8'), '{"node-key":"privkey:abc"}');
+  assert.is(
+    fs.readFileSync(path.join(sys, 'var/lib/tailscale/tailscaled.state'), 'utf8'),
+    '{"node-key":"privkey:abc"}',
+  );
 
   fs.writeFileSync(path.join(fakeBin, 'ip'), '100.64.0.1\n');
   const same = await restore(['--only', 'tailscale-identity'], env);
@@ -418,11 +508,15 @@ exit 0
   fs.writeFileSync(path.join(t, 'stop-fails'), '');
   const stuck = await restore(['--only', 'tailscale-identity'], env);
   assert.is(stuck.code, 1, out(stuck));
-  assert.match(stuck.stdout, /stop tailscaled failed \(Job for tailscaled.service failed.\): tailscale-identity-\S+ not unpacked/, out(stuck));
+  assert.match(
+    stuck.stdout,
+    /stop tailscaled failed \(Job for tailscaled.service failed.\): tailscale-identity-\S+ not unpacked/,
+    out(stuck),
+  );
   assert.not.ok(fs.existsSync(path.join(sys, 'var/lib/tailscale')));
 });
 
-test('a damaged or missing artifact stops the restore before anything changes, naming the file; Verda is not even reached', async () => {
+test('a damaged or missing artifact stops the restore before anything changes, naming it; no SSH at all', async () => {
   const home = newest('home-dev');
   const original = fs.readFileSync(home);
   fs.writeFileSync(home, Buffer.concat([original.subarray(0, 30), Buffer.alloc(original.length - 30)]));
@@ -436,7 +530,8 @@ test('a damaged or missing artifact stops the restore before anything changes, n
     assert.is(r.code, 1, out(r));
     assert.match(r.stdout, `damaged: ${path.basename(home)}: its sha256 is not the manifest's`, out(r));
     assert.match(r.stdout, `missing: ${path.basename(ufw)}`, out(r));
-    assert.match(r.stdout, /Step 2: Tailscale identity\n.*\n?\s+– not restored: the backup did not check out/, out(r));
+    const notRestored = /Step 2: Tailscale identity\n.*\n?\s+– not restored: the backup did not check out/;
+    assert.match(r.stdout, notRestored, out(r));
     assert.match(r.stdout, /=== Restore FAILED/, out(r));
     assert.not.ok(fs.existsSync(into), 'nothing restored');
     assert.is(sshd.connections(), connections, 'no SSH connection');
@@ -447,12 +542,14 @@ test('a damaged or missing artifact stops the restore before anything changes, n
   }
 });
 
-test('the SSH link cut during a model download: no file under its final name, nothing left behind; the rerun completes', async () => {
+test('SSH cut during a model download: no file under its final name, none left; the rerun completes', async () => {
   // A 40 MiB model (five ranges) whose third ranged GET the server never answers: the download
   // stands half done when the link is cut.
   const key = 'huge/held.safetensors';
   const data = crypto.randomBytes(40 * MiB);
-  await s3.client.send(new PutObjectCommand({ Bucket: MODELS, Key: key, Body: data, Metadata: { sha256: sha256(data) } }));
+  await s3.client.send(
+    new PutObjectCommand({ Bucket: MODELS, Key: key, Body: data, Metadata: { sha256: sha256(data) } }),
+  );
   const into = path.join(work, 'fresh');
   const models = path.join(into, 'mnt/sfs/models');
   const env = { R2_ENDPOINT: proxy.endpoint };
@@ -486,7 +583,11 @@ test('--dry-run says what it would restore and from where, and changes nothing',
   const into = path.join(work, 'dry');
   const r = await restore(['--dry-run', '--root', into]);
   assert.is(r.code, 0, out(r));
-  assert.match(r.stdout, /would unpack home-dev-\d{8}-\d{6}\.tar\.gz \(\d+ entries\) into verda:\S+\/dry\/home\/dev/, out(r));
+  assert.match(
+    r.stdout,
+    /would unpack home-dev-\d{8}-\d{6}\.tar\.gz \(\d+ entries\) into verda:\S+\/dry\/home\/dev/,
+    out(r),
+  );
   assert.match(r.stdout, /image \w{12} already loaded: nothing to do/, out(r));
   assert.match(r.stdout, /would download unet\/big.safetensors \(20M, new\)/, out(r));
   assert.match(r.stdout, /3 models \(20M\): 3 to download \(20M\), 0 already in place/, out(r));
@@ -494,14 +595,16 @@ test('--dry-run says what it would restore and from where, and changes nothing',
   assert.not.ok(fs.existsSync(into), 'nothing written');
 });
 
-test('--from sfs restores the newest SFS copy of each kind backup-cron keeps; the others are skipped rows', async () => {
+test("--from sfs restores the newest SFS copies of backup-cron's kinds; the others are skipped rows", async () => {
   fs.mkdirSync(verda.sfsBackups, { recursive: true });
   for (const kind of ['tailscale-identity', 'ssh-host-keys', 'fail2ban', 'ufw', 'project-env']) {
     fs.copyFileSync(newest(kind), path.join(verda.sfsBackups, path.basename(newest(kind))));
   }
   fs.writeFileSync(path.join(verda.sfsBackups, 'ufw-20000101-000000.tar.gz'), 'an older copy, damaged: never read');
   const into = path.join(work, 'from-sfs');
-  const r = await restore(['--from', 'sfs', '--root', into, '--skip-image', '--skip-models'], { SFS_BACKUP_DIR: verda.sfsBackups });
+  const r = await restore(['--from', 'sfs', '--root', into, '--skip-image', '--skip-models'], {
+    SFS_BACKUP_DIR: verda.sfsBackups,
+  });
   assert.is(r.code, 0, out(r));
   assert.match(r.stdout, /backup-cron keeps no home-dev copy on SFS/, out(r));
   assert.match(r.stdout, /Step 7: Home directory \(dev\)\n.*\n\s+– nothing to restore/, out(r));
@@ -513,13 +616,16 @@ test('--from sfs restores the newest SFS copy of each kind backup-cron keeps; th
   assert.not.ok(fs.existsSync(path.join(into, 'home/dev/.zshrc')));
 });
 
-test('--from r2 restores every kind from the cache bucket\'s bundle, and leaves nothing on Mello', async () => {
+test("--from r2 restores every kind from the cache bucket's bundle, and leaves nothing on Mello", async () => {
   const into = path.join(work, 'from-r2');
   const r = await restore(['--from', 'r2', '--root', into, '--skip-image', '--skip-models']);
   assert.is(r.code, 0, out(r));
   assert.match(r.stdout, new RegExp(`r2://${CACHE}/verda-config-backup.tar.gz: 8 archives checked`), out(r));
   assertRestoredTree(into);
-  assert.equal(fs.readdirSync(path.join(work, 'mello-state')).filter((n) => n.startsWith('restore-r2-')), []);
+  assert.equal(
+    fs.readdirSync(path.join(work, 'mello-state')).filter((n) => n.startsWith('restore-r2-')),
+    [],
+  );
 });
 
 test('a Verda without Node.js 20: the models step fails saying so, and every other step restores', async () => {
@@ -530,7 +636,10 @@ test('a Verda without Node.js 20: the models step fails saying so, and every oth
   // Started with this Node itself: the `node` on its PATH (Verda's, as VERDA_HOST is local) is the old one.
   const loader = path.join(ROOT, 'node_modules/tsx/dist/loader.mjs');
   const args = ['--import', loader, path.join(ROOT, 'restore-verda.mts'), '--', '--root', into, '--skip-image'];
-  const env = { ...restoreEnv({ VERDA_HOST: 'local', PATH: `${oldNode}:${process.env.PATH}` }), HOME: process.env.HOME ?? '/root' };
+  const env = {
+    ...restoreEnv({ VERDA_HOST: 'local', PATH: `${oldNode}:${process.env.PATH}` }),
+    HOME: process.env.HOME ?? '/root',
+  };
   const r = await new Promise<RunResult>((resolve) => {
     const child = spawn(process.execPath, args, { env, cwd: os.tmpdir() });
     let stdout = '';
@@ -541,7 +650,11 @@ test('a Verda without Node.js 20: the models step fails saying so, and every oth
   });
   outputs.push(r);
   assert.is(r.code, 1, out(r));
-  assert.match(r.stdout, /Node\.js 20 or newer is needed on local to download the models \(found: v18\.19\.1\)/, out(r));
+  assert.match(
+    r.stdout,
+    /Node\.js 20 or newer is needed on local to download the models \(found: v18\.19\.1\)/,
+    out(r),
+  );
   assert.match(r.stdout, /9 ok, 1 skipped, 1 failed/, out(r));
   assertRestoredTree(into);
 });
@@ -553,11 +666,19 @@ test('--drill on a good backup: one verdict line, no SSH, no temporary root left
   const verdicts = r.stdout.split('\n').filter((l) => /drill (passed|FAILED)/.test(l));
   assert.is(verdicts.length, 1, r.stdout);
   // The --quick run's bundle and its dated copy; the full run's image, three models and dated bundle.
-  const passed = /✓ drill passed: manifest-\d{8}-\d{6}\.json restores whole \(8 archives identical on restore, 7 R2 objects in place\)/;
+  const passed =
+    /✓ drill passed: manifest-\d{8}-\d{6}\.json restores whole \(8 archives identical on restore, 7 R2 objects in/;
   assert.match(verdicts[0], passed, out(r));
-  assert.match(r.stdout, /home-dev-\S+ \(\S+\) unpacked into \S+: (\d+) of \1 entries identical to the archive/, out(r));
+  assert.match(
+    r.stdout,
+    /home-dev-\S+ \(\S+\) unpacked into \S+: (\d+) of \1 entries identical to the archive/,
+    out(r),
+  );
   assert.is(sshd.connections(), connections);
-  assert.equal(fs.readdirSync(path.join(work, 'mello-state')).filter((n) => n.startsWith('drill-')), []);
+  assert.equal(
+    fs.readdirSync(path.join(work, 'mello-state')).filter((n) => n.startsWith('drill-')),
+    [],
+  );
 });
 
 test('--drill fails naming what would not restore: a damaged archive, a model gone from R2', async () => {
@@ -582,12 +703,32 @@ test('--drill fails naming what would not restore: a damaged archive, a model go
     const verdict = gone.stdout.split('\n').find((l) => l.includes('drill FAILED')) ?? '';
     assert.match(verdict, `missing: r2://${MODELS}/${key}`, out(gone));
   } finally {
-    await s3.client.send(new PutObjectCommand({ Bucket: MODELS, Key: key, Body: model, Metadata: { sha256: sha256(model) } }));
+    await s3.client.send(
+      new PutObjectCommand({ Bucket: MODELS, Key: key, Body: model, Metadata: { sha256: sha256(model) } }),
+    );
   }
-  assert.equal(fs.readdirSync(path.join(work, 'mello-state')).filter((n) => n.startsWith('drill-')), []);
+  assert.equal(
+    fs.readdirSync(path.join(work, 'mello-state')).filter((n) => n.startsWith('drill-')),
+    [],
+  );
 });
 
-test('the drill\'s comparison names each restored entry that differs from its archive', async () => {
+test('--verify checks the backup and its R2 objects on Mello alone, and changes nothing', async () => {
+  const connections = sshd.connections();
+  const before = s3.requests.length;
+  const ok = await restore(['--verify'], { VERDA_HOST: 'nohost' });
+  assert.is(ok.code, 0, out(ok));
+  assert.match(ok.stdout, /7 of 7 objects present with their size and sha256/, out(ok));
+  assert.match(ok.stdout, /=== Verify complete/, out(ok));
+  assert.is(sshd.connections(), connections);
+  assert.equal(
+    s3.requests.slice(before).filter((q) => q.method !== 'HEAD'),
+    [],
+    'HEAD requests only',
+  );
+});
+
+test("the drill's comparison names each restored entry that differs from its archive", async () => {
   const into = tempDir('compare');
   const archive = newest('comfy-project');
   sh('tar', ['-xzf', archive, '-C', into]);
@@ -616,7 +757,14 @@ test('no secret in any output: .env contents, keys, the Tailscale state, R2 cred
   assert.is(r.code, 0, out(r));
   for (const o of outputs) {
     const all = o.stdout + o.stderr;
-    for (const secret of [ENV_SECRET, 'project_secret_9', 'PRIVATE HOST KEY', 'PRIVATE RSA KEY', 'privkey:abc', SECRET]) {
+    for (const secret of [
+      ENV_SECRET,
+      'project_secret_9',
+      'PRIVATE HOST KEY',
+      'PRIVATE RSA KEY',
+      'privkey:abc',
+      SECRET,
+    ]) {
       assert.not.ok(all.includes(secret), `${secret} in the output`);
     }
   }
