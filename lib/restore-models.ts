@@ -8,13 +8,14 @@
 // ranges land, checked against the object's `sha256` metadata (or its ETag, for bash-era
 // uploads), fsynced and renamed. A file already there with the object's size and sha256 (by the
 // hash cache on SFS, which the backup keeps too) is not downloaded. Nothing is ever deleted.
+import crypto from 'node:crypto';
 import { constants as FS } from 'node:fs';
 import fs from 'node:fs';
 import path from 'node:path';
-import { Readable } from 'node:stream';
+import { PassThrough, type Readable } from 'node:stream';
 import { addNotice, exitAfterOutput, humanSize, notices } from './cli.ts';
 import { DEFAULT_LIMITS, type BucketTarget, type Limits } from './config.ts';
-import { BLOCK, Digester, partialName, removeStalePartials } from './files.ts';
+import { partialName, removeStalePartials } from './files.ts';
 import { HashCache, etagProvesContent } from './hash-cache.ts';
 import { Pacer, Slots } from './pacer.ts';
 import type { Step } from './plan.ts';
@@ -123,14 +124,22 @@ function watchIdle(body: Readable, ms: number, what: string): () => void {
 interface Range {
   start: number;
   end: number;
-  /** Bytes of it written so far, from its start: the hash follows them. */
+  /** Bytes of it received so far, from its start (a retry resumes after them). */
+  received: number;
+  /** Bytes of it on disk, from its start. */
   written: number;
+  /** Bytes received and not yet hashed: held until the hash reaches this range. */
+  held: Buffer[];
 }
 
+/** A write to the temporary file failed (disk full): never retried. */
+class WriteFailed extends Error {}
+
 /**
- * Downloads `o` into `dest` through a temporary name: ranges in flight at once, written where
- * they belong, the sha256 taken in order by reading back what has landed (from the page cache).
- * Renamed only once the sha256 is the object's (or its ETag proves the bytes), fsynced first.
+ * Downloads `o` into `dest` through a temporary name: ranges in flight at once, each written where
+ * it belongs as it arrives, the sha256 taken in order from memory (a range ahead of the hash holds
+ * its bytes until the hash reaches it: at most rangesPerFile - 1 ranges a file). Renamed only
+ * once the sha256 is the object's (or its ETag proves the bytes), fsynced first.
  */
 async function download(
   opts: Required<Pick<RestoreTreeOptions, 'rangeSize' | 'rangesPerFile' | 'attempts' | 'backoffMs' | 'idleTimeoutMs'>> &
@@ -139,85 +148,125 @@ async function download(
   o: ObjectInfo,
   dest: string,
   wantSha256: string | undefined,
-): Promise<{ sha256: string; blockCrcs: number[] }> {
+): Promise<string> {
   const { backend, signal } = opts;
   const tmp = partialName(dest);
-  const fh = await fs.promises.open(tmp, FS.O_RDWR | FS.O_CREAT | FS.O_EXCL | FS.O_NOFOLLOW, 0o644);
+  const fh = await fs.promises.open(tmp, FS.O_WRONLY | FS.O_CREAT | FS.O_EXCL | FS.O_NOFOLLOW, 0o644);
   const ranges: Range[] = [];
-  for (let start = 0; start < o.size; start += opts.rangeSize)
-    ranges.push({ start, end: Math.min(o.size, start + opts.rangeSize), written: 0 });
-  // One failure stops the other ranges of this file, and the hash that waits on them.
+  for (let start = 0; start < o.size; start += opts.rangeSize) {
+    ranges.push({ start, end: Math.min(o.size, start + opts.rangeSize), received: 0, written: 0, held: [] });
+  }
+  // One failure stops the other ranges of this file.
   const stop = new AbortController();
   const onAbort = () => stop.abort(signal!.reason);
   signal?.addEventListener('abort', onAbort, { once: true });
-  let wake: (() => void) | undefined;
-  const landed = () => {
-    wake?.();
-    wake = undefined;
-  };
-  stop.signal.addEventListener('abort', landed);
   const pacer = new Pacer({ attempts: opts.attempts, backoffMs: opts.backoffMs });
+  const hash = crypto.createHash('sha256');
+  let hashed = 0;
+  // Hashes what is held at the hash's position, range after range, as far as it goes.
+  const advance = () => {
+    for (
+      let r = ranges[Math.floor(hashed / opts.rangeSize)];
+      r?.held.length;
+      r = ranges[Math.floor(hashed / opts.rangeSize)]
+    ) {
+      const chunk = r.held.shift()!;
+      hash.update(chunk);
+      hashed += chunk.length;
+    }
+  };
 
   const fetchRange = (r: Range) =>
     pacer.run(
       'get',
       stop.signal,
       async () => {
-        const at = r.start + r.written;
+        const at = r.start + r.received;
         // The whole object in one GET needs no range (and no Range header).
-        const body = await backend.get(
-          o.key,
-          stop.signal,
-          at === 0 && r.end === o.size ? undefined : { start: at, end: r.end },
-        );
+        const whole = at === 0 && r.end === o.size;
+        const body = await backend.get(o.key, stop.signal, whole ? undefined : { start: at, end: r.end });
         const quiet = watchIdle(body, opts.idleTimeoutMs, `${o.key} bytes ${at}-${r.end - 1}`);
         const destroy = () => body.destroy(stop.signal.reason);
         stop.signal.addEventListener('abort', destroy, { once: true });
+        // Written in pieces of a MiB or more, one at a time (one system call for many socket
+        // reads); the body is paused while a full piece waits for its write.
+        let batch: Buffer[] = [];
+        let batchBytes = 0;
+        let writing: Promise<void> | undefined;
+        const flush = async () => {
+          const pieces = batch;
+          const bytes = batchBytes;
+          batch = [];
+          batchBytes = 0;
+          const pos = r.start + r.written;
+          const { bytesWritten } = await fh.writev(pieces, pos).catch((e) => {
+            throw new WriteFailed(`${tmp}: ${(e as NodeJS.ErrnoException).code ?? e}`);
+          });
+          if (bytesWritten !== bytes) throw new WriteFailed(`${tmp}: short write at ${pos}`);
+          r.written += bytes;
+        };
         try {
-          for await (const chunk of body as AsyncIterable<Buffer>) {
-            const pos = r.start + r.written;
-            if (pos + chunk.length > r.end)
-              throw new StorageError(`${o.key}: more bytes than asked (the object changed?)`, false);
-            await fh.write(chunk, 0, chunk.length, pos);
-            r.written += chunk.length;
-            opts.onBytes?.(chunk.length);
-            landed();
-          }
-          if (r.start + r.written < r.end)
-            throw new Error(`${o.key}: the body ended at ${r.start + r.written} of ${r.end}`);
+          await new Promise<void>((resolve, reject) => {
+            let ended = false;
+            let failed = false;
+            const fail = (e: unknown) => {
+              if (failed) return;
+              failed = true;
+              reject(e);
+            };
+            const pump = () => {
+              if (writing || failed) return;
+              if (batchBytes >= MiB || (ended && batchBytes > 0)) {
+                writing = flush().then(() => {
+                  writing = undefined;
+                  if (!ended) body.resume();
+                  pump();
+                }, fail);
+              } else if (ended) {
+                if (r.start + r.received < r.end)
+                  fail(new Error(`${o.key}: the body ended at ${r.start + r.received} of ${r.end}`));
+                else resolve();
+              }
+            };
+            // Events, not an async iterator: a promise less for each socket read.
+            body.on('data', (chunk: Buffer) => {
+              if (failed) return;
+              if (r.start + r.received + chunk.length > r.end) {
+                return fail(new StorageError(`${o.key}: more bytes than asked (the object changed?)`, false));
+              }
+              r.received += chunk.length;
+              r.held.push(chunk);
+              advance();
+              batch.push(chunk);
+              batchBytes += chunk.length;
+              opts.onBytes?.(chunk.length);
+              if (batchBytes >= MiB) {
+                body.pause();
+                pump();
+              }
+            });
+            body.on('end', () => {
+              ended = true;
+              pump();
+            });
+            body.on('error', fail);
+            body.on('close', () => ended || fail(new Error(`${o.key}: the connection closed midway`)));
+          });
         } finally {
           quiet();
           stop.signal.removeEventListener('abort', destroy);
           body.destroy();
+          // What was received is on disk before a retry resumes after it.
+          await writing?.catch(() => {});
+          if (batchBytes) await flush();
         }
       },
       // The backend retried the request itself; what fails here is a body cut midway: resumed.
-      (e) => (e instanceof StorageError ? 'fail' : 'backoff'),
+      (e) => (e instanceof StorageError || e instanceof WriteFailed ? 'fail' : 'backoff'),
       (e) => e,
     );
 
-  const hashInOrder = async () => {
-    const digest = new Digester();
-    const buffer = Buffer.allocUnsafe(BLOCK);
-    for (let cursor = 0; cursor < o.size;) {
-      stop.signal.throwIfAborted();
-      const r = ranges[Math.floor(cursor / opts.rangeSize)];
-      const ready = r.start + r.written - cursor;
-      if (ready <= 0) {
-        await new Promise<void>((resolve) => (wake = resolve));
-        continue;
-      }
-      const { bytesRead } = await fh.read(buffer, 0, Math.min(ready, BLOCK), cursor);
-      if (!bytesRead) throw new Error(`${tmp}: could not read back what was written`);
-      digest.update(buffer.subarray(0, bytesRead));
-      cursor += bytesRead;
-    }
-    return digest.finish();
-  };
-
   try {
-    const hashing = hashInOrder();
-    hashing.catch(() => {}); // awaited below
     await pool(ranges, opts.rangesPerFile, (r) =>
       slots
         .run(() => fetchRange(r))
@@ -226,7 +275,9 @@ async function download(
           throw e;
         }),
     );
-    const { sha256, blockCrcs } = await hashing;
+    advance();
+    if (hashed !== o.size) throw new Error(`${o.key}: ${hashed} bytes hashed of ${o.size}`);
+    const sha256 = hash.digest('hex');
     if (wantSha256 ? sha256 !== wantSha256 : !(await etagProvesContent(tmp, o.size, o.etag, signal))) {
       throw new Error(
         `the bytes downloaded are not the object's (${wantSha256 ? 'sha256' : 'ETag'} differs): not restored`,
@@ -235,7 +286,7 @@ async function download(
     await fh.sync();
     await fh.close();
     await fs.promises.rename(tmp, dest);
-    return { sha256, blockCrcs };
+    return sha256;
   } catch (e) {
     stop.abort(e);
     await fh.close().catch(() => {});
@@ -249,9 +300,11 @@ async function download(
 /** Every object of the bucket into `root`, where missing or different. Never deletes. */
 export async function restoreTree(options: RestoreTreeOptions): Promise<RestoreTreeResult> {
   const opts = {
+    // A lone big model gets 8 streams (R2 gives each connection a share, not the whole link); 16
+    // in all bound the connections, and the bytes held ahead of the hash (16 × 8 MiB at most).
     files: 4,
     rangeSize: 8 * MiB,
-    rangesPerFile: 4,
+    rangesPerFile: 8,
     rangesInFlight: 16,
     attempts: DEFAULT_LIMITS.r2Attempts,
     backoffMs: DEFAULT_LIMITS.r2BackoffMs,
@@ -311,16 +364,11 @@ export async function restoreTree(options: RestoreTreeOptions): Promise<RestoreT
     const reason = st ? 'changed' : 'new';
     if (!opts.dryRun) {
       ensureDirs(root, parts.slice(0, -1), dirs);
-      const got = await download(opts, slots, o, dest, object.sha256);
+      const sha256 = await download(opts, slots, o, dest, object.sha256);
       const after = fs.statSync(dest, { bigint: true });
-      cache.remember(dest, {
-        size: o.size,
-        sha256: got.sha256,
-        blockCrcs: got.blockCrcs,
-        ino: after.ino,
-        mtimeNs: after.mtimeNs,
-      });
-      cache.recordObject(objectId(backend, o.key), o.etag, got.sha256);
+      // The cache keeps a file's sha256 by its stat (block checksums are for sending, not needed here).
+      cache.remember(dest, { size: o.size, sha256, blockCrcs: [], ino: after.ino, mtimeNs: after.mtimeNs });
+      cache.recordObject(objectId(backend, o.key), o.etag, sha256);
     }
     result.downloaded++;
     result.downloadedBytes += o.size;
@@ -353,14 +401,19 @@ export async function restoreTree(options: RestoreTreeOptions): Promise<RestoreT
 // ---------------------------------------------------------------------------------------------
 // Mello's side
 
-/** Node.js on Verda: its version, or undefined when a non-interactive login finds none. */
-const NODE_VERSION = 'command -v node >/dev/null 2>&1 || exit 127; exec node --version';
+/** The directory the bundle is brought into on Verda: made by mktemp, removed by the bundle itself. */
+const BROUGHT_DIR = /^comfymulti-restore\.[A-Za-z0-9]{8}$/;
 
-// Writes stdin (the bundle) into a new private directory and prints the directory.
-const BRING = `umask 077
+// One command: Node.js 20 there (127: none, 126: too old, its version said), the bundle's $1
+// bytes from stdin into a new private directory, then Node runs it, which reads the request that
+// follows on the same stdin and removes the directory once loaded.
+const BRING_AND_RUN = `command -v node >/dev/null 2>&1 || exit 127
+v=$(node --version 2>/dev/null)
+case $v in v[2-9][0-9].* | v[1-9][0-9][0-9].*) ;; *) printf 'node %s\\n' "$v" >&2; exit 126 ;; esac
+umask 077
 d=$(mktemp -d "\${TMPDIR:-/tmp}/comfymulti-restore.XXXXXXXX") || exit 1
-cat > "$d/restore-verda.mjs" || { rm -rf -- "$d"; exit 1; }
-printf '%s\\n' "$d"`;
+head -c "$1" > "$d/restore-verda.mjs" || { rm -rf -- "$d"; exit 1; }
+exec node "$d/restore-verda.mjs" ${MODELS_HERE_FLAG}`;
 
 export interface ModelsRestoreStepOptions {
   host: Host;
@@ -385,48 +438,35 @@ export function modelsRestoreStep(o: ModelsRestoreStepOptions): Step {
       if (!o.source.checked)
         return { status: 'skipped', summary: 'not restored: the backup did not check out (step 1)' };
       if (!o.target) throw new Error('no models bucket configured');
-      const node = await o.host.run(['sh', '-c', NODE_VERSION], { signal: ctx.signal });
-      const version = /^v(\d+)\./.exec(node.stdout.trim());
-      if (node.code !== 0 || !version || Number(version[1]) < 20) {
+      const code = await o.bundle();
+      const request: ModelsRestoreRequest = {
+        target: o.target,
+        modelsDir: o.modelsDir,
+        hashCacheFile: o.hashCacheFile,
+        dryRun: ctx.dryRun,
+        limits: o.limits,
+      };
+      // The bundle, then the request (with the models bucket's credentials) on stdin, never on a
+      // command line; stdin then stays open: Verda stops when it closes (this side is gone).
+      const stdin = new PassThrough();
+      for (let at = 0; at < code.length; at += MiB) stdin.write(code.subarray(at, at + MiB));
+      stdin.write(JSON.stringify(request) + '\n');
+      const r = await o.host.run(['sh', '-c', BRING_AND_RUN, 'sh', String(code.length)], {
+        stdin,
+        signal: ctx.signal,
+        onStderr: (text) =>
+          text
+            .split('\n')
+            .filter(Boolean)
+            .forEach((line) => ctx.out.detail(`verda: ${line}`)),
+      });
+      if (r.code === 126 || r.code === 127) {
         const found =
-          node.code === 127
-            ? 'none on the PATH of a non-interactive SSH login'
-            : node.stdout.trim() || node.stderr.trim();
+          r.code === 127 ? 'none on the PATH of a non-interactive SSH login' : r.stderr.trim().replace(/^node /, '');
         throw new Error(
           `Node.js 20 or newer is needed on ${o.host.label} to download the models (found: ${found}): ` +
             `install it there, then run restore-verda.mts --only models`,
         );
-      }
-      const code = await o.bundle();
-      const brought = await o.host.run(['sh', '-c', BRING], { stdin: bufferStream(code), signal: ctx.signal });
-      const dir = brought.stdout.trim();
-      if (brought.code !== 0 || !/^\/\S*\/comfymulti-restore\.[A-Za-z0-9]{8}$/.test(dir)) {
-        throw new Error(
-          `could not bring restore-verda to ${o.host.label}: ${brought.stderr.trim() || `exit ${brought.code}`}`,
-        );
-      }
-      let r;
-      try {
-        const request: ModelsRestoreRequest = {
-          target: o.target,
-          modelsDir: o.modelsDir,
-          hashCacheFile: o.hashCacheFile,
-          dryRun: ctx.dryRun,
-          limits: o.limits,
-        };
-        // The request (with the models bucket's credentials) goes on stdin, never on a command line.
-        r = await o.host.run(['node', path.join(dir, 'restore-verda.mjs'), MODELS_HERE_FLAG], {
-          input: JSON.stringify(request) + '\n',
-          holdStdin: true,
-          signal: ctx.signal,
-          onStderr: (text) =>
-            text
-              .split('\n')
-              .filter(Boolean)
-              .forEach((line) => ctx.out.detail(`verda: ${line}`)),
-        });
-      } finally {
-        await o.host.run(['rm', '-rf', '--', dir]).catch(() => {});
       }
       let result: (RestoreTreeResult & { error?: string; cacheWarning?: string; notices?: string[] }) | undefined;
       try {
@@ -463,15 +503,6 @@ export function modelsRestoreStep(o: ModelsRestoreStepOptions): Step {
       };
     },
   };
-}
-
-function bufferStream(data: Buffer): Readable {
-  // One chunk per MiB: backpressure holds the rest here, not in the pipe.
-  return Readable.from(
-    (function* () {
-      for (let at = 0; at < data.length; at += MiB) yield data.subarray(at, at + MiB);
-    })(),
-  );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -511,6 +542,9 @@ export async function runModelsRestoreHere(): Promise<never> {
   });
   for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) process.on(sig, () => controller.abort(new Error(sig)));
 
+  // Brought by Mello into a directory of its own (see BRING_AND_RUN): loaded now, so removed.
+  const brought = path.dirname(process.argv[1] ?? '');
+  if (BROUGHT_DIR.test(path.basename(brought))) fs.rmSync(brought, { recursive: true, force: true });
   const limits = request.limits ?? DEFAULT_LIMITS;
   const cache = HashCache.load(request.hashCacheFile);
   const backend = new R2Backend(request.target, r2Limits(limits));

@@ -729,7 +729,8 @@ test('--verify checks the backup and its R2 objects on Mello alone, and changes 
 });
 
 test("the drill's comparison names each restored entry that differs from its archive", async () => {
-  const into = tempDir('compare');
+  const into = path.join(work, 'compare');
+  fs.mkdirSync(into);
   const archive = newest('comfy-project');
   sh('tar', ['-xzf', archive, '-C', into]);
   const signal = new AbortController().signal;
@@ -749,7 +750,6 @@ test("the drill's comparison names each restored entry that differs from its arc
   assert.match(said, /\.\/docker-compose\.yml: not restored/);
   assert.match(said, /\.\/\.env: mtime 2020-01-01/);
   assert.match(said, /flow\.json: owner 1234:1234, the archive's 0:0/);
-  fs.rmSync(into, { recursive: true });
 });
 
 test('no secret in any output: .env contents, keys, the Tailscale state, R2 credentials', async () => {
