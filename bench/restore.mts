@@ -22,7 +22,8 @@ const BUCKET = 'comfy-multi-model-vault-backup';
 const work = path.join(os.tmpdir(), smoke ? 'comfymulti-bench-restore-smoke' : 'comfymulti-bench-restore');
 const ROUNDS = 2;
 
-if (spawnSync('sh', ['-c', 'command -v aws']).status !== 0) throw new Error('aws-cli not found: apt-get install awscli');
+if (spawnSync('sh', ['-c', 'command -v aws']).status !== 0)
+  throw new Error('aws-cli not found: apt-get install awscli');
 const version = (cmd: string, args: string[]) =>
   (spawnSync(cmd, args, { encoding: 'utf8' }).stdout || '').split('\n')[0].trim();
 
@@ -44,7 +45,15 @@ const requestLog = path.join(work, 'requests.log');
 fs.writeFileSync(requestLog, '');
 const server = spawn(
   process.execPath,
-  ['--openssl-legacy-provider', '--import', 'tsx', path.join(ROOT, 'bench/s3-server.mts'), requestLog, BUCKET, 'comfy-multi-cache'],
+  [
+    '--openssl-legacy-provider',
+    '--import',
+    'tsx',
+    path.join(ROOT, 'bench/s3-server.mts'),
+    requestLog,
+    BUCKET,
+    'comfy-multi-cache',
+  ],
   { cwd: ROOT, stdio: ['ignore', 'pipe', 'inherit'] },
 );
 const endpoint = await new Promise<string>((resolve) => server.stdout!.once('data', (d) => resolve(String(d).trim())));
@@ -88,6 +97,9 @@ try {
 
   /** Wall seconds of a command; its requests to the server; the SSH connections it opened. */
   const run = async (cmd: string, args: string[], runEnv: NodeJS.ProcessEnv) => {
+    // Untimed: what the run before left dirty is written out now, not during this one. (A
+    // restore fsyncs each model before its rename; aws s3 sync leaves its bytes in the page cache.)
+    spawnSync('sync');
     const before = requests().length;
     const connections = sshd.connections();
     const started = process.hrtime.bigint();
@@ -99,7 +111,9 @@ try {
     const seconds = Number(process.hrtime.bigint() - started) / 1e9;
     await new Promise((r) => setTimeout(r, 200)); // the request log flushes
     if (code !== 0) throw new Error(`${cmd} ${args.join(' ')} exited ${code}:\n${said.slice(-3000)}`);
-    const gets = requests().slice(before).filter((l) => l.startsWith('GET ') && !l.includes('list-type')).length;
+    const gets = requests()
+      .slice(before)
+      .filter((l) => l.startsWith('GET ') && !l.includes('list-type')).length;
     return { seconds, gets, connections: sshd.connections() - connections, said };
   };
   const fresh = (name: string) => {
@@ -107,13 +121,22 @@ try {
     fs.rmSync(dir, { recursive: true, force: true });
     return dir;
   };
-  const ours = (root: string) =>
-    run(path.join(ROOT, 'restore-verda.mts'), ['--only', 'models', '--root', root], restoreEnv);
+  const ours = async (root: string) => {
+    const r = await run(
+      path.join(ROOT, 'restore-verda.mts'),
+      ['--only', 'models', '--root', root, '--json'],
+      restoreEnv,
+    );
+    const json = JSON.parse(r.said.slice(r.said.indexOf('\n{') + 1));
+    const models = json.steps.find((x: { name: string }) => x.name.startsWith('Models'));
+    return { ...r, said: models.summary as string, modelsStep: models.ms / 1000 };
+  };
   const aws = (dir: string) =>
     run('aws', ['s3', 'sync', `s3://${BUCKET}`, dir, '--endpoint-url', endpoint, '--only-show-errors'], awsEnv);
 
   const rows: string[] = [];
   const oursTimes: number[] = [];
+  const modelSteps: number[] = [];
   const awsTimes: number[] = [];
   let connections = 0;
   let oursGets = 0;
@@ -129,31 +152,42 @@ try {
       } else {
         const r = await ours(fresh('ours-root'));
         oursTimes.push(r.seconds);
+        modelSteps.push(r.modelsStep);
         connections = r.connections;
         oursGets = r.gets;
       }
     }
   }
   const noop = await ours(path.join(work, 'ours-root'));
-  if (!/0 downloaded \(0B\), 8 already in place/.test(noop.said)) throw new Error(`the no-op restore downloaded:\n${noop.said}`);
+  if (!/0 downloaded \(0B\), 8 already in place/.test(noop.said))
+    throw new Error(`the no-op restore downloaded:\n${noop.said}`);
   const awsNoop = await aws(path.join(work, 'aws-dest'));
   // A whole restore (config and models, no image) over the loopback sshd: its connections.
-  const whole = await run(path.join(ROOT, 'restore-verda.mts'), ['--skip-image', '--root', fresh('whole-root')], restoreEnv);
+  const whole = await run(
+    path.join(ROOT, 'restore-verda.mts'),
+    ['--skip-image', '--root', fresh('whole-root')],
+    restoreEnv,
+  );
 
   const best = (xs: number[]) => Math.min(...xs);
+  const all = (xs: number[]) => xs.map((t) => t.toFixed(1)).join(', ');
   const ratio = best(oursTimes) / best(awsTimes);
   const size = `${((MODELS.files * MODELS.size) / 1e9).toFixed(1)} GB in ${MODELS.files} files`;
   rows.push(
     '| case | restore-verda s | aws s3 sync s | ours / aws | goal | GETs (ours / aws) |',
     '|---|---:|---:|---:|---:|---|',
-    `| ${size}, empty dir (best of ${ROUNDS}; all: ${oursTimes.map((t) => t.toFixed(1)).join(', ')} / ${awsTimes.map((t) => t.toFixed(1)).join(', ')}) | ${best(oursTimes).toFixed(2)} | ${best(awsTimes).toFixed(2)} | ${ratio.toFixed(2)} ${ratio <= 0.8 ? '✓' : '✗'} | ≤ 0.8 | ${oursGets} / ${awsGets} |`,
-    `| ${size}, second (no-op) restore | ${noop.seconds.toFixed(2)} | ${awsNoop.seconds.toFixed(2)} | ${(noop.seconds / awsNoop.seconds).toFixed(2)} | — | ${noop.gets} / ${awsNoop.gets} |`,
+    `| ${size}, empty dir (best of ${ROUNDS}; all: ${all(oursTimes)} / ${all(awsTimes)}) ` +
+      `| ${best(oursTimes).toFixed(2)} | ${best(awsTimes).toFixed(2)} | ${ratio.toFixed(2)} ${ratio <= 0.8 ? '✓' : '✗'} ` +
+      `| ≤ 0.8 | ${oursGets} / ${awsGets} |`,
+    `| ${size}, second (no-op) restore | ${noop.seconds.toFixed(2)} | ${awsNoop.seconds.toFixed(2)} ` +
+      `| ${(noop.seconds / awsNoop.seconds).toFixed(2)} | — | ${noop.gets} / ${awsNoop.gets} |`,
   );
   console.log(
     `\nMeasured ${new Date().toISOString().slice(0, 10)} on ${os.cpus().length} × ${os.cpus()[0]?.model}, ` +
       `Node ${process.version}; ${version('aws', ['--version'])}; s3rver on loopback; Verda over a loopback sshd.\n`,
   );
   console.log(rows.join('\n'));
+  console.log(`\nOf restore-verda's time, its models step: ${modelSteps.map((t) => t.toFixed(1)).join(', ')} s.`);
   console.log(
     `\nSSH connections: ${connections} per models restore, ${whole.connections} for a whole restore ` +
       `(config and models, ${whole.seconds.toFixed(1)} s).`,

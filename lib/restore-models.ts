@@ -29,6 +29,8 @@ import { objectId, printable, saveCache } from './sync.ts';
 export const MODELS_HERE_FLAG = '--models-here';
 const HEARTBEAT_MS = 30_000;
 const MiB = 1024 * 1024;
+/** Bytes written to a file between two datasyncs of it (see download). */
+const WRITE_BACK = 32 * MiB;
 
 /** What Mello sends on stdin: one JSON line. */
 export interface ModelsRestoreRequest {
@@ -161,6 +163,21 @@ async function download(
   const onAbort = () => stop.abort(signal!.reason);
   signal?.addEventListener('abort', onAbort, { once: true });
   const pacer = new Pacer({ attempts: opts.attempts, backoffMs: opts.backoffMs });
+  // The disk writes while the network still brings bytes: a datasync every WRITE_BACK bytes, one
+  // at a time, so that the fsync before the rename finds little left (the kernel alone would
+  // start only once gigabytes are dirty, and the whole model would then be written at the end).
+  let unsynced = 0;
+  let syncing: Promise<void> | undefined;
+  let syncError: unknown;
+  const writeBack = (bytes: number) => {
+    unsynced += bytes;
+    if (syncing || unsynced < WRITE_BACK) return;
+    unsynced = 0;
+    syncing = fh.datasync().then(
+      () => void (syncing = undefined),
+      (e) => void ((syncError ??= e), (syncing = undefined)),
+    );
+  };
   const hash = crypto.createHash('sha256');
   let hashed = 0;
   // Hashes what is held at the hash's position, range after range, as far as it goes.
@@ -204,6 +221,7 @@ async function download(
           });
           if (bytesWritten !== bytes) throw new WriteFailed(`${tmp}: short write at ${pos}`);
           r.written += bytes;
+          writeBack(bytes);
         };
         try {
           await new Promise<void>((resolve, reject) => {
@@ -283,12 +301,15 @@ async function download(
         `the bytes downloaded are not the object's (${wantSha256 ? 'sha256' : 'ETag'} differs): not restored`,
       );
     }
+    await syncing;
+    if (syncError) throw new WriteFailed(`${tmp}: ${(syncError as NodeJS.ErrnoException).code ?? syncError}`);
     await fh.sync();
     await fh.close();
     await fs.promises.rename(tmp, dest);
     return sha256;
   } catch (e) {
     stop.abort(e);
+    await syncing;
     await fh.close().catch(() => {});
     await fs.promises.rm(tmp, { force: true });
     throw signal?.aborted ? signal.reason : e;
