@@ -10,9 +10,14 @@ import os from 'node:os';
 import path from 'node:path';
 import { PassThrough, Readable } from 'node:stream';
 import { DeleteObjectCommand, PutObjectCommand } from '@aws-sdk/client-s3';
+import { HashCache } from '../lib/hash-cache.ts';
 import { compareWithArchive } from '../lib/restore.ts';
+import { restoreTree } from '../lib/restore-models.ts';
+import type { ByteRange } from '../lib/storage.ts';
+import { bufferSource } from './backend-conformance.ts';
 import { LocalHost } from '../lib/ssh.ts';
 import { FaultProxy } from './fault-proxy.ts';
+import { MemoryBackend } from './memory-backend.ts';
 import {
   ROOT,
   SECRET,
@@ -325,6 +330,79 @@ test('a command takes a stream on stdin, with backpressure; a failing stream sto
   assert.instance(e, Error);
   assert.is(e.message, 'the source broke');
   assert.ok(Date.now() - started < 5000);
+});
+
+/** A memory bucket whose first `cuts` ranged bodies break halfway, as a connection reset would. */
+class CuttingBackend extends MemoryBackend {
+  cuts = 0;
+  gets: string[] = [];
+  async get(key: string, signal?: AbortSignal, range?: ByteRange): Promise<Readable> {
+    this.gets.push(`${key} ${range ? `${range.start}-${range.end}` : 'whole'}`);
+    const body = await super.get(key, signal, range);
+    if (!range || this.cuts <= 0) return body;
+    this.cuts--;
+    const data = Buffer.concat(await body.toArray());
+    return Readable.from(
+      (async function* () {
+        yield data.subarray(0, data.length >> 1);
+        throw Object.assign(new Error('read ECONNRESET'), { code: 'ECONNRESET' });
+      })(),
+    );
+  }
+}
+
+test('models into a directory: ranges resumed after a cut, bash-era objects by ETag; bad bytes and escapes refused', async () => {
+  const root = path.join(work, 'unit-models');
+  const elsewhere = path.join(work, 'unit-elsewhere');
+  fs.mkdirSync(root, { recursive: true });
+  fs.mkdirSync(elsewhere);
+  const b = new CuttingBackend();
+  const big = crypto.randomBytes(5 * MiB + 123);
+  const bash = crypto.randomBytes(3000);
+  const meta = (data: Buffer | string) => ({ metadata: { sha256: sha256(data) } });
+  await b.put('a/big.safetensors', bufferSource(big), meta(big));
+  await b.put('bash-era.safetensors', bufferSource(bash)); // no metadata: its ETag (an MD5) proves it
+  await b.put('wrong.safetensors', bufferSource(crypto.randomBytes(2000)), { metadata: { sha256: 'f'.repeat(64) } });
+  await b.put('../escape.safetensors', bufferSource(Buffer.from('x')), meta('x'));
+  await b.put('linked/m.safetensors', bufferSource(Buffer.from('y')), meta('y'));
+  await b.put('empty.safetensors', bufferSource(Buffer.alloc(0)), meta(''));
+  fs.symlinkSync(elsewhere, path.join(root, 'linked')); // never followed out of the root
+  b.cuts = 2;
+  const cache = HashCache.load(undefined);
+  const r = await restoreTree({ root, backend: b, cache, rangeSize: MiB, rangesPerFile: 3, files: 2, backoffMs: 1 });
+  assert.ok(fs.readFileSync(path.join(root, 'a/big.safetensors')).equals(big));
+  assert.ok(fs.readFileSync(path.join(root, 'bash-era.safetensors')).equals(bash));
+  assert.is(fs.statSync(path.join(root, 'empty.safetensors')).size, 0);
+  assert.equal(r.failures.map((f) => f.key).sort(), [
+    '../escape.safetensors',
+    'linked/m.safetensors',
+    'wrong.safetensors',
+  ]);
+  assert.match(r.failures.find((f) => f.key === 'wrong.safetensors')!.error, /not the object's \(sha256 differs\)/);
+  assert.match(r.failures.find((f) => f.key === 'linked/m.safetensors')!.error, /is a symlink: not followed/);
+  assert.not.ok(fs.existsSync(path.join(root, 'wrong.safetensors')), 'bytes that are not the object are not kept');
+  assert.not.ok(fs.existsSync(path.join(work, 'escape.safetensors')));
+  assert.equal(fs.readdirSync(elsewhere), []);
+  assert.equal(partials(root), []);
+  assert.is(b.cuts, 0, 'two bodies were cut');
+  // Six ranges of the big model, two of them asked again from where they were cut.
+  const bigGets = b.gets.filter((g) => g.startsWith('a/big.safetensors'));
+  assert.is(bigGets.length, 8, bigGets.join(', '));
+  assert.ok(
+    bigGets.some((g) => !/ \d+-\d+$/.test(g) || Number(g.split(' ')[1].split('-')[0]) % MiB !== 0),
+    'a resumed range',
+  );
+  // Nothing to do the second time, and nothing hashed again: the cache knows what was written.
+  b.gets = [];
+  const again = await restoreTree({ root, backend: b, cache, rangeSize: MiB });
+  assert.is(again.downloaded, 0);
+  assert.is(again.inPlace, 3);
+  assert.equal(again.failures.map((f) => f.key).sort(), r.failures.map((f) => f.key).sort());
+  assert.is(again.hashed, 0);
+  assert.equal(
+    b.gets.filter((g) => !g.startsWith('wrong') && !g.startsWith('linked')),
+    [],
+  );
 });
 
 test('usage errors are exit 2 naming the flag, before anything is done', async () => {
