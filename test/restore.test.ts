@@ -351,7 +351,7 @@ class CuttingBackend extends MemoryBackend {
   }
 }
 
-test('models into a directory: ranges resumed after a cut, bash-era objects by ETag; bad bytes and escapes refused', async () => {
+test('models: cut ranges resumed, bash-era objects by ETag; bad bytes, escapes and symlinks refused', async () => {
   const root = path.join(work, 'unit-models');
   const elsewhere = path.join(work, 'unit-elsewhere');
   fs.mkdirSync(root, { recursive: true });
