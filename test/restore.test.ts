@@ -657,6 +657,25 @@ test('SSH cut during a model download: no file under its final name, none left; 
   }
 });
 
+test('--from T restores that backup; a T with no manifest is exit 1 naming it', async () => {
+  const stamps = fs
+    .readdirSync(backupDir)
+    .filter((n) => /^manifest-\d{8}-\d{6}\.json$/.test(n))
+    .sort()
+    .map((n) => n.slice(9, 24));
+  const full = stamps[0]; // the full run, before the --quick one
+  const into = path.join(work, 'from-t');
+  const r = await restore(['--from', full, '--root', into, '--only', 'ufw,project-env']);
+  assert.is(r.code, 0, out(r));
+  assert.match(r.stdout, `manifest-${full}.json: 2 archives checked`, out(r));
+  assert.match(r.stdout, `ufw-${full}.tar.gz`, out(r));
+  assert.ok(fs.existsSync(path.join(into, 'etc/ufw/user.rules')));
+  assert.not.ok(fs.existsSync(path.join(into, 'home/dev/.zshrc')), 'only what was asked');
+  const none = await restore(['--from', '20000101-000000', '--root', into]);
+  assert.is(none.code, 1, out(none));
+  assert.match(none.stdout, /no manifest-20000101-000000\.json in /, out(none));
+});
+
 test('--dry-run says what it would restore and from where, and changes nothing', async () => {
   const into = path.join(work, 'dry');
   const r = await restore(['--dry-run', '--root', into]);
