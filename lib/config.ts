@@ -92,6 +92,8 @@ export interface Config {
   melloScriptsDir: string;
   verdaSysroot: string;
   verdaSudo: string[];
+  /** VERDA_SYSTEMCTL: how restore-verda stops, starts and reloads services on Verda. */
+  verdaSystemctl: string[];
   verdaHome: string;
   verdaProjectDir: string;
   verdaModelsDir: string;
@@ -479,6 +481,11 @@ export function loadConfig(processEnv: NodeJS.ProcessEnv, scriptDir: string, env
     const expected = 'a command and its options, e.g. "sudo -n", or empty';
     throw new UsageError(`VERDA_SUDO must be ${expected} (got ${JSON.stringify(sudo)})`);
   }
+  const systemctl = str('VERDA_SYSTEMCTL', 'systemctl');
+  if (systemctl.trim().startsWith('-') || !systemctl.trim() || /[\0\n\r]/.test(systemctl)) {
+    const expected = 'a command and its options, e.g. "systemctl"';
+    throw new UsageError(`VERDA_SYSTEMCTL must be ${expected} (got ${JSON.stringify(systemctl)})`);
+  }
   checkImageReference('CONTAINER_IMAGE', str('CONTAINER_IMAGE', 'comfy-multi-worker-1'));
   const staleRaw = str('STALE_HOURS', '26').trim();
   const staleHours = /^(\d+(\.\d*)?|\.\d+)$/.test(staleRaw) ? Number(staleRaw) : NaN;
@@ -506,6 +513,7 @@ export function loadConfig(processEnv: NodeJS.ProcessEnv, scriptDir: string, env
     melloScriptsDir: dir('MELLO_SCRIPTS_DIR', '~/projects/comfymulti-scripts'),
     verdaSysroot: dir('VERDA_SYSROOT', '/'),
     verdaSudo: sudo.split(/\s+/).filter(Boolean),
+    verdaSystemctl: systemctl.split(/\s+/).filter(Boolean),
     verdaHome: dir('VERDA_HOME', '/home/dev'),
     verdaProjectDir: dir('VERDA_PROJECT_DIR', '/home/dev/comfy-multi'),
     verdaModelsDir: dir('VERDA_MODELS_DIR', '/mnt/sfs/models'),

@@ -225,16 +225,25 @@ export class TreeCache {
     readonly file: string | undefined,
     /** Lines of an older whole-file cache (hashes-*.json), for the first run after an upgrade. */
     private readonly legacy?: Map<string, TreeCacheLine>,
+    /**
+     * Lines passed over by a lookup are kept (written through), not dropped: for a run that goes
+     * by the bucket's listing (a restore), not by a walk, a line not looked up is a file it did
+     * not meet, not a file that is gone. Such a run calls lookup before reserve, for each file.
+     */
+    private readonly keepPassedOver = false,
   ) {}
 
   /**
    * Opens the cache of a tree. `write: false` reads only (a dry run). `legacy` names an older
    * single-file cache and the tree's root in it, read once when the new file does not exist yet.
    */
-  static async open(file: string | undefined, opts: { write: boolean; legacy?: { file: string; root: string; objectPrefix: string } }): Promise<TreeCache> {
+  static async open(
+    file: string | undefined,
+    opts: { write: boolean; legacy?: { file: string; root: string; objectPrefix: string }; keepPassedOver?: boolean },
+  ): Promise<TreeCache> {
     let legacy: Map<string, TreeCacheLine> | undefined;
     if (file && !fs.existsSync(file) && opts.legacy) legacy = readLegacy(opts.legacy.file, opts.legacy.root, opts.legacy.objectPrefix);
-    const cache = new TreeCache(file, legacy);
+    const cache = new TreeCache(file, legacy, opts.keepPassedOver);
     if (file && fs.existsSync(file)) {
       try {
         const { handle } = await openRegular(file);
@@ -262,6 +271,7 @@ export class TreeCache {
     if (this.legacy) return this.legacy.get(rel);
     while (this.lines && !this.unsorted) {
       if (this.current && compareKeys(this.current.rel, rel) >= 0) break;
+      if (this.current && this.keepPassedOver) this.settle(this.reserve(), this.current);
       const next = await this.lines.next();
       if (next.done) {
         this.lines = undefined;

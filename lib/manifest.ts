@@ -91,7 +91,7 @@ export function manifestStep(o: { dir: string; run: RunRecord; mode: Manifest['m
   };
 }
 
-function readManifest(file: string): Manifest {
+export function readManifest(file: string): Manifest {
   try {
     const m = JSON.parse(readRegularFileSync(file).toString('utf8')) as Manifest;
     if (!Array.isArray(m.artifacts) || !Array.isArray(m.r2) || typeof m.complete !== 'boolean') throw new Error('not a manifest');

@@ -30,6 +30,7 @@ import {
   SourceChanged,
   StorageError,
   type Backend,
+  type ByteRange,
   type ObjectHead,
   type ObjectInfo,
   type PutOptions,
@@ -485,11 +486,27 @@ export class R2Backend implements Backend {
     }
   }
 
-  async get(key: string, signal?: AbortSignal): Promise<Readable> {
+  async get(key: string, signal?: AbortSignal, range?: ByteRange): Promise<Readable> {
+    if (range && !(range.start >= 0 && range.start < range.end)) {
+      throw new Error(`bad range ${range.start}-${range.end} of ${key}`);
+    }
+    // HTTP ranges are inclusive; ours ends before `end`.
+    const Range = range && `bytes=${range.start}-${range.end - 1}`;
     const r = await this.request('get', key, signal, (a) =>
-      this.send<GetObjectCommandOutput>((sdk) => new sdk.GetObjectCommand({ Bucket: this.target.bucket, Key: key }), a.signal),
+      this.send<GetObjectCommandOutput>(
+        (sdk) => new sdk.GetObjectCommand({ Bucket: this.target.bucket, Key: key, Range }),
+        a.signal,
+      ),
     );
-    return r.Body as Readable;
+    const body = r.Body as Readable;
+    // A server that ignored the range (a whole 200) or cut it at the object's end (it shrank) gives
+    // other bytes than asked: never written where the range's bytes belong.
+    if (range && r.ContentLength !== range.end - range.start) {
+      body.destroy();
+      const got = `${r.ContentLength ?? 'unknown'} bytes (${r.ContentRange ?? 'no Content-Range'})`;
+      throw new StorageError(`${this.name}/${key} get: asked bytes ${range.start}-${range.end - 1}, got ${got}`, false);
+    }
+    return body;
   }
 
   async delete(key: string, signal?: AbortSignal): Promise<void> {

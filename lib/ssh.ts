@@ -11,7 +11,7 @@ import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import type { Writable } from 'node:stream';
+import type { Readable, Writable } from 'node:stream';
 import { DEFAULT_LIMITS, type Limits } from './config.ts';
 
 
@@ -25,6 +25,12 @@ export interface RunOptions {
   sudo?: boolean;
   /** Given on its standard input (how secrets are passed: never on a command line). */
   input?: string | Buffer;
+  /**
+   * Streamed into its standard input instead, with backpressure (an archive unpacked there). Its
+   * bytes moving count as activity for the idle timeout; a stream that fails stops the command,
+   * and its error is the result.
+   */
+  stdin?: Readable;
   signal?: AbortSignal;
   /** Where stderr lines go as they come (progress of a remote run); else collected. */
   onStderr?: (chunk: string) => void;
@@ -172,15 +178,30 @@ function execute(plan: SpawnPlan, opts: RunOptions, idleTimeoutMs: number, into?
     child.on('error', (e) => {
       clearTimeout(idle);
       opts.signal?.removeEventListener('abort', onAbort);
+      opts.stdin?.destroy();
       reject(opts.signal?.aborted ? opts.signal.reason : e);
     });
     child.stdin.on('error', () => {}); // a command that does not read its input
-    if (opts.holdStdin) child.stdin.write(opts.input ?? '');
+    let stdinError: unknown;
+    if (opts.stdin) {
+      const source = opts.stdin;
+      source.on('data', activity);
+      // The command must not take a truncated stream for a whole one: it is stopped first.
+      source.on('error', (e) => {
+        stdinError ??= e;
+        stop('SIGTERM');
+        child.stdin.destroy();
+      });
+      source.pipe(child.stdin);
+    } else if (opts.holdStdin) child.stdin.write(opts.input ?? '');
     else child.stdin.end(opts.input ?? '');
     child.on('close', (code, signal) => {
       clearTimeout(idle);
       opts.signal?.removeEventListener('abort', onAbort);
+      // A command that ended before reading all of it: the rest is not read (its descriptor closed).
+      if (opts.stdin && !opts.stdin.readableEnded) opts.stdin.destroy();
       if (opts.signal?.aborted) return reject(opts.signal.reason);
+      if (stdinError !== undefined) return reject(stdinError);
       if (timedOut) {
         const s = Math.round(limit / 100) / 10;
         return reject(new CommandTimeout(`${plan.what}: nothing from it for ${s}s: stopped (COMFYMULTI_COMMAND_TIMEOUT)`));

@@ -46,6 +46,12 @@ export interface PutOptions {
   onBytes?: (n: number) => void;
 }
 
+/** Bytes `start` to `end` (exclusive) of an object: one ranged GET of a download in pieces. */
+export interface ByteRange {
+  start: number;
+  end: number;
+}
+
 export interface Backend {
   /** For messages: `r2://bucket`. */
   readonly name: string;
@@ -53,7 +59,8 @@ export interface Backend {
   list(prefix: string, signal?: AbortSignal, startAfter?: string): AsyncIterable<ObjectInfo>;
   head(key: string, signal?: AbortSignal): Promise<ObjectHead | undefined>;
   put(key: string, source: Source, opts?: PutOptions): Promise<ObjectInfo>;
-  get(key: string, signal?: AbortSignal): Promise<Readable>;
+  /** The object's bytes, or with `range` those bytes alone (exactly `end - start` of them, or an error). */
+  get(key: string, signal?: AbortSignal, range?: ByteRange): Promise<Readable>;
   delete(key: string, signal?: AbortSignal): Promise<void>;
 }
 
@@ -79,9 +86,9 @@ export class CountingBackend implements Backend {
     this.count('put');
     return this.inner.put(key, source, opts);
   }
-  get(key: string, signal?: AbortSignal) {
+  get(key: string, signal?: AbortSignal, range?: ByteRange) {
     this.count('get');
-    return this.inner.get(key, signal);
+    return this.inner.get(key, signal, range);
   }
   delete(key: string, signal?: AbortSignal) {
     this.count('delete');

@@ -15,7 +15,7 @@ import { runCommand, ROOT, SECRET, sha256, startS3, tempDir, treeDigest, writeHe
 import { startSshd, type Sshd } from './sshd.ts';
 
 const BUCKET = 'comfy-multi-user-files';
-const SCRIPTS = ['backup-cron.mts', 'backup-verda.mts', 'backup-mello.mts'];
+const SCRIPTS = ['backup-cron.mts', 'backup-verda.mts', 'backup-mello.mts', 'restore-verda.mts'];
 const KINDS = ['tailscale-identity', 'ssh-host-keys', 'fail2ban', 'ufw', 'project-env'];
 const ENV_SECRET = 'TAILSCALE_AUTHKEY=tskey-fixture-secret-77';
 // Cron's environment: this and nothing else (`env -i PATH=/usr/bin:/bin HOME=/root`).
@@ -194,7 +194,7 @@ test.after(async () => {
   fs.rmSync(path.dirname(work), { recursive: true, force: true });
 });
 
-test('install puts the package, three launchers and one cron entry under the prefix, all pointing inside it', async () => {
+test('install puts the package, four launchers and one cron entry under the prefix, all pointing inside it', async () => {
   const r = await install(['--prefix', verdaRoot]);
   assert.is(r.code, 0, r.stdout + r.stderr);
   const pkg = pkgOf(verdaRoot);

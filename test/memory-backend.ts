@@ -5,7 +5,15 @@
 import crypto from 'node:crypto';
 import { Readable } from 'node:stream';
 import { compareKeys } from '../lib/files.ts';
-import { StorageError, type Backend, type ObjectHead, type ObjectInfo, type PutOptions, type Source } from '../lib/storage.ts';
+import {
+  StorageError,
+  type Backend,
+  type ByteRange,
+  type ObjectHead,
+  type ObjectInfo,
+  type PutOptions,
+  type Source,
+} from '../lib/storage.ts';
 
 interface Stored {
   data: Buffer;
@@ -67,11 +75,15 @@ export class MemoryBackend implements Backend {
     return { key, size, etag };
   }
 
-  async get(key: string, signal?: AbortSignal): Promise<Readable> {
+  async get(key: string, signal?: AbortSignal, range?: ByteRange): Promise<Readable> {
     signal?.throwIfAborted();
     const o = this.objects.get(key);
     if (!o) throw new StorageError(`${this.name} get ${key}: no such key`, false, 404);
-    return Readable.from([o.data]);
+    if (!range) return Readable.from([o.data]);
+    if (!(range.start >= 0 && range.start < range.end && range.end <= o.data.length)) {
+      throw new StorageError(`${this.name} get ${key}: range ${range.start}-${range.end} not satisfiable`, false, 416);
+    }
+    return Readable.from([o.data.subarray(range.start, range.end)]);
   }
 
   async delete(key: string, signal?: AbortSignal): Promise<void> {

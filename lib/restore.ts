@@ -1,0 +1,851 @@
+// Restoring Verda from its backups (restore-verda.mts), the mirror of backup-verda. The source (a
+// manifest in BACKUP_DIR, the newest SFS copies on Verda, or the R2 bundle) is checked whole
+// before anything on Verda changes; then each config archive is streamed over the run's one
+// connection into GNU tar there (no temporary file on Verda), which keeps mode, owner and mtime,
+// with the services around it stopped, started or reloaded. The drill does the same into a
+// temporary root on Mello and compares every restored file with its archive.
+import crypto from 'node:crypto';
+import fs from 'node:fs';
+import path from 'node:path';
+import { Transform, type Readable } from 'node:stream';
+import { pipeline } from 'node:stream/promises';
+import zlib from 'node:zlib';
+import tar from 'tar-stream';
+import { BUNDLE_KEY, CRON_KINDS, IMAGE_FILE, listArchive, type ArchiveSpec } from './archive.ts';
+import { addNotice, errorText, humanSize } from './cli.ts';
+import {
+  ensurePrivateDir,
+  hashFile,
+  isRegularFile,
+  openRegular,
+  readRegularFileSync,
+  writeStreamAtomic,
+} from './files.ts';
+import { HashCache } from './hash-cache.ts';
+import { newestComplete, readManifest, type Manifest, type R2Record } from './manifest.ts';
+import { sleep } from './pacer.ts';
+import { failedBefore, type Step, type StepContext, type StepResult } from './plan.ts';
+import { pool } from './pool.ts';
+import { datedCopies, datedPattern, localCopies } from './rotation.ts';
+import type { Host } from './ssh.ts';
+import { readBackSha256, type Backend } from './storage.ts';
+import { printable } from './sync.ts';
+
+/** `--only` names, besides the config archives' kinds. */
+export const IMAGE_KIND = 'image';
+export const MODELS_KIND = 'models';
+
+/** Where a restore reads its archives: a manifest in BACKUP_DIR (the newest complete one, or T's), SFS or R2. */
+export type FromWhere = { from: 'manifest'; stamp?: string } | { from: 'sfs' } | { from: 'r2' };
+
+/** One config archive to restore, checked. */
+export interface ArchiveRef {
+  name: string;
+  /** On Mello: streamed over the connection into tar on Verda. */
+  melloFile?: string;
+  /** On Verda (an SFS copy): tar there reads it. */
+  verdaFile?: string;
+  /** What the bytes streamed must hash to (the manifest's), checked as they pass. */
+  sha256?: string;
+  bytes?: number;
+  entries: number;
+}
+
+/** The worker image to have loaded: its ID, and the sha256 of its saved archive. */
+export interface ImageRef {
+  imageId: string;
+  sha256: string;
+  bytes: number;
+  /** Where the ID and sha256 were read, for messages. */
+  recordedIn: string;
+  /** Mello's worker-image.tar.gz, when it holds exactly these bytes. */
+  melloFile?: string;
+}
+
+/** What the check step found, shared by the steps after it (as a RunRecord is in a backup). */
+export class RestoreSource {
+  /** Set once every artifact to restore checked out: nothing is restored before. */
+  checked = false;
+  /** For messages: `manifest-T.json`, `SFS copies`, `r2://cache/verda-config-backup.tar.gz`. */
+  label = '';
+  readonly archives = new Map<string, ArchiveRef>();
+  /** Kinds the source has nothing for, with why: each a skipped row. */
+  readonly absent = new Map<string, string>();
+  /** The IP in tailscale-ip.txt, if the source has one. */
+  tailscaleIp?: string;
+  image?: ImageRef;
+  manifest?: { file: string; manifest: Manifest };
+  /**
+   * The manifests whose R2 objects this backup stands on: the chosen one, and when that was a
+   * --quick run, the newest complete full run before it (its image and models).
+   */
+  readonly objectsFrom: Manifest[] = [];
+  /** Private directories on Mello this run made (the R2 bundle unpacked): removed at the end. */
+  readonly tempDirs: string[] = [];
+
+  cleanup() {
+    for (const dir of this.tempDirs.splice(0)) removeTree(dir);
+  }
+}
+
+/** A step after the check, when the check failed: nothing at all is restored. */
+const notChecked = (): StepResult => ({
+  status: 'skipped',
+  summary: 'not restored: the backup did not check out (step 1)',
+});
+
+/** Removes a tree this run wrote, even one whose directories were restored without write permission. */
+export function removeTree(dir: string) {
+  const open = (d: string) => {
+    let st: fs.Stats;
+    try {
+      st = fs.lstatSync(d);
+    } catch {
+      return;
+    }
+    if (!st.isDirectory()) return;
+    fs.chmodSync(d, 0o700);
+    for (const name of fs.readdirSync(d)) open(path.join(d, name));
+  };
+  open(dir);
+  fs.rmSync(dir, { recursive: true, force: true });
+}
+
+/** Directories `${prefix}PID-xxxx` in `dir` that a killed run left (its pid gone): they may hold secrets. */
+export function removeStaleRunDirs(dir: string, prefix: string) {
+  let names: string[];
+  try {
+    names = fs.readdirSync(dir);
+  } catch {
+    return;
+  }
+  for (const name of names) {
+    const m = new RegExp(`^${prefix}(\\d+)-[A-Za-z0-9]{6}$`).exec(name);
+    if (!m || Number(m[1]) === process.pid) continue;
+    try {
+      process.kill(Number(m[1]), 0);
+      continue; // its run is alive
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code === 'EPERM') continue;
+    }
+    removeTree(path.join(dir, name));
+  }
+}
+
+/** A private directory of this run under `parent` (0700), named so that removeStaleRunDirs knows its writer. */
+export function runDir(parent: string, prefix: string): string {
+  ensurePrivateDir(parent);
+  const dir = fs.mkdtempSync(path.join(parent, `${prefix}${process.pid}-`));
+  fs.chmodSync(dir, 0o700);
+  return dir;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The source, checked
+
+export interface SourceOptions {
+  where: FromWhere;
+  backupDir: string;
+  stateDir: string;
+  /** The config kinds to restore (after --only). */
+  kinds: string[];
+  /** Whether the image is to be restored: which one, and whether Mello holds its bytes. */
+  image: boolean;
+  /** Verda, for --from sfs. */
+  host: Host;
+  sfsBackupDir: string;
+  /** The cache bucket: --from r2, and the image's identity when no manifest is read. */
+  cache?: () => Backend;
+  source: RestoreSource;
+}
+
+const sha256Of = (text: string) => crypto.createHash('sha256').update(text).digest('hex');
+
+/** Why a file on Mello is not the manifest's artifact, or undefined when it is. */
+async function artifactProblem(file: string, bytes: number, sha256: string, signal: AbortSignal, hashes?: HashCache) {
+  const name = path.basename(file);
+  if (!isRegularFile(file))
+    return `missing: ${name} (${fs.existsSync(file) ? 'not a regular file' : 'not in BACKUP_DIR'})`;
+  const st = fs.lstatSync(file, { bigint: true });
+  if (Number(st.size) !== bytes) return `damaged: ${name} has ${st.size} bytes, the manifest says ${bytes}`;
+  let got: string;
+  try {
+    got = hashes
+      ? (await hashes.hash(file, { size: st.size, mtimeNs: st.mtimeNs, ino: st.ino }, signal)).sha256
+      : await hashFile(file, signal);
+  } catch (e) {
+    if (signal.aborted) throw e;
+    return `unreadable: ${name} (${errorText(e)})`;
+  }
+  return got === sha256 ? undefined : `damaged: ${name}: its sha256 is not the manifest's`;
+}
+
+/** The entries of an archive on Mello, or why it is not a whole one. */
+async function entriesOf(file: string): Promise<number | string> {
+  try {
+    return (await listArchive(file)).length;
+  } catch (e) {
+    return `damaged: ${path.basename(file)} does not list as a whole archive (${errorText(e)})`;
+  }
+}
+
+/**
+ * Step 1: picks the source and checks every artifact that is to be restored: against the
+ * manifest's bytes and sha256, and that each archive lists whole. Any problem is a failure naming
+ * the file, and then no step after it restores anything.
+ */
+export function sourceStep(o: SourceOptions): Step {
+  const w = o.where;
+  const moves =
+    w.from === 'sfs'
+      ? `${o.host.label}:${o.sfsBackupDir}/KIND-*.tar.gz (the newest copy of each kind)`
+      : w.from === 'r2'
+        ? `r2 cache bucket: ${BUNDLE_KEY} → a private directory on Mello`
+        : `${o.backupDir}/${w.stamp ? `manifest-${w.stamp}.json` : 'manifest-*.json (the newest complete)'}`;
+  return {
+    name: 'Backup to restore from',
+    moves,
+    async run(ctx) {
+      const failures: string[] = [];
+      const warnings: string[] = [];
+      if (w.from === 'manifest') await fromManifest(o, w.stamp, ctx, failures, warnings);
+      else if (w.from === 'sfs') await fromSfs(o, ctx, failures);
+      else await fromR2(o, ctx, failures, warnings);
+      const s = o.source;
+      if (o.image && !s.image && !s.absent.has(IMAGE_KIND))
+        s.absent.set(IMAGE_KIND, `${s.label} names no worker image`);
+      if (s.image && !s.image.melloFile && w.from === 'manifest') {
+        warnings.push(
+          `Mello's ${IMAGE_FILE} is not the image ${s.image.recordedIn} records: it must come from the SFS copy or R2`,
+        );
+      }
+      s.checked = failures.length === 0;
+      const kinds = [...s.archives.keys()];
+      const data = {
+        source: s.label,
+        archives: Object.fromEntries([...s.archives].map(([k, a]) => [k, a.name])),
+        image: s.image,
+      };
+      if (failures.length) {
+        return { summary: `${s.label} does not check out: nothing is restored`, failures, warnings, data };
+      }
+      const checked = [
+        ...(o.kinds.length ? [`${kinds.length} archives checked`] : []),
+        ...(s.image ? [`image ${shortId(s.image.imageId)}${s.image.melloFile ? ' (on Mello, checked)' : ''}`] : []),
+      ];
+      return { summary: `${s.label}${checked.length ? `: ${checked.join(', ')}` : ''}`, warnings, data };
+    },
+  };
+}
+
+export const shortId = (id: string) => id.replace(/^sha256:/, '').slice(0, 12);
+
+async function fromManifest(
+  o: SourceOptions,
+  stamp: string | undefined,
+  ctx: StepContext,
+  failures: string[],
+  warnings: string[],
+) {
+  const s = o.source;
+  let chosen: { file: string; manifest: Manifest } | undefined;
+  if (stamp) {
+    const file = path.join(o.backupDir, `manifest-${stamp}.json`);
+    if (!isRegularFile(file)) throw new Error(`no manifest-${stamp}.json in ${o.backupDir}`);
+    chosen = { file, manifest: readManifest(file) };
+    const m = chosen.manifest;
+    if (!m.complete)
+      warnings.push(
+        `manifest-${stamp}.json records an incomplete run (${m.failedSteps.join(', ') || 'a step'} failed): ` +
+          'what it holds is restored',
+      );
+  } else {
+    chosen = newestComplete(o.backupDir);
+    if (!chosen) throw new Error(`no complete backup in ${o.backupDir} (no manifest-*.json recording a complete run)`);
+  }
+  s.manifest = chosen;
+  s.label = path.basename(chosen.file);
+  const m = chosen.manifest;
+  for (const kind of o.kinds) {
+    const a = m.artifacts.find((x) => datedPattern(kind, 'tar.gz').test(x.name));
+    if (!a) {
+      s.absent.set(kind, `${s.label} holds no ${kind} archive (its source was missing on Verda when it ran)`);
+      continue;
+    }
+    const file = path.join(o.backupDir, a.name);
+    const problem = await artifactProblem(file, a.bytes, a.sha256, ctx.signal);
+    const entries = problem ?? (await entriesOf(file));
+    if (typeof entries === 'string') failures.push(entries);
+    else s.archives.set(kind, { name: a.name, melloFile: file, sha256: a.sha256, bytes: a.bytes, entries });
+  }
+  if (o.kinds.includes('tailscale-identity')) {
+    // Not dated: a later run rewrote it when the IP changed. Only compared with, never restored.
+    const ip = m.artifacts.find((a) => a.name === 'tailscale-ip.txt');
+    const file = path.join(o.backupDir, 'tailscale-ip.txt');
+    const text = ip && isRegularFile(file) ? readRegularFileSync(file).toString('utf8') : undefined;
+    if (ip && text !== undefined && sha256Of(text) === ip.sha256) s.tailscaleIp = text.trim();
+    else if (ip)
+      warnings.push(`tailscale-ip.txt is no longer the one ${s.label} recorded: the Tailscale IP will not be compared`);
+  }
+  s.objectsFrom.push(m);
+  // The image and models of the chosen run, or of the newest complete full run before it (a
+  // --quick run saves neither).
+  const names = localCopies(o.backupDir, 'manifest', 'json').filter((n) => n <= path.basename(chosen.file));
+  let full: Manifest | undefined = m.mode === 'full' ? m : undefined;
+  for (const name of names) {
+    if (full && (s.image || !o.image)) break;
+    let older: Manifest;
+    try {
+      older = name === s.label ? m : readManifest(path.join(o.backupDir, name));
+    } catch {
+      continue;
+    }
+    if (name !== s.label && !older.complete) continue;
+    if (!full && older.mode === 'full') {
+      full = older;
+      s.objectsFrom.push(older);
+    }
+    const artifact = older.artifacts.find((a) => a.name === IMAGE_FILE);
+    if (o.image && !s.image && older.imageId && artifact) {
+      s.image = { imageId: older.imageId, sha256: artifact.sha256, bytes: artifact.bytes, recordedIn: name };
+    }
+  }
+  if (!o.image) return;
+  if (!s.image) {
+    s.absent.set(
+      IMAGE_KIND,
+      `no backup in ${o.backupDir} up to ${s.label} records the worker image (--quick runs save none)`,
+    );
+    return;
+  }
+  await adoptMelloImage(o, s.image, ctx.signal);
+}
+
+/** Mello's worker-image.tar.gz, when it holds the image's bytes (hashed once, by the backup's hash cache). */
+async function adoptMelloImage(o: SourceOptions, image: ImageRef, signal: AbortSignal) {
+  const file = path.join(o.backupDir, IMAGE_FILE);
+  const hashes = HashCache.load(path.join(o.stateDir, 'hashes-backup-verda.json'));
+  const problem = await artifactProblem(file, image.bytes, image.sha256, signal, hashes);
+  hashes.trySave();
+  if (!problem) image.melloFile = file;
+}
+
+// Prints, NUL-separated, the regular files `*.tar.gz` in $1; exit 3 when it is not a directory.
+const SFS_LIST = `cd -- "$1" 2>/dev/null || exit 3
+for f in *.tar.gz; do [ -f "$f" ] && [ ! -L "$f" ] && printf '%s\\0' "$f"; done; exit 0`;
+
+async function fromSfs(o: SourceOptions, ctx: StepContext, failures: string[]) {
+  const s = o.source;
+  s.label = `the newest SFS copies in ${o.host.label}:${o.sfsBackupDir}`;
+  const listed = await o.host.run(['sh', '-c', SFS_LIST, 'sh', o.sfsBackupDir], { sudo: true, signal: ctx.signal });
+  if (listed.code === 3)
+    throw new Error(`${o.sfsBackupDir} is not a directory on ${o.host.label}: no SFS copies to restore from`);
+  if (listed.code !== 0)
+    throw new Error(
+      `cannot list ${o.sfsBackupDir} on ${o.host.label}: ${listed.stderr.trim() || `exit ${listed.code}`}`,
+    );
+  const names = listed.stdout.split('\0').filter(Boolean);
+  for (const kind of o.kinds) {
+    if (!CRON_KINDS.includes(kind)) {
+      s.absent.set(
+        kind,
+        `backup-cron keeps no ${kind} copy on SFS (only ${CRON_KINDS.join(', ')}): restore it from BACKUP_DIR`,
+      );
+      continue;
+    }
+    const newest = datedCopies(names, kind, 'tar.gz')[0];
+    if (!newest) {
+      s.absent.set(kind, `no ${kind} copy in ${o.sfsBackupDir} on ${o.host.label}`);
+      continue;
+    }
+    const file = path.join(o.sfsBackupDir, newest);
+    // No manifest records SFS copies: a whole archive is what can be checked.
+    const r = await o.host.run(['env', 'LC_ALL=C', 'tar', '--list', '--gzip', `--file=${file}`], {
+      sudo: true,
+      signal: ctx.signal,
+    });
+    if (r.code !== 0) {
+      failures.push(
+        `damaged: ${file} on ${o.host.label} does not list as a whole archive ` +
+          `(${r.stderr.trim().split('\n').pop() || `exit ${r.code}`})`,
+      );
+    } else
+      s.archives.set(kind, { name: newest, verdaFile: file, entries: r.stdout.split('\n').filter(Boolean).length });
+  }
+  if (o.image) await imageFromR2(o, ctx.signal);
+}
+
+async function fromR2(o: SourceOptions, ctx: StepContext, failures: string[], warnings: string[]) {
+  const s = o.source;
+  const cache = o.cache!();
+  s.label = `${cache.name}/${BUNDLE_KEY}`;
+  removeStaleRunDirs(o.stateDir, 'restore-r2-');
+  const bundle = await readR2Bundle(cache, o.stateDir, ctx.signal);
+  s.tempDirs.push(bundle.dir);
+  warnings.push(...bundle.warnings);
+  for (const kind of o.kinds) {
+    const newest = datedCopies(bundle.names, kind, 'tar.gz')[0];
+    if (!newest) {
+      s.absent.set(kind, `${s.label} holds no ${kind} archive`);
+      continue;
+    }
+    const file = path.join(bundle.dir, newest);
+    const entries = await entriesOf(file);
+    if (typeof entries === 'string') failures.push(`${s.label}: ${entries}`);
+    else s.archives.set(kind, { name: newest, melloFile: file, entries });
+  }
+  if (bundle.names.includes('tailscale-ip.txt'))
+    s.tailscaleIp = fs.readFileSync(path.join(bundle.dir, 'tailscale-ip.txt'), 'utf8').trim();
+  if (o.image) await imageFromR2(o, ctx.signal);
+}
+
+/** Without a manifest, the image to have is the one the cache bucket holds (its `image-id` and `sha256`). */
+async function imageFromR2(o: SourceOptions, signal: AbortSignal) {
+  const cache = o.cache!();
+  const head = await cache.head(IMAGE_FILE, signal);
+  const imageId = head?.metadata['image-id'];
+  const sha256 = head?.metadata.sha256;
+  if (!head || !imageId || !sha256) {
+    const why = head ? 'has no image-id or sha256 metadata' : 'does not exist';
+    o.source.absent.set(IMAGE_KIND, `${cache.name}/${IMAGE_FILE} ${why}: no image to restore`);
+    return;
+  }
+  o.source.image = { imageId, sha256, bytes: head.size, recordedIn: `${cache.name}/${IMAGE_FILE}` };
+  await adoptMelloImage(o, o.source.image, signal);
+}
+
+/** A member of the R2 bundle: one flat, plain name (what bundleFiles writes). */
+const BUNDLE_MEMBER = /^[A-Za-z0-9][A-Za-z0-9._-]*$/;
+
+/**
+ * The R2 config bundle, read into a private directory on Mello (0700, members 0600) and checked
+ * against its recorded sha256. Every way the bundle is read is here, so that decrypting an
+ * age-encrypted one is a change to this function alone.
+ */
+export async function readR2Bundle(
+  cache: Backend,
+  stateDir: string,
+  signal: AbortSignal,
+): Promise<{ dir: string; names: string[]; warnings: string[] }> {
+  const head = await cache.head(BUNDLE_KEY, signal);
+  if (!head) throw new Error(`${cache.name}/${BUNDLE_KEY} does not exist: nothing to restore from R2`);
+  const dir = runDir(stateDir, 'restore-r2-');
+  const warnings: string[] = [];
+  try {
+    const file = path.join(dir, '.bundle.tar.gz');
+    const written = await writeStreamAtomic(file, await cache.get(BUNDLE_KEY, signal), 0o600, signal);
+    if (written.bytes !== head.size)
+      throw new Error(`${cache.name}/${BUNDLE_KEY}: read ${written.bytes} bytes, the object has ${head.size}`);
+    if (!head.metadata.sha256)
+      warnings.push(`${cache.name}/${BUNDLE_KEY} has no sha256 metadata: its archives are checked by listing alone`);
+    else if (written.sha256 !== head.metadata.sha256)
+      throw new Error(`damaged: ${cache.name}/${BUNDLE_KEY}: its bytes' sha256 is not the one recorded with it`);
+    const names: string[] = [];
+    const extract = tar.extract();
+    const reading = pipeline((await openRegular(file)).handle.createReadStream(), zlib.createGunzip(), extract, {
+      signal,
+    });
+    for await (const entry of extract as AsyncIterable<Readable & { header: tar.Header }>) {
+      const name = entry.header.name;
+      if (entry.header.type !== 'file' || !BUNDLE_MEMBER.test(name) || names.includes(name)) {
+        throw new Error(
+          `${cache.name}/${BUNDLE_KEY} holds ${JSON.stringify(name)}, which is not one of its artifacts: not read`,
+        );
+      }
+      await writeStreamAtomic(path.join(dir, name), entry, 0o600, signal);
+      names.push(name);
+    }
+    await reading;
+    fs.rmSync(file);
+    return { dir, names, warnings };
+  } catch (e) {
+    removeTree(dir);
+    throw e;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Config archives: services, unpacking, the drill's comparison
+
+/** How services are controlled on Verda (VERDA_SYSTEMCTL, through VERDA_SUDO). */
+export interface ServiceControl {
+  host: Host;
+  systemctl: string[];
+}
+
+type ServiceAction = [verb: 'stop' | 'start' | 'restart' | 'reload', unit: string];
+
+/** What restoring a kind does to its service: the SPEC's order. */
+const SERVICES: Record<string, { before?: ServiceAction[]; after?: ServiceAction[] }> = {
+  'tailscale-identity': { before: [['stop', 'tailscaled']], after: [['start', 'tailscaled']] },
+  'ssh-host-keys': { after: [['restart', 'ssh']] },
+  fail2ban: { after: [['reload', 'fail2ban']] },
+  ufw: { after: [['reload', 'ufw']] },
+};
+
+/** systemctl's exit status for a unit that is not there (LSB: "program is not installed"). */
+const UNIT_NOT_INSTALLED = 5;
+
+async function service(ctl: ServiceControl, [verb, unit]: ServiceAction, signal: AbortSignal) {
+  const r = await ctl.host.run([...ctl.systemctl, verb, unit], { sudo: true, signal });
+  const said = r.stderr.trim().split('\n').slice(-2).join('; ') || `exit ${r.code}`;
+  return {
+    ok: r.code === 0,
+    missing: r.code === UNIT_NOT_INSTALLED,
+    said,
+    what: `${ctl.systemctl.join(' ')} ${verb} ${unit}`,
+  };
+}
+
+// Unpacks a gzipped tar (a file there, or `-`: stdin) into $1, made first if missing. GNU tar
+// keeps mode (also for a user that is not root), mtime, and as root the owner (by name, as the
+// SPEC's `tar -xzf F -C DIR`); it refuses members that would land outside the directory.
+const UNPACK = `dest=$1 file=$2
+mkdir -p -- "$dest" || exit 1
+exec tar --extract --gzip --file="$file" --directory="$dest" --preserve-permissions`;
+
+/**
+ * Unpacks an archive into `dest` on the host: a file on Mello is streamed over the connection
+ * (and its bytes hashed as they pass: they must be the ones checked), an SFS copy is read there.
+ */
+export async function unpackOn(
+  host: Host,
+  ref: ArchiveRef,
+  dest: string,
+  opts: { sudo: boolean; signal: AbortSignal },
+): Promise<number> {
+  const argv = ['env', 'LC_ALL=C', 'sh', '-c', UNPACK, 'sh', dest, ref.verdaFile ?? '-'];
+  let r;
+  let bytes = 0;
+  if (ref.verdaFile) r = await host.run(argv, opts);
+  else {
+    const { handle } = await openRegular(ref.melloFile!);
+    const hash = crypto.createHash('sha256');
+    const tap = new Transform({
+      transform(chunk: Buffer, _e, cb) {
+        hash.update(chunk);
+        bytes += chunk.length;
+        cb(null, chunk);
+      },
+    });
+    const file = handle.createReadStream({ highWaterMark: 1 << 20 });
+    file.on('error', (e) => tap.destroy(e));
+    tap.on('close', () => file.destroy());
+    r = await host.run(argv, { ...opts, stdin: file.pipe(tap) });
+    if (r.code === 0 && ref.sha256 && hash.digest('hex') !== ref.sha256) {
+      throw new Error(`${ref.name} changed on Mello while it was sent: what was unpacked is not what was checked`);
+    }
+  }
+  if (r.code !== 0) {
+    const said = r.stderr.trim().split('\n').slice(-3).join('; ') || 'no message';
+    throw new Error(`tar on ${host.label} could not unpack ${ref.name} into ${dest} (exit ${r.code}): ${said}`);
+  }
+  return bytes;
+}
+
+// Prints Tailscale's IPv4; 127 when there is no tailscale.
+const TAILSCALE_IP = 'command -v tailscale >/dev/null 2>&1 || exit 127; exec tailscale ip -4';
+
+/** `tailscale ip -4` once tailscaled has started: it may take a few seconds to come up. */
+async function tailscaleIp(host: Host, signal: AbortSignal): Promise<{ ip?: string; why?: string }> {
+  let said = '';
+  for (let attempt = 0; attempt < 10; attempt++) {
+    if (attempt) await sleep(1000, signal);
+    const r = await host.run(['sh', '-c', TAILSCALE_IP], { signal });
+    if (r.code === 127) return { why: `tailscale is not installed on ${host.label}` };
+    const ip = r.code === 0 ? r.stdout.trim().split('\n')[0] : '';
+    if (ip) return { ip };
+    said = r.stderr.trim().split('\n').pop() ?? '';
+  }
+  return { why: `tailscale ip -4 gave no address within 10 s${said ? ` (${said})` : ''}` };
+}
+
+/** Compares Verda's Tailscale IP after the restore with the recorded one: a different one is said loudly. */
+async function compareTailscaleIp(
+  host: Host,
+  recorded: string | undefined,
+  signal: AbortSignal,
+  warnings: string[],
+): Promise<string> {
+  const now = await tailscaleIp(host, signal);
+  if (!now.ip) {
+    warnings.push(`Tailscale IP not compared: ${now.why}`);
+    return '';
+  }
+  if (!recorded || recorded === 'unknown') {
+    warnings.push(
+      `Tailscale IP is ${now.ip}; the backup recorded none (tailscale-ip.txt: ${recorded ?? 'absent'}): ` +
+        'not compared',
+    );
+    return `, Tailscale IP ${now.ip}`;
+  }
+  if (now.ip !== recorded) {
+    const loud =
+      `TAILSCALE IP CHANGED: Verda came back as ${now.ip}, the backup recorded ${recorded}. ` +
+      "The platform's fixed Tailscale IP is lost: check /var/lib/tailscale/tailscaled.state, " +
+      `or update every place that uses ${recorded}`;
+    warnings.push(loud);
+    addNotice(loud);
+    return `, Tailscale IP ${now.ip} (NOT the recorded ${recorded})`;
+  }
+  return `, Tailscale IP ${now.ip} as recorded`;
+}
+
+export interface UnpackStepOptions {
+  host: Host;
+  spec: ArchiveSpec;
+  source: RestoreSource;
+  /** The root restored under (--root, the drill's temporary root); without one, `/`. */
+  root?: () => string;
+  /** Services controlled around the unpack; none with --root or in the drill. */
+  services?: ServiceControl;
+  skipReason?: string;
+  /** The drill: compare every restored entry with its archive. */
+  compare?: boolean;
+}
+
+/** One config archive restored: services stopped, unpacked by tar there, services started or reloaded. */
+export function unpackStep(o: UnpackStepOptions): Step {
+  const { spec, host } = o;
+  const dest = () => (o.root ? path.join(o.root(), spec.base) : spec.base);
+  const actions = o.services ? SERVICES[spec.kind] : undefined;
+  const around = [
+    ...(actions?.before ?? []).map(([v, u]) => `${v} ${u} before`),
+    ...(actions?.after ?? []).map(([v, u]) => `${v} ${u} after`),
+  ];
+  const services = around.length ? ` (${around.join(', ')})` : '';
+  return {
+    name: spec.title,
+    moves: `${spec.kind}-*.tar.gz → ${host.label}:${o.root ? `ROOT${spec.base}` : spec.base}${services}`,
+    skipReason: o.skipReason,
+    async run(ctx) {
+      if (!o.source.checked) return notChecked();
+      const ref = o.source.archives.get(spec.kind);
+      if (!ref)
+        return {
+          status: 'skipped',
+          summary: 'nothing to restore',
+          warnings: [o.source.absent.get(spec.kind) ?? `no ${spec.kind} archive`],
+        };
+      const into = dest();
+      const from = ref.verdaFile ? `${host.label}:${ref.verdaFile}` : ref.name;
+      if (ctx.dryRun) {
+        const services = around.length ? `; would ${around.join(', ')}` : '';
+        return { summary: `would unpack ${from} (${ref.entries} entries) into ${host.label}:${into}${services}` };
+      }
+      const warnings: string[] = [];
+      const failures: string[] = [];
+      const serviceFailed = (r: Awaited<ReturnType<typeof service>>) => {
+        if (r.missing)
+          warnings.push(
+            `${r.what}: no such unit on ${host.label} (${r.said}); the files are in place for when it is installed`,
+          );
+        return !r.missing;
+      };
+      for (const action of actions?.before ?? []) {
+        const r = await service(o.services!, action, ctx.signal);
+        // A running tailscaled would write its own state over the one restored.
+        if (!r.ok && serviceFailed(r)) throw new Error(`${r.what} failed (${r.said}): ${ref.name} not unpacked`);
+      }
+      const bytes = await unpackOn(host, ref, into, { sudo: spec.sudo, signal: ctx.signal });
+      for (const action of actions?.after ?? []) {
+        const r = await service(o.services!, action, ctx.signal);
+        if (!r.ok && serviceFailed(r)) failures.push(`${r.what} failed: ${r.said}`);
+      }
+      let ip = '';
+      if (spec.kind === 'tailscale-identity' && o.services)
+        ip = await compareTailscaleIp(host, o.source.tailscaleIp, ctx.signal, warnings);
+      let compared = '';
+      if (o.compare && ref.melloFile) {
+        const c = await compareWithArchive(ref.melloFile, into, ctx.signal);
+        failures.push(...c.failures.map((f) => `${ref.name}: ${f}`));
+        if (!c.owners)
+          warnings.push('owners not compared: the drill does not run as root, so tar could not restore them');
+        compared = `: ${c.entries - c.failures.length} of ${c.entries} entries identical to the archive`;
+      }
+      const size = bytes ? ` (${humanSize(bytes)})` : '';
+      return {
+        summary: `${from}${size} unpacked into ${into}${compared}${ip}`,
+        // The drill moves nothing anywhere: its bytes are not a restore's.
+        bytes: o.compare ? undefined : bytes,
+        warnings,
+        failures,
+        data: { archive: ref.name, dest: into },
+      };
+    },
+  };
+}
+
+/** Local user and group IDs by name, as GNU tar maps an archive's owner names when it restores as root. */
+function localIds(file: string): Map<string, number> {
+  const ids = new Map<string, number>();
+  try {
+    for (const line of fs.readFileSync(file, 'utf8').split('\n')) {
+      const [name, , id] = line.split(':');
+      if (name && /^\d+$/.test(id ?? '')) ids.set(name, Number(id));
+    }
+  } catch {
+    /* no such file: numeric IDs only */
+  }
+  return ids;
+}
+
+/**
+ * Compares what tar restored under `dest` with the archive, entry by entry: type, contents
+ * (sha256), mode, mtime, symlink target, and, as root, owner. Returns the differences, each
+ * naming the entry.
+ */
+export async function compareWithArchive(
+  gzFile: string,
+  dest: string,
+  signal: AbortSignal,
+): Promise<{ entries: number; failures: string[]; owners: boolean }> {
+  const owners = process.geteuid?.() === 0;
+  const users = localIds('/etc/passwd');
+  const groups = localIds('/etc/group');
+  const failures: string[] = [];
+  let entries = 0;
+  const extract = tar.extract();
+  const reading = pipeline(
+    (await openRegular(gzFile)).handle.createReadStream({ highWaterMark: 1 << 20 }),
+    zlib.createGunzip(),
+    extract,
+    { signal },
+  );
+  reading.catch(() => {}); // awaited below; an error also ends the loop
+  for await (const entry of extract as AsyncIterable<Readable & { header: tar.Header }>) {
+    const h = entry.header;
+    entries++;
+    const at = path.join(dest, h.name);
+    const differs = (what: string) => failures.push(`${printable(h.name)}: ${what}`);
+    let st: fs.Stats | undefined;
+    try {
+      st = fs.lstatSync(at);
+    } catch {
+      differs('not restored');
+    }
+    const contents = crypto.createHash('sha256');
+    for await (const chunk of entry as AsyncIterable<Buffer>) contents.update(chunk);
+    if (!st) continue;
+    const type = h.type === 'contiguous-file' ? 'file' : h.type;
+    const got = st.isFile() ? 'file' : st.isDirectory() ? 'directory' : st.isSymbolicLink() ? 'symlink' : 'other';
+    if (type === 'link') {
+      if (st.ino !== fs.lstatSync(path.join(dest, h.linkname ?? '')).ino)
+        differs(`not a hard link to ${printable(h.linkname ?? '')}`);
+      continue;
+    }
+    if (type !== got) {
+      differs(`restored as a ${got}, the archive holds a ${type}`);
+      continue;
+    }
+    if (type === 'symlink') {
+      if (fs.readlinkSync(at) !== h.linkname)
+        differs(`links to ${printable(fs.readlinkSync(at))}, not ${printable(h.linkname ?? '')}`);
+      continue;
+    }
+    if (type === 'file' && (await hashFile(at, signal)) !== contents.digest('hex')) differs('contents differ');
+    const mode = (h.mode ?? 0) & 0o7777;
+    if ((st.mode & 0o7777) !== mode)
+      differs(`mode ${(st.mode & 0o7777).toString(8)}, the archive's ${mode.toString(8)}`);
+    const mtime = Math.floor((h.mtime?.getTime() ?? 0) / 1000);
+    if (Math.floor(st.mtimeMs / 1000) !== mtime)
+      differs(`mtime ${new Date(st.mtimeMs).toISOString()}, the archive's ${h.mtime?.toISOString()}`);
+    if (owners) {
+      const uid = (h.uname ? users.get(h.uname) : undefined) ?? h.uid;
+      const gid = (h.gname ? groups.get(h.gname) : undefined) ?? h.gid;
+      if (st.uid !== uid || st.gid !== gid) differs(`owner ${st.uid}:${st.gid}, the archive's ${uid}:${gid}`);
+    }
+  }
+  await reading;
+  return { entries, failures, owners };
+}
+
+// ---------------------------------------------------------------------------------------------
+// The drill's and --verify's other steps
+
+/** The drill's temporary root on Mello: private, made on first use, removed by the verdict (or at close). */
+export class TempRoot {
+  private dir?: string;
+  constructor(private readonly parent: string) {}
+  get(): string {
+    this.dir ??= runDir(this.parent, 'drill-');
+    return this.dir;
+  }
+  remove() {
+    if (this.dir) removeTree(this.dir);
+    this.dir = undefined;
+  }
+}
+
+/**
+ * Each R2 object the manifest names: there with its size and `sha256` metadata (with `deep`,
+ * its bytes read back and hashed). An object without metadata (a bash-era upload adopted by its
+ * ETag) is checked by size, or with `deep` by its bytes.
+ */
+export function objectsStep(o: { source: RestoreSource; backends: () => Map<string, Backend>; deep: boolean }): Step {
+  return {
+    name: `R2 objects of the backup${o.deep ? ' (reading every byte back)' : ''}`,
+    moves: `the objects its manifest names (and, after a --quick run, the last full run's) → R2: size and sha256`,
+    async run(ctx) {
+      if (!o.source.checked || !o.source.objectsFrom.length) return notChecked();
+      const backends = o.backends();
+      // Each object once, as the newest of those manifests records it.
+      const byKey = new Map<string, R2Record>();
+      for (const r of o.source.objectsFrom.flatMap((m) => m.r2))
+        if (r.sha256) byKey.set(`${r.bucket}/${r.key}`, byKey.get(`${r.bucket}/${r.key}`) ?? r);
+      const records = [...byKey.values()];
+      const failures: string[] = [];
+      let sizeOnly = 0;
+      await pool(
+        records,
+        8,
+        async (r) => {
+          const backend = backends.get(r.bucket);
+          const name = `r2://${r.bucket}/${printable(r.key)}`;
+          if (!backend) return void failures.push(`${name}: that bucket is not configured here`);
+          const head = await backend.head(r.key, ctx.signal);
+          if (!head) failures.push(`missing: ${name}`);
+          else if (head.size !== r.bytes)
+            failures.push(`differs: ${name} has ${head.size} bytes, the manifest says ${r.bytes}`);
+          else if (head.metadata.sha256 && head.metadata.sha256 !== r.sha256)
+            failures.push(`differs: ${name}: its sha256 is not the manifest's`);
+          else if (o.deep) {
+            if ((await readBackSha256(backend, r.key, ctx.signal)) !== r.sha256)
+              failures.push(`differs: ${name}: its bytes are not the manifest's`);
+          } else if (!head.metadata.sha256) sizeOnly++;
+        },
+        ctx.signal,
+      );
+      const warnings = sizeOnly
+        ? [`${sizeOnly} objects have no sha256 metadata (bash-era uploads): checked by size only`]
+        : [];
+      const present = records.length - failures.length;
+      const summary = `${present} of ${records.length} objects present with their size and sha256`;
+      return { summary, failures, warnings, data: { objects: records.length } };
+    },
+  };
+}
+
+/** The drill's last step: one verdict line, and the temporary root removed. */
+export function verdictStep(o: { source: RestoreSource; root: TempRoot }): Step {
+  return {
+    name: 'Drill verdict',
+    moves: 'remove the temporary root',
+    async run(ctx) {
+      o.root.remove();
+      const failed = failedBefore(ctx);
+      if (failed.length) {
+        const what = failed.flatMap((r) => (r.failures.length ? r.failures : [r.error ?? r.summary ?? r.name]));
+        const shown = what.slice(0, 5).join('; ') + (what.length > 5 ? `; and ${what.length - 5} more` : '');
+        throw new Error(`drill FAILED: ${o.source.label || 'the backup'} would not restore: ${shown}`);
+      }
+      const objects = ctx.earlier.find((r) => r.data?.objects !== undefined)?.data?.objects;
+      const archives = o.source.archives.size;
+      return {
+        summary:
+          `drill passed: ${o.source.label} restores whole ` +
+          `(${archives} archives identical on restore, ${objects ?? 0} R2 objects in place)`,
+      };
+    },
+  };
+}
