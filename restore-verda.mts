@@ -129,6 +129,7 @@ function restorePlan(cfg: Config, flags: Flags): Plan {
         image: false,
         host: local,
         sfsBackupDir: cfg.sfsBackupDir,
+        ageIdentityFile: cfg.ageIdentityFile,
         source,
       }),
       ...(drill

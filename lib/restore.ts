@@ -11,7 +11,7 @@ import { Transform, type Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import zlib from 'node:zlib';
 import tar from 'tar-stream';
-import { BUNDLE_KEY, CRON_KINDS, IMAGE_FILE, listArchive, type ArchiveSpec } from './archive.ts';
+import { BUNDLE_KEY, BUNDLE_PREFIX, CRON_KINDS, IMAGE_FILE, listArchive, type ArchiveSpec } from './archive.ts';
 import { addNotice, errorText, humanSize } from './cli.ts';
 import {
   ensurePrivateDir,
@@ -30,6 +30,7 @@ import { datedCopies, datedPattern, localCopies } from './rotation.ts';
 import type { Host } from './ssh.ts';
 import { readBackSha256, type Backend } from './storage.ts';
 import { printable } from './sync.ts';
+import { AGE_SUFFIX, decryptStream, isEncryptedKey, requireIdentityFile } from './age.ts';
 
 /** `--only` names, besides the config archives' kinds. */
 export const IMAGE_KIND = 'image';
@@ -156,6 +157,8 @@ export interface SourceOptions {
   sfsBackupDir: string;
   /** The cache bucket: --from r2, and the image's identity when no manifest is read. */
   cache?: () => Backend;
+  /** AGE_IDENTITY_FILE: decrypts an age-encrypted R2 bundle (--from r2). */
+  ageIdentityFile?: string;
   source: RestoreSource;
 }
 
@@ -380,7 +383,8 @@ async function fromR2(o: SourceOptions, ctx: StepContext, failures: string[], wa
   const cache = o.cache!();
   s.label = `${cache.name}/${BUNDLE_KEY}`;
   removeStaleRunDirs(o.stateDir, 'restore-r2-');
-  const bundle = await readR2Bundle(cache, o.stateDir, ctx.signal);
+  const bundle = await readR2Bundle(cache, o.stateDir, ctx.signal, o.ageIdentityFile);
+  s.label = bundle.label;
   s.tempDirs.push(bundle.dir);
   warnings.push(...bundle.warnings);
   for (const kind of o.kinds) {
@@ -414,6 +418,23 @@ async function imageFromR2(o: SourceOptions, signal: AbortSignal) {
   await adoptMelloImage(o, o.source.image, signal);
 }
 
+/**
+ * The newest bundle in the cache bucket: the newest dated copy (`verda-config-backups/`), plain
+ * or age-encrypted, as the latest key of either kind may be older (encryption turned on or off);
+ * the plain latest key when there is no dated copy.
+ */
+async function newestBundleKey(cache: Backend, signal: AbortSignal): Promise<string> {
+  const names: string[] = [];
+  for await (const o of cache.list(BUNDLE_PREFIX, signal)) names.push(o.key.slice(BUNDLE_PREFIX.length));
+  const newest = [
+    ...datedCopies(names, 'verda-config-backup', 'tar.gz'),
+    ...datedCopies(names, 'verda-config-backup', `tar.gz${AGE_SUFFIX}`),
+  ].sort((a, b) => (stampOf(b) < stampOf(a) ? -1 : 1))[0];
+  return newest ? BUNDLE_PREFIX + newest : BUNDLE_KEY;
+}
+
+const stampOf = (name: string) => /(\d{8}-\d{6})/.exec(name)?.[1] ?? '';
+
 /** A member of the R2 bundle: one flat, plain name (what bundleFiles writes). */
 const BUNDLE_MEMBER = /^[A-Za-z0-9][A-Za-z0-9._-]*$/;
 
@@ -426,20 +447,33 @@ export async function readR2Bundle(
   cache: Backend,
   stateDir: string,
   signal: AbortSignal,
-): Promise<{ dir: string; names: string[]; warnings: string[] }> {
-  const head = await cache.head(BUNDLE_KEY, signal);
-  if (!head) throw new Error(`${cache.name}/${BUNDLE_KEY} does not exist: nothing to restore from R2`);
+  ageIdentityFile?: string,
+): Promise<{ dir: string; names: string[]; warnings: string[]; label: string }> {
+  const key = await newestBundleKey(cache, signal);
+  const label = `${cache.name}/${key}`;
+  const head = await cache.head(key, signal);
+  if (!head) throw new Error(`${label} does not exist: nothing to restore from R2`);
+  // An encrypted bundle (AGE_RECIPIENTS on Mello) needs the identity before anything is read.
+  const identity = isEncryptedKey(key) ? requireIdentityFile(ageIdentityFile, `to restore from ${label}`) : undefined;
   const dir = runDir(stateDir, 'restore-r2-');
   const warnings: string[] = [];
   try {
+    // The object as stored (the ciphertext, when encrypted) is checked against its sha256 first.
+    const stored = path.join(dir, identity ? '.bundle.tar.gz.age' : '.bundle.tar.gz');
+    const written = await writeStreamAtomic(stored, await cache.get(key, signal), 0o600, signal);
+    if (written.bytes !== head.size) throw new Error(`${label}: read ${written.bytes} bytes, the object has ${head.size}`);
+    if (!head.metadata.sha256) warnings.push(`${label} has no sha256 metadata: its archives are checked by listing alone`);
+    else if (written.sha256 !== head.metadata.sha256) {
+      throw new Error(`damaged: ${label}: its bytes' sha256 is not the one recorded with it`);
+    }
     const file = path.join(dir, '.bundle.tar.gz');
-    const written = await writeStreamAtomic(file, await cache.get(BUNDLE_KEY, signal), 0o600, signal);
-    if (written.bytes !== head.size)
-      throw new Error(`${cache.name}/${BUNDLE_KEY}: read ${written.bytes} bytes, the object has ${head.size}`);
-    if (!head.metadata.sha256)
-      warnings.push(`${cache.name}/${BUNDLE_KEY} has no sha256 metadata: its archives are checked by listing alone`);
-    else if (written.sha256 !== head.metadata.sha256)
-      throw new Error(`damaged: ${cache.name}/${BUNDLE_KEY}: its bytes' sha256 is not the one recorded with it`);
+    if (identity) {
+      const plain = await decryptStream(identity, (await openRegular(stored)).handle.createReadStream()).catch((e) => {
+        throw new Error(`${label} cannot be decrypted: ${errorText(e)}`);
+      });
+      await writeStreamAtomic(file, plain, 0o600, signal);
+      fs.rmSync(stored);
+    }
     const names: string[] = [];
     const extract = tar.extract();
     const reading = pipeline((await openRegular(file)).handle.createReadStream(), zlib.createGunzip(), extract, {
@@ -448,16 +482,14 @@ export async function readR2Bundle(
     for await (const entry of extract as AsyncIterable<Readable & { header: tar.Header }>) {
       const name = entry.header.name;
       if (entry.header.type !== 'file' || !BUNDLE_MEMBER.test(name) || names.includes(name)) {
-        throw new Error(
-          `${cache.name}/${BUNDLE_KEY} holds ${JSON.stringify(name)}, which is not one of its artifacts: not read`,
-        );
+        throw new Error(`${label} holds ${JSON.stringify(name)}, which is not one of its artifacts: not read`);
       }
       await writeStreamAtomic(path.join(dir, name), entry, 0o600, signal);
       names.push(name);
     }
     await reading;
     fs.rmSync(file);
-    return { dir, names, warnings };
+    return { dir, names, warnings, label };
   } catch (e) {
     removeTree(dir);
     throw e;

@@ -719,7 +719,8 @@ test("--from r2 restores every kind from the cache bucket's bundle, and leaves n
   const into = path.join(work, 'from-r2');
   const r = await restore(['--from', 'r2', '--root', into, '--skip-image', '--skip-models']);
   assert.is(r.code, 0, out(r));
-  assert.match(r.stdout, new RegExp(`r2://${CACHE}/verda-config-backup.tar.gz: 8 archives checked`), out(r));
+  const newest = `r2://${CACHE}/verda-config-backups/verda-config-backup-\\d{8}-\\d{6}\\.tar\\.gz`;
+  assert.match(r.stdout, new RegExp(`${newest}: 8 archives checked`), out(r));
   assertRestoredTree(into);
   assert.equal(
     fs.readdirSync(path.join(work, 'mello-state')).filter((n) => n.startsWith('restore-r2-')),
@@ -860,6 +861,28 @@ test('no secret in any output: .env contents, keys, the Tailscale state, R2 cred
       assert.not.ok(all.includes(secret), `${secret} in the output`);
     }
   }
+});
+
+// Last: it leaves the cache bucket's bundles encrypted (a run with AGE_RECIPIENTS deletes the plain ones).
+test('--from r2 with an age-encrypted bundle: restored with AGE_IDENTITY_FILE, refused naming it without', async () => {
+  const key = path.join(work, 'age-key.txt');
+  assert.is(spawnSync('age-keygen', ['-o', key]).status, 0, 'age-keygen');
+  const recipient = spawnSync('age-keygen', ['-y', key], { encoding: 'utf8' }).stdout.trim();
+  await wait(1100);
+  const encrypted = await runScript('backup-verda.mts', ['--quick'], { ...backupEnv, AGE_RECIPIENTS: recipient });
+  assert.is(encrypted.code, 0, out(encrypted));
+  assert.ok((await s3.listKeys(CACHE, 'verda-config-backups/')).some((k) => k.endsWith('.tar.gz.age')));
+  // Known only once R2 is read: a failed check of the source, and nothing restored.
+  const noKey = path.join(work, 'from-r2-age-no-key');
+  const refused = await restore(['--from', 'r2', '--root', noKey, '--skip-image', '--skip-models']);
+  assert.is(refused.code, 1, out(refused));
+  assert.match(refused.stdout, /AGE_IDENTITY_FILE is not set: it is needed to restore from .*\.tar\.gz\.age/, out(refused));
+  assert.not.ok(fs.existsSync(noKey), 'nothing restored');
+  const into = path.join(work, 'from-r2-age');
+  const r = await restore(['--from', 'r2', '--root', into, '--skip-image', '--skip-models'], { AGE_IDENTITY_FILE: key });
+  assert.is(r.code, 0, out(r));
+  assert.match(r.stdout, /verda-config-backup-\d{8}-\d{6}\.tar\.gz\.age: 8 archives checked/, out(r));
+  assertRestoredTree(into);
 });
 
 test.run();
