@@ -165,6 +165,7 @@ function restorePlan(cfg: Config, flags: Flags): Plan {
       image: wantImage,
       host: verda,
       sfsBackupDir: cfg.sfsBackupDir,
+      ageIdentityFile: cfg.ageIdentityFile,
       cache: cacheBackend,
       source,
     }),
