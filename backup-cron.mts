@@ -16,7 +16,8 @@ import { triggerMelloStep } from './lib/trigger.ts';
 
 await runScript({
   name: 'backup-cron',
-  title: (f) => `=== Verda config → SFS, then Mello user files → R2 (${f.verify ? 'verify' : f.quick ? 'quick' : 'full'}) ===`,
+  title: (f) =>
+    `=== Verda config → SFS, then Mello user files → R2 (${f.verify ? 'verify' : f.quick ? 'quick' : 'full'}) ===`,
   usage: `Usage: backup-cron.mts [--full | --quick] [--dry-run | --verify] [--json] [-v] [--env-file PATH]
 
 Run hourly on Verda as root by cron (installed by ./install). Archives tailscale identity, SSH host

@@ -7,7 +7,14 @@
 // BACKUP_DIR on Mello and to the R2 cache bucket; in a full run also the worker image, and the
 // models straight from Verda to the R2 models bucket. One SSH connection for the whole run.
 import { loadRecipients } from './lib/age.ts';
-import { BUNDLE_PREFIX, archiveStep, bundleStep, configArchives, rotateBundles, tailscaleIpStep } from './lib/archive.ts';
+import {
+  BUNDLE_PREFIX,
+  archiveStep,
+  bundleStep,
+  configArchives,
+  rotateBundles,
+  tailscaleIpStep,
+} from './lib/archive.ts';
 import { bucketTarget, requireDirOrAbsent, type Config } from './lib/config.ts';
 import { imageStep } from './lib/image.ts';
 import { RunRecord, manifestStep, verifyArtifactsStep, verifyObjectsStep } from './lib/manifest.ts';

@@ -23,7 +23,9 @@ await build({
   // Its binary cannot be bundled; restore-verda loads it on Mello only (lib/restore-models.ts scriptBundle).
   external: ['esbuild'],
   // CommonJS dependencies inside an ES module bundle still call require() for Node's builtins.
-  banner: { js: "import { createRequire as __createRequire } from 'node:module'; const require = __createRequire(import.meta.url);" },
+  banner: {
+    js: "import { createRequire as __createRequire } from 'node:module'; const require = __createRequire(import.meta.url);",
+  },
   logLevel: 'warning',
 });
 console.log(`built ${scripts.map((f) => `dist/${f.replace(/\.mts$/, '.mjs')}`).join(', ')}`);

@@ -40,11 +40,14 @@ export function parseAgeRecipients(value: string | undefined, home: string): Age
   const raw = value?.trim();
   if (!raw) return undefined;
   // Before anything that echoes the value: it may be an identity pasted by mistake.
-  if (/AGE-SECRET-KEY-/i.test(raw)) throw badRecipients('holds a secret key: give the public key (age-keygen -y FILE), never the identity');
+  if (/AGE-SECRET-KEY-/i.test(raw))
+    throw badRecipients('holds a secret key: give the public key (age-keygen -y FILE), never the identity');
   if (/^age1/i.test(raw)) return { keys: checkWords(raw.split(/[\s,]+/).filter(Boolean), '') };
   const file = raw === '~' || raw.startsWith('~/') ? path.join(home, raw.slice(1)) : raw;
   if (!path.isAbsolute(file) || /[\0\n\r]/.test(file)) {
-    throw badRecipients(`must be age public keys (age1...) or the absolute path of a file of them (got ${JSON.stringify(raw)})`);
+    throw badRecipients(
+      `must be age public keys (age1...) or the absolute path of a file of them (got ${JSON.stringify(raw)})`,
+    );
   }
   return { file };
 }
@@ -53,10 +56,14 @@ function checkWords(words: string[], where: string): string[] {
   if (!words.length) throw badRecipients(`names no recipient${where}`);
   for (const w of words) {
     if (/^(ssh-|ecdsa-|sk-)/.test(w)) {
-      throw badRecipients(`holds an SSH key${where} (${w.split(/\s/)[0]}): only age recipients (age1..., from age-keygen) are supported`);
+      throw badRecipients(
+        `holds an SSH key${where} (${w.split(/\s/)[0]}): only age recipients (age1..., from age-keygen) are supported`,
+      );
     }
-    if (/^AGE-SECRET-KEY-/i.test(w)) throw badRecipients(`holds a secret key${where}: give the public key (age-keygen -y FILE), never the identity`);
-    if (!RECIPIENT.test(w)) throw badRecipients(`holds something that is not an age public key${where}: ${JSON.stringify(w.slice(0, 80))}`);
+    if (/^AGE-SECRET-KEY-/i.test(w))
+      throw badRecipients(`holds a secret key${where}: give the public key (age-keygen -y FILE), never the identity`);
+    if (!RECIPIENT.test(w))
+      throw badRecipients(`holds something that is not an age public key${where}: ${JSON.stringify(w.slice(0, 80))}`);
   }
   return [...new Set(words)];
 }
@@ -127,10 +134,14 @@ export function readIdentities(file: string): string[] {
   try {
     text = readRegularFileSync(file, { follow: true }).toString('utf8');
   } catch (e) {
-    throw new IdentityError(`AGE_IDENTITY_FILE cannot be read: ${file} (${(e as NodeJS.ErrnoException).code ?? (e as Error).message})`);
+    throw new IdentityError(
+      `AGE_IDENTITY_FILE cannot be read: ${file} (${(e as NodeJS.ErrnoException).code ?? (e as Error).message})`,
+    );
   }
   if (text.startsWith('age-encryption.org/')) {
-    throw new IdentityError(`AGE_IDENTITY_FILE ${file} is itself encrypted (age -p): give a plain identity file (age-keygen -o FILE)`);
+    throw new IdentityError(
+      `AGE_IDENTITY_FILE ${file} is itself encrypted (age -p): give a plain identity file (age-keygen -o FILE)`,
+    );
   }
   const lines = text
     .split('\n')
@@ -172,7 +183,8 @@ export async function decryptStream(identityFile: string | string[], ciphertext:
       web = await d.decrypt(Readable.toWeb(ciphertext) as unknown as ReadableStream<Uint8Array>);
     } catch (e) {
       const said = (e as Error).message;
-      if (/no identity matched/i.test(said)) throw new Error('it was not encrypted to any identity in AGE_IDENTITY_FILE (another key pair?)');
+      if (/no identity matched/i.test(said))
+        throw new Error('it was not encrypted to any identity in AGE_IDENTITY_FILE (another key pair?)');
       throw new Error(`it is not a readable age file: ${said}`);
     }
     return Readable.fromWeb(web as unknown as import('node:stream/web').ReadableStream<Uint8Array>);

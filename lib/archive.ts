@@ -13,7 +13,15 @@ import tar from 'tar-stream';
 import type { Config } from './config.ts';
 import { errorText, humanSize } from './cli.ts';
 import { AGE_SUFFIX, encryptStream } from './age.ts';
-import { ensurePrivateDir, isRegularFile, openRegular, partialName, writeFileAtomic, writeStreamAtomic, type Written } from './files.ts';
+import {
+  ensurePrivateDir,
+  isRegularFile,
+  openRegular,
+  partialName,
+  writeFileAtomic,
+  writeStreamAtomic,
+  type Written,
+} from './files.ts';
 import type { RunRecord } from './manifest.ts';
 import { failedBefore, type Step } from './plan.ts';
 import { copyWarnings, newestLocal } from './rotation.ts';
@@ -43,9 +51,21 @@ const sys = (cfg: Config, p: string) => path.join(cfg.verdaSysroot, p);
 /** The SPEC's config artifacts, in its order. Layouts are what the restore script extracts. */
 export function configArchives(cfg: Config): ArchiveSpec[] {
   return [
-    { kind: 'tailscale-identity', title: 'Tailscale identity', base: sys(cfg, 'var/lib'), entries: ['tailscale'], sudo: true },
+    {
+      kind: 'tailscale-identity',
+      title: 'Tailscale identity',
+      base: sys(cfg, 'var/lib'),
+      entries: ['tailscale'],
+      sudo: true,
+    },
     { kind: 'ssh-host-keys', title: 'SSH host keys', base: sys(cfg, '/'), entries: ['etc/ssh/ssh_host_*'], sudo: true },
-    { kind: 'fail2ban', title: 'fail2ban config', base: sys(cfg, '/'), entries: ['etc/fail2ban/jail.local', 'etc/fail2ban/jail.d'], sudo: true },
+    {
+      kind: 'fail2ban',
+      title: 'fail2ban config',
+      base: sys(cfg, '/'),
+      entries: ['etc/fail2ban/jail.local', 'etc/fail2ban/jail.d'],
+      sudo: true,
+    },
     {
       kind: 'ufw',
       title: 'ufw rules',
@@ -59,7 +79,15 @@ export function configArchives(cfg: Config): ArchiveSpec[] {
       title: 'Home directory (dev)',
       base: cfg.verdaHome,
       entries: ['.'],
-      excludes: ['.cache', '.local/share', '.npm', '.docker', 'comfy-multi/data/models', 'comfy-multi/data/outputs', '*.safetensors'],
+      excludes: [
+        '.cache',
+        '.local/share',
+        '.npm',
+        '.docker',
+        'comfy-multi/data/models',
+        'comfy-multi/data/outputs',
+        '*.safetensors',
+      ],
       sudo: false,
     },
     {
@@ -70,7 +98,13 @@ export function configArchives(cfg: Config): ArchiveSpec[] {
       excludes: ['data/models', 'data/outputs', 'node_modules', '__pycache__'],
       sudo: false,
     },
-    { kind: 'ohmyzsh-custom', title: 'oh-my-zsh custom', base: path.join(cfg.verdaHome, '.oh-my-zsh'), entries: ['custom'], sudo: false },
+    {
+      kind: 'ohmyzsh-custom',
+      title: 'oh-my-zsh custom',
+      base: path.join(cfg.verdaHome, '.oh-my-zsh'),
+      entries: ['custom'],
+      sudo: false,
+    },
   ];
 }
 
@@ -102,16 +136,24 @@ export class ArchiveError extends Error {}
 /** Which of the spec's entries exist on the host. */
 export async function presentEntries(host: Host, spec: ArchiveSpec, signal?: AbortSignal): Promise<string[]> {
   const r = await host.run(['sh', '-c', PRESENT, 'sh', spec.base, ...spec.entries], { sudo: spec.sudo, signal });
-  if (r.code !== 0) throw new ArchiveError(`cannot look at ${spec.base} on ${host.label}: ${r.stderr.trim() || `exit ${r.code}`}`);
+  if (r.code !== 0)
+    throw new ArchiveError(`cannot look at ${spec.base} on ${host.label}: ${r.stderr.trim() || `exit ${r.code}`}`);
   return r.stdout.split('\0').filter(Boolean).sort();
 }
 
 /** tar in the C locale: its messages are read (which files it could not read), so they must be English. */
 export function tarCommand(spec: ArchiveSpec, entries: string[]): string[] {
   return [
-    'env', 'LC_ALL=C', 'tar', '--create', '--file=-', `--directory=${spec.base}`, '--sort=name',
+    'env',
+    'LC_ALL=C',
+    'tar',
+    '--create',
+    '--file=-',
+    `--directory=${spec.base}`,
+    '--sort=name',
     ...(spec.excludes ?? []).map((p) => `--exclude=${p}`),
-    '--', ...entries,
+    '--',
+    ...entries,
   ];
 }
 
@@ -131,14 +173,18 @@ export function readTarMessages(stderr: string): { fileProblems: string[]; other
   const other: string[] = [];
   for (const line of stderr.split('\n').filter(Boolean)) {
     const m = TAR_FILE_PROBLEM.exec(line);
-    if (m) fileProblems.push(`${m[1]}: ${m[2]}${m[3] ? ` (${m[3]})` : ''}${/^Cannot/.test(m[2]) ? ': not in the archive' : ''}`);
+    if (m)
+      fileProblems.push(
+        `${m[1]}: ${m[2]}${m[3] ? ` (${m[3]})` : ''}${/^Cannot/.test(m[2]) ? ': not in the archive' : ''}`,
+      );
     else if (!TAR_EXIT_LINE.test(line)) other.push(line);
   }
   return { fileProblems, other };
 }
 
 /** The first 512 bytes of a tar stream say `ustar` at 257: `save --help` text does not. */
-const looksLikeTar = (header: Buffer) => header.length >= 512 && header.subarray(257, 262).toString('latin1') === 'ustar';
+const looksLikeTar = (header: Buffer) =>
+  header.length >= 512 && header.subarray(257, 262).toString('latin1') === 'ustar';
 
 /**
  * Runs a command on the host and gzips its stdout into `file` through a temporary name. The
@@ -170,14 +216,22 @@ export async function commandToGzipFile(
       if (opts.expectTar && header.length < 512) {
         header = Buffer.concat([header, chunk.subarray(0, 512 - header.length)]);
         if (header.length === 512 && !looksLikeTar(header)) {
-          return cb(new ArchiveError(`${argv.join(' ')} on ${host.label} did not give a tar stream: refused, the previous copy kept`));
+          return cb(
+            new ArchiveError(
+              `${argv.join(' ')} on ${host.label} did not give a tar stream: refused, the previous copy kept`,
+            ),
+          );
         }
       }
       cb(null, chunk);
     },
     flush(cb) {
       if (opts.expectTar && !looksLikeTar(header)) {
-        return cb(new ArchiveError(`${argv.join(' ')} on ${host.label} did not give a tar stream: refused, the previous copy kept`));
+        return cb(
+          new ArchiveError(
+            `${argv.join(' ')} on ${host.label} did not give a tar stream: refused, the previous copy kept`,
+          ),
+        );
       }
       cb();
     },
@@ -197,7 +251,10 @@ export async function commandToGzipFile(
   }
   if (!(opts.okCodes ?? [0]).includes(run.code) && !opts.acceptFailure?.(run.code, run.stderr)) {
     const said = run.stderr.trim().split('\n').slice(-3).join('; ') || 'no message';
-    const what = argv.filter((a) => !/^(env|LC_ALL=C)$/.test(a)).slice(0, 2).join(' ');
+    const what = argv
+      .filter((a) => !/^(env|LC_ALL=C)$/.test(a))
+      .slice(0, 2)
+      .join(' ');
     const error = new ArchiveError(`${what} on ${host.label} failed (exit ${run.code}): ${said}`);
     raw.destroy(error);
     await writing.catch(() => {});
@@ -248,7 +305,8 @@ export async function writeArchive(
     // A copy that cannot be read back (damaged, or not a regular file) is not the same: a fresh
     // one is written.
     const same =
-      isRegularFile(opts.unlessSameAs) && (await contentSha256(opts.unlessSameAs).catch(() => undefined)) === result.contentSha256;
+      isRegularFile(opts.unlessSameAs) &&
+      (await contentSha256(opts.unlessSameAs).catch(() => undefined)) === result.contentSha256;
     if (same) {
       fs.rmSync(target, { force: true });
       return { ...result, written: false };
@@ -290,7 +348,14 @@ export async function bundleFiles(files: string[], dest: string, signal?: AbortS
   const feeding = (async () => {
     for (const file of files) {
       const st = fs.statSync(file);
-      const entry = pack.entry({ name: path.basename(file), size: st.size, mode: st.mode & 0o7777, mtime: st.mtime, uid: st.uid, gid: st.gid });
+      const entry = pack.entry({
+        name: path.basename(file),
+        size: st.size,
+        mode: st.mode & 0o7777,
+        mtime: st.mtime,
+        uid: st.uid,
+        gid: st.gid,
+      });
       await pipeline(await readStream(file), entry);
     }
     pack.finalize();
@@ -342,18 +407,22 @@ export function tailscaleIpStep(o: { host: Host; dir: string; run: RunRecord }):
     async run(ctx) {
       // No Verda at all is a failure (the command throws); a hung tailscale is "unknown".
       let said = '';
-      const r = await o.host
-        .$({ signal: ctx.signal })`sh -c ${'command -v tailscale >/dev/null && tailscale ip -4'}`
-        .catch((e) => {
-          if (!(e instanceof CommandTimeout)) throw e;
-          said = ` (${e.message})`;
-          return { code: 1, stdout: '', stderr: '' };
-        });
+      const r = await o.host.$({
+        signal: ctx.signal,
+      })`sh -c ${'command -v tailscale >/dev/null && tailscale ip -4'}`.catch((e) => {
+        if (!(e instanceof CommandTimeout)) throw e;
+        said = ` (${e.message})`;
+        return { code: 1, stdout: '', stderr: '' };
+      });
       const ip = (r.code === 0 && r.stdout.trim().split('\n')[0]) || 'unknown';
       if (ctx.dryRun) return { summary: `would write tailscale-ip.txt (${ip})` };
       ensurePrivateDir(o.dir);
       writeFileAtomic(file, `${ip}\n`, 0o600);
-      o.run.artifact({ name: 'tailscale-ip.txt', bytes: ip.length + 1, sha256: crypto.createHash('sha256').update(`${ip}\n`).digest('hex') });
+      o.run.artifact({
+        name: 'tailscale-ip.txt',
+        bytes: ip.length + 1,
+        sha256: crypto.createHash('sha256').update(`${ip}\n`).digest('hex'),
+      });
       const warnings = ip === 'unknown' ? [`tailscale ip -4 failed on Verda${said}: wrote "unknown"`] : [];
       return { summary: `tailscale-ip.txt: ${ip}`, warnings };
     },
@@ -397,18 +466,26 @@ export function bundleStep(o: {
     async run(ctx) {
       if (ctx.dryRun) return { summary: `would send the run's config artifacts as ${latest} and ${dated}${how}` };
       const failed = failedBefore(ctx, o.configSteps);
-      if (failed.length) throw new Error(`not sent, ${failed.map((r) => r.name).join(', ')} failed: R2 keeps the previous bundle`);
+      if (failed.length)
+        throw new Error(`not sent, ${failed.map((r) => r.name).join(', ')} failed: R2 keeps the previous bundle`);
       const config = o.run.artifacts.filter((a) => a.name !== IMAGE_FILE);
       if (!config.length) throw new Error('no config artifact was written: nothing to bundle');
       const tmp = path.join(o.dir, `.verda-config-backup-${o.run.stamp}.tar.gz`);
       const tmpAge = tmp + AGE_SUFFIX;
       try {
-        const plain = await bundleFiles(config.map((a) => path.join(o.dir, a.name)), tmp, ctx.signal);
+        const plain = await bundleFiles(
+          config.map((a) => path.join(o.dir, a.name)),
+          tmp,
+          ctx.signal,
+        );
         const b = encrypt ? await encryptFile(encrypt, tmp, tmpAge, ctx.signal) : plain;
         const file = encrypt ? tmpAge : tmp;
         const bucket = o.bucket;
         for (const key of [latest, dated]) {
-          await o.cache.put(key, fingerprintedSource(file, b.fingerprint), { metadata: { sha256: b.sha256 }, signal: ctx.signal });
+          await o.cache.put(key, fingerprintedSource(file, b.fingerprint), {
+            metadata: { sha256: b.sha256 },
+            signal: ctx.signal,
+          });
           o.run.object({
             bucket,
             key,
@@ -418,7 +495,10 @@ export function bundleStep(o: {
             ...(encrypt ? { encrypted: 'age' as const, plaintextSha256: plain.sha256 } : {}),
           });
         }
-        return { summary: `${config.length} artifacts (${humanSize(b.bytes)}${how}) sent as ${latest} and ${dated}`, bytes: b.bytes * 2 };
+        return {
+          summary: `${config.length} artifacts (${humanSize(b.bytes)}${how}) sent as ${latest} and ${dated}`,
+          bytes: b.bytes * 2,
+        };
       } finally {
         fs.rmSync(tmp, { force: true });
         fs.rmSync(tmpAge, { force: true });
@@ -440,7 +520,12 @@ async function encryptFile(recipients: string[], src: string, dest: string, sign
  * `verda-config-backup.tar.gz` included: once AGE_RECIPIENTS is set, no plaintext copy of the
  * secrets stays in R2 (Mello keeps its own plaintext copies). Returns the deleted keys.
  */
-export async function rotateBundles(cache: Backend, keep: number, encrypted: boolean, signal?: AbortSignal): Promise<string[]> {
+export async function rotateBundles(
+  cache: Backend,
+  keep: number,
+  encrypted: boolean,
+  signal?: AbortSignal,
+): Promise<string[]> {
   const dated = /^verda-config-backup-(\d{8}-\d{6})\.tar\.gz(\.age)?$/;
   const found: { key: string; stamp: string; plain: boolean }[] = [];
   for await (const obj of cache.list(BUNDLE_PREFIX, signal)) {

@@ -38,10 +38,7 @@ export interface Flags {
 
 const BOOLEAN_FLAGS = ['quick', 'full', 'dry-run', 'verify', 'status', 'deep', 'json', 'verbose', 'help'];
 
-export function parseFlags(
-  argv: string[],
-  extra: { boolean?: string[]; string?: string[] } = {},
-): Flags {
+export function parseFlags(argv: string[], extra: { boolean?: string[]; string?: string[] } = {}): Flags {
   const unknown: string[] = [];
   const stringFlags = ['env-file', ...(extra.string ?? [])];
   const args = minimist(argv, {

@@ -114,9 +114,19 @@ export interface Config {
 }
 
 const BUCKETS: Record<BucketKind, { name: string; fallback: string; endpoint: string; keys: string }> = {
-  models: { name: 'R2_MODELS_BUCKET', fallback: 'comfy-multi-model-vault-backup', endpoint: 'R2_MODELS_ENDPOINT', keys: 'R2_MODELS' },
+  models: {
+    name: 'R2_MODELS_BUCKET',
+    fallback: 'comfy-multi-model-vault-backup',
+    endpoint: 'R2_MODELS_ENDPOINT',
+    keys: 'R2_MODELS',
+  },
   cache: { name: 'R2_CACHE_BUCKET', fallback: 'comfy-multi-cache', endpoint: 'R2_CACHE_ENDPOINT', keys: 'R2_CACHE' },
-  userFiles: { name: 'R2_USER_FILES_BUCKET', fallback: 'comfy-multi-user-files', endpoint: 'R2_USER_FILES_ENDPOINT', keys: 'R2_USER_FILES' },
+  userFiles: {
+    name: 'R2_USER_FILES_BUCKET',
+    fallback: 'comfy-multi-user-files',
+    endpoint: 'R2_USER_FILES_ENDPOINT',
+    keys: 'R2_USER_FILES',
+  },
 };
 
 /**
@@ -130,8 +140,14 @@ function bucketKeyPair(env: Record<string, string | undefined>, kind: BucketKind
   const accessKeyId = env[idVar];
   const secretAccessKey = env[secretVar];
   if (!accessKeyId && !secretAccessKey) return undefined;
-  if (!secretAccessKey) throw new UsageError(`${secretVar} is not set, but ${idVar} is: set both (the ${kind} bucket's key pair) or neither`);
-  if (!accessKeyId) throw new UsageError(`${idVar} is not set, but ${secretVar} is: set both (the ${kind} bucket's key pair) or neither`);
+  if (!secretAccessKey)
+    throw new UsageError(
+      `${secretVar} is not set, but ${idVar} is: set both (the ${kind} bucket's key pair) or neither`,
+    );
+  if (!accessKeyId)
+    throw new UsageError(
+      `${idVar} is not set, but ${secretVar} is: set both (the ${kind} bucket's key pair) or neither`,
+    );
   return { accessKeyId, secretAccessKey };
 }
 
@@ -358,7 +374,14 @@ export function checkEndpoint(
     throw new UsageError(`${name} must be an http(s) URL (got "${url.protocol}")`);
   }
   // Not printed: it may hold a password.
-  if (url.username || url.password || value.slice(url.protocol.length + 2).split('/')[0].includes('@')) {
+  if (
+    url.username ||
+    url.password ||
+    value
+      .slice(url.protocol.length + 2)
+      .split('/')[0]
+      .includes('@')
+  ) {
     const where = 'credentials go in R2_ACCESS_KEY_ID and R2_SECRET_ACCESS_KEY';
     throw new UsageError(`${name} must not hold a user name or password (${where})`);
   }
@@ -522,7 +545,10 @@ export function loadConfig(processEnv: NodeJS.ProcessEnv, scriptDir: string, env
     containerCli: cli,
     containerImage: str('CONTAINER_IMAGE', 'comfy-multi-worker-1'),
     keepBackups: Number(keepRaw),
-    stateDir: dir('COMFYMULTI_STATE_DIR', path.join(env.XDG_CACHE_HOME || path.join(home, '.cache'), 'comfymulti-scripts')),
+    stateDir: dir(
+      'COMFYMULTI_STATE_DIR',
+      path.join(env.XDG_CACHE_HOME || path.join(home, '.cache'), 'comfymulti-scripts'),
+    ),
     staleHours,
     limits: readLimits(env),
     ageRecipients,
@@ -539,7 +565,8 @@ export function bucketTarget(cfg: Config, kind: BucketKind): BucketTarget {
   const env = cfg.env;
   const endpointVar = env[b.endpoint] ? b.endpoint : 'R2_ENDPOINT';
   const endpoint = env[endpointVar];
-  if (!endpoint) throw new UsageError(`R2_ENDPOINT is not set (needed for the ${kind} bucket; ${b.endpoint} may override it)`);
+  if (!endpoint)
+    throw new UsageError(`R2_ENDPOINT is not set (needed for the ${kind} bucket; ${b.endpoint} may override it)`);
   const origin = checkEndpoint(endpointVar, endpoint, b.name);
   const bucket = checkBucketName(b.name, env[b.name] || b.fallback);
   // The bucket's own pair (a token scoped to it), else the shared one.

@@ -42,7 +42,7 @@ export class Digester {
   update(chunk: Buffer) {
     this.hash.update(chunk);
     this.bytes += chunk.length;
-    for (let at = 0; at < chunk.length; ) {
+    for (let at = 0; at < chunk.length;) {
       const take = Math.min(chunk.length - at, BLOCK - this.inBlock);
       this.crc = zlib.crc32(chunk.subarray(at, at + take), this.crc);
       at += take;
@@ -148,7 +148,12 @@ export interface Written {
  * Streams into `file` through a temporary name: fsync, then rename. On any error or abort the
  * temporary file is removed and the old `file`, if any, is untouched.
  */
-export async function writeStreamAtomic(file: string, source: Readable, mode: number, signal?: AbortSignal): Promise<Written> {
+export async function writeStreamAtomic(
+  file: string,
+  source: Readable,
+  mode: number,
+  signal?: AbortSignal,
+): Promise<Written> {
   const tmp = partialName(file);
   const digest = new Digester();
   const tap = new Transform({
@@ -188,7 +193,10 @@ export function ensurePrivateDir(dir: string) {
 
 /** A file that is not a regular file where one was expected (a FIFO, a device, a directory). */
 export class NotRegularFile extends Error {
-  constructor(readonly file: string, what: string) {
+  constructor(
+    readonly file: string,
+    what: string,
+  ) {
     super(`${file} is not a regular file (${what}): not read`);
   }
 }
@@ -206,7 +214,10 @@ function kindOf(st: fs.BigIntStats | fs.Stats): string {
  * Opens a file for reading without ever blocking (O_NONBLOCK: a FIFO opens at once) and checks
  * it is a regular file. `follow: false` refuses a symlink (ELOOP).
  */
-export async function openRegular(file: string, opts: { follow?: boolean } = {}): Promise<{ handle: fs.promises.FileHandle; stat: fs.BigIntStats }> {
+export async function openRegular(
+  file: string,
+  opts: { follow?: boolean } = {},
+): Promise<{ handle: fs.promises.FileHandle; stat: fs.BigIntStats }> {
   const handle = await fs.promises.open(file, O_RDONLY | O_NONBLOCK | (opts.follow ? 0 : O_NOFOLLOW));
   try {
     const stat = await handle.stat({ bigint: true });
@@ -240,7 +251,12 @@ export function isRegularFile(file: string): boolean {
 }
 
 /** Reads a regular file through `onChunk`, one BLOCK at a time, from a stream it opens itself. */
-export async function readRegular(file: string, onChunk: (chunk: Buffer) => void, signal?: AbortSignal, follow = false): Promise<number> {
+export async function readRegular(
+  file: string,
+  onChunk: (chunk: Buffer) => void,
+  signal?: AbortSignal,
+  follow = false,
+): Promise<number> {
   const { handle } = await openRegular(file, { follow });
   try {
     const stream = handle.createReadStream({ highWaterMark: BLOCK, autoClose: false });
@@ -304,7 +320,7 @@ export function compareKeys(a: string, b: string): number {
 /** A name as bytes, shown with every byte that is not UTF-8 as `\xNN`. */
 export function showBytes(name: Buffer): string {
   let out = '';
-  for (let at = 0; at < name.length; ) {
+  for (let at = 0; at < name.length;) {
     let len = 1;
     const b = name[at];
     if (b >= 0xc2 && b <= 0xdf) len = 2;
@@ -335,7 +351,10 @@ export async function* walkSorted(root: string, relDir = ''): AsyncGenerator<Wal
   const dir = relDir ? path.join(root, relDir) : root;
   let entries: fs.Dirent[];
   try {
-    entries = (await fs.promises.readdir(Buffer.from(dir), { withFileTypes: true, encoding: 'buffer' })) as unknown as fs.Dirent[];
+    entries = (await fs.promises.readdir(Buffer.from(dir), {
+      withFileTypes: true,
+      encoding: 'buffer',
+    })) as unknown as fs.Dirent[];
   } catch (e) {
     const code = (e as NodeJS.ErrnoException).code;
     if (code === 'ENOENT' && relDir) return; // removed meanwhile: nothing to send
@@ -358,7 +377,13 @@ export async function* walkSorted(root: string, relDir = ''): AsyncGenerator<Wal
           ? 'link'
           : 'other';
     // Some filesystems give no type in a listing: ask lstat.
-    if (type === 'other' && !entry.isFIFO() && !entry.isSocket() && !entry.isBlockDevice() && !entry.isCharacterDevice()) {
+    if (
+      type === 'other' &&
+      !entry.isFIFO() &&
+      !entry.isSocket() &&
+      !entry.isBlockDevice() &&
+      !entry.isCharacterDevice()
+    ) {
       const st = await fs.promises.lstat(path.join(dir, name)).catch(() => undefined);
       type = st?.isFile() ? 'file' : st?.isDirectory() ? 'dir' : st?.isSymbolicLink() ? 'link' : 'other';
     }
@@ -371,7 +396,12 @@ export async function* walkSorted(root: string, relDir = ''): AsyncGenerator<Wal
     if (e.type === 'dir') yield* walkSorted(root, rel);
     else if (e.type === 'file') yield { kind: 'file', path: path.join(root, rel), rel };
     else if (e.type === 'link') yield { kind: 'symlink', rel };
-    else yield { kind: 'unreadable', rel, error: 'the name is not valid UTF-8, which an S3 key must be: rename it to back it up' };
+    else
+      yield {
+        kind: 'unreadable',
+        rel,
+        error: 'the name is not valid UTF-8, which an S3 key must be: rename it to back it up',
+      };
   }
 }
 

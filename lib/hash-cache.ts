@@ -5,7 +5,16 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import readline from 'node:readline';
-import { compareKeys, hashFile, openRegular, partialName, readRegular, readRegularFileSync, writeFileAtomic, type Fingerprint } from './files.ts';
+import {
+  compareKeys,
+  hashFile,
+  openRegular,
+  partialName,
+  readRegular,
+  readRegularFileSync,
+  writeFileAtomic,
+  type Fingerprint,
+} from './files.ts';
 import { fingerprintFile } from './storage.ts';
 
 export { hashFile };
@@ -62,7 +71,8 @@ export class HashCache {
    */
   async hash(file: string, st: FileStat, signal?: AbortSignal): Promise<{ sha256: string; fingerprint?: Fingerprint }> {
     const e = this.data.files[file];
-    if (e && BigInt(e[0]) === st.size && e[1] === String(st.mtimeNs) && e[2] === String(st.ino)) return { sha256: e[3] };
+    if (e && BigInt(e[0]) === st.size && e[1] === String(st.mtimeNs) && e[2] === String(st.ino))
+      return { sha256: e[3] };
     const fingerprint = await fingerprintFile(file, signal);
     this.remember(file, fingerprint);
     return { sha256: fingerprint.sha256, fingerprint };
@@ -123,7 +133,13 @@ export class HashCache {
 
 const HEX64 = /^[0-9a-f]{64}$/;
 const isFileEntry = (e: unknown): e is FileEntry =>
-  Array.isArray(e) && e.length === 4 && Number.isSafeInteger(e[0]) && e[0] >= 0 && /^\d+$/.test(e[1]) && /^\d+$/.test(e[2]) && HEX64.test(e[3]);
+  Array.isArray(e) &&
+  e.length === 4 &&
+  Number.isSafeInteger(e[0]) &&
+  e[0] >= 0 &&
+  /^\d+$/.test(e[1]) &&
+  /^\d+$/.test(e[2]) &&
+  HEX64.test(e[3]);
 const isObjectEntry = (e: unknown): e is ObjectEntry =>
   Array.isArray(e) && e.length === 2 && typeof e[0] === 'string' && HEX64.test(e[1]);
 
@@ -142,7 +158,12 @@ export function awsCliPartSize(size: number): number {
  * metadata): a plain MD5 for a single-part upload, or `md5(part md5s)-N` for a multipart one
  * with aws-cli's part size. Reads the file once, only when called.
  */
-export async function etagProvesContent(file: string, size: number, etag: string, signal?: AbortSignal): Promise<boolean> {
+export async function etagProvesContent(
+  file: string,
+  size: number,
+  etag: string,
+  signal?: AbortSignal,
+): Promise<boolean> {
   const m = /^([0-9a-f]{32})(?:-(\d+))?$/.exec(etag);
   if (!m) return false;
   if (m[2] === undefined) return (await hashFile(file, signal, 'md5')) === m[1];
@@ -152,20 +173,24 @@ export async function etagProvesContent(file: string, size: number, etag: string
   const partDigests: Buffer[] = [];
   let part = crypto.createHash('md5');
   let inPart = 0;
-  await readRegular(file, (chunk) => {
-    let offset = 0;
-    while (offset < chunk.length) {
-      const take = Math.min(chunk.length - offset, partSize - inPart);
-      part.update(chunk.subarray(offset, offset + take));
-      offset += take;
-      inPart += take;
-      if (inPart === partSize) {
-        partDigests.push(part.digest());
-        part = crypto.createHash('md5');
-        inPart = 0;
+  await readRegular(
+    file,
+    (chunk) => {
+      let offset = 0;
+      while (offset < chunk.length) {
+        const take = Math.min(chunk.length - offset, partSize - inPart);
+        part.update(chunk.subarray(offset, offset + take));
+        offset += take;
+        inPart += take;
+        if (inPart === partSize) {
+          partDigests.push(part.digest());
+          part = crypto.createHash('md5');
+          inPart = 0;
+        }
       }
-    }
-  }, signal);
+    },
+    signal,
+  );
   if (inPart > 0) partDigests.push(part.digest());
   const combined = crypto.createHash('md5').update(Buffer.concat(partDigests)).digest('hex');
   return partDigests.length === parts && combined === m[1];
@@ -196,7 +221,10 @@ const isLine = (l: unknown): l is TreeCacheLine => {
 
 /** A file's line still holds when its size, mtime and inode are the ones it was hashed with. */
 export const lineMatches = (line: TreeCacheLine | undefined, st: FileStat) =>
-  line !== undefined && BigInt(line.size) === st.size && line.mtimeNs === String(st.mtimeNs) && line.ino === String(st.ino);
+  line !== undefined &&
+  BigInt(line.size) === st.size &&
+  line.mtimeNs === String(st.mtimeNs) &&
+  line.ino === String(st.ino);
 
 /**
  * A tree's hash cache, never held whole in memory: a file of JSON lines sorted by key, read as a
@@ -242,7 +270,8 @@ export class TreeCache {
     opts: { write: boolean; legacy?: { file: string; root: string; objectPrefix: string }; keepPassedOver?: boolean },
   ): Promise<TreeCache> {
     let legacy: Map<string, TreeCacheLine> | undefined;
-    if (file && !fs.existsSync(file) && opts.legacy) legacy = readLegacy(opts.legacy.file, opts.legacy.root, opts.legacy.objectPrefix);
+    if (file && !fs.existsSync(file) && opts.legacy)
+      legacy = readLegacy(opts.legacy.file, opts.legacy.root, opts.legacy.objectPrefix);
     const cache = new TreeCache(file, legacy, opts.keepPassedOver);
     if (file && fs.existsSync(file)) {
       try {
@@ -339,11 +368,15 @@ export class TreeCache {
    * a warning when the cache could not be written (a full disk): it costs only hashing again.
    */
   async finish(): Promise<string | undefined> {
-    if (!this.out || !this.file || !this.tmp) return this.writeError ? `hash cache not written (${errorOf(this.writeError, this.file ?? 'the cache')})` : undefined;
+    if (!this.out || !this.file || !this.tmp)
+      return this.writeError
+        ? `hash cache not written (${errorOf(this.writeError, this.file ?? 'the cache')})`
+        : undefined;
     this.flush(true);
     if (!this.legacy && this.lines && !this.unsorted) {
       if (this.current) this.out.write(JSON.stringify(this.current) + '\n');
-      for (let next = await this.lines.next(); !next.done; next = await this.lines.next()) this.out.write(next.value + '\n');
+      for (let next = await this.lines.next(); !next.done; next = await this.lines.next())
+        this.out.write(next.value + '\n');
     }
     const out = this.out;
     await new Promise<void>((resolve) => out.end(() => resolve()));

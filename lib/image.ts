@@ -60,7 +60,9 @@ export function imageStep(o: {
     async run(ctx) {
       const inspect = await o.host.$({ signal: ctx.signal })`${o.cli} image inspect --format {{.Id}} ${o.image}`;
       if (inspect.code !== 0) {
-        throw new Error(`${o.cli} image inspect ${o.image} on ${o.host.label}: ${inspect.stderr.trim() || `exit ${inspect.code}`}`);
+        throw new Error(
+          `${o.cli} image inspect ${o.image} on ${o.host.label}: ${inspect.stderr.trim() || `exit ${inspect.code}`}`,
+        );
       }
       const imageId = inspect.stdout.trim();
       o.run.imageId = imageId;
@@ -71,19 +73,37 @@ export function imageStep(o: {
       // Unchanged only when all three agree: the recorded ID is this image's, R2's object carries
       // it with the recorded bytes, and Mello's copy still holds them. A file that merely exists
       // is no proof: a bad save once stood there.
-      if (recorded?.imageId === imageId && there?.metadata['image-id'] === imageId && there.metadata.sha256 === recorded.sha256) {
+      if (
+        recorded?.imageId === imageId &&
+        there?.metadata['image-id'] === imageId &&
+        there.metadata.sha256 === recorded.sha256
+      ) {
         const local = await localDigest(file, path.join(o.stateDir, 'hashes-backup-verda.json'), ctx.signal);
         if (local?.sha256 === recorded.sha256 && local.bytes === there.size) {
           o.run.artifact({ name: IMAGE_FILE, bytes: local.bytes, sha256: local.sha256 });
-          o.run.object({ bucket: o.bucket, key: IMAGE_FILE, bytes: there.size, sha256: local.sha256, action: 'skipped' });
+          o.run.object({
+            bucket: o.bucket,
+            key: IMAGE_FILE,
+            bytes: there.size,
+            sha256: local.sha256,
+            action: 'skipped',
+          });
           return { summary: `image ${short} unchanged since the last backup: not saved again` };
         }
         warnings.push(`${file} no longer holds the image recorded in ${IMAGE_SHA_FILE}: saved again`);
       }
-      if (ctx.dryRun) return { summary: `would save image ${short} to ${file} and send it to ${o.cache.name}/${IMAGE_FILE}`, warnings };
+      if (ctx.dryRun)
+        return {
+          summary: `would save image ${short} to ${file} and send it to ${o.cache.name}/${IMAGE_FILE}`,
+          warnings,
+        };
       ensurePrivateDir(o.dir);
       // gzip level 1: the image is gigabytes and Mello is a small VPS; speed over a few % of size.
-      const saved = await commandToGzipFile(o.host, [o.cli, 'save', o.image], file, { signal: ctx.signal, level: 1, expectTar: true });
+      const saved = await commandToGzipFile(o.host, [o.cli, 'save', o.image], file, {
+        signal: ctx.signal,
+        level: 1,
+        expectTar: true,
+      });
       o.run.artifact({ name: IMAGE_FILE, bytes: saved.bytes, sha256: saved.sha256 });
       const started = Date.now();
       let sent = 0;
@@ -96,7 +116,11 @@ export function imageStep(o: {
       // Recorded only once both copies are complete: the ID last.
       writeFileAtomic(path.join(o.dir, IMAGE_SHA_FILE), `${saved.sha256}  ${IMAGE_FILE}\n`, 0o600);
       writeFileAtomic(path.join(o.dir, IMAGE_ID_FILE), `${imageId}\n`, 0o600);
-      return { summary: `${IMAGE_FILE}: image ${short} (${humanSize(saved.bytes)}), saved and sent`, bytes: saved.bytes, warnings };
+      return {
+        summary: `${IMAGE_FILE}: image ${short} (${humanSize(saved.bytes)}), saved and sent`,
+        bytes: saved.bytes,
+        warnings,
+      };
     },
   };
 }

@@ -25,7 +25,11 @@ export class LockHeld extends Error {
     readonly lockFile: string,
     readonly holder: Partial<LockRecord>,
   ) {
-    const who = [holder.pid && `pid ${holder.pid}`, holder.host && `on ${holder.host}`, holder.started && `since ${holder.started}`];
+    const who = [
+      holder.pid && `pid ${holder.pid}`,
+      holder.host && `on ${holder.host}`,
+      holder.started && `since ${holder.started}`,
+    ];
     super(`another run holds the lock ${lockFile} (${who.filter(Boolean).join(' ') || 'being taken'})`);
   }
 }
@@ -111,7 +115,8 @@ export function acquireLock(lockFile: string, script: string): () => void {
         return holdLock(lockFile, mine);
       } catch (e) {
         const code = (e as NodeJS.ErrnoException).code;
-        if (code !== 'EEXIST') throw new LockError(`cannot take the lock ${lockFile} (${code ?? (e as Error).message})`);
+        if (code !== 'EEXIST')
+          throw new LockError(`cannot take the lock ${lockFile} (${code ?? (e as Error).message})`);
       }
       const found = readRecord(lockFile);
       if (!found) continue; // released meanwhile

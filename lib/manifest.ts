@@ -94,7 +94,8 @@ export function manifestStep(o: { dir: string; run: RunRecord; mode: Manifest['m
 export function readManifest(file: string): Manifest {
   try {
     const m = JSON.parse(readRegularFileSync(file).toString('utf8')) as Manifest;
-    if (!Array.isArray(m.artifacts) || !Array.isArray(m.r2) || typeof m.complete !== 'boolean') throw new Error('not a manifest');
+    if (!Array.isArray(m.artifacts) || !Array.isArray(m.r2) || typeof m.complete !== 'boolean')
+      throw new Error('not a manifest');
     return m;
   } catch (e) {
     throw new Error(`${file} is not a readable manifest: ${errorText(e)}`);
@@ -144,7 +145,9 @@ async function checkArtifacts(dir: string, manifest: Manifest, signal: AbortSign
       continue;
     }
     if (a.name.endsWith('.tar.gz')) {
-      await listArchive(p).catch((e) => failures.push(`damaged: ${a.name} does not list as an archive (${errorText(e)})`));
+      await listArchive(p).catch((e) =>
+        failures.push(`damaged: ${a.name} does not list as an archive (${errorText(e)})`),
+      );
     }
   }
   return failures;
@@ -174,7 +177,10 @@ export function verifyArtifactsStep(dir: string): Step {
           const older = await checkArtifacts(dir, good.manifest, ctx.signal);
           const goodName = path.basename(good.file);
           if (older.length) failures.push(...older.map((f) => `${goodName}: ${f}`));
-          else warnings.push(`the newest complete backup, ${goodName}, is whole (${good.manifest.artifacts.length} artifacts)`);
+          else
+            warnings.push(
+              `the newest complete backup, ${goodName}, is whole (${good.manifest.artifacts.length} artifacts)`,
+            );
         }
       }
       return { summary: `${whole} of ${manifest.artifacts.length} artifacts of ${name} whole`, failures, warnings };
@@ -192,7 +198,12 @@ export function verifyArtifactsStep(dir: string): Step {
  * AGE_IDENTITY_FILE and compares the plaintext's sha256 with the bundle's: proof that the key the
  * admin holds restores it. Without AGE_IDENTITY_FILE that object fails, naming the variable.
  */
-export function verifyObjectsStep(dir: string, backends: Map<string, Backend>, deep: boolean, opts: { ageIdentityFile?: string } = {}): Step {
+export function verifyObjectsStep(
+  dir: string,
+  backends: Map<string, Backend>,
+  deep: boolean,
+  opts: { ageIdentityFile?: string } = {},
+): Step {
   return {
     name: `R2 objects against the sources' sha256${deep ? ' (reading every byte back)' : ''}`,
     moves: `${dir}/manifest-*.json → ${[...backends.values()].map((b) => b.name).join(', ')}`,
@@ -215,36 +226,54 @@ export function verifyObjectsStep(dir: string, backends: Map<string, Backend>, d
         return identities;
       };
       const records = manifest.r2.filter((o) => o.sha256);
-      await pool(records, 8, async (o) => {
-        const backend = backends.get(o.bucket);
-        const name = `r2://${o.bucket}/${printable(o.key)}`;
-        if (!backend) return void failures.push(`${name}: bucket not configured here`);
-        const head = await backend.head(o.key, ctx.signal);
-        if (!head) failures.push(`missing: ${name}`);
-        else if (head.size !== o.bytes) failures.push(`differs: ${name} has ${head.size} bytes, the source ${o.bytes}`);
-        else if (head.metadata.sha256 && head.metadata.sha256 !== o.sha256) failures.push(`differs: ${name} sha256 metadata is not the source's`);
-        else if (deep && o.encrypted === 'age') {
-          const ids = identitiesFor(name);
-          if (ids instanceof Error) failures.push(`${name} is age-encrypted and not decrypted: ${ids.message}`);
-          else {
-            try {
-              const r = await readBackDecrypted(await backend.get(o.key, ctx.signal), ids, ctx.signal);
-              if (r.sha256 !== o.sha256) failures.push(`differs: ${name} bytes read back are not the ones sent`);
-              else if (o.plaintextSha256 && r.plaintextSha256 !== o.plaintextSha256) failures.push(`differs: ${name} decrypts to other bytes than the bundle sent`);
-              else decrypted++;
-            } catch (e) {
-              if (ctx.signal.aborted) throw e;
-              failures.push(`${name} cannot be decrypted with AGE_IDENTITY_FILE: ${errorText(e)}`);
+      await pool(
+        records,
+        8,
+        async (o) => {
+          const backend = backends.get(o.bucket);
+          const name = `r2://${o.bucket}/${printable(o.key)}`;
+          if (!backend) return void failures.push(`${name}: bucket not configured here`);
+          const head = await backend.head(o.key, ctx.signal);
+          if (!head) failures.push(`missing: ${name}`);
+          else if (head.size !== o.bytes)
+            failures.push(`differs: ${name} has ${head.size} bytes, the source ${o.bytes}`);
+          else if (head.metadata.sha256 && head.metadata.sha256 !== o.sha256)
+            failures.push(`differs: ${name} sha256 metadata is not the source's`);
+          else if (deep && o.encrypted === 'age') {
+            const ids = identitiesFor(name);
+            if (ids instanceof Error) failures.push(`${name} is age-encrypted and not decrypted: ${ids.message}`);
+            else {
+              try {
+                const r = await readBackDecrypted(await backend.get(o.key, ctx.signal), ids, ctx.signal);
+                if (r.sha256 !== o.sha256) failures.push(`differs: ${name} bytes read back are not the ones sent`);
+                else if (o.plaintextSha256 && r.plaintextSha256 !== o.plaintextSha256)
+                  failures.push(`differs: ${name} decrypts to other bytes than the bundle sent`);
+                else decrypted++;
+              } catch (e) {
+                if (ctx.signal.aborted) throw e;
+                failures.push(`${name} cannot be decrypted with AGE_IDENTITY_FILE: ${errorText(e)}`);
+              }
             }
-          }
-        } else if (deep) {
-          if ((await readBackSha256(backend, o.key, ctx.signal)) !== o.sha256) failures.push(`differs: ${name} bytes read back are not the source's`);
-        } else if (!head.metadata.sha256) sizeOnly++;
-        checked++;
-      }, ctx.signal);
-      const warnings = sizeOnly ? [`${sizeOnly} objects have no sha256 metadata (bash-era uploads): checked by size only; --deep reads them back`] : [];
+          } else if (deep) {
+            if ((await readBackSha256(backend, o.key, ctx.signal)) !== o.sha256)
+              failures.push(`differs: ${name} bytes read back are not the source's`);
+          } else if (!head.metadata.sha256) sizeOnly++;
+          checked++;
+        },
+        ctx.signal,
+      );
+      const warnings = sizeOnly
+        ? [
+            `${sizeOnly} objects have no sha256 metadata (bash-era uploads): checked by size only; --deep reads them back`,
+          ]
+        : [];
       const also = decrypted ? ` (${decrypted} age-encrypted, decrypted with AGE_IDENTITY_FILE)` : '';
-      return { summary: `${records.length - failures.length} of ${records.length} objects match their sources${also}`, failures, warnings, data: { checked, decrypted } };
+      return {
+        summary: `${records.length - failures.length} of ${records.length} objects match their sources${also}`,
+        failures,
+        warnings,
+        data: { checked, decrypted },
+      };
     },
   };
 }

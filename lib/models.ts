@@ -62,7 +62,11 @@ export function modelsStep(opts: {
         input: JSON.stringify(request) + '\n',
         holdStdin: true,
         signal: ctx.signal,
-        onStderr: (text) => text.split('\n').filter(Boolean).forEach((line) => ctx.out.detail(`verda: ${line}`)),
+        onStderr: (text) =>
+          text
+            .split('\n')
+            .filter(Boolean)
+            .forEach((line) => ctx.out.detail(`verda: ${line}`)),
       })`${path.join(opts.scriptsDir, 'backup-verda.mts')} ${MODELS_FLAG}`;
       const last = r.stdout.trim().split('\n').pop() ?? '';
       let result: (SyncResult & { error?: string; notices?: string[] }) | undefined;
@@ -73,7 +77,9 @@ export function modelsStep(opts: {
       }
       if (!result) {
         const said = r.stderr.trim().split('\n').slice(-2).join('; ');
-        throw new Error(`backup-verda.mts ${MODELS_FLAG} on ${opts.host.label} failed (exit ${r.code}): ${said || 'no output'}`);
+        throw new Error(
+          `backup-verda.mts ${MODELS_FLAG} on ${opts.host.label} failed (exit ${r.code}): ${said || 'no output'}`,
+        );
       }
       for (const notice of result.notices ?? []) addNotice(`on ${opts.host.label}: ${notice}`);
       if (result.error) throw new Error(`on ${opts.host.label}: ${result.error}`);
@@ -82,9 +88,16 @@ export function modelsStep(opts: {
         ...(result.cacheWarning ? [`on Verda: ${result.cacheWarning}`] : []),
       ];
       for (const a of result.actions) {
-        if (a.action === 'send' && ctx.dryRun) ctx.out.info(`would send r2://${bucket}/${printable(a.key)} (${humanSize(a.bytes)})`);
+        if (a.action === 'send' && ctx.dryRun)
+          ctx.out.info(`would send r2://${bucket}/${printable(a.key)} (${humanSize(a.bytes)})`);
         if (a.action !== 'failed' && !ctx.dryRun) {
-          opts.run.object({ bucket, key: a.key, bytes: a.bytes, sha256: a.sha256, action: a.action === 'send' ? 'uploaded' : 'skipped' });
+          opts.run.object({
+            bucket,
+            key: a.key,
+            bytes: a.bytes,
+            sha256: a.sha256,
+            action: a.action === 'send' ? 'uploaded' : 'skipped',
+          });
         }
       }
       return {

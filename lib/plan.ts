@@ -5,7 +5,18 @@ import { setMaxListeners } from 'node:events';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { COMMON_HELP, EXIT, Output, UsageError, errorText, exitAfterOutput, humanSize, notices, parseFlags, type Flags } from './cli.ts';
+import {
+  COMMON_HELP,
+  EXIT,
+  Output,
+  UsageError,
+  errorText,
+  exitAfterOutput,
+  humanSize,
+  notices,
+  parseFlags,
+  type Flags,
+} from './cli.ts';
 import { DEFAULT_LIMITS, loadConfig, mergedEnv, readLimits, type Config } from './config.ts';
 import { removeStalePartials } from './files.ts';
 import { LockError, LockHeld, acquireLock } from './lock.ts';
@@ -77,7 +88,15 @@ export async function runPlan(steps: Step[], base: Omit<StepContext, 'earlier' |
   const ctx: StepContext = { ...base, earlier: reports, steps };
   for (const [i, step] of steps.entries()) {
     const n = i + 1;
-    const report: StepReport = { step: n, name: step.name, moves: step.moves, status: 'ok', warnings: [], failures: [], ms: 0 };
+    const report: StepReport = {
+      step: n,
+      name: step.name,
+      moves: step.moves,
+      status: 'ok',
+      warnings: [],
+      failures: [],
+      ms: 0,
+    };
     reports.push(report);
     ctx.out.step(n, step.name);
     ctx.out.detail(step.moves);
@@ -359,7 +378,13 @@ interface RunSummary {
   interrupted: boolean;
 }
 
-function summarize(def: ScriptDef, flags: Flags, reports: StepReport[], started: number, signal: AbortSignal): RunSummary {
+function summarize(
+  def: ScriptDef,
+  flags: Flags,
+  reports: StepReport[],
+  started: number,
+  signal: AbortSignal,
+): RunSummary {
   const failed = reports.filter((r) => r.status === 'failed' || r.status === 'interrupted');
   const count = (status: StepStatus) => reports.filter((r) => r.status === status).length;
   const counts = `${count('ok')} ok, ${count('skipped')} skipped, ${failed.length} failed`;

@@ -12,7 +12,8 @@ export async function pool<T>(
   work: (item: T) => Promise<void>,
   signal?: AbortSignal,
 ): Promise<void> {
-  const source = Symbol.asyncIterator in items ? items[Symbol.asyncIterator]() : (items as Iterable<T>)[Symbol.iterator]();
+  const source =
+    Symbol.asyncIterator in items ? items[Symbol.asyncIterator]() : (items as Iterable<T>)[Symbol.iterator]();
   let failure: { error: unknown } | undefined;
   // Items are taken one at a time even from an async source: workers share one iterator.
   let taking: Promise<unknown> = Promise.resolve();
@@ -32,7 +33,9 @@ export async function pool<T>(
       }
     }
   };
-  const workers = Array.from({ length: Math.max(1, concurrency) }, () => worker().catch((e) => (failure ??= { error: e })));
+  const workers = Array.from({ length: Math.max(1, concurrency) }, () =>
+    worker().catch((e) => (failure ??= { error: e })),
+  );
   await Promise.all(workers);
   if (failure) throw failure.error;
   if (signal?.aborted) throw signal.reason;

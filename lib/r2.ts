@@ -382,7 +382,9 @@ export class R2Backend implements Backend {
   /** Sends one command: `make` builds it from the SDK's classes. */
   private async send<O>(make: (sdk: Sdk) => unknown, signal: AbortSignal): Promise<O> {
     const { client, sdk } = await this.connect();
-    return (client.send as (command: unknown, options: unknown) => Promise<O>).call(client, make(sdk), { abortSignal: signal });
+    return (client.send as (command: unknown, options: unknown) => Promise<O>).call(client, make(sdk), {
+      abortSignal: signal,
+    });
   }
 
   /** Closes the SDK's connections (a short-lived use, such as --status). */
@@ -390,13 +392,17 @@ export class R2Backend implements Backend {
     if (this.s3) (await this.s3).client.destroy();
   }
 
-
   /**
    * Runs one request with bounded retries and backoff on network errors, timeouts and 5xx. A
    * request refused for the clock is sent again at once, signed with the SDK's corrected clock.
    * A request whose body failed is not retried: the body's error is thrown as it is.
    */
-  private request<T>(op: string, key: string, signal: AbortSignal | undefined, fn: (a: Attempt) => Promise<T>): Promise<T> {
+  private request<T>(
+    op: string,
+    key: string,
+    signal: AbortSignal | undefined,
+    fn: (a: Attempt) => Promise<T>,
+  ): Promise<T> {
     let clockRetried = false;
     let signedOffset = 0; // R2's time minus ours as the SDK knew it when the attempt was signed
     return this.pacer.run(
@@ -477,7 +483,10 @@ export class R2Backend implements Backend {
   async head(key: string, signal?: AbortSignal): Promise<ObjectHead | undefined> {
     try {
       const h = await this.request('head', key, signal, (a) =>
-        this.send<HeadObjectCommandOutput>((sdk) => new sdk.HeadObjectCommand({ Bucket: this.target.bucket, Key: key }), a.signal),
+        this.send<HeadObjectCommandOutput>(
+          (sdk) => new sdk.HeadObjectCommand({ Bucket: this.target.bucket, Key: key }),
+          a.signal,
+        ),
       );
       return { key, size: h.ContentLength ?? 0, etag: unquote(h.ETag), metadata: h.Metadata ?? {} };
     } catch (e) {
@@ -576,17 +585,25 @@ export class R2Backend implements Backend {
         let sent = 0;
         // The parts of the upload begun first go first: it completes (R2 joins its parts) while
         // the next one's parts are still on the way, instead of every completion at the end.
-        const r = await this.partSlots.run(() =>
-          this.request('upload-part', key, signal, (a) => {
-            if (sent) opts.onBytes?.(-sent); // a retry sends the bytes again
-            sent = 0;
-            const body = a.body(source, start, end, (n) => {
-              sent += n;
-              opts.onBytes?.(n);
-            });
-            const part = { Bucket: bucket, Key: key, UploadId: uploadId, PartNumber: index + 1, Body: body, ContentLength: end - start };
-            return this.send<UploadPartCommandOutput>((sdk) => new sdk.UploadPartCommand(part), a.signal);
-          }),
+        const r = await this.partSlots.run(
+          () =>
+            this.request('upload-part', key, signal, (a) => {
+              if (sent) opts.onBytes?.(-sent); // a retry sends the bytes again
+              sent = 0;
+              const body = a.body(source, start, end, (n) => {
+                sent += n;
+                opts.onBytes?.(n);
+              });
+              const part = {
+                Bucket: bucket,
+                Key: key,
+                UploadId: uploadId,
+                PartNumber: index + 1,
+                Body: body,
+                ContentLength: end - start,
+              };
+              return this.send<UploadPartCommandOutput>((sdk) => new sdk.UploadPartCommand(part), a.signal);
+            }),
           order * MAX_PARTS + index,
         );
         etags[index] = r.ETag!;
@@ -619,7 +636,12 @@ export class R2Backend implements Backend {
         // A completion whose answer was lost: the retry finds the upload gone (NoSuchUpload).
         // The object is then whole if it holds this size and sha256.
         const head = completeAttempts > 1 ? await this.head(key, opts.signal).catch(() => undefined) : undefined;
-        if (head && head.size === source.size && head.metadata.sha256 && head.metadata.sha256 === opts.metadata?.sha256) {
+        if (
+          head &&
+          head.size === source.size &&
+          head.metadata.sha256 &&
+          head.metadata.sha256 === opts.metadata?.sha256
+        ) {
           return { ETag: head.etag };
         }
         throw e;

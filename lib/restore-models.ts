@@ -357,7 +357,10 @@ export async function restoreTree(options: RestoreTreeOptions): Promise<RestoreT
   if (!opts.dryRun) fs.mkdirSync(root, { recursive: true });
 
   /** The object's sha256: remembered with its ETag, else its metadata; undefined for a bash-era upload. */
-  const objectSha = async (o: ObjectInfo, cached?: TreeCacheLine): Promise<{ sha256?: string; how: 'known' | 'metadata' | 'etag' }> => {
+  const objectSha = async (
+    o: ObjectInfo,
+    cached?: TreeCacheLine,
+  ): Promise<{ sha256?: string; how: 'known' | 'metadata' | 'etag' }> => {
     if (cached?.etag === o.etag) return { sha256: cached.sha256, how: 'known' };
     const head = await backend.head(o.key, signal);
     if (!head) throw new Error('gone from the bucket since it was listed');

@@ -461,8 +461,10 @@ export async function readR2Bundle(
     // The object as stored (the ciphertext, when encrypted) is checked against its sha256 first.
     const stored = path.join(dir, identity ? '.bundle.tar.gz.age' : '.bundle.tar.gz');
     const written = await writeStreamAtomic(stored, await cache.get(key, signal), 0o600, signal);
-    if (written.bytes !== head.size) throw new Error(`${label}: read ${written.bytes} bytes, the object has ${head.size}`);
-    if (!head.metadata.sha256) warnings.push(`${label} has no sha256 metadata: its archives are checked by listing alone`);
+    if (written.bytes !== head.size)
+      throw new Error(`${label}: read ${written.bytes} bytes, the object has ${head.size}`);
+    if (!head.metadata.sha256)
+      warnings.push(`${label} has no sha256 metadata: its archives are checked by listing alone`);
     else if (written.sha256 !== head.metadata.sha256) {
       throw new Error(`damaged: ${label}: its bytes' sha256 is not the one recorded with it`);
     }

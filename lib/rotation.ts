@@ -23,7 +23,10 @@ export function datedPattern(kind: string, ext: string): RegExp {
 /** The dated copies of a kind among names, newest first. */
 export function datedCopies(names: string[], kind: string, ext: string): string[] {
   const re = datedPattern(kind, ext);
-  return names.filter((n) => re.test(n)).sort().reverse();
+  return names
+    .filter((n) => re.test(n))
+    .sort()
+    .reverse();
 }
 
 /** The time a `YYYYMMDD-HHMMSS` stamp names, in local time. */
@@ -66,7 +69,9 @@ export function copyWarnings(dir: string, kind: string, ext: string): string[] {
   for (const name of datedCopies(names(dir), kind, ext)) {
     if (!isRegularFile(path.join(dir, name))) warnings.push(`${path.join(dir, name)} is not a regular file: ignored`);
     else if (isFuture(re.exec(name)![1])) {
-      warnings.push(`${name} is dated in the future (the clock was ahead when it was written): it counts as the newest ${kind} until then`);
+      warnings.push(
+        `${name} is dated in the future (the clock was ahead when it was written): it counts as the newest ${kind} until then`,
+      );
     }
   }
   return warnings;
@@ -80,7 +85,14 @@ export function rotateLocal(dir: string, kind: string, ext: string, keep: number
 }
 
 /** The same for objects under a key prefix (`verda-config-backups/`). */
-export async function rotateRemote(backend: Backend, prefix: string, kind: string, ext: string, keep: number, signal?: AbortSignal): Promise<string[]> {
+export async function rotateRemote(
+  backend: Backend,
+  prefix: string,
+  kind: string,
+  ext: string,
+  keep: number,
+  signal?: AbortSignal,
+): Promise<string[]> {
   const names: string[] = [];
   for await (const o of backend.list(prefix, signal)) names.push(o.key.slice(prefix.length));
   const old = datedCopies(names, kind, ext).slice(keep);
@@ -111,7 +123,11 @@ export function rotationStep(opts: {
       }
       if (ctx.dryRun) return { summary: `would keep the ${opts.keep} newest of each kind`, warnings };
       const gone = await opts.rotate(ctx.signal);
-      return { summary: gone.length ? `deleted ${gone.length} older copies` : 'nothing to delete', warnings, data: { deleted: gone } };
+      return {
+        summary: gone.length ? `deleted ${gone.length} older copies` : 'nothing to delete',
+        warnings,
+        data: { deleted: gone },
+      };
     },
   };
 }

@@ -14,7 +14,6 @@ import path from 'node:path';
 import type { Readable, Writable } from 'node:stream';
 import { DEFAULT_LIMITS, type Limits } from './config.ts';
 
-
 /** One argument for a POSIX shell (sh, dash, bash, zsh alike): single quotes, `'` as `'\''`. */
 export function shellQuote(arg: string): string {
   return /^[A-Za-z0-9_\/.,:=@%+-]+$/.test(arg) ? arg : `'${arg.replace(/'/g, `'\\''`)}'`;
@@ -93,7 +92,8 @@ export interface CommandTemplate {
 }
 
 function templateOn(host: Pick<Host, 'run' | 'stream'>): CommandTemplate {
-  const exec = (argv: string[], opts: RunOptions) => (opts.into ? host.stream(argv, opts.into, opts) : host.run(argv, opts));
+  const exec = (argv: string[], opts: RunOptions) =>
+    opts.into ? host.stream(argv, opts.into, opts) : host.run(argv, opts);
   return ((first: TemplateStringsArray | RunOptions, ...values: Arg[]) => {
     if (Array.isArray(first) && 'raw' in first) return exec(commandArgs(first as TemplateStringsArray, ...values), {});
     return (pieces: TemplateStringsArray, ...rest: Arg[]) => exec(commandArgs(pieces, ...rest), first as RunOptions);
@@ -204,7 +204,9 @@ function execute(plan: SpawnPlan, opts: RunOptions, idleTimeoutMs: number, into?
       if (stdinError !== undefined) return reject(stdinError);
       if (timedOut) {
         const s = Math.round(limit / 100) / 10;
-        return reject(new CommandTimeout(`${plan.what}: nothing from it for ${s}s: stopped (COMFYMULTI_COMMAND_TIMEOUT)`));
+        return reject(
+          new CommandTimeout(`${plan.what}: nothing from it for ${s}s: stopped (COMFYMULTI_COMMAND_TIMEOUT)`),
+        );
       }
       // ssh's own 255 with nothing said: the connection went away under the command.
       if (plan.file === 'ssh' && code === 255 && !stderr.trim()) stderr = 'the SSH connection was lost';
@@ -270,18 +272,29 @@ export class SshHost implements Host {
     const timeout = Math.max(1, Math.ceil(limits.sshTimeoutS));
     const baseArgs = [
       ...(opts.configFile ? ['-F', opts.configFile] : []),
-      '-o', 'BatchMode=yes',
-      '-o', `ConnectTimeout=${timeout}`,
+      '-o',
+      'BatchMode=yes',
+      '-o',
+      `ConnectTimeout=${timeout}`,
       // A dead link is noticed within three unanswered keepalives.
-      '-o', `ServerAliveInterval=${Math.max(1, Math.ceil(timeout / 3))}`,
-      '-o', 'ServerAliveCountMax=3',
-      '-o', `ControlPath=${socket}`,
+      '-o',
+      `ServerAliveInterval=${Math.max(1, Math.ceil(timeout / 3))}`,
+      '-o',
+      'ServerAliveCountMax=3',
+      '-o',
+      `ControlPath=${socket}`,
     ];
     // -f: ssh goes to the background once authenticated, so its exit status says whether the
     // connection stands. ControlPersist bounds an orphaned master if this process is killed -9.
     // `--`: the destination is never read as an option, whatever it holds.
     const { $ } = await import('zx'); // loaded when a connection is made: --help starts without it
-    const master = await $({ quiet: true, verbose: false, nothrow: true, signal: opts.signal, timeout: `${timeout + 5}s` })`ssh ${baseArgs} -o ControlMaster=yes -o ControlPersist=120 -f -N -- ${destination}`;
+    const master = await $({
+      quiet: true,
+      verbose: false,
+      nothrow: true,
+      signal: opts.signal,
+      timeout: `${timeout + 5}s`,
+    })`ssh ${baseArgs} -o ControlMaster=yes -o ControlPersist=120 -f -N -- ${destination}`;
     if (master.exitCode !== 0) {
       fs.rmSync(dir, { recursive: true, force: true });
       const said = master.stderr.trim().split('\n').filter(Boolean).pop() ?? `exit ${master.exitCode}`;
@@ -293,7 +306,11 @@ export class SshHost implements Host {
   private plan(argv: string[], sudo?: boolean): SpawnPlan {
     const full = sudo ? [...this.sudo, ...argv] : argv;
     const remote = full.map(shellQuote).join(' ');
-    return { file: 'ssh', args: [...this.baseArgs, '-o', 'ControlMaster=no', '--', this.destination, remote], what: describe(argv, this.destination) };
+    return {
+      file: 'ssh',
+      args: [...this.baseArgs, '-o', 'ControlMaster=no', '--', this.destination, remote],
+      what: describe(argv, this.destination),
+    };
   }
   run(argv: string[], opts: RunOptions = {}) {
     return execute(this.plan(argv, opts.sudo), opts, this.idleTimeoutMs);
@@ -303,14 +320,21 @@ export class SshHost implements Host {
   }
   async close() {
     const { $ } = await import('zx');
-    await $({ quiet: true, verbose: false, nothrow: true, timeout: '10s' })`ssh ${this.baseArgs} -O exit -- ${this.destination}`;
+    await $({
+      quiet: true,
+      verbose: false,
+      nothrow: true,
+      timeout: '10s',
+    })`ssh ${this.baseArgs} -O exit -- ${this.destination}`;
     fs.rmSync(this.dir, { recursive: true, force: true });
   }
 }
 
 /** `local` means this machine; anything else is an SSH destination. */
 export async function openHost(destination: string, opts: SshOptions): Promise<Host> {
-  return destination === 'local' ? new LocalHost(opts.sudo, opts.limits?.commandIdleTimeoutMs) : SshHost.connect(destination, opts);
+  return destination === 'local'
+    ? new LocalHost(opts.sudo, opts.limits?.commandIdleTimeoutMs)
+    : SshHost.connect(destination, opts);
 }
 
 /**

@@ -168,7 +168,7 @@ export async function fingerprintFile(file: string, signal?: AbortSignal): Promi
     // Each read asks one byte more than is left: a file that grew since its stat gives it, and a
     // short read is the end of the file.
     const buffer = Buffer.allocUnsafe(Math.min(size, BLOCK) + 1);
-    for (let pos = 0; ; ) {
+    for (let pos = 0; ;) {
       if (signal?.aborted) throw signal.reason;
       const want = Math.min(buffer.length, size - pos + 1);
       const { bytesRead } = await handle.read(buffer, 0, want, pos);
@@ -183,7 +183,8 @@ export async function fingerprintFile(file: string, signal?: AbortSignal): Promi
     // A small file's bytes are kept: they are what is sent, so nothing is read twice.
     if (size <= BLOCK) data = buffer.subarray(0, size);
     const after = await handle.stat({ bigint: true });
-    if (after.size !== stat.size || after.mtimeNs !== stat.mtimeNs) throw new SourceChanged(`${file} changed while it was read`);
+    if (after.size !== stat.size || after.mtimeNs !== stat.mtimeNs)
+      throw new SourceChanged(`${file} changed while it was read`);
     const { sha256, blockCrcs } = digest.finish();
     return { size, sha256, blockCrcs, ino: stat.ino, mtimeNs: stat.mtimeNs, data };
   } finally {
@@ -193,15 +194,17 @@ export async function fingerprintFile(file: string, signal?: AbortSignal): Promi
 
 /** Block-aligned bytes of a fingerprinted file, each block checked before it is given out. */
 async function* verifiedRange(file: string, fp: Fingerprint, start: number, end: number): AsyncGenerator<Buffer> {
-  if (start % BLOCK !== 0 || (end % BLOCK !== 0 && end !== fp.size)) throw new Error(`unaligned range ${start}-${end} of ${file}`);
+  if (start % BLOCK !== 0 || (end % BLOCK !== 0 && end !== fp.size))
+    throw new Error(`unaligned range ${start}-${end} of ${file}`);
   const { handle, stat } = await openToSend(file);
-  const changed = () => new SourceChanged(`${file} changed while it was being sent; it will be sent again on the next run`);
+  const changed = () =>
+    new SourceChanged(`${file} changed while it was being sent; it will be sent again on the next run`);
   try {
     if (stat.ino !== fp.ino || Number(stat.size) !== fp.size || stat.mtimeNs !== fp.mtimeNs) throw changed();
-    for (let pos = start; pos < end; ) {
+    for (let pos = start; pos < end;) {
       const len = Math.min(BLOCK, end - pos);
       const block = Buffer.allocUnsafe(len);
-      for (let got = 0; got < len; ) {
+      for (let got = 0; got < len;) {
         const { bytesRead } = await handle.read(block, got, len - got, pos + got);
         if (!bytesRead) throw changed(); // shrank
         got += bytesRead;

@@ -247,10 +247,12 @@ class TreeSync {
 
   async run(): Promise<SyncResult> {
     const { opts, cache, result } = this;
-    // As many listing ranges (8 at most) as the last run's keys fill pages of 1,000: its hash
-    // cache holds a line of about 150 bytes per file.
+    // Enough listing ranges that each fits one page (at most 8 at once): a rerun's listing is then
+    // one round trip up to 8,000 keys. How many keys: the last run's hash cache, a line of about
+    // 170 bytes per file. A tree of one page is one listing.
     const cacheBytes = opts.cacheFile ? (fs.statSync(opts.cacheFile, { throwIfNoEntry: false })?.size ?? 0) : 0;
-    const ranges = Math.min(8, Math.floor(cacheBytes / 150 / 1000));
+    const keys = cacheBytes / 170;
+    const ranges = keys > 1000 ? Math.min(8, Math.ceil(keys / 900)) : 1;
     const listing = listRanges(opts.backend, opts.prefix, listingSplits(opts.root, ranges), opts.signal);
     const items = march(walkSorted(opts.root), listing, cache, opts.prefix, opts.filter, (e) => {
       if (e.kind === 'symlink') {
@@ -378,8 +380,11 @@ class TreeSync {
     if (f.cached?.etag === there.etag && f.cached.sha256 === sha256) return { how: 'known' as const, etag: there.etag };
     const head = await this.opts.backend.head(f.key, this.opts.signal);
     if (!head || head.size !== size) return undefined;
-    if (head.metadata.sha256) return head.metadata.sha256 === sha256 ? { how: 'metadata' as const, etag: head.etag } : undefined;
-    return (await etagProvesContent(f.path, size, head.etag, this.opts.signal)) ? { how: 'etag' as const, etag: head.etag } : undefined;
+    if (head.metadata.sha256)
+      return head.metadata.sha256 === sha256 ? { how: 'metadata' as const, etag: head.etag } : undefined;
+    return (await etagProvesContent(f.path, size, head.etag, this.opts.signal))
+      ? { how: 'etag' as const, etag: head.etag }
+      : undefined;
   }
 }
 
@@ -404,11 +409,17 @@ export function syncSummary(r: SyncResult, dryRun: boolean) {
   const parts = [`${r.sent} ${dryRun ? 'to send' : 'sent'} (${humanSize(r.sentBytes)})`, `${r.skipped} unchanged`];
   if (r.adopted) parts.push(`${r.adopted} adopted from earlier uploads`);
   if (r.symlinkCount) parts.push(`${r.symlinkCount} symlinks not followed`);
-  const warnings = r.vanished.map((k) => `${printable(k)} vanished before it was sent (deleted meanwhile): not backed up`);
+  const warnings = r.vanished.map(
+    (k) => `${printable(k)} vanished before it was sent (deleted meanwhile): not backed up`,
+  );
   if (r.cacheWarning) warnings.push(r.cacheWarning);
   const failures = r.failures.map((f) => `${printable(f.key)}: ${f.error}`);
   if (r.failureCount > r.failures.length) failures.push(`and ${r.failureCount - r.failures.length} more files failed`);
-  return { summary: `${r.files} ${r.files === 1 ? 'file' : 'files'} (${humanSize(r.bytes)}): ${parts.join(', ')}`, warnings, failures };
+  return {
+    summary: `${r.files} ${r.files === 1 ? 'file' : 'files'} (${humanSize(r.bytes)}): ${parts.join(', ')}`,
+    warnings,
+    failures,
+  };
 }
 
 /** The step that syncs one tree: a missing source is a warning and a skipped row. */
@@ -460,7 +471,8 @@ export function verifyStep(o: SyncStepOptions & { deep: boolean }): Step {
     name: `${o.name}: verify`,
     moves: `${o.root}/ against ${o.backend.name}/${o.prefix}`,
     async run(ctx) {
-      if (!fs.existsSync(o.root)) return { status: 'skipped', summary: 'nothing to verify', warnings: [`${o.root} does not exist`] };
+      if (!fs.existsSync(o.root))
+        return { status: 'skipped', summary: 'nothing to verify', warnings: [`${o.root} does not exist`] };
       const failures: string[] = [];
       const equal: { key: string; sha256: string }[] = [];
       let missing = 0;
@@ -471,21 +483,30 @@ export function verifyStep(o: SyncStepOptions & { deep: boolean }): Step {
         onFile: (a) => {
           if (a.action === 'send') {
             missing++;
-            if (failures.length < KEEP) failures.push(`${a.reason === 'new' ? 'missing' : 'differs'}: ${o.backend.name}/${printable(a.key)}`);
+            if (failures.length < KEEP)
+              failures.push(`${a.reason === 'new' ? 'missing' : 'differs'}: ${o.backend.name}/${printable(a.key)}`);
           } else if (a.action === 'skip' && o.deep) equal.push({ key: a.key, sha256: a.sha256 });
         },
       });
       failures.push(...syncSummary(r, true).failures);
       if (missing > KEEP) failures.push(`and ${missing - KEEP} more missing or differing`);
       if (o.deep) {
-        await pool(equal, 8, async (a) => {
-          if ((await readBackSha256(o.backend, a.key, ctx.signal)) !== a.sha256) {
-            failures.push(`differs: ${o.backend.name}/${printable(a.key)} bytes read back are not the file's`);
-          }
-        }, ctx.signal);
+        await pool(
+          equal,
+          8,
+          async (a) => {
+            if ((await readBackSha256(o.backend, a.key, ctx.signal)) !== a.sha256) {
+              failures.push(`differs: ${o.backend.name}/${printable(a.key)} bytes read back are not the file's`);
+            }
+          },
+          ctx.signal,
+        );
       }
       const bad = missing + r.failureCount;
-      return { summary: `${r.files - Math.min(bad, r.files)} of ${r.files} files in place${o.deep ? ', read back' : ''}`, failures };
+      return {
+        summary: `${r.files - Math.min(bad, r.files)} of ${r.files} files in place${o.deep ? ', read back' : ''}`,
+        failures,
+      };
     },
   };
 }

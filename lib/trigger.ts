@@ -52,7 +52,8 @@ export function triggerMelloStep(o: {
     name: 'Trigger backup-mello on Mello',
     moves: `${o.melloHost}: cd ${o.scriptsDir} && ./backup-mello.mts ${o.flags.join(' ')}`,
     async run(ctx) {
-      if (ctx.dryRun) return { summary: `would run backup-mello.mts ${o.flags.join(' ')} in ${o.scriptsDir} on ${mello}` };
+      if (ctx.dryRun)
+        return { summary: `would run backup-mello.mts ${o.flags.join(' ')} in ${o.scriptsDir} on ${mello}` };
       let host;
       try {
         host = await openHost(o.melloHost, { configFile: o.sshConfig, sudo: [], signal: ctx.signal, limits: o.limits });
@@ -79,7 +80,11 @@ export function triggerMelloStep(o: {
         // 75: another run holds Mello's lock. It may be doing this job, or it may be stuck: this
         // run did not do its work, and says so (a lock held for days must not pass as "skipped").
         if (r.code === 75) {
-          const held = r.stderr.trim().split('\n').filter((l) => l.includes('holds the lock')).pop();
+          const held = r.stderr
+            .trim()
+            .split('\n')
+            .filter((l) => l.includes('holds the lock'))
+            .pop();
           return {
             summary: `backup-mello on ${o.melloHost} did not run: another run holds its lock`,
             failures: [`mello: ${held?.replace(/^backup-mello: /, '') ?? 'lock held (exit 75)'}`],

@@ -45,7 +45,9 @@ export function backendConformance(suite: Test, backend: () => Backend, big: num
   suite('put, then head and get give the bytes, size and metadata back', async () => {
     const b = backend();
     const data = crypto.randomBytes(70_000);
-    const put = await b.put('dir/a file ü.bin', bufferSource(data), { metadata: { sha256: sha(data), 'image-id': 'x' } });
+    const put = await b.put('dir/a file ü.bin', bufferSource(data), {
+      metadata: { sha256: sha(data), 'image-id': 'x' },
+    });
     assert.is(put.size, data.length);
     assert.ok(put.etag, 'an ETag');
     const head = await b.head('dir/a file ü.bin');
@@ -68,11 +70,15 @@ export function backendConformance(suite: Test, backend: () => Backend, big: num
   suite('list gives every key under a prefix, in key order, with sizes and ETags, past a page of 1,000', async () => {
     const b = backend();
     const keys = Array.from({ length: 1010 }, (_, i) => `many/${String(i).padStart(4, '0')}`);
-    for (let i = 0; i < keys.length; i += 50) await Promise.all(keys.slice(i, i + 50).map((k) => b.put(k, bufferSource(Buffer.from(k)))));
+    for (let i = 0; i < keys.length; i += 50)
+      await Promise.all(keys.slice(i, i + 50).map((k) => b.put(k, bufferSource(Buffer.from(k)))));
     await b.put('other/x', bufferSource(Buffer.from('x')));
     const listed = [];
     for await (const o of b.list('many/')) listed.push(o);
-    assert.equal(listed.map((o) => o.key), keys);
+    assert.equal(
+      listed.map((o) => o.key),
+      keys,
+    );
     assert.ok(listed.every((o) => o.size === 9 && o.etag));
   });
 
@@ -85,19 +91,24 @@ export function backendConformance(suite: Test, backend: () => Backend, big: num
     assert.is((await b.head('r'))?.size, big);
   });
 
-  suite('a source that fails partway (a file changed): the put fails with that error, the old object stands', async () => {
-    const b = backend();
-    const old = Buffer.from('the good old bytes');
-    await b.put('c', bufferSource(old), { metadata: { sha256: sha(old) } });
-    for (const size of [200_000, big]) {
-      const started = Date.now();
-      const e = await b.put('c', changingSource(size, Math.floor(size / 2)), { metadata: { sha256: 'f'.repeat(64) } }).catch((x) => x);
-      assert.instance(e, SourceChanged, `a ${size}-byte put rejects with the source's SourceChanged`);
-      assert.ok(Date.now() - started < 10_000, 'at once, not after a timeout');
-      assert.is(await readBackSha256(b, 'c'), sha(old), 'the old object is whole');
-      assert.is((await b.head('c'))?.metadata.sha256, sha(old));
-    }
-  });
+  suite(
+    'a source that fails partway (a file changed): the put fails with that error, the old object stands',
+    async () => {
+      const b = backend();
+      const old = Buffer.from('the good old bytes');
+      await b.put('c', bufferSource(old), { metadata: { sha256: sha(old) } });
+      for (const size of [200_000, big]) {
+        const started = Date.now();
+        const e = await b
+          .put('c', changingSource(size, Math.floor(size / 2)), { metadata: { sha256: 'f'.repeat(64) } })
+          .catch((x) => x);
+        assert.instance(e, SourceChanged, `a ${size}-byte put rejects with the source's SourceChanged`);
+        assert.ok(Date.now() - started < 10_000, 'at once, not after a timeout');
+        assert.is(await readBackSha256(b, 'c'), sha(old), 'the old object is whole');
+        assert.is((await b.head('c'))?.metadata.sha256, sha(old));
+      }
+    },
+  );
 
   suite('a source shorter than it declares (a file that shrank) fails, and does not hang', async () => {
     const b = backend();
@@ -111,26 +122,41 @@ export function backendConformance(suite: Test, backend: () => Backend, big: num
   suite('a source whose check fails before commit: nothing stored', async () => {
     const b = backend();
     const data = crypto.randomBytes(big);
-    const src: Source = { ...bufferSource(data), check: async () => { throw new SourceChanged('grew while it was being sent'); } };
+    const src: Source = {
+      ...bufferSource(data),
+      check: async () => {
+        throw new SourceChanged('grew while it was being sent');
+      },
+    };
     const e = await b.put('k', src).catch((x) => x);
     assert.instance(e, SourceChanged);
     assert.is(await b.head('k'), undefined);
   });
 
-  suite('a ranged get gives exactly those bytes, at the start, in the middle and at the end; none past it', async () => {
-    const b = backend();
-    const data = crypto.randomBytes(big);
-    await b.put('ranged', bufferSource(data));
-    const read = async (start: number, end: number) => {
-      const chunks: Buffer[] = [];
-      for await (const c of (await b.get('ranged', undefined, { start, end })) as AsyncIterable<Buffer>) chunks.push(c);
-      return Buffer.concat(chunks);
-    };
-    // Not `bytes=0-0`: s3rver 3.7.1 reads an end of 0 as "to the end" (R2 and S3 give one byte).
-    for (const [start, end] of [[0, 2], [0, 4096], [1_000_003, 3_000_007], [big - 10, big], [big - 1, big]]) {
-      assert.ok((await read(start, end)).equals(data.subarray(start, end)), `bytes ${start}-${end}`);
-    }
-    assert.instance(await read(big - 10, big + 10).catch((e) => e), Error, 'a range beyond the object is refused');
-    assert.instance(await read(big + 5, big + 10).catch((e) => e), Error, 'a range after the object is refused');
-  });
+  suite(
+    'a ranged get gives exactly those bytes, at the start, in the middle and at the end; none past it',
+    async () => {
+      const b = backend();
+      const data = crypto.randomBytes(big);
+      await b.put('ranged', bufferSource(data));
+      const read = async (start: number, end: number) => {
+        const chunks: Buffer[] = [];
+        for await (const c of (await b.get('ranged', undefined, { start, end })) as AsyncIterable<Buffer>)
+          chunks.push(c);
+        return Buffer.concat(chunks);
+      };
+      // Not `bytes=0-0`: s3rver 3.7.1 reads an end of 0 as "to the end" (R2 and S3 give one byte).
+      for (const [start, end] of [
+        [0, 2],
+        [0, 4096],
+        [1_000_003, 3_000_007],
+        [big - 10, big],
+        [big - 1, big],
+      ]) {
+        assert.ok((await read(start, end)).equals(data.subarray(start, end)), `bytes ${start}-${end}`);
+      }
+      assert.instance(await read(big - 10, big + 10).catch((e) => e), Error, 'a range beyond the object is refused');
+      assert.instance(await read(big + 5, big + 10).catch((e) => e), Error, 'a range after the object is refused');
+    },
+  );
 }

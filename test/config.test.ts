@@ -521,7 +521,10 @@ test('e2e (6): BACKUP_DIR="/abs"  # note writes into /abs; a quoted secret reach
   assert.equal(fs.readdirSync(c.cwd), [], 'nothing under the working directory (no `"` directory)');
   const written = fs.readdirSync(c.backupDir);
   for (const kind of ['tailscale-identity', 'ssh-host-keys', 'project-env', 'home-dev', 'comfy-project', 'manifest']) {
-    assert.ok(written.some((f) => f.startsWith(`${kind}-`)), `${kind} in ${c.backupDir}: ${written.join(' ')}`);
+    assert.ok(
+      written.some((f) => f.startsWith(`${kind}-`)),
+      `${kind} in ${c.backupDir}: ${written.join(' ')}`,
+    );
   }
   const bundle = await s3.headObject(CACHE, 'verda-config-backup.tar.gz');
   assert.ok(bundle?.metadata.sha256, 'the bundle reached R2, signed with the unquoted secret');

@@ -11,7 +11,19 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { shellQuote } from '../lib/ssh.ts';
-import { runCommand, ROOT, SECRET, sha256, startS3, tempDir, treeDigest, writeHeldLock, writeTree, type RunResult, type S3Server } from './helpers.ts';
+import {
+  runCommand,
+  ROOT,
+  SECRET,
+  sha256,
+  startS3,
+  tempDir,
+  treeDigest,
+  writeHeldLock,
+  writeTree,
+  type RunResult,
+  type S3Server,
+} from './helpers.ts';
 import { startSshd, type Sshd } from './sshd.ts';
 
 const BUCKET = 'comfy-multi-user-files';
@@ -20,7 +32,15 @@ const KINDS = ['tailscale-identity', 'ssh-host-keys', 'fail2ban', 'ufw', 'projec
 const ENV_SECRET = 'TAILSCALE_AUTHKEY=tskey-fixture-secret-77';
 // Cron's environment: this and nothing else (`env -i PATH=/usr/bin:/bin HOME=/root`).
 const BARE = { PATH: '/usr/bin:/bin', HOME: '/root' };
-const ODD = ['with space.conf', `it's "quoted".conf`, '$(touch PWNED).conf', '`touch PWNED2`.conf', 'new\nline.conf', 'ünï 日本.conf', '-dash.conf'];
+const ODD = [
+  'with space.conf',
+  `it's "quoted".conf`,
+  '$(touch PWNED).conf',
+  '`touch PWNED2`.conf',
+  'new\nline.conf',
+  'ünï 日本.conf',
+  '-dash.conf',
+];
 
 let s3: S3Server;
 let sshd: Sshd;
@@ -36,9 +56,11 @@ const pkgOf = (root: string) => path.join(root, 'usr/local/lib/comfymulti-script
 const cronOf = (root: string) => path.join(root, 'etc/cron.d/comfymulti-backup');
 const logOf = (root: string) => path.join(root, 'var/log/comfymulti-backup.log');
 
-const run = (cmd: string, args: string[], env: Record<string, string>, cwd = '/') => runCommand(cmd, args, env, { cwd });
+const run = (cmd: string, args: string[], env: Record<string, string>, cwd = '/') =>
+  runCommand(cmd, args, env, { cwd });
 
-const install = (args: string[], env: Record<string, string> = BARE) => run(path.join(ROOT, 'install'), args, env, os.tmpdir());
+const install = (args: string[], env: Record<string, string> = BARE) =>
+  run(path.join(ROOT, 'install'), args, env, os.tmpdir());
 /** The installed launcher, from /, under cron's bare environment, configured by the env file. */
 const cron = (args: string[] = [], extra: Record<string, string> = {}) =>
   run(path.join(verdaRoot, 'usr/local/bin/backup-cron.mts'), ['--env-file', envFile, ...args], { ...BARE, ...extra });
@@ -70,7 +92,8 @@ function snapshot(root: string, keep: (rel: string) => boolean = () => true): Re
       if (st.isDirectory()) {
         if (keep(r)) out[`${r}/`] = meta;
         visit(full, r);
-      } else if (keep(r)) out[r] = `${meta} ${st.isFile() ? sha256(fs.readFileSync(full)) : `-> ${fs.readlinkSync(full)}`}`;
+      } else if (keep(r))
+        out[r] = `${meta} ${st.isFile() ? sha256(fs.readFileSync(full)) : `-> ${fs.readlinkSync(full)}`}`;
     }
   };
   visit(root, '');
@@ -95,7 +118,10 @@ function sfsListing(): Record<string, string> {
 }
 
 function copies(kind: string): string[] {
-  return fs.readdirSync(sfs).filter((n) => new RegExp(`^${kind}-\\d{8}-\\d{6}\\.tar\\.gz$`).test(n)).sort();
+  return fs
+    .readdirSync(sfs)
+    .filter((n) => new RegExp(`^${kind}-\\d{8}-\\d{6}\\.tar\\.gz$`).test(n))
+    .sort();
 }
 
 /** Extracts archives with the SPEC's restore commands into a fresh root. */
@@ -113,9 +139,14 @@ function restore(files: string[]): string {
 
 /** The arguments a launcher's exec line passes, as sh itself parses them. */
 function launcherArgs(launcher: string): string[] {
-  const line = fs.readFileSync(launcher, 'utf8').split('\n').find((l) => l.startsWith('exec '));
+  const line = fs
+    .readFileSync(launcher, 'utf8')
+    .split('\n')
+    .find((l) => l.startsWith('exec '));
   assert.ok(line, `an exec line in ${launcher}`);
-  const r = spawnSync('sh', ['-c', `printf '%s\\0' ${line!.slice('exec '.length)}`, 'sh', 'ARG1', 'two words'], { encoding: 'utf8' });
+  const r = spawnSync('sh', ['-c', `printf '%s\\0' ${line!.slice('exec '.length)}`, 'sh', 'ARG1', 'two words'], {
+    encoding: 'utf8',
+  });
   return r.stdout.split('\0').slice(0, -1);
 }
 
@@ -217,14 +248,23 @@ test('install puts the package, four launchers and one cron entry under the pref
   assert.not.ok(fs.existsSync(path.join(pkg, '.env')), 'install writes no .env');
   const cronFile = cronOf(verdaRoot);
   assert.is(fs.statSync(cronFile).mode & 0o777, 0o644);
-  const entries = fs.readFileSync(cronFile, 'utf8').split('\n').filter((l) => l && !l.startsWith('#'));
+  const entries = fs
+    .readFileSync(cronFile, 'utf8')
+    .split('\n')
+    .filter((l) => l && !l.startsWith('#'));
   const bin = path.join(verdaRoot, 'usr/local/bin/backup-cron.mts');
   assert.equal(entries, [`0 * * * * root ${shellQuote(bin)} >> ${shellQuote(logOf(verdaRoot))} 2>&1`]);
 
   // Mello: the same package in another root; its .env (beside the real script) configures it.
   const m = await install(['--prefix', melloRoot]);
   assert.is(m.code, 0, m.stdout + m.stderr);
-  const melloEnv = { MELLO_DATA_DIR: melloData, R2_ENDPOINT: s3.endpoint, R2_ACCESS_KEY_ID: SECRET, R2_SECRET_ACCESS_KEY: SECRET, COMFYMULTI_STATE_DIR: path.join(work, 'mello state') };
+  const melloEnv = {
+    MELLO_DATA_DIR: melloData,
+    R2_ENDPOINT: s3.endpoint,
+    R2_ACCESS_KEY_ID: SECRET,
+    R2_SECRET_ACCESS_KEY: SECRET,
+    COMFYMULTI_STATE_DIR: path.join(work, 'mello state'),
+  };
   fs.writeFileSync(path.join(pkgOf(melloRoot), '.env'), dotenv(melloEnv), { mode: 0o600 });
 });
 
@@ -258,13 +298,27 @@ test('the SFS archives restore to their sources with the SPEC restore commands: 
   assert.equal(snapshot(root, backedUp), expected);
   // Nothing else: not sshd_config, fail2ban.conf, ufw.conf or the project's other files.
   const files = Object.keys(snapshot(root)).filter((k) => !k.endsWith('/'));
-  assert.equal(files.filter((f) => !backedUp(f)), []);
+  assert.equal(
+    files.filter((f) => !backedUp(f)),
+    [],
+  );
   fs.rmSync(root, { recursive: true });
 });
 
 test('names with spaces, quotes, $(), backquotes and newlines survive and run nothing', async () => {
   for (const n of ODD) assert.is((await s3.readObject(BUCKET, `user_data/user003/${n}`)).toString(), `user file ${n}`);
-  for (const dir of [work, sysroot, sfs, melloData, pkgOf(verdaRoot), pkgOf(melloRoot), '/', '/root', os.tmpdir(), ROOT]) {
+  for (const dir of [
+    work,
+    sysroot,
+    sfs,
+    melloData,
+    pkgOf(verdaRoot),
+    pkgOf(melloRoot),
+    '/',
+    '/root',
+    os.tmpdir(),
+    ROOT,
+  ]) {
     assert.not.ok(fs.existsSync(path.join(dir, 'PWNED')), `nothing ran in ${dir}`);
     assert.not.ok(fs.existsSync(path.join(dir, 'PWNED2')), `nothing ran in ${dir}`);
   }
@@ -281,7 +335,10 @@ test('a second run writes nothing new', async () => {
 test('a changed source writes one new copy of its kind, and only that', async () => {
   await nextSecond();
   const before = sfsListing();
-  fs.writeFileSync(path.join(sysroot, 'etc/ufw/user.rules'), '*filter\n-A ufw-user-input -p tcp --dport 22 -j ACCEPT\nCOMMIT\n');
+  fs.writeFileSync(
+    path.join(sysroot, 'etc/ufw/user.rules'),
+    '*filter\n-A ufw-user-input -p tcp --dport 22 -j ACCEPT\nCOMMIT\n',
+  );
   const r = await cron();
   assert.is(r.code, 0, r.stdout + r.stderr);
   const after = sfsListing();
@@ -290,7 +347,10 @@ test('a changed source writes one new copy of its kind, and only that', async ()
   assert.match(added[0], /^ufw-\d{8}-\d{6}\.tar\.gz$/);
   for (const n of Object.keys(before)) assert.is(after[n], before[n], `${n} untouched`);
   const root = restore([path.join(sfs, added[0])]);
-  assert.is(fs.readFileSync(path.join(root, 'etc/ufw/user.rules'), 'utf8'), fs.readFileSync(path.join(sysroot, 'etc/ufw/user.rules'), 'utf8'));
+  assert.is(
+    fs.readFileSync(path.join(root, 'etc/ufw/user.rules'), 'utf8'),
+    fs.readFileSync(path.join(sysroot, 'etc/ufw/user.rules'), 'utf8'),
+  );
   fs.rmSync(root, { recursive: true });
 });
 
@@ -324,7 +384,11 @@ test('an unreachable Mello: the SFS copies are written and stand, exit 1 naming 
   const root = restore([path.join(sfs, now[now.length - 1])]);
   assert.match(fs.readFileSync(path.join(root, 'var/lib/tailscale/tailscaled.state'), 'utf8'), 'rotated');
   fs.rmSync(root, { recursive: true });
-  assert.equal(fs.readdirSync(sfs).filter((n) => n.startsWith('.')), [], 'no temporary file left');
+  assert.equal(
+    fs.readdirSync(sfs).filter((n) => n.startsWith('.')),
+    [],
+    'no temporary file left',
+  );
 });
 
 test('backup-mello failing on Mello is exit 1 with its exit status and its reason', async () => {
@@ -366,13 +430,16 @@ test('--json gives the summary on stdout; --quick runs Mello with --quick', asyn
     ['ok', 'ok', 'ok', 'ok', 'ok', 'ok', 'ok'],
   );
   KINDS.forEach((k, i) => assert.match(summary.steps[i].moves, `${k}-`, `step ${i + 1} is ${k}`));
-  assert.equal(summary.steps.slice(5).map((s: { name: string }) => s.name), ['Rotation', 'Trigger backup-mello on Mello']);
+  assert.equal(
+    summary.steps.slice(5).map((s: { name: string }) => s.name),
+    ['Rotation', 'Trigger backup-mello on Mello'],
+  );
   assert.is(summary.steps[2].data.file, path.join(sfs, copies('fail2ban').pop()!), 'the changed fail2ban was written');
   assert.match(summary.steps[6].moves, /backup-mello\.mts --quick/);
   assert.match(r.stderr, /Step 1: /);
 });
 
-test('--verify checks the newest SFS copy of each kind and runs Mello\'s --verify; a damaged copy is exit 1 naming it and replaced by the next run', async () => {
+test("--verify checks the newest SFS copy of each kind and runs Mello's --verify; a damaged copy is exit 1 naming it and replaced by the next run", async () => {
   const ok = await cron(['--verify']);
   assert.is(ok.code, 0, ok.stdout + ok.stderr);
   assert.is(ok.stdout.match(/: whole, \d+ entries/g)?.length, 5);
@@ -416,11 +483,14 @@ test('a run while another holds the lock exits 75 at once and writes nothing', a
   fs.rmSync(lock);
 });
 
-test('the cron line itself, run by sh from / in cron\'s environment, reads the installed .env and appends to the log', async () => {
+test("the cron line itself, run by sh from / in cron's environment, reads the installed .env and appends to the log", async () => {
   await nextSecond();
   fs.copyFileSync(envFile, path.join(pkgOf(verdaRoot), '.env'));
   fs.chmodSync(path.join(pkgOf(verdaRoot), '.env'), 0o600);
-  const line = fs.readFileSync(cronOf(verdaRoot), 'utf8').split('\n').find((l) => l.startsWith('0 * * * * root '))!;
+  const line = fs
+    .readFileSync(cronOf(verdaRoot), 'utf8')
+    .split('\n')
+    .find((l) => l.startsWith('0 * * * * root '))!;
   const command = line.slice('0 * * * * root '.length);
   for (let i = 1; i <= 2; i++) {
     const r = await run('/bin/sh', ['-c', command], BARE);
@@ -440,10 +510,22 @@ test('a second install leaves one cron entry, the same files, and the .env as it
   assert.match(r.stdout, /kept as it was/);
   const after = snapshot(verdaRoot, (rel) => !rel.startsWith('var/log'));
   // Rewritten files and directories get a new mtime: names, types, modes and contents count.
-  const strip = (s: Record<string, string>) => Object.fromEntries(Object.entries(s).map(([k, v]) => [k, v.split(' ').filter((_, i) => i !== 2).join(' ')]));
+  const strip = (s: Record<string, string>) =>
+    Object.fromEntries(
+      Object.entries(s).map(([k, v]) => [
+        k,
+        v
+          .split(' ')
+          .filter((_, i) => i !== 2)
+          .join(' '),
+      ]),
+    );
   const [a, b] = [strip(after), strip(before)];
   const differ = [...new Set([...Object.keys(a), ...Object.keys(b)])].filter((k) => a[k] !== b[k]);
-  assert.equal(differ.map((k) => `${k}: ${b[k]} → ${a[k]}`), []);
+  assert.equal(
+    differ.map((k) => `${k}: ${b[k]} → ${a[k]}`),
+    [],
+  );
   assert.ok(Object.keys(a).length > 1000, 'the package was compared');
   assert.is(fs.readFileSync(cronOf(verdaRoot), 'utf8').match(/backup-cron\.mts/g)?.length, 1);
   assert.is(fs.readFileSync(path.join(pkgOf(verdaRoot), '.env'), 'utf8'), fs.readFileSync(envFile, 'utf8'));
@@ -457,7 +539,7 @@ test('--uninstall removes what install installed, and only that', async () => {
   assert.is(r.code, 0, r.stdout + r.stderr);
   for (const s of SCRIPTS) assert.not.ok(fs.existsSync(path.join(bin, s)), s);
   assert.not.ok(fs.existsSync(cronOf(verdaRoot)));
-  assert.equal(fs.readdirSync(pkgOf(verdaRoot)), ['.env'], 'the admin\'s .env is left');
+  assert.equal(fs.readdirSync(pkgOf(verdaRoot)), ['.env'], "the admin's .env is left");
   assert.ok(fs.existsSync(path.join(bin, 'other-tool')));
   assert.ok(fs.existsSync(path.join(verdaRoot, 'etc/cron.d/other')));
   assert.ok(fs.existsSync(logOf(verdaRoot)), 'the log is left');
@@ -469,7 +551,12 @@ test('--uninstall removes what install installed, and only that', async () => {
 test('no Node.js, or not a Node.js, is exit 2 with a clear message, and nothing is installed', async () => {
   const target = path.join(work, 'no node root');
   // PATH without node: the check uses shell builtins only, so it can run with nothing on PATH.
-  const none = await run('/bin/sh', [path.join(ROOT, 'install'), '--prefix', target], { PATH: '/nonexistent', HOME: '/root' }, os.tmpdir());
+  const none = await run(
+    '/bin/sh',
+    [path.join(ROOT, 'install'), '--prefix', target],
+    { PATH: '/nonexistent', HOME: '/root' },
+    os.tmpdir(),
+  );
   assert.is(none.code, 2, none.stdout + none.stderr);
   assert.match(none.stderr, /Node\.js not found/);
   const echo = await install(['--prefix', target, '--node', '/bin/echo']);

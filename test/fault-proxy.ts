@@ -48,7 +48,8 @@ export function requestKind(method: string, url: string): Kind {
   const q = new URL(url, 'http://x').searchParams;
   const hasKey = new URL(url, 'http://x').pathname.split('/').filter(Boolean).length > 1;
   if (method === 'PUT') return q.has('uploadId') && q.has('partNumber') ? 'upload-part' : 'put';
-  if (method === 'POST') return q.has('uploads') ? 'create-multipart' : q.has('uploadId') ? 'complete-multipart' : 'other';
+  if (method === 'POST')
+    return q.has('uploads') ? 'create-multipart' : q.has('uploadId') ? 'complete-multipart' : 'other';
   if (method === 'DELETE') return q.has('uploadId') ? 'abort-multipart' : 'delete';
   if (method === 'HEAD') return 'head';
   if (method === 'GET') return hasKey ? 'get' : 'list';
@@ -248,7 +249,10 @@ export class FaultProxy {
         const body = `<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>${code}</Code><Message>${message}</Message><RequestId>fault-${ex.n}</RequestId></Error>`;
         ex.status = fail.status;
         ex.outcome = 'injected';
-        res.writeHead(fail.status, { 'content-type': 'application/xml', 'content-length': ex.method === 'HEAD' ? 0 : Buffer.byteLength(body) });
+        res.writeHead(fail.status, {
+          'content-type': 'application/xml',
+          'content-length': ex.method === 'HEAD' ? 0 : Buffer.byteLength(body),
+        });
         res.end(ex.method === 'HEAD' ? undefined : body);
         this.notify();
       });
@@ -321,7 +325,7 @@ export class FaultProxy {
     const meter = new Transform({
       async transform(chunk: Buffer, _enc, cb) {
         try {
-          for (let at = 0; at < chunk.length && !dead; ) {
+          for (let at = 0; at < chunk.length && !dead;) {
             const rate = proxy.throttles.get(ex.kind);
             let n = rate ? Math.min(chunk.length - at, 64 * 1024) : chunk.length - at;
             if (cut) n = Math.min(n, cut.afterBytes - ex.bodyBytes);

@@ -11,7 +11,20 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { FaultProxy, type Exchange } from './fault-proxy.ts';
-import { ROOT, SECRET, hashCaches, runScript, sha256, startS3, tempDir, treeDigest, writeRandomFile, writeTree, type RunResult, type S3Server } from './helpers.ts';
+import {
+  ROOT,
+  SECRET,
+  hashCaches,
+  runScript,
+  sha256,
+  startS3,
+  tempDir,
+  treeDigest,
+  writeRandomFile,
+  writeTree,
+  type RunResult,
+  type S3Server,
+} from './helpers.ts';
 import { startSshd, type Sshd } from './sshd.ts';
 import { makeVerda, type VerdaFixture } from './verda-fixture.ts';
 
@@ -53,7 +66,12 @@ interface Run extends RunResult {
 }
 
 /** Runs a script; kills it (and fails the test) if it runs longer than `limitMs`: a hang is a bug. */
-async function run(script: string, args: string[], env: Record<string, string>, opts: { onSpawn?: (pid: number) => void; limitMs?: number } = {}): Promise<Run> {
+async function run(
+  script: string,
+  args: string[],
+  env: Record<string, string>,
+  opts: { onSpawn?: (pid: number) => void; limitMs?: number } = {},
+): Promise<Run> {
   let pid = 0;
   let timer: NodeJS.Timeout | undefined;
   const started = Date.now();
@@ -66,7 +84,8 @@ async function run(script: string, args: string[], env: Record<string, string>, 
   });
   clearTimeout(timer);
   const ms = Date.now() - started;
-  if (r.signal === 'SIGKILL') assert.unreachable(`${script} ${args.join(' ')} hung: killed after ${ms} ms\n${r.stdout}\n${r.stderr}`);
+  if (r.signal === 'SIGKILL')
+    assert.unreachable(`${script} ${args.join(' ')} hung: killed after ${ms} ms\n${r.stdout}\n${r.stderr}`);
   return { ...r, pid, ms };
 }
 
@@ -91,13 +110,19 @@ function leftovers(dir: string): string[] {
 
 /** What every run must leave behind, whatever happened to it. */
 function assertCleanAfter(script: string, stateDir: string, dirs: string[] = []) {
-  for (const bucket of [USER_FILES, CACHE, MODELS]) assert.equal(s3.openUploads(bucket), [], `no multipart upload left open in ${bucket}`);
+  for (const bucket of [USER_FILES, CACHE, MODELS])
+    assert.equal(s3.openUploads(bucket), [], `no multipart upload left open in ${bucket}`);
   assert.not.ok(fs.existsSync(path.join(stateDir, `${script}.lock`)), 'the lock is released');
   for (const d of [stateDir, ...dirs]) assert.equal(leftovers(d), [], `no temporary file left in ${d}`);
 }
 
 function s3Creds(stateDir: string): Record<string, string> {
-  return { R2_ENDPOINT: proxy.endpoint, R2_ACCESS_KEY_ID: SECRET, R2_SECRET_ACCESS_KEY: SECRET, COMFYMULTI_STATE_DIR: stateDir };
+  return {
+    R2_ENDPOINT: proxy.endpoint,
+    R2_ACCESS_KEY_ID: SECRET,
+    R2_SECRET_ACCESS_KEY: SECRET,
+    COMFYMULTI_STATE_DIR: stateDir,
+  };
 }
 
 async function assertObject(bucket: string, key: string, file: string | Buffer) {
@@ -111,7 +136,8 @@ async function assertObject(bucket: string, key: string, file: string | Buffer) 
 async function assertMelloBackedUp(data: string) {
   for (const tree of ['user_data', 'outputs', 'inputs']) {
     if (!fs.existsSync(path.join(data, tree))) continue;
-    for (const rel of Object.keys(treeDigest(path.join(data, tree)))) await assertObject(USER_FILES, `${tree}/${rel}`, path.join(data, tree, rel));
+    for (const rel of Object.keys(treeDigest(path.join(data, tree))))
+      await assertObject(USER_FILES, `${tree}/${rel}`, path.join(data, tree, rel));
   }
 }
 
@@ -175,11 +201,19 @@ test('R2: the connection cut in the middle of a part, and of a single PUT, is re
   assert.is(r.code, 0, out(r));
   assert.is(proxy.pendingFaults(), 0, 'both cuts happened');
   const cutPart = proxy.of('upload-part', from).find((e) => e.outcome === 'cut')!;
-  assert.ok(cutPart.bodyBytes >= 5 * MiB && cutPart.bodyBytes < 16 * MiB, `cut mid-part after ${cutPart.bodyBytes} bytes`);
-  const again = proxy.of('upload-part', from).filter((e) => e.uploadId === cutPart.uploadId && e.partNumber === cutPart.partNumber && e.status === 200);
+  assert.ok(
+    cutPart.bodyBytes >= 5 * MiB && cutPart.bodyBytes < 16 * MiB,
+    `cut mid-part after ${cutPart.bodyBytes} bytes`,
+  );
+  const again = proxy
+    .of('upload-part', from)
+    .filter((e) => e.uploadId === cutPart.uploadId && e.partNumber === cutPart.partNumber && e.status === 200);
   assert.is(again.length, 1, 'the cut part was sent again, once');
   const cutPut = proxy.of('put', from).find((e) => e.outcome === 'cut')!;
-  assert.ok(proxy.of('put', from).some((e) => e.key === cutPut.key && e.status === 200), 'the cut PUT was sent again');
+  assert.ok(
+    proxy.of('put', from).some((e) => e.key === cutPut.key && e.status === 200),
+    'the cut PUT was sent again',
+  );
   await assertMelloBackedUp(mello.data);
   assertCleanAfter('backup-mello', mello.state);
 });
@@ -293,11 +327,21 @@ test('SIGINT in the middle of two multipart uploads: exit 1, both aborted, nothi
   assert.is(proxy.pendingFaults(), 0, 'the 503 was given');
   const uploads = new Set(proxy.of('upload-part', from).map((e) => e.uploadId));
   assert.is(uploads.size, 2);
-  const aborted = new Set(proxy.of('abort-multipart', from).filter((a) => a.status === 204).map((a) => a.uploadId));
-  assert.equal([...aborted].sort(), [...uploads].sort(), `both uploads aborted: ${proxy.of('abort-multipart', from).map((a) => `${a.status} ${a.outcome}`)}`);
+  const aborted = new Set(
+    proxy
+      .of('abort-multipart', from)
+      .filter((a) => a.status === 204)
+      .map((a) => a.uploadId),
+  );
+  assert.equal(
+    [...aborted].sort(),
+    [...uploads].sort(),
+    `both uploads aborted: ${proxy.of('abort-multipart', from).map((a) => `${a.status} ${a.outcome}`)}`,
+  );
   assert.is(proxy.of('complete-multipart', from).length, 0);
   assertCleanAfter('backup-mello', mello.state);
-  for (const key of ['outputs/user003/a.mp4', 'outputs/user003/b.mp4']) assert.is(await s3.headObject(USER_FILES, key), undefined, `no ${key}`);
+  for (const key of ['outputs/user003/a.mp4', 'outputs/user003/b.mp4'])
+    assert.is(await s3.headObject(USER_FILES, key), undefined, `no ${key}`);
 
   const again = await run('backup-mello.mts', [], mello.env);
   assert.is(again.code, 0, out(again));
@@ -331,7 +375,11 @@ test('two runs at once: the second exits 75 at once and changes nothing', async 
   proxy.throttle(['upload-part'], 1 * MiB);
   let pid = 0;
   const first = run('backup-mello.mts', [], mello.env, { onSpawn: (p) => (pid = p) });
-  await proxy.waitFor(() => proxy.of('upload-part', from).some((e) => e.bodyBytes > 0), 60_000, 'the first run sending');
+  await proxy.waitFor(
+    () => proxy.of('upload-part', from).some((e) => e.bodyBytes > 0),
+    60_000,
+    'the first run sending',
+  );
   const lock = path.join(mello.state, 'backup-mello.lock');
   const cacheBefore = hashCaches(mello.state);
   // The second run talks to its own (counting) proxy: any request it made would show there.
@@ -390,7 +438,12 @@ function verdaSetup(name: string, backupDir?: string): VerdaSetup {
 
 /** name → sha256 of every file in a backup dir. */
 function listing(dir: string): Record<string, string> {
-  return Object.fromEntries(fs.readdirSync(dir).filter((n) => fs.statSync(path.join(dir, n)).isFile()).map((n) => [n, sha256(fs.readFileSync(path.join(dir, n)))]));
+  return Object.fromEntries(
+    fs
+      .readdirSync(dir)
+      .filter((n) => fs.statSync(path.join(dir, n)).isFile())
+      .map((n) => [n, sha256(fs.readFileSync(path.join(dir, n)))]),
+  );
 }
 
 /** The R2 side of backup-verda: the latest bundle's bytes and the dated copies. */
@@ -402,14 +455,25 @@ async function bundleState() {
 }
 
 function newestManifest(dir: string) {
-  const names = fs.readdirSync(dir).filter((n) => /^manifest-\d{8}-\d{6}\.json$/.test(n)).sort();
-  return { name: names[names.length - 1], ...JSON.parse(fs.readFileSync(path.join(dir, names[names.length - 1]), 'utf8')) };
+  const names = fs
+    .readdirSync(dir)
+    .filter((n) => /^manifest-\d{8}-\d{6}\.json$/.test(n))
+    .sort();
+  return {
+    name: names[names.length - 1],
+    ...JSON.parse(fs.readFileSync(path.join(dir, names[names.length - 1]), 'utf8')),
+  };
 }
 
 /** After a failed run: every file of the earlier good run still there, unchanged; the R2 bundle and its dated copies as they were. */
-async function assertOlderBackupsKept(dir: string, before: Record<string, string>, r2Before: Awaited<ReturnType<typeof bundleState>>) {
+async function assertOlderBackupsKept(
+  dir: string,
+  before: Record<string, string>,
+  r2Before: Awaited<ReturnType<typeof bundleState>>,
+) {
   const now = listing(dir);
-  for (const [name, digest] of Object.entries(before)) assert.is(now[name], digest, `${name} of the earlier run kept, unchanged`);
+  for (const [name, digest] of Object.entries(before))
+    assert.is(now[name], digest, `${name} of the earlier run kept, unchanged`);
   assert.equal(await bundleState(), r2Before, 'R2 keeps the previous bundle and every dated copy');
 }
 
@@ -418,7 +482,10 @@ function sshdSessions(): number[] {
   const listener = Number(fs.readFileSync(path.join(sshd.dir, 'sshd.pid'), 'utf8'));
   const found: number[] = [];
   const visit = (pid: number) => {
-    const kids = spawnSync('pgrep', ['-P', String(pid)], { encoding: 'utf8' }).stdout.split('\n').filter(Boolean).map(Number);
+    const kids = spawnSync('pgrep', ['-P', String(pid)], { encoding: 'utf8' })
+      .stdout.split('\n')
+      .filter(Boolean)
+      .map(Number);
     for (const kid of kids) {
       let comm = '';
       try {
@@ -507,7 +574,10 @@ test('SSH link cut in the middle of an artifact transfer: exit 1 naming the step
   assert.is(newestManifest(v.backupDir).complete, true);
   const home = fs.readdirSync(v.backupDir).filter((n) => n.startsWith('home-dev-'));
   assert.is(home.length, 1, 'rotated after the good run (KEEP_BACKUPS=1)');
-  const names = spawnSync('tar', ['-tzf', path.join(v.backupDir, home[0])], { encoding: 'utf8', maxBuffer: 64 * MiB }).stdout;
+  const names = spawnSync('tar', ['-tzf', path.join(v.backupDir, home[0])], {
+    encoding: 'utf8',
+    maxBuffer: 64 * MiB,
+  }).stdout;
   assert.ok(names.split('\n').includes('./big/blob.bin'), 'the new home-dev holds the big file');
   assertCleanAfter('backup-verda', v.state, [v.backupDir]);
 });
@@ -528,9 +598,16 @@ test('Mello disk full while writing an artifact: exit 1 naming the step, no part
 
     const r = await run('backup-verda.mts', ['--quick'], v.env);
     assert.is(r.code, 1, out(r));
-    assert.match(r.stdout, /Step \d+ \(Home directory \(dev\)\): .*ENOSPC/, 'the summary names the step and the disk full');
+    assert.match(
+      r.stdout,
+      /Step \d+ \(Home directory \(dev\)\): .*ENOSPC/,
+      'the summary names the step and the disk full',
+    );
     assertNoStack(r);
-    assert.not.ok(fs.readdirSync(v.backupDir).some((n) => n.startsWith('home-dev-') && !(n in before)), 'no new home-dev file');
+    assert.not.ok(
+      fs.readdirSync(v.backupDir).some((n) => n.startsWith('home-dev-') && !(n in before)),
+      'no new home-dev file',
+    );
     await assertOlderBackupsKept(v.backupDir, before, r2Before);
     assertCleanAfter('backup-verda', v.state, [v.backupDir]);
     const man = newestManifest(v.backupDir);
@@ -587,7 +664,10 @@ test('R2 answering 503 to every upload of the config bundle: exit 1 naming the s
   const puts = proxy.of('put', from);
   assert.is(puts.length, 5, 'five attempts, then the step gives up');
   for (let i = 1; i < puts.length; i++) {
-    assert.ok(puts[i].at - puts[i - 1].at >= 350 * 2 ** (i - 1), `attempt ${i + 1} came ${puts[i].at - puts[i - 1].at} ms after the one before: backoff`);
+    assert.ok(
+      puts[i].at - puts[i - 1].at >= 350 * 2 ** (i - 1),
+      `attempt ${i + 1} came ${puts[i].at - puts[i - 1].at} ms after the one before: backoff`,
+    );
   }
   const m = newestManifest(v.backupDir);
   assert.is(m.complete, false);
@@ -710,7 +790,12 @@ test('bad input: an --env-file that cannot be read is exit 2 naming it and why',
     uid: 65534,
     gid: 65534,
     cwd: '/',
-    env: { PATH: process.env.PATH, HOME: '/nonexistent', ...b.mello, COMFYMULTI_STATE_DIR: path.join(b.root, 'nobody-state') },
+    env: {
+      PATH: process.env.PATH,
+      HOME: '/nonexistent',
+      ...b.mello,
+      COMFYMULTI_STATE_DIR: path.join(b.root, 'nobody-state'),
+    },
     encoding: 'utf8',
     timeout: RUN_LIMIT_MS,
   });
@@ -726,7 +811,12 @@ test('bad input: an endpoint that is not an http(s) URL is exit 2 naming the var
     await refused('backup-mello.mts', [], { ...b.mello, R2_ENDPOINT: endpoint }, 'R2_ENDPOINT');
     await refused('backup-verda.mts', ['--quick'], { ...b.verda, R2_ENDPOINT: endpoint }, 'R2_ENDPOINT');
   }
-  await refused('backup-mello.mts', [], { ...b.mello, R2_USER_FILES_ENDPOINT: 'eu.r2 example' }, 'R2_USER_FILES_ENDPOINT');
+  await refused(
+    'backup-mello.mts',
+    [],
+    { ...b.mello, R2_USER_FILES_ENDPOINT: 'eu.r2 example' },
+    'R2_USER_FILES_ENDPOINT',
+  );
   await refused('backup-verda.mts', ['--quick'], { ...b.verda, R2_CACHE_ENDPOINT: '::' }, 'R2_CACHE_ENDPOINT');
   b.assertUntouched();
 });
@@ -742,13 +832,19 @@ test('bad input: wrong credentials are exit 1 with the server’s 403 said plain
     const from = proxy.log.length;
     const r = await run('backup-mello.mts', [], { ...b.mello, ...creds });
     assert.is(r.code, 1, out(r));
-    assert.match(r.stdout, new RegExp(`R2 refused the credentials \\(403 ${code}\\): check R2_ACCESS_KEY_ID and R2_SECRET_ACCESS_KEY`));
+    assert.match(
+      r.stdout,
+      new RegExp(`R2 refused the credentials \\(403 ${code}\\): check R2_ACCESS_KEY_ID and R2_SECRET_ACCESS_KEY`),
+    );
     assert.match(r.stdout, /Step \d+ \(User data \(workflows, settings\)\): .*refused the credentials/);
     assertNoStack(r);
     assert.not.ok((r.stdout + r.stderr).includes(wrongSecret), 'the secret is never printed');
     const sent = proxy.log.slice(from);
     assert.ok(sent.length > 0 && sent.every((e) => e.status === 403), 'every answer was the 403');
-    assert.ok(sent.every((e) => e.kind === 'list'), `no object request after the refusal: ${sent.map((e) => e.kind)}`);
+    assert.ok(
+      sent.every((e) => e.kind === 'list'),
+      `no object request after the refusal: ${sent.map((e) => e.kind)}`,
+    );
     assertCleanAfter('backup-mello', b.state);
   }
   assert.equal(await s3.listKeys(USER_FILES, 'outputs/user001/big'), []);
@@ -757,7 +853,12 @@ test('bad input: wrong credentials are exit 1 with the server’s 403 said plain
 test('bad input: a source directory that does not exist', async () => {
   const b = badInputEnv('bad-source');
   // Mello's data dir: a configuration error.
-  await refused('backup-mello.mts', [], { ...b.mello, MELLO_DATA_DIR: path.join(b.root, 'no-such-data') }, new RegExp(`MELLO_DATA_DIR.*no-such-data`));
+  await refused(
+    'backup-mello.mts',
+    [],
+    { ...b.mello, MELLO_DATA_DIR: path.join(b.root, 'no-such-data') },
+    new RegExp(`MELLO_DATA_DIR.*no-such-data`),
+  );
   b.assertUntouched();
   // One of its trees: a warning and a skipped row, the others sent.
   fs.rmSync(path.join(b.data, 'outputs'), { recursive: true });
@@ -766,11 +867,16 @@ test('bad input: a source directory that does not exist', async () => {
   assert.match(r.stdout, new RegExp(`${path.join(b.data, 'outputs')} does not exist`));
   await assertObject(USER_FILES, 'inputs/x.png', path.join(b.data, 'inputs/x.png'));
   // A source directory missing on Verda: a warning and a skipped row, not a failure (SPEC).
-  const v = await run('backup-verda.mts', ['--quick'], { ...b.verda, VERDA_PROJECT_DIR: path.join(b.root, 'no-such-project') });
+  const v = await run('backup-verda.mts', ['--quick'], {
+    ...b.verda,
+    VERDA_PROJECT_DIR: path.join(b.root, 'no-such-project'),
+  });
   assert.is(v.code, 0, out(v));
   assert.match(v.stdout, /Step \d+: Project \.env\n(.*\n)*? *– nothing to archive/);
   assert.match(v.stdout, /no-such-project: none of \.env exists/);
-  assert.not.ok(fs.readdirSync(b.backupDir).some((n) => n.startsWith('project-env-') || n.startsWith('comfy-project-')));
+  assert.not.ok(
+    fs.readdirSync(b.backupDir).some((n) => n.startsWith('project-env-') || n.startsWith('comfy-project-')),
+  );
   assertCleanAfter('backup-verda', b.state, [b.backupDir]);
 });
 

@@ -42,7 +42,10 @@ export interface S3Server {
   /** Requests that carry an object body: PutObject and UploadPart are the only PUTs the scripts send. */
   bodyRequests(): RequestLog[];
   readObject(bucket: string, key: string): Promise<Buffer>;
-  headObject(bucket: string, key: string): Promise<{ size: number; etag: string; metadata: Record<string, string> } | undefined>;
+  headObject(
+    bucket: string,
+    key: string,
+  ): Promise<{ size: number; etag: string; metadata: Record<string, string> } | undefined>;
   listKeys(bucket: string, prefix?: string): Promise<string[]>;
   /**
    * Stores `body` as the bash scripts' aws-cli did: 8 MiB parts, no sha256 metadata. R2 answers
@@ -55,7 +58,10 @@ export interface S3Server {
   stop(): Promise<void>;
 }
 
-export async function startS3(buckets: string[], opts: { onRequest?: (r: RequestLog) => void } = {}): Promise<S3Server> {
+export async function startS3(
+  buckets: string[],
+  opts: { onRequest?: (r: RequestLog) => void } = {},
+): Promise<S3Server> {
   const dir = tempDir('s3');
   const server = new (S3rver as any)({
     port: 0,
@@ -103,7 +109,9 @@ export async function startS3(buckets: string[], opts: { onRequest?: (r: Request
       const keys: string[] = [];
       let token: string | undefined;
       do {
-        const page = await client.send(new ListObjectsV2Command({ Bucket: bucket, Prefix: prefix, ContinuationToken: token }));
+        const page = await client.send(
+          new ListObjectsV2Command({ Bucket: bucket, Prefix: prefix, ContinuationToken: token }),
+        );
         keys.push(...(page.Contents ?? []).map((o) => o.Key!));
         token = page.IsTruncated ? page.NextContinuationToken : undefined;
       } while (token);
@@ -117,10 +125,14 @@ export async function startS3(buckets: string[], opts: { onRequest?: (r: Request
       for (let at = 0, n = 1; at < body.length; at += part, n++) {
         const chunk = body.subarray(at, at + part);
         md5s.push(crypto.createHash('md5').update(chunk).digest());
-        const p = await client.send(new UploadPartCommand({ Bucket: bucket, Key: key, UploadId, PartNumber: n, Body: chunk }));
+        const p = await client.send(
+          new UploadPartCommand({ Bucket: bucket, Key: key, UploadId, PartNumber: n, Body: chunk }),
+        );
         parts.push({ PartNumber: n, ETag: p.ETag });
       }
-      await client.send(new CompleteMultipartUploadCommand({ Bucket: bucket, Key: key, UploadId, MultipartUpload: { Parts: parts } }));
+      await client.send(
+        new CompleteMultipartUploadCommand({ Bucket: bucket, Key: key, UploadId, MultipartUpload: { Parts: parts } }),
+      );
       const etag = `${crypto.createHash('md5').update(Buffer.concat(md5s)).digest('hex')}-${md5s.length}`;
       fs.writeFileSync(path.join(dir, bucket, `${key}._S3rver_object.md5`), etag);
       return etag;
@@ -172,7 +184,12 @@ export interface RunOptions {
  * clean environment: PATH, HOME and what the test passes; nothing inherited from the machine's
  * AWS settings.
  */
-export function runCommand(command: string, args: string[], env: Record<string, string>, opts: RunOptions = {}): Promise<RunResult> {
+export function runCommand(
+  command: string,
+  args: string[],
+  env: Record<string, string>,
+  opts: RunOptions = {},
+): Promise<RunResult> {
   const started = Date.now();
   const file = command.includes('/') ? command : path.join(ROOT, command);
   const [cmd, argv] =
@@ -257,7 +274,10 @@ export async function closedPort(): Promise<number> {
 /** The hash caches in a state directory, name → sha256 of its bytes: to tell that none changed. */
 export function hashCaches(stateDir: string): Record<string, string> {
   const out: Record<string, string> = {};
-  for (const name of fs.readdirSync(stateDir).filter((n) => n.startsWith('hashes-')).sort()) {
+  for (const name of fs
+    .readdirSync(stateDir)
+    .filter((n) => n.startsWith('hashes-'))
+    .sort()) {
     out[name] = sha256(fs.readFileSync(path.join(stateDir, name)));
   }
   return out;

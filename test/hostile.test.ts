@@ -11,7 +11,20 @@ import os from 'node:os';
 import path from 'node:path';
 import { writeFileAtomic } from '../lib/files.ts';
 import { FaultProxy } from './fault-proxy.ts';
-import { runScript, ROOT, SECRET, sha256, startS3, tempDir, treeDigest, writeRandomFile, writeTree, writeHeldLock, type RunResult, type S3Server } from './helpers.ts';
+import {
+  runScript,
+  ROOT,
+  SECRET,
+  sha256,
+  startS3,
+  tempDir,
+  treeDigest,
+  writeRandomFile,
+  writeTree,
+  writeHeldLock,
+  type RunResult,
+  type S3Server,
+} from './helpers.ts';
 import { makeVerda } from './verda-fixture.ts';
 
 const USER_FILES = 'comfy-multi-user-files';
@@ -45,7 +58,12 @@ const run = (
   args: string[],
   env: Record<string, string>,
   opts: { asNobody?: boolean; limitMs?: number; onSpawn?: (pid: number) => void } = {},
-) => runScript(script, args, env, { limitMs: opts.limitMs ?? 90_000, asUser: opts.asNobody ? NOBODY : undefined, onSpawn: opts.onSpawn });
+) =>
+  runScript(script, args, env, {
+    limitMs: opts.limitMs ?? 90_000,
+    asUser: opts.asNobody ? NOBODY : undefined,
+    onSpawn: opts.onSpawn,
+  });
 
 const out = (r: RunResult) => `--- stdout\n${r.stdout}\n--- stderr\n${r.stderr}`;
 const assertNoStack = (r: RunResult) => assert.not.match(r.stdout + r.stderr, /\n\s+at .+:\d+/, 'no stack trace');
@@ -76,7 +94,14 @@ function melloEnv(name: string, files: Record<string, string | Buffer>, endpoint
   const data = path.join(root, 'data');
   writeTree(data, files);
   const state = path.join(root, 'state');
-  const env = { R2_ENDPOINT: endpoint, R2_ACCESS_KEY_ID: SECRET, R2_SECRET_ACCESS_KEY: SECRET, COMFYMULTI_STATE_DIR: state, MELLO_DATA_DIR: data, ...FAST };
+  const env = {
+    R2_ENDPOINT: endpoint,
+    R2_ACCESS_KEY_ID: SECRET,
+    R2_SECRET_ACCESS_KEY: SECRET,
+    COMFYMULTI_STATE_DIR: state,
+    MELLO_DATA_DIR: data,
+    ...FAST,
+  };
   return { root, data, state, env };
 }
 
@@ -106,7 +131,10 @@ test('1. a lock left by a crash whose pid now belongs to another process is take
     assert.is(r.code, 0, out(r));
     assert.is(sha256(await s3.readObject(USER_FILES, 'user_data/u1/a.json')), sha256('{"a":1}'));
     // A record whose pid is alive but started at another time: the pid was reused.
-    fs.writeFileSync(lock, JSON.stringify({ script: 'backup-mello', pid: other.pid, host: os.hostname(), procStart: '1', started: 'then' }));
+    fs.writeFileSync(
+      lock,
+      JSON.stringify({ script: 'backup-mello', pid: other.pid, host: os.hostname(), procStart: '1', started: 'then' }),
+    );
     const r2 = await run('backup-mello.mts', [], m.env);
     assert.is(r2.code, 0, out(r2));
     assert.not.ok(fs.existsSync(lock), 'released after the run');
@@ -144,7 +172,11 @@ test('3. a file that shrinks while it is sent (multipart): the run ends, exit 1 
   proxy.throttle(['upload-part'], 4 * MiB);
   const from = proxy.log.length;
   const running = run('backup-mello.mts', [], m.env);
-  await proxy.waitFor(() => proxy.of('upload-part', from).some((e) => e.bodyBytes > MiB), 60_000, 'the upload under way');
+  await proxy.waitFor(
+    () => proxy.of('upload-part', from).some((e) => e.bodyBytes > MiB),
+    60_000,
+    'the upload under way',
+  );
   fs.truncateSync(file, 10 * MiB);
   const r = await running;
   proxy.clearFaults();
@@ -172,13 +204,21 @@ test('3. a file that shrinks while it is sent (single PUT): exit 1, the previous
   proxy.throttle(['put'], 512 * 1024);
   const from = proxy.log.length;
   const running = run('backup-mello.mts', [], m.env);
-  await proxy.waitFor(() => proxy.of('put', from).some((e) => e.bodyBytes > 256 * 1024), 60_000, 'the upload under way');
+  await proxy.waitFor(
+    () => proxy.of('put', from).some((e) => e.bodyBytes > 256 * 1024),
+    60_000,
+    'the upload under way',
+  );
   fs.truncateSync(file, MiB);
   const r = await running;
   proxy.clearFaults();
   assert.is(r.code, 1, out(r));
   assert.match(r.stdout, /photo\.png.*changed while it was being sent/, out(r));
-  assert.equal(await objectSha(USER_FILES, 'inputs/photo.png'), before, 'the previous object stands, whole, with its own sha256');
+  assert.equal(
+    await objectSha(USER_FILES, 'inputs/photo.png'),
+    before,
+    'the previous object stands, whole, with its own sha256',
+  );
 });
 
 test('4. a file that grows while it is sent: no object whose sha256 is not its bytes, the previous one kept; the rerun sends the grown file', async () => {
@@ -192,13 +232,17 @@ test('4. a file that grows while it is sent: no object whose sha256 is not its b
   proxy.throttle(['upload-part'], 4 * MiB);
   const from = proxy.log.length;
   const running = run('backup-mello.mts', [], m.env);
-  await proxy.waitFor(() => proxy.of('upload-part', from).some((e) => e.bodyBytes > MiB), 60_000, 'the upload under way');
+  await proxy.waitFor(
+    () => proxy.of('upload-part', from).some((e) => e.bodyBytes > MiB),
+    60_000,
+    'the upload under way',
+  );
   fs.appendFileSync(file, crypto.randomBytes(3 * MiB));
   const r = await running;
   proxy.clearFaults();
   assert.is(r.code, 1, out(r));
   assert.match(r.stdout, /log\.bin.*changed while it was being sent/, out(r));
-  assert.match(r.stdout, /Step 2 \(Outputs\): .*log\.bin/, 'the summary names the step and the file', );
+  assert.match(r.stdout, /Step 2 \(Outputs\): .*log\.bin/, 'the summary names the step and the file');
   const now = await objectSha(USER_FILES, 'outputs/u2/log.bin');
   assert.equal(now, before, 'the previous object stands with its own sha256');
   assert.equal(s3.openUploads(USER_FILES), []);
@@ -324,7 +368,11 @@ test('8. --verify after a failed run is exit 1 naming the incomplete run, and sa
   const good = await run('backup-verda.mts', ['--quick'], env);
   assert.is(good.code, 0, out(good));
   await new Promise((r) => setTimeout(r, 1100));
-  const failed = await run('backup-verda.mts', ['--quick'], { ...env, R2_ENDPOINT: 'http://127.0.0.1:9', COMFYMULTI_R2_ATTEMPTS: '1' });
+  const failed = await run('backup-verda.mts', ['--quick'], {
+    ...env,
+    R2_ENDPOINT: 'http://127.0.0.1:9',
+    COMFYMULTI_R2_ATTEMPTS: '1',
+  });
   assert.is(failed.code, 1, out(failed));
   const r = await run('backup-verda.mts', ['--verify'], env);
   assert.is(r.code, 1, out(r));
@@ -359,9 +407,25 @@ test('11. a FIFO under a dated name in SFS_BACKUP_DIR does not block backup-cron
   fs.mkdirSync(v.sfsBackups, { recursive: true });
   const fifo = path.join(v.sfsBackups, 'ssh-host-keys-20991231-235959.tar.gz');
   assert.is(spawnSync('mkfifo', [fifo]).status, 0);
-  const r = await run('backup-cron.mts', [], { ...v.env, MELLO_HOST: 'local', MELLO_SCRIPTS_DIR: path.join(root, 'no-mello'), COMFYMULTI_STATE_DIR: path.join(root, 'state'), ...FAST }, { limitMs: 60_000 });
+  const r = await run(
+    'backup-cron.mts',
+    [],
+    {
+      ...v.env,
+      MELLO_HOST: 'local',
+      MELLO_SCRIPTS_DIR: path.join(root, 'no-mello'),
+      COMFYMULTI_STATE_DIR: path.join(root, 'state'),
+      ...FAST,
+    },
+    { limitMs: 60_000 },
+  );
   assert.match(r.stdout, /ssh-host-keys-20991231-235959\.tar\.gz is not a regular file: ignored/, out(r));
-  assert.ok(fs.readdirSync(v.sfsBackups).some((n) => /^ssh-host-keys-\d{8}-\d{6}\.tar\.gz$/.test(n) && fs.lstatSync(path.join(v.sfsBackups, n)).isFile()), 'a real copy written');
+  assert.ok(
+    fs
+      .readdirSync(v.sfsBackups)
+      .some((n) => /^ssh-host-keys-\d{8}-\d{6}\.tar\.gz$/.test(n) && fs.lstatSync(path.join(v.sfsBackups, n)).isFile()),
+    'a real copy written',
+  );
   assertNoStack(r);
 });
 
@@ -380,14 +444,21 @@ test('12. an unwritable COMFYMULTI_STATE_DIR is exit 2 naming it, with no stack'
 });
 
 test('13. a full state disk: the uploads that worked stand, the run says the hash cache was not saved and names it', async () => {
-  const m = melloEnv('state-full', Object.fromEntries(Array.from({ length: 200 }, (_, i) => [`user_data/u${i}/workflow-${i}.json`, `{"n":${i}}`])));
+  const m = melloEnv(
+    'state-full',
+    Object.fromEntries(Array.from({ length: 200 }, (_, i) => [`user_data/u${i}/workflow-${i}.json`, `{"n":${i}}`])),
+  );
   fs.mkdirSync(m.state, { recursive: true });
   const mount = spawnSync('mount', ['-t', 'tmpfs', '-o', 'size=8k', 'tmpfs', m.state], { encoding: 'utf8' });
   assert.is(mount.status, 0, mount.stderr);
   try {
     const r = await run('backup-mello.mts', [], m.env);
     assert.is(r.code, 0, out(r));
-    assert.match(r.stdout, new RegExp(`hash cache not saved \\(ENOSPC: ${m.state}/hashes-backup-mello-user_data\\.jsonl`), out(r));
+    assert.match(
+      r.stdout,
+      new RegExp(`hash cache not saved \\(ENOSPC: ${m.state}/hashes-backup-mello-user_data\\.jsonl`),
+      out(r),
+    );
     assert.is((await s3.listKeys(USER_FILES, 'user_data/u1')).length > 0, true);
     for (let i = 0; i < 200; i += 37) {
       assert.is(sha256(await s3.readObject(USER_FILES, `user_data/u${i}/workflow-${i}.json`)), sha256(`{"n":${i}}`));
@@ -419,7 +490,13 @@ test('16. file names that are not valid UTF-8 are named for what they are, each 
 test('17. a dated copy from a clock that was ahead is warned about', async () => {
   const root = path.join(work, 'future');
   const v = makeVerda(path.join(root, 'verda'));
-  const env = { ...v.env, MELLO_HOST: 'local', MELLO_SCRIPTS_DIR: path.join(root, 'no-mello'), COMFYMULTI_STATE_DIR: path.join(root, 'state'), ...FAST };
+  const env = {
+    ...v.env,
+    MELLO_HOST: 'local',
+    MELLO_SCRIPTS_DIR: path.join(root, 'no-mello'),
+    COMFYMULTI_STATE_DIR: path.join(root, 'state'),
+    ...FAST,
+  };
   await run('backup-cron.mts', [], env);
   const newest = fs.readdirSync(v.sfsBackups).find((n) => n.startsWith('ufw-'))!;
   fs.copyFileSync(path.join(v.sfsBackups, newest), path.join(v.sfsBackups, 'ufw-20991231-120000.tar.gz'));
@@ -432,7 +509,8 @@ test('17. a dated copy from a clock that was ahead is warned about', async () =>
 
 test('18. a file deleted between the walk and its upload is a warning, not a failure', async () => {
   const files: Record<string, Buffer> = {};
-  for (let i = 0; i < 40; i++) files[`outputs/u-vanish/img_${String(i).padStart(3, '0')}.png`] = crypto.randomBytes(300_000);
+  for (let i = 0; i < 40; i++)
+    files[`outputs/u-vanish/img_${String(i).padStart(3, '0')}.png`] = crypto.randomBytes(300_000);
   const m = melloEnv('vanish', files, proxy.endpoint);
   proxy.throttle(['put'], 1 * MiB);
   const from = proxy.log.length;
@@ -451,11 +529,17 @@ test('18. a hash-cache entry of the wrong type is dropped and the file hashed ag
   fs.mkdirSync(m.state, { recursive: true });
   const file = path.join(m.data, 'user_data/u1/a.json');
   // In the older whole-file cache, read the first time, and in a tree's cache of lines.
-  fs.writeFileSync(path.join(m.state, 'hashes-backup-mello.json'), JSON.stringify({ version: 1, files: { [file]: ['x', 5, null, 'nope'] }, objects: { bad: 7 } }));
+  fs.writeFileSync(
+    path.join(m.state, 'hashes-backup-mello.json'),
+    JSON.stringify({ version: 1, files: { [file]: ['x', 5, null, 'nope'] }, objects: { bad: 7 } }),
+  );
   const r0 = await run('backup-mello.mts', [], m.env);
   assert.is(r0.code, 0, out(r0));
   fs.writeFileSync(path.join(m.data, 'user_data/u1/a.json'), '{"a":2}');
-  fs.writeFileSync(path.join(m.state, 'hashes-backup-mello-user_data.jsonl'), '{"rel":"u1/a.json","size":"x","mtimeNs":5}\nnot json\n');
+  fs.writeFileSync(
+    path.join(m.state, 'hashes-backup-mello-user_data.jsonl'),
+    '{"rel":"u1/a.json","size":"x","mtimeNs":5}\nnot json\n',
+  );
   const r = await run('backup-mello.mts', [], m.env);
   assert.is(r.code, 0, out(r));
   assert.is(sha256(await s3.readObject(USER_FILES, 'user_data/u1/a.json')), sha256('{"a":2}'));
@@ -476,7 +560,11 @@ test('18. temporary files a SIGKILL left behind are removed by the next run; a l
 });
 
 test('18. -v prints no stack for an expected failure', async () => {
-  const { env } = verdaEnv('verbose', { CONTAINER_CLI: 'podman', CONTAINER_IMAGE: 'no-such-image-here', VERDA_SCRIPTS_DIR: ROOT });
+  const { env } = verdaEnv('verbose', {
+    CONTAINER_CLI: 'podman',
+    CONTAINER_IMAGE: 'no-such-image-here',
+    VERDA_SCRIPTS_DIR: ROOT,
+  });
   const r = await run('backup-verda.mts', ['-v'], env);
   assert.is(r.code, 1, out(r));
   assert.match(r.stdout, /Container image.*no-such-image-here/s);

@@ -6,7 +6,20 @@ import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { DeleteObjectCommand, PutObjectCommand } from '@aws-sdk/client-s3';
-import { ROOT, hashCaches, runScript, s3Env, startS3, tempDir, treeDigest, sha256, writeRandomFile, writeHeldLock, writeTree, type S3Server } from './helpers.ts';
+import {
+  ROOT,
+  hashCaches,
+  runScript,
+  s3Env,
+  startS3,
+  tempDir,
+  treeDigest,
+  sha256,
+  writeRandomFile,
+  writeHeldLock,
+  writeTree,
+  type S3Server,
+} from './helpers.ts';
 
 const BUCKET = 'comfy-multi-user-files';
 const MiB = 1024 * 1024;
@@ -65,7 +78,8 @@ async function assertBucketHolds(tree: string, prefix: string) {
   return Object.keys(local).length;
 }
 
-const json = (stdout: string) => JSON.parse(stdout) as { steps: { status: string; data?: Record<string, any> }[]; exitCode: number };
+const json = (stdout: string) =>
+  JSON.parse(stdout) as { steps: { status: string; data?: Record<string, any> }[]; exitCode: number };
 
 test('a full run puts every file of user_data, outputs and inputs in the bucket byte for byte', async () => {
   const r = await runScript('backup-mello.mts', [], env);
@@ -77,7 +91,10 @@ test('a full run puts every file of user_data, outputs and inputs in the bucket 
   assert.is(keys.length, count, 'nothing but the files: no symlink followed');
   assert.not.ok(keys.some((k) => k.includes('etc-link') || k.includes('hostname-link')));
   assert.equal(s3.openUploads(BUCKET), [], 'no multipart upload left open');
-  assert.ok(s3.bodyRequests().some((q) => q.url.includes('partNumber=3')), 'the 40 MiB file went in parts');
+  assert.ok(
+    s3.bodyRequests().some((q) => q.url.includes('partNumber=3')),
+    'the 40 MiB file went in parts',
+  );
 });
 
 test('names with spaces, quotes, $(), newlines and non-ASCII survive and run nothing', async () => {
@@ -96,7 +113,11 @@ test('an unchanged rerun sends no object body, reads no file and lists only', as
   const r = await runScript('backup-mello.mts', ['--json'], env);
   assert.is(r.code, 0, r.stderr);
   const sent = s3.requests.slice(before);
-  assert.equal(sent.filter((q) => q.method !== 'GET' || !q.url.includes('list-type=2')), [], 'only listings');
+  assert.equal(
+    sent.filter((q) => q.method !== 'GET' || !q.url.includes('list-type=2')),
+    [],
+    'only listings',
+  );
   // user_data/ and outputs/ fit a page each; inputs/ holds 1,051 keys: two pages.
   assert.is(sent.length, 4, `listing requests: ${sent.length}`);
   const summary = json(r.stdout);
@@ -138,7 +159,10 @@ test('--dry-run says what would be sent and where, and changes nothing', async (
   const r = await runScript('backup-mello.mts', ['--dry-run'], env);
   assert.is(r.code, 0, r.stderr);
   assert.match(r.stdout, `would send r2://${BUCKET}/outputs/user001/img_0002.png`);
-  assert.equal(s3.requests.slice(before).filter((q) => q.method !== 'GET' && q.method !== 'HEAD'), []);
+  assert.equal(
+    s3.requests.slice(before).filter((q) => q.method !== 'GET' && q.method !== 'HEAD'),
+    [],
+  );
   assert.is(await s3.headObject(BUCKET, 'outputs/user001/img_0002.png'), undefined);
   assert.equal(hashCaches(env.COMFYMULTI_STATE_DIR), cacheBefore, 'hash caches untouched');
 });
@@ -166,13 +190,20 @@ test('objects the bash scripts uploaded (no sha256 metadata) are adopted without
   const before = s3.requests.length;
   const r = await runScript('backup-mello.mts', ['--json'], env);
   assert.is(r.code, 0, r.stderr);
-  assert.equal(s3.requests.slice(before).filter((q) => q.method === 'PUT'), [], 'no body sent');
+  assert.equal(
+    s3.requests.slice(before).filter((q) => q.method === 'PUT'),
+    [],
+    'no body sent',
+  );
   assert.is(json(r.stdout).steps[2].data?.adopted, 2);
   // Recorded: the next run needs no proof (no HEAD, no read).
   const before2 = s3.requests.length;
   const r2 = await runScript('backup-mello.mts', ['--json'], env);
   assert.is(r2.code, 0);
-  assert.equal(s3.requests.slice(before2).filter((q) => q.method !== 'GET' || !q.url.includes('list-type')), []);
+  assert.equal(
+    s3.requests.slice(before2).filter((q) => q.method !== 'GET' || !q.url.includes('list-type')),
+    [],
+  );
 
   // A bash-era object whose bytes differ is replaced.
   writeTree(data, { 'inputs/legacy/stale.bin': 'new bytes' });
@@ -200,7 +231,11 @@ test('--verify passes on a whole backup, names a deleted object, and --deep name
   assert.is(deep.code, 1);
   assert.match(deep.stdout, 'differs: r2://comfy-multi-user-files/user_data/user001/comfy.settings.json');
   assert.match(deep.stdout, 'missing: r2://comfy-multi-user-files/inputs/shared/ref.png');
-  assert.equal(s3.requests.slice(before).filter((q) => q.method === 'PUT' || q.method === 'POST'), [], 'verify changes nothing');
+  assert.equal(
+    s3.requests.slice(before).filter((q) => q.method === 'PUT' || q.method === 'POST'),
+    [],
+    'verify changes nothing',
+  );
   // Mend what the test broke: the next backup sends the deleted file again.
   fs.writeFileSync(stored, original);
   const again = await runScript('backup-mello.mts', [], env);
@@ -266,7 +301,11 @@ test('missing credentials are exit 2 naming the variable, before any request', a
 
 test('credentials never appear in output, even verbose, as JSON, or when refused', async () => {
   const secret = 'wr0ng-Secret-Key-That-Must-Not-Leak';
-  const r = await runScript('backup-mello.mts', ['--verbose'], { ...env, R2_ACCESS_KEY_ID: 'AKIA-leak-check', R2_SECRET_ACCESS_KEY: secret });
+  const r = await runScript('backup-mello.mts', ['--verbose'], {
+    ...env,
+    R2_ACCESS_KEY_ID: 'AKIA-leak-check',
+    R2_SECRET_ACCESS_KEY: secret,
+  });
   assert.is(r.code, 1);
   assert.match(r.stdout, /refused the credentials/);
   assert.not.match(r.stdout + r.stderr, /\n\s+at /, 'no stack trace');
@@ -282,11 +321,23 @@ test('.env beside the script or --env-file configures; the environment wins', as
   const envFile = path.join(work, 'alt.env');
   fs.writeFileSync(
     envFile,
-    [`R2_ENDPOINT=${s3.endpoint}`, 'R2_ACCESS_KEY_ID=S3RVER', `R2_SECRET_ACCESS_KEY="S3RVER"`, `MELLO_DATA_DIR=${data}`, '# comment', ''].join('\n'),
+    [
+      `R2_ENDPOINT=${s3.endpoint}`,
+      'R2_ACCESS_KEY_ID=S3RVER',
+      `R2_SECRET_ACCESS_KEY="S3RVER"`,
+      `MELLO_DATA_DIR=${data}`,
+      '# comment',
+      '',
+    ].join('\n'),
   );
-  const r = await runScript('backup-mello.mts', ['--env-file', envFile, '--quick'], { COMFYMULTI_STATE_DIR: env.COMFYMULTI_STATE_DIR });
+  const r = await runScript('backup-mello.mts', ['--env-file', envFile, '--quick'], {
+    COMFYMULTI_STATE_DIR: env.COMFYMULTI_STATE_DIR,
+  });
   assert.is(r.code, 0, r.stderr);
-  const r2 = await runScript('backup-mello.mts', ['--env-file', envFile], { COMFYMULTI_STATE_DIR: env.COMFYMULTI_STATE_DIR, MELLO_DATA_DIR: '/nonexistent' });
+  const r2 = await runScript('backup-mello.mts', ['--env-file', envFile], {
+    COMFYMULTI_STATE_DIR: env.COMFYMULTI_STATE_DIR,
+    MELLO_DATA_DIR: '/nonexistent',
+  });
   assert.is(r2.code, 2);
   assert.match(r2.stderr, 'MELLO_DATA_DIR');
   const r3 = await runScript('backup-mello.mts', ['--env-file', path.join(work, 'missing.env')], env);

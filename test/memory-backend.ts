@@ -65,7 +65,8 @@ export class MemoryBackend implements Backend {
         opts.onBytes?.(chunk.length);
       }
     }
-    if (size !== source.size) throw new StorageError(`${this.name} put ${key}: ${size} bytes where ${source.size} were declared`, false, 400);
+    if (size !== source.size)
+      throw new StorageError(`${this.name} put ${key}: ${size} bytes where ${source.size} were declared`, false, 400);
     await source.check?.();
     const data = Buffer.concat(chunks);
     const etag = crypto.createHash('md5').update(data).digest('hex');

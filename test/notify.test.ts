@@ -10,7 +10,19 @@ import os from 'node:os';
 import path from 'node:path';
 import { UsageError } from '../lib/cli.ts';
 import { BODY_LIMIT, checkNotifyUrl, pingBody, pingUrl } from '../lib/notify.ts';
-import { closedPort, runScript, ROOT, SECRET, sha256, startS3, tempDir, writeHeldLock, writeTree, type RunResult, type S3Server } from './helpers.ts';
+import {
+  closedPort,
+  runScript,
+  ROOT,
+  SECRET,
+  sha256,
+  startS3,
+  tempDir,
+  writeHeldLock,
+  writeTree,
+  type RunResult,
+  type S3Server,
+} from './helpers.ts';
 import { ENV_SECRET, makeVerda } from './verda-fixture.ts';
 
 const USER_FILES = 'comfy-multi-user-files';
@@ -68,7 +80,6 @@ async function pingServer(mode: 'answer' | 'hang' = 'answer'): Promise<PingServe
     },
   };
 }
-
 
 const run = (script: string, args: string[], env: Record<string, string>, limitMs = 90_000) =>
   runScript(script, args, env, { limitMs });

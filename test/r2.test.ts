@@ -418,14 +418,20 @@ test('a clock 3 h off and a wrong secret: once the clock is corrected, the error
   const r = await settle(listing, 10_000, 'the listing');
   const head = await settle(backend.head('anything'), 10_000, 'the HEAD'); // no body: no code to tell
   setServerClock(0);
-  for (const [what, error] of [['list', r.error], ['head', head.error]] as const) {
+  for (const [what, error] of [
+    ['list', r.error],
+    ['head', head.error],
+  ] as const) {
     assert.instance(error, StorageError, what);
     assert.match((error as Error).message, /refused the credentials \(403.*\): check R2_ACCESS_KEY_ID/, what);
     assert.not.match((error as Error).message, /clock/, what);
   }
   assert.is(backend.pacer.attempts.list, 2, 'refused for the clock, then for the signature');
   assert.is(backend.pacer.attempts.head, 1, 'signed on the corrected clock at once');
-  assert.ok([...notices].some((n) => /clock is 3h0m behind R2's/.test(n)), `the clock in the notices: ${[...notices]}`);
+  assert.ok(
+    [...notices].some((n) => /clock is 3h0m behind R2's/.test(n)),
+    `the clock in the notices: ${[...notices]}`,
+  );
 });
 
 // ---------------------------------------------------------------------------------------------
@@ -461,7 +467,11 @@ test('the SDK warns of requests queueing for sockets: the warning is kept, nothi
     proxy.clearFaults();
   }
   assert.match(backend.sdkWarnings.join('\n'), /socket usage at capacity/);
-  assert.equal(printed.filter((p) => SDK_TEXT.test(p)), [], 'nothing of the SDK printed');
+  assert.equal(
+    printed.filter((p) => SDK_TEXT.test(p)),
+    [],
+    'nothing of the SDK printed',
+  );
 });
 
 test.run();

@@ -371,7 +371,15 @@ test('models: cut ranges resumed, bash-era objects by ETag; bad bytes, escapes a
   b.cuts = 2;
   const cacheFile = path.join(work, 'models-cache.jsonl');
   const open = () => TreeCache.open(cacheFile, { write: true, keepPassedOver: true });
-  const r = await restoreTree({ root, backend: b, cache: await open(), rangeSize: MiB, rangesPerFile: 3, files: 2, backoffMs: 1 });
+  const r = await restoreTree({
+    root,
+    backend: b,
+    cache: await open(),
+    rangeSize: MiB,
+    rangesPerFile: 3,
+    files: 2,
+    backoffMs: 1,
+  });
   assert.ok(fs.readFileSync(path.join(root, 'a/big.safetensors')).equals(big));
   assert.ok(fs.readFileSync(path.join(root, 'bash-era.safetensors')).equals(bash));
   assert.is(fs.statSync(path.join(root, 'empty.safetensors')).size, 0);
@@ -876,10 +884,16 @@ test('--from r2 with an age-encrypted bundle: restored with AGE_IDENTITY_FILE, r
   const noKey = path.join(work, 'from-r2-age-no-key');
   const refused = await restore(['--from', 'r2', '--root', noKey, '--skip-image', '--skip-models']);
   assert.is(refused.code, 1, out(refused));
-  assert.match(refused.stdout, /AGE_IDENTITY_FILE is not set: it is needed to restore from .*\.tar\.gz\.age/, out(refused));
+  assert.match(
+    refused.stdout,
+    /AGE_IDENTITY_FILE is not set: it is needed to restore from .*\.tar\.gz\.age/,
+    out(refused),
+  );
   assert.not.ok(fs.existsSync(noKey), 'nothing restored');
   const into = path.join(work, 'from-r2-age');
-  const r = await restore(['--from', 'r2', '--root', into, '--skip-image', '--skip-models'], { AGE_IDENTITY_FILE: key });
+  const r = await restore(['--from', 'r2', '--root', into, '--skip-image', '--skip-models'], {
+    AGE_IDENTITY_FILE: key,
+  });
   assert.is(r.code, 0, out(r));
   assert.match(r.stdout, /verda-config-backup-\d{8}-\d{6}\.tar\.gz\.age: 8 archives checked/, out(r));
   assertRestoredTree(into);

@@ -67,7 +67,10 @@ conformance('RGW: a wrong secret is refused, and R2Backend says it is the creden
       for await (const _ of wrong.list('')) break;
     },
   ]) {
-    const e = await attempt().then(() => undefined, (x: unknown) => x);
+    const e = await attempt().then(
+      () => undefined,
+      (x: unknown) => x,
+    );
     assert.instance(e, StorageError);
     const err = e as StorageError;
     assert.is(err.status, 403, err.message);
@@ -98,7 +101,10 @@ conformance('RGW: a listing of 2,500 keys pages right in a Node without the lega
     ),
   );
   const got = JSON.parse(out.trim().split('\n').pop()!);
-  assert.not.ok(got.execArgv.some((a: string) => a.includes('legacy')), 'the lister has no legacy provider');
+  assert.not.ok(
+    got.execArgv.some((a: string) => a.includes('legacy')),
+    'the lister has no legacy provider',
+  );
   assert.equal(got.keys, keys);
   assert.is(got.requests.list, 3, 'three pages of at most 1,000');
 });
@@ -109,14 +115,20 @@ conformance('RGW: a multipart upload with a 1 MiB part before the last is refuse
   const { UploadId } = await rgw.client.send(new CreateMultipartUploadCommand({ Bucket, Key }));
   try {
     const parts = [];
-    for (const [n, size] of [[1, MiB], [2, 1024]]) {
+    for (const [n, size] of [
+      [1, MiB],
+      [2, 1024],
+    ]) {
       const body = crypto.randomBytes(size);
       const p = await rgw.client.send(new UploadPartCommand({ Bucket, Key, UploadId, PartNumber: n, Body: body }));
       parts.push({ PartNumber: n, ETag: p.ETag });
     }
     const e = await rgw.client
       .send(new CompleteMultipartUploadCommand({ Bucket, Key, UploadId, MultipartUpload: { Parts: parts } }))
-      .then(() => undefined, (x: { name?: string; $metadata?: { httpStatusCode?: number } }) => x);
+      .then(
+        () => undefined,
+        (x: { name?: string; $metadata?: { httpStatusCode?: number } }) => x,
+      );
     assert.ok(e, 'the completion is refused');
     assert.is(e!.name, 'EntityTooSmall');
     assert.is(e!.$metadata?.httpStatusCode, 400);
@@ -130,7 +142,10 @@ conformance('RGW: a body that does not match its Content-MD5 is refused (BadDige
   const wrongMd5 = crypto.createHash('md5').update('other bytes').digest('base64');
   const e = await rgw.client
     .send(new PutObjectCommand({ Bucket: 'rgw-checks', Key: 'md5', Body: 'the bytes', ContentMD5: wrongMd5 }))
-    .then(() => undefined, (x: { name?: string; $metadata?: { httpStatusCode?: number } }) => x);
+    .then(
+      () => undefined,
+      (x: { name?: string; $metadata?: { httpStatusCode?: number } }) => x,
+    );
   assert.is(e?.name, 'BadDigest');
   assert.is(e?.$metadata?.httpStatusCode, 400);
   assert.is(await new R2Backend(target('rgw-checks'), opts).head('md5'), undefined);

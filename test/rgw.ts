@@ -289,8 +289,16 @@ export async function startRgw(opts: RgwOptions = {}): Promise<Rgw> {
     daemon('osd', 'ceph-osd', ['-i', id], `osd.${id}.log`);
     // Creates RGW's pools (so waits for the OSD to be up) and the user. The secret is a test key.
     await run('radosgw-admin', [
-      'user', 'create', '--uid', 'test', '--display-name', 'test',
-      '--access-key', RGW_ACCESS_KEY_ID, '--secret', RGW_SECRET_ACCESS_KEY,
+      'user',
+      'create',
+      '--uid',
+      'test',
+      '--display-name',
+      'test',
+      '--access-key',
+      RGW_ACCESS_KEY_ID,
+      '--secret',
+      RGW_SECRET_ACCESS_KEY,
     ]);
     daemon('rgw', 'radosgw', ['-n', 'client.rgw'], 'client.rgw.log');
     const endpoint = `http://127.0.0.1:${rgwPort}`;

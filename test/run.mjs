@@ -23,7 +23,11 @@ const missing = lacking([
   ['logrotate', 'logrotate'],
   ['age', 'age'],
 ]);
-const missingCeph = lacking([['radosgw', 'radosgw'], ['ceph-mon', 'ceph-mon'], ['ceph-osd', 'ceph-osd']]);
+const missingCeph = lacking([
+  ['radosgw', 'radosgw'],
+  ['ceph-mon', 'ceph-mon'],
+  ['ceph-osd', 'ceph-osd'],
+]);
 if (missing.length || missingCeph.length) {
   const all = [...missing, ...missingCeph];
   if (process.getuid?.() !== 0) {
@@ -47,11 +51,23 @@ function record(name, ok, detail = '') {
 }
 
 if (!only.length) {
-  const tsc = spawnSync(process.execPath, [path.join(root, 'node_modules/typescript/bin/tsc'), '--noEmit', '-p', root], {
-    encoding: 'utf8',
-  });
+  const tsc = spawnSync(
+    process.execPath,
+    [path.join(root, 'node_modules/typescript/bin/tsc'), '--noEmit', '-p', root],
+    {
+      encoding: 'utf8',
+    },
+  );
   process.stdout.write(tsc.stdout + tsc.stderr);
   record('tsc --noEmit (strict)', tsc.status === 0);
+  // The formatter's check (prettier, print width 120; what it leaves alone is in .prettierignore).
+  const prettier = spawnSync(
+    process.execPath,
+    [path.join(root, 'node_modules/prettier/bin/prettier.cjs'), '--check', '**/*.{ts,mts,mjs,json}'],
+    { cwd: root, encoding: 'utf8' },
+  );
+  process.stdout.write(prettier.stdout.split('\n').filter((l) => !/^Checking/.test(l)).join('\n') + prettier.stderr);
+  record('prettier --check (print width 120)', prettier.status === 0);
 }
 
 const files = fs

@@ -83,7 +83,10 @@ async function abortMultipartUpload(ctx: Ctx) {
     return putObjectMultipart.call(this, bucket, uploadId, parts);
   };
 
-  type Store = { getResourcePath(b: string, k: string, r: string): string; putMetadata(...a: unknown[]): Promise<void> };
+  type Store = {
+    getResourcePath(b: string, k: string, r: string): string;
+    putMetadata(...a: unknown[]): Promise<void>;
+  };
   type Put = { bucket: string; key: string; content: Readable | Buffer; metadata: Record<string, string> };
   const putObject = FilesystemStore.prototype.putObject;
   FilesystemStore.prototype.putObject = async function (this: Store, object: Put) {
@@ -201,7 +204,8 @@ function unskew(ctx: Ctx) {
 }
 
 // Signature Version 4, checked as R2 checks it: the canonical request rebuilt from what arrived.
-const rfc3986 = (s: string) => encodeURIComponent(s).replace(/[!'()*]/g, (c) => `%${c.charCodeAt(0).toString(16).toUpperCase()}`);
+const rfc3986 = (s: string) =>
+  encodeURIComponent(s).replace(/[!'()*]/g, (c) => `%${c.charCodeAt(0).toString(16).toUpperCase()}`);
 const hmac = (key: string | Buffer, data: string) => crypto.createHmac('sha256', key).update(data).digest();
 
 function checkSigV4(ctx: Ctx) {
@@ -243,7 +247,9 @@ function checkSigV4(ctx: Ctx) {
     header('x-amz-content-sha256') || 'UNSIGNED-PAYLOAD',
   ].join('\n');
   const scope = `${date}/${region}/${service}/aws4_request`;
-  const toSign = ['AWS4-HMAC-SHA256', amzDate, scope, crypto.createHash('sha256').update(canonical).digest('hex')].join('\n');
+  const toSign = ['AWS4-HMAC-SHA256', amzDate, scope, crypto.createHash('sha256').update(canonical).digest('hex')].join(
+    '\n',
+  );
   const key = hmac(hmac(hmac(hmac(`AWS4${secret}`, date), region), service), 'aws4_request');
   const expected = hmac(key, toSign).toString('hex');
   if (expected !== fields.Signature) {

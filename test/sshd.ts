@@ -100,14 +100,16 @@ export async function startSshd(hostNames: string[], extraConfig: string[] = [])
       s.on('error', () => resolve(false));
     });
     if (up) break;
-    if (i > 100 || sshd.exitCode !== null) throw new Error(`sshd did not start: ${fs.existsSync(log) ? fs.readFileSync(log, 'utf8') : ''}`);
+    if (i > 100 || sshd.exitCode !== null)
+      throw new Error(`sshd did not start: ${fs.existsSync(log) ? fs.readFileSync(log, 'utf8') : ''}`);
     await new Promise((r) => setTimeout(r, 50));
   }
   return {
     port,
     dir,
     config,
-    connections: () => (fs.existsSync(log) ? (fs.readFileSync(log, 'utf8').match(/Accepted publickey/g) ?? []).length : 0),
+    connections: () =>
+      fs.existsSync(log) ? (fs.readFileSync(log, 'utf8').match(/Accepted publickey/g) ?? []).length : 0,
     async stop() {
       sshd.kill('SIGTERM');
       await new Promise((r) => (sshd.exitCode !== null ? r(null) : sshd.once('exit', r)));

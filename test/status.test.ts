@@ -13,7 +13,18 @@ import os from 'node:os';
 import path from 'node:path';
 import { humanAge, type StatusReport } from '../lib/status.ts';
 import { timestamp } from '../lib/rotation.ts';
-import { closedPort, runScript, ROOT, SECRET, startS3, tempDir, writeHeldLock, writeTree, type RunResult, type S3Server } from './helpers.ts';
+import {
+  closedPort,
+  runScript,
+  ROOT,
+  SECRET,
+  startS3,
+  tempDir,
+  writeHeldLock,
+  writeTree,
+  type RunResult,
+  type S3Server,
+} from './helpers.ts';
 import { makeVerda } from './verda-fixture.ts';
 
 const USER_FILES = 'comfy-multi-user-files';
@@ -107,7 +118,6 @@ function ageLastRun(stateDir: string, script: string, hours: number) {
   fs.writeFileSync(file, JSON.stringify(record));
   fs.utimesSync(file, ended, ended);
 }
-
 
 test.before(async () => {
   s3 = await startS3([USER_FILES, CACHE, MODELS]);

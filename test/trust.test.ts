@@ -16,7 +16,17 @@ import zlib from 'node:zlib';
 import { decryptStream, encryptStream, loadRecipients, parseAgeRecipients } from '../lib/age.ts';
 import { UsageError } from '../lib/cli.ts';
 import { bucketTarget, loadConfig } from '../lib/config.ts';
-import { runCommand, ROOT, runScript, sha256, startS3, tempDir, writeTree, type RunResult, type S3Server } from './helpers.ts';
+import {
+  runCommand,
+  ROOT,
+  runScript,
+  sha256,
+  startS3,
+  tempDir,
+  writeTree,
+  type RunResult,
+  type S3Server,
+} from './helpers.ts';
 import { startSshd, type Sshd } from './sshd.ts';
 import { ENV_SECRET, makeVerda, type VerdaFixture } from './verda-fixture.ts';
 
@@ -35,7 +45,10 @@ const KEYS = {
   userFiles: { id: 'USERFILES-KEY-ID', secret: 'userfiles-secret-3', bucket: USER_FILES, vars: 'R2_USER_FILES' },
 };
 const GLOBAL_INVALID = { R2_ACCESS_KEY_ID: 'GLOBAL-NOT-A-KEY', R2_SECRET_ACCESS_KEY: 'global-not-a-secret' };
-const pairEnv = (k: (typeof KEYS)[keyof typeof KEYS]) => ({ [`${k.vars}_ACCESS_KEY_ID`]: k.id, [`${k.vars}_SECRET_ACCESS_KEY`]: k.secret });
+const pairEnv = (k: (typeof KEYS)[keyof typeof KEYS]) => ({
+  [`${k.vars}_ACCESS_KEY_ID`]: k.id,
+  [`${k.vars}_SECRET_ACCESS_KEY`]: k.secret,
+});
 
 /** Registers the per-bucket keys with s3rver and refuses each outside its bucket (403 AccessDenied). */
 function scopeKeysToBuckets() {
@@ -49,10 +62,15 @@ function scopeKeysToBuckets() {
     AWSAccount.DUMMY_ACCOUNT.createKeyPair(k.id, k.secret);
     scope.set(k.id, k.bucket);
   }
-  const layer = (router.stack as { stack: Function[] }[]).find((l) => l.stack.some((f) => f.name === 'authentication'))!;
+  const layer = (router.stack as { stack: Function[] }[]).find((l) =>
+    l.stack.some((f) => f.name === 'authentication'),
+  )!;
   const i = layer.stack.findIndex((f) => f.name === 'authentication');
   const original = layer.stack[i];
-  layer.stack[i] = function authentication(ctx: { headers: Record<string, unknown>; params: { bucket?: string } }, next: unknown) {
+  layer.stack[i] = function authentication(
+    ctx: { headers: Record<string, unknown>; params: { bucket?: string } },
+    next: unknown,
+  ) {
     const keyId = /Credential=([^/]+)\//.exec(String(ctx.headers.authorization ?? ''))?.[1];
     const bucket = keyId ? scope.get(keyId) : undefined;
     if (bucket && ctx.params.bucket !== bucket) throw new S3Error('AccessDenied', 'Access Denied', {});
@@ -109,7 +127,7 @@ function layers(buf: Buffer, depth = 0): Buffer[] {
       /* not gzip after all */
     }
   } else if (buf.length >= 512 && buf.subarray(257, 262).toString('latin1') === 'ustar') {
-    for (let at = 0; at + 512 <= buf.length; ) {
+    for (let at = 0; at + 512 <= buf.length;) {
       const header = buf.subarray(at, at + 512);
       if (header.every((b) => b === 0)) break;
       const size = parseInt(header.subarray(124, 136).toString('latin1').replace(/\0.*$/s, '').trim() || '0', 8);
@@ -132,7 +150,11 @@ async function everyObject(): Promise<Map<string, Buffer>> {
 }
 
 function newestManifest() {
-  const name = fs.readdirSync(backupDir).filter((n) => /^manifest-\d{8}-\d{6}\.json$/.test(n)).sort().pop()!;
+  const name = fs
+    .readdirSync(backupDir)
+    .filter((n) => /^manifest-\d{8}-\d{6}\.json$/.test(n))
+    .sort()
+    .pop()!;
   return JSON.parse(fs.readFileSync(path.join(backupDir, name), 'utf8'));
 }
 
@@ -144,7 +166,11 @@ test.before(async () => {
   melloHome = path.join(work, 'mello home');
   fs.mkdirSync(melloHome, { recursive: true });
   melloData = path.join(work, 'mello-data');
-  writeTree(melloData, { 'user_data/user001/flow.json': '{"nodes":[1]}', 'inputs/ref.png': 'png', 'outputs/user001/o.png': 'out' });
+  writeTree(melloData, {
+    'user_data/user001/flow.json': '{"nodes":[1]}',
+    'inputs/ref.png': 'png',
+    'outputs/user001/o.png': 'out',
+  });
   backupDir = path.join(work, 'mello-backups');
 
   // Mello's configuration as the forced command's environment (sshd's SetEnv: backup-mello
@@ -156,7 +182,14 @@ test.before(async () => {
     ...pairEnv(KEYS.userFiles),
     COMFYMULTI_STATE_DIR: path.join(work, 'mello-state'),
   };
-  sshd = await startSshd(['mello'], [`SetEnv ${Object.entries(melloEnv).map(([k, v]) => `${k}=${v}`).join(' ')}`]);
+  sshd = await startSshd(
+    ['mello'],
+    [
+      `SetEnv ${Object.entries(melloEnv)
+        .map(([k, v]) => `${k}=${v}`)
+        .join(' ')}`,
+    ],
+  );
 
   // Verda's side of the models step, wrapped to keep a copy of what arrives on its stdin.
   const scripts = path.join(work, 'verda-scripts');
@@ -174,7 +207,9 @@ process.stdin.on('end', () => child.stdin.end());
 child.on('exit', (code) => process.exit(code ?? 1));
 `,
   );
-  fs.writeFileSync(path.join(scripts, 'backup-verda.mts'), `#!/bin/sh\nexec node ${JSON.stringify(wrapper)} "$@"\n`, { mode: 0o755 });
+  fs.writeFileSync(path.join(scripts, 'backup-verda.mts'), `#!/bin/sh\nexec node ${JSON.stringify(wrapper)} "$@"\n`, {
+    mode: 0o755,
+  });
 
   // A worker image for the full run (podman import of a one-file root).
   const rootfs = path.join(work, 'rootfs');
@@ -221,14 +256,16 @@ test.after(async () => {
 
 // --- The forced command -------------------------------------------------------------------------
 
-test('install --mello-trigger-key writes one forced-command line per key, replaces that key\'s line, keeps the others; 0600 in 0700', async () => {
+test("install --mello-trigger-key writes one forced-command line per key, replaces that key's line, keeps the others; 0600 in 0700", async () => {
   const home = path.join(work, 'install-home');
   fs.mkdirSync(path.join(home, '.ssh'), { recursive: true, mode: 0o755 });
   const pub = fs.readFileSync(path.join(sshd.dir, 'user_key.pub'), 'utf8').trim();
   const [type, blob] = pub.split(' ');
   const other = 'ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFpne+vQc8TMomdBQ1B1rd9iEifX4hfzCHes60ds47v0 admin@laptop';
   const keys = path.join(home, '.ssh/authorized_keys');
-  fs.writeFileSync(keys, `# the admin's keys\n${other}\nfrom="10.0.0.1",no-pty ${type} ${blob} old line\n`, { mode: 0o644 });
+  fs.writeFileSync(keys, `# the admin's keys\n${other}\nfrom="10.0.0.1",no-pty ${type} ${blob} old line\n`, {
+    mode: 0o644,
+  });
   const pubFile = path.join(work, 'verda key.pub');
   fs.writeFileSync(pubFile, `${type} ${blob} root@verda\n`);
 
@@ -328,7 +365,15 @@ test('the same key cannot run id, pass --env-file or any other flag, chain a com
   const sftp = sh('sftp', ['-F', sshd.config, '-o', 'BatchMode=yes', '-b', '-', 'mello'], { input: 'ls /\n' });
   assert.ok(sftp.code !== 0, 'no sftp');
   assert.not.match(sftp.stdout.toString(), /etc/);
-  const scp = sh('scp', ['-O', '-F', sshd.config, '-o', 'BatchMode=yes', `mello:${path.join(melloHome, '.ssh/authorized_keys')}`, path.join(work, 'stolen')]);
+  const scp = sh('scp', [
+    '-O',
+    '-F',
+    sshd.config,
+    '-o',
+    'BatchMode=yes',
+    `mello:${path.join(melloHome, '.ssh/authorized_keys')}`,
+    path.join(work, 'stolen'),
+  ]);
   assert.ok(scp.code !== 0, 'no scp');
   assert.not.ok(fs.existsSync(path.join(work, 'stolen')));
 });
@@ -336,9 +381,24 @@ test('the same key cannot run id, pass --env-file or any other flag, chain a com
 test('the same key cannot forward ports: -L, -R and -W are refused by the server', async () => {
   // -L: the tunnel to Mello's S3 listens here, but Mello refuses each connection through it.
   const local = await freePort();
-  const tunnel = spawn('ssh', ['-F', sshd.config, '-o', 'BatchMode=yes', '-o', 'LogLevel=INFO', '-N', '-L', `127.0.0.1:${local}:127.0.0.1:${s3.port}`, 'mello'], {
-    stdio: ['ignore', 'ignore', 'pipe'],
-  });
+  const tunnel = spawn(
+    'ssh',
+    [
+      '-F',
+      sshd.config,
+      '-o',
+      'BatchMode=yes',
+      '-o',
+      'LogLevel=INFO',
+      '-N',
+      '-L',
+      `127.0.0.1:${local}:127.0.0.1:${s3.port}`,
+      'mello',
+    ],
+    {
+      stdio: ['ignore', 'ignore', 'pipe'],
+    },
+  );
   let said = '';
   tunnel.stderr.on('data', (d) => (said += d));
   try {
@@ -356,11 +416,25 @@ test('the same key cannot forward ports: -L, -R and -W are refused by the server
     assert.is(answer, '', 'nothing came back through the tunnel');
     for (let i = 0; i < 50 && !/prohibited/.test(said); i++) await sleep(100);
     assert.match(said, /administratively prohibited/);
-    assert.match(fs.readFileSync(path.join(sshd.dir, 'sshd.log'), 'utf8'), `refused local port forward: originator 127.0.0.1`);
+    assert.match(
+      fs.readFileSync(path.join(sshd.dir, 'sshd.log'), 'utf8'),
+      `refused local port forward: originator 127.0.0.1`,
+    );
   } finally {
     tunnel.kill();
   }
-  const remote = sh('ssh', ['-F', sshd.config, '-o', 'BatchMode=yes', '-o', 'ExitOnForwardFailure=yes', '-N', '-R', '127.0.0.1:0:127.0.0.1:22', 'mello']);
+  const remote = sh('ssh', [
+    '-F',
+    sshd.config,
+    '-o',
+    'BatchMode=yes',
+    '-o',
+    'ExitOnForwardFailure=yes',
+    '-N',
+    '-R',
+    '127.0.0.1:0:127.0.0.1:22',
+    'mello',
+  ]);
   assert.is(remote.code, 255, remote.stderr);
   assert.match(remote.stderr, /forwarding failed/);
   const stdio = ssh(['-W', `127.0.0.1:${s3.port}`, 'mello']);
@@ -378,15 +452,26 @@ test('per-bucket keys: with the shared pair invalid, backup-verda (full) works; 
 
   const received = fs.readFileSync(captureFile, 'utf8');
   const request = JSON.parse(received.split('\n')[0]);
-  assert.equal(request.target, { bucket: MODELS, endpoint: s3.endpoint, accessKeyId: KEYS.models.id, secretAccessKey: KEYS.models.secret });
-  for (const other of [KEYS.cache.id, KEYS.cache.secret, KEYS.userFiles.id, KEYS.userFiles.secret, ...Object.values(GLOBAL_INVALID)]) {
+  assert.equal(request.target, {
+    bucket: MODELS,
+    endpoint: s3.endpoint,
+    accessKeyId: KEYS.models.id,
+    secretAccessKey: KEYS.models.secret,
+  });
+  for (const other of [
+    KEYS.cache.id,
+    KEYS.cache.secret,
+    KEYS.userFiles.id,
+    KEYS.userFiles.secret,
+    ...Object.values(GLOBAL_INVALID),
+  ]) {
     assert.not.ok(received.includes(other), `Verda never sees ${other}`);
   }
   // The control for the encryption tests below: without AGE_RECIPIENTS the bundle in R2 is plaintext.
   assert.equal(secretsIn(await s3.readObject(CACHE, 'verda-config-backup.tar.gz')), SECRETS);
 });
 
-test('a bucket\'s key used on another bucket is refused at the server (the scoping the tests rely on)', async () => {
+test("a bucket's key used on another bucket is refused at the server (the scoping the tests rely on)", async () => {
   await nextSecond();
   const env = { ...verdaEnv, R2_CACHE_ACCESS_KEY_ID: KEYS.models.id, R2_CACHE_SECRET_ACCESS_KEY: KEYS.models.secret };
   const r = await runScript('backup-verda.mts', ['--quick'], env);
@@ -396,7 +481,8 @@ test('a bucket\'s key used on another bucket is refused at the server (the scopi
 
 test('per-bucket keys: half a pair is exit 2 naming the missing half; each pair falls back to R2_*, then AWS_*', () => {
   const dir = tempDir('trust-cfg');
-  const load = (env: Record<string, string>) => loadConfig({ HOME: dir, R2_ENDPOINT: 'https://acc.r2.example', ...env }, dir);
+  const load = (env: Record<string, string>) =>
+    loadConfig({ HOME: dir, R2_ENDPOINT: 'https://acc.r2.example', ...env }, dir);
   const refuses = (env: Record<string, string>, text: string) => {
     try {
       load(env);
@@ -409,12 +495,25 @@ test('per-bucket keys: half a pair is exit 2 naming the missing half; each pair 
   };
   refuses({ R2_MODELS_ACCESS_KEY_ID: 'm' }, 'R2_MODELS_SECRET_ACCESS_KEY is not set');
   refuses({ R2_CACHE_SECRET_ACCESS_KEY: 'c' }, 'R2_CACHE_ACCESS_KEY_ID is not set');
-  refuses({ R2_ACCESS_KEY_ID: 'g', R2_SECRET_ACCESS_KEY: 'g', R2_USER_FILES_ACCESS_KEY_ID: 'u' }, 'R2_USER_FILES_SECRET_ACCESS_KEY');
-  const cfg = load({ R2_ACCESS_KEY_ID: 'g', R2_SECRET_ACCESS_KEY: 'gs', R2_MODELS_ACCESS_KEY_ID: 'm', R2_MODELS_SECRET_ACCESS_KEY: 'ms' });
+  refuses(
+    { R2_ACCESS_KEY_ID: 'g', R2_SECRET_ACCESS_KEY: 'g', R2_USER_FILES_ACCESS_KEY_ID: 'u' },
+    'R2_USER_FILES_SECRET_ACCESS_KEY',
+  );
+  const cfg = load({
+    R2_ACCESS_KEY_ID: 'g',
+    R2_SECRET_ACCESS_KEY: 'gs',
+    R2_MODELS_ACCESS_KEY_ID: 'm',
+    R2_MODELS_SECRET_ACCESS_KEY: 'ms',
+  });
   assert.is(bucketTarget(cfg, 'models').accessKeyId, 'm');
   assert.is(bucketTarget(cfg, 'models').secretAccessKey, 'ms');
   assert.is(bucketTarget(cfg, 'cache').accessKeyId, 'g');
-  const aws = load({ AWS_ACCESS_KEY_ID: 'a', AWS_SECRET_ACCESS_KEY: 'as', R2_CACHE_ACCESS_KEY_ID: 'c', R2_CACHE_SECRET_ACCESS_KEY: 'cs' });
+  const aws = load({
+    AWS_ACCESS_KEY_ID: 'a',
+    AWS_SECRET_ACCESS_KEY: 'as',
+    R2_CACHE_ACCESS_KEY_ID: 'c',
+    R2_CACHE_SECRET_ACCESS_KEY: 'cs',
+  });
   assert.is(bucketTarget(aws, 'userFiles').accessKeyId, 'a');
   assert.is(bucketTarget(aws, 'cache').secretAccessKey, 'cs');
   const none = load({ R2_MODELS_ACCESS_KEY_ID: 'm', R2_MODELS_SECRET_ACCESS_KEY: 'ms' });
@@ -435,9 +534,15 @@ test('a script with half a per-bucket pair is exit 2 naming the variable, before
 
 test('with AGE_RECIPIENTS the bundle leaves Mello age-encrypted (.age names); the plaintext bundles in R2 are deleted; Mello keeps plaintext 0600', async () => {
   await nextSecond();
-  const dry = await runScript('backup-verda.mts', ['--quick', '--dry-run'], { ...verdaEnv, AGE_RECIPIENTS: ageRecipient });
+  const dry = await runScript('backup-verda.mts', ['--quick', '--dry-run'], {
+    ...verdaEnv,
+    AGE_RECIPIENTS: ageRecipient,
+  });
   assert.is(dry.code, 0, dry.stdout + dry.stderr);
-  assert.match(dry.stdout, /verda-config-backup\.tar\.gz\.age and verda-config-backups\/verda-config-backup-\d{8}-\d{6}\.tar\.gz\.age, age-encrypted/);
+  assert.match(
+    dry.stdout,
+    /verda-config-backup\.tar\.gz\.age and verda-config-backups\/verda-config-backup-\d{8}-\d{6}\.tar\.gz\.age, age-encrypted/,
+  );
 
   const r = await runScript('backup-verda.mts', ['--quick'], { ...verdaEnv, AGE_RECIPIENTS: ageRecipient });
   assert.is(r.code, 0, r.stdout + r.stderr);
@@ -446,7 +551,11 @@ test('with AGE_RECIPIENTS the bundle leaves Mello age-encrypted (.age names); th
   const stamp = m.timestamp;
   assert.ok(keys.includes('verda-config-backup.tar.gz.age'));
   assert.ok(keys.includes(`verda-config-backups/verda-config-backup-${stamp}.tar.gz.age`));
-  assert.equal(keys.filter((k) => /verda-config-backup.*\.tar\.gz$/.test(k)), [], 'no plaintext bundle left in R2');
+  assert.equal(
+    keys.filter((k) => /verda-config-backup.*\.tar\.gz$/.test(k)),
+    [],
+    'no plaintext bundle left in R2',
+  );
 
   // The manifest: the objects as stored (ciphertext bytes and sha256), and the plaintext's sha256.
   const bundles = m.r2.filter((o: { key: string }) => o.key.includes('verda-config-backup'));
@@ -466,20 +575,33 @@ test('with AGE_RECIPIENTS the bundle leaves Mello age-encrypted (.age names); th
     assert.is(fs.statSync(file).mode & 0o777, 0o600, a.name);
   }
   const env = m.artifacts.find((a: { name: string }) => a.name.startsWith('project-env-'));
-  assert.equal(secretsIn(fs.readFileSync(path.join(backupDir, env.name))), [ENV_SECRET.split('=')[1], 'project_secret_9']);
-  assert.equal(fs.readdirSync(backupDir).filter((n) => n.startsWith('.')), [], 'no temporary bundle left on Mello');
+  assert.equal(secretsIn(fs.readFileSync(path.join(backupDir, env.name))), [
+    ENV_SECRET.split('=')[1],
+    'project_secret_9',
+  ]);
+  assert.equal(
+    fs.readdirSync(backupDir).filter((n) => n.startsWith('.')),
+    [],
+    'no temporary bundle left on Mello',
+  );
 });
 
-test('what the scripts encrypt, `age -d -i KEY` decrypts to the bundle: the run\'s artifacts, byte for byte', async () => {
+test("what the scripts encrypt, `age -d -i KEY` decrypts to the bundle: the run's artifacts, byte for byte", async () => {
   const m = newestManifest();
   const stored = await s3.readObject(CACHE, 'verda-config-backup.tar.gz.age');
   const d = sh('age', ['-d', '-i', ageKey], { input: stored });
   assert.is(d.code, 0, d.stderr);
   const plain = d.stdout;
-  assert.is(sha256(plain), m.r2.find((o: { key: string }) => o.key === 'verda-config-backup.tar.gz.age').plaintextSha256);
+  assert.is(
+    sha256(plain),
+    m.r2.find((o: { key: string }) => o.key === 'verda-config-backup.tar.gz.age').plaintextSha256,
+  );
   const list = sh('tar', ['-tzf', '-'], { input: plain });
   assert.is(list.code, 0, list.stderr);
-  assert.equal(list.stdout.toString().trim().split('\n').sort(), m.artifacts.map((a: { name: string }) => a.name).sort());
+  assert.equal(
+    list.stdout.toString().trim().split('\n').sort(),
+    m.artifacts.map((a: { name: string }) => a.name).sort(),
+  );
   const dir = tempDir('trust-untar');
   assert.is(sh('tar', ['-xzf', '-', '-C', dir], { input: plain }).code, 0);
   for (const a of m.artifacts) assert.is(sha256(fs.readFileSync(path.join(dir, a.name))), a.sha256, a.name);
@@ -521,8 +643,14 @@ test('what `age -r` encrypts, decryptStream decrypts (several 64 KiB chunks); a 
 
 test('nothing in R2 is readable without the identity: every object of every bucket, unpacked, holds none of the secrets', async () => {
   const all = await everyObject();
-  assert.ok([...all.keys()].some((k) => k.includes('worker-image')), 'the image is among them');
-  assert.ok([...all.keys()].some((k) => k.includes('.safetensors')), 'the models are among them');
+  assert.ok(
+    [...all.keys()].some((k) => k.includes('worker-image')),
+    'the image is among them',
+  );
+  assert.ok(
+    [...all.keys()].some((k) => k.includes('.safetensors')),
+    'the models are among them',
+  );
   for (const [key, body] of all) assert.equal(secretsIn(body), [], key);
 });
 
@@ -536,10 +664,16 @@ test('--verify checks the ciphertext without a key; --verify --deep decrypts wit
 
   const without = await runScript('backup-verda.mts', ['--verify', '--deep'], verdaEnv);
   assert.is(without.code, 1, without.stdout + without.stderr);
-  assert.match(without.stdout, /verda-config-backup\.tar\.gz\.age is age-encrypted and not decrypted: AGE_IDENTITY_FILE is not set/);
+  assert.match(
+    without.stdout,
+    /verda-config-backup\.tar\.gz\.age is age-encrypted and not decrypted: AGE_IDENTITY_FILE is not set/,
+  );
 
   const otherKey = path.join(work, 'other-age-key.txt');
-  const wrong = await runScript('backup-verda.mts', ['--verify', '--deep'], { ...verdaEnv, AGE_IDENTITY_FILE: otherKey });
+  const wrong = await runScript('backup-verda.mts', ['--verify', '--deep'], {
+    ...verdaEnv,
+    AGE_IDENTITY_FILE: otherKey,
+  });
   assert.is(wrong.code, 1, wrong.stdout + wrong.stderr);
   assert.match(wrong.stdout, /cannot be decrypted with AGE_IDENTITY_FILE: it was not encrypted to any identity/);
 
@@ -549,14 +683,19 @@ test('--verify checks the ciphertext without a key; --verify --deep decrypts wit
   const forged = sh('age', ['-r', ageRecipient], { input: Buffer.alloc(10, 1) }).stdout;
   const { PutObjectCommand } = await import('@aws-sdk/client-s3');
   await s3.client.send(new PutObjectCommand({ Bucket: CACHE, Key: key, Body: forged, Metadata: head.metadata }));
-  const forgedRun = await runScript('backup-verda.mts', ['--verify', '--deep'], { ...verdaEnv, AGE_IDENTITY_FILE: ageKey });
+  const forgedRun = await runScript('backup-verda.mts', ['--verify', '--deep'], {
+    ...verdaEnv,
+    AGE_IDENTITY_FILE: ageKey,
+  });
   assert.is(forgedRun.code, 1);
   assert.match(forgedRun.stdout, /differs: r2:\/\/comfy-multi-cache\/verda-config-backup\.tar\.gz\.age/);
 });
 
 test('rotation keeps KEEP_BACKUPS (2) dated .age bundles in R2; AGE_RECIPIENTS may be a file of recipients', async () => {
   const file = path.join(work, 'recipients.txt');
-  const second = sh('age-keygen', []).stdout.toString().match(/public key: (age1\S+)/)![1];
+  const second = sh('age-keygen', [])
+    .stdout.toString()
+    .match(/public key: (age1\S+)/)![1];
   fs.writeFileSync(file, `# Mello's admin\n${ageRecipient}\n\n# the offline key\n${second}\n`);
   for (let i = 0; i < 2; i++) {
     await nextSecond();
@@ -578,7 +717,8 @@ test('malformed AGE_RECIPIENTS is exit 2 naming it, before anything is done', as
   const load = async (v: string) => loadRecipients(parse(v)!);
   assert.equal(await load(`${ageRecipient}, ${ageRecipient}`), [ageRecipient]);
   assert.is(parse(''), undefined);
-  const named = (said: string) => (e: unknown) => e instanceof UsageError && e.message.startsWith('AGE_RECIPIENTS') && e.message.includes(said);
+  const named = (said: string) => (e: unknown) =>
+    e instanceof UsageError && e.message.startsWith('AGE_RECIPIENTS') && e.message.includes(said);
   for (const [value, said] of [
     ['age1qqqq', 'not an age public key'],
     [`${ageRecipient} ssh-ed25519 AAAA`, 'SSH key'],
@@ -610,14 +750,20 @@ test('malformed AGE_RECIPIENTS is exit 2 naming it, before anything is done', as
   for (const value of [badChecksum, junk]) {
     const r = await runScript('backup-verda.mts', ['--quick'], { ...verdaEnv, AGE_RECIPIENTS: value });
     assert.is(r.code, 2, r.stdout + r.stderr);
-    assert.match(r.stderr, /^backup-verda: AGE_RECIPIENTS (holds an invalid age public key|holds something that is not)/);
+    assert.match(
+      r.stderr,
+      /^backup-verda: AGE_RECIPIENTS (holds an invalid age public key|holds something that is not)/,
+    );
   }
   assert.is(s3.requests.length, before, 'nothing was sent');
   const r2 = await runScript('backup-verda.mts', ['--quick'], { ...verdaEnv, AGE_RECIPIENTS: 'age1notakey' });
   assert.is(r2.code, 2);
   assert.match(r2.stderr, 'AGE_RECIPIENTS');
   // backup-cron reads no recipients file: a path only Mello has is no error on Verda.
-  const cron = await runScript('backup-cron.mts', ['--dry-run'], { ...cronEnv, AGE_RECIPIENTS: path.join(home, 'missing.txt') });
+  const cron = await runScript('backup-cron.mts', ['--dry-run'], {
+    ...cronEnv,
+    AGE_RECIPIENTS: path.join(home, 'missing.txt'),
+  });
   assert.is(cron.code, 0, cron.stdout + cron.stderr);
   fs.rmSync(home, { recursive: true });
 });
@@ -628,13 +774,20 @@ test('a lock from another host with a fresh heartbeat is never taken (exit 75 na
   const state = path.join(work, 'sfs-state'); // COMFYMULTI_STATE_DIR on storage both instances see
   fs.mkdirSync(state, { recursive: true });
   const lock = path.join(state, 'backup-cron.lock');
-  const record = { script: 'backup-cron', pid: process.pid, host: 'verda-yesterday', bootId: 'another-boot', procStart: '1', started: new Date().toISOString() };
+  const record = {
+    script: 'backup-cron',
+    pid: process.pid,
+    host: 'verda-yesterday',
+    bootId: 'another-boot',
+    procStart: '1',
+    started: new Date().toISOString(),
+  };
   fs.writeFileSync(lock, JSON.stringify(record) + '\n');
   const env = { ...cronEnv, COMFYMULTI_STATE_DIR: state };
   const held = await runScript('backup-cron.mts', ['--dry-run'], env);
   assert.is(held.code, 75, held.stdout + held.stderr);
   assert.match(held.stderr, /holds the lock .* on verda-yesterday/);
-  assert.is(fs.readFileSync(lock, 'utf8'), JSON.stringify(record) + '\n', 'the other host\'s lock is untouched');
+  assert.is(fs.readFileSync(lock, 'utf8'), JSON.stringify(record) + '\n', "the other host's lock is untouched");
 
   // Nine minutes without a heartbeat: still that host's.
   const ago = (min: number) => new Date(Date.now() - min * 60_000);

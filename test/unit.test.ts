@@ -17,7 +17,14 @@ import { pool } from '../lib/pool.ts';
 import { commandArgs, shellQuote } from '../lib/ssh.ts';
 import { MAX_PARTS, MIN_PART_SIZE, MiB, partSizeFor } from '../lib/r2.ts';
 import { datedCopies, datedPattern, isFuture, rotateRemote, stampTime, timestamp } from '../lib/rotation.ts';
-import { CountingBackend, SourceChanged, StorageError, fingerprintFile, fingerprintedSource, readBackSha256 } from '../lib/storage.ts';
+import {
+  CountingBackend,
+  SourceChanged,
+  StorageError,
+  fingerprintFile,
+  fingerprintedSource,
+  readBackSha256,
+} from '../lib/storage.ts';
 import { listRanges, syncTree } from '../lib/sync.ts';
 import { bufferSource } from './backend-conformance.ts';
 import { MemoryBackend } from './memory-backend.ts';
@@ -87,7 +94,12 @@ test('etagProvesContent: a single-part MD5, and md5-N recomputed with aws-cli pa
   const big = path.join(dir, 'big');
   const data = crypto.randomBytes(20 * MiB + 7);
   fs.writeFileSync(big, data);
-  const parts = [0, 8 * MiB, 16 * MiB].map((at) => crypto.createHash('md5').update(data.subarray(at, at + 8 * MiB)).digest());
+  const parts = [0, 8 * MiB, 16 * MiB].map((at) =>
+    crypto
+      .createHash('md5')
+      .update(data.subarray(at, at + 8 * MiB))
+      .digest(),
+  );
   const etag = `${md5(Buffer.concat(parts))}-3`;
   assert.is(await etagProvesContent(big, data.length, etag), true);
   assert.is(await etagProvesContent(big, data.length, `${md5(Buffer.concat(parts))}-4`), false, 'another part count');
@@ -106,8 +118,18 @@ test('dated names: the pattern, newest first, stamps in the future', () => {
   assert.not.ok(re.test('home-dev-20261128-090507.tar.gz.partial-1'));
   assert.not.ok(re.test('xhome-dev-20261128-090507.tar.gz'));
   assert.not.ok(datedPattern('a.b', 'json').test('aXb-20261128-090507.json'), 'the kind is literal');
-  const names = ['ufw-20260101-000000.tar.gz', 'ufw-20261128-090507.tar.gz', 'ufw-20250101-000000.tar.gz', 'other', 'ufw-latest.tar.gz'];
-  assert.equal(datedCopies(names, 'ufw', 'tar.gz'), ['ufw-20261128-090507.tar.gz', 'ufw-20260101-000000.tar.gz', 'ufw-20250101-000000.tar.gz']);
+  const names = [
+    'ufw-20260101-000000.tar.gz',
+    'ufw-20261128-090507.tar.gz',
+    'ufw-20250101-000000.tar.gz',
+    'other',
+    'ufw-latest.tar.gz',
+  ];
+  assert.equal(datedCopies(names, 'ufw', 'tar.gz'), [
+    'ufw-20261128-090507.tar.gz',
+    'ufw-20260101-000000.tar.gz',
+    'ufw-20250101-000000.tar.gz',
+  ]);
   assert.ok(isFuture('20991231-000000'));
   assert.not.ok(isFuture(timestamp()));
 });
@@ -115,11 +137,15 @@ test('dated names: the pattern, newest first, stamps in the future', () => {
 test('rotateRemote keeps the newest KEEP copies under the prefix and touches nothing else', async () => {
   const b = new MemoryBackend();
   const stamps = ['20260101-000000', '20260102-000000', '20260103-000000', '20260104-000000'];
-  for (const s of stamps) await b.put(`verda-config-backups/verda-config-backup-${s}.tar.gz`, bufferSource(Buffer.from(s)));
+  for (const s of stamps)
+    await b.put(`verda-config-backups/verda-config-backup-${s}.tar.gz`, bufferSource(Buffer.from(s)));
   await b.put('verda-config-backups/notes.txt', bufferSource(Buffer.from('x')));
   await b.put('verda-config-backup.tar.gz', bufferSource(Buffer.from('latest')));
   const gone = await rotateRemote(b, 'verda-config-backups/', 'verda-config-backup', 'tar.gz', 2);
-  assert.equal(gone.sort(), stamps.slice(0, 2).map((s) => `verda-config-backups/verda-config-backup-${s}.tar.gz`));
+  assert.equal(
+    gone.sort(),
+    stamps.slice(0, 2).map((s) => `verda-config-backups/verda-config-backup-${s}.tar.gz`),
+  );
   assert.equal([...b.objects.keys()].sort(), [
     'verda-config-backup.tar.gz',
     'verda-config-backups/notes.txt',
@@ -133,13 +159,22 @@ test('rotateRemote keeps the newest KEEP copies under the prefix and touches not
 
 test('readTarMessages: a file tar could not read is a named warning; anything else is fatal', () => {
   const ok = readTarMessages(
-    "tar: ./data/root.db: Cannot open: Permission denied\ntar: ./x: file changed as we read it\ntar: Exiting with failure status due to previous errors\n",
+    'tar: ./data/root.db: Cannot open: Permission denied\ntar: ./x: file changed as we read it\ntar: Exiting with failure status due to previous errors\n',
   );
   assert.equal(ok.other, []);
-  assert.equal(ok.fileProblems, ['./data/root.db: Cannot open (Permission denied): not in the archive', './x: file changed as we read it']);
-  const bad = readTarMessages('tar: /nope: Cannot open: No such file or directory\ntar: Error is not recoverable: exiting now\n');
+  assert.equal(ok.fileProblems, [
+    './data/root.db: Cannot open (Permission denied): not in the archive',
+    './x: file changed as we read it',
+  ]);
+  const bad = readTarMessages(
+    'tar: /nope: Cannot open: No such file or directory\ntar: Error is not recoverable: exiting now\n',
+  );
   assert.equal(bad.other, ['tar: Error is not recoverable: exiting now']);
-  assert.equal(readTarMessages('tar: -: Cannot write: No space left on device\n').other.length, 1, 'a write error is not a file problem');
+  assert.equal(
+    readTarMessages('tar: -: Cannot write: No space left on device\n').other.length,
+    1,
+    'a write error is not a file problem',
+  );
 });
 
 // ---------------------------------------------------------------------------------------------
@@ -184,14 +219,23 @@ test('a fingerprinted file gives exactly its bytes; a change of any kind after f
   fs.writeSync(fd, Buffer.from([data[BLOCK + 10] ^ 1]), 0, 1, BLOCK + 10);
   fs.closeSync(fd);
   fs.utimesSync(file, st.atime, st.mtime);
-  await read(0, data.length).then(() => assert.unreachable('a rewritten block must not pass'), (e) => assert.instance(e, SourceChanged));
+  await read(0, data.length).then(
+    () => assert.unreachable('a rewritten block must not pass'),
+    (e) => assert.instance(e, SourceChanged),
+  );
   // Grown, shrunk: caught before the last byte leaves.
   fs.writeFileSync(file, data);
   const fp2 = await fingerprintFile(file);
   fs.appendFileSync(file, 'more');
-  await fingerprintedSource(file, fp2).check!().then(() => assert.unreachable('grown'), (e) => assert.instance(e, SourceChanged));
+  await fingerprintedSource(file, fp2).check!().then(
+    () => assert.unreachable('grown'),
+    (e) => assert.instance(e, SourceChanged),
+  );
   fs.truncateSync(file, BLOCK);
-  await (async () => read(0, data.length))().then(() => assert.unreachable('shrunk'), (e) => assert.instance(e, SourceChanged));
+  await (async () => read(0, data.length))().then(
+    () => assert.unreachable('shrunk'),
+    (e) => assert.instance(e, SourceChanged),
+  );
   fs.rmSync(file);
   const gone = await read(0, BLOCK).catch((e) => e);
   assert.instance(gone, SourceChanged);
@@ -214,7 +258,10 @@ test('walkTree: regular files sorted, symlinks not followed, FIFOs passed over, 
   require_mkfifo(path.join(dir, 'pipe'));
   fs.writeFileSync(Buffer.concat([Buffer.from(dir + '/bad'), Buffer.from([0xff])]), 'x');
   const w = await walkTree(dir);
-  assert.equal(w.files.map((f) => f.rel), ['a.txt', 'b/z.txt']);
+  assert.equal(
+    w.files.map((f) => f.rel),
+    ['a.txt', 'b/z.txt'],
+  );
   assert.equal(w.symlinks, ['etc-link']);
   assert.is(w.unreadable.length, 1);
   assert.match(w.unreadable[0].rel, 'bad\\xff');
@@ -250,9 +297,17 @@ test('pool: at most N at once, items in order, the first error thrown once every
   ).catch((x) => x);
   assert.is(e.message, 'five');
   assert.is(most, 4);
-  assert.equal(started, started.slice().sort((a, b) => a - b), 'taken in order');
+  assert.equal(
+    started,
+    started.slice().sort((a, b) => a - b),
+    'taken in order',
+  );
   assert.ok(started.length < 20, 'no new item after the failure');
-  assert.equal(settled.sort((a, b) => a - b), started.slice().sort((a, b) => a - b), 'every started item settled first');
+  assert.equal(
+    settled.sort((a, b) => a - b),
+    started.slice().sort((a, b) => a - b),
+    'every started item settled first',
+  );
 });
 
 test('Slots: waiters go by priority, then in order of arrival', async () => {
@@ -276,10 +331,12 @@ test('AdaptiveSlots: grow while throughput grows and callers wait, step back whe
   const slots = new AdaptiveSlots(2, 4, 16, 20);
   const wait = (ms: number) => new Promise((r) => setTimeout(r, ms));
   // Work whose throughput rises with what is in flight (a long path): each slot carries 10 units a window.
-  const runs = Array.from({ length: 200 }, () => slots.run(async () => {
-    await wait(20);
-    slots.done(10);
-  }));
+  const runs = Array.from({ length: 200 }, () =>
+    slots.run(async () => {
+      await wait(20);
+      slots.done(10);
+    }),
+  );
   await wait(150);
   assert.ok(slots.limit > 4, `grew to ${slots.limit}`);
   assert.ok(slots.limit <= 16, 'never past the budget');
@@ -308,7 +365,10 @@ test('HashCache: an unchanged file is not read again; an entry of the wrong shap
   assert.is(again.sha256, sha('content'));
   assert.is(again.fingerprint, undefined, 'from the cache');
   assert.is(c2.hashedFiles, 0);
-  fs.writeFileSync(cacheFile, JSON.stringify({ version: 1, files: { [file]: ['x', 1, null, 'no'] }, objects: { o: [1] } }));
+  fs.writeFileSync(
+    cacheFile,
+    JSON.stringify({ version: 1, files: { [file]: ['x', 1, null, 'no'] }, objects: { o: [1] } }),
+  );
   const c3 = HashCache.load(cacheFile);
   assert.is((await c3.hash(file, stat)).sha256, sha('content'));
   assert.is(c3.hashedFiles, 1, 'hashed again');
@@ -339,7 +399,10 @@ test('syncTree: new files are sent with their sha256; an unchanged rerun sends n
   const again = await syncTree({ root, backend: b, prefix: 'user_data/', cacheFile });
   assert.equal([again.sent, again.skipped, again.hashed], [0, 2, 0]);
   assert.ok(again.actions.every((a) => a.action === 'skip' && a.how === 'known'));
-  assert.equal({ list: b.calls.list - calls.list, head: (b.calls.head ?? 0) - (calls.head ?? 0), put: b.calls.put - calls.put }, { list: 1, head: 0, put: 0 });
+  assert.equal(
+    { list: b.calls.list - calls.list, head: (b.calls.head ?? 0) - (calls.head ?? 0), put: b.calls.put - calls.put },
+    { list: 1, head: 0, put: 0 },
+  );
 });
 
 test('syncTree: an object proven by its sha256 metadata or by a bash-era ETag is skipped; other bytes of the same size are sent', async () => {
@@ -349,21 +412,26 @@ test('syncTree: an object proven by its sha256 metadata or by a bash-era ETag is
   await b.put('bash.txt', bufferSource(Buffer.from('from bash'))); // no metadata: its ETag is the MD5
   await b.put('changed.txt', bufferSource(Buffer.from('old!')), { metadata: { sha256: sha('old!') } });
   const r = await syncTree({ root, backend: b, prefix: '' });
-  const how = Object.fromEntries(r.actions.map((a) => [a.key, a.action === 'skip' ? a.how : a.action === 'send' ? a.reason : 'failed']));
+  const how = Object.fromEntries(
+    r.actions.map((a) => [a.key, a.action === 'skip' ? a.how : a.action === 'send' ? a.reason : 'failed']),
+  );
   assert.equal(how, { 'bash.txt': 'etag', 'changed.txt': 'changed', 'meta.txt': 'metadata' });
   assert.is(r.adopted, 1);
   assert.is(b.objects.get('changed.txt')?.data.toString(), 'new!');
 });
 
 test('syncTree: --dry-run stores nothing; one failing file is recorded and the rest are sent; refused credentials stop the run', async () => {
-  const root = await tree({ 'a': '1', 'b': '2', 'c': '3' });
+  const root = await tree({ a: '1', b: '2', c: '3' });
   const b = new MemoryBackend();
   const dry = await syncTree({ root, backend: b, prefix: '', dryRun: true });
   assert.is(dry.sent, 3);
   assert.is(b.objects.size, 0);
   b.failNextPut.set('b', new StorageError('r2 put: R2 answered 500', false, 500));
   const r = await syncTree({ root, backend: b, prefix: '' });
-  assert.equal(r.failures.map((f) => f.key), ['b']);
+  assert.equal(
+    r.failures.map((f) => f.key),
+    ['b'],
+  );
   assert.equal([...b.objects.keys()].sort(), ['a', 'c']);
   const c = new MemoryBackend();
   c.failNextPut.set('a', new StorageError('refused', true, 403));
@@ -383,15 +451,29 @@ test('syncTree: what is sent is the object’s sha256 (read back), also when the
 });
 
 test('syncTree: keys in S3 order even where the walk and JavaScript disagree (a-c before a/x, astral names)', async () => {
-  const root = await tree({ 'a/x': '1', 'a-c': '2', 'a.b': '3', 'b/\u{1F600}.txt': '4', 'b/\uFFFD.txt': '5', 'b/z.txt': '6' });
+  const root = await tree({
+    'a/x': '1',
+    'a-c': '2',
+    'a.b': '3',
+    'b/\u{1F600}.txt': '4',
+    'b/\uFFFD.txt': '5',
+    'b/z.txt': '6',
+  });
   const b = new MemoryBackend();
   await syncTree({ root, backend: b, prefix: '' });
   const cacheFile = path.join(tmp(), 'c.jsonl');
   const r = await syncTree({ root, backend: b, prefix: '', cacheFile });
   assert.is(r.skipped, 6, 'every file found in the listing: the merge did not lose its place');
-  const keys = fs.readFileSync(cacheFile, 'utf8').trim().split('\n').map((l) => JSON.parse(l).rel);
+  const keys = fs
+    .readFileSync(cacheFile, 'utf8')
+    .trim()
+    .split('\n')
+    .map((l) => JSON.parse(l).rel);
   assert.equal(keys, ['a-c', 'a.b', 'a/x', 'b/z.txt', 'b/\uFFFD.txt', 'b/\u{1F600}.txt'], 'UTF-8 byte order');
-  assert.equal(keys, [...keys].sort((x, y) => Buffer.compare(Buffer.from(x), Buffer.from(y))));
+  assert.equal(
+    keys,
+    [...keys].sort((x, y) => Buffer.compare(Buffer.from(x), Buffer.from(y))),
+  );
 });
 
 test('listRanges: split at top-level directories, every key once and in order, in-between keys included', async () => {
@@ -432,12 +514,22 @@ test('TreeCache: what a run hashed is read back by the next; an older whole-file
 test('commandArgs: zx rules; shellQuote: each argument one word for the remote shell, never code', () => {
   const image = '--help';
   const entries = ['a b', "it's", '$(touch PWNED)'];
-  assert.equal(commandArgs`${'docker'} image inspect --format {{.Id}} ${image}`, ['docker', 'image', 'inspect', '--format', '{{.Id}}', '--help']);
+  assert.equal(commandArgs`${'docker'} image inspect --format {{.Id}} ${image}`, [
+    'docker',
+    'image',
+    'inspect',
+    '--format',
+    '{{.Id}}',
+    '--help',
+  ]);
   assert.equal(commandArgs`tar --directory=${'/x y'} -- ${entries}`, ['tar', '--directory=/x y', '--', ...entries]);
   assert.equal(commandArgs`echo ${''} ${[]} end`, ['echo', '', 'end']);
   assert.equal(commandArgs`  sh -c ${'a\nb'}  `, ['sh', '-c', 'a\nb']);
   assert.equal(entries.map(shellQuote), [`'a b'`, `'it'\\''s'`, `'$(touch PWNED)'`]);
-  const sh = spawnSync('sh', ['-c', `printf '%s\\n' ${entries.map(shellQuote).join(' ')}`], { encoding: 'utf8', cwd: os.tmpdir() });
+  const sh = spawnSync('sh', ['-c', `printf '%s\\n' ${entries.map(shellQuote).join(' ')}`], {
+    encoding: 'utf8',
+    cwd: os.tmpdir(),
+  });
   assert.equal(sh.stdout.split('\n').slice(0, 3), entries, 'the shell reads them back as they were');
 });
 
@@ -445,7 +537,13 @@ test('commandArgs: zx rules; shellQuote: each argument one word for the remote s
 // lock
 
 test('lock: a live holder is respected; a dead pid, a reused pid, an earlier boot and a silent other host are stale', () => {
-  const me = { script: 'backup-x', pid: process.pid, host: os.hostname(), procStart: processStart(process.pid), started: 'now' };
+  const me = {
+    script: 'backup-x',
+    pid: process.pid,
+    host: os.hostname(),
+    procStart: processStart(process.pid),
+    started: 'now',
+  };
   assert.is(isHeld(me, 'backup-x', 0), true);
   assert.is(isHeld({ ...me, pid: 999_999_999 }, 'backup-x', 0), false, 'no such process');
   assert.is(isHeld({ ...me, procStart: '1' }, 'backup-x', 0), false, 'the pid was reused');
@@ -456,7 +554,10 @@ test('lock: a live holder is respected; a dead pid, a reused pid, an earlier boo
   const dir = tmp();
   const lock = path.join(dir, 'x.lock');
   const release = acquireLock(lock, 'backup-x');
-  assert.throws(() => acquireLock(lock, 'backup-x'), (e: unknown) => e instanceof LockHeld);
+  assert.throws(
+    () => acquireLock(lock, 'backup-x'),
+    (e: unknown) => e instanceof LockHeld,
+  );
   release();
   assert.not.ok(fs.existsSync(lock));
   fs.writeFileSync(lock, '999999999\n');

@@ -57,7 +57,10 @@ export function makeVerda(root: string): VerdaFixture {
   put(path.join(home, 'stray.safetensors'), 'excluded anywhere');
   put(path.join(home, 'notes/.cache/dropped'), '.cache is excluded at any depth, as GNU tar --exclude does');
   put(path.join(home, 'notes/.cache-not/kept'), 'only a whole component matches');
-  put(path.join(project, '.cache/huggingface/hub/blob'), 'gigabytes in real life: excluded from home-dev, kept in comfy-project');
+  put(
+    path.join(project, '.cache/huggingface/hub/blob'),
+    'gigabytes in real life: excluded from home-dev, kept in comfy-project',
+  );
   put(path.join(project, 'custom_nodes/n/node_modules/x.js'), 'excluded at any depth');
   put(path.join(home, '.oh-my-zsh/custom/aliases.zsh'), 'alias ll="ls -l"\n');
   put(path.join(home, '.oh-my-zsh/custom/themes/mine.zsh-theme'), 'PROMPT=%\n');

@@ -78,16 +78,26 @@ function restore(file: string, into: string): string {
 }
 
 function newest(kind: string): string {
-  const names = fs.readdirSync(backupDir).filter((n) => new RegExp(`^${kind}-\\d{8}-\\d{6}\\.tar\\.gz$`).test(n)).sort();
+  const names = fs
+    .readdirSync(backupDir)
+    .filter((n) => new RegExp(`^${kind}-\\d{8}-\\d{6}\\.tar\\.gz$`).test(n))
+    .sort();
   assert.ok(names.length, `an artifact ${kind}`);
   return path.join(backupDir, names[names.length - 1]);
 }
 
 function manifests(): string[] {
-  return fs.readdirSync(backupDir).filter((n) => /^manifest-\d{8}-\d{6}\.json$/.test(n)).sort();
+  return fs
+    .readdirSync(backupDir)
+    .filter((n) => /^manifest-\d{8}-\d{6}\.json$/.test(n))
+    .sort();
 }
 
-const puts = (from: number) => s3.requests.slice(from).filter((q) => q.method === 'PUT').map((q) => decodeURIComponent(q.url.split('?')[0]));
+const puts = (from: number) =>
+  s3.requests
+    .slice(from)
+    .filter((q) => q.method === 'PUT')
+    .map((q) => decodeURIComponent(q.url.split('?')[0]));
 
 test.before(async () => {
   s3 = await startS3([MODELS, CACHE]);
@@ -128,8 +138,14 @@ test('a model the bash scripts uploaded with aws-cli multipart is adopted, not s
   const r = await backup(['--json']);
   assert.is(r.code, 0, r.stdout + r.stderr);
   const sent = puts(before);
-  assert.not.ok(sent.some((u) => u.includes('unet/big.safetensors')), 'no body sent for the adopted model');
-  assert.ok(sent.some((u) => u.includes('sd_xl_base.safetensors')), 'the other models are sent');
+  assert.not.ok(
+    sent.some((u) => u.includes('unet/big.safetensors')),
+    'no body sent for the adopted model',
+  );
+  assert.ok(
+    sent.some((u) => u.includes('sd_xl_base.safetensors')),
+    'the other models are sent',
+  );
   const summary = JSON.parse(r.stdout);
   const modelsStep = summary.steps.find((s: { name: string }) => s.name.startsWith('Models'));
   assert.is(modelsStep.data.adopted, 1);
@@ -148,18 +164,45 @@ test('each config artifact restores with the SPEC command to its source: content
   const sys = verda.sysroot;
   const cases: { kind: string; into: string; from: string; keep?: (rel: string) => boolean }[] = [
     { kind: 'tailscale-identity', into: 'var/lib', from: path.join(sys, 'var/lib') },
-    { kind: 'ssh-host-keys', into: '', from: sys, keep: (r) => r === 'etc' || r === 'etc/ssh' || r.startsWith('etc/ssh/ssh_host_') },
-    { kind: 'fail2ban', into: '', from: sys, keep: (r) => ['etc', 'etc/fail2ban', 'etc/fail2ban/jail.local'].includes(r) || r.startsWith('etc/fail2ban/jail.d') },
-    { kind: 'ufw', into: '', from: sys, keep: (r) => ['etc', 'etc/ufw', 'etc/ufw/user.rules', 'etc/ufw/user6.rules'].includes(r) },
+    {
+      kind: 'ssh-host-keys',
+      into: '',
+      from: sys,
+      keep: (r) => r === 'etc' || r === 'etc/ssh' || r.startsWith('etc/ssh/ssh_host_'),
+    },
+    {
+      kind: 'fail2ban',
+      into: '',
+      from: sys,
+      keep: (r) =>
+        ['etc', 'etc/fail2ban', 'etc/fail2ban/jail.local'].includes(r) || r.startsWith('etc/fail2ban/jail.d'),
+    },
+    {
+      kind: 'ufw',
+      into: '',
+      from: sys,
+      keep: (r) => ['etc', 'etc/ufw', 'etc/ufw/user.rules', 'etc/ufw/user6.rules'].includes(r),
+    },
     { kind: 'project-env', into: 'home/dev/comfy-multi', from: verda.project, keep: (r) => r === '.env' },
-    { kind: 'ohmyzsh-custom', into: 'home/dev/.oh-my-zsh', from: path.join(verda.home, '.oh-my-zsh'), keep: (r) => r === 'custom' || r.startsWith('custom/') },
+    {
+      kind: 'ohmyzsh-custom',
+      into: 'home/dev/.oh-my-zsh',
+      from: path.join(verda.home, '.oh-my-zsh'),
+      keep: (r) => r === 'custom' || r.startsWith('custom/'),
+    },
     {
       kind: 'home-dev',
       into: 'home/dev',
       from: verda.home,
       keep: (r) =>
-        !excludedAtAnyDepth(r, ['.cache', '.local/share', '.npm', '.docker', 'comfy-multi/data/models', 'comfy-multi/data/outputs']) &&
-        !r.split('/').some((c) => c.endsWith('.safetensors')),
+        !excludedAtAnyDepth(r, [
+          '.cache',
+          '.local/share',
+          '.npm',
+          '.docker',
+          'comfy-multi/data/models',
+          'comfy-multi/data/outputs',
+        ]) && !r.split('/').some((c) => c.endsWith('.safetensors')),
     },
     {
       kind: 'comfy-project',
@@ -172,16 +215,30 @@ test('each config artifact restores with the SPEC command to its source: content
     const file = newest(c.kind);
     assert.is((fs.statSync(file).mode & 0o777).toString(8), '600', `${c.kind} is 0600`);
     const root = restore(file, c.into);
-    const got = snapshot(path.join(root, c.into), c.kind === 'tailscale-identity' ? (r) => r.startsWith('tailscale') : undefined);
-    const want = snapshot(c.from, c.kind === 'tailscale-identity' ? (r) => r === 'tailscale' || r.startsWith('tailscale/') : c.keep);
+    const got = snapshot(
+      path.join(root, c.into),
+      c.kind === 'tailscale-identity' ? (r) => r.startsWith('tailscale') : undefined,
+    );
+    const want = snapshot(
+      c.from,
+      c.kind === 'tailscale-identity' ? (r) => r === 'tailscale' || r.startsWith('tailscale/') : c.keep,
+    );
     // The archive's top directory (`.` or the -C base) is not an entry of its own here.
     assert.equal(got, want, `${c.kind} restores to its source`);
     fs.rmSync(root, { recursive: true });
   }
   assert.is((fs.statSync(backupDir).mode & 0o777).toString(8), '700');
   // Names are the SPEC's layouts.
-  assert.ok(sh('tar', ['-tzf', newest('home-dev')]).split('\n').every((n) => !n || n.startsWith('./')));
-  assert.ok(sh('tar', ['-tzf', newest('tailscale-identity')]).split('\n').every((n) => !n || n.startsWith('tailscale')));
+  assert.ok(
+    sh('tar', ['-tzf', newest('home-dev')])
+      .split('\n')
+      .every((n) => !n || n.startsWith('./')),
+  );
+  assert.ok(
+    sh('tar', ['-tzf', newest('tailscale-identity')])
+      .split('\n')
+      .every((n) => !n || n.startsWith('tailscale')),
+  );
   const odd = sh('tar', ['-tzf', newest('comfy-project')]);
   for (const n of ODD.filter((n) => !n.includes('\n'))) assert.ok(odd.includes(`./odd/${n}`), `odd name ${n}`);
   assert.not.ok(fs.existsSync(path.join(verda.project, 'odd/PWNED')));
@@ -193,8 +250,20 @@ test('tailscale-ip.txt and the manifest list every artifact with its bytes and s
   const m = JSON.parse(fs.readFileSync(path.join(backupDir, manifests().pop()!), 'utf8'));
   assert.ok(m.complete);
   const names = m.artifacts.map((a: { name: string }) => a.name);
-  for (const kind of ['tailscale-identity', 'ssh-host-keys', 'fail2ban', 'ufw', 'project-env', 'home-dev', 'comfy-project', 'ohmyzsh-custom']) {
-    assert.ok(names.some((n: string) => n.startsWith(`${kind}-`)), kind);
+  for (const kind of [
+    'tailscale-identity',
+    'ssh-host-keys',
+    'fail2ban',
+    'ufw',
+    'project-env',
+    'home-dev',
+    'comfy-project',
+    'ohmyzsh-custom',
+  ]) {
+    assert.ok(
+      names.some((n: string) => n.startsWith(`${kind}-`)),
+      kind,
+    );
   }
   assert.ok(names.includes('worker-image.tar.gz'));
   for (const a of m.artifacts) {
@@ -227,7 +296,8 @@ test('R2 holds the config bundle, its dated copy and every model byte for byte',
   assert.ok((await s3.readObject(CACHE, dated[0])).equals(bundle));
   const dir = tempDir('bundle');
   sh('tar', ['-xzf', '-', '-C', dir], bundle);
-  for (const name of fs.readdirSync(dir)) assert.ok(fs.readFileSync(path.join(dir, name)).equals(fs.readFileSync(path.join(backupDir, name))), name);
+  for (const name of fs.readdirSync(dir))
+    assert.ok(fs.readFileSync(path.join(dir, name)).equals(fs.readFileSync(path.join(backupDir, name))), name);
   assert.ok(fs.readdirSync(dir).includes('tailscale-ip.txt'));
   assert.not.ok(fs.readdirSync(dir).includes('worker-image.tar.gz'));
   fs.rmSync(dir, { recursive: true });
@@ -248,7 +318,10 @@ test('a second full run sends no model and no image', async () => {
   assert.is(r.code, 0, r.stdout + r.stderr);
   assert.match(r.stdout, /unchanged since the last backup/);
   const sent = puts(before);
-  assert.equal(sent.filter((u) => u.includes(MODELS) || u.includes('worker-image')), []);
+  assert.equal(
+    sent.filter((u) => u.includes(MODELS) || u.includes('worker-image')),
+    [],
+  );
   assert.is(sent.length, 2, `only the bundle and its dated copy: ${sent}`);
   assert.is(fs.statSync(path.join(backupDir, 'worker-image.tar.gz')).mtimeMs, imageMtime);
 });
@@ -261,7 +334,10 @@ test('--quick touches neither models nor the image', async () => {
   const r = await backup(['--quick']);
   assert.is(r.code, 0, r.stdout + r.stderr);
   assert.match(r.stdout, /skipped \(--quick\)/);
-  assert.equal(puts(before).filter((u) => u.includes(MODELS) || u.includes('worker-image')), []);
+  assert.equal(
+    puts(before).filter((u) => u.includes(MODELS) || u.includes('worker-image')),
+    [],
+  );
   assert.is(await s3.headObject(MODELS, 'checkpoints/new.safetensors'), undefined);
   assert.is.not(fs.readFileSync(path.join(backupDir, 'worker-image.id'), 'utf8').trim(), newId);
 });
@@ -273,10 +349,16 @@ test('a changed image is saved and sent again; a new model alone is sent', async
   assert.is(r.code, 0, r.stdout + r.stderr);
   const sent = puts(before);
   assert.ok(sent.some((u) => u.endsWith('/worker-image.tar.gz')));
-  assert.equal(sent.filter((u) => u.includes(MODELS)), [`/${MODELS}/checkpoints/new.safetensors`]);
+  assert.equal(
+    sent.filter((u) => u.includes(MODELS)),
+    [`/${MODELS}/checkpoints/new.safetensors`],
+  );
   const id = sh('podman', ['image', 'inspect', '--format', '{{.Id}}', IMAGE]).trim();
   assert.is(fs.readFileSync(path.join(backupDir, 'worker-image.id'), 'utf8').trim(), id);
-  assert.is(sha256(await s3.readObject(CACHE, 'worker-image.tar.gz')), sha256(fs.readFileSync(path.join(backupDir, 'worker-image.tar.gz'))));
+  assert.is(
+    sha256(await s3.readObject(CACHE, 'worker-image.tar.gz')),
+    sha256(fs.readFileSync(path.join(backupDir, 'worker-image.tar.gz'))),
+  );
 });
 
 test('rotation keeps KEEP_BACKUPS dated copies of each kind, on Mello and in R2', async () => {
