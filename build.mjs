@@ -10,15 +10,10 @@ import path from 'node:path';
 const root = path.dirname(new URL(import.meta.url).pathname);
 const scripts = fs.readdirSync(root).filter((f) => f.endsWith('.mts'));
 fs.rmSync(path.join(root, 'dist'), { recursive: true, force: true }); // no chunk of an older build
-await build({
-  entryPoints: scripts.map((f) => path.join(root, f)),
-  outdir: path.join(root, 'dist'),
-  outExtension: { '.js': '.mjs' },
+const common = {
   bundle: true,
   platform: 'node',
   format: 'esm',
-  splitting: true,
-  chunkNames: 'chunks/[name]-[hash]',
   target: 'node20',
   // Its binary cannot be bundled; restore-verda loads it on Mello only (lib/restore-models.ts scriptBundle).
   external: ['esbuild'],
@@ -27,5 +22,19 @@ await build({
     js: "import { createRequire as __createRequire } from 'node:module'; const require = __createRequire(import.meta.url);",
   },
   logLevel: 'warning',
+};
+// restore-verda brings itself to a fresh Verda as one file: a bundle without chunks.
+await build({
+  ...common,
+  entryPoints: [path.join(root, 'restore-verda.mts')],
+  outfile: path.join(root, 'dist/single/restore-verda.mjs'),
+});
+await build({
+  ...common,
+  entryPoints: scripts.map((f) => path.join(root, f)),
+  outdir: path.join(root, 'dist'),
+  outExtension: { '.js': '.mjs' },
+  splitting: true,
+  chunkNames: 'chunks/[name]-[hash]',
 });
 console.log(`built ${scripts.map((f) => `dist/${f.replace(/\.mts$/, '.mjs')}`).join(', ')}`);

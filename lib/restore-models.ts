@@ -659,12 +659,13 @@ const BANNER =
   'const require = __createRequire(import.meta.url);';
 
 /**
- * A script as one file Node 20 runs anywhere: `dist/NAME.mjs` while it is newer than every
- * source, else bundled now, in memory, with build.mjs's settings (an installed copy has no dist/).
+ * A script as one file Node 20 runs anywhere: `dist/single/NAME.mjs` (built without chunks) while
+ * it is newer than every source, else bundled now, in memory, with build.mjs's settings (an
+ * installed copy has no dist/).
  */
 export async function scriptBundle(script: string): Promise<Buffer> {
   const root = scriptRoot();
-  const built = path.join(root, 'dist', `${script}.mjs`);
+  const built = path.join(root, 'dist', 'single', `${script}.mjs`);
   const st = fs.statSync(built, { throwIfNoEntry: false });
   if (st?.isFile() && st.mtimeMs > newestSource(root, script)) return fs.readFileSync(built);
   // esbuild cannot be bundled (its binary): it is external to the bundles, loaded here on Mello.

@@ -78,16 +78,21 @@ export interface SyncResult {
   cacheWarning?: string;
 }
 
+/** Where a listing is split: range i starts at `key` (inclusive); `after` is the key just before it. */
+export interface ListingSplit {
+  key: string;
+  after: string;
+}
+
 /**
- * The objects under `prefix`, in key order. Where the tree has several top-level directories
- * (users), their key ranges are listed at once, up to 8 in flight, each a few pages ahead of
- * where the merge reads: an unchanged rerun over a long path costs about as many round trips as
- * the longest range has pages, not as the whole listing has.
+ * The objects under `prefix`, in key order. With splits, the ranges are listed at once, each a
+ * few pages ahead of where the merge reads: an unchanged rerun over a long path costs about as
+ * many round trips as the longest range has pages, not as the whole listing has.
  */
 export async function* listRanges(
   backend: Backend,
   prefix: string,
-  splits: string[],
+  splits: ListingSplit[],
   signal?: AbortSignal,
 ): AsyncGenerator<ObjectInfo> {
   if (!splits.length) {
@@ -95,8 +100,12 @@ export async function* listRanges(
     return;
   }
   // Range i holds the keys from splits[i-1] (inclusive) to splits[i] (exclusive).
-  const bounds = [undefined, ...splits.map((s) => prefix + s), undefined];
-  const ranges = bounds.slice(0, -1).map((from, i) => ({ from, to: bounds[i + 1] }));
+  const bounds = [undefined, ...splits, undefined];
+  const ranges = bounds.slice(0, -1).map((from, i) => ({
+    from: from && prefix + from.key,
+    after: from && prefix + from.after,
+    to: bounds[i + 1] && prefix + bounds[i + 1]!.key,
+  }));
   const AHEAD = 2000; // keys a range may hold before the merge reads them
   let closed = false;
   const fetchers = ranges.map((r) => {
@@ -106,11 +115,11 @@ export async function* listRanges(
     let wake: (() => void) | undefined;
     let room: (() => void) | undefined;
     void (async () => {
-      // `startAfter` is exclusive: from just before the range, dropping what sorts before it.
+      // `startAfter` is exclusive: after the key before the range; what the bucket holds between
+      // the two (not in the cache) belongs to the range before, and is dropped here.
       const from = r.from;
-      const after = from ? from.slice(0, -1) + String.fromCharCode(from.charCodeAt(from.length - 1) - 1) : undefined;
       try {
-        for await (const o of backend.list(prefix, signal, after)) {
+        for await (const o of backend.list(prefix, signal, r.after)) {
           if (closed) break;
           if (from && compareKeys(o.key, from) < 0) continue;
           if (r.to && compareKeys(o.key, r.to) >= 0) break;
@@ -148,26 +157,33 @@ export async function* listRanges(
 }
 
 /**
- * Where to split a tree's listing: some of its top-level directories, evenly spaced, as `name/`,
- * for at most `ranges` ranges. A range costs a request of its own, so a tree is split only as far
- * as it has pages to list: `ranges` comes from the keys the last run saw (its hash cache).
+ * Where to split a tree's listing into `ranges` ranges of about as many keys: read off the last
+ * run's hash cache, which is sorted by key (two lines at each of a few byte offsets: no pass over
+ * the whole file).
  */
-export function listingSplits(root: string, ranges: number): string[] {
-  let dirs: string[];
+export function listingSplits(cacheFile: string | undefined, ranges: number): ListingSplit[] {
+  if (!cacheFile || ranges < 2) return [];
+  let fd: number | undefined;
   try {
-    dirs = fs
-      .readdirSync(root, { withFileTypes: true })
-      .filter((d) => d.isDirectory())
-      .map((d) => `${d.name}/`)
-      .sort(compareKeys);
+    fd = fs.openSync(cacheFile, fs.constants.O_RDONLY | fs.constants.O_NONBLOCK);
+    const size = fs.fstatSync(fd).size;
+    const window = Buffer.alloc(64 * 1024);
+    const splits: ListingSplit[] = [];
+    for (let i = 1; i < ranges; i++) {
+      const n = fs.readSync(fd, window, 0, window.length, Math.floor((i * size) / ranges));
+      // The first line is likely cut; the next two are whole: `after`, then the split `key`.
+      const lines = window.subarray(0, n).toString('utf8').split('\n').slice(1, 3);
+      if (lines.length < 2) continue;
+      const [after, key] = lines.map((l) => (JSON.parse(l) as { rel: string }).rel);
+      const last = splits[splits.length - 1];
+      if (compareKeys(after, key) < 0 && (!last || compareKeys(last.key, after) <= 0)) splits.push({ key, after });
+    }
+    return splits;
   } catch {
-    return [];
+    return []; // a damaged or unreadable cache: one listing
+  } finally {
+    if (fd !== undefined) fs.closeSync(fd);
   }
-  ranges = Math.min(ranges, dirs.length);
-  if (ranges < 2) return [];
-  return Array.from({ length: ranges - 1 }, (_, i) => dirs[Math.round(((i + 1) * dirs.length) / ranges)]).filter(
-    (d, i, all) => d !== undefined && all.indexOf(d) === i,
-  );
 }
 
 /** The walk's files with what the listing and the cache say of each, in key order. */
@@ -253,7 +269,7 @@ class TreeSync {
     const cacheBytes = opts.cacheFile ? (fs.statSync(opts.cacheFile, { throwIfNoEntry: false })?.size ?? 0) : 0;
     const keys = cacheBytes / 170;
     const ranges = keys > 1000 ? Math.min(8, Math.ceil(keys / 900)) : 1;
-    const listing = listRanges(opts.backend, opts.prefix, listingSplits(opts.root, ranges), opts.signal);
+    const listing = listRanges(opts.backend, opts.prefix, listingSplits(opts.cacheFile, ranges), opts.signal);
     const items = march(walkSorted(opts.root), listing, cache, opts.prefix, opts.filter, (e) => {
       if (e.kind === 'symlink') {
         result.symlinkCount++;

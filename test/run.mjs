@@ -66,7 +66,12 @@ if (!only.length) {
     [path.join(root, 'node_modules/prettier/bin/prettier.cjs'), '--check', '**/*.{ts,mts,mjs,json}'],
     { cwd: root, encoding: 'utf8' },
   );
-  process.stdout.write(prettier.stdout.split('\n').filter((l) => !/^Checking/.test(l)).join('\n') + prettier.stderr);
+  process.stdout.write(
+    prettier.stdout
+      .split('\n')
+      .filter((l) => !/^Checking/.test(l))
+      .join('\n') + prettier.stderr,
+  );
   record('prettier --check (print width 120)', prettier.status === 0);
 }
 

@@ -476,12 +476,17 @@ test('syncTree: keys in S3 order even where the walk and JavaScript disagree (a-
   );
 });
 
-test('listRanges: split at top-level directories, every key once and in order, in-between keys included', async () => {
+test('listRanges: split ranges listed at once, every key once and in order, keys between splits included', async () => {
   const b = new CountingBackend(new MemoryBackend());
   const keys = ['p/a.txt', 'p/a/1', 'p/a/2', 'p/b/1', 'p/b0', 'p/c/1', 'p/c/2', 'p/d/9', 'p/zz']; // in byte order
   for (const k of keys) await b.put(k, bufferSource(Buffer.from(k)));
   const got: string[] = [];
-  for await (const o of listRanges(b, 'p/', ['b/', 'c/'])) got.push(o.key);
+  // Splits as a cache gives them; `p/b/1` and `p/b0` sit between a split's `after` and its key.
+  const splits = [
+    { after: 'a/1', key: 'a/2' },
+    { after: 'b/1', key: 'c/1' },
+  ];
+  for await (const o of listRanges(b, 'p/', splits)) got.push(o.key);
   assert.equal(got, keys);
   assert.is(b.calls.list, 3, 'one listing per range, at once');
 });
