@@ -13,6 +13,38 @@ export async function exitAfterOutput(code: number): Promise<never> {
   process.exit(code);
 }
 
+/**
+ * The Verda side of a request from Mello (models backup or restore): the first line of stdin as
+ * JSON, or exit 2 printing `{"error": ...}`. Stdin closing (Mello gone, the link dropped) or a
+ * signal aborts `controller`, so the work stops and cleans up.
+ */
+export async function readStdinRequest<T>(controller: AbortController): Promise<T> {
+  let buffered = '';
+  const request = await new Promise<T>((resolve, reject) => {
+    process.stdin.setEncoding('utf8');
+    process.stdin.on('data', (chunk: string) => {
+      buffered += chunk;
+      const nl = buffered.indexOf('\n');
+      if (nl >= 0) {
+        try {
+          resolve(JSON.parse(buffered.slice(0, nl)));
+        } catch {
+          reject(new Error('the request on stdin is not JSON'));
+        }
+      }
+    });
+    process.stdin.on('end', () => {
+      reject(new Error('no request on stdin'));
+      controller.abort(new Error('Mello closed the connection'));
+    });
+  }).catch((e: Error) => {
+    process.stdout.write(JSON.stringify({ error: e.message }) + '\n');
+    return exitAfterOutput(2);
+  });
+  for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) process.on(sig, () => controller.abort(new Error(sig)));
+  return request;
+}
+
 /** What the admin should know about the run as a whole (a skewed clock): summary ⚠ lines, --json `notices`. */
 export const notices = new Set<string>();
 export const addNotice = (text: string) => void notices.add(text);

@@ -3,7 +3,7 @@
 // the R2 target and credentials on stdin (never on a command line). Verda syncs its
 // `*.safetensors` with the hash cache on SFS, so a new instance does not hash 45 GB again.
 import path from 'node:path';
-import { addNotice, exitAfterOutput, humanSize, notices } from './cli.ts';
+import { addNotice, exitAfterOutput, humanSize, notices, readStdinRequest } from './cli.ts';
 import { DEFAULT_LIMITS, type BucketTarget, type Limits } from './config.ts';
 import type { RunRecord } from './manifest.ts';
 import type { Step } from './plan.ts';
@@ -117,29 +117,7 @@ export function modelsStep(opts: {
  */
 export async function runModelsHere(): Promise<never> {
   const controller = new AbortController();
-  let buffered = '';
-  const request = await new Promise<ModelsRequest>((resolve, reject) => {
-    process.stdin.setEncoding('utf8');
-    process.stdin.on('data', (chunk: string) => {
-      buffered += chunk;
-      const nl = buffered.indexOf('\n');
-      if (nl >= 0) {
-        try {
-          resolve(JSON.parse(buffered.slice(0, nl)));
-        } catch {
-          reject(new Error('the request on stdin is not JSON'));
-        }
-      }
-    });
-    process.stdin.on('end', () => {
-      reject(new Error('no request on stdin'));
-      controller.abort(new Error('Mello closed the connection'));
-    });
-  }).catch((e: Error) => {
-    process.stdout.write(JSON.stringify({ error: e.message }) + '\n');
-    return exitAfterOutput(2);
-  });
-  for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) process.on(sig, () => controller.abort(new Error(sig)));
+  const request = await readStdinRequest<ModelsRequest>(controller);
 
   // A request from an older Mello carries no limits.
   const backend = new R2Backend(request.target, r2Limits(request.limits ?? DEFAULT_LIMITS));

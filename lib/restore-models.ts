@@ -13,7 +13,7 @@ import { constants as FS } from 'node:fs';
 import fs from 'node:fs';
 import path from 'node:path';
 import { PassThrough, type Readable } from 'node:stream';
-import { addNotice, exitAfterOutput, humanSize, notices } from './cli.ts';
+import { addNotice, exitAfterOutput, humanSize, notices, readStdinRequest } from './cli.ts';
 import { DEFAULT_LIMITS, type BucketTarget, type Limits } from './config.ts';
 import { partialName, removeStalePartials } from './files.ts';
 import { TreeCache, etagProvesContent, hashFile, lineMatches, type TreeCacheLine } from './hash-cache.ts';
@@ -565,29 +565,7 @@ export async function runModelsRestoreHere(): Promise<never> {
   // Mello gone: what is still said goes nowhere, and must not stop the clean-up.
   process.stdout.on('error', () => {});
   process.stderr.on('error', () => {});
-  let buffered = '';
-  const request = await new Promise<ModelsRestoreRequest>((resolve, reject) => {
-    process.stdin.setEncoding('utf8');
-    process.stdin.on('data', (chunk: string) => {
-      buffered += chunk;
-      const nl = buffered.indexOf('\n');
-      if (nl >= 0) {
-        try {
-          resolve(JSON.parse(buffered.slice(0, nl)));
-        } catch {
-          reject(new Error('the request on stdin is not JSON'));
-        }
-      }
-    });
-    process.stdin.on('end', () => {
-      reject(new Error('no request on stdin'));
-      controller.abort(new Error('Mello closed the connection'));
-    });
-  }).catch((e: Error) => {
-    process.stdout.write(JSON.stringify({ error: e.message }) + '\n');
-    return exitAfterOutput(2);
-  });
-  for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) process.on(sig, () => controller.abort(new Error(sig)));
+  const request = await readStdinRequest<ModelsRestoreRequest>(controller);
 
   // Brought by Mello into a directory of its own (see BRING_AND_RUN): loaded now, so removed.
   const brought = path.dirname(process.argv[1] ?? '');
