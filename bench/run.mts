@@ -23,7 +23,7 @@ const USAGE = `Usage: npm run bench -- [--quick] [--profile P,...] [--case C,...
   --case      big (400 MB in 4 files), small (2,000 files), huge (200,000 files, loopback only),
               startup (--help of a script), verda (backup-verda --quick over sshd); default: all
   --quick     smaller data (a harness check in a minute or two; ratios mean little)
-  --server    s3rver (default) or a module exporting benchServer (see bench/servers.mts)
+  --server    s3rver (default), rgw (Ceph RGW), or a module exporting benchServer (bench/servers.mts)
 A full run writes bench/results.md; a subset or --quick writes results.md in the work dir.`;
 
 const argv = minimist(process.argv.slice(2), {

@@ -1,6 +1,8 @@
 // The S3 server the bench runs against, pluggable: `--server s3rver` (the default) or
-// `--server path/to/module.ts`, a module whose `benchServer` export is a ServerKind (a real
-// Ceph RGW harness can be dropped in so). The bench creates its buckets through the S3 API.
+// `--server rgw` (Debian's Ceph RGW, test/rgw.ts: a real S3 server, which lists any number of
+// keys quickly and does not copy the parts again on CompleteMultipartUpload, as s3rver does), or
+// `--server path/to/module.ts`, a module whose `benchServer` export is a ServerKind. The bench
+// creates its buckets through the S3 API.
 import { spawn } from 'node:child_process';
 import path from 'node:path';
 import { ROOT, SECRET } from '../test/helpers.ts';
@@ -46,8 +48,22 @@ const s3rver: ServerKind = {
   },
 };
 
+const rgw: ServerKind = {
+  describe: 'Ceph RGW (Debian 12, one mon and one bluestore OSD on loopback)',
+  async start() {
+    const { startRgw } = await import('../test/rgw.ts');
+    const server = await startRgw({ store: 'bluestore', storeBytes: 40 * 1024 ** 3 });
+    return {
+      endpoint: server.endpoint,
+      keys: { accessKeyId: server.accessKeyId, secretAccessKey: server.secretAccessKey },
+      stop: () => server.stop(),
+    };
+  },
+};
+
 export async function loadServer(spec: string): Promise<ServerKind> {
   if (spec === 's3rver') return s3rver;
+  if (spec === 'rgw') return rgw;
   const mod = (await import(path.resolve(spec))) as { benchServer?: ServerKind };
   if (!mod.benchServer) throw new Error(`${spec} exports no benchServer`);
   return mod.benchServer;
