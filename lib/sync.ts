@@ -78,11 +78,13 @@ export interface SyncResult {
   cacheWarning?: string;
 }
 
-/** Where a listing is split: range i starts at `key` (inclusive); `after` is the key just before it. */
+/** Where a listing is split: a range ends at `after` (inclusive), the next starts after it. */
 export interface ListingSplit {
-  key: string;
   after: string;
 }
+
+/** Keys in a listing page (S3's and R2's most). */
+export const PAGE_KEYS = 1000;
 
 /**
  * The objects under `prefix`, in key order. With splits, the ranges are listed at once, each a
@@ -99,13 +101,11 @@ export async function* listRanges(
     yield* backend.list(prefix, signal);
     return;
   }
-  // Range i holds the keys from splits[i-1] (inclusive) to splits[i] (exclusive).
-  const bounds = [undefined, ...splits, undefined];
-  const ranges = bounds.slice(0, -1).map((from, i) => ({
-    from: from && prefix + from.key,
-    after: from && prefix + from.after,
-    to: bounds[i + 1] && prefix + bounds[i + 1]!.key,
-  }));
+  // Range i: the keys after splits[i-1].after up to splits[i].after, both ends by `startAfter`'s
+  // rule. A range that ends on its `after` (the usual case) stops there, so a range of exactly
+  // N pages of keys costs N requests: no extra request to see where the next range begins.
+  const bounds = [undefined, ...splits.map((s) => prefix + s.after), undefined];
+  const ranges = bounds.slice(0, -1).map((after, i) => ({ after, last: bounds[i + 1] }));
   const AHEAD = 2000; // keys a range may hold before the merge reads them
   let closed = false;
   const fetchers = ranges.map((r) => {
@@ -115,16 +115,14 @@ export async function* listRanges(
     let wake: (() => void) | undefined;
     let room: (() => void) | undefined;
     void (async () => {
-      // `startAfter` is exclusive: after the key before the range; what the bucket holds between
-      // the two (not in the cache) belongs to the range before, and is dropped here.
-      const from = r.from;
       try {
         for await (const o of backend.list(prefix, signal, r.after)) {
           if (closed) break;
-          if (from && compareKeys(o.key, from) < 0) continue;
-          if (r.to && compareKeys(o.key, r.to) >= 0) break;
+          const beyond = r.last === undefined ? -1 : compareKeys(o.key, r.last);
+          if (beyond > 0) break; // the next range's
           buffer.push(o);
           wake?.();
+          if (beyond === 0) break;
           while (buffer.length >= AHEAD && !closed) await new Promise<void>((resolve) => (room = resolve));
         }
       } catch (e) {
@@ -157,26 +155,49 @@ export async function* listRanges(
 }
 
 /**
- * Where to split a tree's listing into `ranges` ranges of about as many keys: read off the last
- * run's hash cache, which is sorted by key (two lines at each of a few byte offsets: no pass over
- * the whole file).
+ * Where to split a tree's listing, read off the last run's hash cache (sorted by key, a line a
+ * file): into up to `most` ranges of whole pages each, so that while the bucket holds what the
+ * cache knows, the ranges together cost as many requests as one listing would (1 per 1,000
+ * keys), in as many round trips as one range has pages. One pass over the file, a few lines kept.
  */
-export function listingSplits(cacheFile: string | undefined, ranges: number): ListingSplit[] {
-  if (!cacheFile || ranges < 2) return [];
+export function listingSplits(cacheFile: string | undefined, most = 8): ListingSplit[] {
+  if (!cacheFile) return [];
   let fd: number | undefined;
   try {
     fd = fs.openSync(cacheFile, fs.constants.O_RDONLY | fs.constants.O_NONBLOCK);
-    const size = fs.fstatSync(fd).size;
-    const window = Buffer.alloc(64 * 1024);
+    // Line starts, every PAGE_KEYS lines: the ranges are chosen once the count is known.
+    const starts: number[] = [];
+    const chunk = Buffer.alloc(1024 * 1024);
+    let lines = 0;
+    let offset = 0;
+    let ended = true; // the previous chunk ended a line
+    for (let n; (n = fs.readSync(fd, chunk, 0, chunk.length, offset)) > 0; offset += n) {
+      const view = chunk.subarray(0, n);
+      for (let at = 0; at < n;) {
+        if (ended && lines % PAGE_KEYS === 0) starts.push(offset + at);
+        const nl = view.indexOf(10, at);
+        ended = nl >= 0;
+        if (!ended) break;
+        lines++;
+        at = nl + 1;
+      }
+    }
+    if (!ended) lines++;
+    const pages = Math.ceil(lines / PAGE_KEYS);
+    if (pages < 2) return [];
+    const pagesPerRange = Math.ceil(pages / Math.min(most, pages));
     const splits: ListingSplit[] = [];
-    for (let i = 1; i < ranges; i++) {
-      const n = fs.readSync(fd, window, 0, window.length, Math.floor((i * size) / ranges));
-      // The first line is likely cut; the next two are whole: `after`, then the split `key`.
-      const lines = window.subarray(0, n).toString('utf8').split('\n').slice(1, 3);
-      if (lines.length < 2) continue;
-      const [after, key] = lines.map((l) => (JSON.parse(l) as { rel: string }).rel);
+    for (let page = pagesPerRange; page < pages; page += pagesPerRange) {
+      // The last line before page `page` starts: read back from that page's first line.
+      const end = starts[page]!;
+      const from = Math.max(0, end - 64 * 1024);
+      const n = fs.readSync(fd, chunk, 0, end - from, from);
+      const text = chunk.subarray(0, n).toString('utf8');
+      const line = text.slice(text.lastIndexOf('\n', text.length - 2) + 1, -1);
+      const after = (JSON.parse(line) as { rel: string }).rel;
       const last = splits[splits.length - 1];
-      if (compareKeys(after, key) < 0 && (!last || compareKeys(last.key, after) <= 0)) splits.push({ key, after });
+      if (typeof after !== 'string' || (last && compareKeys(last.after, after) >= 0)) return []; // not sorted: one listing
+      splits.push({ after });
     }
     return splits;
   } catch {
@@ -263,13 +284,7 @@ class TreeSync {
 
   async run(): Promise<SyncResult> {
     const { opts, cache, result } = this;
-    // Enough listing ranges that each fits one page (at most 8 at once): a rerun's listing is then
-    // one round trip up to 8,000 keys. How many keys: the last run's hash cache, a line of about
-    // 170 bytes per file. A tree of one page is one listing.
-    const cacheBytes = opts.cacheFile ? (fs.statSync(opts.cacheFile, { throwIfNoEntry: false })?.size ?? 0) : 0;
-    const keys = cacheBytes / 170;
-    const ranges = keys > 1000 ? Math.min(8, Math.ceil(keys / 900)) : 1;
-    const listing = listRanges(opts.backend, opts.prefix, listingSplits(opts.cacheFile, ranges), opts.signal);
+    const listing = listRanges(opts.backend, opts.prefix, listingSplits(opts.cacheFile), opts.signal);
     const items = march(walkSorted(opts.root), listing, cache, opts.prefix, opts.filter, (e) => {
       if (e.kind === 'symlink') {
         result.symlinkCount++;

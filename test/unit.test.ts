@@ -25,7 +25,7 @@ import {
   fingerprintedSource,
   readBackSha256,
 } from '../lib/storage.ts';
-import { listRanges, syncTree } from '../lib/sync.ts';
+import { listingSplits, listRanges, syncTree } from '../lib/sync.ts';
 import { bufferSource } from './backend-conformance.ts';
 import { MemoryBackend } from './memory-backend.ts';
 
@@ -481,14 +481,52 @@ test('listRanges: split ranges listed at once, every key once and in order, keys
   const keys = ['p/a.txt', 'p/a/1', 'p/a/2', 'p/b/1', 'p/b0', 'p/c/1', 'p/c/2', 'p/d/9', 'p/zz']; // in byte order
   for (const k of keys) await b.put(k, bufferSource(Buffer.from(k)));
   const got: string[] = [];
-  // Splits as a cache gives them; `p/b/1` and `p/b0` sit between a split's `after` and its key.
-  const splits = [
-    { after: 'a/1', key: 'a/2' },
-    { after: 'b/1', key: 'c/1' },
-  ];
+  // Splits as a cache gives them: `p/b0` is not in the bucket (`a/2`'s range goes on past it).
+  const splits = [{ after: 'a/1' }, { after: 'b0' }, { after: 'c/1x' }];
   for await (const o of listRanges(b, 'p/', splits)) got.push(o.key);
   assert.equal(got, keys);
-  assert.is(b.calls.list, 3, 'one listing per range, at once');
+  assert.is(b.calls.list, 4, 'one listing per range, at once');
+});
+
+test('listingSplits: ranges of whole pages off the cache, so they cost what one listing costs', async () => {
+  const dir = tmp();
+  const cacheFile = path.join(dir, 'tree.jsonl');
+  const rel = (i: number) => `u${String(Math.floor(i / 300)).padStart(3, '0')}/é ${String(i).padStart(6, '0')}.png`;
+  const line = (i: number) => JSON.stringify({ rel: rel(i), size: 1, mtimeNs: '1', ino: '1', sha256: 'x' }) + '\n';
+  const write = (n: number) => fs.writeFileSync(cacheFile, Array.from({ length: n }, (_, i) => line(i)).join(''));
+  write(1000);
+  assert.equal(listingSplits(cacheFile), [], 'one page: one listing');
+  write(20_500); // 21 pages: 7 ranges of 3 pages
+  const splits = listingSplits(cacheFile);
+  assert.equal(
+    splits.map((s) => s.after),
+    [1, 2, 3, 4, 5, 6].map((r) => rel(r * 3000 - 1)),
+  );
+  assert.equal(listingSplits(cacheFile, 2), [{ after: rel(10_999) }], '11 pages in 2 ranges: 6 and 5');
+  assert.equal(listingSplits(path.join(dir, 'none.jsonl')), []);
+  fs.writeFileSync(cacheFile, line(5).repeat(2500));
+  assert.equal(listingSplits(cacheFile), [], 'not sorted: one listing');
+
+  // Against a bucket that holds what the cache knows: every range ends on a page's last key.
+  write(2_500);
+  const ranges = listingSplits(cacheFile); // 3 pages: 3 ranges of 1
+  assert.is(ranges.length, 2);
+  const mem = new MemoryBackend();
+  for (let i = 0; i < 2_500; i++) await mem.put('p/' + rel(i), bufferSource(Buffer.from('x')));
+  let pages = 0;
+  const paged = Object.assign(Object.create(mem) as MemoryBackend, {
+    async *list(prefix: string, signal?: AbortSignal, startAfter?: string) {
+      let n = 0;
+      for await (const o of mem.list(prefix, signal, startAfter)) {
+        if (n++ % 1000 === 0) pages++; // a page is asked for when its first key is
+        yield o;
+      }
+    },
+  });
+  let listed = 0;
+  for await (const o of listRanges(paged, 'p/', ranges)) assert.is(o.key, 'p/' + rel(listed++));
+  assert.is(listed, 2_500);
+  assert.is(pages, 3, 'the pages of one listing, no more');
 });
 
 test('TreeCache: what a run hashed is read back by the next; an older whole-file cache is read once', async () => {
