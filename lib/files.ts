@@ -341,6 +341,14 @@ export function showBytes(name: Buffer): string {
 const isUtf8 = (name: Buffer) => Buffer.from(name.toString('utf8'), 'utf8').equals(name);
 
 /**
+ * lstat with bigint times, through the callback API: per file on the sync's hot path, where
+ * fs.promises costs several times as much (Node 20: 2,000 files 5 ms against 10-28 ms).
+ */
+export function lstatBig(file: string): Promise<fs.BigIntStats> {
+  return new Promise((resolve, reject) => fs.lstat(file, { bigint: true }, (e, st) => (e ? reject(e) : resolve(st))));
+}
+
+/**
  * Every entry under `root` in the order S3 lists their keys, one directory in memory at a time:
  * a directory's entries are sorted by name, a subdirectory's as `name/`, which is where its keys
  * fall among its siblings' (`a-c` < `a/x`). Symlinks are never followed; FIFOs, sockets and

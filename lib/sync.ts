@@ -7,7 +7,7 @@
 // Never deletes.
 import fs from 'node:fs';
 import { errorText, humanSize } from './cli.ts';
-import { compareKeys, walkSorted, type WalkEntry } from './files.ts';
+import { compareKeys, lstatBig, walkSorted, type WalkEntry } from './files.ts';
 import { etagProvesContent, lineMatches, TreeCache, type TreeCacheLine } from './hash-cache.ts';
 import type { Step } from './plan.ts';
 import { AdaptiveSlots } from './pacer.ts';
@@ -336,7 +336,7 @@ class TreeSync {
     const { opts, cache, result } = this;
     let st: fs.BigIntStats;
     try {
-      st = await fs.promises.lstat(f.path, { bigint: true });
+      st = await lstatBig(f.path);
     } catch (e) {
       if ((e as NodeJS.ErrnoException).code === 'ENOENT') throw new SourceChanged(`${f.path} vanished`, true);
       throw e;
