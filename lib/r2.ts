@@ -646,7 +646,10 @@ export class R2Backend implements Backend {
         }
         throw e;
       });
-      return { key, size: source.size, etag: unquote(done.ETag) };
+      // An answer without its ETag (the SDK reads none from Ceph RGW's): ask, so that the hash
+      // cache knows this object by the ETag its listing will show.
+      const etag = unquote(done.ETag) || ((await this.head(key, opts.signal).catch(() => undefined))?.etag ?? '');
+      return { key, size: source.size, etag };
     } catch (e) {
       await this.abortUpload(key, uploadId);
       throw e;
