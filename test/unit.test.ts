@@ -481,7 +481,8 @@ test('listRanges: split ranges listed at once, every key once and in order, keys
   const keys = ['p/a.txt', 'p/a/1', 'p/a/2', 'p/b/1', 'p/b0', 'p/c/1', 'p/c/2', 'p/d/9', 'p/zz']; // in byte order
   for (const k of keys) await b.put(k, bufferSource(Buffer.from(k)));
   const got: string[] = [];
-  // Splits as a cache gives them: `p/b0` is not in the bucket (`a/2`'s range goes on past it).
+  // Splits as a cache gives them: `c/1x` is not in the bucket (a file the last run knew, gone
+  // since): its range ends on the first key beyond it, which the next range lists.
   const splits = [{ after: 'a/1' }, { after: 'b0' }, { after: 'c/1x' }];
   for await (const o of listRanges(b, 'p/', splits)) got.push(o.key);
   assert.equal(got, keys);
@@ -502,7 +503,13 @@ test('listingSplits: ranges of whole pages off the cache, so they cost what one 
     splits.map((s) => s.after),
     [1, 2, 3, 4, 5, 6].map((r) => rel(r * 3000 - 1)),
   );
-  assert.equal(listingSplits(cacheFile, 2), [{ after: rel(10_999) }], '11 pages in 2 ranges: 6 and 5');
+  assert.equal(listingSplits(cacheFile, 2), [{ after: rel(10_999) }], '21 pages in 2 ranges: 11 and 10');
+  write(3000); // exactly 3 pages, the last line without its newline
+  fs.truncateSync(cacheFile, fs.statSync(cacheFile).size - 1);
+  assert.equal(
+    listingSplits(cacheFile).map((s) => s.after),
+    [rel(999), rel(1999)],
+  );
   assert.equal(listingSplits(path.join(dir, 'none.jsonl')), []);
   fs.writeFileSync(cacheFile, line(5).repeat(2500));
   assert.equal(listingSplits(cacheFile), [], 'not sorted: one listing');
