@@ -87,8 +87,8 @@ export interface ListingSplit {
 export const PAGE_KEYS = 1000;
 
 /**
- * The objects under `prefix`, in key order. With splits, the ranges are listed at once, each up to
- * 25 pages ahead of where the merge reads: an unchanged rerun over a long path costs about as
+ * The objects under `prefix`, in key order. With splits, the ranges are listed at once, each a
+ * few pages ahead of where the merge reads: an unchanged rerun over a long path costs about as
  * many round trips as the longest range has pages, not as the whole listing has.
  */
 export async function* listRanges(
@@ -106,9 +106,7 @@ export async function* listRanges(
   // N pages of keys costs N requests: no extra request to see where the next range begins.
   const bounds = [undefined, ...splits.map((s) => prefix + s.after), undefined];
   const ranges = bounds.slice(0, -1).map((after, i) => ({ after, last: bounds[i + 1] }));
-  // Keys a range may hold before the merge reads them: 25 pages, so that 8 ranges of a 200,000-key
-  // tree are listed at once (about 30 MB at most); a bigger tree's later ranges wait for room.
-  const AHEAD = 25 * PAGE_KEYS;
+  const AHEAD = 2000; // keys a range may hold before the merge reads them
   let closed = false;
   const fetchers = ranges.map((r) => {
     const buffer: ObjectInfo[] = [];

@@ -24,7 +24,6 @@ import {
   fingerprintFile,
   fingerprintedSource,
   readBackSha256,
-  type Backend,
 } from '../lib/storage.ts';
 import { listingSplits, listRanges, syncTree } from '../lib/sync.ts';
 import { bufferSource } from './backend-conformance.ts';
@@ -535,28 +534,6 @@ test('listingSplits: ranges of whole pages off the cache, so they cost what one 
   for await (const o of listRanges(paged, 'p/', ranges)) assert.is(o.key, 'p/' + rel(listed++));
   assert.is(listed, 2_500);
   assert.is(pages, 3, 'the pages of one listing, no more');
-});
-
-test('listRanges: the ranges of a 30,000-key listing are all read at once, not as the merge reaches them', async () => {
-  const key = (i: number) => `p/${String(i).padStart(6, '0')}`;
-  let fetched = 0;
-  // A bucket of 30,000 keys made up as they are listed (Backend.list alone is used).
-  const bucket = {
-    async *list(_prefix: string, _signal?: AbortSignal, startAfter?: string) {
-      for (let i = startAfter ? Number(startAfter.slice(2)) + 1 : 0; i < 30_000; i++) {
-        fetched++;
-        yield { key: key(i), size: 1, etag: 'e' };
-      }
-    },
-  } as unknown as Backend;
-  const splits = [1, 2, 3, 4, 5].map((r) => ({ after: key(r * 5000 - 1).slice(2) }));
-  const listing = listRanges(bucket, 'p/', splits);
-  assert.is((await listing.next()).value?.key, key(0));
-  await new Promise((resolve) => setTimeout(resolve, 50));
-  assert.is(fetched, 30_000, 'every range listed ahead of the merge');
-  let n = 1;
-  for await (const o of listing) assert.is(o.key, key(n++));
-  assert.is(n, 30_000);
 });
 
 test('TreeCache: what a run hashed is read back by the next; an older whole-file cache is read once', async () => {
