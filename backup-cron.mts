@@ -38,7 +38,7 @@ backup-mello.mts --verify on Mello (--deep is passed on).`,
     const specs = configArchives(cfg).filter((s) => CRON_KINDS.includes(s.kind));
     const trigger = triggerMelloStep({
       melloHost: cfg.melloHost,
-      scriptsDir: cfg.env.MELLO_SCRIPTS_DIR || '~/projects/comfymulti-scripts', // `~` is Mello's
+      scriptsDir: cfg.melloScriptsDir, // `~` is Mello's
       flags: [
         ...(flags.verify ? ['--verify', ...(flags.deep ? ['--deep'] : [])] : []),
         flags.quick ? '--quick' : '--full',

@@ -35,6 +35,7 @@ if (process.argv.includes(MODELS_HERE_FLAG)) await runModelsRestoreHere();
 
 await runScript({
   name: 'restore-verda',
+  backsNothingUp: true, // a success ping would tell backup-verda's check that backups are made
   title: (f) =>
     f.extra.drill
       ? '=== Drill: a backup restored into a temporary root on Mello, and compared ==='
@@ -116,6 +117,7 @@ function restorePlan(cfg: Config, flags: Flags): Plan {
   };
 
   if (drill || flags.verify) {
+    const ageIdentityFile = cfg.ageIdentityFile;
     // Mello alone: no SSH. The drill unpacks with the same tar command, here, under a temporary root.
     const local = new LocalHost([], cfg.limits.commandIdleTimeoutMs);
     const backends = buckets();
@@ -137,7 +139,8 @@ function restorePlan(cfg: Config, flags: Flags): Plan {
             .filter((s) => chosen(s.kind))
             .map((spec) => unpackStep({ host: local, spec, source, root: () => tempRoot.get(), compare: true }))
         : []),
-      objectsStep({ source, backends: () => backends, deep: flags.deep }),
+      // The drill decrypts an age-encrypted bundle, as a restore from R2 would.
+      objectsStep({ source, backends: () => backends, deep: flags.deep, decrypt: drill, ageIdentityFile }),
       ...(drill ? [verdictStep({ source, root: tempRoot })] : []),
     ];
     return { steps, close: async () => (tempRoot.remove(), source.cleanup()) };

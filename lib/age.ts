@@ -114,7 +114,7 @@ export async function encryptStream(recipients: string[], plaintext: Readable): 
 }
 
 /** What is wrong with AGE_IDENTITY_FILE, in the admin's terms (the step or restore shows it). */
-export class IdentityError extends UsageError {}
+class IdentityError extends UsageError {}
 
 /**
  * AGE_IDENTITY_FILE, required: `purpose` says what needs it ("to decrypt r2://.../x.age").

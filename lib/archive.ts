@@ -520,21 +520,42 @@ async function encryptFile(recipients: string[], src: string, dest: string, sign
  * `verda-config-backup.tar.gz` included: once AGE_RECIPIENTS is set, no plaintext copy of the
  * secrets stays in R2 (Mello keeps its own plaintext copies). Returns the deleted keys.
  */
+/** A key of the config bundle: the latest (plain or `.age`) or a dated copy. */
+export const isBundleKey = (key: string) => key.startsWith(BUNDLE_KEY) || key.startsWith(BUNDLE_PREFIX);
+
+export interface DatedBundle {
+  key: string;
+  stamp: string;
+  encrypted: boolean;
+}
+
+/**
+ * The dated bundles in the cache bucket, plain and age-encrypted, newest first (for one stamp,
+ * the encrypted copy first). What rotation, `--status` and a restore from R2 all read.
+ */
+export async function listBundles(cache: Backend, signal?: AbortSignal): Promise<DatedBundle[]> {
+  const dated = /^verda-config-backup-(\d{8}-\d{6})\.tar\.gz(\.age)?$/;
+  const found: DatedBundle[] = [];
+  for await (const obj of cache.list(BUNDLE_PREFIX, signal)) {
+    const m = dated.exec(obj.key.slice(BUNDLE_PREFIX.length));
+    if (m) found.push({ key: obj.key, stamp: m[1]!, encrypted: Boolean(m[2]) });
+  }
+  return found.sort((a, b) =>
+    a.stamp === b.stamp ? Number(b.encrypted) - Number(a.encrypted) : a.stamp < b.stamp ? 1 : -1,
+  );
+}
+
+/** The latest key that goes with a dated bundle: `verda-config-backup.tar.gz`, `.age` when encrypted. */
+export const latestBundleKey = (newest?: DatedBundle) => BUNDLE_KEY + (newest?.encrypted ? AGE_SUFFIX : '');
+
 export async function rotateBundles(
   cache: Backend,
   keep: number,
   encrypted: boolean,
   signal?: AbortSignal,
 ): Promise<string[]> {
-  const dated = /^verda-config-backup-(\d{8}-\d{6})\.tar\.gz(\.age)?$/;
-  const found: { key: string; stamp: string; plain: boolean }[] = [];
-  for await (const obj of cache.list(BUNDLE_PREFIX, signal)) {
-    const m = dated.exec(obj.key.slice(BUNDLE_PREFIX.length));
-    if (m) found.push({ key: obj.key, stamp: m[1], plain: !m[2] });
-  }
-  // Newest first; for one stamp, the encrypted copy before the plaintext one.
-  found.sort((a, b) => (a.stamp === b.stamp ? Number(a.plain) - Number(b.plain) : a.stamp < b.stamp ? 1 : -1));
-  const doomed = found.filter((f, i) => i >= keep || (encrypted && f.plain)).map((f) => f.key);
+  const found = await listBundles(cache, signal);
+  const doomed = found.filter((f, i) => i >= keep || (encrypted && !f.encrypted)).map((f) => f.key);
   if (encrypted && (await cache.head(BUNDLE_KEY, signal))) doomed.push(BUNDLE_KEY);
   for (const key of doomed) await cache.delete(key, signal);
   return doomed;

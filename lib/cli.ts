@@ -13,14 +13,26 @@ export async function exitAfterOutput(code: number): Promise<never> {
   process.exit(code);
 }
 
+/** A line on stderr this often while Verda works for Mello, which stops a command that stays silent. */
+const REQUEST_HEARTBEAT_MS = 30_000;
+
 /**
  * The Verda side of a request from Mello (models backup or restore): the first line of stdin as
- * JSON, or exit 2 printing `{"error": ...}`. Stdin closing (Mello gone, the link dropped) or a
- * signal aborts `controller`, so the work stops and cleans up.
+ * JSON goes to `work`, whose result (or error) is printed as one JSON line with the run's
+ * notices; exit 1 when it names failures, 2 when the request cannot be read. Stdin closing
+ * (Mello gone, the link dropped) or a signal aborts `work`'s signal, so it stops and cleans up.
+ * `progress` gives the heartbeat line (COMFYMULTI_COMMAND_TIMEOUT on Mello's side).
  */
-export async function readStdinRequest<T>(controller: AbortController): Promise<T> {
+export async function answerRequest<Request, Result extends { failures: unknown[] }>(
+  work: (request: Request, signal: AbortSignal) => Promise<Result>,
+  progress: () => string,
+): Promise<never> {
+  const controller = new AbortController();
+  // Mello gone: what is still said goes nowhere, and must not stop the clean-up.
+  process.stdout.on('error', () => {});
+  process.stderr.on('error', () => {});
   let buffered = '';
-  const request = await new Promise<T>((resolve, reject) => {
+  const request = await new Promise<Request>((resolve, reject) => {
     process.stdin.setEncoding('utf8');
     process.stdin.on('data', (chunk: string) => {
       buffered += chunk;
@@ -42,7 +54,20 @@ export async function readStdinRequest<T>(controller: AbortController): Promise<
     return exitAfterOutput(2);
   });
   for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) process.on(sig, () => controller.abort(new Error(sig)));
-  return request;
+
+  const heartbeat = setInterval(() => process.stderr.write(`working: ${progress()}\n`), REQUEST_HEARTBEAT_MS);
+  let code: number;
+  try {
+    const result = await work(request, controller.signal);
+    process.stdout.write(JSON.stringify({ ...result, notices: [...notices] }) + '\n');
+    code = result.failures.length ? 1 : 0;
+  } catch (e) {
+    process.stdout.write(JSON.stringify({ error: (e as Error).message, notices: [...notices] }) + '\n');
+    code = 1;
+  } finally {
+    clearInterval(heartbeat);
+  }
+  return exitAfterOutput(code);
 }
 
 /** What the admin should know about the run as a whole (a skewed clock): summary ⚠ lines, --json `notices`. */

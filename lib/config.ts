@@ -89,6 +89,7 @@ export interface Config {
   sshConfig?: string;
   backupDir: string;
   melloDataDir: string;
+  /** As written: its `~` is Mello's home, expanded there by Mello's shell. */
   melloScriptsDir: string;
   verdaSysroot: string;
   verdaSudo: string[];
@@ -490,6 +491,12 @@ export function loadConfig(processEnv: NodeJS.ProcessEnv, scriptDir: string, env
     return v;
   };
   const dir = (name: string, fallback: string) => absolute(name, str(name, fallback));
+  // Checked as a path, kept as written: a `~` that another machine's shell expands (Mello's).
+  const asWritten = (name: string, fallback: string) => {
+    const raw = str(name, fallback);
+    absolute(name, raw);
+    return raw;
+  };
 
   const keepRaw = str('KEEP_BACKUPS', '10');
   if (!/^\d+$/.test(keepRaw) || Number(keepRaw) < 1) {
@@ -533,7 +540,7 @@ export function loadConfig(processEnv: NodeJS.ProcessEnv, scriptDir: string, env
     sshConfig: env.SSH_CONFIG ? absolute('SSH_CONFIG', env.SSH_CONFIG) : undefined,
     backupDir: dir('BACKUP_DIR', '~/backups/verda'),
     melloDataDir: dir('MELLO_DATA_DIR', '~/projects/comfyui/data'),
-    melloScriptsDir: dir('MELLO_SCRIPTS_DIR', '~/projects/comfymulti-scripts'),
+    melloScriptsDir: asWritten('MELLO_SCRIPTS_DIR', '~/projects/comfymulti-scripts'),
     verdaSysroot: dir('VERDA_SYSROOT', '/'),
     verdaSudo: sudo.split(/\s+/).filter(Boolean),
     verdaSystemctl: systemctl.split(/\s+/).filter(Boolean),

@@ -36,9 +36,6 @@ export interface FileStat {
 
 export class HashCache {
   private dirty = false;
-  /** Files hashed (read in full) by this process: the tests and benchmarks read it. */
-  hashedFiles = 0;
-  hashedBytes = 0;
 
   private constructor(
     readonly file: string | undefined,
@@ -80,33 +77,7 @@ export class HashCache {
 
   /** Records what a file held when it was read (by the stat it had then, not the walk's). */
   remember(file: string, fp: Fingerprint) {
-    this.hashedFiles++;
-    this.hashedBytes += fp.size;
     this.data.files[file] = [fp.size, String(fp.mtimeNs), String(fp.ino), fp.sha256];
-    this.dirty = true;
-  }
-
-  /** Forgets files under `root` that were not seen in this walk of it (deleted or renamed). */
-  prune(root: string, seen: Set<string>) {
-    const prefix = root.endsWith(path.sep) ? root : root + path.sep;
-    for (const file of Object.keys(this.data.files)) {
-      if (file.startsWith(prefix) && !seen.has(file)) {
-        delete this.data.files[file];
-        this.dirty = true;
-      }
-    }
-  }
-
-  /** What an object was proven to hold, if its ETag is still the one seen then. */
-  knownObject(objectId: string, etag: string): string | undefined {
-    const e = this.data.objects[objectId];
-    return e && e[0] === etag ? e[1] : undefined;
-  }
-
-  recordObject(objectId: string, etag: string, sha256: string) {
-    const e = this.data.objects[objectId];
-    if (e && e[0] === etag && e[1] === sha256) return;
-    this.data.objects[objectId] = [etag, sha256];
     this.dirty = true;
   }
 
@@ -236,6 +207,8 @@ export const lineMatches = (line: TreeCacheLine | undefined, st: FileStat) =>
 export class TreeCache {
   private lines?: AsyncIterator<string>;
   private current?: TreeCacheLine;
+  /** `current` was returned by lookup: its file's caller settles the new line, so it is not kept as it was. */
+  private handedOut = false;
   private previousRel?: string;
   private unsorted = false;
   private out?: fs.WriteStream;
@@ -243,9 +216,6 @@ export class TreeCache {
   private writeError?: unknown;
   private nextSeq = 0;
   private readonly pending = new Map<number, { line?: TreeCacheLine; done: boolean }>();
-  /** Lines written to the new cache; and files read whole (hashed) by this run. */
-  written = 0;
-  hashedFiles = 0;
 
   static readonly WINDOW = 10_000;
 
@@ -300,7 +270,7 @@ export class TreeCache {
     if (this.legacy) return this.legacy.get(rel);
     while (this.lines && !this.unsorted) {
       if (this.current && compareKeys(this.current.rel, rel) >= 0) break;
-      if (this.current && this.keepPassedOver) this.settle(this.reserve(), this.current);
+      if (this.current && this.keepPassedOver && !this.handedOut) this.settle(this.reserve(), this.current);
       const next = await this.lines.next();
       if (next.done) {
         this.lines = undefined;
@@ -318,8 +288,11 @@ export class TreeCache {
       if (this.previousRel !== undefined && compareKeys(line.rel, this.previousRel) <= 0) this.unsorted = true;
       this.previousRel = line.rel;
       this.current = line;
+      this.handedOut = false;
     }
-    return this.current?.rel === rel ? this.current : undefined;
+    if (this.current?.rel !== rel) return undefined;
+    this.handedOut = true;
+    return this.current;
   }
 
   /** A place in the new cache for the next file of the walk. */
@@ -344,41 +317,41 @@ export class TreeCache {
     this.flush(false);
   }
 
-  recordHash() {
-    this.hashedFiles++;
-  }
-
   private writtenUpTo = 0;
   private flush(all: boolean) {
     while (this.pending.size) {
       const head = this.pending.get(this.writtenUpTo);
       if (!head) break;
       if (!head.done && !all && this.pending.size <= TreeCache.WINDOW) break;
-      if (head.line && this.out && !this.writeError) {
-        this.out.write(JSON.stringify(head.line) + '\n');
-        this.written++;
-      }
+      if (head.line && this.out && !this.writeError) this.out.write(JSON.stringify(head.line) + '\n');
       this.pending.delete(this.writtenUpTo++);
     }
   }
 
   /**
-   * Writes what is left and puts the new cache in place. After an early end (an interrupt, a
-   * fatal error), the old lines past the walk's last file are kept: they are still true. Returns
-   * a warning when the cache could not be written (a full disk): it costs only hashing again.
+   * Writes what is left and puts the new cache in place. The old lines past the last file looked
+   * up are kept after an early end (`complete` false: an interrupt, a fatal error), and always by
+   * a run that keeps what it passes over; after a whole walk they are files gone, and dropped.
+   * Returns a warning when the cache could not be written (a full disk): it costs only hashing again.
    */
-  async finish(): Promise<string | undefined> {
+  async finish(complete: boolean): Promise<string | undefined> {
     if (!this.out || !this.file || !this.tmp)
       return this.writeError
         ? `hash cache not written (${errorOf(this.writeError, this.file ?? 'the cache')})`
         : undefined;
     this.flush(true);
-    if (!this.legacy && this.lines && !this.unsorted) {
-      if (this.current) this.out.write(JSON.stringify(this.current) + '\n');
-      for (let next = await this.lines.next(); !next.done; next = await this.lines.next())
-        this.out.write(next.value + '\n');
-    }
     const out = this.out;
+    if (!this.legacy && this.lines && !this.unsorted && (this.keepPassedOver || !complete)) {
+      if (this.current && !this.handedOut) out.write(JSON.stringify(this.current) + '\n');
+      for (let next = await this.lines.next(); !next.done && !this.writeError; next = await this.lines.next()) {
+        // A tail of a million lines is not buffered whole: wait for the disk (or its error).
+        if (!out.write(next.value + '\n'))
+          await new Promise<void>((resolve) => {
+            const go = () => (out.off('drain', go), out.off('error', go), resolve());
+            out.once('drain', go).once('error', go);
+          });
+      }
+    }
     await new Promise<void>((resolve) => out.end(() => resolve()));
     try {
       if (this.writeError) throw this.writeError;

@@ -30,14 +30,17 @@ function readImageRecord(dir: string): { imageId: string; sha256: string } | und
   }
 }
 
-/** sha256 and size of a file on Mello, by a hash cache (read again only when its stat changed). */
-async function localDigest(file: string, cacheFile: string, signal: AbortSignal) {
+/**
+ * sha256 and size of Mello's copy of the image, by backup-verda's hash cache in the state dir
+ * (read again only when its stat changed); restore-verda reads the same cache. `cacheWarning`:
+ * the cache could not be saved, so it is hashed again next time (say it).
+ */
+export async function melloImageDigest(file: string, stateDir: string, signal: AbortSignal) {
   if (!isRegularFile(file)) return undefined;
-  const hashes = HashCache.load(cacheFile);
+  const hashes = HashCache.load(path.join(stateDir, 'hashes-backup-verda.json'));
   const st = fs.lstatSync(file, { bigint: true });
   const { sha256, fingerprint } = await hashes.hash(file, { size: st.size, mtimeNs: st.mtimeNs, ino: st.ino }, signal);
-  hashes.trySave();
-  return { sha256, bytes: fingerprint?.size ?? Number(st.size) };
+  return { sha256, bytes: fingerprint?.size ?? Number(st.size), cacheWarning: hashes.trySave() };
 }
 
 export function imageStep(o: {
@@ -78,7 +81,8 @@ export function imageStep(o: {
         there?.metadata['image-id'] === imageId &&
         there.metadata.sha256 === recorded.sha256
       ) {
-        const local = await localDigest(file, path.join(o.stateDir, 'hashes-backup-verda.json'), ctx.signal);
+        const local = await melloImageDigest(file, o.stateDir, ctx.signal);
+        if (local?.cacheWarning) warnings.push(local.cacheWarning);
         if (local?.sha256 === recorded.sha256 && local.bytes === there.size) {
           o.run.artifact({ name: IMAGE_FILE, bytes: local.bytes, sha256: local.sha256 });
           o.run.object({

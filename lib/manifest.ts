@@ -188,16 +188,91 @@ export function verifyArtifactsStep(dir: string): Step {
   };
 }
 
+/** What checking a manifest's R2 records found: failures named, and what was checked how. */
+export interface ObjectsChecked {
+  failures: string[];
+  /** Objects without sha256 metadata (bash-era uploads), checked by size only. */
+  sizeOnly: number;
+  /** Age-encrypted objects read back, decrypted and matched against the bundle sent. */
+  decrypted: number;
+}
+
 /**
- * Each R2 object of the newest manifest: present with its size, and its `sha256` metadata the
- * source's. With `deep`, its bytes are read back and hashed. An object without metadata (a
- * bash-era upload adopted by ETag) is checked by size, or with `deep` by its bytes.
- *
- * An age-encrypted object (the config bundle with AGE_RECIPIENTS) is recorded with its
- * ciphertext's bytes and sha256, so the plain check needs no key. `deep` also decrypts it with
- * AGE_IDENTITY_FILE and compares the plaintext's sha256 with the bundle's: proof that the key the
- * admin holds restores it. Without AGE_IDENTITY_FILE that object fails, naming the variable.
+ * Each record's object against it: present, its size, its sha256 metadata; `deep` reads every
+ * byte back. An age-encrypted object is read back and decrypted with `ageIdentityFile` under
+ * `deep` or `decrypt` (the drill): its plaintext must be the bundle that was sent. Shared by
+ * backup-verda --verify and restore-verda's --verify and --drill.
  */
+export async function checkObjects(
+  records: R2Record[],
+  backends: Map<string, Backend>,
+  opts: { deep: boolean; decrypt?: boolean; ageIdentityFile?: string; signal: AbortSignal },
+): Promise<ObjectsChecked> {
+  const { signal } = opts;
+  const found: ObjectsChecked = { failures: [], sizeOnly: 0, decrypted: 0 };
+  const failures = found.failures;
+  // Read once, on first need; its problem (unset, unreadable, no identity) is every encrypted object's.
+  let identities: string[] | Error | undefined;
+  const identitiesFor = (name: string) => {
+    identities ??= (() => {
+      try {
+        return readIdentities(requireIdentityFile(opts.ageIdentityFile, `to decrypt ${name}`));
+      } catch (e) {
+        return e as Error;
+      }
+    })();
+    return identities;
+  };
+  await pool(
+    records.filter((o) => o.sha256),
+    8,
+    async (o) => {
+      const backend = backends.get(o.bucket);
+      const name = `r2://${o.bucket}/${printable(o.key)}`;
+      if (!backend) return void failures.push(`${name}: bucket not configured here`);
+      const head = await backend.head(o.key, signal);
+      if (!head) failures.push(`missing: ${name}`);
+      else if (head.size !== o.bytes) failures.push(`differs: ${name} has ${head.size} bytes, the source ${o.bytes}`);
+      else if (head.metadata.sha256 && head.metadata.sha256 !== o.sha256)
+        failures.push(`differs: ${name} sha256 metadata is not the source's`);
+      else if ((opts.deep || opts.decrypt) && o.encrypted === 'age') {
+        const ids = identitiesFor(name);
+        if (ids instanceof Error) failures.push(`${name} is age-encrypted and not decrypted: ${ids.message}`);
+        else {
+          try {
+            const r = await readBackDecrypted(await backend.get(o.key, signal), ids, signal);
+            if (r.sha256 !== o.sha256) failures.push(`differs: ${name} bytes read back are not the ones sent`);
+            else if (o.plaintextSha256 && r.plaintextSha256 !== o.plaintextSha256)
+              failures.push(`differs: ${name} decrypts to other bytes than the bundle sent`);
+            else found.decrypted++;
+          } catch (e) {
+            if (signal.aborted) throw e;
+            failures.push(`${name} cannot be decrypted with AGE_IDENTITY_FILE: ${errorText(e)}`);
+          }
+        }
+      } else if (opts.deep) {
+        if ((await readBackSha256(backend, o.key, signal)) !== o.sha256)
+          failures.push(`differs: ${name} bytes read back are not the source's`);
+      } else if (!head.metadata.sha256) found.sizeOnly++;
+    },
+    signal,
+  );
+  return found;
+}
+
+/** The objects' warning line: those checked by size only. */
+export const sizeOnlyWarnings = (found: ObjectsChecked) =>
+  found.sizeOnly
+    ? [
+        `${found.sizeOnly} objects have no sha256 metadata (bash-era uploads): checked by size only; --deep reads them back`,
+      ]
+    : [];
+
+/** The summary's note of decrypted objects. */
+export const decryptedNote = (found: ObjectsChecked) =>
+  found.decrypted ? ` (${found.decrypted} age-encrypted, decrypted with AGE_IDENTITY_FILE)` : '';
+
+/** --verify: every R2 object the newest manifest records, against the sha256 of what was sent. */
 export function verifyObjectsStep(
   dir: string,
   backends: Map<string, Backend>,
@@ -209,70 +284,13 @@ export function verifyObjectsStep(
     moves: `${dir}/manifest-*.json → ${[...backends.values()].map((b) => b.name).join(', ')}`,
     async run(ctx) {
       const { manifest } = readNewest(dir);
-      const failures: string[] = [];
-      let sizeOnly = 0;
-      let checked = 0;
-      let decrypted = 0;
-      // Read once, on first need; its problem (unset, unreadable, no identity) is every encrypted object's.
-      let identities: string[] | Error | undefined;
-      const identitiesFor = (name: string) => {
-        identities ??= (() => {
-          try {
-            return readIdentities(requireIdentityFile(opts.ageIdentityFile, `for --verify --deep to decrypt ${name}`));
-          } catch (e) {
-            return e as Error;
-          }
-        })();
-        return identities;
-      };
       const records = manifest.r2.filter((o) => o.sha256);
-      await pool(
-        records,
-        8,
-        async (o) => {
-          const backend = backends.get(o.bucket);
-          const name = `r2://${o.bucket}/${printable(o.key)}`;
-          if (!backend) return void failures.push(`${name}: bucket not configured here`);
-          const head = await backend.head(o.key, ctx.signal);
-          if (!head) failures.push(`missing: ${name}`);
-          else if (head.size !== o.bytes)
-            failures.push(`differs: ${name} has ${head.size} bytes, the source ${o.bytes}`);
-          else if (head.metadata.sha256 && head.metadata.sha256 !== o.sha256)
-            failures.push(`differs: ${name} sha256 metadata is not the source's`);
-          else if (deep && o.encrypted === 'age') {
-            const ids = identitiesFor(name);
-            if (ids instanceof Error) failures.push(`${name} is age-encrypted and not decrypted: ${ids.message}`);
-            else {
-              try {
-                const r = await readBackDecrypted(await backend.get(o.key, ctx.signal), ids, ctx.signal);
-                if (r.sha256 !== o.sha256) failures.push(`differs: ${name} bytes read back are not the ones sent`);
-                else if (o.plaintextSha256 && r.plaintextSha256 !== o.plaintextSha256)
-                  failures.push(`differs: ${name} decrypts to other bytes than the bundle sent`);
-                else decrypted++;
-              } catch (e) {
-                if (ctx.signal.aborted) throw e;
-                failures.push(`${name} cannot be decrypted with AGE_IDENTITY_FILE: ${errorText(e)}`);
-              }
-            }
-          } else if (deep) {
-            if ((await readBackSha256(backend, o.key, ctx.signal)) !== o.sha256)
-              failures.push(`differs: ${name} bytes read back are not the source's`);
-          } else if (!head.metadata.sha256) sizeOnly++;
-          checked++;
-        },
-        ctx.signal,
-      );
-      const warnings = sizeOnly
-        ? [
-            `${sizeOnly} objects have no sha256 metadata (bash-era uploads): checked by size only; --deep reads them back`,
-          ]
-        : [];
-      const also = decrypted ? ` (${decrypted} age-encrypted, decrypted with AGE_IDENTITY_FILE)` : '';
+      const found = await checkObjects(records, backends, { deep, ...opts, signal: ctx.signal });
       return {
-        summary: `${records.length - failures.length} of ${records.length} objects match their sources${also}`,
-        failures,
-        warnings,
-        data: { checked, decrypted },
+        summary: `${records.length - found.failures.length} of ${records.length} objects match their sources${decryptedNote(found)}`,
+        failures: found.failures,
+        warnings: sizeOnlyWarnings(found),
+        data: { checked: records.length, decrypted: found.decrypted },
       };
     },
   };

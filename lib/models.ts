@@ -3,7 +3,7 @@
 // the R2 target and credentials on stdin (never on a command line). Verda syncs its
 // `*.safetensors` with the hash cache on SFS, so a new instance does not hash 45 GB again.
 import path from 'node:path';
-import { addNotice, exitAfterOutput, humanSize, notices, readStdinRequest } from './cli.ts';
+import { addNotice, answerRequest, humanSize } from './cli.ts';
 import { DEFAULT_LIMITS, type BucketTarget, type Limits } from './config.ts';
 import type { RunRecord } from './manifest.ts';
 import type { Step } from './plan.ts';
@@ -12,7 +12,6 @@ import type { Host } from './ssh.ts';
 import { printable, syncTree, type SyncResult } from './sync.ts';
 
 export const MODELS_FLAG = '--models-here';
-const HEARTBEAT_MS = 30_000;
 
 /** What Mello sends on stdin: one JSON line. */
 export interface ModelsRequest {
@@ -116,40 +115,26 @@ export function modelsStep(opts: {
  * JSON line. Stops (aborting uploads in flight) when stdin closes: Mello is gone.
  */
 export async function runModelsHere(): Promise<never> {
-  const controller = new AbortController();
-  const request = await readStdinRequest<ModelsRequest>(controller);
-
-  // A request from an older Mello carries no limits.
-  const backend = new R2Backend(request.target, r2Limits(request.limits ?? DEFAULT_LIMITS));
-  // A line every half minute while a big model is hashed or sent: Mello stops a command that
-  // stays silent (COMFYMULTI_COMMAND_TIMEOUT), and this one is alive.
   let decided = 0;
-  const heartbeat = setInterval(() => process.stderr.write(`working: ${decided} models done so far\n`), HEARTBEAT_MS);
-  let code = 0;
-  try {
-    const result = await syncTree({
-      root: request.modelsDir,
-      backend,
-      prefix: '',
-      cacheFile: request.hashCacheFile,
-      legacyCache: request.legacyHashCacheFile,
-      // Every model goes into Mello's manifest.
-      keepActions: Infinity,
-      filter: isModel,
-      dryRun: request.dryRun,
-      signal: controller.signal,
-      onFile: (a) => {
-        decided++;
-        process.stderr.write(`${a.action} ${printable(a.key)}\n`);
-      },
-    });
-    process.stdout.write(JSON.stringify({ ...result, notices: [...notices] }) + '\n');
-    code = result.failures.length ? 1 : 0;
-  } catch (e) {
-    process.stdout.write(JSON.stringify({ error: (e as Error).message, notices: [...notices] }) + '\n');
-    code = 1;
-  } finally {
-    clearInterval(heartbeat);
-  }
-  return exitAfterOutput(code);
+  return answerRequest<ModelsRequest, SyncResult>(
+    (request, signal) =>
+      syncTree({
+        root: request.modelsDir,
+        // A request from an older Mello carries no limits.
+        backend: new R2Backend(request.target, r2Limits(request.limits ?? DEFAULT_LIMITS)),
+        prefix: '',
+        cacheFile: request.hashCacheFile,
+        legacyCache: request.legacyHashCacheFile,
+        // Every model goes into Mello's manifest.
+        keepActions: Infinity,
+        filter: isModel,
+        dryRun: request.dryRun,
+        signal,
+        onFile: (a) => {
+          decided++;
+          process.stderr.write(`${a.action} ${printable(a.key)}\n`);
+        },
+      }),
+    () => `${decided} models done so far`,
+  );
 }

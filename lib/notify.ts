@@ -94,10 +94,16 @@ export class Notifier {
     readonly target: NotifyTarget,
     /** One request's timeout (COMFYMULTI_NOTIFY_TIMEOUT). */
     private readonly timeoutMs: number,
+    /**
+     * A run that backs nothing up (a restore, a drill) pings its failure only: a success or a
+     * start from it would tell the backup's check that backups are being made.
+     */
+    private readonly failuresOnly = false,
   ) {}
 
   /** `GET URL/start`, in the background: the run does not wait for it. */
   start(): void {
+    if (this.failuresOnly) return;
     this.startPing = this.send('start', undefined, Date.now() + 2 * this.timeoutMs, this.startAbort.signal);
   }
 
@@ -122,7 +128,8 @@ export class Notifier {
   }
 
   /** `POST URL` (ok) or `POST URL/fail` with the summary; at most one timeout, retries included. */
-  end(ok: boolean, body: string): Promise<string | undefined> {
+  async end(ok: boolean, body: string): Promise<string | undefined> {
+    if (ok && this.failuresOnly) return undefined;
     return this.send(ok ? 'success' : 'fail', body, Date.now() + this.timeoutMs);
   }
 

@@ -155,6 +155,8 @@ export interface ScriptDef {
   moved?: (flags: Flags) => string;
   /** Usage and what the script does, above the common flags. */
   usage: string;
+  /** Backs nothing up (restore-verda): its runs ping a failure only, never a start or a success. */
+  backsNothingUp?: boolean;
   extraFlags?: { boolean?: string[]; string?: string[] };
   /**
    * Builds the plan (for --verify too: its steps then check instead of send); throws UsageError
@@ -306,7 +308,7 @@ async function prepare(def: ScriptDef, argv: string[]) {
     cfg = loadConfig(process.env, scriptDir(), flags.envFile);
     if (flags.status && !def.status) throw new UsageError(`--status is not available for ${def.name}`);
     const target = pings(flags) ? notifyTarget(cfg.env, def.name) : undefined;
-    const notifier = target ? new Notifier(target, cfg.limits.notifyTimeoutMs) : undefined;
+    const notifier = target ? new Notifier(target, cfg.limits.notifyTimeoutMs, def.backsNothingUp) : undefined;
     const plan: Plan = flags.status ? { steps: [] } : await def.plan(cfg, flags);
     return { flags, cfg, plan, notifier };
   } catch (e) {

@@ -322,6 +322,7 @@ export class R2Backend implements Backend {
   readonly pacer: Pacer;
   /** Parts in flight across all uploads of this backend: what bounds memory with many big files. */
   readonly partSlots: AdaptiveSlots;
+  private readonly congestionListeners: (() => void)[] = [];
   /** The SDK's own warnings (the last few), kept off the console: tests read them. */
   readonly sdkWarnings: string[] = [];
 
@@ -429,7 +430,10 @@ export class R2Backend implements Backend {
           return 'now';
         }
         const status = s3Fields(e).status;
-        if (status === 429 || status === 503) this.partSlots.congested();
+        if (status === 429 || status === 503) {
+          this.partSlots.congested();
+          for (const listener of this.congestionListeners) listener();
+        }
         return isRetryable(e) ? 'backoff' : 'fail';
       },
       (e, attempts) => (e instanceof BodyFailed ? e.error : this.error(op, key, e, attempts, signedOffset)),
@@ -456,6 +460,10 @@ export class R2Backend implements Backend {
     const idle = seconds(this.opts.idleTimeoutMs);
     const what = timedOut ? `R2 did not answer (no byte moved for ${idle})` : describeS3Error(e, signedOffset);
     return new StorageError(`${this.name}/${key} ${op}: ${what}${tries}`, refused || unreachable, status);
+  }
+
+  onCongestion(listener: () => void) {
+    this.congestionListeners.push(listener);
   }
 
   async *list(prefix: string, signal?: AbortSignal, startAfter?: string): AsyncIterable<ObjectInfo> {

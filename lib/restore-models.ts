@@ -12,8 +12,8 @@ import crypto from 'node:crypto';
 import { constants as FS } from 'node:fs';
 import fs from 'node:fs';
 import path from 'node:path';
-import { PassThrough, type Readable } from 'node:stream';
-import { addNotice, exitAfterOutput, humanSize, notices, readStdinRequest } from './cli.ts';
+import type { Readable } from 'node:stream';
+import { addNotice, answerRequest, humanSize } from './cli.ts';
 import { DEFAULT_LIMITS, type BucketTarget, type Limits } from './config.ts';
 import { partialName, removeStalePartials } from './files.ts';
 import { TreeCache, etagProvesContent, hashFile, lineMatches, type TreeCacheLine } from './hash-cache.ts';
@@ -27,7 +27,6 @@ import { StorageError, type Backend, type ObjectInfo } from './storage.ts';
 import { printable } from './sync.ts';
 
 export const MODELS_HERE_FLAG = '--models-here';
-const HEARTBEAT_MS = 30_000;
 const MiB = 1024 * 1024;
 /** Bytes written to a file between two datasyncs of it (see download). */
 const WRITE_BACK = 32 * MiB;
@@ -440,7 +439,8 @@ export async function restoreTree(options: RestoreTreeOptions): Promise<RestoreT
       signal,
     );
   } finally {
-    if (!opts.dryRun) result.cacheWarning = await cache.finish();
+    // Keeps what it passed over (keepPassedOver): complete or not, the lines it did not meet stay.
+    if (!opts.dryRun) result.cacheWarning = await cache.finish(false);
   }
   return result;
 }
@@ -495,11 +495,10 @@ export function modelsRestoreStep(o: ModelsRestoreStepOptions): Step {
       };
       // The bundle, then the request (with the models bucket's credentials) on stdin, never on a
       // command line; stdin then stays open: Verda stops when it closes (this side is gone).
-      const stdin = new PassThrough();
-      for (let at = 0; at < code.length; at += MiB) stdin.write(code.subarray(at, at + MiB));
-      stdin.write(JSON.stringify(request) + '\n');
+      // stdin held open: Verda's side stops (and cleans up) when Mello is gone.
       const r = await o.host.run(['sh', '-c', BRING_AND_RUN, 'sh', String(code.length)], {
-        stdin,
+        input: Buffer.concat([code, Buffer.from(JSON.stringify(request) + '\n')]),
+        holdStdin: true,
         signal: ctx.signal,
         onStderr: (text) =>
           text
@@ -561,51 +560,32 @@ export function modelsRestoreStep(o: ModelsRestoreStepOptions): Step {
  * Mello is gone, or the link dropped.
  */
 export async function runModelsRestoreHere(): Promise<never> {
-  const controller = new AbortController();
-  // Mello gone: what is still said goes nowhere, and must not stop the clean-up.
-  process.stdout.on('error', () => {});
-  process.stderr.on('error', () => {});
-  const request = await readStdinRequest<ModelsRestoreRequest>(controller);
-
-  // Brought by Mello into a directory of its own (see BRING_AND_RUN): loaded now, so removed.
-  const brought = path.dirname(process.argv[1] ?? '');
-  if (BROUGHT_DIR.test(path.basename(brought))) fs.rmSync(brought, { recursive: true, force: true });
-  const limits = request.limits ?? DEFAULT_LIMITS;
-  const cache = await TreeCache.open(request.hashCacheFile, { write: !request.dryRun, keepPassedOver: true });
-  const backend = new R2Backend(request.target, r2Limits(limits));
-  // A line every half minute: Mello stops a command that stays silent (COMFYMULTI_COMMAND_TIMEOUT).
   let done = 0;
   let bytes = 0;
-  const heartbeat = setInterval(
-    () => process.stderr.write(`working: ${done} models decided, ${humanSize(bytes)} downloaded\n`),
-    HEARTBEAT_MS,
+  return answerRequest<ModelsRestoreRequest, RestoreTreeResult>(
+    async (request, signal) => {
+      // Brought by Mello into a directory of its own (see BRING_AND_RUN): loaded now, so removed.
+      const brought = path.dirname(process.argv[1] ?? '');
+      if (BROUGHT_DIR.test(path.basename(brought))) fs.rmSync(brought, { recursive: true, force: true });
+      const limits = request.limits ?? DEFAULT_LIMITS;
+      return restoreTree({
+        root: request.modelsDir,
+        backend: new R2Backend(request.target, r2Limits(limits)),
+        cache: await TreeCache.open(request.hashCacheFile, { write: !request.dryRun, keepPassedOver: true }),
+        dryRun: request.dryRun,
+        signal,
+        attempts: limits.r2Attempts,
+        backoffMs: limits.r2BackoffMs,
+        idleTimeoutMs: limits.r2IdleTimeoutMs,
+        onBytes: (n) => (bytes += n),
+        onFile: (a) => {
+          done++;
+          process.stderr.write(`${a.action} ${printable(a.key)}\n`);
+        },
+      });
+    },
+    () => `${done} models decided, ${humanSize(bytes)} downloaded`,
   );
-  let code = 0;
-  try {
-    const result = await restoreTree({
-      root: request.modelsDir,
-      backend,
-      cache,
-      dryRun: request.dryRun,
-      signal: controller.signal,
-      attempts: limits.r2Attempts,
-      backoffMs: limits.r2BackoffMs,
-      idleTimeoutMs: limits.r2IdleTimeoutMs,
-      onBytes: (n) => (bytes += n),
-      onFile: (a) => {
-        done++;
-        process.stderr.write(`${a.action} ${printable(a.key)}\n`);
-      },
-    });
-    process.stdout.write(JSON.stringify({ ...result, notices: [...notices] }) + '\n');
-    code = result.failures.length ? 1 : 0;
-  } catch (e) {
-    process.stdout.write(JSON.stringify({ error: (e as Error).message, notices: [...notices] }) + '\n');
-    code = 1;
-  } finally {
-    clearInterval(heartbeat);
-  }
-  return exitAfterOutput(code);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -11,26 +11,42 @@ import { Transform, type Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import zlib from 'node:zlib';
 import tar from 'tar-stream';
-import { BUNDLE_KEY, BUNDLE_PREFIX, CRON_KINDS, IMAGE_FILE, listArchive, type ArchiveSpec } from './archive.ts';
+import {
+  BUNDLE_KEY,
+  CRON_KINDS,
+  IMAGE_FILE,
+  isBundleKey,
+  listArchive,
+  listBundles,
+  type ArchiveSpec,
+} from './archive.ts';
 import { addNotice, errorText, humanSize } from './cli.ts';
 import {
   ensurePrivateDir,
   hashFile,
   isRegularFile,
   openRegular,
+  processAlive,
   readRegularFileSync,
   writeStreamAtomic,
 } from './files.ts';
-import { HashCache } from './hash-cache.ts';
-import { newestComplete, readManifest, type Manifest, type R2Record } from './manifest.ts';
+import { melloImageDigest } from './image.ts';
+import {
+  checkObjects,
+  decryptedNote,
+  newestComplete,
+  readManifest,
+  sizeOnlyWarnings,
+  type Manifest,
+  type R2Record,
+} from './manifest.ts';
 import { sleep } from './pacer.ts';
 import { failedBefore, type Step, type StepContext, type StepResult } from './plan.ts';
-import { pool } from './pool.ts';
 import { datedCopies, datedPattern, localCopies } from './rotation.ts';
-import type { Host } from './ssh.ts';
-import { readBackSha256, type Backend } from './storage.ts';
+import { CommandTimeout, type Host } from './ssh.ts';
+import type { Backend } from './storage.ts';
 import { printable } from './sync.ts';
-import { AGE_SUFFIX, decryptStream, isEncryptedKey, requireIdentityFile } from './age.ts';
+import { decryptStream, isEncryptedKey, requireIdentityFile } from './age.ts';
 
 /** `--only` names, besides the config archives' kinds. */
 export const IMAGE_KIND = 'image';
@@ -96,7 +112,7 @@ const notChecked = (): StepResult => ({
 });
 
 /** Removes a tree this run wrote, even one whose directories were restored without write permission. */
-export function removeTree(dir: string) {
+function removeTree(dir: string) {
   const open = (d: string) => {
     let st: fs.Stats;
     try {
@@ -113,7 +129,7 @@ export function removeTree(dir: string) {
 }
 
 /** Directories `${prefix}PID-xxxx` in `dir` that a killed run left (its pid gone): they may hold secrets. */
-export function removeStaleRunDirs(dir: string, prefix: string) {
+function removeStaleRunDirs(dir: string, prefix: string) {
   let names: string[];
   try {
     names = fs.readdirSync(dir);
@@ -122,20 +138,18 @@ export function removeStaleRunDirs(dir: string, prefix: string) {
   }
   for (const name of names) {
     const m = new RegExp(`^${prefix}(\\d+)-[A-Za-z0-9]{6}$`).exec(name);
-    if (!m || Number(m[1]) === process.pid) continue;
-    try {
-      process.kill(Number(m[1]), 0);
-      continue; // its run is alive
-    } catch (e) {
-      if ((e as NodeJS.ErrnoException).code === 'EPERM') continue;
-    }
+    if (!m || Number(m[1]) === process.pid || processAlive(Number(m[1]))) continue;
     removeTree(path.join(dir, name));
   }
 }
 
-/** A private directory of this run under `parent` (0700), named so that removeStaleRunDirs knows its writer. */
-export function runDir(parent: string, prefix: string): string {
+/**
+ * A private directory of this run under `parent` (0700), named by its pid; those of the same
+ * prefix that a killed run left (a drill's restored secrets, a bundle read from R2) go first.
+ */
+function runDir(parent: string, prefix: string): string {
   ensurePrivateDir(parent);
+  removeStaleRunDirs(parent, prefix);
   const dir = fs.mkdtempSync(path.join(parent, `${prefix}${process.pid}-`));
   fs.chmodSync(dir, 0o700);
   return dir;
@@ -165,7 +179,7 @@ export interface SourceOptions {
 const sha256Of = (text: string) => crypto.createHash('sha256').update(text).digest('hex');
 
 /** Why a file on Mello is not the manifest's artifact, or undefined when it is. */
-async function artifactProblem(file: string, bytes: number, sha256: string, signal: AbortSignal, hashes?: HashCache) {
+async function artifactProblem(file: string, bytes: number, sha256: string, signal: AbortSignal) {
   const name = path.basename(file);
   if (!isRegularFile(file))
     return `missing: ${name} (${fs.existsSync(file) ? 'not a regular file' : 'not in BACKUP_DIR'})`;
@@ -173,9 +187,7 @@ async function artifactProblem(file: string, bytes: number, sha256: string, sign
   if (Number(st.size) !== bytes) return `damaged: ${name} has ${st.size} bytes, the manifest says ${bytes}`;
   let got: string;
   try {
-    got = hashes
-      ? (await hashes.hash(file, { size: st.size, mtimeNs: st.mtimeNs, ino: st.ino }, signal)).sha256
-      : await hashFile(file, signal);
+    got = await hashFile(file, signal);
   } catch (e) {
     if (signal.aborted) throw e;
     return `unreadable: ${name} (${errorText(e)})`;
@@ -306,7 +318,9 @@ async function fromManifest(
     if (name !== s.label && !older.complete) continue;
     if (!full && older.mode === 'full') {
       full = older;
-      s.objectsFrom.push(older);
+      // Its image and models only: its config bundle is superseded by the chosen run's (and
+      // deleted by rotation, all of them once AGE_RECIPIENTS encrypts the bundle).
+      s.objectsFrom.push({ ...older, r2: older.r2.filter((r) => !isBundleKey(r.key)) });
     }
     const artifact = older.artifacts.find((a) => a.name === IMAGE_FILE);
     if (o.image && !s.image && older.imageId && artifact) {
@@ -327,10 +341,12 @@ async function fromManifest(
 /** Mello's worker-image.tar.gz, when it holds the image's bytes (hashed once, by the backup's hash cache). */
 async function adoptMelloImage(o: SourceOptions, image: ImageRef, signal: AbortSignal) {
   const file = path.join(o.backupDir, IMAGE_FILE);
-  const hashes = HashCache.load(path.join(o.stateDir, 'hashes-backup-verda.json'));
-  const problem = await artifactProblem(file, image.bytes, image.sha256, signal, hashes);
-  hashes.trySave();
-  if (!problem) image.melloFile = file;
+  const local = await melloImageDigest(file, o.stateDir, signal).catch((e) => {
+    if (signal.aborted) throw e;
+    return undefined; // unreadable: the image comes from elsewhere
+  });
+  if (local?.cacheWarning) addNotice(local.cacheWarning);
+  if (local?.sha256 === image.sha256 && local.bytes === image.bytes) image.melloFile = file;
 }
 
 // Prints, NUL-separated, the regular files `*.tar.gz` in $1; exit 3 when it is not a directory.
@@ -382,7 +398,6 @@ async function fromR2(o: SourceOptions, ctx: StepContext, failures: string[], wa
   const s = o.source;
   const cache = o.cache!();
   s.label = `${cache.name}/${BUNDLE_KEY}`;
-  removeStaleRunDirs(o.stateDir, 'restore-r2-');
   const bundle = await readR2Bundle(cache, o.stateDir, ctx.signal, o.ageIdentityFile);
   s.label = bundle.label;
   s.tempDirs.push(bundle.dir);
@@ -424,16 +439,8 @@ async function imageFromR2(o: SourceOptions, signal: AbortSignal) {
  * the plain latest key when there is no dated copy.
  */
 async function newestBundleKey(cache: Backend, signal: AbortSignal): Promise<string> {
-  const names: string[] = [];
-  for await (const o of cache.list(BUNDLE_PREFIX, signal)) names.push(o.key.slice(BUNDLE_PREFIX.length));
-  const newest = [
-    ...datedCopies(names, 'verda-config-backup', 'tar.gz'),
-    ...datedCopies(names, 'verda-config-backup', `tar.gz${AGE_SUFFIX}`),
-  ].sort((a, b) => (stampOf(b) < stampOf(a) ? -1 : 1))[0];
-  return newest ? BUNDLE_PREFIX + newest : BUNDLE_KEY;
+  return (await listBundles(cache, signal))[0]?.key ?? BUNDLE_KEY;
 }
-
-const stampOf = (name: string) => /(\d{8}-\d{6})/.exec(name)?.[1] ?? '';
 
 /** A member of the R2 bundle: one flat, plain name (what bundleFiles writes). */
 const BUNDLE_MEMBER = /^[A-Za-z0-9][A-Za-z0-9._-]*$/;
@@ -443,7 +450,7 @@ const BUNDLE_MEMBER = /^[A-Za-z0-9][A-Za-z0-9._-]*$/;
  * against its recorded sha256. Every way the bundle is read is here, so that decrypting an
  * age-encrypted one is a change to this function alone.
  */
-export async function readR2Bundle(
+async function readR2Bundle(
   cache: Backend,
   stateDir: string,
   signal: AbortSignal,
@@ -481,6 +488,9 @@ export async function readR2Bundle(
     const reading = pipeline((await openRegular(file)).handle.createReadStream(), zlib.createGunzip(), extract, {
       signal,
     });
+    // Awaited below; when the loop throws first (a bad member, a full disk), its rejection is
+    // that error's echo and must not end the process unhandled.
+    reading.catch(() => {});
     for await (const entry of extract as AsyncIterable<Readable & { header: tar.Header }>) {
       const name = entry.header.name;
       if (entry.header.type !== 'file' || !BUNDLE_MEMBER.test(name) || names.includes(name)) {
@@ -542,7 +552,7 @@ exec tar --extract --gzip --file="$file" --directory="$dest" --preserve-permissi
  * Unpacks an archive into `dest` on the host: a file on Mello is streamed over the connection
  * (and its bytes hashed as they pass: they must be the ones checked), an SFS copy is read there.
  */
-export async function unpackOn(
+async function unpackOn(
   host: Host,
   ref: ArchiveRef,
   dest: string,
@@ -585,7 +595,12 @@ async function tailscaleIp(host: Host, signal: AbortSignal): Promise<{ ip?: stri
   let said = '';
   for (let attempt = 0; attempt < 10; attempt++) {
     if (attempt) await sleep(1000, signal);
-    const r = await host.run(['sh', '-c', TAILSCALE_IP], { signal });
+    // A hung tailscale is no address, after 5 s, not the 10 minutes a command may stay silent.
+    const r = await host.run(['sh', '-c', TAILSCALE_IP], { signal, idleTimeoutMs: 5000 }).catch((e) => {
+      if (e instanceof CommandTimeout) return undefined;
+      throw e;
+    });
+    if (!r) return { why: `tailscale ip -4 did not answer within 5 s on ${host.label}` };
     if (r.code === 127) return { why: `tailscale is not installed on ${host.label}` };
     const ip = r.code === 0 ? r.stdout.trim().split('\n')[0] : '';
     if (ip) return { ip };
@@ -816,46 +831,32 @@ export class TempRoot {
  * its bytes read back and hashed). An object without metadata (a bash-era upload adopted by its
  * ETag) is checked by size, or with `deep` by its bytes.
  */
-export function objectsStep(o: { source: RestoreSource; backends: () => Map<string, Backend>; deep: boolean }): Step {
+export function objectsStep(o: {
+  source: RestoreSource;
+  backends: () => Map<string, Backend>;
+  deep: boolean;
+  /** The drill: an age-encrypted bundle is decrypted (AGE_IDENTITY_FILE), as a restore would. */
+  decrypt?: boolean;
+  ageIdentityFile?: string;
+}): Step {
   return {
     name: `R2 objects of the backup${o.deep ? ' (reading every byte back)' : ''}`,
     moves: `the objects its manifest names (and, after a --quick run, the last full run's) → R2: size and sha256`,
     async run(ctx) {
       if (!o.source.checked || !o.source.objectsFrom.length) return notChecked();
-      const backends = o.backends();
       // Each object once, as the newest of those manifests records it.
       const byKey = new Map<string, R2Record>();
       for (const r of o.source.objectsFrom.flatMap((m) => m.r2))
         if (r.sha256) byKey.set(`${r.bucket}/${r.key}`, byKey.get(`${r.bucket}/${r.key}`) ?? r);
       const records = [...byKey.values()];
-      const failures: string[] = [];
-      let sizeOnly = 0;
-      await pool(
-        records,
-        8,
-        async (r) => {
-          const backend = backends.get(r.bucket);
-          const name = `r2://${r.bucket}/${printable(r.key)}`;
-          if (!backend) return void failures.push(`${name}: that bucket is not configured here`);
-          const head = await backend.head(r.key, ctx.signal);
-          if (!head) failures.push(`missing: ${name}`);
-          else if (head.size !== r.bytes)
-            failures.push(`differs: ${name} has ${head.size} bytes, the manifest says ${r.bytes}`);
-          else if (head.metadata.sha256 && head.metadata.sha256 !== r.sha256)
-            failures.push(`differs: ${name}: its sha256 is not the manifest's`);
-          else if (o.deep) {
-            if ((await readBackSha256(backend, r.key, ctx.signal)) !== r.sha256)
-              failures.push(`differs: ${name}: its bytes are not the manifest's`);
-          } else if (!head.metadata.sha256) sizeOnly++;
-        },
-        ctx.signal,
-      );
-      const warnings = sizeOnly
-        ? [`${sizeOnly} objects have no sha256 metadata (bash-era uploads): checked by size only`]
-        : [];
-      const present = records.length - failures.length;
-      const summary = `${present} of ${records.length} objects present with their size and sha256`;
-      return { summary, failures, warnings, data: { objects: records.length } };
+      const found = await checkObjects(records, o.backends(), { ...o, signal: ctx.signal });
+      const present = records.length - found.failures.length;
+      return {
+        summary: `${present} of ${records.length} objects present with their size and sha256${decryptedNote(found)}`,
+        failures: found.failures,
+        warnings: sizeOnlyWarnings(found),
+        data: { objects: records.length },
+      };
     },
   };
 }

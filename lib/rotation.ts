@@ -5,7 +5,6 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { isRegularFile } from './files.ts';
 import { failedBefore, type Step } from './plan.ts';
-import type { Backend } from './storage.ts';
 
 /** `YYYYMMDD-HHMMSS` in local time, as the bash originals' `date +%Y%m%d-%H%M%S`. */
 export function timestamp(d = new Date()): string {
@@ -82,22 +81,6 @@ export function rotateLocal(dir: string, kind: string, ext: string, keep: number
   const old = localCopies(dir, kind, ext).slice(keep);
   for (const name of old) fs.rmSync(path.join(dir, name), { force: true });
   return old;
-}
-
-/** The same for objects under a key prefix (`verda-config-backups/`). */
-export async function rotateRemote(
-  backend: Backend,
-  prefix: string,
-  kind: string,
-  ext: string,
-  keep: number,
-  signal?: AbortSignal,
-): Promise<string[]> {
-  const names: string[] = [];
-  for await (const o of backend.list(prefix, signal)) names.push(o.key.slice(prefix.length));
-  const old = datedCopies(names, kind, ext).slice(keep);
-  for (const name of old) await backend.delete(prefix + name, signal);
-  return old.map((n) => prefix + n);
 }
 
 /**

@@ -251,7 +251,6 @@ export class SshHost implements Host {
   readonly $ = templateOn(this);
   private constructor(
     readonly destination: string,
-    private readonly socket: string,
     private readonly dir: string,
     private readonly baseArgs: string[],
     private readonly sudo: string[],
@@ -300,7 +299,7 @@ export class SshHost implements Host {
       const said = master.stderr.trim().split('\n').filter(Boolean).pop() ?? `exit ${master.exitCode}`;
       throw new HostError(`cannot reach ${destination} over SSH: ${said}`);
     }
-    return new SshHost(destination, socket, dir, baseArgs, opts.sudo, limits.commandIdleTimeoutMs);
+    return new SshHost(destination, dir, baseArgs, opts.sudo, limits.commandIdleTimeoutMs);
   }
 
   private plan(argv: string[], sudo?: boolean): SpawnPlan {

@@ -7,7 +7,7 @@
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { BUNDLE_KEY, BUNDLE_PREFIX, CRON_KINDS, configArchives } from './archive.ts';
+import { BUNDLE_KEY, BUNDLE_PREFIX, CRON_KINDS, configArchives, latestBundleKey, listBundles } from './archive.ts';
 import { errorText, humanSize } from './cli.ts';
 import { bucketTarget, type Config } from './config.ts';
 import { isRegularFile, readRegularFileSync, writeFileAtomic } from './files.ts';
@@ -15,10 +15,9 @@ import { isHeld, type LockRecord } from './lock.ts';
 import type { Manifest } from './manifest.ts';
 import type { StepStatus } from './plan.ts';
 import { R2Backend } from './r2.ts';
-import { datedCopies, datedPattern, localCopies, stampTime } from './rotation.ts';
+import { datedPattern, localCopies, stampTime } from './rotation.ts';
 
 /** The dated copies' kind: `verda-config-backups/verda-config-backup-T.tar.gz`. */
-const BUNDLE_KIND = 'verda-config-backup';
 
 const HOUR_MS = 3600_000;
 
@@ -44,7 +43,7 @@ export interface LastRun {
   bytesSent: number;
 }
 
-export const lastRunFile = (stateDir: string, script: string) => path.join(stateDir, `last-run-${script}.json`);
+const lastRunFile = (stateDir: string, script: string) => path.join(stateDir, `last-run-${script}.json`);
 
 /** Written at the end of every backup run (not --dry-run, --verify or --status: they back nothing up). */
 export function writeLastRun(stateDir: string, record: LastRun): void {
@@ -52,7 +51,7 @@ export function writeLastRun(stateDir: string, record: LastRun): void {
 }
 
 /** The record, none (`record` undefined, no problem), or why it could not be read. */
-export function readLastRun(stateDir: string, script: string): { record?: LastRun; problem?: string } {
+function readLastRun(stateDir: string, script: string): { record?: LastRun; problem?: string } {
   const file = lastRunFile(stateDir, script);
   let text: string;
   try {
@@ -104,6 +103,8 @@ export interface R2BundleStatus {
   state: 'read' | 'not configured' | 'unreadable';
   bucket?: string;
   problem?: string;
+  /** `verda-config-backup.tar.gz`, or `.tar.gz.age` when the newest bundle is encrypted. */
+  latestKey?: string;
   latest?: { key: string; bytes: number; sha256?: string } | null;
   newestDated?: { key: string; time: string; ageHours: number } | null;
   datedCopies?: number;
@@ -287,20 +288,19 @@ async function r2Bundle(cfg: Config, now: number): Promise<R2BundleStatus> {
   });
   const signal = AbortSignal.timeout(30_000);
   try {
-    const head = await backend.head(BUNDLE_KEY, signal);
-    const names: string[] = [];
-    for await (const o of backend.list(BUNDLE_PREFIX, signal)) names.push(o.key.slice(BUNDLE_PREFIX.length));
-    const dated = datedCopies(names, BUNDLE_KIND, 'tar.gz');
+    // Plain or age-encrypted (AGE_RECIPIENTS): the latest key is the newest dated copy's kind.
+    const dated = await listBundles(backend, signal);
     const newest = dated[0];
-    const time = newest && stampTime(datedPattern(BUNDLE_KIND, 'tar.gz').exec(newest)![1]);
+    const latestKey = latestBundleKey(newest);
+    const head = await backend.head(latestKey, signal);
+    const time = newest && stampTime(newest.stamp);
     return {
       state: 'read',
       bucket: target.bucket,
-      latest: head ? { key: BUNDLE_KEY, bytes: head.size, sha256: head.metadata.sha256 } : null,
+      latestKey,
+      latest: head ? { key: latestKey, bytes: head.size, sha256: head.metadata.sha256 } : null,
       newestDated:
-        newest && time
-          ? { key: BUNDLE_PREFIX + newest, time: time.toISOString(), ageHours: ageHoursOf(time, now) }
-          : null,
+        newest && time ? { key: newest.key, time: time.toISOString(), ageHours: ageHoursOf(time, now) } : null,
       datedCopies: dated.length,
     };
   } catch (e) {
@@ -370,16 +370,17 @@ export async function verdaStatus(cfg: Config, now = Date.now()): Promise<Status
     flag(`the bundle in R2 (r2://${r2.bucket}) cannot be read: ${r2.problem}`);
   } else {
     const where = `r2://${r2.bucket}`;
-    if (!r2.latest) flag(`no ${BUNDLE_KEY} in ${where}`);
+    const latestKey = r2.latestKey ?? BUNDLE_KEY;
+    if (!r2.latest) flag(`no ${latestKey} in ${where}`);
     if (!r2.newestDated) flag(`no dated copy under ${where}/${BUNDLE_PREFIX}`);
     else if (r2.newestDated.ageHours > cfg.staleHours) {
       flag(`the newest bundle in R2, ${r2.newestDated.key}, is ${staleText(r2.newestDated.ageHours, cfg.staleHours)}`);
     }
     // The latest key holds the newest complete backup's bundle, as its manifest recorded it.
     const good = verda.newest?.complete ? newestManifest : undefined;
-    const sent = good?.r2?.find((o) => o.key === BUNDLE_KEY && o.bucket === r2.bucket);
+    const sent = good?.r2?.find((o) => o.key === latestKey && o.bucket === r2.bucket);
     if (sent && r2.latest?.sha256 && r2.latest.sha256 !== sent.sha256) {
-      flag(`${where}/${BUNDLE_KEY} is not the bundle ${verda.newest!.manifest} recorded (another sha256)`);
+      flag(`${where}/${latestKey} is not the bundle ${verda.newest!.manifest} recorded (another sha256)`);
     }
   }
   return done(report);
@@ -473,8 +474,8 @@ export function statusText(r: StatusReport): string {
       say(`Config bundle in R2 (r2://${b.bucket}):`);
       say(
         b.latest
-          ? `  ${BUNDLE_KEY}: ${humanSize(b.latest.bytes)}, sha256 ${b.latest.sha256?.slice(0, 12) ?? 'not recorded'}`
-          : `  ${BUNDLE_KEY}: ✗ none`,
+          ? `  ${b.latest.key}: ${humanSize(b.latest.bytes)}, sha256 ${b.latest.sha256?.slice(0, 12) ?? 'not recorded'}`
+          : `  ${b.latestKey ?? BUNDLE_KEY}: ✗ none`,
       );
       say(
         b.newestDated

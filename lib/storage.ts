@@ -62,6 +62,8 @@ export interface Backend {
   /** The object's bytes, or with `range` those bytes alone (exactly `end - start` of them, or an error). */
   get(key: string, signal?: AbortSignal, range?: ByteRange): Promise<Readable>;
   delete(key: string, signal?: AbortSignal): Promise<void>;
+  /** Calls `listener` whenever the server asks to slow down (R2's 429 or 503), so callers send less at once. */
+  onCongestion?(listener: () => void): void;
 }
 
 /** A Backend that counts what is asked of another, by operation: the tests' and benchmarks' request counts. */
@@ -73,6 +75,9 @@ export class CountingBackend implements Backend {
   }
   private count(op: string) {
     this.calls[op] = (this.calls[op] ?? 0) + 1;
+  }
+  onCongestion(listener: () => void) {
+    this.inner.onCongestion?.(listener);
   }
   list(prefix: string, signal?: AbortSignal, startAfter?: string) {
     this.count('list');

@@ -280,6 +280,8 @@ class TreeSync {
   ) {
     this.maxFiles = opts.concurrency ?? 64;
     this.files = new AdaptiveSlots(Math.min(8, this.maxFiles), Math.min(16, this.maxFiles), this.maxFiles);
+    // R2's 429 or 503 to any request (a small PUT goes through no part slot): fewer files at once.
+    opts.backend.onCongestion?.(() => this.files.congested());
   }
 
   async run(): Promise<SyncResult> {
@@ -291,13 +293,15 @@ class TreeSync {
         if (result.symlinks.length < KEEP) result.symlinks.push(e.rel);
       } else this.fail(opts.prefix + e.rel, e.error);
     });
+    let complete = false;
     try {
       // Files in key order. Each failure is recorded and the others go on; only credentials
       // refused or R2 gone silent stops the pool: every other file would fail the same way.
       await pool(items, this.maxFiles, (f) => this.file(f), opts.signal);
+      complete = true;
     } finally {
       this.files.stop();
-      if (!opts.dryRun) result.cacheWarning = await cache.finish();
+      if (!opts.dryRun) result.cacheWarning = await cache.finish(complete);
     }
     return result;
   }
@@ -348,10 +352,7 @@ class TreeSync {
     let fp = lineMatches(f.cached, { size: st.size, mtimeNs: st.mtimeNs, ino: st.ino })
       ? undefined
       : await fingerprintFile(f.path, opts.signal);
-    if (fp) {
-      cache.recordHash();
-      result.hashed++;
-    }
+    if (fp) result.hashed++;
     const sha256 = fp?.sha256 ?? f.cached!.sha256;
     const size = fp?.size ?? Number(st.size);
     const line = (etag?: string, p = fp): TreeCacheLine => ({

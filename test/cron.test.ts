@@ -3,7 +3,7 @@
 // second install) over a real loopback sshd, whose files must reach a real S3 server.
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { spawn, spawnSync } from 'node:child_process';
+import { spawnSync } from 'node:child_process';
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import net from 'node:net';
@@ -21,7 +21,6 @@ import {
   treeDigest,
   writeHeldLock,
   writeTree,
-  type RunResult,
   type S3Server,
 } from './helpers.ts';
 import { startSshd, type Sshd } from './sshd.ts';

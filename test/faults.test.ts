@@ -24,6 +24,8 @@ import {
   writeTree,
   type RunResult,
   type S3Server,
+  out,
+  until,
 } from './helpers.ts';
 import { startSshd, type Sshd } from './sshd.ts';
 import { makeVerda, type VerdaFixture } from './verda-fixture.ts';
@@ -88,8 +90,6 @@ async function run(
     assert.unreachable(`${script} ${args.join(' ')} hung: killed after ${ms} ms\n${r.stdout}\n${r.stderr}`);
   return { ...r, pid, ms };
 }
-
-const out = (r: RunResult) => `--- stdout\n${r.stdout}\n--- stderr\n${r.stderr}`;
 
 function assertNoStack(r: RunResult) {
   assert.not.match(r.stdout + r.stderr, /\n\s+at .+:\d+/, 'no stack trace');
@@ -477,30 +477,6 @@ async function assertOlderBackupsKept(
   assert.equal(await bundleState(), r2Before, 'R2 keeps the previous bundle and every dated copy');
 }
 
-/** Every process under the fixture's sshd listener that is an sshd (the per-connection ones). */
-function sshdSessions(): number[] {
-  const listener = Number(fs.readFileSync(path.join(sshd.dir, 'sshd.pid'), 'utf8'));
-  const found: number[] = [];
-  const visit = (pid: number) => {
-    const kids = spawnSync('pgrep', ['-P', String(pid)], { encoding: 'utf8' })
-      .stdout.split('\n')
-      .filter(Boolean)
-      .map(Number);
-    for (const kid of kids) {
-      let comm = '';
-      try {
-        comm = fs.readFileSync(`/proc/${kid}/comm`, 'utf8').trim();
-      } catch {
-        continue; // gone meanwhile
-      }
-      if (comm === 'sshd') found.push(kid);
-      visit(kid);
-    }
-  };
-  visit(listener);
-  return found;
-}
-
 /** Resolves once a temporary file for `kind` in dir has grown to `bytes`; returns its name. */
 async function partialGrown(dir: string, kind: string, bytes: number, timeoutMs: number): Promise<string> {
   const deadline = Date.now() + timeoutMs;
@@ -513,14 +489,6 @@ async function partialGrown(dir: string, kind: string, bytes: number, timeoutMs:
     await new Promise((r) => setTimeout(r, 10));
   }
   throw new Error(`no ${kind} temporary file of ${bytes} bytes in ${dir} within ${timeoutMs} ms`);
-}
-
-async function until(check: () => boolean, timeoutMs: number, what: string) {
-  const deadline = Date.now() + timeoutMs;
-  while (!check()) {
-    if (Date.now() > deadline) assert.unreachable(`not within ${timeoutMs} ms: ${what}`);
-    await new Promise((r) => setTimeout(r, 50));
-  }
 }
 
 const wait = (ms: number) => new Promise((r) => setTimeout(r, ms)); // a new run timestamp
@@ -543,7 +511,7 @@ async function verdaMidTransfer(name: string, grownBytes: number) {
 
 test('SSH link cut in the middle of an artifact transfer: exit 1 naming the step, no partial file, older backups kept; the next run completes', async () => {
   const { v, before, r2Before, running, pid, partial } = await verdaMidTransfer('ssh-cut', 4 * MiB);
-  const sessions = sshdSessions();
+  const sessions = sshd.sessions();
   assert.ok(sessions.length > 0, 'the run has an SSH connection to cut');
   for (const s of sessions) process.kill(s, 'SIGKILL');
   const r = await running;
@@ -638,7 +606,7 @@ test('SIGTERM while an artifact streams in from Verda: exit 1, no partial file, 
   assert.not.ok(fs.existsSync(path.join(v.backupDir, partial)));
   await assertOlderBackupsKept(v.backupDir, before, r2Before);
   assertCleanAfter('backup-verda', v.state, [v.backupDir]);
-  await until(() => sshdSessions().length === 0, 10_000, 'the SSH connection closed with the run');
+  await until(() => sshd.sessions().length === 0, 10_000, 'the SSH connection closed with the run');
 
   fs.rmSync(path.join(v.fixture.home, 'big'), { recursive: true });
   await wait(1100);

@@ -168,6 +168,18 @@ export interface RunResult {
   ms: number;
 }
 
+/** Waits until `check` holds, failing the test after `ms`. */
+export async function until(check: () => boolean, ms: number, what: string) {
+  const deadline = Date.now() + ms;
+  while (!check()) {
+    if (Date.now() > deadline) throw new Error(`not within ${ms} ms: ${what}`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
+/** A run's output, for an assertion's message. */
+export const out = (r: RunResult) => `--- stdout\n${r.stdout}\n--- stderr\n${r.stderr}`;
+
 export interface RunOptions {
   cwd?: string;
   onSpawn?: (pid: number) => void;

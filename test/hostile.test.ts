@@ -18,12 +18,12 @@ import {
   sha256,
   startS3,
   tempDir,
-  treeDigest,
   writeRandomFile,
   writeTree,
   writeHeldLock,
   type RunResult,
   type S3Server,
+  out,
 } from './helpers.ts';
 import { makeVerda } from './verda-fixture.ts';
 
@@ -65,7 +65,6 @@ const run = (
     onSpawn: opts.onSpawn,
   });
 
-const out = (r: RunResult) => `--- stdout\n${r.stdout}\n--- stderr\n${r.stderr}`;
 const assertNoStack = (r: RunResult) => assert.not.match(r.stdout + r.stderr, /\n\s+at .+:\d+/, 'no stack trace');
 
 /** Short limits: a hung request or command is given up in seconds here, minutes in production. */
@@ -108,14 +107,6 @@ function melloEnv(name: string, files: Record<string, string | Buffer>, endpoint
 async function objectSha(bucket: string, key: string): Promise<{ bytes: string; meta?: string }> {
   return { bytes: sha256(await s3.readObject(bucket, key)), meta: (await s3.headObject(bucket, key))?.metadata.sha256 };
 }
-
-const waitFor = async (check: () => boolean, ms: number, what: string) => {
-  const deadline = Date.now() + ms;
-  while (!check()) {
-    if (Date.now() > deadline) throw new Error(`not within ${ms} ms: ${what}`);
-    await new Promise((r) => setTimeout(r, 20));
-  }
-};
 
 // ---------------------------------------------------------------------------------------------
 // 1. A stale lock whose pid was reused

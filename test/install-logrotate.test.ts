@@ -174,4 +174,9 @@ test('a checkout whose node_modules is a symlink: install copies it, and deletes
   assert.equal(fs.readdirSync(installed).sort(), ['prodpkg', 'tsx']);
 });
 
+test("the prefix's `$(touch PWNED)` was never run by a shell, in any test above", () => {
+  for (const d of [work, os.tmpdir(), process.cwd()])
+    assert.not.ok(fs.existsSync(path.join(d, 'PWNED')), `no PWNED in ${d}`);
+});
+
 test.run();

@@ -2,26 +2,23 @@
 // that records every request; the backups go to a real S3 server (s3rver).
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import http from 'node:http';
 import type net from 'node:net';
-import os from 'node:os';
 import path from 'node:path';
 import { UsageError } from '../lib/cli.ts';
 import { BODY_LIMIT, checkNotifyUrl, pingBody, pingUrl } from '../lib/notify.ts';
 import {
   closedPort,
   runScript,
-  ROOT,
   SECRET,
   sha256,
   startS3,
   tempDir,
   writeHeldLock,
   writeTree,
-  type RunResult,
   type S3Server,
+  out,
 } from './helpers.ts';
 import { ENV_SECRET, makeVerda } from './verda-fixture.ts';
 
@@ -84,7 +81,6 @@ async function pingServer(mode: 'answer' | 'hang' = 'answer'): Promise<PingServe
 const run = (script: string, args: string[], env: Record<string, string>, limitMs = 90_000) =>
   runScript(script, args, env, { limitMs });
 
-const out = (r: RunResult) => `--- stdout\n${r.stdout}\n--- stderr\n${r.stderr}`;
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 const brief = (pings: Ping[]) => pings.map((p) => `${p.method} ${p.path}`);
 
@@ -389,6 +385,19 @@ test("backup-verda pings NOTIFY_URL_VERDA; nothing of Verda's .env is in the bod
     ]) {
       assert.not.ok(body.includes(secret), `${secret} is not in the body`);
     }
+
+    // restore-verda backs nothing up: a good drill sends nothing (a success would tell the
+    // backup's check that backups are made); a failed one sends POST /fail.
+    server.pings.length = 0;
+    const drill = await run('restore-verda.mts', ['--drill'], env);
+    assert.is(drill.code, 0, out(drill));
+    assert.equal(brief(server.pings), [], out(drill));
+    const archive = fs.readdirSync(env.BACKUP_DIR).filter((n) => n.startsWith('home-dev-'))[0]!;
+    fs.appendFileSync(path.join(env.BACKUP_DIR, archive), 'damage');
+    const failed = await run('restore-verda.mts', ['--drill'], env);
+    assert.is(failed.code, 1, out(failed));
+    assert.equal(brief(server.pings), ['POST /verda/fail'], out(failed));
+    assert.match(server.pings[0].body, /drill FAILED/);
   } finally {
     server.close();
   }

@@ -22,6 +22,7 @@ import {
   writeTree,
   type RunResult,
   type S3Server,
+  out,
 } from './helpers.ts';
 import { setServerClock } from './s3rver-fixes.ts';
 import { notices } from '../lib/cli.ts';
@@ -66,8 +67,6 @@ test.after(async () => {
 interface Run extends RunResult {
   ms: number;
 }
-
-const out = (r: RunResult) => `--- stdout\n${r.stdout}\n--- stderr\n${r.stderr}`;
 
 /** Runs backup-mello; kills it (and fails the test) when it runs longer than RUN_LIMIT_MS. */
 async function runMello(env: Record<string, string>, args: string[] = []): Promise<Run> {

@@ -13,6 +13,8 @@ export interface Sshd {
   config: string;
   /** Connections accepted so far (authenticated logins, from the server's log). */
   connections(): number;
+  /** The sshd processes serving a connection now (children of the listener), by pid. */
+  sessions(): number[];
   stop(): Promise<void>;
 }
 
@@ -110,10 +112,34 @@ export async function startSshd(hostNames: string[], extraConfig: string[] = [])
     config,
     connections: () =>
       fs.existsSync(log) ? (fs.readFileSync(log, 'utf8').match(/Accepted publickey/g) ?? []).length : 0,
+    sessions: () => sshdChildren(Number(fs.readFileSync(path.join(dir, 'sshd.pid'), 'utf8'))),
     async stop() {
       sshd.kill('SIGTERM');
       await new Promise((r) => (sshd.exitCode !== null ? r(null) : sshd.once('exit', r)));
       fs.rmSync(dir, { recursive: true, force: true });
     },
   };
+}
+
+/** Every process under `listener` that is an sshd (the per-connection ones). */
+function sshdChildren(listener: number): number[] {
+  const found: number[] = [];
+  const visit = (pid: number) => {
+    const kids = spawnSync('pgrep', ['-P', String(pid)], { encoding: 'utf8' })
+      .stdout.split('\n')
+      .filter(Boolean)
+      .map(Number);
+    for (const kid of kids) {
+      let comm = '';
+      try {
+        comm = fs.readFileSync(`/proc/${kid}/comm`, 'utf8').trim();
+      } catch {
+        continue; // gone meanwhile
+      }
+      if (comm === 'sshd') found.push(kid);
+      visit(kid);
+    }
+  };
+  visit(listener);
+  return found;
 }

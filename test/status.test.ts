@@ -4,12 +4,8 @@
 // backup-mello and backup-cron), nothing written in the state or backup directories.
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { spawn } from 'node:child_process';
 import crypto from 'node:crypto';
 import fs from 'node:fs';
-import type net from 'node:net';
-import http from 'node:http';
-import os from 'node:os';
 import path from 'node:path';
 import { humanAge, type StatusReport } from '../lib/status.ts';
 import { timestamp } from '../lib/rotation.ts';
@@ -22,8 +18,8 @@ import {
   tempDir,
   writeHeldLock,
   writeTree,
-  type RunResult,
   type S3Server,
+  out,
 } from './helpers.ts';
 import { makeVerda } from './verda-fixture.ts';
 
@@ -42,8 +38,6 @@ let sshCalls: string;
 /** The fake ssh first on PATH: any ssh the script starts is recorded (and fails). */
 const run = (script: string, args: string[], env: Record<string, string>, limitMs = 90_000) =>
   runScript(script, args, env, { limitMs, pathFirst: [fakeBin] });
-
-const out = (r: RunResult) => `--- stdout\n${r.stdout}\n--- stderr\n${r.stderr}`;
 
 /** Every entry under the roots: type, mode, size, mtime and content hash. Equal before and after: nothing written. */
 function snapshot(...roots: string[]): Record<string, string> {
@@ -414,6 +408,7 @@ test('backup-cron --status: fresh, after a good run, copies confirmed by the las
   assert.match(bad.text, /✗ the last run \(ended .*\) failed \(exit 1\): Trigger backup-mello on Mello/, bad.text);
   assert.match(bad.text, /^ {2}✗ Step 7 \(Trigger backup-mello on Mello\): /m, bad.text);
   assert.equal(bad.report.lastRun?.failedSteps, ['Trigger backup-mello on Mello']);
+  assert.is(bad.report.sfs!.kinds.length, 5, "backup-cron's five kinds");
   assert.ok(
     bad.report.sfs!.kinds.every((k) => !k.stale),
     'the run confirmed the copies',

@@ -16,17 +16,7 @@ import zlib from 'node:zlib';
 import { decryptStream, encryptStream, loadRecipients, parseAgeRecipients } from '../lib/age.ts';
 import { UsageError } from '../lib/cli.ts';
 import { bucketTarget, loadConfig } from '../lib/config.ts';
-import {
-  runCommand,
-  ROOT,
-  runScript,
-  sha256,
-  startS3,
-  tempDir,
-  writeTree,
-  type RunResult,
-  type S3Server,
-} from './helpers.ts';
+import { runCommand, ROOT, runScript, sha256, startS3, tempDir, writeTree, type S3Server } from './helpers.ts';
 import { startSshd, type Sshd } from './sshd.ts';
 import { ENV_SECRET, makeVerda, type VerdaFixture } from './verda-fixture.ts';
 
@@ -95,7 +85,14 @@ const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 const nextSecond = () => sleep(1100);
 
 function sh(cmd: string, args: string[], opts: { input?: string | Buffer; env?: NodeJS.ProcessEnv } = {}) {
-  const r = spawnSync(cmd, args, { input: opts.input, env: opts.env ?? process.env, maxBuffer: 256 << 20 });
+  // Bounded: an ssh -N that a regression lets forward would otherwise never return.
+  const r = spawnSync(cmd, args, {
+    input: opts.input,
+    env: opts.env ?? process.env,
+    maxBuffer: 256 << 20,
+    timeout: 30_000,
+    killSignal: 'SIGKILL',
+  });
   return { code: r.status, stdout: r.stdout ?? Buffer.alloc(0), stderr: (r.stderr ?? Buffer.alloc(0)).toString() };
 }
 
@@ -103,6 +100,7 @@ function sh(cmd: string, args: string[], opts: { input?: string | Buffer; env?: 
 const run = (cmd: string, args: string[], env: Record<string, string>, timeoutMs = 30_000) =>
   runCommand(cmd, args, env, { limitMs: timeoutMs });
 
+const NOBODY = 65534;
 const install = (args: string[], home = melloHome) =>
   run(path.join(ROOT, 'install'), args, { PATH: process.env.PATH ?? '/usr/bin:/bin', HOME: home });
 const ssh = (args: string[]) => sh('ssh', ['-F', sshd.config, '-o', 'BatchMode=yes', ...args]);
@@ -295,6 +293,33 @@ test("install --mello-trigger-key writes one forced-command line per key, replac
   assert.is(fs.readFileSync(keys, 'utf8'), `# the admin's keys\n${other}\n`);
 });
 
+test('install --mello-trigger-key with an authorized_keys it cannot read: exit 1 naming it, the file kept whole', async () => {
+  // As nobody, in a ~/.ssh it owns, over an authorized_keys of root's, 0600: unreadable but replaceable.
+  const home = fs.mkdtempSync(path.join(os.tmpdir(), 'cms-unreadable-home-'));
+  try {
+    fs.mkdirSync(path.join(home, '.ssh'), { mode: 0o700 });
+    fs.chownSync(home, NOBODY, NOBODY);
+    fs.chownSync(path.join(home, '.ssh'), NOBODY, NOBODY);
+    const keys = path.join(home, '.ssh/authorized_keys');
+    const before = 'ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFpne+vQc8TMomdBQ1B1rd9iEifX4hfzCHes60ds47v0 admin@laptop\n';
+    fs.writeFileSync(keys, before, { mode: 0o600 });
+    const pubFile = path.join(home, 'verda.pub');
+    fs.writeFileSync(pubFile, fs.readFileSync(path.join(sshd.dir, 'user_key.pub')), { mode: 0o644 });
+    const r = await runCommand(
+      path.join(ROOT, 'install'),
+      ['--mello-trigger-key', pubFile],
+      { PATH: process.env.PATH ?? '/usr/bin:/bin', HOME: home },
+      { asUser: NOBODY, cwd: home },
+    );
+    assert.is(r.code, 1, r.stdout + r.stderr);
+    assert.match(r.stderr, /cannot read .*authorized_keys/);
+    assert.is(fs.readFileSync(keys, 'utf8'), before, "the admin's keys are all still there");
+    assert.equal(fs.readdirSync(path.join(home, '.ssh')), ['authorized_keys'], 'no temporary file left');
+  } finally {
+    fs.rmSync(home, { recursive: true, force: true });
+  }
+});
+
 test('install --mello-trigger-key refuses a private key, a non-key, two keys and a missing file (exit 2), writing nothing', async () => {
   const home = path.join(work, 'refuse-home');
   fs.mkdirSync(home);
@@ -409,6 +434,7 @@ test('the same key cannot forward ports: -L, -R and -W are refused by the server
         let got = '';
         c.on('data', (d) => (got += d));
         c.on('close', () => resolve(got));
+        c.setTimeout(5000, () => c.destroy()); // a tunnel that holds the connection open: what it said
         // Refused: not listening yet. Reset: the tunnel took it and dropped it (its channel refused).
         c.on('error', (e: NodeJS.ErrnoException) => resolve(e.code === 'ECONNREFUSED' ? undefined : got));
       });
@@ -561,6 +587,11 @@ test('with AGE_RECIPIENTS the bundle leaves Mello age-encrypted (.age names); th
     [],
     'no plaintext bundle left in R2',
   );
+  // --status reads the encrypted bundle as the latest one: nothing flagged.
+  const status = await runScript('backup-verda.mts', ['--status'], { ...verdaEnv, AGE_RECIPIENTS: ageRecipient });
+  assert.is(status.code, 0, status.stdout + status.stderr);
+  assert.match(status.stdout, /^  verda-config-backup\.tar\.gz\.age: \S+, sha256 [0-9a-f]{12}$/m);
+  assert.match(status.stdout, /newest dated copy: verda-config-backups\/verda-config-backup-\d{8}-\d{6}\.tar\.gz\.age/);
 
   // The manifest: the objects as stored (ciphertext bytes and sha256), and the plaintext's sha256.
   const bundles = m.r2.filter((o: { key: string }) => o.key.includes('verda-config-backup'));

@@ -10,13 +10,14 @@ import path from 'node:path';
 import { readTarMessages } from '../lib/archive.ts';
 import { UsageError, humanSize, parseFlags } from '../lib/cli.ts';
 import { BLOCK, Digester, showBytes, walkTree } from '../lib/files.ts';
-import { HashCache, awsCliPartSize, etagProvesContent } from '../lib/hash-cache.ts';
+import { HashCache, TreeCache, awsCliPartSize, etagProvesContent } from '../lib/hash-cache.ts';
 import { LockHeld, acquireLock, isHeld, processStart } from '../lib/lock.ts';
 import { AdaptiveSlots, Slots } from '../lib/pacer.ts';
 import { pool } from '../lib/pool.ts';
 import { commandArgs, shellQuote } from '../lib/ssh.ts';
 import { MAX_PARTS, MIN_PART_SIZE, MiB, partSizeFor } from '../lib/r2.ts';
-import { datedCopies, datedPattern, isFuture, rotateRemote, stampTime, timestamp } from '../lib/rotation.ts';
+import { datedCopies, datedPattern, isFuture, stampTime, timestamp } from '../lib/rotation.ts';
+import { listBundles, rotateBundles } from '../lib/archive.ts';
 import {
   CountingBackend,
   SourceChanged,
@@ -24,6 +25,8 @@ import {
   fingerprintFile,
   fingerprintedSource,
   readBackSha256,
+  type PutOptions,
+  type Source,
 } from '../lib/storage.ts';
 import { listingSplits, listRanges, syncTree } from '../lib/sync.ts';
 import { bufferSource } from './backend-conformance.ts';
@@ -134,14 +137,20 @@ test('dated names: the pattern, newest first, stamps in the future', () => {
   assert.not.ok(isFuture(timestamp()));
 });
 
-test('rotateRemote keeps the newest KEEP copies under the prefix and touches nothing else', async () => {
+test('rotateBundles keeps the newest KEEP bundles, plain or encrypted, and touches nothing else; listBundles orders them', async () => {
   const b = new MemoryBackend();
   const stamps = ['20260101-000000', '20260102-000000', '20260103-000000', '20260104-000000'];
   for (const s of stamps)
     await b.put(`verda-config-backups/verda-config-backup-${s}.tar.gz`, bufferSource(Buffer.from(s)));
   await b.put('verda-config-backups/notes.txt', bufferSource(Buffer.from('x')));
   await b.put('verda-config-backup.tar.gz', bufferSource(Buffer.from('latest')));
-  const gone = await rotateRemote(b, 'verda-config-backups/', 'verda-config-backup', 'tar.gz', 2);
+  // The newest stamp also as age-encrypted: the encrypted copy is listed first.
+  await b.put('verda-config-backups/verda-config-backup-20260104-000000.tar.gz.age', bufferSource(Buffer.from('e')));
+  assert.equal(
+    (await listBundles(b)).map((x) => `${x.stamp}${x.encrypted ? '.age' : ''}`),
+    ['20260104-000000.age', '20260104-000000', '20260103-000000', '20260102-000000', '20260101-000000'],
+  );
+  const gone = await rotateBundles(b, 3, false);
   assert.equal(
     gone.sort(),
     stamps.slice(0, 2).map((s) => `verda-config-backups/verda-config-backup-${s}.tar.gz`),
@@ -151,6 +160,13 @@ test('rotateRemote keeps the newest KEEP copies under the prefix and touches not
     'verda-config-backups/notes.txt',
     'verda-config-backups/verda-config-backup-20260103-000000.tar.gz',
     'verda-config-backups/verda-config-backup-20260104-000000.tar.gz',
+    'verda-config-backups/verda-config-backup-20260104-000000.tar.gz.age',
+  ]);
+  // Encrypted: every plaintext bundle goes, the latest plaintext key too.
+  await rotateBundles(b, 3, true);
+  assert.equal([...b.objects.keys()].sort(), [
+    'verda-config-backups/notes.txt',
+    'verda-config-backups/verda-config-backup-20260104-000000.tar.gz.age',
   ]);
 });
 
@@ -364,14 +380,14 @@ test('HashCache: an unchanged file is not read again; an entry of the wrong shap
   const again = await c2.hash(file, stat);
   assert.is(again.sha256, sha('content'));
   assert.is(again.fingerprint, undefined, 'from the cache');
-  assert.is(c2.hashedFiles, 0);
   fs.writeFileSync(
     cacheFile,
     JSON.stringify({ version: 1, files: { [file]: ['x', 1, null, 'no'] }, objects: { o: [1] } }),
   );
   const c3 = HashCache.load(cacheFile);
-  assert.is((await c3.hash(file, stat)).sha256, sha('content'));
-  assert.is(c3.hashedFiles, 1, 'hashed again');
+  const third = await c3.hash(file, stat);
+  assert.is(third.sha256, sha('content'));
+  assert.ok(third.fingerprint, 'hashed again');
   fs.rmSync(dir, { recursive: true });
 });
 
@@ -489,6 +505,40 @@ test('listRanges: split ranges listed at once, every key once and in order, keys
   assert.is(b.calls.list, 4, 'one listing per range, at once');
 });
 
+test('syncTree: a server asking to slow down (429/503) halves the files sent at once', async () => {
+  const files: Record<string, string> = {};
+  for (let i = 0; i < 60; i++) files[`f${String(i).padStart(2, '0')}.txt`] = `file ${i}`;
+  const root = await tree(files);
+  // A bucket that asks to slow down once, during the first PUT, and counts PUTs in flight.
+  class SlowDown extends MemoryBackend {
+    listeners: (() => void)[] = [];
+    inFlight = 0;
+    mostAfter = 0;
+    asked = false;
+    onCongestion(listener: () => void) {
+      this.listeners.push(listener);
+    }
+    async put(key: string, source: Source, opts?: PutOptions) {
+      this.inFlight++;
+      if (this.asked) this.mostAfter = Math.max(this.mostAfter, this.inFlight);
+      try {
+        await new Promise((resolve) => setTimeout(resolve, 5));
+        if (!this.asked) {
+          this.asked = true;
+          for (const l of this.listeners) l();
+        }
+        return await super.put(key, source, opts);
+      } finally {
+        this.inFlight--;
+      }
+    }
+  }
+  const b = new SlowDown();
+  const r = await syncTree({ root, backend: b, prefix: '' });
+  assert.is(r.sent, 60);
+  assert.ok(b.mostAfter > 0 && b.mostAfter <= 8, `${b.mostAfter} in flight after the 429: at most half of 16`);
+});
+
 test('listingSplits: ranges of whole pages off the cache, so they cost what one listing costs', async () => {
   const dir = tmp();
   const cacheFile = path.join(dir, 'tree.jsonl');
@@ -556,6 +606,48 @@ test('TreeCache: what a run hashed is read back by the next; an older whole-file
   const second = await syncTree({ root, backend: b, prefix: '', cacheFile, legacyCache: legacy });
   assert.is(second.hashed, 0);
   assert.is(second.skipped, 2);
+});
+
+test('TreeCache: each line once, sorted, after a run that keeps what it passes over and after a whole walk', async () => {
+  const dir = tmp();
+  const file = path.join(dir, 'tree.jsonl');
+  // The sha256 field names the run that wrote the line (a valid hash: the cache checks its lines).
+  const runs = ['old', 'new', 'walked'];
+  const line = (rel: string, run = 'old') => ({ rel, size: 1, mtimeNs: '1', ino: '1', sha256: sha(run) });
+  const rels = () =>
+    fs
+      .readFileSync(file, 'utf8')
+      .trim()
+      .split('\n')
+      .map((l) => JSON.parse(l))
+      .map((l) => `${l.rel}:${runs.find((r) => sha(r) === l.sha256)}`);
+  fs.writeFileSync(file, ['a', 'b', 'c', 'd'].map((r) => JSON.stringify(line(r)) + '\n').join(''));
+
+  // A restore: looks up b and c (settling new lines), passes a over, ends before d.
+  const restore = await TreeCache.open(file, { write: true, keepPassedOver: true });
+  for (const rel of ['b', 'c']) {
+    assert.ok(await restore.lookup(rel));
+    restore.settle(restore.reserve(), line(rel, 'new'));
+  }
+  assert.is(await restore.finish(false), undefined);
+  assert.equal(rels(), ['a:old', 'b:new', 'c:new', 'd:old'], 'no line twice: the next run trusts the file');
+
+  // A whole walk that meets a and c only: b and d are files gone.
+  const walk = await TreeCache.open(file, { write: true });
+  for (const rel of ['a', 'c']) {
+    assert.ok(await walk.lookup(rel), rel);
+    walk.settle(walk.reserve(), line(rel, 'walked'));
+  }
+  assert.is(await walk.finish(true), undefined);
+  assert.equal(rels(), ['a:walked', 'c:walked']);
+
+  // An interrupted walk keeps the lines past its last file.
+  fs.writeFileSync(file, ['a', 'b', 'c'].map((r) => JSON.stringify(line(r)) + '\n').join(''));
+  const cut = await TreeCache.open(file, { write: true });
+  assert.ok(await cut.lookup('a'));
+  cut.settle(cut.reserve(), line('a', 'walked'));
+  assert.is(await cut.finish(false), undefined);
+  assert.equal(rels(), ['a:walked', 'b:old', 'c:old']);
 });
 
 // ---------------------------------------------------------------------------------------------
