@@ -10,6 +10,7 @@
 // root on Mello alone and compares.
 import path from 'node:path';
 import { configArchives } from './lib/archive.ts';
+import { ByteBudget } from './lib/layout.ts';
 import { UsageError, type Flags } from './lib/cli.ts';
 import { bucketTarget, requireDirOrAbsent, type Config } from './lib/config.ts';
 import { runScript, type Plan, type Step } from './lib/plan.ts';
@@ -122,6 +123,7 @@ function restorePlan(cfg: Config, flags: Flags): Plan {
     const local = new LocalHost([], cfg.limits.commandIdleTimeoutMs);
     const backends = buckets();
     const tempRoot = new TempRoot(cfg.stateDir);
+    const budget = new ByteBudget(cfg.drillMaxBytes, 'DRILL_MAX_BYTES');
     const steps: Step[] = [
       sourceStep({
         where,
@@ -137,7 +139,9 @@ function restorePlan(cfg: Config, flags: Flags): Plan {
       ...(drill
         ? specs
             .filter((s) => chosen(s.kind))
-            .map((spec) => unpackStep({ host: local, spec, source, root: () => tempRoot.get(), compare: true }))
+            .map((spec) =>
+              unpackStep({ host: local, spec, source, root: (kind) => tempRoot.get(kind), compare: true, budget }),
+            )
         : []),
       // The drill decrypts an age-encrypted bundle, as a restore from R2 would.
       objectsStep({ source, backends: () => backends, deep: flags.deep, decrypt: drill, ageIdentityFile }),

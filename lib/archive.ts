@@ -5,13 +5,15 @@
 // two runs over unchanged files give the same one, whatever gzip does.
 import crypto from 'node:crypto';
 import fs from 'node:fs';
+import net from 'node:net';
 import path from 'node:path';
 import { PassThrough, Transform, pipeline as chain } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import zlib from 'node:zlib';
 import tar from 'tar-stream';
 import type { Config } from './config.ts';
-import { errorText, humanSize } from './cli.ts';
+import { errorText, humanSize, printable } from './cli.ts';
+import { LayoutError, TarGuard, checkArchiveFile, isEssential } from './layout.ts';
 import { AGE_SUFFIX, encryptStream } from './age.ts';
 import {
   ensurePrivateDir,
@@ -25,7 +27,7 @@ import {
 import type { RunRecord } from './manifest.ts';
 import { failedBefore, type Step } from './plan.ts';
 import { copyWarnings, newestLocal } from './rotation.ts';
-import { CommandTimeout, type Host } from './ssh.ts';
+import { CommandTimeout, OutputTooLarge, type Host } from './ssh.ts';
 import { fingerprintedSource, type Backend } from './storage.ts';
 
 export interface ArchiveSpec {
@@ -108,17 +110,40 @@ export function configArchives(cfg: Config): ArchiveSpec[] {
   ];
 }
 
+/** The config kinds, in the SPEC's order (a fixed list: the layouts do not depend on the configuration). */
+export const CONFIG_KINDS = [
+  'tailscale-identity',
+  'ssh-host-keys',
+  'fail2ban',
+  'ufw',
+  'project-env',
+  'home-dev',
+  'comfy-project',
+  'ohmyzsh-custom',
+];
+
+/** The kind of a dated config archive's name (`ufw-20260101-120000.tar.gz` → `ufw`), or undefined. */
+export function archiveKind(name: string): string | undefined {
+  const m = /^(.+)-\d{8}-\d{6}\.tar\.gz$/.exec(name);
+  return m && CONFIG_KINDS.includes(m[1]) ? m[1] : undefined;
+}
+
 /** The five archives backup-cron keeps on SFS. */
 export const CRON_KINDS = ['tailscale-identity', 'ssh-host-keys', 'fail2ban', 'ufw', 'project-env'];
 
-// Prints, NUL-separated, the entries (args after the base) that exist under the base; a
-// trailing `*` in an entry is expanded by the shell's glob. The script is a constant: the base
-// and the entries arrive as arguments, never as code.
-const PRESENT = `cd -- "$1" 2>/dev/null || exit 0; shift
+// Prints, NUL-separated, `P` and each entry (args after the base) that exists under the base; a
+// trailing `*` in an entry is expanded by the shell's glob. `U` and a name: it exists and cannot
+// be read (the base, or a glob's directory), which an unprivileged run must not take for "none".
+// The script is a constant: the base and the entries arrive as arguments, never as code.
+const PRESENT = `[ -e "$1" ] || exit 0
+cd -- "$1" 2>/dev/null || { printf 'U.\\0'; exit 0; }
+shift
 for entry do
   case "$entry" in
-    *'*') for f in $entry; do [ -e "$f" ] || [ -L "$f" ] && printf '%s\\0' "$f"; done ;;
-    *) { [ -e "$entry" ] || [ -L "$entry" ]; } && printf '%s\\0' "$entry" ;;
+    *'*') dir=\${entry%/*}
+      if [ -d "$dir" ] && { [ ! -r "$dir" ] || [ ! -x "$dir" ]; }; then printf 'U%s\\0' "$dir"; continue; fi
+      for f in $entry; do { [ -e "$f" ] || [ -L "$f" ]; } && printf 'P%s\\0' "$f"; done ;;
+    *) { [ -e "$entry" ] || [ -L "$entry" ]; } && printf 'P%s\\0' "$entry" ;;
   esac
 done; exit 0`;
 
@@ -133,13 +158,31 @@ export interface ArchiveResult extends Written {
 
 export class ArchiveError extends Error {}
 
-/** Which of the spec's entries exist on the host. */
+/**
+ * Which of the spec's entries exist on the host. A source that exists and cannot be read (the
+ * base directory, or the directory of the host keys, without root) fails: it is not "missing".
+ */
 export async function presentEntries(host: Host, spec: ArchiveSpec, signal?: AbortSignal): Promise<string[]> {
   const r = await host.run(['sh', '-c', PRESENT, 'sh', spec.base, ...spec.entries], { sudo: spec.sudo, signal });
   if (r.code !== 0)
     throw new ArchiveError(`cannot look at ${spec.base} on ${host.label}: ${r.stderr.trim() || `exit ${r.code}`}`);
-  return r.stdout.split('\0').filter(Boolean).sort();
+  const records = r.stdout.split('\0').filter(Boolean);
+  const unreadable = records.find((x) => x.startsWith('U'));
+  if (unreadable) {
+    const dir = path.join(spec.base, unreadable.slice(1));
+    throw new ArchiveError(`${printable(dir)} exists on ${host.label} and cannot be read: ${unreadableHint(spec)}`);
+  }
+  return records
+    .filter((x) => x.startsWith('P'))
+    .map((x) => x.slice(1))
+    .sort();
 }
+
+/** What to do about a source that cannot be read. */
+const unreadableHint = (spec: ArchiveSpec) =>
+  spec.sudo
+    ? `the ${spec.kind} archive would not hold it (run as root, or set VERDA_SUDO to a sudo that works there)`
+    : `the ${spec.kind} archive would not hold it`;
 
 /** tar in the C locale: its messages are read (which files it could not read), so they must be English. */
 export function tarCommand(spec: ArchiveSpec, entries: string[]): string[] {
@@ -168,18 +211,24 @@ const TAR_EXIT_LINE = /^tar: Exiting with failure status due to previous errors$
  * What tar said, sorted: files it could not read (each a warning naming it), and whether
  * anything else went wrong (then the archive is not to be trusted).
  */
-export function readTarMessages(stderr: string): { fileProblems: string[]; other: string[] } {
+export function readTarMessages(stderr: string): {
+  fileProblems: string[];
+  other: string[];
+  /** The files named by the problems that left them out of the archive (not the changed ones). */
+  leftOut: string[];
+} {
   const fileProblems: string[] = [];
   const other: string[] = [];
+  const leftOut: string[] = [];
   for (const line of stderr.split('\n').filter(Boolean)) {
     const m = TAR_FILE_PROBLEM.exec(line);
-    if (m)
-      fileProblems.push(
-        `${m[1]}: ${m[2]}${m[3] ? ` (${m[3]})` : ''}${/^Cannot/.test(m[2]) ? ': not in the archive' : ''}`,
-      );
-    else if (!TAR_EXIT_LINE.test(line)) other.push(line);
+    if (m) {
+      const missing = /^Cannot/.test(m[2]);
+      fileProblems.push(`${m[1]}: ${m[2]}${m[3] ? ` (${m[3]})` : ''}${missing ? ': not in the archive' : ''}`);
+      if (missing) leftOut.push(m[1]);
+    } else if (!TAR_EXIT_LINE.test(line)) other.push(line);
   }
-  return { fileProblems, other };
+  return { fileProblems, other, leftOut };
 }
 
 /** The first 512 bytes of a tar stream say `ustar` at 257: `save --help` text does not. */
@@ -203,6 +252,8 @@ export async function commandToGzipFile(
     hashContent?: boolean;
     /** The output must be a tar stream (an image save): anything else is refused, the old file kept. */
     expectTar?: boolean;
+    /** A config archive: its tar stream passes through this guard (its kind's layout) before gzip. */
+    guard?: TarGuard;
     /** Whether a failing exit code is still a whole archive (tar's per-file read errors). */
     acceptFailure?: (code: number, stderr: string) => boolean;
   } = {},
@@ -237,8 +288,10 @@ export async function commandToGzipFile(
     },
   });
   // Joined with pipeline, not .pipe(): the command failing (raw destroyed) must fail the write,
-  // and the write failing (disk full) must destroy raw, which stops the command.
-  const gzipped = chain(raw, tap, zlib.createGzip({ level: opts.level ?? 6 }), () => {});
+  // and the write failing (disk full, the guard refusing an entry) must destroy raw, which stops
+  // the command. The content hash is taken after the guard: it is what the archive holds.
+  const gzip = zlib.createGzip({ level: opts.level ?? 6 });
+  const gzipped = opts.guard ? chain(raw, opts.guard, tap, gzip, () => {}) : chain(raw, tap, gzip, () => {});
   const writing = writeStreamAtomic(file, gzipped, 0o600, opts.signal);
   writing.catch(() => {}); // awaited below; a failure must not surface as unhandled first
   let run;
@@ -248,6 +301,11 @@ export async function commandToGzipFile(
     raw.destroy(e as Error);
     await writing.catch(() => {});
     throw e;
+  }
+  // The guard may have refused what the command sent while it ran to its end: that is the error.
+  if (opts.guard?.errored) {
+    await writing.catch(() => {});
+    throw opts.guard.errored;
   }
   if (!(opts.okCodes ?? [0]).includes(run.code) && !opts.acceptFailure?.(run.code, run.stderr)) {
     const said = run.stderr.trim().split('\n').slice(-3).join('; ') || 'no message';
@@ -279,27 +337,38 @@ export async function writeArchive(
   const entries = await presentEntries(host, spec, opts.signal);
   if (!entries.length) return undefined;
   const target = opts.unlessSameAs ? partialName(file) + '.candidate' : file;
+  const guard = new TarGuard(spec.kind);
   // GNU tar: exit 1 = a file changed while being read (the archive is usable); exit 2 with only
   // per-file read errors (a root-owned 0600 file a container wrote) = the archive holds the rest,
-  // and each such file is a warning naming it; any other exit 2 is fatal.
+  // and each such file is a warning naming it, unless it is one the kind exists for (the
+  // Tailscale state, a host key, the .env): then the archive is no backup, and is not kept. Any
+  // other exit 2 is fatal.
   const r = await commandToGzipFile(host, tarCommand(spec, entries), target, {
     sudo: spec.sudo,
     signal: opts.signal,
     okCodes: [0, 1],
     hashContent: true,
+    guard,
     acceptFailure: (code, stderr) => {
       const said = readTarMessages(stderr);
       return code === 2 && said.fileProblems.length > 0 && said.other.length === 0;
     },
   });
   const said = readTarMessages(r.stderr);
+  const essential = said.leftOut.find((name) => isEssential(spec.kind, name));
+  if (essential !== undefined) {
+    fs.rmSync(target, { force: true });
+    throw new ArchiveError(
+      `${printable(path.join(spec.base, essential))} exists on ${host.label} and cannot be read: ${unreadableHint(spec)}; not written`,
+    );
+  }
   const result = {
     bytes: r.bytes,
     sha256: r.sha256,
     fingerprint: r.fingerprint,
     contentSha256: r.contentSha256!,
     entries,
-    warnings: [...said.fileProblems, ...said.other],
+    warnings: [...said.fileProblems, ...said.other, ...guard.result.dropped].map(printable),
   };
   if (opts.unlessSameAs) {
     // A copy that cannot be read back (damaged, or not a regular file) is not the same: a fresh
@@ -387,7 +456,11 @@ export function archiveStep(o: { host: Host; spec: ArchiveSpec; dir: string; run
       }
       ensurePrivateDir(o.dir);
       const newest = o.dedupe ? newestLocal(o.dir, spec.kind, 'tar.gz') : undefined;
-      const r = await writeArchive(host, spec, file, { signal: ctx.signal, unlessSameAs: newest });
+      const r = await writeArchive(host, spec, file, { signal: ctx.signal, unlessSameAs: newest }).catch((e) => {
+        if (e instanceof LayoutError)
+          throw new LayoutError(`${host.label} sent ${e.message}: refused, ${name} not written`);
+        throw e;
+      });
       if (!r) return { status: 'skipped', summary: 'nothing to archive', warnings: [none(` on ${host.label}`)] };
       const warnings = r.warnings.map((w) => `${name}: ${w}`);
       if (!r.written) return { summary: `unchanged since ${path.basename(newest!)}: not written again`, warnings };
@@ -398,23 +471,30 @@ export function archiveStep(o: { host: Host; spec: ArchiveSpec; dir: string; run
   };
 }
 
-/** `tailscale-ip.txt`: Verda's Tailscale IPv4, or `unknown` when tailscale is missing, fails or hangs. */
+/**
+ * `tailscale-ip.txt`: Verda's Tailscale IPv4, or `unknown` when tailscale is missing, fails, hangs,
+ * prints without end or prints anything but an address (what Verda says is data: only an address
+ * is written, and nothing else of it is printed).
+ */
 export function tailscaleIpStep(o: { host: Host; dir: string; run: RunRecord }): Step {
   const file = path.join(o.dir, 'tailscale-ip.txt');
   return {
     name: 'Tailscale IP',
     moves: `${o.host.label}: tailscale ip -4 → ${file}`,
     async run(ctx) {
-      // No Verda at all is a failure (the command throws); a hung tailscale is "unknown".
+      // No Verda at all is a failure (the command throws); a hung or endless tailscale is "unknown".
       let said = '';
       const r = await o.host.$({
         signal: ctx.signal,
       })`sh -c ${'command -v tailscale >/dev/null && tailscale ip -4'}`.catch((e) => {
-        if (!(e instanceof CommandTimeout)) throw e;
+        if (!(e instanceof CommandTimeout || e instanceof OutputTooLarge)) throw e;
         said = ` (${e.message})`;
         return { code: 1, stdout: '', stderr: '' };
       });
-      const ip = (r.code === 0 && r.stdout.trim().split('\n')[0]) || 'unknown';
+      const first = r.code === 0 ? r.stdout.split('\n')[0].trim() : '';
+      const ip = net.isIPv4(first) ? first : 'unknown';
+      if (r.code === 0 && ip === 'unknown')
+        said = ` (it printed something that is not an IPv4 address: ${printable(first.slice(0, 60))})`;
       if (ctx.dryRun) return { summary: `would write tailscale-ip.txt (${ip})` };
       ensurePrivateDir(o.dir);
       writeFileAtomic(file, `${ip}\n`, 0o600);
@@ -577,15 +657,16 @@ export function verifyCopyStep(o: { host: Host; spec: ArchiveSpec; dir: string }
         return { status: 'skipped', summary: 'no copy', warnings };
       }
       const name = path.basename(newest);
-      let entries: string[];
+      let entries: number;
       try {
-        entries = await listArchive(newest);
+        entries = (await checkArchiveFile(newest, spec.kind, ctx.signal)).entries;
       } catch (e) {
+        if (e instanceof LayoutError) throw new LayoutError(`${name} holds ${e.message}`);
         throw new Error(`${name} is not a whole archive (${errorText(e)})`);
       }
       const mode = fs.statSync(newest).mode & 0o777;
       if (mode !== 0o600) warnings.push(`${name} has mode ${mode.toString(8)}, not 600`);
-      return { summary: `${name}: whole, ${entries.length} entries`, warnings, data: { file: newest, entries } };
+      return { summary: `${name}: whole, ${entries} entries`, warnings, data: { file: newest, entries } };
     },
   };
 }

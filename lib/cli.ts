@@ -167,6 +167,23 @@ export function errorText(e: unknown): string {
   return err?.message ?? String(e);
 }
 
+// What must never reach a terminal, a log, a file or a ping as it is: C0 controls (a newline that
+// would forge a line, ESC that starts a terminal sequence), DEL, C1 controls (0x9b is a CSI on
+// some terminals), and the Unicode characters that reorder or hide text (bidi overrides,
+// zero-width characters, line and paragraph separators, the BOM).
+const UNPRINTABLE = /[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u2064\u2066-\u2069\ufeff]/g;
+
+/**
+ * Text as one printable line: every character above escaped (`\n`, `\u001b`). The one function
+ * every name, key and word from Verda goes through before it is printed, written or pinged.
+ */
+export function printable(text: string): string {
+  return text.replace(UNPRINTABLE, (c) => {
+    const json = JSON.stringify(c).slice(1, -1);
+    return json.length > 1 ? json : `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`;
+  });
+}
+
 /** Sizes as `du -h` prints them, which is what the bash originals showed: 4.0K, 1.2M, 3.4G. */
 export function humanSize(bytes: number): string {
   const units = ['B', 'K', 'M', 'G', 'T'];
@@ -207,8 +224,9 @@ export class Output {
     this.fancy = Boolean(this.stream.isTTY) && !process.env.NO_COLOR && process.env.TERM !== 'dumb';
   }
 
-  private write(line: string, colour?: number) {
+  private write(text: string, colour?: number) {
     this.clearProgress();
+    const line = printable(text); // one line, whatever a message quoted from Verda held
     this.stream.write((this.fancy && colour ? `\x1b[${colour}m${line}\x1b[0m` : line) + '\n');
   }
   header(text: string) {

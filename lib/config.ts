@@ -112,6 +112,8 @@ export interface Config {
   ageRecipients?: AgeRecipients;
   /** AGE_IDENTITY_FILE: the age identity that decrypts them (restore, --verify --deep). */
   ageIdentityFile?: string;
+  /** DRILL_MAX_BYTES (4 GiB): what a drill may unpack on Mello in all, counted as it unpacks. */
+  drillMaxBytes: number;
 }
 
 const BUCKETS: Record<BucketKind, { name: string; fallback: string; endpoint: string; keys: string }> = {
@@ -532,6 +534,10 @@ export function loadConfig(processEnv: NodeJS.ProcessEnv, scriptDir: string, env
   }
   for (const kind of Object.keys(BUCKETS) as BucketKind[]) bucketKeyPair(env, kind);
   const ageRecipients = parseAgeRecipients(env.AGE_RECIPIENTS, home);
+  const drillRaw = str('DRILL_MAX_BYTES', '4294967296').trim();
+  if (!/^\d+$/.test(drillRaw) || !Number.isSafeInteger(Number(drillRaw)) || Number(drillRaw) < 1) {
+    throw new UsageError(`DRILL_MAX_BYTES must be a whole number of bytes, at least 1 (got "${drillRaw}")`);
+  }
 
   return {
     env,
@@ -560,6 +566,7 @@ export function loadConfig(processEnv: NodeJS.ProcessEnv, scriptDir: string, env
     limits: readLimits(env),
     ageRecipients,
     ageIdentityFile: env.AGE_IDENTITY_FILE ? absolute('AGE_IDENTITY_FILE', env.AGE_IDENTITY_FILE) : undefined,
+    drillMaxBytes: Number(drillRaw),
   };
 }
 

@@ -3,13 +3,13 @@
 // the R2 target and credentials on stdin (never on a command line). Verda syncs its
 // `*.safetensors` with the hash cache on SFS, so a new instance does not hash 45 GB again.
 import path from 'node:path';
-import { addNotice, answerRequest, humanSize } from './cli.ts';
+import { addNotice, answerRequest, humanSize, printable } from './cli.ts';
 import { DEFAULT_LIMITS, type BucketTarget, type Limits } from './config.ts';
 import type { RunRecord } from './manifest.ts';
 import type { Step } from './plan.ts';
 import { R2Backend, r2Limits } from './r2.ts';
 import type { Host } from './ssh.ts';
-import { printable, syncTree, type SyncResult } from './sync.ts';
+import { syncTree, type FileAction, type SyncResult } from './sync.ts';
 
 export const MODELS_FLAG = '--models-here';
 
@@ -61,32 +61,34 @@ export function modelsStep(opts: {
         input: JSON.stringify(request) + '\n',
         holdStdin: true,
         signal: ctx.signal,
-        onStderr: (text) =>
-          text
-            .split('\n')
-            .filter(Boolean)
-            .forEach((line) => ctx.out.detail(`verda: ${line}`)),
+        onStderr: (line) => line && ctx.out.detail(`verda: ${line}`),
       })`${path.join(opts.scriptsDir, 'backup-verda.mts')} ${MODELS_FLAG}`;
       const last = r.stdout.trim().split('\n').pop() ?? '';
-      let result: (SyncResult & { error?: string; notices?: string[] }) | undefined;
+      let answer: unknown;
       try {
-        result = JSON.parse(last);
+        answer = JSON.parse(last);
       } catch {
         /* not our output: the command failed to start */
       }
-      if (!result) {
+      if (!answer || typeof answer !== 'object') {
         const said = r.stderr.trim().split('\n').slice(-2).join('; ');
         throw new Error(
           `backup-verda.mts ${MODELS_FLAG} on ${opts.host.label} failed (exit ${r.code}): ${said || 'no output'}`,
         );
       }
-      for (const notice of result.notices ?? []) addNotice(`on ${opts.host.label}: ${notice}`);
-      if (result.error) throw new Error(`on ${opts.host.label}: ${result.error}`);
+      const result = answer as Partial<SyncResult> & { error?: unknown; notices?: unknown };
+      // What Verda answers is data: a few notices, each one line and bounded.
+      const notices = Array.isArray(result.notices) ? result.notices.slice(0, 20) : [];
+      for (const notice of notices) addNotice(`on ${opts.host.label}: ${String(notice).slice(0, 500)}`);
+      if (result.error !== undefined) throw new Error(`on ${opts.host.label}: ${String(result.error).slice(0, 500)}`);
+      const problem = answerProblem(result);
+      if (problem) throw new Error(`${opts.host.label}'s answer cannot be trusted: ${problem}; no model is recorded`);
+      const models = result as SyncResult;
       const warnings = [
-        ...(result.vanished ?? []).map((k) => `${printable(k)} vanished on Verda before it was sent: not backed up`),
-        ...(result.cacheWarning ? [`on Verda: ${result.cacheWarning}`] : []),
+        ...models.vanished.map((k) => `${printable(k)} vanished on Verda before it was sent: not backed up`),
+        ...(models.cacheWarning ? [`on Verda: ${String(models.cacheWarning).slice(0, 500)}`] : []),
       ];
-      for (const a of result.actions) {
+      for (const a of models.actions) {
         if (a.action === 'send' && ctx.dryRun)
           ctx.out.info(`would send r2://${bucket}/${printable(a.key)} (${humanSize(a.bytes)})`);
         if (a.action !== 'failed' && !ctx.dryRun) {
@@ -100,14 +102,44 @@ export function modelsStep(opts: {
         }
       }
       return {
-        summary: `${result.files} models (${humanSize(result.bytes)}): ${result.sent} ${ctx.dryRun ? 'to send' : 'sent'} (${humanSize(result.sentBytes)}), ${result.skipped} unchanged${result.adopted ? `, ${result.adopted} adopted from earlier uploads` : ''}`,
-        bytes: result.sentBytes,
+        summary: `${models.files} models (${humanSize(models.bytes)}): ${models.sent} ${ctx.dryRun ? 'to send' : 'sent'} (${humanSize(models.sentBytes)}), ${models.skipped} unchanged${models.adopted ? `, ${models.adopted} adopted from earlier uploads` : ''}`,
+        bytes: models.sentBytes,
         warnings,
-        failures: result.failures.map((f) => `${printable(f.key)}: ${f.error}`),
-        data: { ...result, bucket },
+        failures: models.failures.map((f) => `${printable(f.key)}: ${printable(String(f.error).slice(0, 500))}`),
+        data: { ...models, bucket },
       };
     },
   };
+}
+
+const count = (n: unknown) => typeof n === 'number' && Number.isSafeInteger(n) && n >= 0;
+const SHA256 = /^[0-9a-f]{64}$/;
+
+/**
+ * What is wrong with Verda's answer to the models request, or undefined: every model it records
+ * as sent or found in R2 has a key under the models directory, a size and a sha256 (the manifest
+ * records what a restore will check: a record without them would be a model no one can verify).
+ */
+export function answerProblem(r: Partial<SyncResult>): string | undefined {
+  for (const n of ['files', 'bytes', 'sent', 'sentBytes', 'skipped', 'adopted', 'failureCount'] as const)
+    if (!count(r[n] ?? 0)) return `its ${n} is not a count`;
+  if (!Array.isArray(r.actions) || !Array.isArray(r.failures) || !Array.isArray(r.vanished ?? []))
+    return 'it lists no actions';
+  for (const a of r.actions as Partial<FileAction & { sha256: unknown }>[]) {
+    const key = typeof a?.key === 'string' ? a.key : undefined;
+    const named = key === undefined ? 'a model without a key' : printable(key.slice(0, 200));
+    if (key === undefined || !isModel(key) || key.startsWith('/') || key.split('/').includes('..'))
+      return `${named}: not a model under the models directory`;
+    if (a.action !== 'send' && a.action !== 'skip' && a.action !== 'failed') return `${named}: an unknown action`;
+    if (!count(a.bytes)) return `${named} is recorded without a size`;
+    if (a.action !== 'failed' && !(typeof a.sha256 === 'string' && SHA256.test(a.sha256)))
+      return `${named} is recorded as ${a.action === 'send' ? 'sent' : 'in R2'} without a sha256`;
+  }
+  if (!r.failures.every((f) => typeof f?.key === 'string')) return 'a failure without a key';
+  if (!(r.vanished ?? []).every((k) => typeof k === 'string')) return 'a vanished model without a key';
+  const counted = (r.sent ?? 0) + (r.skipped ?? 0) + (r.failureCount ?? r.failures.length);
+  if (r.actions.length !== counted) return `it records ${r.actions.length} models, not the ${counted} it counts`;
+  return undefined;
 }
 
 /**

@@ -5,7 +5,7 @@
 // a run waits for its pings at most twice COMFYMULTI_NOTIFY_TIMEOUT. The URL is the check's key:
 // messages name its variable and host, never the URL itself.
 import os from 'node:os';
-import { UsageError } from './cli.ts';
+import { UsageError, printable } from './cli.ts';
 
 export const NOTIFY_VARIABLES = ['NOTIFY_URL', 'NOTIFY_URL_VERDA', 'NOTIFY_URL_MELLO', 'NOTIFY_URL_CRON'] as const;
 
@@ -62,9 +62,9 @@ export function pingUrl(base: URL, kind: PingKind): URL {
   return url;
 }
 
-/** A ping's body: `lines` joined, cut to BODY_LIMIT bytes on a character boundary. */
+/** A ping's body: `lines` joined, each made printable, cut to BODY_LIMIT bytes on a character boundary. */
 export function pingBody(lines: string[]): string {
-  const text = lines.join('\n') + '\n';
+  const text = lines.map(printable).join('\n') + '\n';
   const bytes = Buffer.from(text);
   if (bytes.length <= BODY_LIMIT) return text;
   const cut = '\n… (cut at 10,000 bytes)\n';

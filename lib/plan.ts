@@ -132,7 +132,8 @@ export async function runPlan(steps: Step[], base: Omit<StepContext, 'earlier' |
       ctx.out.fail(report.error);
       // A stack only for a bug (a TypeError and its kin), never for a failure the step expects,
       // and only with --verbose.
-      if (ctx.verbose && !ctx.signal.aborted && isBug(e) && e.stack) ctx.out.detail(e.stack);
+      if (ctx.verbose && !ctx.signal.aborted && isBug(e) && e.stack)
+        e.stack.split('\n').forEach((l) => ctx.out.detail(l));
     }
     report.ms = Date.now() - started;
   }

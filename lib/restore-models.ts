@@ -13,7 +13,7 @@ import { constants as FS } from 'node:fs';
 import fs from 'node:fs';
 import path from 'node:path';
 import type { Readable } from 'node:stream';
-import { addNotice, answerRequest, humanSize } from './cli.ts';
+import { addNotice, answerRequest, humanSize, printable } from './cli.ts';
 import { DEFAULT_LIMITS, type BucketTarget, type Limits } from './config.ts';
 import { partialName, removeStalePartials } from './files.ts';
 import { TreeCache, etagProvesContent, hashFile, lineMatches, type TreeCacheLine } from './hash-cache.ts';
@@ -24,7 +24,6 @@ import { R2Backend, r2Limits } from './r2.ts';
 import type { RestoreSource } from './restore.ts';
 import type { Host } from './ssh.ts';
 import { StorageError, type Backend, type ObjectInfo } from './storage.ts';
-import { printable } from './sync.ts';
 
 export const MODELS_HERE_FLAG = '--models-here';
 const MiB = 1024 * 1024;
@@ -500,11 +499,7 @@ export function modelsRestoreStep(o: ModelsRestoreStepOptions): Step {
         input: Buffer.concat([code, Buffer.from(JSON.stringify(request) + '\n')]),
         holdStdin: true,
         signal: ctx.signal,
-        onStderr: (text) =>
-          text
-            .split('\n')
-            .filter(Boolean)
-            .forEach((line) => ctx.out.detail(`verda: ${line}`)),
+        onStderr: (line) => line && ctx.out.detail(`verda: ${line}`),
       });
       if (r.code === 126 || r.code === 127) {
         const found =

@@ -7,20 +7,12 @@
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { Transform, type Readable } from 'node:stream';
+import { PassThrough, Transform, pipeline as chain, type Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import zlib from 'node:zlib';
 import tar from 'tar-stream';
-import {
-  BUNDLE_KEY,
-  CRON_KINDS,
-  IMAGE_FILE,
-  isBundleKey,
-  listArchive,
-  listBundles,
-  type ArchiveSpec,
-} from './archive.ts';
-import { addNotice, errorText, humanSize } from './cli.ts';
+import { BUNDLE_KEY, CRON_KINDS, IMAGE_FILE, isBundleKey, listBundles, type ArchiveSpec } from './archive.ts';
+import { addNotice, errorText, humanSize, printable } from './cli.ts';
 import {
   ensurePrivateDir,
   hashFile,
@@ -40,12 +32,12 @@ import {
   type Manifest,
   type R2Record,
 } from './manifest.ts';
+import { ByteBudget, LayoutError, TarGuard, checkArchiveFile } from './layout.ts';
 import { sleep } from './pacer.ts';
 import { failedBefore, type Step, type StepContext, type StepResult } from './plan.ts';
 import { datedCopies, datedPattern, localCopies } from './rotation.ts';
 import { CommandTimeout, type Host } from './ssh.ts';
 import type { Backend } from './storage.ts';
-import { printable } from './sync.ts';
 import { decryptStream, isEncryptedKey, requireIdentityFile } from './age.ts';
 
 /** `--only` names, besides the config archives' kinds. */
@@ -58,10 +50,10 @@ export type FromWhere = { from: 'manifest'; stamp?: string } | { from: 'sfs' } |
 /** One config archive to restore, checked. */
 export interface ArchiveRef {
   name: string;
-  /** On Mello: streamed over the connection into tar on Verda. */
-  melloFile?: string;
-  /** On Verda (an SFS copy): tar there reads it. */
-  verdaFile?: string;
+  /** On Mello (an SFS copy is read to Mello first): streamed over the connection into tar on Verda. */
+  melloFile: string;
+  /** Where it was read, for messages, when not BACKUP_DIR (an SFS copy). */
+  from?: string;
   /** What the bytes streamed must hash to (the manifest's), checked as they pass. */
   sha256?: string;
   bytes?: number;
@@ -99,6 +91,18 @@ export class RestoreSource {
   readonly objectsFrom: Manifest[] = [];
   /** Private directories on Mello this run made (the R2 bundle unpacked): removed at the end. */
   readonly tempDirs: string[] = [];
+  private readonly made = new Map<string, string>();
+
+  /** A private directory of this run on Mello (made on first use, removed at the end). */
+  tempDir(parent: string, prefix: string): string {
+    let dir = this.made.get(prefix);
+    if (!dir) {
+      dir = runDir(parent, prefix);
+      this.made.set(prefix, dir);
+      this.tempDirs.push(dir);
+    }
+    return dir;
+  }
 
   cleanup() {
     for (const dir of this.tempDirs.splice(0)) removeTree(dir);
@@ -195,11 +199,16 @@ async function artifactProblem(file: string, bytes: number, sha256: string, sign
   return got === sha256 ? undefined : `damaged: ${name}: its sha256 is not the manifest's`;
 }
 
-/** The entries of an archive on Mello, or why it is not a whole one. */
-async function entriesOf(file: string): Promise<number | string> {
+/**
+ * The entries of a kind's archive on Mello, read through its layout (as the unpack will read it),
+ * or why it is not to be unpacked: an entry outside the layout, or a damaged archive.
+ */
+async function entriesOf(file: string, kind: string, signal: AbortSignal): Promise<number | string> {
   try {
-    return (await listArchive(file)).length;
+    return (await checkArchiveFile(file, kind, signal)).entries;
   } catch (e) {
+    if (signal.aborted) throw e;
+    if (e instanceof LayoutError) return `refused: ${path.basename(file)} holds ${e.message}`;
     return `damaged: ${path.basename(file)} does not list as a whole archive (${errorText(e)})`;
   }
 }
@@ -289,7 +298,7 @@ async function fromManifest(
     }
     const file = path.join(o.backupDir, a.name);
     const problem = await artifactProblem(file, a.bytes, a.sha256, ctx.signal);
-    const entries = problem ?? (await entriesOf(file));
+    const entries = problem ?? (await entriesOf(file, kind, ctx.signal));
     if (typeof entries === 'string') failures.push(entries);
     else s.archives.set(kind, { name: a.name, melloFile: file, sha256: a.sha256, bytes: a.bytes, entries });
   }
@@ -349,6 +358,40 @@ async function adoptMelloImage(o: SourceOptions, image: ImageRef, signal: AbortS
   if (local?.sha256 === image.sha256 && local.bytes === image.bytes) image.melloFile = file;
 }
 
+/** An SFS copy is a config archive of a few KiB: one far larger is not read to Mello. */
+const SFS_COPY_LIMIT = 64 * 1024 * 1024;
+
+/** A regular file on the host read into `local` on Mello (0600, through a temporary name), at most `limit` bytes. */
+async function fetchFile(host: Host, remote: string, local: string, limit: number, signal: AbortSignal) {
+  const raw = new PassThrough({ highWaterMark: 1 << 20 });
+  let bytes = 0;
+  const bounded = new Transform({
+    transform(chunk: Buffer, _e, cb) {
+      bytes += chunk.length;
+      cb(bytes > limit ? new Error(`more than ${humanSize(limit)}: not a config archive`) : null, chunk);
+    },
+  });
+  const writing = writeStreamAtomic(local, raw.pipe(bounded), 0o600, signal);
+  writing.catch(() => {});
+  raw.on('error', (e) => bounded.destroy(e));
+  bounded.on('error', (e) => raw.destroy(e));
+  const r = await host.stream(['sh', '-c', CAT_REGULAR, 'sh', remote], raw, { sudo: true, signal }).catch(async (e) => {
+    await writing.catch(() => {});
+    throw e;
+  });
+  if (r.code !== 0) {
+    raw.destroy(new Error(r.stderr.trim().split('\n').pop() || `exit ${r.code}`));
+    await writing.catch(() => {});
+    throw new Error(r.stderr.trim().split('\n').pop() || `exit ${r.code}`);
+  }
+  raw.end();
+  await writing;
+}
+
+// Prints the regular file $1 (never through a symlink, never a FIFO).
+const CAT_REGULAR = `[ -f "$1" ] && [ ! -L "$1" ] || { echo "not a regular file" >&2; exit 3; }
+exec cat -- "$1"`;
+
 // Prints, NUL-separated, the regular files `*.tar.gz` in $1; exit 3 when it is not a directory.
 const SFS_LIST = `cd -- "$1" 2>/dev/null || exit 3
 for f in *.tar.gz; do [ -f "$f" ] && [ ! -L "$f" ] && printf '%s\\0' "$f"; done; exit 0`;
@@ -377,19 +420,20 @@ async function fromSfs(o: SourceOptions, ctx: StepContext, failures: string[]) {
       s.absent.set(kind, `no ${kind} copy in ${o.sfsBackupDir} on ${o.host.label}`);
       continue;
     }
+    // What SFS holds was written on Verda: it is read to Mello and checked here, like any archive
+    // from Verda, before anything is unpacked (no manifest records SFS copies).
     const file = path.join(o.sfsBackupDir, newest);
-    // No manifest records SFS copies: a whole archive is what can be checked.
-    const r = await o.host.run(['env', 'LC_ALL=C', 'tar', '--list', '--gzip', `--file=${file}`], {
-      sudo: true,
-      signal: ctx.signal,
-    });
-    if (r.code !== 0) {
-      failures.push(
-        `damaged: ${file} on ${o.host.label} does not list as a whole archive ` +
-          `(${r.stderr.trim().split('\n').pop() || `exit ${r.code}`})`,
-      );
-    } else
-      s.archives.set(kind, { name: newest, verdaFile: file, entries: r.stdout.split('\n').filter(Boolean).length });
+    const local = path.join(s.tempDir(o.stateDir, 'restore-sfs-'), newest);
+    try {
+      await fetchFile(o.host, file, local, SFS_COPY_LIMIT, ctx.signal);
+    } catch (e) {
+      if (ctx.signal.aborted) throw e;
+      failures.push(`cannot read ${file} on ${o.host.label}: ${errorText(e)}`);
+      continue;
+    }
+    const entries = await entriesOf(local, kind, ctx.signal);
+    if (typeof entries === 'string') failures.push(`${o.host.label}:${file}: ${entries}`);
+    else s.archives.set(kind, { name: newest, melloFile: local, entries, from: `${o.host.label}:${file}` });
   }
   if (o.image) await imageFromR2(o, ctx.signal);
 }
@@ -409,7 +453,7 @@ async function fromR2(o: SourceOptions, ctx: StepContext, failures: string[], wa
       continue;
     }
     const file = path.join(bundle.dir, newest);
-    const entries = await entriesOf(file);
+    const entries = await entriesOf(file, kind, ctx.signal);
     if (typeof entries === 'string') failures.push(`${s.label}: ${entries}`);
     else s.archives.set(kind, { name: newest, melloFile: file, entries });
   }
@@ -541,50 +585,62 @@ async function service(ctl: ServiceControl, [verb, unit]: ServiceAction, signal:
   };
 }
 
-// Unpacks a gzipped tar (a file there, or `-`: stdin) into $1, made first if missing. GNU tar
-// keeps mode (also for a user that is not root), mtime, and as root the owner (by name, as the
-// SPEC's `tar -xzf F -C DIR`); it refuses members that would land outside the directory.
-const UNPACK = `dest=$1 file=$2
+// Unpacks a gzipped tar from stdin into $1/$2 (the restore's root and the kind's base). Each
+// component of the base under the root is looked at with lstat (`test -L`) before it is made or
+// entered: a symlink there (one an earlier archive restored) ends it, so nothing is written
+// through it. The root itself (`/`, --root, the drill's directory) is the admin's, made if missing. GNU tar runs without --keep-directory-symlink, --dereference or -P, and keeps mode
+// (also for a user that is not root), mtime, and as root the owner (by name, as the SPEC's
+// `tar -xzf F -C DIR`).
+const UNPACK = `dest=$1 rel=$2
 mkdir -p -- "$dest" || exit 1
-exec tar --extract --gzip --file="$file" --directory="$dest" --preserve-permissions`;
+set -f
+IFS=/
+for part in $rel; do
+  [ -n "$part" ] || continue
+  dest=\${dest%/}/$part
+  if [ -L "$dest" ]; then printf '%s is a symlink: not followed, nothing unpacked\\n' "$dest" >&2; exit 3; fi
+  [ -d "$dest" ] || mkdir -- "$dest" || exit 1
+done
+unset IFS
+exec tar --extract --gzip --file=- --directory="$dest" --preserve-permissions`;
 
 /**
- * Unpacks an archive into `dest` on the host: a file on Mello is streamed over the connection
- * (and its bytes hashed as they pass: they must be the ones checked), an SFS copy is read there.
+ * Unpacks an archive on Mello into root/base on the host: streamed over the connection through
+ * its kind's guard (the layout checked again as it passes, what home-dev may not hold left out,
+ * the drill's budget counted) and its bytes hashed as they pass: they must be the ones checked.
  */
 async function unpackOn(
   host: Host,
   ref: ArchiveRef,
-  dest: string,
-  opts: { sudo: boolean; signal: AbortSignal },
-): Promise<number> {
-  const argv = ['env', 'LC_ALL=C', 'sh', '-c', UNPACK, 'sh', dest, ref.verdaFile ?? '-'];
-  let r;
+  kind: string,
+  into: { root: string; base: string },
+  opts: { sudo: boolean; signal: AbortSignal; budget?: ByteBudget },
+): Promise<{ bytes: number; dropped: string[] }> {
+  const argv = ['env', 'LC_ALL=C', 'sh', '-c', UNPACK, 'sh', into.root, into.base];
   let bytes = 0;
-  if (ref.verdaFile) r = await host.run(argv, opts);
-  else {
-    const { handle } = await openRegular(ref.melloFile!);
-    const hash = crypto.createHash('sha256');
-    const tap = new Transform({
-      transform(chunk: Buffer, _e, cb) {
-        hash.update(chunk);
-        bytes += chunk.length;
-        cb(null, chunk);
-      },
-    });
-    const file = handle.createReadStream({ highWaterMark: 1 << 20 });
-    file.on('error', (e) => tap.destroy(e));
-    tap.on('close', () => file.destroy());
-    r = await host.run(argv, { ...opts, stdin: file.pipe(tap) });
-    if (r.code === 0 && ref.sha256 && hash.digest('hex') !== ref.sha256) {
-      throw new Error(`${ref.name} changed on Mello while it was sent: what was unpacked is not what was checked`);
-    }
+  const { handle } = await openRegular(ref.melloFile);
+  const hash = crypto.createHash('sha256');
+  const tap = new Transform({
+    transform(chunk: Buffer, _e, cb) {
+      hash.update(chunk);
+      bytes += chunk.length;
+      cb(null, chunk);
+    },
+  });
+  const guard = new TarGuard(kind, opts.budget);
+  const file = handle.createReadStream({ highWaterMark: 1 << 20 });
+  // gzip level 1 again for the wire: the guard reads plain tar, tar there reads gzip.
+  const stdin = chain(file, tap, zlib.createGunzip(), guard, zlib.createGzip({ level: 1 }), () => {});
+  const r = await host.run(argv, { sudo: opts.sudo, signal: opts.signal, stdin });
+  if (r.code === 0 && ref.sha256 && hash.digest('hex') !== ref.sha256) {
+    throw new Error(`${ref.name} changed on Mello while it was sent: what was unpacked is not what was checked`);
   }
   if (r.code !== 0) {
     const said = r.stderr.trim().split('\n').slice(-3).join('; ') || 'no message';
+    const dest = path.join(into.root, into.base);
     throw new Error(`tar on ${host.label} could not unpack ${ref.name} into ${dest} (exit ${r.code}): ${said}`);
   }
-  return bytes;
+  return { bytes, dropped: guard.result.dropped };
 }
 
 // Prints Tailscale's IPv4; 127 when there is no tailscale.
@@ -644,19 +700,21 @@ export interface UnpackStepOptions {
   host: Host;
   spec: ArchiveSpec;
   source: RestoreSource;
-  /** The root restored under (--root, the drill's temporary root); without one, `/`. */
-  root?: () => string;
+  /** The root restored under (--root; the drill's fresh directory for the kind); without one, `/`. */
+  root?: (kind: string) => string;
   /** Services controlled around the unpack; none with --root or in the drill. */
   services?: ServiceControl;
   skipReason?: string;
   /** The drill: compare every restored entry with its archive. */
   compare?: boolean;
+  /** The drill's DRILL_MAX_BYTES, shared by its kinds, counted as they unpack. */
+  budget?: ByteBudget;
 }
 
 /** One config archive restored: services stopped, unpacked by tar there, services started or reloaded. */
 export function unpackStep(o: UnpackStepOptions): Step {
   const { spec, host } = o;
-  const dest = () => (o.root ? path.join(o.root(), spec.base) : spec.base);
+  const rootOf = () => o.root?.(spec.kind) ?? '/';
   const actions = o.services ? SERVICES[spec.kind] : undefined;
   const around = [
     ...(actions?.before ?? []).map(([v, u]) => `${v} ${u} before`),
@@ -676,8 +734,9 @@ export function unpackStep(o: UnpackStepOptions): Step {
           summary: 'nothing to restore',
           warnings: [o.source.absent.get(spec.kind) ?? `no ${spec.kind} archive`],
         };
-      const into = dest();
-      const from = ref.verdaFile ? `${host.label}:${ref.verdaFile}` : ref.name;
+      const root = rootOf();
+      const into = path.join(root, spec.base);
+      const from = ref.from ?? ref.name;
       if (ctx.dryRun) {
         const services = around.length ? `; would ${around.join(', ')}` : '';
         return { summary: `would unpack ${from} (${ref.entries} entries) into ${host.label}:${into}${services}` };
@@ -696,7 +755,17 @@ export function unpackStep(o: UnpackStepOptions): Step {
         // A running tailscaled would write its own state over the one restored.
         if (!r.ok && serviceFailed(r)) throw new Error(`${r.what} failed (${r.said}): ${ref.name} not unpacked`);
       }
-      const bytes = await unpackOn(host, ref, into, { sudo: spec.sudo, signal: ctx.signal });
+      const { bytes, dropped } = await unpackOn(
+        host,
+        ref,
+        spec.kind,
+        { root, base: spec.base },
+        { sudo: spec.sudo, signal: ctx.signal, budget: o.budget },
+      ).catch((e) => {
+        if (e instanceof LayoutError) throw new LayoutError(`${ref.name} holds ${e.message}: refused`);
+        throw e;
+      });
+      warnings.push(...dropped);
       for (const action of actions?.after ?? []) {
         const r = await service(o.services!, action, ctx.signal);
         if (!r.ok && serviceFailed(r)) failures.push(`${r.what} failed: ${r.said}`);
@@ -705,7 +774,7 @@ export function unpackStep(o: UnpackStepOptions): Step {
       if (spec.kind === 'tailscale-identity' && o.services)
         ip = await compareTailscaleIp(host, o.source.tailscaleIp, ctx.signal, warnings);
       let compared = '';
-      if (o.compare && ref.melloFile) {
+      if (o.compare) {
         const c = await compareWithArchive(ref.melloFile, into, ctx.signal);
         failures.push(...c.failures.map((f) => `${ref.name}: ${f}`));
         if (!c.owners)
@@ -764,6 +833,11 @@ export async function compareWithArchive(
   reading.catch(() => {}); // awaited below; an error also ends the loop
   for await (const entry of extract as AsyncIterable<Readable & { header: tar.Header }>) {
     const h = entry.header;
+    // Left out by the guard (lib/layout.ts): never restored, so not compared.
+    if (h.type === 'character-device' || h.type === 'block-device' || h.type === 'fifo') {
+      entry.resume();
+      continue;
+    }
     entries++;
     const at = path.join(dest, h.name);
     const differs = (what: string) => failures.push(`${printable(h.name)}: ${what}`);
@@ -812,13 +886,19 @@ export async function compareWithArchive(
 // ---------------------------------------------------------------------------------------------
 // The drill's and --verify's other steps
 
-/** The drill's temporary root on Mello: private, made on first use, removed by the verdict (or at close). */
+/**
+ * The drill's temporary directory on Mello: private, made on first use, removed by the verdict (or
+ * at close). Each kind is unpacked into a fresh directory of its own in it, so that a symlink one
+ * archive restores can never be the way into another's destination.
+ */
 export class TempRoot {
   private dir?: string;
   constructor(private readonly parent: string) {}
-  get(): string {
+  get(kind: string): string {
     this.dir ??= runDir(this.parent, 'drill-');
-    return this.dir;
+    const own = path.join(this.dir, kind);
+    fs.mkdirSync(own, { mode: 0o700 });
+    return own;
   }
   remove() {
     if (this.dir) removeTree(this.dir);
@@ -846,8 +926,10 @@ export function objectsStep(o: {
       if (!o.source.checked || !o.source.objectsFrom.length) return notChecked();
       // Each object once, as the newest of those manifests records it.
       const byKey = new Map<string, R2Record>();
-      for (const r of o.source.objectsFrom.flatMap((m) => m.r2))
-        if (r.sha256) byKey.set(`${r.bucket}/${r.key}`, byKey.get(`${r.bucket}/${r.key}`) ?? r);
+      for (const r of o.source.objectsFrom.flatMap((m) => m.r2)) {
+        const id = `${r.bucket}/${r.key}`;
+        byKey.set(id, byKey.get(id) ?? r);
+      }
       const records = [...byKey.values()];
       const found = await checkObjects(records, o.backends(), { ...o, signal: ctx.signal });
       const present = records.length - found.failures.length;

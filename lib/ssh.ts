@@ -31,8 +31,11 @@ export interface RunOptions {
    */
   stdin?: Readable;
   signal?: AbortSignal;
-  /** Where stderr lines go as they come (progress of a remote run); else collected. */
-  onStderr?: (chunk: string) => void;
+  /**
+   * Where stderr lines go as they come (progress of a remote run), each line whole and at most
+   * LINE_LIMIT bytes (a longer one is cut); stderr's tail is collected as well.
+   */
+  onStderr?: (line: string) => void;
   /**
    * Keep stdin open after `input` until the command ends: a remote command that watches its
    * stdin learns that this side is gone (interrupted, link dropped) and stops cleanly.
@@ -123,6 +126,46 @@ interface SpawnPlan {
 export class CommandTimeout extends Error {}
 
 /**
+ * A command that printed more than OUTPUT_LIMIT on a stdout that is collected: stopped. What a
+ * command on Verda prints is data from the least trusted machine: never held without a bound
+ * (what is big by nature, archives and images, is streamed into a file instead).
+ */
+export class OutputTooLarge extends Error {}
+
+const MiB = 1024 * 1024;
+/** The most of a command's stdout kept in memory. */
+export const OUTPUT_LIMIT = 4 * MiB;
+/** The most of its stderr kept: the last bytes, where the reason for a failure is. */
+const STDERR_TAIL = 64 * 1024;
+/** The longest stderr line handed on as it comes; the rest of it is cut. */
+const LINE_LIMIT = 4096;
+
+/** Splits a stream of text into lines of at most LINE_LIMIT, calling `onLine` for each whole one. */
+function lineSplitter(onLine: (line: string) => void) {
+  let partial = '';
+  let cut = false;
+  return {
+    feed(text: string) {
+      const lines = (partial + text).split('\n');
+      partial = lines.pop()!;
+      for (const line of lines) {
+        if (!cut) onLine(line.length > LINE_LIMIT ? `${line.slice(0, LINE_LIMIT)}…` : line);
+        cut = false;
+      }
+      if (partial.length > LINE_LIMIT) {
+        if (!cut) onLine(`${partial.slice(0, LINE_LIMIT)}…`);
+        partial = '';
+        cut = true; // the rest of this line is dropped
+      }
+    },
+    end() {
+      if (partial && !cut) onLine(partial);
+      partial = '';
+    },
+  };
+}
+
+/**
  * Spawns without a shell; stdout either collected or streamed; stderr collected (bounded). A
  * command silent for `idleTimeoutMs` (nothing on stdout or stderr) is stopped: SIGTERM, then
  * SIGKILL.
@@ -141,6 +184,8 @@ function execute(plan: SpawnPlan, opts: RunOptions, idleTimeoutMs: number, into?
     let stdout = '';
     let stderr = '';
     let timedOut = false;
+    let tooMuch = false;
+    const lines = opts.onStderr ? lineSplitter(opts.onStderr) : undefined;
     let idle: NodeJS.Timeout | undefined;
     const limit = opts.idleTimeoutMs ?? idleTimeoutMs;
     const quiet = () => {
@@ -164,16 +209,26 @@ function execute(plan: SpawnPlan, opts: RunOptions, idleTimeoutMs: number, into?
         reject(e);
       });
     } else {
-      child.stdout.on('data', (d: Buffer) => {
+      child.stdout.setEncoding('utf8');
+      child.stdout.on('data', (d: string) => {
         activity();
-        stdout += d.toString();
+        if (tooMuch) return;
+        if (stdout.length + d.length > OUTPUT_LIMIT) {
+          tooMuch = true;
+          stdout = '';
+          stop('SIGTERM');
+          setTimeout(() => child.exitCode === null && child.signalCode === null && stop('SIGKILL'), 2000).unref();
+          return;
+        }
+        stdout += d;
       });
     }
-    child.stderr.on('data', (d: Buffer) => {
+    child.stderr.setEncoding('utf8');
+    child.stderr.on('data', (text: string) => {
       activity();
-      const text = d.toString();
-      if (opts.onStderr) opts.onStderr(text);
-      if (stderr.length < 64 * 1024) stderr += text;
+      lines?.feed(text);
+      stderr += text;
+      if (stderr.length > 2 * STDERR_TAIL) stderr = stderr.slice(-STDERR_TAIL);
     });
     child.on('error', (e) => {
       clearTimeout(idle);
@@ -200,8 +255,13 @@ function execute(plan: SpawnPlan, opts: RunOptions, idleTimeoutMs: number, into?
       opts.signal?.removeEventListener('abort', onAbort);
       // A command that ended before reading all of it: the rest is not read (its descriptor closed).
       if (opts.stdin && !opts.stdin.readableEnded) opts.stdin.destroy();
+      lines?.end();
+      if (stderr.length > STDERR_TAIL) stderr = stderr.slice(-STDERR_TAIL);
       if (opts.signal?.aborted) return reject(opts.signal.reason);
       if (stdinError !== undefined) return reject(stdinError);
+      if (tooMuch) {
+        return reject(new OutputTooLarge(`${plan.what}: printed more than ${OUTPUT_LIMIT / MiB} MiB: stopped`));
+      }
       if (timedOut) {
         const s = Math.round(limit / 100) / 10;
         return reject(

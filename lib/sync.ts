@@ -6,7 +6,7 @@
 // metadata (one HEAD), else an ETag that proves the content (objects the bash scripts uploaded).
 // Never deletes.
 import fs from 'node:fs';
-import { errorText, humanSize } from './cli.ts';
+import { errorText, humanSize, printable } from './cli.ts';
 import { compareKeys, lstatBig, walkSorted, type WalkEntry } from './files.ts';
 import { etagProvesContent, lineMatches, TreeCache, type TreeCacheLine } from './hash-cache.ts';
 import type { Step } from './plan.ts';
@@ -418,11 +418,6 @@ class TreeSync {
       ? { how: 'etag' as const, etag: head.etag }
       : undefined;
   }
-}
-
-/** A key or path as one printable line: control characters (a newline in a name) escaped. */
-export function printable(name: string): string {
-  return name.replace(/[\x00-\x1f\x7f]/g, (c) => JSON.stringify(c).slice(1, -1));
 }
 
 export interface SyncStepOptions {

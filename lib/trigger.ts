@@ -71,7 +71,7 @@ export function triggerMelloStep(o: {
         const r = await host.$({
           into: sink.stream,
           signal: ctx.signal,
-          onStderr: sink.feed,
+          onStderr: (line) => sink.feed(`${line}\n`),
           idleTimeoutMs: TRIGGER_IDLE_LIMIT_MS,
         })`sh -c ${triggerCode(o.scriptsDir)} backup-mello.mts ${o.flags}`;
         sink.flush();
