@@ -9,7 +9,8 @@ import { CRON_KINDS, archiveStep, configArchives, verifyCopyStep } from './lib/a
 import { requireDirOrAbsent } from './lib/config.ts';
 import { RunRecord } from './lib/manifest.ts';
 import { runScript } from './lib/plan.ts';
-import { copyWarnings, rotateLocal, rotationStep, timestamp } from './lib/rotation.ts';
+import { copyWarnings, timestamp } from './lib/dated.ts';
+import { rotateLocal, rotationStep } from './lib/rotation.ts';
 import { LocalHost } from './lib/ssh.ts';
 import { cronStatus } from './lib/status.ts';
 import { triggerMelloStep } from './lib/trigger.ts';
@@ -52,11 +53,11 @@ backup-mello.mts --verify on Mello (--deep is passed on).`,
     const run = new RunRecord(timestamp());
     return {
       steps: [
-        ...specs.map((spec) => archiveStep({ host: verda, spec, dir, run, dedupe: true })),
+        ...specs.map((spec) => archiveStep({ host: verda, spec, dir, run, dedupe: true, sfsMount: cfg.sfsMount })),
         rotationStep({
           where: dir,
           keep: cfg.keepBackups,
-          rotate: async () => specs.flatMap((s) => rotateLocal(dir, s.kind, 'tar.gz', cfg.keepBackups)),
+          rotate: async () => ({ deleted: specs.flatMap((s) => rotateLocal(dir, s.kind, 'tar.gz', cfg.keepBackups)) }),
           inspect: () => specs.flatMap((s) => copyWarnings(dir, s.kind, 'tar.gz')),
         }),
         trigger,

@@ -9,19 +9,22 @@
 import { loadRecipients } from './lib/age.ts';
 import {
   BUNDLE_PREFIX,
+  CONFIG_KINDS,
   archiveStep,
   bundleStep,
   configArchives,
   rotateBundles,
   tailscaleIpStep,
 } from './lib/archive.ts';
-import { bucketTarget, requireDirOrAbsent, type Config } from './lib/config.ts';
+import { bucketName, bucketTarget, requireDirOrAbsent, type Config } from './lib/config.ts';
 import { imageStep } from './lib/image.ts';
 import { RunRecord, manifestStep, verifyArtifactsStep, verifyObjectsStep } from './lib/manifest.ts';
 import { MODELS_FLAG, modelsStep, runModelsHere } from './lib/models.ts';
 import { runScript, type Plan } from './lib/plan.ts';
-import { R2Backend, r2Limits } from './lib/r2.ts';
-import { copyWarnings, rotateLocal, rotationStep, timestamp } from './lib/rotation.ts';
+import { bucketBackend, configuredBuckets } from './lib/r2.ts';
+import { PointJudge, judgeAll, newestPointStep, usable } from './lib/restore-point.ts';
+import { copyWarnings, timestamp } from './lib/dated.ts';
+import { rotateByRestorePoints, rotationStep } from './lib/rotation.ts';
 import { lazyHost } from './lib/ssh.ts';
 import { verdaStatus } from './lib/status.ts';
 
@@ -50,15 +53,16 @@ With AGE_RECIPIENTS set, the bundle is age-encrypted before it leaves Mello (.ta
     const dir = cfg.backupDir;
     const verda = lazyHost(cfg.verdaHost, { configFile: cfg.sshConfig, sudo: cfg.verdaSudo, limits: cfg.limits });
     const cacheBucket = bucketTarget(cfg, 'cache');
-    const cache = new R2Backend(cacheBucket, r2Limits(cfg.limits));
+    const cache = bucketBackend(cfg, 'cache');
     const run = new RunRecord(timestamp());
 
     const archives = configArchives(cfg).map((spec) => archiveStep({ host: verda, spec, dir, run }));
     const configSteps = [...archives, tailscaleIpStep({ host: verda, dir, run })];
-    const kinds = [...configArchives(cfg).map((a) => a.kind), 'manifest'];
+    // The config bundle goes before the long steps: a run stopped during them still has it in R2.
     return {
       steps: [
         ...configSteps,
+        bundleStep({ dir, cache, bucket: cacheBucket.bucket, run, configSteps, ageRecipients }),
         imageStep({
           host: verda,
           cli: cfg.containerCli,
@@ -78,18 +82,17 @@ With AGE_RECIPIENTS set, the bundle is age-encrypted before it leaves Mello (.ta
           sfsBackupDir: cfg.sfsBackupDir,
           limits: cfg.limits,
           run,
+          sfsMount: cfg.sfsMount,
           skipReason: quick,
         }),
-        bundleStep({ dir, cache, bucket: cacheBucket.bucket, run, configSteps, ageRecipients }),
         manifestStep({ dir, run, mode: quick ? 'quick' : 'full', verdaHost: cfg.verdaHost }),
         rotationStep({
           where: `${dir} and ${cache.name}/${BUNDLE_PREFIX}`,
           keep: cfg.keepBackups,
-          rotate: async (signal) => [
-            ...kinds.flatMap((k) => rotateLocal(dir, k, k === 'manifest' ? 'json' : 'tar.gz', cfg.keepBackups)),
-            ...(await rotateBundles(cache, cfg.keepBackups, Boolean(ageRecipients), signal)),
-          ],
-          inspect: () => kinds.flatMap((k) => copyWarnings(dir, k, k === 'manifest' ? 'json' : 'tar.gz')),
+          what: `the ${cfg.keepBackups} newest whole restore points and the newest whole one with the worker image`,
+          rotate: (signal) => rotate(cfg, Boolean(ageRecipients), signal),
+          inspect: () =>
+            [...CONFIG_KINDS, 'manifest'].flatMap((k) => copyWarnings(dir, k, k === 'manifest' ? 'json' : 'tar.gz')),
         }),
       ],
       close: () => verda.close(),
@@ -98,10 +101,46 @@ With AGE_RECIPIENTS set, the bundle is age-encrypted before it leaves Mello (.ta
   },
 });
 
+/**
+ * BACKUP_DIR by restore points, then R2's dated bundles by their own listing (never one a kept
+ * point names, and none while BACKUP_DIR holds fewer than KEEP_BACKUPS points of its own).
+ */
+async function rotate(cfg: Config, encrypted: boolean, signal: AbortSignal) {
+  const cache = bucketBackend(cfg, 'cache');
+  const judge = new PointJudge({
+    backupDir: cfg.backupDir,
+    buckets: configuredBuckets(cfg, ['cache', 'models']),
+    cacheBucket: cache.target.bucket,
+    stateDir: cfg.stateDir,
+    signal,
+  });
+  const judged = await judgeAll(judge);
+  const local = rotateByRestorePoints(cfg.backupDir, judged, cfg.keepBackups, CONFIG_KINDS);
+  const usableKept = local.kept.filter(usable);
+  const r2 = await rotateBundles(
+    cache,
+    cfg.keepBackups,
+    encrypted,
+    { keptStamps: new Set(usableKept.map((p) => p.stamp)), trim: usableKept.length >= cfg.keepBackups },
+    signal,
+  );
+  const cacheWarning = judge.finish();
+  return {
+    deleted: [...local.deleted, ...r2.deleted],
+    notes: [...local.notes, ...r2.notes, ...(cacheWarning ? [cacheWarning] : [])],
+  };
+}
+
 /** --verify: from the newest manifest alone, no SSH, so it works once Verda is gone. */
 function verifyPlan(cfg: Config, deep: boolean): Plan {
-  const buckets = [bucketTarget(cfg, 'cache'), bucketTarget(cfg, 'models')];
-  const backends = new Map(buckets.map((b) => [b.bucket, new R2Backend(b, r2Limits(cfg.limits))]));
+  const backends = configuredBuckets(cfg, ['cache', 'models']);
+  const judge = () =>
+    new PointJudge({
+      backupDir: cfg.backupDir,
+      buckets: backends,
+      cacheBucket: bucketName(cfg, 'cache'),
+      stateDir: cfg.stateDir,
+    });
   const objects = verifyObjectsStep(cfg.backupDir, backends, deep, { ageIdentityFile: cfg.ageIdentityFile });
-  return { steps: [verifyArtifactsStep(cfg.backupDir), objects] };
+  return { steps: [verifyArtifactsStep(cfg.backupDir), objects, newestPointStep({ judge })] };
 }

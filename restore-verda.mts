@@ -12,13 +12,15 @@ import path from 'node:path';
 import { configArchives } from './lib/archive.ts';
 import { ByteBudget } from './lib/layout.ts';
 import { UsageError, type Flags } from './lib/cli.ts';
-import { bucketTarget, requireDirOrAbsent, type Config } from './lib/config.ts';
+import { bucketName, bucketTarget, requireDirOrAbsent, type Config } from './lib/config.ts';
 import { runScript, type Plan, type Step } from './lib/plan.ts';
-import { R2Backend, r2Limits } from './lib/r2.ts';
+import { R2Backend, configuredBuckets, r2Limits } from './lib/r2.ts';
+import { PointJudge } from './lib/restore-point.ts';
 import {
   IMAGE_KIND,
   MODELS_KIND,
   RestoreSource,
+  Services,
   TempRoot,
   objectsStep,
   sourceStep,
@@ -26,7 +28,7 @@ import {
   verdictStep,
   type FromWhere,
 } from './lib/restore.ts';
-import { imageRestoreStep } from './lib/restore-image.ts';
+import { imageCopyStep, imageRestoreStep } from './lib/restore-image.ts';
 import { MODELS_HERE_FLAG, modelsRestoreStep, runModelsRestoreHere, scriptBundle } from './lib/restore-models.ts';
 import { LocalHost, lazyHost } from './lib/ssh.ts';
 import type { Backend } from './lib/storage.ts';
@@ -108,6 +110,14 @@ function restorePlan(cfg: Config, flags: Flags): Plan {
   const kinds = specs.map((s) => s.kind).filter(chosen);
   const source = new RestoreSource();
   const limits = r2Limits(cfg.limits);
+  let pointJudge: PointJudge | undefined;
+  const judge = () =>
+    (pointJudge ??= new PointJudge({
+      backupDir: cfg.backupDir,
+      buckets: configuredBuckets(cfg, ['cache', 'models']),
+      cacheBucket: bucketName(cfg, 'cache'),
+      stateDir: cfg.stateDir,
+    }));
   const buckets = () => {
     const map = new Map<string, Backend>();
     for (const kind of ['cache', 'models'] as const) {
@@ -130,11 +140,12 @@ function restorePlan(cfg: Config, flags: Flags): Plan {
         backupDir: cfg.backupDir,
         stateDir: cfg.stateDir,
         kinds,
-        image: false,
+        image: chosen(IMAGE_KIND),
         host: local,
         sfsBackupDir: cfg.sfsBackupDir,
         ageIdentityFile: cfg.ageIdentityFile,
         source,
+        judge,
       }),
       ...(drill
         ? specs
@@ -142,6 +153,9 @@ function restorePlan(cfg: Config, flags: Flags): Plan {
             .map((spec) =>
               unpackStep({ host: local, spec, source, root: (kind) => tempRoot.get(kind), compare: true, budget }),
             )
+        : []),
+      ...(chosen(IMAGE_KIND)
+        ? [imageCopyStep({ source, image: cfg.containerImage, cache: () => backends.get(bucketName(cfg, 'cache'))! })]
         : []),
       // The drill decrypts an age-encrypted bundle, as a restore from R2 would.
       objectsStep({ source, backends: () => backends, deep: flags.deep, decrypt: drill, ageIdentityFile }),
@@ -161,7 +175,7 @@ function restorePlan(cfg: Config, flags: Flags): Plan {
   const cacheBackend = cacheTarget ? () => (cache ??= new R2Backend(cacheTarget, limits)) : undefined;
   const verda = lazyHost(cfg.verdaHost, { configFile: cfg.sshConfig, sudo: cfg.verdaSudo, limits: cfg.limits });
   const rooted = (p: string) => (root ? path.join(root, p) : p);
-  const services = root ? undefined : { host: verda, systemctl: cfg.verdaSystemctl };
+  const services = root ? undefined : new Services(verda, cfg.verdaSystemctl);
 
   const steps: Step[] = [
     sourceStep({
@@ -175,6 +189,8 @@ function restorePlan(cfg: Config, flags: Flags): Plan {
       ageIdentityFile: cfg.ageIdentityFile,
       cache: cacheBackend,
       source,
+      judge,
+      sfsMount: cfg.sfsMount,
     }),
     ...specs
       .filter((s) => chosen(s.kind))
@@ -189,6 +205,8 @@ function restorePlan(cfg: Config, flags: Flags): Plan {
         source,
         cacheDir: rooted(cfg.sfsBackupDir),
         cache: cacheBackend,
+        load: !root,
+        sfsMount: cfg.sfsMount,
         skipReason: imageSkip,
       }),
     );
@@ -204,6 +222,7 @@ function restorePlan(cfg: Config, flags: Flags): Plan {
         limits: cfg.limits,
         source,
         bundle: () => scriptBundle('restore-verda'),
+        sfsMount: cfg.sfsMount,
         skipReason: modelsSkip,
       }),
     );
@@ -211,8 +230,10 @@ function restorePlan(cfg: Config, flags: Flags): Plan {
   return {
     steps,
     close: async () => {
+      await services?.startStopped();
       await verda.close();
       source.cleanup();
     },
+    report: () => services?.report() ?? [],
   };
 }

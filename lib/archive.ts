@@ -26,7 +26,8 @@ import {
 } from './files.ts';
 import type { RunRecord } from './manifest.ts';
 import { failedBefore, type Step } from './plan.ts';
-import { copyWarnings, newestLocal } from './rotation.ts';
+import { copyWarnings, newestLocal } from './dated.ts';
+import { requireSfs } from './sfs.ts';
 import { CommandTimeout, OutputTooLarge, type Host } from './ssh.ts';
 import { fingerprintedSource, type Backend } from './storage.ts';
 
@@ -440,7 +441,15 @@ export async function bundleFiles(files: string[], dest: string, signal?: AbortS
  * the host is a warning and a skipped row. With `dedupe`, an archive whose content equals the
  * newest copy in `dir` is not written again (backup-cron's hourly copies).
  */
-export function archiveStep(o: { host: Host; spec: ArchiveSpec; dir: string; run: RunRecord; dedupe?: boolean }): Step {
+export function archiveStep(o: {
+  host: Host;
+  spec: ArchiveSpec;
+  dir: string;
+  run: RunRecord;
+  dedupe?: boolean;
+  /** backup-cron's copies go to SFS: SFS_MOUNT must be mounted (lib/sfs.ts). */
+  sfsMount?: string;
+}): Step {
   const { spec, host } = o;
   const name = `${spec.kind}-${o.run.stamp}.tar.gz`;
   const file = path.join(o.dir, name);
@@ -449,6 +458,7 @@ export function archiveStep(o: { host: Host; spec: ArchiveSpec; dir: string; run
     name: spec.title,
     moves: `${host.label}:${path.join(spec.base, spec.entries.join(' '))} → ${file}`,
     async run(ctx) {
+      await requireSfs(host, o.sfsMount, o.dir, 'writing a copy into', ctx.signal);
       if (ctx.dryRun) {
         const present = await presentEntries(host, spec, ctx.signal);
         if (!present.length) return { status: 'skipped', summary: 'nothing to archive', warnings: [none('')] };
@@ -632,13 +642,34 @@ export async function rotateBundles(
   cache: Backend,
   keep: number,
   encrypted: boolean,
+  opts: {
+    /** The stamps of the restore points BACKUP_DIR keeps: their bundles are never deleted. */
+    keptStamps: Set<string>;
+    /**
+     * Whether BACKUP_DIR holds `keep` usable restore points of its own: until then (a fresh Mello,
+     * an empty BACKUP_DIR) R2's dated bundles are the only history there is, and none is deleted.
+     */
+    trim: boolean;
+  },
   signal?: AbortSignal,
-): Promise<string[]> {
+): Promise<{ deleted: string[]; notes: string[] }> {
   const found = await listBundles(cache, signal);
-  const doomed = found.filter((f, i) => i >= keep || (encrypted && !f.encrypted)).map((f) => f.key);
+  const notes: string[] = [];
+  // A kept point's bundle stays, plain or not (the point would no longer be whole without it):
+  // plain ones of kept points go as their points rotate out.
+  const doomed = opts.trim
+    ? found
+        .filter((f, i) => (i >= keep || (encrypted && !f.encrypted)) && !opts.keptStamps.has(f.stamp))
+        .map((f) => f.key)
+    : [];
+  if (!opts.trim && found.length > keep)
+    notes.push(
+      `R2's ${found.length} dated bundles kept: BACKUP_DIR holds fewer than ${keep} restore points of its own`,
+    );
+  // The plain latest key once bundles are encrypted: superseded by the .age one, and it holds secrets.
   if (encrypted && (await cache.head(BUNDLE_KEY, signal))) doomed.push(BUNDLE_KEY);
   for (const key of doomed) await cache.delete(key, signal);
-  return doomed;
+  return { deleted: doomed, notes };
 }
 
 /** --verify for backup-cron: the newest SFS copy of a kind is a whole archive, mode 0600. */

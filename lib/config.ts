@@ -114,6 +114,8 @@ export interface Config {
   ageIdentityFile?: string;
   /** DRILL_MAX_BYTES (4 GiB): what a drill may unpack on Mello in all, counted as it unpacks. */
   drillMaxBytes: number;
+  /** SFS_MOUNT (/mnt/sfs): must be a mount point on Verda for the steps under it; undefined (empty): no check. */
+  sfsMount?: string;
 }
 
 const BUCKETS: Record<BucketKind, { name: string; fallback: string; endpoint: string; keys: string }> = {
@@ -567,7 +569,14 @@ export function loadConfig(processEnv: NodeJS.ProcessEnv, scriptDir: string, env
     ageRecipients,
     ageIdentityFile: env.AGE_IDENTITY_FILE ? absolute('AGE_IDENTITY_FILE', env.AGE_IDENTITY_FILE) : undefined,
     drillMaxBytes: Number(drillRaw),
+    sfsMount: env.SFS_MOUNT === '' ? undefined : absolute('SFS_MOUNT', env.SFS_MOUNT ?? '/mnt/sfs'),
   };
+}
+
+/** A bucket's name (its variable, else the default), without needing its endpoint or keys. */
+export function bucketName(cfg: Config, kind: BucketKind): string {
+  const b = BUCKETS[kind];
+  return checkBucketName(b.name, cfg.env[b.name] || b.fallback);
 }
 
 /**

@@ -11,7 +11,7 @@ import { errorText, printable } from './cli.ts';
 import { ensurePrivateDir, readRegularFileSync, writeFileAtomic } from './files.ts';
 import { hashFile } from './hash-cache.ts';
 import { failedBefore, type Step } from './plan.ts';
-import { copyWarnings, localCopies } from './rotation.ts';
+import { copyWarnings, localCopies } from './dated.ts';
 import { pool } from './pool.ts';
 import { readBackSha256, type Backend } from './storage.ts';
 
@@ -43,6 +43,8 @@ export interface Manifest {
   verdaHost: string;
   imageId?: string;
   complete: boolean;
+  /** The run was stopped by a signal or a lost connection: what it records is what was done. */
+  interrupted?: boolean;
   failedSteps: string[];
   artifacts: Artifact[];
   r2: R2Record[];
@@ -63,14 +65,21 @@ export class RunRecord {
   }
 }
 
-/** The manifest, written last: every artifact and R2 object of the run, and whether it is whole. */
+/**
+ * The manifest, written last: every artifact and R2 object of the run, and whether the run
+ * completed. Written after an interrupt too (marked so): what was done stays on record. A run
+ * that made no config archive and no image writes none.
+ */
 export function manifestStep(o: { dir: string; run: RunRecord; mode: Manifest['mode']; verdaHost: string }): Step {
   const name = `manifest-${o.run.stamp}.json`;
   return {
     name: 'Manifest',
     moves: `→ ${o.dir}/${name}`,
+    always: true,
     async run(ctx) {
       if (ctx.dryRun) return { summary: `would write ${name}` };
+      if (!o.run.artifacts.some((a) => a.name !== 'tailscale-ip.txt'))
+        return { status: 'skipped', summary: 'no archive was made: no manifest written' };
       const failedSteps = failedBefore(ctx).map((r) => r.name);
       const manifest: Manifest = {
         version: 1,
@@ -80,13 +89,15 @@ export function manifestStep(o: { dir: string; run: RunRecord; mode: Manifest['m
         verdaHost: o.verdaHost,
         imageId: o.run.imageId,
         complete: failedSteps.length === 0,
+        ...(ctx.signal.aborted ? { interrupted: true } : {}),
         failedSteps,
         artifacts: o.run.artifacts,
         r2: o.run.r2,
       };
       ensurePrivateDir(o.dir);
       writeFileAtomic(path.join(o.dir, name), JSON.stringify(manifest, null, 2) + '\n', 0o600);
-      return { summary: `${name}: ${o.run.artifacts.length} artifacts, ${o.run.r2.length} R2 objects` };
+      const state = manifest.complete ? '' : manifest.interrupted ? ' (interrupted: incomplete)' : ' (incomplete)';
+      return { summary: `${name}: ${o.run.artifacts.length} artifacts, ${o.run.r2.length} R2 objects${state}` };
     },
   };
 }

@@ -8,6 +8,7 @@ import { DEFAULT_LIMITS, type BucketTarget, type Limits } from './config.ts';
 import type { RunRecord } from './manifest.ts';
 import type { Step } from './plan.ts';
 import { R2Backend, r2Limits } from './r2.ts';
+import { requireSfs } from './sfs.ts';
 import type { Host } from './ssh.ts';
 import { syncTree, type FileAction, type SyncResult } from './sync.ts';
 
@@ -40,6 +41,8 @@ export function modelsStep(opts: {
   skipReason?: string;
   /** The run's record: every model sent or found unchanged goes into the manifest. */
   run: RunRecord;
+  /** SFS_MOUNT: the models and their hash cache live on SFS (lib/sfs.ts). */
+  sfsMount?: string;
 }): Step {
   const bucket = opts.target?.bucket ?? 'models bucket';
   return {
@@ -48,6 +51,8 @@ export function modelsStep(opts: {
     skipReason: opts.skipReason,
     async run(ctx) {
       if (!opts.target) throw new Error('no models bucket configured');
+      await requireSfs(opts.host, opts.sfsMount, opts.modelsDir, 'backing up the models of', ctx.signal);
+      await requireSfs(opts.host, opts.sfsMount, opts.sfsBackupDir, 'keeping the models hash cache in', ctx.signal);
       const request: ModelsRequest = {
         target: opts.target,
         modelsDir: opts.modelsDir,
@@ -105,7 +110,12 @@ export function modelsStep(opts: {
         summary: `${models.files} models (${humanSize(models.bytes)}): ${models.sent} ${ctx.dryRun ? 'to send' : 'sent'} (${humanSize(models.sentBytes)}), ${models.skipped} unchanged${models.adopted ? `, ${models.adopted} adopted from earlier uploads` : ''}`,
         bytes: models.sentBytes,
         warnings,
-        failures: models.failures.map((f) => `${printable(f.key)}: ${printable(String(f.error).slice(0, 500))}`),
+        failures: models.failures.map((f) =>
+          // The root itself: name the variable, not `.`.
+          f.key === '.'
+            ? `VERDA_MODELS_DIR ${opts.modelsDir} on ${opts.host.label}: ${printable(String(f.error).slice(0, 500))}`
+            : `${printable(f.key)}: ${printable(String(f.error).slice(0, 500))}`,
+        ),
         data: { ...models, bucket },
       };
     },

@@ -63,6 +63,8 @@ export interface Step {
   moves: string;
   /** Set when this mode leaves the step out (`--quick`): listed, not run. */
   skipReason?: string;
+  /** Runs even after an interrupt (the manifest: an interrupted run records what it did). */
+  always?: boolean;
   run(ctx: StepContext): Promise<StepResult>;
 }
 
@@ -100,7 +102,7 @@ export async function runPlan(steps: Step[], base: Omit<StepContext, 'earlier' |
     reports.push(report);
     ctx.out.step(n, step.name);
     ctx.out.detail(step.moves);
-    if (ctx.signal.aborted) {
+    if (ctx.signal.aborted && !step.always) {
       report.status = 'interrupted';
       continue;
     }
@@ -127,8 +129,9 @@ export async function runPlan(steps: Step[], base: Omit<StepContext, 'earlier' |
       else if (report.status === 'skipped') ctx.out.info(`– ${r.summary}`);
       else ctx.out.ok(r.summary);
     } catch (e) {
-      report.status = ctx.signal.aborted ? 'interrupted' : 'failed';
-      report.error = ctx.signal.aborted ? `interrupted (${ctx.signal.reason?.message ?? 'signal'})` : errorText(e);
+      const interrupted = ctx.signal.aborted && !step.always;
+      report.status = interrupted ? 'interrupted' : 'failed';
+      report.error = interrupted ? `interrupted (${ctx.signal.reason?.message ?? 'signal'})` : errorText(e);
       ctx.out.fail(report.error);
       // A stack only for a bug (a TypeError and its kin), never for a failure the step expects,
       // and only with --verbose.
@@ -175,6 +178,8 @@ export interface Plan {
   workDirs?: string[];
   /** Runs after the steps whatever happened (closes the SSH connection). */
   close?: () => Promise<void>;
+  /** Lines for the run's summary once it is closed (the state restore-verda left each service in). */
+  report?: () => string[];
 }
 
 /** Where the running script lives: `.env` is looked for beside it (a bundle's is its parent's). */
@@ -249,7 +254,7 @@ export async function runScript(def: ScriptDef, argv = scriptArgs()): Promise<ne
     await plan.close?.().catch(() => {});
     release();
   }
-  const run = summarize(def, flags, reports, started, signal);
+  const run = summarize(def, flags, reports, started, signal, plan.report?.() ?? []);
   if (!flags.dryRun && !flags.verify) recordLastRun(def, cfg, flags, run);
   const startProblem = await notifier?.settleStart();
   if (startProblem) notices.add(startProblem);
@@ -258,6 +263,7 @@ export async function runScript(def: ScriptDef, argv = scriptArgs()): Promise<ne
   out.header(`=== ${run.result} ===`);
   for (const f of run.failures) out.fail(f);
   for (const notice of notices) out.warn(notice);
+  for (const line of run.report) out.info(line);
   if (run.moved) out.info(run.moved);
   if (notifier) {
     const endProblem = await notifier.end(run.code === EXIT.ok, pingBody(pingLines(def, flags, run)));
@@ -279,6 +285,7 @@ export async function runScript(def: ScriptDef, argv = scriptArgs()): Promise<ne
       durationMs: Date.now() - started,
       steps: reports,
       notices: [...notices],
+      ...(run.report.length ? { report: run.report } : {}),
     };
     process.stdout.write(JSON.stringify(summary, null, 2) + '\n');
   }
@@ -379,6 +386,8 @@ interface RunSummary {
   /** `sent 1.2G in all`, or nothing. */
   moved: string;
   interrupted: boolean;
+  /** The plan's own summary lines (Plan.report). */
+  report: string[];
 }
 
 function summarize(
@@ -387,6 +396,7 @@ function summarize(
   reports: StepReport[],
   started: number,
   signal: AbortSignal,
+  report: string[],
 ): RunSummary {
   const failed = reports.filter((r) => r.status === 'failed' || r.status === 'interrupted');
   const count = (status: StepStatus) => reports.filter((r) => r.status === status).length;
@@ -410,6 +420,7 @@ function summarize(
     bytes,
     moved: bytes && !flags.verify ? `${verb} ${humanSize(bytes)} in all` : '',
     interrupted: signal.aborted,
+    report,
   };
 }
 
@@ -442,6 +453,7 @@ function pingLines(def: ScriptDef, flags: Flags, run: RunSummary): string[] {
     `${def.name} on ${os.hostname()} (${flags.quick ? 'quick' : 'full'}): ${run.result}`,
     ...run.failures.map((f) => `✗ ${f}`),
     ...[...notices].map((n) => `⚠ ${n}`),
+    ...run.report,
     ...(run.moved ? [run.moved] : []),
     '',
     ...run.reports.map((r) => {

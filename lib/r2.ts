@@ -25,7 +25,7 @@ import { Transform, type Readable } from 'node:stream';
 import { addNotice } from './cli.ts';
 import { AdaptiveSlots, Pacer } from './pacer.ts';
 import { pool } from './pool.ts';
-import type { BucketTarget, Limits } from './config.ts';
+import { bucketTarget, type BucketKind, type BucketTarget, type Config, type Limits } from './config.ts';
 import {
   SourceChanged,
   StorageError,
@@ -97,6 +97,33 @@ const DEFAULTS: Required<R2Options> = {
 /** The R2 part of the run's limits (COMFYMULTI_R2_*), as R2Backend options. */
 export function r2Limits(limits: Pick<Limits, 'r2IdleTimeoutMs' | 'r2Attempts' | 'r2BackoffMs'>): R2Options {
   return { idleTimeoutMs: limits.r2IdleTimeoutMs, attempts: limits.r2Attempts, backoffMs: limits.r2BackoffMs };
+}
+
+/** One bucket of the configuration as a Backend: the one way a script makes one. */
+export function bucketBackend(cfg: Config, kind: BucketKind): R2Backend {
+  return new R2Backend(bucketTarget(cfg, kind), r2Limits(cfg.limits));
+}
+
+/**
+ * The buckets of these kinds that are configured here, by bucket name (what a manifest records);
+ * one whose variables are missing is left out: what it holds is then not checked ("unknown").
+ */
+export function configuredBuckets(
+  cfg: Config,
+  kinds: BucketKind[],
+  opts = r2Limits(cfg.limits),
+): Map<string, R2Backend> {
+  const buckets = new Map<string, R2Backend>();
+  for (const kind of kinds) {
+    let target: BucketTarget;
+    try {
+      target = bucketTarget(cfg, kind);
+    } catch {
+      continue;
+    }
+    buckets.set(target.bucket, new R2Backend(target, opts));
+  }
+  return buckets;
 }
 
 /** Beyond this, a clock is worth a word (the SDK treats 4 min as skew; R2 refuses from 15 min). */

@@ -22,6 +22,7 @@ import type { Step } from './plan.ts';
 import { pool } from './pool.ts';
 import { R2Backend, r2Limits } from './r2.ts';
 import type { RestoreSource } from './restore.ts';
+import { requireSfs } from './sfs.ts';
 import type { Host } from './ssh.ts';
 import { StorageError, type Backend, type ObjectInfo } from './storage.ts';
 
@@ -471,6 +472,8 @@ export interface ModelsRestoreStepOptions {
   source: RestoreSource;
   /** restore-verda's bundle (one file): what Verda runs. */
   bundle: () => Promise<Buffer>;
+  /** SFS_MOUNT: the models live on SFS (lib/sfs.ts). */
+  sfsMount?: string;
   skipReason?: string;
 }
 
@@ -484,6 +487,8 @@ export function modelsRestoreStep(o: ModelsRestoreStepOptions): Step {
       if (!o.source.checked)
         return { status: 'skipped', summary: 'not restored: the backup did not check out (step 1)' };
       if (!o.target) throw new Error('no models bucket configured');
+      await requireSfs(o.host, o.sfsMount, o.modelsDir, 'restoring the models into', ctx.signal);
+      await requireSfs(o.host, o.sfsMount, o.hashCacheFile, 'keeping the models hash cache in', ctx.signal);
       const code = await o.bundle();
       const request: ModelsRestoreRequest = {
         target: o.target,

@@ -23,19 +23,13 @@ import {
   writeStreamAtomic,
 } from './files.ts';
 import { melloImageDigest } from './image.ts';
-import {
-  checkObjects,
-  decryptedNote,
-  newestComplete,
-  readManifest,
-  sizeOnlyWarnings,
-  type Manifest,
-  type R2Record,
-} from './manifest.ts';
+import { checkObjects, decryptedNote, sizeOnlyWarnings, type Manifest, type R2Record } from './manifest.ts';
+import { listPoints, recordedImage, type PointJudge, type RestorePoint } from './restore-point.ts';
 import { ByteBudget, LayoutError, TarGuard, checkArchiveFile } from './layout.ts';
 import { sleep } from './pacer.ts';
+import { requireSfs } from './sfs.ts';
 import { failedBefore, type Step, type StepContext, type StepResult } from './plan.ts';
-import { datedCopies, datedPattern, localCopies } from './rotation.ts';
+import { datedCopies, datedPattern } from './dated.ts';
 import { CommandTimeout, type Host } from './ssh.ts';
 import type { Backend } from './storage.ts';
 import { decryptStream, isEncryptedKey, requireIdentityFile } from './age.ts';
@@ -82,13 +76,21 @@ export class RestoreSource {
   readonly absent = new Map<string, string>();
   /** The IP in tailscale-ip.txt, if the source has one. */
   tailscaleIp?: string;
-  image?: ImageRef;
+  /**
+   * The worker images the backups record, newest first: the restore loads the newest one whose
+   * bytes can still be had whole (loaded, the SFS copy, Mello's, the cache bucket's).
+   */
+  images: ImageRef[] = [];
   manifest?: { file: string; manifest: Manifest };
   /**
    * The manifests whose R2 objects this backup stands on: the chosen one, and when that was a
    * --quick run, the newest complete full run before it (its image and models).
    */
   readonly objectsFrom: Manifest[] = [];
+  /** The newest image recorded (what a restore would want first), if any. */
+  get image(): ImageRef | undefined {
+    return this.images[0];
+  }
   /** Private directories on Mello this run made (the R2 bundle unpacked): removed at the end. */
   readonly tempDirs: string[] = [];
   private readonly made = new Map<string, string>();
@@ -178,6 +180,10 @@ export interface SourceOptions {
   /** AGE_IDENTITY_FILE: decrypts an age-encrypted R2 bundle (--from r2). */
   ageIdentityFile?: string;
   source: RestoreSource;
+  /** Judges the restore points of BACKUP_DIR (the one rule: lib/restore-point.ts). */
+  judge: () => PointJudge;
+  /** SFS_MOUNT: --from sfs reads SFS (lib/sfs.ts). */
+  sfsMount?: string;
 }
 
 const sha256Of = (text: string) => crypto.createHash('sha256').update(text).digest('hex');
@@ -272,24 +278,34 @@ async function fromManifest(
   warnings: string[],
 ) {
   const s = o.source;
-  let chosen: { file: string; manifest: Manifest } | undefined;
+  const points = listPoints(o.backupDir);
+  const judge = o.judge();
+  let chosen: RestorePoint | undefined;
   if (stamp) {
-    const file = path.join(o.backupDir, `manifest-${stamp}.json`);
-    if (!isRegularFile(file)) throw new Error(`no manifest-${stamp}.json in ${o.backupDir}`);
-    chosen = { file, manifest: readManifest(file) };
-    const m = chosen.manifest;
-    if (!m.complete)
+    chosen = points.find((p) => p.stamp === stamp);
+    if (!chosen) throw new Error(`no manifest-${stamp}.json in ${o.backupDir}${pointsList(points)}`);
+    if (!chosen.manifest) throw new Error(`${chosen.name} cannot be read (${chosen.readError})`);
+    const j = await judge.judge(chosen);
+    if (j.state !== 'whole')
       warnings.push(
-        `manifest-${stamp}.json records an incomplete run (${m.failedSteps.join(', ') || 'a step'} failed): ` +
-          'what it holds is restored',
+        `${chosen.name} is not a whole restore point (${j.why.join('; ')}): what of it checks out is restored`,
       );
   } else {
-    chosen = newestComplete(o.backupDir);
-    if (!chosen) throw new Error(`no complete backup in ${o.backupDir} (no manifest-*.json recording a complete run)`);
+    // The newest whole restore point; what R2 could not confirm (unknown) is not held against it.
+    for (const p of points) {
+      const j = await judge.judge(p);
+      if (j.state !== 'broken' && p.manifest) {
+        chosen = p;
+        if (j.state === 'unknown') warnings.push(`${p.name}: ${j.why.join('; ')}`);
+        break;
+      }
+      warnings.push(`${p.name} is passed over: not a whole restore point (${j.why.join('; ')})`);
+    }
+    if (!chosen) throw new Error(`no whole restore point in ${o.backupDir}${pointsList(points)}`);
   }
-  s.manifest = chosen;
-  s.label = path.basename(chosen.file);
-  const m = chosen.manifest;
+  const m = chosen.manifest!;
+  s.manifest = { file: chosen.file, manifest: m };
+  s.label = chosen.name;
   for (const kind of o.kinds) {
     const a = m.artifacts.find((x) => datedPattern(kind, 'tar.gz').test(x.name));
     if (!a) {
@@ -312,50 +328,51 @@ async function fromManifest(
       warnings.push(`tailscale-ip.txt is no longer the one ${s.label} recorded: the Tailscale IP will not be compared`);
   }
   s.objectsFrom.push(m);
-  // The image and models of the chosen run, or of the newest complete full run before it (a
-  // --quick run saves neither).
-  const names = localCopies(o.backupDir, 'manifest', 'json').filter((n) => n <= path.basename(chosen.file));
-  let full: Manifest | undefined = m.mode === 'full' ? m : undefined;
-  for (const name of names) {
-    if (full && (s.image || !o.image)) break;
-    let older: Manifest;
-    try {
-      older = name === s.label ? m : readManifest(path.join(o.backupDir, name));
-    } catch {
-      continue;
-    }
-    if (name !== s.label && !older.complete) continue;
-    if (!full && older.mode === 'full') {
-      full = older;
-      // Its image and models only: its config bundle is superseded by the chosen run's (and
-      // deleted by rotation, all of them once AGE_RECIPIENTS encrypts the bundle).
-      s.objectsFrom.push({ ...older, r2: older.r2.filter((r) => !isBundleKey(r.key)) });
-    }
-    const artifact = older.artifacts.find((a) => a.name === IMAGE_FILE);
-    if (o.image && !s.image && older.imageId && artifact) {
-      s.image = { imageId: older.imageId, sha256: artifact.sha256, bytes: artifact.bytes, recordedIn: name };
+  const older = points.filter((p) => p.stamp <= chosen.stamp && p.manifest);
+  // The models of the chosen run, or of the newest whole full run before it (a --quick run sends none).
+  if (m.mode !== 'full') {
+    for (const p of older) {
+      if (p.manifest!.mode !== 'full' || (await judge.judge(p)).state === 'broken') continue;
+      // Its models only: its config bundle is superseded by the chosen run's.
+      s.objectsFrom.push({
+        ...p.manifest!,
+        r2: p.manifest!.r2.filter((r) => !isBundleKey(r.key) && r.key !== IMAGE_FILE),
+      });
+      break;
     }
   }
   if (!o.image) return;
-  if (!s.image) {
+  // Every image the backups up to the chosen one record, newest first, complete runs or not.
+  for (const p of older) {
+    const image = recordedImage(p);
+    if (image && !s.images.some((i) => i.imageId === image.imageId && i.sha256 === image.sha256)) s.images.push(image);
+  }
+  if (!s.images.length) {
     s.absent.set(
       IMAGE_KIND,
       `no backup in ${o.backupDir} up to ${s.label} records the worker image (--quick runs save none)`,
     );
     return;
   }
-  await adoptMelloImage(o, s.image, ctx.signal);
+  await adoptMelloImage(o, s.images, ctx.signal);
 }
 
-/** Mello's worker-image.tar.gz, when it holds the image's bytes (hashed once, by the backup's hash cache). */
-async function adoptMelloImage(o: SourceOptions, image: ImageRef, signal: AbortSignal) {
+/** The restore points there are, for a message: newest first, whole or not. */
+function pointsList(points: RestorePoint[]): string {
+  if (!points.length) return ' (it holds no manifest-*.json: no restore point at all)';
+  const shown = points.slice(0, 10).map((p) => p.stamp);
+  return ` (restore points there: ${shown.join(', ')}${points.length > 10 ? `, and ${points.length - 10} older` : ''}; --list says which are whole)`;
+}
+
+/** Mello's worker-image.tar.gz, for the image whose bytes it holds (hashed once, by the backup's hash cache). */
+async function adoptMelloImage(o: SourceOptions, images: ImageRef[], signal: AbortSignal) {
   const file = path.join(o.backupDir, IMAGE_FILE);
   const local = await melloImageDigest(file, o.stateDir, signal).catch((e) => {
     if (signal.aborted) throw e;
     return undefined; // unreadable: the image comes from elsewhere
   });
   if (local?.cacheWarning) addNotice(local.cacheWarning);
-  if (local?.sha256 === image.sha256 && local.bytes === image.bytes) image.melloFile = file;
+  for (const image of images) if (local?.sha256 === image.sha256 && local.bytes === image.bytes) image.melloFile = file;
 }
 
 /** An SFS copy is a config archive of a few KiB: one far larger is not read to Mello. */
@@ -399,6 +416,7 @@ for f in *.tar.gz; do [ -f "$f" ] && [ ! -L "$f" ] && printf '%s\\0' "$f"; done;
 async function fromSfs(o: SourceOptions, ctx: StepContext, failures: string[]) {
   const s = o.source;
   s.label = `the newest SFS copies in ${o.host.label}:${o.sfsBackupDir}`;
+  await requireSfs(o.host, o.sfsMount, o.sfsBackupDir, 'restoring from the copies in', ctx.signal);
   const listed = await o.host.run(['sh', '-c', SFS_LIST, 'sh', o.sfsBackupDir], { sudo: true, signal: ctx.signal });
   if (listed.code === 3)
     throw new Error(`${o.sfsBackupDir} is not a directory on ${o.host.label}: no SFS copies to restore from`);
@@ -435,6 +453,12 @@ async function fromSfs(o: SourceOptions, ctx: StepContext, failures: string[]) {
     if (typeof entries === 'string') failures.push(`${o.host.label}:${file}: ${entries}`);
     else s.archives.set(kind, { name: newest, melloFile: local, entries, from: `${o.host.label}:${file}` });
   }
+  // Nothing at all of what was asked for is no restore (a wrong SFS_BACKUP_DIR, an empty SFS).
+  const wanted = o.kinds.filter((k) => CRON_KINDS.includes(k));
+  if (wanted.length && !wanted.some((k) => s.archives.has(k)) && !failures.length)
+    failures.push(
+      `no copy of ${wanted.join(', ')} in ${o.sfsBackupDir} on ${o.host.label}: nothing to restore from SFS`,
+    );
   if (o.image) await imageFromR2(o, ctx.signal);
 }
 
@@ -473,8 +497,8 @@ async function imageFromR2(o: SourceOptions, signal: AbortSignal) {
     o.source.absent.set(IMAGE_KIND, `${cache.name}/${IMAGE_FILE} ${why}: no image to restore`);
     return;
   }
-  o.source.image = { imageId, sha256, bytes: head.size, recordedIn: `${cache.name}/${IMAGE_FILE}` };
-  await adoptMelloImage(o, o.source.image, signal);
+  o.source.images.push({ imageId, sha256, bytes: head.size, recordedIn: `${cache.name}/${IMAGE_FILE}` });
+  await adoptMelloImage(o, o.source.images, signal);
 }
 
 /**
@@ -555,12 +579,6 @@ async function readR2Bundle(
 // ---------------------------------------------------------------------------------------------
 // Config archives: services, unpacking, the drill's comparison
 
-/** How services are controlled on Verda (VERDA_SYSTEMCTL, through VERDA_SUDO). */
-export interface ServiceControl {
-  host: Host;
-  systemctl: string[];
-}
-
 type ServiceAction = [verb: 'stop' | 'start' | 'restart' | 'reload', unit: string];
 
 /** What restoring a kind does to its service: the SPEC's order. */
@@ -574,15 +592,60 @@ const SERVICES: Record<string, { before?: ServiceAction[]; after?: ServiceAction
 /** systemctl's exit status for a unit that is not there (LSB: "program is not installed"). */
 const UNIT_NOT_INSTALLED = 5;
 
-async function service(ctl: ServiceControl, [verb, unit]: ServiceAction, signal: AbortSignal) {
-  const r = await ctl.host.run([...ctl.systemctl, verb, unit], { sudo: true, signal });
-  const said = r.stderr.trim().split('\n').slice(-2).join('; ') || `exit ${r.code}`;
-  return {
-    ok: r.code === 0,
-    missing: r.code === UNIT_NOT_INSTALLED,
-    said,
-    what: `${ctl.systemctl.join(' ')} ${verb} ${unit}`,
-  };
+/** How long starting a stopped service again may take once the run is failing or interrupted. */
+const RESTART_MS = 30_000;
+
+/**
+ * The services on Verda (VERDA_SYSTEMCTL, through VERDA_SUDO), and what this restore did to each.
+ * A service the restore stopped is started again whatever happens after (a failure, a signal, a
+ * lost connection: `startStopped` runs at the run's end with a signal of its own), and the
+ * summary says the state each one was left in.
+ */
+export class Services {
+  private readonly state = new Map<string, string>();
+  private readonly stopped = new Set<string>();
+  constructor(
+    readonly host: Host,
+    readonly systemctl: string[],
+  ) {}
+
+  async act([verb, unit]: ServiceAction, signal: AbortSignal) {
+    const r = await this.host.run([...this.systemctl, verb, unit], { sudo: true, signal });
+    const said = r.stderr.trim().split('\n').slice(-2).join('; ') || `exit ${r.code}`;
+    const result = {
+      ok: r.code === 0,
+      missing: r.code === UNIT_NOT_INSTALLED,
+      said,
+      what: `${this.systemctl.join(' ')} ${verb} ${unit}`,
+    };
+    if (result.missing) this.state.set(unit, 'not installed');
+    else if (verb === 'stop' && result.ok) {
+      this.stopped.add(unit);
+      this.state.set(unit, 'STOPPED');
+    } else if (verb !== 'stop') {
+      if (result.ok) this.stopped.delete(unit);
+      const done = { start: 'started', restart: 'restarted', reload: 'reloaded' }[verb];
+      this.state.set(
+        unit,
+        result.ok ? done : `${verb} FAILED (${said})${this.stopped.has(unit) ? ', left STOPPED' : ''}`,
+      );
+    }
+    return result;
+  }
+
+  /** Starts every service this run stopped and did not start again. */
+  async startStopped() {
+    for (const unit of [...this.stopped]) {
+      await this.act(['start', unit], AbortSignal.timeout(RESTART_MS)).catch((e) =>
+        this.state.set(unit, `STOPPED: it could not be started again (${errorText(e)})`),
+      );
+    }
+  }
+
+  /** The state each service touched was left in: `tailscaled started, ssh restarted`. */
+  report(): string[] {
+    return this.state.size ? [`services: ${[...this.state].map(([u, st]) => `${u} ${st}`).join(', ')}`] : [];
+  }
 }
 
 // Unpacks a gzipped tar from stdin into $1/$2 (the restore's root and the kind's base). Each
@@ -703,7 +766,7 @@ export interface UnpackStepOptions {
   /** The root restored under (--root; the drill's fresh directory for the kind); without one, `/`. */
   root?: (kind: string) => string;
   /** Services controlled around the unpack; none with --root or in the drill. */
-  services?: ServiceControl;
+  services?: Services;
   skipReason?: string;
   /** The drill: compare every restored entry with its archive. */
   compare?: boolean;
@@ -743,7 +806,7 @@ export function unpackStep(o: UnpackStepOptions): Step {
       }
       const warnings: string[] = [];
       const failures: string[] = [];
-      const serviceFailed = (r: Awaited<ReturnType<typeof service>>) => {
+      const serviceFailed = (r: Awaited<ReturnType<Services['act']>>) => {
         if (r.missing)
           warnings.push(
             `${r.what}: no such unit on ${host.label} (${r.said}); the files are in place for when it is installed`,
@@ -751,25 +814,34 @@ export function unpackStep(o: UnpackStepOptions): Step {
         return !r.missing;
       };
       for (const action of actions?.before ?? []) {
-        const r = await service(o.services!, action, ctx.signal);
+        const r = await o.services!.act(action, ctx.signal);
         // A running tailscaled would write its own state over the one restored.
         if (!r.ok && serviceFailed(r)) throw new Error(`${r.what} failed (${r.said}): ${ref.name} not unpacked`);
       }
-      const { bytes, dropped } = await unpackOn(
-        host,
-        ref,
-        spec.kind,
-        { root, base: spec.base },
-        { sudo: spec.sudo, signal: ctx.signal, budget: o.budget },
-      ).catch((e) => {
-        if (e instanceof LayoutError) throw new LayoutError(`${ref.name} holds ${e.message}: refused`);
+      let unpacked;
+      try {
+        unpacked = await unpackOn(
+          host,
+          ref,
+          spec.kind,
+          { root, base: spec.base },
+          { sudo: spec.sudo, signal: ctx.signal, budget: o.budget },
+        ).catch((e) => {
+          if (e instanceof LayoutError) throw new LayoutError(`${ref.name} holds ${e.message}: refused`);
+          throw e;
+        });
+      } catch (e) {
+        // Not unpacked (or not whole): what the restore stopped is started again, nothing else
+        // is restarted over files that may be half there.
+        await o.services?.startStopped();
         throw e;
-      });
-      warnings.push(...dropped);
+      }
       for (const action of actions?.after ?? []) {
-        const r = await service(o.services!, action, ctx.signal);
+        const r = await o.services!.act(action, ctx.signal);
         if (!r.ok && serviceFailed(r)) failures.push(`${r.what} failed: ${r.said}`);
       }
+      const { bytes, dropped } = unpacked;
+      warnings.push(...dropped);
       let ip = '';
       if (spec.kind === 'tailscale-identity' && o.services)
         ip = await compareTailscaleIp(host, o.source.tailscaleIp, ctx.signal, warnings);

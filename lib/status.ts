@@ -8,14 +8,15 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { BUNDLE_KEY, BUNDLE_PREFIX, CRON_KINDS, configArchives, latestBundleKey, listBundles } from './archive.ts';
-import { errorText, humanSize } from './cli.ts';
-import { bucketTarget, type Config } from './config.ts';
+import { errorText, humanSize, printable } from './cli.ts';
+import { bucketName, bucketTarget, type Config } from './config.ts';
 import { isRegularFile, readRegularFileSync, writeFileAtomic } from './files.ts';
 import { isHeld, type LockRecord } from './lock.ts';
 import type { Manifest } from './manifest.ts';
 import type { StepStatus } from './plan.ts';
-import { R2Backend } from './r2.ts';
-import { datedPattern, localCopies, stampTime } from './rotation.ts';
+import { R2Backend, configuredBuckets } from './r2.ts';
+import { datedPattern, localCopies, stampTime } from './dated.ts';
+import { PointJudge, listPoints, type Wholeness } from './restore-point.ts';
 
 /** The dated copies' kind: `verda-config-backups/verda-config-backup-T.tar.gz`. */
 
@@ -91,7 +92,12 @@ export interface VerdaBackupStatus {
   time: string;
   ageHours: number;
   mode: 'full' | 'quick';
+  /** The run completed (the manifest's own word). */
   complete: boolean;
+  /** As a restore point (lib/restore-point.ts): whole, broken, or unknown (what R2 holds could not be read). */
+  restorePoint?: Wholeness;
+  /** Why it is not whole, or what could not be checked. */
+  why?: string[];
   failedSteps: string[];
   imageId?: string;
   artifacts: ArtifactStatus[];
@@ -242,11 +248,23 @@ function artifactKind(name: string): string {
   return /^(.+)-\d{8}-\d{6}\.(?:tar\.gz|json)$/.exec(name)?.[1] ?? name;
 }
 
-function readManifestFile(file: string): Manifest {
-  const m = JSON.parse(readRegularFileSync(file).toString('utf8')) as Manifest;
-  if (!Array.isArray(m.artifacts) || typeof m.complete !== 'boolean') throw new Error('not a manifest');
-  return m;
+/** A judge of restore points that only reads: a glance at R2 (two attempts, 10 s without a byte). */
+function statusJudge(cfg: Config): PointJudge {
+  const buckets = configuredBuckets(cfg, ['cache', 'models'], glance(cfg));
+  return new PointJudge({
+    backupDir: cfg.backupDir,
+    buckets,
+    cacheBucket: bucketName(cfg, 'cache'),
+    stateDir: cfg.stateDir,
+    signal: AbortSignal.timeout(60_000),
+  });
 }
+
+const glance = (cfg: Config) => ({
+  idleTimeoutMs: Math.min(cfg.limits.r2IdleTimeoutMs, 10_000),
+  attempts: Math.min(cfg.limits.r2Attempts, 2),
+  backoffMs: cfg.limits.r2BackoffMs,
+});
 
 function backupStatus(dir: string, name: string, m: Manifest, now: number, check: boolean): VerdaBackupStatus {
   const stamp = datedPattern('manifest', 'json').exec(name)![1];
@@ -318,24 +336,28 @@ export async function verdaStatus(cfg: Config, now = Date.now()): Promise<Status
   const report = baseReport(cfg, 'backup-verda', now);
   const dir = cfg.backupDir;
   const flag = (text: string) => report.flagged.push(text);
-  const names = localCopies(dir, 'manifest', 'json');
+  const points = listPoints(dir);
   const verda: VerdaStatus = { backupDir: dir, newest: null, r2: { state: 'not configured' } };
   report.verda = verda;
+  // Whole or not, as rotation and the restore judge it; reads only (the hash cache is not saved).
+  const judge = statusJudge(cfg);
 
   let newestManifest: Manifest | undefined;
-  if (!names.length) flag(`no backup yet: no manifest-*.json in BACKUP_DIR (${dir})`);
-  for (const [i, name] of names.entries()) {
-    let m: Manifest;
-    try {
-      m = readManifestFile(path.join(dir, name));
-    } catch (e) {
+  if (!points.length) flag(`no backup yet: no manifest-*.json in BACKUP_DIR (${dir})`);
+  for (const [i, point] of points.entries()) {
+    const name = point.name;
+    const m = point.manifest;
+    if (!m) {
       if (i === 0) {
-        flag(`the newest manifest, ${name}, cannot be read (${errorText(e)})`);
+        flag(`the newest manifest, ${name}, cannot be read (${point.readError})`);
         verda.newestComplete = null;
       }
       continue;
     }
     const b = backupStatus(dir, name, m, now, i === 0);
+    const judgement = await judge.judge(point);
+    b.restorePoint = judgement.state;
+    b.why = judgement.why;
     if (i === 0) {
       verda.newest = b;
       newestManifest = m;
@@ -345,7 +367,11 @@ export async function verdaStatus(cfg: Config, now = Date.now()): Promise<Status
       if (!b.complete) {
         const steps = b.failedSteps.length ? `: ${b.failedSteps.join(', ')} failed` : ': it holds no artifact';
         flag(`the newest backup, ${name}, is incomplete${steps}`);
+      } else if (judgement.state === 'broken') {
+        flag(`the newest backup, ${name}, is not a whole restore point: ${judgement.why.join('; ')}`);
       }
+      if (judgement.state === 'unknown')
+        flag(`the newest backup, ${name}, could not be checked whole: ${judgement.why.join('; ')}`);
       const gone = b.artifacts.filter((a) => a.state !== 'present');
       if (gone.length) {
         flag(
@@ -353,14 +379,14 @@ export async function verdaStatus(cfg: Config, now = Date.now()): Promise<Status
             gone.map((a) => `${a.name} (${a.state})`).join(', '),
         );
       }
-      if (b.complete) break;
+      if (judgement.state === 'whole') break;
       verda.newestComplete = null;
-    } else if (b.complete) {
+    } else if (judgement.state !== 'broken') {
       verda.newestComplete = b;
       break;
     }
   }
-  if (names.length && verda.newestComplete === null) flag(`no complete backup in BACKUP_DIR (${dir})`);
+  if (points.length && verda.newestComplete === null) flag(`no whole restore point in BACKUP_DIR (${dir})`);
 
   verda.r2 = await r2Bundle(cfg, now);
   const r2 = verda.r2;
@@ -454,6 +480,11 @@ export function statusText(r: StatusReport): string {
         ? '✓ complete'
         : `✗ incomplete${b.failedSteps.length ? ` (failed: ${b.failedSteps.join(', ')})` : ''}`;
       say(`  ${result}, ${b.mode}, ${when(b.time, b.ageHours)}`);
+      if (b.restorePoint === 'whole') say('  ✓ a whole restore point');
+      else if (b.restorePoint) {
+        say(`  ✗ ${b.restorePoint === 'broken' ? 'not a whole restore point' : 'not checkable now'}:`);
+        for (const why of b.why ?? []) say(`    ${why}`);
+      }
       say(`  image: ${b.imageId ?? (b.mode === 'quick' ? 'not saved (quick run)' : 'none recorded')}`);
       const width = Math.max(...b.artifacts.map((a) => a.kind.length), 4);
       for (const a of b.artifacts) {
@@ -465,7 +496,7 @@ export function statusText(r: StatusReport): string {
     say();
     if (v.newest) backup(`Newest backup in ${v.backupDir}`, v.newest);
     else say(`Newest backup in ${v.backupDir}: none`);
-    if (v.newestComplete) backup('Newest complete backup', v.newestComplete);
+    if (v.newestComplete) backup('Newest whole restore point', v.newestComplete);
     say();
     const b = v.r2;
     if (b.state === 'not configured') say('Config bundle in R2: not read (R2 is not configured here)');
@@ -517,5 +548,5 @@ export function statusText(r: StatusReport): string {
     say(`✗ ${r.flagged.length} flagged:`);
     for (const f of r.flagged) say(`  ✗ ${f}`);
   }
-  return lines.join('\n') + '\n';
+  return lines.map(printable).join('\n') + '\n';
 }

@@ -8,7 +8,7 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { humanAge, type StatusReport } from '../lib/status.ts';
-import { timestamp } from '../lib/rotation.ts';
+import { timestamp } from '../lib/dated.ts';
 import {
   closedPort,
   runScript,
