@@ -90,7 +90,7 @@ With AGE_RECIPIENTS set, the bundle is age-encrypted before it leaves Mello (.ta
           where: `${dir} and ${cache.name}/${BUNDLE_PREFIX}`,
           keep: cfg.keepBackups,
           what: `the ${cfg.keepBackups} newest whole restore points and the newest whole one with the worker image`,
-          rotate: (signal) => rotate(cfg, Boolean(ageRecipients), signal),
+          rotate: (signal) => rotate(cfg, ageRecipients, signal),
           inspect: () =>
             [...CONFIG_KINDS, 'manifest'].flatMap((k) => copyWarnings(dir, k, k === 'manifest' ? 'json' : 'tar.gz')),
         }),
@@ -105,7 +105,7 @@ With AGE_RECIPIENTS set, the bundle is age-encrypted before it leaves Mello (.ta
  * BACKUP_DIR by restore points, then R2's dated bundles by their own listing (never one a kept
  * point names, and none while BACKUP_DIR holds fewer than KEEP_BACKUPS points of its own).
  */
-async function rotate(cfg: Config, encrypted: boolean, signal: AbortSignal) {
+async function rotate(cfg: Config, recipients: string[] | undefined, signal: AbortSignal) {
   const cache = bucketBackend(cfg, 'cache');
   const judge = new PointJudge({
     backupDir: cfg.backupDir,
@@ -120,8 +120,12 @@ async function rotate(cfg: Config, encrypted: boolean, signal: AbortSignal) {
   const r2 = await rotateBundles(
     cache,
     cfg.keepBackups,
-    encrypted,
-    { keptStamps: new Set(usableKept.map((p) => p.stamp)), trim: usableKept.length >= cfg.keepBackups },
+    {
+      keptStamps: new Set(usableKept.map((p) => p.stamp)),
+      trim: usableKept.length >= cfg.keepBackups,
+      encryptTo: recipients,
+      tmpDir: cfg.backupDir,
+    },
     signal,
   );
   const cacheWarning = judge.finish();

@@ -641,7 +641,6 @@ export const latestBundleKey = (newest?: DatedBundle) => BUNDLE_KEY + (newest?.e
 export async function rotateBundles(
   cache: Backend,
   keep: number,
-  encrypted: boolean,
   opts: {
     /** The stamps of the restore points BACKUP_DIR keeps: their bundles are never deleted. */
     keptStamps: Set<string>;
@@ -650,18 +649,29 @@ export async function rotateBundles(
      * an empty BACKUP_DIR) R2's dated bundles are the only history there is, and none is deleted.
      */
     trim: boolean;
+    /**
+     * AGE_RECIPIENTS, when this run's bundle was encrypted: every plaintext bundle goes (secrets
+     * out of R2 is what encryption is for); a kept point's is sent again encrypted first (through
+     * a temporary file in `tmpDir`), so that point stays whole.
+     */
+    encryptTo?: string[];
+    tmpDir?: string;
   },
   signal?: AbortSignal,
 ): Promise<{ deleted: string[]; notes: string[] }> {
   const found = await listBundles(cache, signal);
   const notes: string[] = [];
-  // A kept point's bundle stays, plain or not (the point would no longer be whole without it):
-  // plain ones of kept points go as their points rotate out.
-  const doomed = opts.trim
-    ? found
-        .filter((f, i) => (i >= keep || (encrypted && !f.encrypted)) && !opts.keptStamps.has(f.stamp))
-        .map((f) => f.key)
-    : [];
+  const encrypted = Boolean(opts.encryptTo?.length);
+  if (encrypted) {
+    for (const f of found.filter((b) => !b.encrypted && opts.keptStamps.has(b.stamp))) {
+      if (found.some((b) => b.encrypted && b.stamp === f.stamp)) continue;
+      await reencryptBundle(cache, f.key, opts.encryptTo!, opts.tmpDir!, signal);
+      notes.push(`${f.key} of a kept restore point sent again age-encrypted`);
+    }
+  }
+  const doomed = found
+    .filter((f, i) => (encrypted && !f.encrypted) || (opts.trim && i >= keep && !opts.keptStamps.has(f.stamp)))
+    .map((f) => f.key);
   if (!opts.trim && found.length > keep)
     notes.push(
       `R2's ${found.length} dated bundles kept: BACKUP_DIR holds fewer than ${keep} restore points of its own`,
@@ -670,6 +680,45 @@ export async function rotateBundles(
   if (encrypted && (await cache.head(BUNDLE_KEY, signal))) doomed.push(BUNDLE_KEY);
   for (const key of doomed) await cache.delete(key, signal);
   return { deleted: doomed, notes };
+}
+
+/**
+ * A plaintext dated bundle as `KEY.age`, encrypted on Mello (streamed through a 0600 temporary
+ * file), with the plaintext's sha256 in its metadata: what a restore point that recorded the
+ * plaintext bundle is judged by once the plaintext is gone.
+ */
+async function reencryptBundle(
+  cache: Backend,
+  key: string,
+  recipients: string[],
+  tmpDir: string,
+  signal?: AbortSignal,
+) {
+  const head = await cache.head(key, signal);
+  const plainSha = head?.metadata.sha256;
+  if (!head || !plainSha) return;
+  ensurePrivateDir(tmpDir);
+  const tmp = path.join(tmpDir, `.reencrypt-${process.pid}-${path.basename(key)}${AGE_SUFFIX}`);
+  try {
+    const digest = crypto.createHash('sha256');
+    const plain = (await cache.get(key, signal)).pipe(
+      new Transform({
+        transform(chunk: Buffer, _e, cb) {
+          digest.update(chunk);
+          cb(null, chunk);
+        },
+      }),
+    );
+    const cipher = await writeStreamAtomic(tmp, await encryptStream(recipients, plain), 0o600, signal);
+    if (digest.digest('hex') !== plainSha)
+      throw new Error(`${cache.name}/${key}: its bytes are not its recorded sha256`);
+    await cache.put(key + AGE_SUFFIX, fingerprintedSource(tmp, cipher.fingerprint), {
+      metadata: { sha256: cipher.sha256, 'plaintext-sha256': plainSha },
+      signal,
+    });
+  } finally {
+    fs.rmSync(tmp, { force: true });
+  }
 }
 
 /** --verify for backup-cron: the newest SFS copy of a kind is a whole archive, mode 0600. */

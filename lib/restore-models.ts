@@ -537,6 +537,14 @@ export function modelsRestoreStep(o: ModelsRestoreStepOptions): Step {
           ctx.out.detail(`downloaded ${printable(a.key)} (${humanSize(a.bytes)}, ${a.reason})`);
         else if (a.action === 'in-place') ctx.out.detail(`in place ${printable(a.key)} (${a.how})`);
       }
+      // Every model the backup records must be in the bucket: one gone is a model not restored.
+      const inBucket = new Set(result.actions.map((a) => a.key));
+      const gone = [...o.source.models]
+        .filter(([key]) => !inBucket.has(key))
+        .map(
+          ([key, m]) =>
+            `${printable(key)} (recorded by manifest-${m.recordedIn}.json) is not in r2://${bucket}: not restored`,
+        );
       const verb = ctx.dryRun ? 'to download' : 'downloaded';
       return {
         summary:
@@ -544,7 +552,7 @@ export function modelsRestoreStep(o: ModelsRestoreStepOptions): Step {
           `${result.downloaded} ${verb} (${humanSize(result.downloadedBytes)}), ${result.inPlace} already in place`,
         bytes: ctx.dryRun ? 0 : result.downloadedBytes,
         warnings: result.cacheWarning ? [`on ${o.host.label}: ${result.cacheWarning}`] : [],
-        failures: result.failures.map((f) => `${printable(f.key)}: ${f.error}`),
+        failures: [...result.failures.map((f) => `${printable(f.key)}: ${f.error}`), ...gone],
         data: { ...result, bucket },
       };
     },

@@ -8,6 +8,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { BUNDLE_KEY, BUNDLE_PREFIX, IMAGE_FILE, archiveKind } from './archive.ts';
+import { AGE_SUFFIX } from './age.ts';
 import { errorText, printable } from './cli.ts';
 import { isRegularFile } from './files.ts';
 import { HashCache, hashFile } from './hash-cache.ts';
@@ -187,6 +188,14 @@ export class PointJudge {
     } catch (e) {
       if (this.o.signal?.aborted) throw e;
       return `unknown:${(e as Error).message}`;
+    }
+    if (!h && r.key.startsWith(BUNDLE_PREFIX) && !r.key.endsWith(AGE_SUFFIX)) {
+      // Encryption turned on since: the plaintext bundle was sent again as .age, with its sha256.
+      const sealed = await backend.head(r.key + AGE_SUFFIX, this.o.signal).catch((e) => {
+        if (this.o.signal?.aborted) throw e;
+        return undefined;
+      });
+      if (sealed?.metadata['plaintext-sha256'] === r.sha256) return undefined;
     }
     if (!h) return `${name} is not in R2`;
     if (h.size !== r.bytes) return `${name} has another size than the one recorded`;

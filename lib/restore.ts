@@ -87,6 +87,8 @@ export class RestoreSource {
    * --quick run, the newest complete full run before it (its image and models).
    */
   readonly objectsFrom: Manifest[] = [];
+  /** The models the backup records (key → its record and the run's stamp): what a restore must bring back. */
+  readonly models = new Map<string, { record: R2Record; recordedIn: string }>();
   /** The newest image recorded (what a restore would want first), if any. */
   get image(): ImageRef | undefined {
     return this.images[0];
@@ -285,11 +287,6 @@ async function fromManifest(
     chosen = points.find((p) => p.stamp === stamp);
     if (!chosen) throw new Error(`no manifest-${stamp}.json in ${o.backupDir}${pointsList(points)}`);
     if (!chosen.manifest) throw new Error(`${chosen.name} cannot be read (${chosen.readError})`);
-    const j = await judge.judge(chosen);
-    if (j.state !== 'whole')
-      warnings.push(
-        `${chosen.name} is not a whole restore point (${j.why.join('; ')}): what of it checks out is restored`,
-      );
   } else {
     // The newest whole restore point; what R2 could not confirm (unknown) is not held against it.
     for (const p of points) {
@@ -318,6 +315,15 @@ async function fromManifest(
     if (typeof entries === 'string') failures.push(entries);
     else s.archives.set(kind, { name: a.name, melloFile: file, sha256: a.sha256, bytes: a.bytes, entries });
   }
+  if (stamp && !failures.length) {
+    // Chosen by the admin: restored as far as it checks out, whole or not (after the local checks:
+    // a point that does not check out asks nothing of R2).
+    const j = await judge.judge(chosen);
+    if (j.state !== 'whole')
+      warnings.push(
+        `${chosen.name} is not a whole restore point (${j.why.join('; ')}): what of it checks out is restored`,
+      );
+  }
   if (o.kinds.includes('tailscale-identity')) {
     // Not dated: a later run rewrote it when the IP changed. Only compared with, never restored.
     const ip = m.artifacts.find((a) => a.name === 'tailscale-ip.txt');
@@ -327,19 +333,19 @@ async function fromManifest(
     else if (ip)
       warnings.push(`tailscale-ip.txt is no longer the one ${s.label} recorded: the Tailscale IP will not be compared`);
   }
-  s.objectsFrom.push(m);
+  s.objectsFrom.push({ ...m });
   const older = points.filter((p) => p.stamp <= chosen.stamp && p.manifest);
-  // The models of the chosen run, or of the newest whole full run before it (a --quick run sends none).
+  // The models: those of the chosen run, or of the newest full run before it that completed (a
+  // --quick run sends none). They are what a restore must bring back: R2 is checked against them,
+  // not they against R2.
   if (m.mode !== 'full') {
-    for (const p of older) {
-      if (p.manifest!.mode !== 'full' || (await judge.judge(p)).state === 'broken') continue;
-      // Its models only: its config bundle is superseded by the chosen run's.
-      s.objectsFrom.push({
-        ...p.manifest!,
-        r2: p.manifest!.r2.filter((r) => !isBundleKey(r.key) && r.key !== IMAGE_FILE),
-      });
-      break;
-    }
+    const full = older.find((p) => p.manifest!.mode === 'full' && p.manifest!.complete);
+    // Its models only: its config bundle is superseded by the chosen run's.
+    if (full) s.objectsFrom.push({ ...full.manifest!, r2: full.manifest!.r2.filter((r) => !isBundleKey(r.key)) });
+  }
+  for (const from of s.objectsFrom) {
+    from.r2 = from.r2.filter((r) => r.key !== IMAGE_FILE); // the image is judged by any copy that holds it
+    for (const r of from.r2) if (!isBundleKey(r.key)) s.models.set(r.key, { record: r, recordedIn: from.timestamp });
   }
   if (!o.image) return;
   // Every image the backups up to the chosen one record, newest first, complete runs or not.

@@ -13,6 +13,8 @@ import { bucketName, bucketTarget, type Config } from './config.ts';
 import { isRegularFile, readRegularFileSync, writeFileAtomic } from './files.ts';
 import { isHeld, type LockRecord } from './lock.ts';
 import type { Manifest } from './manifest.ts';
+import { requireSfs } from './sfs.ts';
+import { LocalHost } from './ssh.ts';
 import type { StepStatus } from './plan.ts';
 import { R2Backend, configuredBuckets } from './r2.ts';
 import { datedPattern, localCopies, stampTime } from './dated.ts';
@@ -418,6 +420,10 @@ export async function verdaStatus(cfg: Config, now = Date.now()): Promise<Status
 export async function cronStatus(cfg: Config, now = Date.now()): Promise<StatusReport> {
   const report = baseReport(cfg, 'backup-cron', now);
   const dir = cfg.sfsBackupDir;
+  // Cron runs on Verda: its copies are only SFS copies when SFS is mounted (lib/sfs.ts).
+  await requireSfs(new LocalHost([]), cfg.sfsMount, dir, 'the copies in').catch((e) =>
+    report.flagged.push(errorText(e)),
+  );
   const last = report.lastRun;
   const titles = new Map(configArchives(cfg).map((s) => [s.kind, s.title]));
   const kinds = CRON_KINDS.map((kind): SfsCopyStatus => {

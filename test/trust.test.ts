@@ -575,6 +575,8 @@ test('with AGE_RECIPIENTS the bundle leaves Mello age-encrypted (.age names); th
     /verda-config-backup\.tar\.gz\.age and verda-config-backups\/verda-config-backup-\d{8}-\d{6}\.tar\.gz\.age, age-encrypted/,
   );
 
+  // The plaintext bundles of the points kept are sent again encrypted before they go: those
+  // points stay whole (their bundle is in R2, as .age with the plaintext's sha256).
   const r = await runScript('backup-verda.mts', ['--quick'], { ...verdaEnv, AGE_RECIPIENTS: ageRecipient });
   assert.is(r.code, 0, r.stdout + r.stderr);
   const keys = await s3.listKeys(CACHE);
@@ -727,7 +729,7 @@ test('--verify checks the ciphertext without a key; --verify --deep decrypts wit
   assert.match(forgedRun.stdout, /differs: r2:\/\/comfy-multi-cache\/verda-config-backup\.tar\.gz\.age/);
 });
 
-test('rotation keeps KEEP_BACKUPS (2) dated .age bundles in R2; AGE_RECIPIENTS may be a file of recipients', async () => {
+test('rotation keeps the dated .age bundles of the KEEP_BACKUPS (2) newest points and the image point; AGE_RECIPIENTS may be a file of recipients', async () => {
   const file = path.join(work, 'recipients.txt');
   const second = sh('age-keygen', [])
     .stdout.toString()
@@ -740,7 +742,19 @@ test('rotation keeps KEEP_BACKUPS (2) dated .age bundles in R2; AGE_RECIPIENTS m
     assert.match(r.stdout, /age-encrypted to 2 recipients/);
   }
   const dated = (await s3.listKeys(CACHE, 'verda-config-backups/')).filter((k) => k.endsWith('.tar.gz.age'));
-  assert.is(dated.length, 2, dated.join(', '));
+  // The 2 newest restore points, and the newest whole one that records the worker image (a full
+  // run's, kept beside them locally): a kept point's bundle is never deleted.
+  const manifests = fs
+    .readdirSync(backupDir)
+    .filter((n) => /^manifest-\d{8}-\d{6}\.json$/.test(n))
+    .sort()
+    .reverse();
+  const read = (n: string) => JSON.parse(fs.readFileSync(path.join(backupDir, n), 'utf8'));
+  const imagePoint = manifests.find((n) => read(n).imageId)!;
+  const want = [...new Set([...manifests.slice(0, 2), imagePoint])].map(
+    (n) => `verda-config-backups/verda-config-backup-${n.slice(9, 24)}.tar.gz.age`,
+  );
+  assert.equal(dated.sort(), want.sort(), dated.join(', '));
   assert.ok(dated.includes(`verda-config-backups/verda-config-backup-${newestManifest().timestamp}.tar.gz.age`));
   // Both recipients can decrypt it.
   const stored = await s3.readObject(CACHE, 'verda-config-backup.tar.gz.age');

@@ -151,13 +151,13 @@ test('rotateBundles keeps the newest KEEP bundles, plain or encrypted, and touch
     ['20260104-000000.age', '20260104-000000', '20260103-000000', '20260102-000000', '20260101-000000'],
   );
   // A fresh Mello (BACKUP_DIR without KEEP restore points of its own) deletes nothing in R2.
-  const none = await rotateBundles(b, 3, false, { keptStamps: new Set(), trim: false });
+  const none = await rotateBundles(b, 3, { keptStamps: new Set(), trim: false });
   assert.equal(none.deleted, []);
   assert.match(none.notes.join(), /5 dated bundles kept/);
   // A bundle a kept restore point names is never deleted, however old.
-  const kept = await rotateBundles(b, 4, false, { keptStamps: new Set(['20260101-000000']), trim: true });
+  const kept = await rotateBundles(b, 4, { keptStamps: new Set(['20260101-000000']), trim: true });
   assert.equal(kept.deleted, []);
-  const gone = (await rotateBundles(b, 3, false, { keptStamps: new Set(), trim: true })).deleted;
+  const gone = (await rotateBundles(b, 3, { keptStamps: new Set(), trim: true })).deleted;
   assert.equal(
     gone.sort(),
     stamps.slice(0, 2).map((s) => `verda-config-backups/verda-config-backup-${s}.tar.gz`),
@@ -170,7 +170,7 @@ test('rotateBundles keeps the newest KEEP bundles, plain or encrypted, and touch
     'verda-config-backups/verda-config-backup-20260104-000000.tar.gz.age',
   ]);
   // Encrypted: every plaintext bundle goes, the latest plaintext key too.
-  await rotateBundles(b, 3, true, { keptStamps: new Set(), trim: true });
+  await rotateBundles(b, 3, { keptStamps: new Set(), trim: true, encryptTo: ['age1unused'], tmpDir: tmp() });
   assert.equal([...b.objects.keys()].sort(), [
     'verda-config-backups/notes.txt',
     'verda-config-backups/verda-config-backup-20260104-000000.tar.gz.age',
