@@ -370,6 +370,16 @@ function stopOnSignals(def: ScriptDef, out: Output, release: () => void): AbortS
     controller.abort(new Error(sig));
   };
   for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) process.on(sig, onSignal);
+  // A bug that escapes every step (an error thrown in a callback) ends the run as an interrupt
+  // does: the steps stop, the manifest records what was done, the summary and the /fail ping go.
+  const onCrash = (e: unknown) => {
+    if (controller.signal.aborted) return;
+    out.clearProgress();
+    process.stderr.write(`${def.name}: internal error: ${errorText(e)}; stopping\n`);
+    controller.abort(new Error(`internal error: ${errorText(e)}`));
+  };
+  process.on('uncaughtException', onCrash);
+  process.on('unhandledRejection', onCrash);
   return controller.signal;
 }
 
