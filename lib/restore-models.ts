@@ -16,7 +16,7 @@ import type { Readable } from 'node:stream';
 import { addNotice, answerRequest, humanSize } from './cli.ts';
 import { DEFAULT_LIMITS, type BucketTarget, type Limits } from './config.ts';
 import { partialName, removeStalePartials } from './files.ts';
-import { TreeCache, etagProvesContent, hashFile, lineMatches, type TreeCacheLine } from './hash-cache.ts';
+import { TreeCache, etagProvesContent, hashFile, lineMatches, lineOf, type TreeCacheLine } from './hash-cache.ts';
 import { Pacer, Slots } from './pacer.ts';
 import type { Step } from './plan.ts';
 import { pool } from './pool.ts';
@@ -365,14 +365,6 @@ export async function restoreTree(options: RestoreTreeOptions): Promise<RestoreT
     if (!head) throw new Error('gone from the bucket since it was listed');
     return head.metadata.sha256 ? { sha256: head.metadata.sha256, how: 'metadata' } : { how: 'etag' };
   };
-  const lineOf = (key: string, st: fs.BigIntStats, sha256: string, etag: string): TreeCacheLine => ({
-    rel: key,
-    size: Number(st.size),
-    mtimeNs: String(st.mtimeNs),
-    ino: String(st.ino),
-    sha256,
-    etag,
-  });
 
   const one = async ({ o, seq, cached }: Listed) => {
     const parts = keyParts(o.key);
@@ -384,7 +376,7 @@ export async function restoreTree(options: RestoreTreeOptions): Promise<RestoreT
     const object = await objectSha(o, cached);
     if (st && Number(st.size) === o.size) {
       // The local file's sha256: from the cache while its stat is the one it was hashed with.
-      let local = lineMatches(cached, { size: st.size, mtimeNs: st.mtimeNs, ino: st.ino }) ? cached!.sha256 : undefined;
+      let local = lineMatches(cached, st) ? cached!.sha256 : undefined;
       if (!local) {
         result.hashed++;
         local = await hashFile(dest, signal);

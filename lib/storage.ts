@@ -191,7 +191,7 @@ export async function fingerprintFile(file: string, signal?: AbortSignal): Promi
     if (after.size !== stat.size || after.mtimeNs !== stat.mtimeNs)
       throw new SourceChanged(`${file} changed while it was read`);
     const { sha256, blockCrcs } = digest.finish();
-    return { size, sha256, blockCrcs, ino: stat.ino, mtimeNs: stat.mtimeNs, data };
+    return { size, sha256, blockCrcs, ino: stat.ino, mtimeNs: stat.mtimeNs, ctimeNs: stat.ctimeNs, data };
   } finally {
     await handle.close();
   }
