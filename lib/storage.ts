@@ -12,6 +12,8 @@ export interface ObjectInfo {
   size: number;
   /** As the server gives it, without quotes: `md5hex` or `md5hex-N` for multipart. */
   etag: string;
+  /** When the object was stored (its Last-Modified, in ms), where a listing says it. */
+  modifiedMs?: number;
 }
 
 export interface ObjectHead extends ObjectInfo {
