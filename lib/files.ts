@@ -27,6 +27,8 @@ export interface Fingerprint {
   blockCrcs: number[];
   ino: bigint;
   mtimeNs: bigint;
+  /** The status change time: a hash cache line trusts a file only while this is unchanged too (see lineMatches). */
+  ctimeNs: bigint;
   /** The bytes themselves, for a file of at most one BLOCK: sent from memory, never read twice. */
   data?: Buffer;
 }
@@ -177,7 +179,10 @@ export async function writeStreamAtomic(
     }
     fs.renameSync(tmp, file);
     const { sha256, blockCrcs, bytes } = digest.finish();
-    return { bytes, sha256, fingerprint: { size: bytes, sha256, blockCrcs, ino: st.ino, mtimeNs: st.mtimeNs } };
+    // The ctime is the one before the rename (which sets it again): a line made from it would
+    // only cost a read, never trust a file wrongly.
+    const fingerprint = { size: bytes, sha256, blockCrcs, ino: st.ino, mtimeNs: st.mtimeNs, ctimeNs: st.ctimeNs };
+    return { bytes, sha256, fingerprint };
   } catch (e) {
     source.destroy();
     fs.rmSync(tmp, { force: true });

@@ -1,5 +1,7 @@
-// Content identity without rereading: the sha256 of a file is remembered by path, size, mtime
-// and inode, so an unchanged file is never read again. The same file remembers what each bucket
+// Content identity without rereading: the sha256 of a file is remembered by path, size, mtime,
+// ctime and inode, so an unchanged file is never read again. The ctime is what makes "unchanged"
+// safe (as git and restic use it): an edit that keeps the size and puts the mtime back (touch -r,
+// a restore tool, a clock set back) still moves the ctime, which no user can set. The same file remembers what each bucket
 // object was proven to hold (its ETag and sha256), so an unchanged rerun needs only listings.
 import crypto from 'node:crypto';
 import fs from 'node:fs';
@@ -19,7 +21,9 @@ import { fingerprintFile } from './storage.ts';
 
 export { hashFile };
 
-type FileEntry = [size: number, mtimeNs: string, ino: string, sha256: string];
+type FileEntry = [size: number, mtimeNs: string, ctimeNs: string, ino: string, sha256: string];
+/** An entry of a cache written before the ctime was recorded: its sha256 is never trusted by stat alone. */
+type OlderFileEntry = [size: number, mtimeNs: string, ino: string, sha256: string];
 type ObjectEntry = [etag: string, sha256: string];
 
 interface CacheFile {
@@ -28,9 +32,11 @@ interface CacheFile {
   objects: Record<string, ObjectEntry>;
 }
 
+/** What a cache line is checked against: an lstat with bigint times (fs.BigIntStats is one). */
 export interface FileStat {
   size: bigint;
   mtimeNs: bigint;
+  ctimeNs: bigint;
   ino: bigint;
 }
 
@@ -63,13 +69,19 @@ export class HashCache {
   }
 
   /**
-   * The file's sha256, read only when its path, size, mtime or inode changed. When it was read
-   * now, its fingerprint comes with it (what is sent is checked against it).
+   * The file's sha256, read only when its path, size, mtime, ctime or inode changed. When it was
+   * read now, its fingerprint comes with it (what is sent is checked against it).
    */
   async hash(file: string, st: FileStat, signal?: AbortSignal): Promise<{ sha256: string; fingerprint?: Fingerprint }> {
     const e = this.data.files[file];
-    if (e && BigInt(e[0]) === st.size && e[1] === String(st.mtimeNs) && e[2] === String(st.ino))
-      return { sha256: e[3] };
+    if (
+      e &&
+      BigInt(e[0]) === st.size &&
+      e[1] === String(st.mtimeNs) &&
+      e[2] === String(st.ctimeNs) &&
+      e[3] === String(st.ino)
+    )
+      return { sha256: e[4] };
     const fingerprint = await fingerprintFile(file, signal);
     this.remember(file, fingerprint);
     return { sha256: fingerprint.sha256, fingerprint };
@@ -77,7 +89,7 @@ export class HashCache {
 
   /** Records what a file held when it was read (by the stat it had then, not the walk's). */
   remember(file: string, fp: Fingerprint) {
-    this.data.files[file] = [fp.size, String(fp.mtimeNs), String(fp.ino), fp.sha256];
+    this.data.files[file] = [fp.size, String(fp.mtimeNs), String(fp.ctimeNs), String(fp.ino), fp.sha256];
     this.dirty = true;
   }
 
@@ -104,6 +116,15 @@ export class HashCache {
 
 const HEX64 = /^[0-9a-f]{64}$/;
 const isFileEntry = (e: unknown): e is FileEntry =>
+  Array.isArray(e) &&
+  e.length === 5 &&
+  Number.isSafeInteger(e[0]) &&
+  e[0] >= 0 &&
+  /^\d+$/.test(e[1]) &&
+  /^\d+$/.test(e[2]) &&
+  /^\d+$/.test(e[3]) &&
+  HEX64.test(e[4]);
+const isOlderFileEntry = (e: unknown): e is OlderFileEntry =>
   Array.isArray(e) &&
   e.length === 4 &&
   Number.isSafeInteger(e[0]) &&
@@ -135,36 +156,62 @@ export async function etagProvesContent(
   etag: string,
   signal?: AbortSignal,
 ): Promise<boolean> {
-  const m = /^([0-9a-f]{32})(?:-(\d+))?$/.exec(etag);
-  if (!m) return false;
-  if (m[2] === undefined) return (await hashFile(file, signal, 'md5')) === m[1];
-  const parts = Number(m[2]);
-  const partSize = awsCliPartSize(size);
-  if (Math.ceil(size / partSize) !== parts) return false;
-  const partDigests: Buffer[] = [];
-  let part = crypto.createHash('md5');
-  let inPart = 0;
-  await readRegular(
-    file,
-    (chunk) => {
-      let offset = 0;
-      while (offset < chunk.length) {
-        const take = Math.min(chunk.length - offset, partSize - inPart);
-        part.update(chunk.subarray(offset, offset + take));
-        offset += take;
-        inPart += take;
-        if (inPart === partSize) {
-          partDigests.push(part.digest());
-          part = crypto.createHash('md5');
-          inPart = 0;
-        }
+  const check = new EtagCheck(size, etag);
+  if (!check.possible) return false;
+  await readRegular(file, (chunk) => check.update(chunk), signal);
+  return check.proves();
+}
+
+/**
+ * Whether bytes fed in order are the ones an ETag names (see etagProvesContent): for a file read
+ * from disk, or an object read back (restore-mello's drill of a bash-era upload).
+ */
+export class EtagCheck {
+  private readonly md5?: string;
+  private readonly parts?: number;
+  private readonly partSize: number;
+  private readonly partDigests: Buffer[] = [];
+  private part = crypto.createHash('md5');
+  private inPart = 0;
+  private bytes = 0;
+  /** False when no bytes can match: not an MD5 ETag, or a part count aws-cli would not have made. */
+  readonly possible: boolean;
+
+  constructor(
+    private readonly size: number,
+    etag: string,
+  ) {
+    const m = /^([0-9a-f]{32})(?:-(\d+))?$/.exec(etag);
+    this.md5 = m?.[1];
+    this.parts = m?.[2] === undefined ? undefined : Number(m[2]);
+    // A single-part upload's ETag is the MD5 of the whole: one part of any size.
+    this.partSize = this.parts === undefined ? Infinity : awsCliPartSize(size);
+    this.possible = Boolean(m) && (this.parts === undefined || Math.ceil(size / this.partSize) === this.parts);
+  }
+
+  update(chunk: Buffer) {
+    this.bytes += chunk.length;
+    let offset = 0;
+    while (offset < chunk.length) {
+      const take = Math.min(chunk.length - offset, this.partSize - this.inPart);
+      this.part.update(chunk.subarray(offset, offset + take));
+      offset += take;
+      this.inPart += take;
+      if (this.inPart === this.partSize) {
+        this.partDigests.push(this.part.digest());
+        this.part = crypto.createHash('md5');
+        this.inPart = 0;
       }
-    },
-    signal,
-  );
-  if (inPart > 0) partDigests.push(part.digest());
-  const combined = crypto.createHash('md5').update(Buffer.concat(partDigests)).digest('hex');
-  return partDigests.length === parts && combined === m[1];
+    }
+  }
+
+  proves(): boolean {
+    if (!this.possible || this.bytes !== this.size) return false;
+    if (this.parts === undefined) return this.part.digest('hex') === this.md5;
+    if (this.inPart > 0) this.partDigests.push(this.part.digest());
+    const combined = crypto.createHash('md5').update(Buffer.concat(this.partDigests)).digest('hex');
+    return this.partDigests.length === this.parts && combined === this.md5;
+  }
 }
 
 /** One file of a tree, as its hash cache remembers it: what it held, and the object that holds it. */
@@ -172,6 +219,11 @@ export interface TreeCacheLine {
   rel: string;
   size: number;
   mtimeNs: string;
+  /**
+   * The ctime the file had when it was hashed. A line without one (written before it was
+   * recorded) still names the object proven to hold its sha256, but never vouches for the file.
+   */
+  ctimeNs?: string;
   ino: string;
   sha256: string;
   /** The ETag of the object proven to hold these bytes: a listing that shows it proves them again. */
@@ -184,18 +236,40 @@ const isLine = (l: unknown): l is TreeCacheLine => {
     typeof x?.rel === 'string' &&
     Number.isSafeInteger(x.size) &&
     /^\d+$/.test(x.mtimeNs) &&
+    (x.ctimeNs === undefined || /^\d+$/.test(x.ctimeNs)) &&
     /^\d+$/.test(x.ino) &&
     HEX64.test(x.sha256) &&
     (x.etag === undefined || typeof x.etag === 'string')
   );
 };
 
-/** A file's line still holds when its size, mtime and inode are the ones it was hashed with. */
+/**
+ * A file's line still holds when its size, mtime, ctime and inode are the ones it was hashed
+ * with. The ctime catches what the others miss: an edit of the same size whose mtime was put back.
+ */
 export const lineMatches = (line: TreeCacheLine | undefined, st: FileStat) =>
   line !== undefined &&
+  line.ctimeNs !== undefined &&
   BigInt(line.size) === st.size &&
   line.mtimeNs === String(st.mtimeNs) &&
+  line.ctimeNs === String(st.ctimeNs) &&
   line.ino === String(st.ino);
+
+/** The line that remembers a file's sha256 by the stat it had when it was hashed. */
+export const lineOf = (
+  rel: string,
+  st: Omit<FileStat, 'size'> & { size: bigint | number },
+  sha256: string,
+  etag?: string,
+): TreeCacheLine => ({
+  rel,
+  size: Number(st.size),
+  mtimeNs: String(st.mtimeNs),
+  ctimeNs: String(st.ctimeNs),
+  ino: String(st.ino),
+  sha256,
+  etag,
+});
 
 /**
  * A tree's hash cache, never held whole in memory: a file of JSON lines sorted by key, read as a
@@ -375,7 +449,11 @@ function errorOf(e: unknown, file: string): string {
   return err?.code ? `${err.code}: ${file}` : String((e as Error)?.message ?? e);
 }
 
-/** The lines of one tree from the older whole-file cache (keyed by absolute path, objects by bucket/key). */
+/**
+ * The lines of one tree from the older whole-file cache (keyed by absolute path, objects by
+ * bucket/key). Its entries have no ctime: they give the ETag proven to hold a sha256 (no HEAD),
+ * but the file is read once more.
+ */
 function readLegacy(file: string, root: string, objectPrefix: string): Map<string, TreeCacheLine> | undefined {
   try {
     const data = JSON.parse(readRegularFileSync(file).toString('utf8')) as Partial<CacheFile>;
@@ -383,11 +461,18 @@ function readLegacy(file: string, root: string, objectPrefix: string): Map<strin
     const lines = new Map<string, TreeCacheLine>();
     const prefix = root.endsWith(path.sep) ? root : root + path.sep;
     for (const [p, e] of Object.entries(data.files ?? {})) {
-      if (!p.startsWith(prefix) || !isFileEntry(e)) continue;
+      if (!p.startsWith(prefix)) continue;
+      const entry = isFileEntry(e)
+        ? e
+        : isOlderFileEntry(e)
+          ? ([e[0], e[1], undefined, e[2], e[3]] as const)
+          : undefined;
+      if (!entry) continue;
+      const [size, mtimeNs, ctimeNs, ino, sha256] = entry;
       const rel = p.slice(prefix.length).split(path.sep).join('/');
       const object = data.objects?.[objectPrefix + rel];
-      const etag = isObjectEntry(object) && object[1] === e[3] ? object[0] : undefined;
-      lines.set(rel, { rel, size: e[0], mtimeNs: e[1], ino: e[2], sha256: e[3], etag });
+      const etag = isObjectEntry(object) && object[1] === sha256 ? object[0] : undefined;
+      lines.set(rel, { rel, size, mtimeNs, ctimeNs, ino, sha256, etag });
     }
     return lines;
   } catch {

@@ -39,7 +39,7 @@ export async function melloImageDigest(file: string, stateDir: string, signal: A
   if (!isRegularFile(file)) return undefined;
   const hashes = HashCache.load(path.join(stateDir, 'hashes-backup-verda.json'));
   const st = fs.lstatSync(file, { bigint: true });
-  const { sha256, fingerprint } = await hashes.hash(file, { size: st.size, mtimeNs: st.mtimeNs, ino: st.ino }, signal);
+  const { sha256, fingerprint } = await hashes.hash(file, st, signal);
   return { sha256, bytes: fingerprint?.size ?? Number(st.size), cacheWarning: hashes.trySave() };
 }
 

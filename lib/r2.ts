@@ -509,7 +509,8 @@ export class R2Backend implements Backend {
         ),
       );
       for (const o of page.Contents ?? []) {
-        if (o.Key !== undefined) yield { key: o.Key, size: o.Size ?? 0, etag: unquote(o.ETag) };
+        if (o.Key !== undefined)
+          yield { key: o.Key, size: o.Size ?? 0, etag: unquote(o.ETag), modifiedMs: o.LastModified?.getTime() };
       }
       token = page.IsTruncated ? page.NextContinuationToken : undefined;
     } while (token);

@@ -12,6 +12,8 @@ export interface ObjectInfo {
   size: number;
   /** As the server gives it, without quotes: `md5hex` or `md5hex-N` for multipart. */
   etag: string;
+  /** When the object was stored (its Last-Modified, in ms), where a listing says it. */
+  modifiedMs?: number;
 }
 
 export interface ObjectHead extends ObjectInfo {
@@ -191,7 +193,7 @@ export async function fingerprintFile(file: string, signal?: AbortSignal): Promi
     if (after.size !== stat.size || after.mtimeNs !== stat.mtimeNs)
       throw new SourceChanged(`${file} changed while it was read`);
     const { sha256, blockCrcs } = digest.finish();
-    return { size, sha256, blockCrcs, ino: stat.ino, mtimeNs: stat.mtimeNs, data };
+    return { size, sha256, blockCrcs, ino: stat.ino, mtimeNs: stat.mtimeNs, ctimeNs: stat.ctimeNs, data };
   } finally {
     await handle.close();
   }

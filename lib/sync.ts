@@ -4,11 +4,12 @@
 // An object is skipped when its size and sha256 match: the sha256 comes from the tree's hash
 // cache, and the object's from the ETag the cache remembers for it (no request), else its `sha256`
 // metadata (one HEAD), else an ETag that proves the content (objects the bash scripts uploaded).
-// Never deletes.
+// Never deletes. The temporary files of our own writers (restore-mello downloading into the same
+// tree) are never sent.
 import fs from 'node:fs';
 import { errorText, humanSize, printable } from './cli.ts';
 import { compareKeys, lstatBig, walkSorted, type WalkEntry } from './files.ts';
-import { etagProvesContent, lineMatches, TreeCache, type TreeCacheLine } from './hash-cache.ts';
+import { etagProvesContent, lineMatches, lineOf, TreeCache, type TreeCacheLine } from './hash-cache.ts';
 import type { Step } from './plan.ts';
 import { AdaptiveSlots } from './pacer.ts';
 import { pool } from './pool.ts';
@@ -31,6 +32,11 @@ export interface SyncOptions {
   cacheFile?: string;
   /** An older whole-file cache to read once, the first time (see TreeCache.open). */
   legacyCache?: string;
+  /**
+   * Hash every file again, whatever its cache line says (--verify --deep: trust no cache). The
+   * cache still names the objects proven to hold a sha256, and splits the listing.
+   */
+  rehash?: boolean;
   dryRun?: boolean;
   signal?: AbortSignal;
   /** Files in flight at once (each multipart file has its own parts in flight too). */
@@ -217,6 +223,13 @@ interface Marched {
   cached?: TreeCacheLine;
 }
 
+/**
+ * A temporary file of one of our writers (lib/files.ts partialName: `.NAME.partial-PID-XXXXXXXX`),
+ * as restore-mello leaves one in the tree while it downloads: not a user's file, never sent.
+ */
+export const isPartialFile = (rel: string) =>
+  /^\..+\.partial-\d+-[0-9a-f]{8}$/.test(rel.slice(rel.lastIndexOf('/') + 1));
+
 async function* march(
   walk: AsyncGenerator<WalkEntry>,
   listing: AsyncGenerator<ObjectInfo>,
@@ -231,7 +244,7 @@ async function* march(
       other(e);
       continue;
     }
-    if (filter && !filter(e.rel)) continue;
+    if ((filter && !filter(e.rel)) || isPartialFile(e.rel)) continue;
     const key = prefix + e.rel;
     while (!remote.done && compareKeys(remote.value.key, key) < 0) remote = await listing.next();
     const there = !remote.done && remote.value.key === key ? remote.value : undefined;
@@ -348,21 +361,14 @@ class TreeSync {
     if (!st.isFile()) throw new SourceChanged(`${f.path} is no longer a regular file`);
     result.files++;
     result.bytes += Number(st.size);
-    // The hash: from the cache when the file is as it was, else one read that also fingerprints it.
-    let fp = lineMatches(f.cached, { size: st.size, mtimeNs: st.mtimeNs, ino: st.ino })
-      ? undefined
-      : await fingerprintFile(f.path, opts.signal);
+    // The hash: from the cache when the file is as it was (size, mtime, ctime, inode), else one
+    // read that also fingerprints it.
+    let fp = !opts.rehash && lineMatches(f.cached, st) ? undefined : await fingerprintFile(f.path, opts.signal);
     if (fp) result.hashed++;
     const sha256 = fp?.sha256 ?? f.cached!.sha256;
     const size = fp?.size ?? Number(st.size);
-    const line = (etag?: string, p = fp): TreeCacheLine => ({
-      rel: f.rel,
-      size: p?.size ?? size,
-      mtimeNs: String(p?.mtimeNs ?? st.mtimeNs),
-      ino: String(p?.ino ?? st.ino),
-      sha256: p?.sha256 ?? sha256,
-      etag,
-    });
+    // By the stat the file had when it was read (its fingerprint's), else the one that matched.
+    const line = (etag?: string, p = fp): TreeCacheLine => lineOf(f.rel, p ?? st, p?.sha256 ?? sha256, etag);
     cache.provisional(f.seq, line(f.cached?.sha256 === sha256 ? f.cached.etag : undefined));
     const how = await this.alreadyThere(f, size, sha256);
     if (how) {
@@ -490,8 +496,9 @@ export function syncStep(o: SyncStepOptions): Step {
 
 /**
  * --verify for a tree: every local file is in the bucket with its size and sha256 (what a dry
- * run would send is what is missing or differs). With `deep`, the objects found equal are read
- * back and hashed too. Changes nothing: the hash cache is read, not written.
+ * run would send is what is missing or differs). With `deep`, nothing cached is trusted: every
+ * file is read and hashed again, and the objects found equal are read back and hashed too.
+ * Changes nothing: the hash cache is read, not written.
  */
 export function verifyStep(o: SyncStepOptions & { deep: boolean }): Step {
   return {
@@ -506,6 +513,7 @@ export function verifyStep(o: SyncStepOptions & { deep: boolean }): Step {
       const r = await syncTree({
         ...o,
         dryRun: true,
+        rehash: o.deep,
         signal: ctx.signal,
         onFile: (a) => {
           if (a.action === 'send') {

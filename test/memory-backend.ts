@@ -19,6 +19,7 @@ interface Stored {
   data: Buffer;
   etag: string;
   metadata: Record<string, string>;
+  modifiedMs: number;
 }
 
 export class MemoryBackend implements Backend {
@@ -35,7 +36,7 @@ export class MemoryBackend implements Backend {
     for (const key of keys) {
       signal?.throwIfAborted();
       const o = this.objects.get(key);
-      if (o) yield { key, size: o.data.length, etag: o.etag };
+      if (o) yield { key, size: o.data.length, etag: o.etag, modifiedMs: o.modifiedMs };
     }
   }
 
@@ -72,7 +73,7 @@ export class MemoryBackend implements Backend {
     const etag = crypto.createHash('md5').update(data).digest('hex');
     // S3 lowercases metadata names.
     const metadata = Object.fromEntries(Object.entries(opts.metadata ?? {}).map(([k, v]) => [k.toLowerCase(), v]));
-    this.objects.set(key, { data, etag, metadata });
+    this.objects.set(key, { data, etag, metadata, modifiedMs: Date.now() });
     return { key, size, etag };
   }
 

@@ -378,7 +378,7 @@ test('HashCache: an unchanged file is not read again; an entry of the wrong shap
   const file = path.join(dir, 'f');
   fs.writeFileSync(file, 'content');
   const st = fs.statSync(file, { bigint: true });
-  const stat = { size: st.size, mtimeNs: st.mtimeNs, ino: st.ino };
+  const stat = { size: st.size, mtimeNs: st.mtimeNs, ctimeNs: st.ctimeNs, ino: st.ino };
   const cacheFile = path.join(dir, 'cache.json');
   const c1 = HashCache.load(cacheFile);
   assert.is((await c1.hash(file, stat)).sha256, sha('content'));
@@ -387,6 +387,26 @@ test('HashCache: an unchanged file is not read again; an entry of the wrong shap
   const again = await c2.hash(file, stat);
   assert.is(again.sha256, sha('content'));
   assert.is(again.fingerprint, undefined, 'from the cache');
+  // Same size, the mtime put back to the nanosecond: only the ctime moved.
+  fs.writeFileSync(file, 'CONTENT');
+  assert.is(
+    spawnSync('touch', [
+      '-d',
+      `@${st.mtimeNs / 1_000_000_000n}.${String(st.mtimeNs % 1_000_000_000n).padStart(9, '0')}`,
+      file,
+    ]).status,
+    0,
+  );
+  const edited = fs.statSync(file, { bigint: true });
+  assert.is(edited.mtimeNs, st.mtimeNs);
+  const seen = await c2.hash(file, {
+    size: edited.size,
+    mtimeNs: edited.mtimeNs,
+    ctimeNs: edited.ctimeNs,
+    ino: edited.ino,
+  });
+  assert.is(seen.sha256, sha('CONTENT'), 'an edit that put the mtime back is read again');
+  fs.writeFileSync(file, 'content');
   fs.writeFileSync(
     cacheFile,
     JSON.stringify({ version: 1, files: { [file]: ['x', 1, null, 'no'] }, objects: { o: [1] } }),
@@ -409,6 +429,18 @@ async function tree(files: Record<string, string>) {
   }
   return root;
 }
+
+test("syncTree: a temporary file of restore-mello's downloads in the tree is never sent; a look-alike name is", async () => {
+  const root = await tree({
+    'u1/a.json': 'a',
+    'u1/.b.json.partial-4242-0123abcd': 'half a download',
+    'u1/.c.partial-notes': 'a user file',
+  });
+  const b = new MemoryBackend();
+  const r = await syncTree({ root, backend: b, prefix: '' });
+  assert.equal([...b.objects.keys()].sort(), ['u1/.c.partial-notes', 'u1/a.json']);
+  assert.is(r.failureCount, 0);
+});
 
 test('syncTree: new files are sent with their sha256; an unchanged rerun sends nothing, reads nothing, asks nothing but the listing', async () => {
   const root = await tree({ 'u1/a.json': 'a', 'u2/b.json': 'bb' });
@@ -593,23 +625,28 @@ test('listingSplits: ranges of whole pages off the cache, so they cost what one 
   assert.is(pages, 3, 'the pages of one listing, no more');
 });
 
-test('TreeCache: what a run hashed is read back by the next; an older whole-file cache is read once', async () => {
+test('TreeCache: what a run hashed is read back by the next; an older whole-file cache gives its ETags once', async () => {
   const dir = tmp();
   const root = await tree({ 'x/a.txt': 'a', 'x/b.txt': 'b' });
   const legacy = path.join(dir, 'old.json');
   const st = (rel: string) => fs.statSync(path.join(root, rel), { bigint: true });
+  const memory = new MemoryBackend();
+  const b = new CountingBackend(memory);
+  const a = await memory.put('x/a.txt', bufferSource(Buffer.from('a')), { metadata: { sha256: sha('a') } });
+  // The older format: [size, mtime, inode, sha256], no ctime; the object proven to hold a.txt.
   fs.writeFileSync(
     legacy,
     JSON.stringify({
       version: 1,
       files: { [path.join(root, 'x/a.txt')]: [1, String(st('x/a.txt').mtimeNs), String(st('x/a.txt').ino), sha('a')] },
-      objects: {},
+      objects: { [`${b.name}/x/a.txt`]: [a.etag, sha('a')] },
     }),
   );
-  const b = new MemoryBackend();
   const cacheFile = path.join(dir, 'tree.jsonl');
   const first = await syncTree({ root, backend: b, prefix: '', cacheFile, legacyCache: legacy });
-  assert.is(first.hashed, 1, 'a.txt came from the older cache, b.txt was read');
+  assert.is(first.hashed, 2, 'a line without a ctime never vouches for a file: a.txt read again');
+  assert.is(b.calls.head, undefined, "but its ETag proves a.txt's object: no HEAD");
+  assert.is(first.sent, 1, 'b.txt alone sent');
   const second = await syncTree({ root, backend: b, prefix: '', cacheFile, legacyCache: legacy });
   assert.is(second.hashed, 0);
   assert.is(second.skipped, 2);

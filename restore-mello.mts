@@ -1,0 +1,71 @@
+#!/bin/sh
+':' //; exec "$(dirname "$(readlink -f "$0")")/lib/launch.sh" "$0" "$@"
+// (The two lines above are read by sh and ignored by Node: lib/launch.sh starts Node with this
+// script, found beside it whatever the working directory. See README "How the scripts run".)
+
+// restore-mello: the users' files back from the R2 user-files bucket onto Mello, the mirror of
+// backup-mello. Downloads what is missing or differs; never deletes; a file newer here than its
+// object is kept unless --overwrite. --drill (or --verify) reads objects back and compares them.
+import path from 'node:path';
+import { UsageError } from './lib/cli.ts';
+import { bucketTarget, requireDirOrAbsent } from './lib/config.ts';
+import { runScript } from './lib/plan.ts';
+import { R2Backend, r2Limits } from './lib/r2.ts';
+import * as mello from './lib/restore-mello.ts';
+
+await runScript({
+  name: 'restore-mello',
+  backsNothingUp: true, // a success ping would tell backup-mello's check that backups are made
+  title: (f) =>
+    f.extra.drill || f.verify
+      ? "=== Drill: users' files read back from R2 and compared with Mello ==="
+      : `=== R2 → Mello user files${f.extra.user ? ` of ${f.extra.user}` : ''}${f.extra.to ? ` into ${f.extra.to}` : ''} ===`,
+  outcome: (f) => (f.extra.drill ? 'Drill' : 'Restore'),
+  moved: () => 'restored',
+  usage: `Usage: restore-mello.mts [--user NAME] [--only TREE,...] [--to DIR] [--overwrite]
+                         [--drill | --verify [--deep]] [--dry-run] [--json] [-v] [--env-file PATH]
+
+Run on Mello to bring the users' files back from the R2 user-files bucket into MELLO_DATA_DIR
+(user_data/, outputs/, inputs/): what is missing or differs is downloaded, checked by sha256,
+written under a temporary name and renamed. Nothing is deleted, and a file newer here than its
+object (changed since the last backup) is left as it is unless --overwrite.
+
+  --user NAME       only that user's user_data/NAME/ and outputs/NAME/
+  --only TREE,...   only these of user_data, outputs, inputs
+  --to DIR          into DIR (DIR/user_data/..., as under MELLO_DATA_DIR) instead of MELLO_DATA_DIR
+  --overwrite       replace files newer here than their object too
+  --drill           change nothing: read objects back (all within DRILL_MAX_BYTES, else a random
+                    sample of that many bytes), check each against its sha256, compare with Mello's
+                    file; exit 1 naming a damaged object. --verify is the same; --verify --deep
+                    reads every object back`,
+  extraFlags: { boolean: ['drill', 'overwrite'], string: ['user', 'only', 'to'] },
+  plan(cfg, flags) {
+    const x = flags.extra;
+    if (flags.quick) throw new UsageError('restore-mello has no --quick (--only and --user choose what to restore)');
+    const drill = Boolean(x.drill) || flags.verify;
+    if (drill && (flags.dryRun || x.overwrite))
+      throw new UsageError('--drill changes nothing: not with --dry-run or --overwrite');
+    const user = mello.parseUser(x.user);
+    const trees = mello.parseOnly(x.only, user);
+    const to = mello.parseTo(x.to);
+    requireDirOrAbsent(cfg, 'MELLO_DATA_DIR');
+    requireDirOrAbsent(cfg, 'COMFYMULTI_STATE_DIR');
+    const dataDir = to ?? cfg.melloDataDir;
+    const backend = new R2Backend(bucketTarget(cfg, 'userFiles'), r2Limits(cfg.limits));
+    // backup-mello's hash caches, when the files land where it reads them: neither run hashes again.
+    const shared = path.resolve(dataDir) === path.resolve(cfg.melloDataDir);
+    const sample = new mello.DrillSample(
+      backend,
+      trees.map((tree) => mello.listing({ tree, user })),
+      flags.deep ? undefined : drill ? mello.drillMaxBytes(cfg.env) : undefined,
+    );
+    const steps = mello.MELLO_TREES.map((tree) => {
+      const skipReason = trees.includes(tree) ? undefined : user && !tree.perUser ? '--user' : '--only';
+      const o = { tree, backend, dataDir, user, skipReason };
+      if (drill) return mello.drillTreeStep({ ...o, sample });
+      const cacheFile = shared ? path.join(cfg.stateDir, `hashes-backup-mello-${tree.dir}.jsonl`) : undefined;
+      return mello.restoreTreeStep({ ...o, cacheFile, overwrite: Boolean(x.overwrite), limits: cfg.limits });
+    });
+    return { steps };
+  },
+});
