@@ -57,7 +57,7 @@ object (changed since the last backup) is left as it is unless --overwrite.
     const sample = new mello.DrillSample(
       backend,
       trees.map((tree) => mello.listing({ tree, user })),
-      flags.deep ? undefined : drill ? mello.drillMaxBytes(cfg.env) : undefined,
+      flags.deep ? undefined : drill ? cfg.drillMaxBytes : undefined,
     );
     const steps = mello.MELLO_TREES.map((tree) => {
       const skipReason = trees.includes(tree) ? undefined : user && !tree.perUser ? '--user' : '--only';

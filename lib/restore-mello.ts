@@ -75,15 +75,6 @@ export function parseTo(value: unknown): string | undefined {
   return path.resolve(dir);
 }
 
-/** DRILL_MAX_BYTES (4 GiB): what a drill may read back in all. */
-export function drillMaxBytes(env: Record<string, string | undefined>): number {
-  const raw = env.DRILL_MAX_BYTES?.trim() || '4294967296';
-  const n = /^\d+$/.test(raw) ? Number(raw) : NaN;
-  if (!(n >= 1 && Number.isSafeInteger(n)))
-    throw new UsageError(`DRILL_MAX_BYTES must be a whole number of bytes, at least 1 (got "${raw}")`);
-  return n;
-}
-
 export interface MelloTreeOptions {
   tree: MelloTree;
   backend: Backend;

@@ -161,8 +161,13 @@ export class PointJudge {
         const st = fs.lstatSync(file, { bigint: true });
         if (Number(st.size) !== bytes) return 'size';
         if (this.o.deep) return hashFile(file, this.o.signal);
-        return (await this.hashes.hash(file, { size: st.size, mtimeNs: st.mtimeNs, ctimeNs: st.ctimeNs, ino: st.ino }, this.o.signal))
-          .sha256;
+        return (
+          await this.hashes.hash(
+            file,
+            { size: st.size, mtimeNs: st.mtimeNs, ctimeNs: st.ctimeNs, ino: st.ino },
+            this.o.signal,
+          )
+        ).sha256;
       })();
       this.files.set(file, found);
     }
@@ -227,7 +232,13 @@ export class PointJudge {
         const st = fs.lstatSync(file, { bigint: true });
         const sha256 = this.o.deep
           ? await hashFile(file, this.o.signal)
-          : (await this.hashes.hash(file, { size: st.size, mtimeNs: st.mtimeNs, ctimeNs: st.ctimeNs, ino: st.ino }, this.o.signal)).sha256;
+          : (
+              await this.hashes.hash(
+                file,
+                { size: st.size, mtimeNs: st.mtimeNs, ctimeNs: st.ctimeNs, ino: st.ino },
+                this.o.signal,
+              )
+            ).sha256;
         copies.push({ sha256, bytes: Number(st.size), where: `Mello's ${IMAGE_FILE}` });
       }
       const cache = this.o.cacheBucket === undefined ? undefined : this.o.buckets.get(this.o.cacheBucket);
