@@ -14,6 +14,7 @@ const SCRIPT_VARIABLE: Record<string, (typeof NOTIFY_VARIABLES)[number]> = {
   'backup-verda': 'NOTIFY_URL_VERDA',
   'restore-verda': 'NOTIFY_URL_VERDA',
   'backup-mello': 'NOTIFY_URL_MELLO',
+  'restore-mello': 'NOTIFY_URL_MELLO',
   'backup-cron': 'NOTIFY_URL_CRON',
 };
 
