@@ -620,7 +620,7 @@ export function loadConfig(
   };
   // A whole number from `min` to `max`.
   const whole = (name: VariableName, min: number, max: number) => {
-    const raw = str(name).trim();
+    const raw = str(name); // untrimmed: "3 " is not a whole number
     const n = /^\d+$/.test(raw) ? Number(raw) : NaN;
     if (!(n >= min && n <= max)) {
       const range = max === Number.MAX_SAFE_INTEGER ? `of at least ${min}` : `from ${min} to ${max}`;

@@ -246,7 +246,7 @@ test('DRILL_MAX_BYTES, STATS_INTERVAL, KEEP_VERSIONS_DAYS: defaults, and a bad v
   assert.is(load({ DRILL_MAX_BYTES: '1024' }).drillMaxBytes, 1024);
   assert.is(load({ STATS_INTERVAL: '0.5' }).statsIntervalS, 0.5);
   assert.is(load({ KEEP_VERSIONS_DAYS: '7' }).keepVersionsDays, 7);
-  for (const bad of ['0', '-1', '1.5', '4G', 'x', '99999999999999999999']) {
+  for (const bad of ['0', '-1', '1.5', '4G', 'x', '99999999999999999999', '1024 ']) {
     refuses(() => load({ DRILL_MAX_BYTES: bad }), /^DRILL_MAX_BYTES must be a whole number/);
   }
   for (const bad of ['0', '-1', 'x', '1m', '86401']) {
