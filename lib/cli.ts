@@ -1,6 +1,7 @@
 // Command line and output: the SPEC's flags, exit codes, step lines like the bash originals
 // (`Step 3: ...`, `✓ ... (4.0K)`), and progress with rate and ETA on a terminal only.
 import minimist from 'minimist';
+import { variablesHelp } from './variables.ts';
 
 export const EXIT = { ok: 0, failed: 1, usage: 2, locked: 75 } as const;
 
@@ -140,30 +141,96 @@ export function parseFlags(argv: string[], extra: { boolean?: string[]; string?:
   };
 }
 
-export const COMMON_HELP = `Flags:
-  --full            full run (the default)
-  --quick           see above
-  --dry-run         say what would be sent and where; change nothing
-  --verify          change nothing; check that the newest backup is whole (exit 1 naming what differs)
-  --deep            with --verify: read R2 objects back and hash them, not only their metadata
-  --status          change nothing, no SSH, no lock: the newest backups (and, for backup-verda, the
+/** The flags every script takes, each with its lines of help. */
+const COMMON_FLAGS: [flag: string, help: string][] = [
+  ['--full', '  --full            full run (the default)'],
+  ['--quick', '  --quick           see above'],
+  ['--dry-run', '  --dry-run         say what would be sent and where; change nothing'],
+  [
+    '--verify',
+    '  --verify          change nothing; check that the newest backup is whole (exit 1 naming what differs)',
+  ],
+  ['--deep', '  --deep            with --verify: read R2 objects back and hash them, not only their metadata'],
+  [
+    '--status',
+    `  --status          change nothing, no SSH, no lock: the newest backups (and, for backup-verda, the
                     bundle in R2, read only), their age, complete or not, and the last run; exit 1
-                    when the newest is older than STALE_HOURS, incomplete or missing, or the last run failed
-  --json            machine-readable summary on stdout (step lines go to stderr)
-  -v, --verbose     say more
-  --env-file PATH   read configuration from PATH instead of .env beside the script
-  -h, --help        this text
+                    when the newest is older than STALE_HOURS, incomplete or missing, or the last run failed`,
+  ],
+  ['--json', '  --json            machine-readable summary on stdout (step lines go to stderr)'],
+  ['--verbose', '  -v, --verbose     say more'],
+  ['--env-file', '  --env-file PATH   read configuration from PATH instead of .env beside the script'],
+  ['--help', '  -h, --help        this text'],
+];
+
+/**
+ * A script's `--help`: its usage, the common flags it takes and does not describe itself (each
+ * flag once; `--status` only where there is one), exit codes, pings, and the variables it reads
+ * with their defaults (from lib/variables.ts).
+ */
+export function helpText(script: string, usage: string, opts: { status: boolean }): string {
+  const ownLines = usage.split('\n').filter((line) => /^\s+-/.test(line));
+  const describedHere = (flag: string) => ownLines.some((line) => new RegExp(`^\\s+${flag}(?![\\w-])`).test(line));
+  const flags = COMMON_FLAGS.filter(([flag]) => !describedHere(flag) && (opts.status || flag !== '--status'));
+  return `${usage}
+
+${flags.length ? 'Flags:' : ''}
+${flags.map(([, help]) => help).join('\n')}
 
 Exit codes: 0 done, 1 a step failed (the others still ran), 2 usage or configuration error,
 75 another run of this script holds the lock.
 
 NOTIFY_URL (or NOTIFY_URL_VERDA, _MELLO, _CRON for one script) receives healthchecks.io pings:
-URL/start when a run begins, URL with the summary when it succeeds, URL/fail when it fails.`;
+URL/start when a run begins, URL with the summary when it succeeds, URL/fail when it fails.
 
-/** An error as one line: the errno code and path, or the message. Never a stack. */
+${variablesHelp(script)}
+`;
+}
+
+/** This machine's directories, by the variable that names each (loadConfig says): see errorText. */
+let namedDirectories: [variable: string, dir: string][] = [];
+
+export function nameDirectories(dirs: [variable: string, dir: string][]) {
+  namedDirectories = dirs.map(([name, dir]) => [name, dir.replace(/(.)\/+$/, '$1')]);
+}
+
+/** What to do about an errno in a directory a variable names; VAR stands for the variable. */
+const DIRECTORY_ADVICE: Record<string, string> = {
+  // Read or write: the same advice either way.
+  EACCES: "uid UID is not allowed there; run as the directory's owner, give it to uid UID, or set VAR to another",
+  EPERM: "uid UID is not allowed there; run as the directory's owner, give it to uid UID, or set VAR to another",
+  EROFS: 'a read-only file system; set VAR to a writable directory',
+  ENOSPC: 'its disk is full; free space there or set VAR to a directory on a larger disk',
+  EDQUOT: 'the disk quota is used up; free space there or set VAR to a directory with room',
+};
+
+/**
+ * ` (BACKUP_DIR: its disk is full; ...)` when `file` lies in a directory a variable names (the
+ * deepest: the state directory may lie in BACKUP_DIR), or is one mkdir could not make on the
+ * way to it; else nothing.
+ */
+function directoryAdvice(err: NodeJS.ErrnoException): string {
+  const advice = DIRECTORY_ADVICE[err.code!];
+  const file = err.path!;
+  if (!advice) return '';
+  const inside = (dir: string) => file === dir || file.startsWith(dir === '/' ? dir : `${dir}/`);
+  const above = (dir: string) => err.syscall === 'mkdir' && dir.startsWith(`${file}/`);
+  const named = namedDirectories
+    .filter(([, dir]) => inside(dir) || above(dir))
+    .sort((a, b) => b[1].length - a[1].length)[0];
+  if (!named) return '';
+  const [name, dir] = named;
+  const what = advice.replaceAll('VAR', name).replaceAll('UID', String(process.getuid?.() ?? '?'));
+  return ` (${inside(dir) ? name : `${name} is ${dir}`}: ${what})`;
+}
+
+/**
+ * An error as one line: the errno code and path, or the message. Never a stack. An EACCES,
+ * ENOSPC and kin in a directory a variable names says which, and what to do.
+ */
 export function errorText(e: unknown): string {
   const err = e as NodeJS.ErrnoException;
-  if (err?.code && err.path) return `${err.code}: ${err.path}`;
+  if (err?.code && err.path) return `${err.code}: ${err.path}${directoryAdvice(err)}`;
   return err?.message ?? String(e);
 }
 

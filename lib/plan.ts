@@ -6,12 +6,13 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import {
-  COMMON_HELP,
   EXIT,
   Output,
   UsageError,
+  addNotice,
   errorText,
   exitAfterOutput,
+  helpText,
   humanSize,
   notices,
   parseFlags,
@@ -308,12 +309,17 @@ async function prepare(def: ScriptDef, argv: string[]) {
     return exitAfterOutput(e instanceof UsageError ? EXIT.usage : EXIT.failed);
   }
   if (flags.help) {
-    process.stdout.write(`${def.usage}\n\n${COMMON_HELP}\n`);
+    process.stdout.write(helpText(def.name, def.usage, { status: Boolean(def.status) }));
     return exitAfterOutput(EXIT.ok);
   }
   let cfg: Config | undefined;
   try {
-    cfg = loadConfig(process.env, scriptDir(), flags.envFile);
+    // A name in .env that no script reads (a misspelling): said once, first, and in the summary.
+    const warn = (text: string) => {
+      process.stderr.write(`${def.name}: ⚠ ${text}\n`);
+      addNotice(text);
+    };
+    cfg = loadConfig(process.env, scriptDir(), flags.envFile, { warn });
     if (flags.status && !def.status) throw new UsageError(`--status is not available for ${def.name}`);
     const target = pings(flags) ? notifyTarget(cfg.env, def.name) : undefined;
     const notifier = target ? new Notifier(target, cfg.limits.notifyTimeoutMs, def.backsNothingUp) : undefined;

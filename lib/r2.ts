@@ -198,11 +198,15 @@ export function partSizeFor(size: number, preferred: number): number {
   return Math.ceil(partSize / MiB) * MiB;
 }
 
+/** Where a bucket in R2's EU jurisdiction is reached: not the account's default endpoint. */
+const EU_ENDPOINT = 'https://<account>.eu.r2.cloudflarestorage.com';
+
 /**
  * A plain sentence for an S3 error: status, code, and what it likely means. No stack.
- * `signedOffsetMs`: the clock correction the failed request was signed with.
+ * `signedOffsetMs`: the clock correction the failed request was signed with. `target`: the
+ * bucket the request went to; its `variables` let the sentence name the variables in use.
  */
-export function describeS3Error(e: unknown, signedOffsetMs = 0): string {
+export function describeS3Error(e: unknown, signedOffsetMs = 0, target?: BucketTarget): string {
   const { status, code, errno, message } = s3Fields(e);
   const clock = clockOffsetOf(e, signedOffsetMs);
   if (clock !== undefined) {
@@ -211,10 +215,22 @@ export function describeS3Error(e: unknown, signedOffsetMs = 0): string {
     const answer = [status, code].filter(Boolean).join(' ');
     return `R2 refused the request (${answer}): this machine's clock is ${how} R2's; fix it (timedatectl / chrony)`;
   }
+  const vars = target?.variables;
   if (status === 403 || code === 'InvalidAccessKeyId' || code === 'SignatureDoesNotMatch') {
-    return `R2 refused the credentials (${[status, code].filter(Boolean).join(' ')}): check R2_ACCESS_KEY_ID and R2_SECRET_ACCESS_KEY`;
+    const answer = [status, code].filter(Boolean).join(' ');
+    if (!vars) return `R2 refused the credentials (${answer}): check R2_ACCESS_KEY_ID and R2_SECRET_ACCESS_KEY`;
+    // The pair that signed, which is the bucket's own when it has one: that is the one to fix.
+    const pair = `${vars.accessKeyId} and ${vars.secretAccessKey}`;
+    return `R2 refused the credentials (${answer}): check ${pair}, the key pair in use for ${vars.bucket} (a token must be allowed on that bucket)`;
   }
-  if (code === 'NoSuchBucket') return `the bucket does not exist (${code})`;
+  if (code === 'NoSuchBucket') {
+    if (!vars) return `the bucket does not exist (${code})`;
+    const at = `${target!.endpoint} (${vars.endpoint})`;
+    return (
+      `R2 has no bucket ${target!.bucket} at ${at} (${code}): check ${vars.bucket}; ` +
+      `an EU bucket needs its jurisdiction's endpoint, ${EU_ENDPOINT}, in ${vars.ownEndpoint}`
+    );
+  }
   if (errno) return `cannot reach R2: ${errno}`;
   if (code === 'TimeoutError') return 'R2 did not answer in time (nothing moved either way)';
   if (status) return `R2 answered ${status} ${code ?? ''}: ${message}`.trim();
@@ -485,7 +501,9 @@ export class R2Backend implements Backend {
     const refused = status === 403 || status === 401 || code === 'NoSuchBucket' || code === 'InvalidAccessKeyId';
     const tries = attempts > 1 ? ` after ${attempts} attempts` : '';
     const idle = seconds(this.opts.idleTimeoutMs);
-    const what = timedOut ? `R2 did not answer (no byte moved for ${idle})` : describeS3Error(e, signedOffset);
+    const what = timedOut
+      ? `R2 did not answer (no byte moved for ${idle})`
+      : describeS3Error(e, signedOffset, this.target);
     return new StorageError(`${this.name}/${key} ${op}: ${what}${tries}`, refused || unreachable, status);
   }
 

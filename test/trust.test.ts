@@ -488,6 +488,14 @@ test('per-bucket keys: with the shared pair invalid, backup-verda (full) works; 
     endpoint: s3.endpoint,
     accessKeyId: KEYS.models.id,
     secretAccessKey: KEYS.models.secret,
+    // The names of the variables in use (never values): Verda's errors name the pair to fix.
+    variables: {
+      bucket: 'R2_MODELS_BUCKET',
+      endpoint: 'R2_ENDPOINT',
+      ownEndpoint: 'R2_MODELS_ENDPOINT',
+      accessKeyId: 'R2_MODELS_ACCESS_KEY_ID',
+      secretAccessKey: 'R2_MODELS_SECRET_ACCESS_KEY',
+    },
   });
   for (const other of [
     KEYS.cache.id,
