@@ -160,7 +160,8 @@ function tarStandIn(log: string, control: string): string {
 
 /**
  * tailscale by `tailscale.mode`: `normal` prints the address; `escapes` prints it wrapped in
- * terminal escapes, a carriage return and a forged line; `forever` prints without end.
+ * terminal escapes, a carriage return and a forged line (and escapes on stderr); `forever`
+ * prints without end.
  */
 function tailscaleStandIn(log: string, control: string): string {
   const noise = 'A'.repeat(200);
@@ -170,18 +171,22 @@ function tailscaleStandIn(log: string, control: string): string {
     '[ "$1" = ip ] || { echo "tailscale stand-in: $*" >&2; exit 1; }',
     'case "$mode" in',
     `  normal) echo ${TAILSCALE_IP} ;;`,
-    `  escapes) printf '\\033]0;pwned\\007\\033[2J${TAILSCALE_IP}\\033[31m\\r%s\\n\\033[0m=== tailscale says hello ===\\n' ${shellWord(FORGED)} ;;`,
+    `  escapes) printf '\\033]0;pwned\\007\\033[2J${TAILSCALE_IP}\\033[31m\\r%s\\n\\033[0m=== tailscale says hello ===\\n' ${shellWord(FORGED)}; printf '\\033[2Jwarning: \\033[31m%s\\n' ${shellWord(FORGED)} >&2 ;;`,
     `  forever) exec yes ${noise} ;;`,
     'esac',
   ]);
 }
 
-/** docker or podman: the image's ID, and `save` as a small tar stream. */
+/**
+ * docker or podman: the image's ID (by `image.mode`: `normal`, or `escapes`, an ID wrapped in
+ * terminal escapes), and `save` as a small tar stream.
+ */
 function containerStandIn(name: string, log: string, control: string): string {
   return sh([
     ...logged(name, log),
+    `mode=$(cat ${JSON.stringify(path.join(control, 'image.mode'))} 2>/dev/null || echo normal)`,
     'case "$1 $2" in',
-    `  "image inspect") echo ${IMAGE_ID} ;;`,
+    `  "image inspect") if [ "$mode" = escapes ]; then printf 'sha256:\\033[2J\\033]0;pwned\\007${IMAGE_ID.slice(7, 40)}\\n'; else echo ${IMAGE_ID}; fi ;;`,
     `  "save "*) exec /usr/bin/tar --create --file=- --directory=${JSON.stringify(path.join(control, 'image'))} . ;;`,
     `  *) echo "${name} stand-in: $*" >&2; exit 1 ;;`,
     'esac',
