@@ -701,8 +701,12 @@ test('a gzip bomb, an archive larger than DRILL_MAX_BYTES: the drill fails namin
   assertMelloUnchanged(before, 'after the drill');
 });
 
-test('names out of the archive (`..`, an absolute name, a hard link out, control characters) fail the identity kinds naming the entry; home-dev keeps none of them', async () => {
+test('names out of the archive (`..`, an absolute name, a hard link out, control characters, a symlink in oh-my-zsh custom) fail the identity kinds naming the entry; home-dev keeps none of them', async () => {
   const dirs = caseDirs('names-out');
+  // The dev user's own, no root needed: a link in ~/.oh-my-zsh/custom (symlinks belong to
+  // home-dev and comfy-project only).
+  const customLink = path.join(verda.home, '.oh-my-zsh/custom/plugins-link');
+  fs.symlinkSync('/root/.ssh', customLink);
   const rules: [string, string][] = [
     ['arg~etc/fail2ban', await tail('fail2ban-dotdot', [{ name: '../escape', content: 'out of the root\n' }])],
     ['arg~etc/ufw', await tail('ufw-absolute', [{ name: '/etc/x', content: 'absolute\n' }])],
@@ -725,13 +729,19 @@ test('names out of the archive (`..`, an absolute name, a hard link out, control
   ];
   hostility({ tarRules: rules });
   const before = melloSnapshot();
-  const r = await run('names-out backup', 'backup-verda.mts', ['--quick'], verdaEnv(dirs));
+  let r;
+  try {
+    r = await run('names-out backup', 'backup-verda.mts', ['--quick'], verdaEnv(dirs));
+  } finally {
+    fs.rmSync(customLink);
+  }
   assertPrintable(r);
   assert.is(r.code, 1, `the identity kinds fail\n${out(r)}`);
   const fails = failureLines(r);
-  assert.equal(named(fails, ['../escape', '/etc/x', '.env-evil']), ['../escape', '/etc/x', '.env-evil'], out(r));
+  const each = ['../escape', '/etc/x', '.env-evil', 'custom/plugins-link'];
+  assert.equal(named(fails, each), each, out(r));
   assert.ok(named(fails, ['tailscale/shadow', '/etc/shadow']).length > 0, `the hard link is named\n${out(r)}`);
-  for (const kind of ['fail2ban', 'ufw', 'tailscale-identity', 'project-env'])
+  for (const kind of ['fail2ban', 'ufw', 'tailscale-identity', 'project-env', 'ohmyzsh-custom'])
     assert.equal(artifactsIn(dirs.BACKUP_DIR, kind), [], `no ${kind} archive of that run`);
   // home-dev: whether the step fails (naming the first) or leaves them out, none is kept.
   assert.ok(
