@@ -5,7 +5,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { IMAGE_FILE, commandToGzipFile } from './archive.ts';
-import { humanSize } from './cli.ts';
+import { humanSize, printable } from './cli.ts';
 import { ensurePrivateDir, isRegularFile, readRegularFileSync, writeFileAtomic } from './files.ts';
 import { HashCache } from './hash-cache.ts';
 import type { RunRecord } from './manifest.ts';
@@ -14,6 +14,8 @@ import type { Host } from './ssh.ts';
 import { fingerprintedSource, type Backend } from './storage.ts';
 
 const IMAGE_ID_FILE = 'worker-image.id';
+/** An image ID as docker (`sha256:` + 64 hex) and podman (64 hex) give it. */
+const IMAGE_ID = /^(?:sha256:)?[0-9a-f]{64}$/;
 const IMAGE_SHA_FILE = 'worker-image.sha256';
 
 /**
@@ -67,7 +69,13 @@ export function imageStep(o: {
           `${o.cli} image inspect ${o.image} on ${o.host.label}: ${inspect.stderr.trim() || `exit ${inspect.code}`}`,
         );
       }
+      // What Verda says is data: an image ID is 64 hex digits (docker prefixes `sha256:`).
       const imageId = inspect.stdout.trim();
+      if (!IMAGE_ID.test(imageId))
+        throw new Error(
+          `${o.cli} image inspect ${o.image} on ${o.host.label} did not give an image ID ` +
+            `(${JSON.stringify(printable(imageId.slice(0, 80)))}): nothing saved or recorded`,
+        );
       o.run.imageId = imageId;
       const short = imageId.replace(/^sha256:/, '').slice(0, 12);
       const recorded = readImageRecord(o.dir);
