@@ -78,6 +78,11 @@ export interface DownloadTreeOptions {
   keepNewer?: boolean;
   /** A downloaded file gets its object's Last-Modified as its mtime (as `aws s3 sync` does). */
   objectTimes?: boolean;
+  /**
+   * A downloaded file gets the permission bits its object recorded (metadata `mode`, the models'),
+   * else 0644, whatever the umask: the worker container reads the models as another uid.
+   */
+  modes?: boolean;
   /** Files downloaded at once. */
   files?: number;
   /** Bytes per ranged GET. */
@@ -130,7 +135,9 @@ export function directoryOf(root: string, parts: string[], seen: Set<string>, cr
     if (create) {
       try {
         // The root may be missing with its parents (a new disk); below it, one level at a time.
-        fs.mkdirSync(dir, { mode: 0o755, recursive: part === undefined });
+        // 0755 whatever the umask: what lands here is read by other users (the worker container).
+        if (fs.mkdirSync(dir, { mode: 0o755, recursive: part === undefined }) !== undefined || part !== undefined)
+          fs.chmodSync(dir, 0o755);
       } catch (e) {
         if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
       }
@@ -147,6 +154,11 @@ export function directoryOf(root: string, parts: string[], seen: Set<string>, cr
     seen.add(dir);
   }
   return dir;
+}
+
+/** The permission bits an object recorded (`644`), or undefined; never setuid, setgid or sticky. */
+function recordedMode(text: string | undefined): number | undefined {
+  return text && /^[0-7]{3,4}$/.test(text) ? parseInt(text, 8) & 0o777 : undefined;
 }
 
 /** A body that gives no byte for `ms` is destroyed with an error: a stalled download ends. */
@@ -189,6 +201,7 @@ async function downloadObject(
   dest: string,
   wantSha256: string | undefined,
   onBytes?: (n: number) => void,
+  mode?: number,
 ): Promise<{ sha256: string; stat: fs.BigIntStats }> {
   const { backend, signal } = opts;
   const tmp = partialName(dest);
@@ -347,6 +360,7 @@ async function downloadObject(
       const when = new Date(o.modifiedMs);
       await fh.utimes(when, when);
     }
+    if (mode !== undefined) await fh.chmod(mode);
     await fh.sync();
     await fs.promises.rename(tmp, dest);
     renamed = true;
@@ -404,11 +418,12 @@ export async function downloadTree(options: DownloadTreeOptions): Promise<Downlo
   const objectSha = async (
     o: ObjectInfo,
     cached?: TreeCacheLine,
-  ): Promise<{ sha256?: string; how: 'known' | 'metadata' | 'etag' }> => {
+  ): Promise<{ sha256?: string; how: 'known' | 'metadata' | 'etag'; mode?: number }> => {
     if (cached?.etag === o.etag) return { sha256: cached.sha256, how: 'known' };
     const head = await backend.head(o.key, signal);
     if (!head) throw new Error('gone from the bucket since it was listed');
-    return head.metadata.sha256 ? { sha256: head.metadata.sha256, how: 'metadata' } : { how: 'etag' };
+    const mode = recordedMode(head.metadata.mode);
+    return head.metadata.sha256 ? { sha256: head.metadata.sha256, how: 'metadata', mode } : { how: 'etag', mode };
   };
 
   const one = async ({ o, rel, seq, cached }: Listed) => {
@@ -450,7 +465,8 @@ export async function downloadTree(options: DownloadTreeOptions): Promise<Downlo
         removeStalePartials(dir);
         cleaned.add(dir);
       }
-      const done = await downloadObject(opts, slots, o, dest, object.sha256, onBytes);
+      const mode = opts.modes ? (object.mode ?? (await objectSha(o)).mode ?? 0o644) : undefined;
+      const done = await downloadObject(opts, slots, o, dest, object.sha256, onBytes, mode);
       cache?.settle(seq, lineOf(rel, done.stat, done.sha256, o.etag));
     }
     result.downloaded++;

@@ -167,8 +167,9 @@ export async function runModelsHere(): Promise<never> {
         prefix: '',
         cacheFile: request.hashCacheFile,
         legacyCache: request.legacyHashCacheFile,
-        // Every model goes into Mello's manifest.
+        // Every model goes into Mello's manifest, and its mode with it into R2.
         keepActions: Infinity,
+        recordModes: true,
         filter: isModel,
         dryRun: request.dryRun,
         signal,

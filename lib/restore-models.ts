@@ -174,6 +174,8 @@ export async function runModelsRestoreHere(): Promise<never> {
         backend: new R2Backend(request.target, r2Limits(limits)),
         cache: await TreeCache.open(request.hashCacheFile, { write: !request.dryRun, keepPassedOver: true }),
         dryRun: request.dryRun,
+        // The modes recorded at backup (0644 when unknown), in 0755 directories.
+        modes: true,
         signal,
         attempts: limits.r2Attempts,
         backoffMs: limits.r2BackoffMs,

@@ -48,6 +48,8 @@ export interface SyncOptions {
   onFile?: (action: FileAction) => void;
   /** How many decided files the result lists (--json, the manifest); the rest are only counted. */
   keepActions?: number;
+  /** Each object records its file's permission bits (metadata `mode`): the models. */
+  recordModes?: boolean;
 }
 
 export type FileAction =
@@ -389,7 +391,8 @@ class TreeSync {
     fp ??= await fingerprintFile(f.path, opts.signal);
     let counted = 0;
     const put = await opts.backend.put(f.key, fingerprintedSource(f.path, fp), {
-      metadata: { sha256: fp.sha256 },
+      // The models' mode goes with them: a restore gives it back (the worker container reads them as another uid).
+      metadata: { sha256: fp.sha256, ...(opts.recordModes ? { mode: (Number(st.mode) & 0o777).toString(8) } : {}) },
       signal: opts.signal,
       onBytes: opts.onProgress
         ? (n) => {

@@ -979,4 +979,49 @@ test('--from r2 with an age-encrypted bundle: restored with AGE_IDENTITY_FILE, r
   assert.match(drill.stdout, /\(2 age-encrypted, decrypted with AGE_IDENTITY_FILE\)/, out(drill));
 });
 
+
+test('models come back with the mode they had on Verda (0644 when unknown) in 0755 directories, whatever the umask', async () => {
+  const shared = crypto.randomBytes(1000);
+  const unknown = crypto.randomBytes(1000);
+  await s3.client.send(
+    new PutObjectCommand({
+      Bucket: MODELS,
+      Key: 'modes/shared.safetensors',
+      Body: shared,
+      Metadata: { sha256: sha256(shared), mode: '640' },
+    }),
+  );
+  // A bash-era upload: no mode recorded.
+  await s3.client.send(
+    new PutObjectCommand({
+      Bucket: MODELS,
+      Key: 'modes/old.safetensors',
+      Body: unknown,
+      Metadata: { sha256: sha256(unknown) },
+    }),
+  );
+  const into = path.join(work, 'modes');
+  const umask = process.umask(0o077); // Verda's side is a child of the run: it inherits this
+  try {
+    const r = await restore(['--root', into, '--only', 'models'], { VERDA_HOST: 'local' });
+    assert.is(r.code, 0, out(r));
+  } finally {
+    process.umask(umask);
+    await s3.client.send(new DeleteObjectCommand({ Bucket: MODELS, Key: 'modes/shared.safetensors' }));
+    await s3.client.send(new DeleteObjectCommand({ Bucket: MODELS, Key: 'modes/old.safetensors' }));
+  }
+  const models = path.join(into, 'mnt/sfs/models');
+  const mode = (p: string) => (fs.statSync(path.join(models, p)).mode & 0o777).toString(8);
+  assert.is(mode('modes/shared.safetensors'), '640', 'the recorded mode');
+  assert.is(mode('modes/old.safetensors'), '644', 'unknown: 0644');
+  assert.is(mode('modes'), '755');
+  assert.is(mode('checkpoints/sd_xl_base.safetensors'), '644', 'the mode backup-verda recorded');
+  assert.is(mode('checkpoints'), '755');
+});
+
+test('backup-verda records each model mode in R2', async () => {
+  const head = await s3.headObject(MODELS, 'checkpoints/sd_xl_base.safetensors');
+  assert.is(head?.metadata.mode, '644');
+});
+
 test.run();
