@@ -9,7 +9,7 @@ import { CRON_KINDS, archiveStep, configArchives, verifyCopyStep } from './lib/a
 import { requireDirOrAbsent } from './lib/config.ts';
 import { RunRecord } from './lib/manifest.ts';
 import { runScript } from './lib/plan.ts';
-import { copyWarnings, timestamp } from './lib/dated.ts';
+import { copyWarnings, listCopies, timestamp } from './lib/dated.ts';
 import { rotateLocal, rotationStep } from './lib/rotation.ts';
 import { LocalHost } from './lib/ssh.ts';
 import { cronStatus } from './lib/status.ts';
@@ -30,6 +30,7 @@ Mello cannot be reached the SFS copies stand and the run exits 1.
 --verify: checks that the newest SFS copy of each kind is a whole archive, and runs
 backup-mello.mts --verify on Mello (--deep is passed on).`,
   status: (cfg) => cronStatus(cfg),
+  list: async (cfg, json) => listCopies(cfg.sfsBackupDir, CRON_KINDS, json),
   plan(cfg, flags) {
     requireDirOrAbsent(cfg, 'SFS_BACKUP_DIR');
     requireDirOrAbsent(cfg, 'COMFYMULTI_STATE_DIR');

@@ -22,7 +22,7 @@ import { RunRecord, manifestStep, verifyArtifactsStep, verifyObjectsStep } from 
 import { MODELS_FLAG, modelsStep, runModelsHere } from './lib/models.ts';
 import { runScript, type Plan } from './lib/plan.ts';
 import { bucketBackend, configuredBuckets } from './lib/r2.ts';
-import { PointJudge, judgeAll, newestPointStep, usable } from './lib/restore-point.ts';
+import { PointJudge, judgeAll, listRestorePoints, newestPointStep, usable } from './lib/restore-point.ts';
 import { copyWarnings, timestamp } from './lib/dated.ts';
 import { rotateByRestorePoints, rotationStep } from './lib/rotation.ts';
 import { lazyHost } from './lib/ssh.ts';
@@ -44,6 +44,7 @@ to the R2 models bucket. --quick: config only. Keeps KEEP_BACKUPS dated copies o
 With AGE_RECIPIENTS set, the bundle is age-encrypted before it leaves Mello (.tar.gz.age);
 --verify --deep then decrypts it with AGE_IDENTITY_FILE.`,
   status: (cfg) => verdaStatus(cfg),
+  list: (cfg, json) => listRestorePoints(judgeOf(cfg), json),
   async plan(cfg, flags) {
     requireDirOrAbsent(cfg, 'BACKUP_DIR');
     requireDirOrAbsent(cfg, 'COMFYMULTI_STATE_DIR');
@@ -135,16 +136,15 @@ async function rotate(cfg: Config, recipients: string[] | undefined, signal: Abo
   };
 }
 
+/** The restore points of BACKUP_DIR, judged against the cache and models buckets configured here. */
+function judgeOf(cfg: Config, buckets = configuredBuckets(cfg, ['cache', 'models'])) {
+  return new PointJudge({ backupDir: cfg.backupDir, buckets, cacheBucket: bucketName(cfg, 'cache'), stateDir: cfg.stateDir });
+}
+
 /** --verify: from the newest manifest alone, no SSH, so it works once Verda is gone. */
 function verifyPlan(cfg: Config, deep: boolean): Plan {
   const backends = configuredBuckets(cfg, ['cache', 'models']);
-  const judge = () =>
-    new PointJudge({
-      backupDir: cfg.backupDir,
-      buckets: backends,
-      cacheBucket: bucketName(cfg, 'cache'),
-      stateDir: cfg.stateDir,
-    });
+  const judge = () => judgeOf(cfg, backends);
   const objects = verifyObjectsStep(cfg.backupDir, backends, deep, { ageIdentityFile: cfg.ageIdentityFile });
   return { steps: [verifyArtifactsStep(cfg.backupDir), objects, newestPointStep({ judge })] };
 }

@@ -15,7 +15,7 @@ import { UsageError, type Flags } from './lib/cli.ts';
 import { bucketName, bucketTarget, requireDirOrAbsent, type Config } from './lib/config.ts';
 import { runScript, type Plan, type Step } from './lib/plan.ts';
 import { R2Backend, configuredBuckets, r2Limits } from './lib/r2.ts';
-import { PointJudge } from './lib/restore-point.ts';
+import { PointJudge, listRestorePoints } from './lib/restore-point.ts';
 import {
   IMAGE_KIND,
   MODELS_KIND,
@@ -68,6 +68,16 @@ Verda downloads from the models bucket where missing or different (never deletin
                     one verdict line, exit 1 naming what would not restore
   --verify          check the backup (artifacts against the manifest, its R2 objects); change nothing`,
   extraFlags: { boolean: ['skip-image', 'skip-models', 'drill'], string: ['from', 'only', 'root'] },
+  list: (cfg, json) =>
+    listRestorePoints(
+      new PointJudge({
+        backupDir: cfg.backupDir,
+        buckets: configuredBuckets(cfg, ['cache', 'models']),
+        cacheBucket: bucketName(cfg, 'cache'),
+        stateDir: cfg.stateDir,
+      }),
+      json,
+    ),
   plan: (cfg, flags) => restorePlan(cfg, flags),
 });
 

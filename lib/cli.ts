@@ -84,6 +84,8 @@ export interface Flags {
   verify: boolean;
   /** Read what is there and change nothing: the newest backups, their age, complete or not. */
   status: boolean;
+  /** Change nothing: the restore points (backup-cron: its SFS copies), newest first. */
+  list: boolean;
   /** With --verify: read R2 objects back instead of trusting their metadata. */
   deep: boolean;
   json: boolean;
@@ -94,7 +96,7 @@ export interface Flags {
   extra: Record<string, string | boolean | undefined>;
 }
 
-const BOOLEAN_FLAGS = ['quick', 'full', 'dry-run', 'verify', 'status', 'deep', 'json', 'verbose', 'help'];
+const BOOLEAN_FLAGS = ['quick', 'full', 'dry-run', 'verify', 'status', 'list', 'deep', 'json', 'verbose', 'help'];
 
 export function parseFlags(argv: string[], extra: { boolean?: string[]; string?: string[] } = {}): Flags {
   const unknown: string[] = [];
@@ -124,6 +126,8 @@ export function parseFlags(argv: string[], extra: { boolean?: string[]; string?:
   if (args.status && (args['dry-run'] || args.verify)) {
     throw new UsageError(`--status and --${args.verify ? 'verify' : 'dry-run'} cannot be used together`);
   }
+  const alone = ['dry-run', 'verify', 'status'].find((f) => args[f]);
+  if (args.list && alone) throw new UsageError(`--list and --${alone} cannot be used together`);
   if (args.deep && !args.verify) throw new UsageError('--deep goes with --verify');
   const extraValues: Flags['extra'] = {};
   for (const name of [...(extra.boolean ?? []), ...(extra.string ?? [])]) extraValues[name] = args[name];
@@ -132,6 +136,7 @@ export function parseFlags(argv: string[], extra: { boolean?: string[]; string?:
     dryRun: Boolean(args['dry-run']),
     verify: Boolean(args.verify),
     status: Boolean(args.status),
+    list: Boolean(args.list),
     deep: Boolean(args.deep),
     json: Boolean(args.json),
     verbose: Boolean(args.verbose),
@@ -157,6 +162,11 @@ const COMMON_FLAGS: [flag: string, help: string][] = [
                     bundle in R2, read only), their age, complete or not, and the last run; exit 1
                     when the newest is older than STALE_HOURS, incomplete or missing, or the last run failed`,
   ],
+  [
+    '--list',
+    `  --list            change nothing: the restore points, newest first (date, full or quick, whole
+                    or not and why, size, where); backup-cron: its SFS copies`,
+  ],
   ['--json', '  --json            machine-readable summary on stdout (step lines go to stderr)'],
   ['--verbose', '  -v, --verbose     say more'],
   ['--env-file', '  --env-file PATH   read configuration from PATH instead of .env beside the script'],
@@ -168,10 +178,12 @@ const COMMON_FLAGS: [flag: string, help: string][] = [
  * flag once; `--status` only where there is one), exit codes, pings, and the variables it reads
  * with their defaults (from lib/variables.ts).
  */
-export function helpText(script: string, usage: string, opts: { status: boolean }): string {
+export function helpText(script: string, usage: string, opts: { status: boolean; list: boolean }): string {
   const ownLines = usage.split('\n').filter((line) => /^\s+-/.test(line));
   const describedHere = (flag: string) => ownLines.some((line) => new RegExp(`^\\s+${flag}(?![\\w-])`).test(line));
-  const flags = COMMON_FLAGS.filter(([flag]) => !describedHere(flag) && (opts.status || flag !== '--status'));
+  const flags = COMMON_FLAGS.filter(
+    ([flag]) => !describedHere(flag) && (opts.status || flag !== '--status') && (opts.list || flag !== '--list'),
+  );
   return `${usage}
 
 ${flags.length ? 'Flags:' : ''}

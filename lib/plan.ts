@@ -171,6 +171,8 @@ export interface ScriptDef {
   plan: (cfg: Config, flags: Flags) => Plan | Promise<Plan>;
   /** --status: what is there, read without changing anything (lib/status.ts). */
   status?: (cfg: Config) => Promise<StatusReport>;
+  /** --list: the restore points (or SFS copies), newest first, as text or JSON; changes nothing. */
+  list?: (cfg: Config, json: boolean) => Promise<string>;
 }
 
 export interface Plan {
@@ -235,10 +237,22 @@ async function showStatus(def: ScriptDef, cfg: Config, json: boolean): Promise<n
   return exitAfterOutput(report.ok ? EXIT.ok : EXIT.failed);
 }
 
+/** --list: the script's restore points (or copies); exit 0, or 1 when they cannot be read. */
+async function showList(def: ScriptDef, cfg: Config, json: boolean): Promise<never> {
+  try {
+    process.stdout.write(await def.list!(cfg, json));
+  } catch (e) {
+    process.stderr.write(`${def.name}: ${errorText(e)}\n`);
+    return exitAfterOutput(EXIT.failed);
+  }
+  return exitAfterOutput(EXIT.ok);
+}
+
 /** The whole life of a script run. Never returns; exits with the SPEC's codes. */
 export async function runScript(def: ScriptDef, argv = scriptArgs()): Promise<never> {
   const { flags, cfg, plan, notifier } = await prepare(def, argv);
   if (flags.status) return showStatus(def, cfg, flags.json);
+  if (flags.list) return showList(def, cfg, flags.json);
   const out = new Output(flags.json, flags.verbose);
   const release = await takeLock(def, cfg, flags);
   notifier?.start();
@@ -309,7 +323,7 @@ async function prepare(def: ScriptDef, argv: string[]) {
     return exitAfterOutput(e instanceof UsageError ? EXIT.usage : EXIT.failed);
   }
   if (flags.help) {
-    process.stdout.write(helpText(def.name, def.usage, { status: Boolean(def.status) }));
+    process.stdout.write(helpText(def.name, def.usage, { status: Boolean(def.status), list: Boolean(def.list) }));
     return exitAfterOutput(EXIT.ok);
   }
   let cfg: Config | undefined;
@@ -321,9 +335,10 @@ async function prepare(def: ScriptDef, argv: string[]) {
     };
     cfg = loadConfig(process.env, scriptDir(), flags.envFile, { warn });
     if (flags.status && !def.status) throw new UsageError(`--status is not available for ${def.name}`);
+    if (flags.list && !def.list) throw new UsageError(`--list is not available for ${def.name}`);
     const target = pings(flags) ? notifyTarget(cfg.env, def.name) : undefined;
     const notifier = target ? new Notifier(target, cfg.limits.notifyTimeoutMs, def.backsNothingUp) : undefined;
-    const plan: Plan = flags.status ? { steps: [] } : await def.plan(cfg, flags);
+    const plan: Plan = flags.status || flags.list ? { steps: [] } : await def.plan(cfg, flags);
     return { flags, cfg, plan, notifier };
   } catch (e) {
     process.stderr.write(`${def.name}: ${notStarted(e)}\n`);
@@ -336,7 +351,7 @@ async function prepare(def: ScriptDef, argv: string[]) {
  * Only a backup run pings: a success ping from a run that backed nothing up (--dry-run,
  * --verify, --status) would tell the check that backups are being made.
  */
-const pings = (flags: Flags) => !flags.dryRun && !flags.verify && !flags.status;
+const pings = (flags: Flags) => !flags.dryRun && !flags.verify && !flags.status && !flags.list;
 
 /** The script's lock, or the exit: 75 when another run holds it, 2 when it cannot be written. */
 async function takeLock(def: ScriptDef, cfg: Config, flags: Flags): Promise<() => void> {

@@ -9,7 +9,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { BUNDLE_KEY, BUNDLE_PREFIX, IMAGE_FILE, archiveKind } from './archive.ts';
 import { AGE_SUFFIX } from './age.ts';
-import { errorText, printable } from './cli.ts';
+import { errorText, humanSize, printable } from './cli.ts';
 import { isRegularFile } from './files.ts';
 import { HashCache, hashFile } from './hash-cache.ts';
 import { readManifest, type Manifest, type R2Record } from './manifest.ts';
@@ -295,4 +295,52 @@ export function newestPointStep(o: { judge: () => PointJudge }): Step {
       return { summary: `${newest.name} ${state}`, failures, warnings };
     },
   };
+}
+
+/** One restore point as --list shows it. */
+export interface ListedPoint {
+  stamp: string;
+  manifest: string;
+  mode?: 'full' | 'quick';
+  state: Wholeness;
+  why: string[];
+  bytes: number;
+  imageId?: string;
+  /** Where its parts are: BACKUP_DIR, and its dated bundle in R2. */
+  where: string[];
+}
+
+/**
+ * --list of backup-verda and restore-verda: every restore point in BACKUP_DIR, newest first, with
+ * whether it is whole and why not, its size and where its parts are. Reads only.
+ */
+export async function listRestorePoints(judge: PointJudge, json: boolean): Promise<string> {
+  const listed: ListedPoint[] = [];
+  for (const p of await judgeAll(judge)) {
+    const m = p.manifest;
+    const bundle = m?.r2.find((r) => r.key.startsWith(BUNDLE_PREFIX));
+    listed.push({
+      stamp: p.stamp,
+      manifest: p.name,
+      mode: m?.mode,
+      state: p.judgement.state,
+      why: p.judgement.why,
+      bytes: m?.artifacts.reduce((n, a) => n + a.bytes, 0) ?? 0,
+      imageId: m?.imageId,
+      where: [judge.o.backupDir, ...(bundle ? [`r2://${bundle.bucket}/${bundle.key}`] : [])],
+    });
+  }
+  if (json) return JSON.stringify({ backupDir: judge.o.backupDir, restorePoints: listed }, null, 2) + '\n';
+  const lines = [`Restore points in ${judge.o.backupDir}, newest first:`];
+  if (!listed.length) lines.push('  none (no manifest-*.json)');
+  const mark = { whole: '✓ whole', broken: '✗ not whole', unknown: '? not checkable now' };
+  for (const l of listed) {
+    const when = `${l.stamp.slice(0, 4)}-${l.stamp.slice(4, 6)}-${l.stamp.slice(6, 8)} ${l.stamp.slice(9, 11)}:${l.stamp.slice(11, 13)}:${l.stamp.slice(13, 15)}`;
+    const image = l.imageId ? `, image ${shortImageId(l.imageId)}` : '';
+    lines.push(`  ${l.stamp}  ${when}  ${(l.mode ?? '?').padEnd(5)}  ${mark[l.state]}  ${humanSize(l.bytes)}${image}`);
+    for (const why of l.why) lines.push(`      ${why}`);
+    lines.push(`      ${l.where.join(' and ')}`);
+  }
+  lines.push('', 'Restore one with: restore-verda.mts --from STAMP (the default is the newest whole one)');
+  return lines.map(printable).join('\n') + '\n';
 }
