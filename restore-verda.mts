@@ -62,12 +62,15 @@ Verda downloads from the models bucket where missing or different (never deletin
                     home-dev, comfy-project, ohmyzsh-custom, image, models
   --skip-image      leave the worker image out (--quick: the image and the models)
   --skip-models     leave the models out
+  --new-host        a fresh Verda's new SSH host key is accepted for this run's one connection only
+                    (your known_hosts is not changed); once the host keys are restored, Verda must
+                    present the old key your known_hosts trusts
   --root DIR        restore under DIR on Verda instead of /, and control no service
   --drill           on Mello alone: restore the newest backup into a temporary root, compare every
                     file with its archive and the manifest, check R2 holds the manifest's objects;
                     one verdict line, exit 1 naming what would not restore
   --verify          check the backup (artifacts against the manifest, its R2 objects); change nothing`,
-  extraFlags: { boolean: ['skip-image', 'skip-models', 'drill'], string: ['from', 'only', 'root'] },
+  extraFlags: { boolean: ['skip-image', 'skip-models', 'drill', 'new-host'], string: ['from', 'only', 'root'] },
   list: (cfg, json) =>
     listRestorePoints(
       new PointJudge({
@@ -183,7 +186,16 @@ function restorePlan(cfg: Config, flags: Flags): Plan {
   const cacheTarget = where.from === 'r2' || wantImage ? bucketTarget(cfg, 'cache') : undefined;
   let cache: Backend | undefined;
   const cacheBackend = cacheTarget ? () => (cache ??= new R2Backend(cacheTarget, limits)) : undefined;
-  const verda = lazyHost(cfg.verdaHost, { configFile: cfg.sshConfig, sudo: cfg.verdaSudo, limits: cfg.limits });
+  const verda = lazyHost(cfg.verdaHost, {
+    configFile: cfg.sshConfig,
+    sudo: cfg.verdaSudo,
+    limits: cfg.limits,
+    newHost: Boolean(x['new-host']),
+    newHostHint:
+      "a fresh Verda has a new key: check it on the provider's console, then run restore-verda.mts --new-host " +
+      '(it accepts that key for this one connection, leaves your known_hosts as it is, and checks that Verda ' +
+      'presents the old key once the host keys are restored)',
+  });
   const rooted = (p: string) => (root ? path.join(root, p) : p);
   const services = root ? undefined : new Services(verda, cfg.verdaSystemctl);
 

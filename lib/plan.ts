@@ -83,6 +83,8 @@ export interface StepReport {
   failures: string[];
   ms: number;
   data?: Record<string, unknown>;
+  /** Failed only because a host that an earlier step could not reach is still unreachable. */
+  repeat?: boolean;
 }
 
 /** Runs every step in order; a failed step does not stop the others, an interrupt does. */
@@ -133,6 +135,8 @@ export async function runPlan(steps: Step[], base: Omit<StepContext, 'earlier' |
       const interrupted = ctx.signal.aborted && !step.always;
       report.status = interrupted ? 'interrupted' : 'failed';
       report.error = interrupted ? `interrupted (${ctx.signal.reason?.message ?? 'signal'})` : errorText(e);
+      // An error said before (a host unreachable: lib/ssh.ts HostError) is one line in the summary.
+      if ((e as { repeat?: boolean })?.repeat === true) report.repeat = true;
       ctx.out.fail(report.error);
       // A stack only for a bug (a TypeError and its kin), never for a failure the step expects,
       // and only with --verbose.
@@ -434,10 +438,16 @@ function summarize(
   const counts = `${count('ok')} ok, ${count('skipped')} skipped, ${failed.length} failed`;
   const what = flags.dryRun ? 'Dry run' : flags.verify ? 'Verify' : (def.outcome?.(flags) ?? 'Backup');
   const seconds = ((Date.now() - started) / 1000).toFixed(1);
-  const failures = failed.map((r) => {
-    const items = r.failures.slice(0, 5).concat(r.failures.length > 5 ? [`and ${r.failures.length - 5} more`] : []);
-    return `Step ${r.step} (${r.name}): ${r.error ?? (items.length ? items.join('; ') : (r.summary ?? r.status))}`;
-  });
+  // Steps that failed only because a host could not be reached are one line, not one each.
+  const repeats = failed.filter((r) => r.repeat);
+  const failures = failed
+    .filter((r) => !r.repeat)
+    .map((r) => {
+      const items = r.failures.slice(0, 5).concat(r.failures.length > 5 ? [`and ${r.failures.length - 5} more`] : []);
+      return `Step ${r.step} (${r.name}): ${r.error ?? (items.length ? items.join('; ') : (r.summary ?? r.status))}`;
+    });
+  if (repeats.length)
+    failures.push(`Steps ${repeats.map((r) => r.step).join(', ')}: ${repeats[0].error ?? 'not done'}`);
   if (signal.aborted) failures.push(`interrupted by ${signal.reason?.message}`);
   const bytes = reports.reduce((n, r) => n + (r.bytes ?? 0), 0);
   const verb = flags.dryRun ? 'would send' : (def.moved?.(flags) ?? 'sent');

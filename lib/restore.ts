@@ -846,6 +846,12 @@ export function unpackStep(o: UnpackStepOptions): Step {
         const r = await o.services!.act(action, ctx.signal);
         if (!r.ok && serviceFailed(r)) failures.push(`${r.what} failed: ${r.said}`);
       }
+      // The host keys back, ssh restarted: Verda must present the key the admin's known_hosts trusts.
+      if (spec.kind === 'ssh-host-keys' && o.services && host.checkHostKey) {
+        const problem = await host.checkHostKey();
+        if (problem) failures.push(problem);
+        else warnings.push(`${host.label} presents the host key your known_hosts trusts again`);
+      }
       const { bytes, dropped } = unpacked;
       warnings.push(...dropped);
       let ip = '';

@@ -53,7 +53,10 @@ export interface RunResult {
   stderr: string;
 }
 
-export class HostError extends Error {}
+export class HostError extends Error {
+  /** Set on every error after the first for the same host: said once, not once per step. */
+  repeat = false;
+}
 
 /** One `${}` of a command template: one argument, or a list of them. */
 export type Arg = string | number | readonly (string | number)[];
@@ -112,6 +115,11 @@ export interface Host {
   run(argv: string[], opts?: RunOptions): Promise<RunResult>;
   /** Runs a command there with its stdout streamed into `into` (archives, images). */
   stream(argv: string[], into: Writable, opts?: RunOptions): Promise<RunResult>;
+  /**
+   * Over SSH: whether a new connection, checked against the admin's known_hosts alone, is accepted
+   * (what restore-verda asks once the host keys are restored); undefined when it is, else why not.
+   */
+  checkHostKey?(): Promise<string | undefined>;
   close(): Promise<void>;
 }
 
@@ -302,6 +310,13 @@ export interface SshOptions {
   configFile?: string;
   sudo: string[];
   signal?: AbortSignal;
+  /**
+   * restore-verda --new-host: a fresh Verda's new host key is accepted for this run's one
+   * connection only (a known_hosts file of its own); the admin's known_hosts is not touched.
+   */
+  newHost?: boolean;
+  /** What to tell an admin whose known_hosts does not accept the host's key (see hostKeyProblem). */
+  newHostHint?: string;
   /** COMFYMULTI_SSH_TIMEOUT and COMFYMULTI_COMMAND_TIMEOUT (see lib/config.ts). */
   limits?: Pick<Limits, 'sshTimeoutS' | 'commandIdleTimeoutMs'>;
 }
@@ -315,6 +330,8 @@ export class SshHost implements Host {
     private readonly baseArgs: string[],
     private readonly sudo: string[],
     private readonly idleTimeoutMs: number,
+    /** The options of a connection of the admin's own (their known_hosts), for checkHostKey. */
+    private readonly common: string[],
   ) {
     this.label = `${destination}`;
   }
@@ -329,7 +346,8 @@ export class SshHost implements Host {
     const socket = path.join(dir, 'control');
     const limits = opts.limits ?? DEFAULT_LIMITS;
     const timeout = Math.max(1, Math.ceil(limits.sshTimeoutS));
-    const baseArgs = [
+    // What every connection of the run takes; never StrictHostKeyChecking=no.
+    const common = [
       ...(opts.configFile ? ['-F', opts.configFile] : []),
       '-o',
       'BatchMode=yes',
@@ -340,9 +358,11 @@ export class SshHost implements Host {
       `ServerAliveInterval=${Math.max(1, Math.ceil(timeout / 3))}`,
       '-o',
       'ServerAliveCountMax=3',
-      '-o',
-      `ControlPath=${socket}`,
     ];
+    const firstKey = opts.newHost
+      ? ['-o', `UserKnownHostsFile=${path.join(dir, 'known_hosts')}`, '-o', 'StrictHostKeyChecking=accept-new']
+      : [];
+    const baseArgs = [...common, ...firstKey, '-o', `ControlPath=${socket}`];
     // -f: ssh goes to the background once authenticated, so its exit status says whether the
     // connection stands. ControlPersist bounds an orphaned master if this process is killed -9.
     // `--`: the destination is never read as an option, whatever it holds.
@@ -357,9 +377,25 @@ export class SshHost implements Host {
     if (master.exitCode !== 0) {
       fs.rmSync(dir, { recursive: true, force: true });
       const said = master.stderr.trim().split('\n').filter(Boolean).pop() ?? `exit ${master.exitCode}`;
-      throw new HostError(`cannot reach ${destination} over SSH: ${said}`);
+      const keyProblem = await hostKeyProblem(destination, master.stderr, common, timeout, opts.newHostHint);
+      throw new HostError(keyProblem ?? `cannot reach ${destination} over SSH: ${said}`);
     }
-    return new SshHost(destination, dir, baseArgs, opts.sudo, limits.commandIdleTimeoutMs);
+    return new SshHost(destination, dir, baseArgs, opts.sudo, limits.commandIdleTimeoutMs, common);
+  }
+
+  async checkHostKey(): Promise<string | undefined> {
+    const { $ } = await import('zx');
+    const r = await $({
+      quiet: true,
+      verbose: false,
+      nothrow: true,
+      timeout: '30s',
+    })`ssh ${this.common} -o ControlPath=none -o StrictHostKeyChecking=yes -- ${this.destination} true`;
+    if (r.exitCode === 0) return undefined;
+    const said = r.stderr.trim().split('\n').filter(Boolean).pop() ?? `exit ${r.exitCode}`;
+    return /host key|identification/i.test(r.stderr)
+      ? `${this.destination} does not present the host key your known_hosts trusts (${said}): the SSH host keys restored are not the ones it had`
+      : `${this.destination}: a new connection after the restore failed (${said})`;
   }
 
   private plan(argv: string[], sudo?: boolean): SpawnPlan {
@@ -389,6 +425,45 @@ export class SshHost implements Host {
   }
 }
 
+/**
+ * When ssh refused the host's key: one line that says which key it presents (its fingerprint, by
+ * ssh-keyscan) and what to do; undefined for any other failure.
+ */
+async function hostKeyProblem(
+  destination: string,
+  stderr: string,
+  common: string[],
+  timeout: number,
+  hint?: string,
+): Promise<string | undefined> {
+  const changed = /REMOTE HOST IDENTIFICATION HAS CHANGED|Host key for .* has changed/.test(stderr);
+  if (!changed && !/Host key verification failed|No \S+ host key is known/.test(stderr)) return undefined;
+  const { $ } = await import('zx');
+  const quiet = { quiet: true, verbose: false, nothrow: true, timeout: `${timeout + 5}s` } as const;
+  // Where ssh goes for this destination (an ssh_config alias included), and the key it is shown there.
+  const config = await $(quiet)`ssh ${common} -G -- ${destination}`;
+  const get = (key: string) => new RegExp(`^${key} (.+)$`, 'm').exec(config.stdout)?.[1];
+  let fingerprint = '';
+  const host = get('hostname');
+  if (host && !host.startsWith('-')) {
+    const scan = await $(quiet)`ssh-keyscan -T ${timeout} -p ${get('port') ?? '22'} -t ed25519,ecdsa,rsa -- ${host}`;
+    const listed = await $({ ...quiet, input: scan.stdout })`ssh-keygen -lf -`;
+    fingerprint = listed.stdout
+      .split('\n')
+      .filter(Boolean)
+      .map((l) => l.split(' '))
+      .map((w) => `${w[w.length - 1]?.replace(/[()]/g, '')} ${w[1]}`)
+      .join(', ');
+  }
+  const what = changed ? 'its host key changed' : 'its host key is not in your known_hosts';
+  const presents = fingerprint ? `it presents ${fingerprint}` : 'its key could not be read';
+  const todo =
+    hint ??
+    'if the instance was re-created, restore its host keys (restore-verda.mts), after which it presents the old key again; ' +
+      `else check the key on the provider's console and accept it: ssh-keygen -R ${destination}; ssh ${destination}`;
+  return `${destination}: ${what} (${presents}): ${todo}`;
+}
+
 /** `local` means this machine; anything else is an SSH destination. */
 export async function openHost(destination: string, opts: SshOptions): Promise<Host> {
   return destination === 'local'
@@ -408,15 +483,30 @@ export class LazyHost implements Host {
     readonly label: string,
     private readonly open: () => Promise<Host>,
   ) {}
-  private host(): Promise<Host> {
+  private failed = false;
+  private async host(): Promise<Host> {
     this.opening ??= this.open();
-    return this.opening;
+    try {
+      return await this.opening;
+    } catch (e) {
+      if (!this.failed || !(e instanceof HostError)) {
+        this.failed = true;
+        throw e;
+      }
+      // Said by the first step that needed the host: the others say so in a word.
+      const again = new HostError(`not done: ${this.label} cannot be reached (said above)`);
+      again.repeat = true;
+      throw again;
+    }
   }
   async run(argv: string[], opts?: RunOptions) {
     return (await this.host()).run(argv, opts);
   }
   async stream(argv: string[], into: Writable, opts?: RunOptions) {
     return (await this.host()).stream(argv, into, opts);
+  }
+  async checkHostKey() {
+    return (await this.host()).checkHostKey?.();
   }
   async close() {
     if (this.opening) await (await this.opening.catch(() => undefined))?.close();
