@@ -8,7 +8,7 @@
 import { CRON_KINDS, archiveStep, configArchives, verifyCopyStep } from './lib/archive.ts';
 import { requireDirOrAbsent } from './lib/config.ts';
 import { RunRecord } from './lib/manifest.ts';
-import { runScript } from './lib/plan.ts';
+import { runScript } from './lib/script.ts';
 import { copyWarnings, listCopies, timestamp } from './lib/dated.ts';
 import { rotateLocal, rotationStep } from './lib/rotation.ts';
 import { LocalHost } from './lib/ssh.ts';

@@ -7,7 +7,7 @@
 // when Verda's cron triggers it. Never deletes in R2.
 import path from 'node:path';
 import { bucketTarget, requireDir, requireDirOrAbsent } from './lib/config.ts';
-import { runScript } from './lib/plan.ts';
+import { runScript } from './lib/script.ts';
 import { R2Backend, r2Limits } from './lib/r2.ts';
 import { melloStatus } from './lib/status.ts';
 import { syncStep, verifyStep } from './lib/sync.ts';

@@ -20,7 +20,7 @@ import { bucketName, bucketTarget, requireDirOrAbsent, type Config } from './lib
 import { imageStep } from './lib/image.ts';
 import { RunRecord, manifestStep, verifyArtifactsStep, verifyObjectsStep } from './lib/manifest.ts';
 import { MODELS_FLAG, modelsStep, runModelsHere } from './lib/models.ts';
-import { runScript, type Plan } from './lib/plan.ts';
+import { runScript, type Plan } from './lib/script.ts';
 import { bucketBackend, configuredBuckets } from './lib/r2.ts';
 import { PointJudge, judgeAll, listRestorePoints, newestPointStep, usable } from './lib/restore-point.ts';
 import { copyWarnings, timestamp } from './lib/dated.ts';

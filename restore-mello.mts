@@ -9,7 +9,7 @@
 import path from 'node:path';
 import { UsageError } from './lib/cli.ts';
 import { bucketTarget, requireDirOrAbsent } from './lib/config.ts';
-import { runScript } from './lib/plan.ts';
+import { runScript } from './lib/script.ts';
 import { R2Backend, r2Limits } from './lib/r2.ts';
 import * as mello from './lib/restore-mello.ts';
 

@@ -13,7 +13,8 @@ import { configArchives } from './lib/archive.ts';
 import { ByteBudget } from './lib/layout.ts';
 import { UsageError, type Flags } from './lib/cli.ts';
 import { bucketName, bucketTarget, requireDirOrAbsent, type Config } from './lib/config.ts';
-import { runScript, type Plan, type Step } from './lib/plan.ts';
+import { runScript, type Plan } from './lib/script.ts';
+import type { Step } from './lib/step.ts';
 import { R2Backend, configuredBuckets, r2Limits } from './lib/r2.ts';
 import { PointJudge, listRestorePoints } from './lib/restore-point.ts';
 import {

@@ -25,7 +25,7 @@ import {
   type Written,
 } from './files.ts';
 import type { RunRecord } from './manifest.ts';
-import { failedBefore, type Step } from './plan.ts';
+import { failedBefore, type Step } from './step.ts';
 import { copyWarnings, newestLocal } from './dated.ts';
 import { requireSfs } from './sfs.ts';
 import { CommandTimeout, OutputTooLarge, type Host } from './ssh.ts';

@@ -9,7 +9,7 @@ import { humanSize, printable } from './cli.ts';
 import { ensurePrivateDir, isRegularFile, readRegularFileSync, writeFileAtomic } from './files.ts';
 import { HashCache } from './hash-cache.ts';
 import type { RunRecord } from './manifest.ts';
-import type { Step } from './plan.ts';
+import type { Step } from './step.ts';
 import type { Host } from './ssh.ts';
 import { fingerprintedSource, type Backend } from './storage.ts';
 

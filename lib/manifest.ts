@@ -10,7 +10,7 @@ import { LayoutError, checkArchiveFile } from './layout.ts';
 import { errorText, printable } from './cli.ts';
 import { ensurePrivateDir, readRegularFileSync, writeFileAtomic } from './files.ts';
 import { hashFile } from './hash-cache.ts';
-import { failedBefore, type Step } from './plan.ts';
+import { failedBefore, type Step } from './step.ts';
 import { copyWarnings, localCopies } from './dated.ts';
 import { pool } from './pool.ts';
 import { readBackSha256, type Backend } from './storage.ts';

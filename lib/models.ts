@@ -6,7 +6,7 @@ import path from 'node:path';
 import { addNotice, answerRequest, humanSize, printable } from './cli.ts';
 import { DEFAULT_LIMITS, type BucketTarget, type Limits } from './config.ts';
 import type { RunRecord } from './manifest.ts';
-import type { Step } from './plan.ts';
+import type { Step } from './step.ts';
 import { R2Backend, r2Limits } from './r2.ts';
 import { requireSfs } from './sfs.ts';
 import type { Host } from './ssh.ts';

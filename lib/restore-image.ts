@@ -7,7 +7,7 @@ import path from 'node:path';
 import { IMAGE_FILE } from './archive.ts';
 import { humanSize } from './cli.ts';
 import { openRegular } from './files.ts';
-import type { Step, StepResult } from './plan.ts';
+import type { Step, StepResult } from './step.ts';
 import { IMAGE_KIND, shortId, type ImageRef, type RestoreSource } from './restore.ts';
 import { requireSfs } from './sfs.ts';
 import type { Host } from './ssh.ts';

@@ -16,7 +16,7 @@ import { UsageError, addNotice, errorText, humanSize, printable } from './cli.ts
 import { directoryOf, downloadTree, keyParts, type DownloadAction } from './download.ts';
 import { EtagCheck, TreeCache, hashFile } from './hash-cache.ts';
 import type { Limits } from './config.ts';
-import type { Step } from './plan.ts';
+import type { Step } from './step.ts';
 import { pool } from './pool.ts';
 import type { Backend, ObjectInfo } from './storage.ts';
 

@@ -13,7 +13,7 @@ import { addNotice, answerRequest, humanSize, printable } from './cli.ts';
 import { DEFAULT_LIMITS, type BucketTarget, type Limits } from './config.ts';
 import { downloadTree, type DownloadAction, type DownloadTreeOptions, type DownloadTreeResult } from './download.ts';
 import { TreeCache } from './hash-cache.ts';
-import type { Step } from './plan.ts';
+import type { Step } from './step.ts';
 import { R2Backend, r2Limits } from './r2.ts';
 import type { RestoreSource } from './restore.ts';
 import { requireSfs } from './sfs.ts';

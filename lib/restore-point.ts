@@ -13,7 +13,7 @@ import { errorText, humanSize, printable } from './cli.ts';
 import { isRegularFile } from './files.ts';
 import { HashCache, hashFile } from './hash-cache.ts';
 import { readManifest, type Manifest, type R2Record } from './manifest.ts';
-import type { Step } from './plan.ts';
+import type { Step } from './step.ts';
 import { pool } from './pool.ts';
 import { datedPattern, localCopies } from './dated.ts';
 import { readBackSha256, type Backend, type ObjectHead } from './storage.ts';

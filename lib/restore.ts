@@ -28,7 +28,7 @@ import { listPoints, recordedImage, type PointJudge, type RestorePoint } from '.
 import { ByteBudget, LayoutError, TarGuard, checkArchiveFile } from './layout.ts';
 import { sleep } from './pacer.ts';
 import { requireSfs } from './sfs.ts';
-import { failedBefore, type Step, type StepContext, type StepResult } from './plan.ts';
+import { failedBefore, type Step, type StepContext, type StepResult } from './step.ts';
 import { datedCopies, datedPattern } from './dated.ts';
 import { CommandTimeout, type Host } from './ssh.ts';
 import type { Backend } from './storage.ts';

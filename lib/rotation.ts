@@ -6,7 +6,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { datedPattern, localCopies } from './dated.ts';
-import type { Step } from './plan.ts';
+import type { Step } from './step.ts';
 import { recordedImage, usable, type JudgedPoint } from './restore-point.ts';
 
 /** Deletes all but the `keep` newest dated copies of a kind in a directory; returns what went. */

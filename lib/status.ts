@@ -15,7 +15,7 @@ import { isHeld, type LockRecord } from './lock.ts';
 import type { Manifest } from './manifest.ts';
 import { requireSfs } from './sfs.ts';
 import { LocalHost } from './ssh.ts';
-import type { StepStatus } from './plan.ts';
+import type { StepStatus } from './step.ts';
 import { R2Backend, configuredBuckets } from './r2.ts';
 import { datedPattern, localCopies, stampTime } from './dated.ts';
 import { PointJudge, listPoints, type Wholeness } from './restore-point.ts';

@@ -10,7 +10,7 @@ import fs from 'node:fs';
 import { errorText, humanSize, printable } from './cli.ts';
 import { compareKeys, lstatBig, walkSorted, type WalkEntry } from './files.ts';
 import { etagProvesContent, lineMatches, lineOf, TreeCache, type TreeCacheLine } from './hash-cache.ts';
-import type { Step } from './plan.ts';
+import type { Step } from './step.ts';
 import { AdaptiveSlots } from './pacer.ts';
 import { pool } from './pool.ts';
 import {

@@ -3,7 +3,7 @@
 import { Writable } from 'node:stream';
 import { errorText } from './cli.ts';
 import type { Limits } from './config.ts';
-import type { Step } from './plan.ts';
+import type { Step } from './step.ts';
 import { openHost, shellQuote } from './ssh.ts';
 
 // The command line sent to Mello: `sh -c 'CODE' backup-mello.mts FLAGS`, the flags last, as

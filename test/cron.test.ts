@@ -240,7 +240,7 @@ test('install puts the package, four launchers and one cron entry under the pref
     assert.equal(args.slice(3), [path.join(pkg, s), '--', 'ARG1', 'two words']);
     assert.ok(fs.existsSync(args[3]));
   }
-  assert.ok(fs.existsSync(path.join(pkg, 'lib/plan.ts')));
+  assert.ok(fs.existsSync(path.join(pkg, 'lib/script.ts')));
   assert.ok(fs.existsSync(path.join(pkg, 'node_modules/zx')), 'production dependencies copied');
   assert.not.ok(fs.existsSync(path.join(pkg, 'node_modules/typescript')), 'development-only packages left out');
   assert.not.ok(fs.existsSync(path.join(pkg, 'node_modules/s3rver')));

@@ -153,7 +153,7 @@ test('a checkout whose node_modules is a symlink: install copies it, and deletes
   fs.mkdirSync(path.join(checkout, 'lib'), { recursive: true });
   for (const f of ['install', 'backup-cron.mts', 'backup-verda.mts', 'backup-mello.mts', 'package.json'])
     fs.copyFileSync(path.join(ROOT, f), path.join(checkout, f));
-  fs.writeFileSync(path.join(checkout, 'lib/plan.ts'), '// lib\n');
+  fs.writeFileSync(path.join(checkout, 'lib/script.ts'), '// lib\n');
   const lock = {
     lockfileVersion: 3,
     packages: { '': {}, 'node_modules/prodpkg': {}, 'node_modules/tsx': {}, 'node_modules/devpkg': { dev: true } },
