@@ -1,7 +1,7 @@
 #!/bin/sh
-':' //; exec "$(dirname "$(readlink -f "$0")")/lib/launch.sh" "$0" "$@"
-// (The two lines above are read by sh and ignored by Node: lib/launch.sh starts Node with this
-// script, found beside it whatever the working directory. See README "How the scripts run".)
+//bin/true; exec "$(dirname "$(readlink -f "$0")")/lib/launch.sh" "$0" "$@"
+// (The two lines above are run by sh and are comments to Node: lib/launch.sh starts Node with
+// this script, found beside it whatever the working directory. See README "How the scripts run".)
 
 // backup-cron: run hourly on Verda by root's cron (see ./install). Verda's identity and firewall
 // config to SFS, which survives the instance, then backup-mello on Mello over SSH. Needs no R2.

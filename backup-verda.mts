@@ -1,7 +1,7 @@
 #!/bin/sh
-':' //; exec "$(dirname "$(readlink -f "$0")")/lib/launch.sh" "$0" "$@"
-// (The two lines above are read by sh and ignored by Node: lib/launch.sh starts Node with this
-// script, found beside it whatever the working directory. See README "How the scripts run".)
+//bin/true; exec "$(dirname "$(readlink -f "$0")")/lib/launch.sh" "$0" "$@"
+// (The two lines above are run by sh and are comments to Node: lib/launch.sh starts Node with
+// this script, found beside it whatever the working directory. See README "How the scripts run".)
 
 // backup-verda: run on Mello before Verda is shut down. Verda's identity and config to
 // BACKUP_DIR on Mello and to the R2 cache bucket; in a full run also the worker image, and the
@@ -19,7 +19,7 @@ import {
 import { bucketName, bucketTarget, requireDirOrAbsent, type Config } from './lib/config.ts';
 import { imageStep } from './lib/image.ts';
 import { RunRecord, manifestStep, verifyArtifactsStep, verifyObjectsStep } from './lib/manifest.ts';
-import { MODELS_FLAG, modelsStep, runModelsHere } from './lib/models.ts';
+import { modelsStep } from './lib/models.ts';
 import { runScript, type Plan } from './lib/script.ts';
 import { bucketBackend, configuredBuckets } from './lib/r2.ts';
 import { PointJudge, judgeAll, listRestorePoints, newestPointStep, usable } from './lib/restore-point.ts';
@@ -27,9 +27,6 @@ import { copyWarnings, timestamp } from './lib/dated.ts';
 import { rotateByRestorePoints, rotationStep } from './lib/rotation.ts';
 import { lazyHost } from './lib/ssh.ts';
 import { verdaStatus } from './lib/status.ts';
-
-// Verda's side of the models step (see lib/models.ts): not a flag for people.
-if (process.argv.includes(MODELS_FLAG)) await runModelsHere();
 
 await runScript({
   name: 'backup-verda',
@@ -77,7 +74,6 @@ With AGE_RECIPIENTS set, the bundle is age-encrypted before it leaves Mello (.ta
         }),
         modelsStep({
           host: verda,
-          scriptsDir: cfg.verdaScriptsDir,
           target: quick ? undefined : bucketTarget(cfg, 'models'),
           modelsDir: cfg.verdaModelsDir,
           sfsBackupDir: cfg.sfsBackupDir,

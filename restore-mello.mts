@@ -1,7 +1,7 @@
 #!/bin/sh
-':' //; exec "$(dirname "$(readlink -f "$0")")/lib/launch.sh" "$0" "$@"
-// (The two lines above are read by sh and ignored by Node: lib/launch.sh starts Node with this
-// script, found beside it whatever the working directory. See README "How the scripts run".)
+//bin/true; exec "$(dirname "$(readlink -f "$0")")/lib/launch.sh" "$0" "$@"
+// (The two lines above are run by sh and are comments to Node: lib/launch.sh starts Node with
+// this script, found beside it whatever the working directory. See README "How the scripts run".)
 
 // restore-mello: the users' files back from the R2 user-files bucket onto Mello, the mirror of
 // backup-mello. Downloads what is missing or differs; never deletes; a file newer here than its

@@ -28,7 +28,8 @@ import type { RunRecord } from './manifest.ts';
 import { failedBefore, type Step } from './step.ts';
 import { copyWarnings, newestLocal } from './dated.ts';
 import { requireSfs } from './sfs.ts';
-import { CommandTimeout, OutputTooLarge, type Host } from './ssh.ts';
+import { program } from './sh.ts';
+import { CommandTimeout, OutputTooLarge, said, type Host } from './ssh.ts';
 import { fingerprintedSource, type Backend } from './storage.ts';
 
 export interface ArchiveSpec {
@@ -132,22 +133,6 @@ export function archiveKind(name: string): string | undefined {
 /** The five archives backup-cron keeps on SFS. */
 export const CRON_KINDS = ['tailscale-identity', 'ssh-host-keys', 'fail2ban', 'ufw', 'project-env'];
 
-// Prints, NUL-separated, `P` and each entry (args after the base) that exists under the base; a
-// trailing `*` in an entry is expanded by the shell's glob. `U` and a name: it exists and cannot
-// be read (the base, or a glob's directory), which an unprivileged run must not take for "none".
-// The script is a constant: the base and the entries arrive as arguments, never as code.
-const PRESENT = `[ -e "$1" ] || exit 0
-cd -- "$1" 2>/dev/null || { printf 'U.\\0'; exit 0; }
-shift
-for entry do
-  case "$entry" in
-    *'*') dir=\${entry%/*}
-      if [ -d "$dir" ] && { [ ! -r "$dir" ] || [ ! -x "$dir" ]; }; then printf 'U%s\\0' "$dir"; continue; fi
-      for f in $entry; do { [ -e "$f" ] || [ -L "$f" ]; } && printf 'P%s\\0' "$f"; done ;;
-    *) { [ -e "$entry" ] || [ -L "$entry" ]; } && printf 'P%s\\0' "$entry" ;;
-  esac
-done; exit 0`;
-
 export interface ArchiveResult extends Written {
   /** sha256 of the uncompressed tar: equal for equal content. */
   contentSha256: string;
@@ -164,9 +149,7 @@ export class ArchiveError extends Error {}
  * base directory, or the directory of the host keys, without root) fails: it is not "missing".
  */
 export async function presentEntries(host: Host, spec: ArchiveSpec, signal?: AbortSignal): Promise<string[]> {
-  const r = await host.run(['sh', '-c', PRESENT, 'sh', spec.base, ...spec.entries], { sudo: spec.sudo, signal });
-  if (r.code !== 0)
-    throw new ArchiveError(`cannot look at ${spec.base} on ${host.label}: ${r.stderr.trim() || `exit ${r.code}`}`);
+  const r = await host.$({ sudo: spec.sudo, signal })`sh -c ${program('present')} present ${spec.base} ${spec.entries}`;
   const records = r.stdout.split('\0').filter(Boolean);
   const unreadable = records.find((x) => x.startsWith('U'));
   if (unreadable) {
@@ -297,7 +280,7 @@ export async function commandToGzipFile(
   writing.catch(() => {}); // awaited below; a failure must not surface as unhandled first
   let run;
   try {
-    run = await host.stream(argv, raw, { sudo: opts.sudo, signal: opts.signal });
+    run = await host.$({ sudo: opts.sudo, signal: opts.signal, into: raw, nothrow: true })`${argv}`;
   } catch (e) {
     raw.destroy(e as Error);
     await writing.catch(() => {});
@@ -309,12 +292,11 @@ export async function commandToGzipFile(
     throw opts.guard.errored;
   }
   if (!(opts.okCodes ?? [0]).includes(run.code) && !opts.acceptFailure?.(run.code, run.stderr)) {
-    const said = run.stderr.trim().split('\n').slice(-3).join('; ') || 'no message';
     const what = argv
       .filter((a) => !/^(env|LC_ALL=C)$/.test(a))
       .slice(0, 2)
       .join(' ');
-    const error = new ArchiveError(`${what} on ${host.label} failed (exit ${run.code}): ${said}`);
+    const error = new ArchiveError(`${what} on ${host.label} failed (exit ${run.code}): ${said(run.stderr)}`);
     raw.destroy(error);
     await writing.catch(() => {});
     throw error;
@@ -496,7 +478,8 @@ export function tailscaleIpStep(o: { host: Host; dir: string; run: RunRecord }):
       let said = '';
       const r = await o.host.$({
         signal: ctx.signal,
-      })`sh -c ${'command -v tailscale >/dev/null && tailscale ip -4'}`.catch((e) => {
+        nothrow: true,
+      })`sh -c ${program('tailscale-ip')} tailscale-ip`.catch((e) => {
         if (!(e instanceof CommandTimeout || e instanceof OutputTooLarge)) throw e;
         said = ` (${e.message})`;
         return { code: 1, stdout: '', stderr: '' };

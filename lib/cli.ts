@@ -93,12 +93,57 @@ export interface Flags {
   help: boolean;
   envFile?: string;
   /** Flags a script adds for itself (e.g. backup-verda's internal --remote-models). */
-  extra: Record<string, string | boolean | undefined>;
+  extra: Record<string, unknown>;
 }
 
 const BOOLEAN_FLAGS = ['quick', 'full', 'dry-run', 'verify', 'status', 'list', 'deep', 'json', 'verbose', 'help'];
 
-export function parseFlags(argv: string[], extra: { boolean?: string[]; string?: string[] } = {}): Flags {
+/** The flags a script adds for itself, and the rules between them: declared here, beside the common ones. */
+export interface ExtraFlags {
+  boolean?: string[];
+  string?: string[];
+  /** A value's reading: what the plan gets, or a UsageError naming the flag. */
+  values?: Record<string, (raw: string) => unknown>;
+  /** Flags that do not go together; the second may be `flag=value` (`from=sfs`). */
+  notTogether?: [flag: string, other: string, why: string][];
+}
+
+/** Where a restore reads its archives: a manifest in BACKUP_DIR (the newest whole one, or T's), SFS or R2. */
+export type FromWhere = { from: 'manifest'; stamp?: string } | { from: 'sfs' } | { from: 'r2' };
+
+const absolutePath = (flag: string) => (raw: string) => {
+  if (!raw.startsWith('/') || /[\0\n\r]/.test(raw))
+    throw new UsageError(`--${flag} must be an absolute path (got ${JSON.stringify(raw)})`);
+  return raw;
+};
+
+/** restore-verda's own flags. */
+export const RESTORE_VERDA_FLAGS: ExtraFlags = {
+  boolean: ['skip-image', 'skip-models', 'drill', 'new-host'],
+  string: ['from', 'only', 'root'],
+  values: {
+    from: (raw): FromWhere => {
+      if (raw === 'sfs' || raw === 'r2') return { from: raw };
+      if (/^\d{8}-\d{6}$/.test(raw)) return { from: 'manifest', stamp: raw };
+      throw new UsageError(
+        `--from must be a backup's timestamp YYYYMMDD-HHMMSS, sfs or r2 (got ${JSON.stringify(raw)})`,
+      );
+    },
+    only: (raw) => raw.split(',').map((k) => k.trim()),
+    root: absolutePath('root'),
+  },
+  notTogether: [
+    ['drill', 'from=sfs', 'the drill restores a backup of BACKUP_DIR'],
+    ['drill', 'from=r2', 'the drill restores a backup of BACKUP_DIR'],
+    ['drill', 'root', 'the drill restores into a temporary root of its own'],
+    ['drill', 'dry-run', 'the drill changes nothing already'],
+    ['drill', 'verify', 'the drill is the deeper check'],
+    ['verify', 'from=sfs', '--verify checks a backup of BACKUP_DIR'],
+    ['verify', 'from=r2', '--verify checks a backup of BACKUP_DIR'],
+  ],
+};
+
+export function parseFlags(argv: string[], extra: ExtraFlags = {}): Flags {
   const unknown: string[] = [];
   const stringFlags = ['env-file', ...(extra.string ?? [])];
   const args = minimist(argv, {
@@ -129,8 +174,20 @@ export function parseFlags(argv: string[], extra: { boolean?: string[]; string?:
   const alone = ['dry-run', 'verify', 'status'].find((f) => args[f]);
   if (args.list && alone) throw new UsageError(`--list and --${alone} cannot be used together`);
   if (args.deep && !args.verify) throw new UsageError('--deep goes with --verify');
+  const given = (flag: string) => {
+    const [name, value] = flag.split('=');
+    return value === undefined ? Boolean(args[name]) && args[name] !== '' : args[name] === value;
+  };
+  for (const [flag, other, why] of extra.notTogether ?? []) {
+    if (given(flag) && given(other))
+      throw new UsageError(`--${flag} and --${other.replace('=', ' ')} cannot be used together: ${why}`);
+  }
   const extraValues: Flags['extra'] = {};
-  for (const name of [...(extra.boolean ?? []), ...(extra.string ?? [])]) extraValues[name] = args[name];
+  for (const name of [...(extra.boolean ?? []), ...(extra.string ?? [])]) {
+    const raw = args[name];
+    const read = extra.values?.[name];
+    extraValues[name] = read && typeof raw === 'string' ? read(raw) : raw;
+  }
   return {
     quick: Boolean(args.quick),
     dryRun: Boolean(args['dry-run']),
@@ -285,6 +342,25 @@ function humanDuration(seconds: number): string {
   return h ? `${h}:${pad(m)}:${pad(s % 60)}` : `${m}:${pad(s % 60)}`;
 }
 
+/** Where a transfer stands: the whole, and the file that moved last. */
+export interface TransferState {
+  bytes: number;
+  total: number;
+  file?: { key: string; bytes: number; size: number };
+}
+
+export interface Transfer {
+  update(state: TransferState): void;
+  /** Clears the progress line; the last state. */
+  end(): TransferState;
+}
+
+/** Local time as the stamps read: `2026-01-02 14:03:05`. */
+export function localTime(d: Date): string {
+  const p = (n: number) => String(n).padStart(2, '0');
+  return `${d.getFullYear()}-${p(d.getMonth() + 1)}-${p(d.getDate())} ${p(d.getHours())}:${p(d.getMinutes())}:${p(d.getSeconds())}`;
+}
+
 /**
  * Where the human lines go. With --json they go to stderr so stdout holds the JSON alone.
  * Colour and progress only on a terminal without NO_COLOR.
@@ -293,11 +369,12 @@ export class Output {
   private readonly stream: NodeJS.WriteStream;
   readonly fancy: boolean;
   private progressShown = false;
-  private lastProgressMs = 0;
 
   constructor(
     readonly json: boolean,
     readonly verbose: boolean,
+    /** STATS_INTERVAL: how often a long transfer says where it stands when not on a terminal. */
+    readonly statsIntervalMs = 60_000,
   ) {
     this.stream = json ? process.stderr : process.stdout;
     this.fancy = Boolean(this.stream.isTTY) && !process.env.NO_COLOR && process.env.TERM !== 'dumb';
@@ -333,19 +410,43 @@ export class Output {
     this.write(text);
   }
 
-  /** A progress line for a long transfer; nothing at all unless on a terminal. */
-  progress(label: string, done: number, total: number, startedMs: number) {
-    // Five redraws a second at most: it is called for every chunk sent.
-    if (!this.fancy || Date.now() - this.lastProgressMs < 200) return;
-    this.lastProgressMs = Date.now();
-    const seconds = (Date.now() - startedMs) / 1000;
-    const rate = seconds > 0 ? done / seconds : 0;
-    const eta = rate > 0 ? (total - done) / rate : Infinity;
-    const pct = total > 0 ? Math.floor((done / total) * 100) : 100;
-    this.stream.write(
-      `\r\x1b[2K  ${label} ${humanSize(done)}/${humanSize(total)} ${pct}% ${humanSize(rate)}/s ETA ${humanDuration(eta)}`,
-    );
-    this.progressShown = true;
+  /**
+   * A long transfer's progress: on a terminal a line redrawn as it goes (bytes, rate, ETA, and
+   * the file that moved last); elsewhere (cron's log) a dated stats line every STATS_INTERVAL.
+   */
+  transfer(label: string): Transfer {
+    const started = Date.now();
+    let lastDraw = 0;
+    let lastStats = started;
+    let latest: TransferState = { bytes: 0, total: 0 };
+    const line = (s: TransferState) => {
+      const seconds = (Date.now() - started) / 1000;
+      const rate = seconds > 0 ? s.bytes / seconds : 0;
+      const eta = rate > 0 ? Math.max(0, s.total - s.bytes) / rate : Infinity;
+      const pct = s.total > 0 ? Math.floor((s.bytes / s.total) * 100) : 100;
+      const file = s.file ? `; ${printable(s.file.key)} ${humanSize(s.file.bytes)} of ${humanSize(s.file.size)}` : '';
+      return `${label}: ${humanSize(s.bytes)} of ${humanSize(s.total)} (${pct}%), ${humanSize(rate)}/s, ETA ${humanDuration(eta)}${file}`;
+    };
+    return {
+      update: (s) => {
+        latest = s;
+        const now = Date.now();
+        if (this.fancy) {
+          // Five redraws a second at most: it is called for every chunk.
+          if (now - lastDraw < 200) return;
+          lastDraw = now;
+          this.stream.write(`\r\x1b[2K  ${line(s).slice(0, (this.stream.columns || 120) - 3)}`);
+          this.progressShown = true;
+        } else if (now - lastStats >= this.statsIntervalMs) {
+          lastStats = now;
+          this.write(`  [${localTime(new Date(now))}] ${line(s)}`);
+        }
+      },
+      end: () => {
+        this.clearProgress();
+        return latest;
+      },
+    };
   }
   clearProgress() {
     if (this.progressShown) this.stream.write('\r\x1b[2K');

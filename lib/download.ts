@@ -98,7 +98,7 @@ export interface DownloadTreeOptions {
   idleTimeoutMs?: number;
   onFile?: (a: DownloadAction) => void;
   /** Bytes downloaded, as they land; `listed` is the bytes of the objects listed so far. */
-  onBytes?: (n: number, listed: number) => void;
+  onBytes?: (n: number, listed: number, file: { key: string; bytes: number; size: number }) => void;
 }
 
 /** The defaults: a lone big model gets 8 streams (R2 gives each connection a share, not the whole link). */
@@ -200,13 +200,14 @@ async function downloadObject(
   o: ObjectInfo,
   dest: string,
   wantSha256: string | undefined,
-  onBytes?: (n: number) => void,
+  onBytes?: (n: number, file: { key: string; bytes: number; size: number }) => void,
   mode?: number,
 ): Promise<{ sha256: string; stat: fs.BigIntStats }> {
   const { backend, signal } = opts;
   const tmp = partialName(dest);
   const fh = await fs.promises.open(tmp, FS.O_WRONLY | FS.O_CREAT | FS.O_EXCL | FS.O_NOFOLLOW, 0o644);
   const ranges: Range[] = [];
+  let fileBytes = 0;
   for (let start = 0; start < o.size; start += opts.rangeSize) {
     ranges.push({ start, end: Math.min(o.size, start + opts.rangeSize), received: 0, written: 0, held: [] });
   }
@@ -309,7 +310,8 @@ async function downloadObject(
               advance();
               batch.push(chunk);
               batchBytes += chunk.length;
-              onBytes?.(chunk.length);
+              fileBytes += chunk.length;
+              onBytes?.(chunk.length, { key: o.key, bytes: fileBytes, size: o.size });
               if (batchBytes >= MiB) {
                 body.pause();
                 pump();
@@ -412,7 +414,9 @@ export async function downloadTree(options: DownloadTreeOptions): Promise<Downlo
   const slots = new Slots(opts.rangesInFlight);
   const dirs = new Set<string>();
   const cleaned = new Set<string>();
-  const onBytes = opts.onBytes ? (n: number) => opts.onBytes!(n, result.bytes) : undefined;
+  const onBytes = opts.onBytes
+    ? (n: number, file: { key: string; bytes: number; size: number }) => opts.onBytes!(n, result.bytes, file)
+    : undefined;
 
   /** The object's sha256: remembered with its ETag, else its metadata; undefined for a bash-era upload. */
   const objectSha = async (

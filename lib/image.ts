@@ -10,7 +10,8 @@ import { ensurePrivateDir, isRegularFile, readRegularFileSync, writeFileAtomic }
 import { HashCache } from './hash-cache.ts';
 import type { RunRecord } from './manifest.ts';
 import type { Step } from './step.ts';
-import type { Host } from './ssh.ts';
+import { program } from './sh.ts';
+import { said, type Host } from './ssh.ts';
 import { fingerprintedSource, type Backend } from './storage.ts';
 
 const IMAGE_ID_FILE = 'worker-image.id';
@@ -63,12 +64,15 @@ export function imageStep(o: {
     moves: `${o.host.label}: ${o.cli} save ${o.image} → ${file} → ${o.cache.name}/${IMAGE_FILE}`,
     skipReason: o.skipReason,
     async run(ctx) {
-      const inspect = await o.host.$({ signal: ctx.signal })`${o.cli} image inspect --format {{.Id}} ${o.image}`;
-      if (inspect.code !== 0) {
+      const inspect = await o.host.$({
+        signal: ctx.signal,
+        nothrow: true,
+      })`sh -c ${program('image-id')} image-id ${o.cli} ${o.image}`;
+      if (inspect.code === 127) throw new Error(`${o.cli} (CONTAINER_CLI) is not installed on ${o.host.label}`);
+      if (inspect.code !== 0)
         throw new Error(
-          `${o.cli} image inspect ${o.image} on ${o.host.label}: ${inspect.stderr.trim() || `exit ${inspect.code}`}`,
+          `${o.cli} image inspect ${o.image} (CONTAINER_IMAGE) on ${o.host.label}: ${said(inspect.stderr)}`,
         );
-      }
       // What Verda says is data: an image ID is 64 hex digits (docker prefixes `sha256:`).
       const imageId = inspect.stdout.trim();
       if (!IMAGE_ID.test(imageId))
@@ -117,13 +121,15 @@ export function imageStep(o: {
         expectTar: true,
       });
       o.run.artifact({ name: IMAGE_FILE, bytes: saved.bytes, sha256: saved.sha256 });
-      const started = Date.now();
+      const progress = ctx.out.transfer(`${IMAGE_FILE} sent`);
       let sent = 0;
-      await o.cache.put(IMAGE_FILE, fingerprintedSource(file, saved.fingerprint), {
-        metadata: { sha256: saved.sha256, 'image-id': imageId },
-        signal: ctx.signal,
-        onBytes: ctx.out.fancy ? (n) => ctx.out.progress(IMAGE_FILE, (sent += n), saved.bytes, started) : undefined,
-      });
+      await o.cache
+        .put(IMAGE_FILE, fingerprintedSource(file, saved.fingerprint), {
+          metadata: { sha256: saved.sha256, 'image-id': imageId },
+          signal: ctx.signal,
+          onBytes: (n) => progress.update({ bytes: (sent += n), total: saved.bytes }),
+        })
+        .finally(() => progress.end());
       o.run.object({ bucket: o.bucket, key: IMAGE_FILE, bytes: saved.bytes, sha256: saved.sha256, action: 'uploaded' });
       // Recorded only once both copies are complete: the ID last.
       writeFileAtomic(path.join(o.dir, IMAGE_SHA_FILE), `${saved.sha256}  ${IMAGE_FILE}\n`, 0o600);

@@ -1,18 +1,17 @@
-// Models go from Verda to R2 directly, never through Mello: Mello runs the installed
-// backup-verda.mts on Verda with `--models-here` over the run's SSH connection, and hands it
-// the R2 target and credentials on stdin (never on a command line). Verda syncs its
-// `*.safetensors` with the hash cache on SFS, so a new instance does not hash 45 GB again.
+// Models go from Verda to R2 directly, never through Mello: Mello calls Verda over the run's SSH
+// connection (lib/remote.ts: the code goes with the call) and hands it the models bucket's target
+// and credentials on stdin (never on a command line). Verda syncs its `*.safetensors` with the
+// hash cache on SFS, so a new instance does not hash 45 GB again, and reports its progress.
 import path from 'node:path';
-import { addNotice, answerRequest, humanSize, printable } from './cli.ts';
-import { DEFAULT_LIMITS, type BucketTarget, type Limits } from './config.ts';
+import { addNotice, humanSize, printable } from './cli.ts';
+import type { BucketTarget, Limits } from './config.ts';
 import type { RunRecord } from './manifest.ts';
 import type { Step } from './step.ts';
 import { R2Backend, r2Limits } from './r2.ts';
+import { callVerda, type Report } from './remote.ts';
 import { requireSfs } from './sfs.ts';
 import type { Host } from './ssh.ts';
 import { syncTree, type FileAction, type SyncResult } from './sync.ts';
-
-export const MODELS_FLAG = '--models-here';
 
 /** What Mello sends on stdin: one JSON line. */
 export interface ModelsRequest {
@@ -20,8 +19,6 @@ export interface ModelsRequest {
   modelsDir: string;
   /** The models' hash cache on SFS, so a new instance does not hash 45 GB again. */
   hashCacheFile: string;
-  /** Its older whole-file form, read the first time only. */
-  legacyHashCacheFile?: string;
   dryRun: boolean;
   /** Mello's R2 timeout, attempts and backoff, so Verda's requests end as Mello's do. */
   limits: Pick<Limits, 'r2IdleTimeoutMs' | 'r2Attempts' | 'r2BackoffMs'>;
@@ -32,7 +29,6 @@ export const isModel = (rel: string) => rel.endsWith('.safetensors');
 /** The Mello side: one step that drives Verda and reports its result. */
 export function modelsStep(opts: {
   host: Host;
-  scriptsDir: string;
   /** Undefined only when the step is skipped (--quick needs no models bucket). */
   target: BucketTarget | undefined;
   modelsDir: string;
@@ -57,30 +53,15 @@ export function modelsStep(opts: {
         target: opts.target,
         modelsDir: opts.modelsDir,
         hashCacheFile: path.join(opts.sfsBackupDir, '.hash-cache', 'models.jsonl'),
-        legacyHashCacheFile: path.join(opts.sfsBackupDir, '.hash-cache', 'models.json'),
         dryRun: ctx.dryRun,
         limits: opts.limits,
       };
-      // The request (with the models bucket's credentials) goes on stdin, never on a command line.
-      const r = await opts.host.$({
-        input: JSON.stringify(request) + '\n',
-        holdStdin: true,
+      const progress = ctx.out.transfer('models sent from Verda');
+      const answer = await callVerda(opts.host, 'backup-models', request, {
         signal: ctx.signal,
-        onStderr: (line) => line && ctx.out.detail(`verda: ${line}`),
-      })`${path.join(opts.scriptsDir, 'backup-verda.mts')} ${MODELS_FLAG}`;
-      const last = r.stdout.trim().split('\n').pop() ?? '';
-      let answer: unknown;
-      try {
-        answer = JSON.parse(last);
-      } catch {
-        /* not our output: the command failed to start */
-      }
-      if (!answer || typeof answer !== 'object') {
-        const said = r.stderr.trim().split('\n').slice(-2).join('; ');
-        throw new Error(
-          `backup-verda.mts ${MODELS_FLAG} on ${opts.host.label} failed (exit ${r.code}): ${said || 'no output'}`,
-        );
-      }
+        onProgress: (p) => progress.update(p),
+        onLine: (line) => ctx.out.detail(`verda: ${line}`),
+      }).finally(() => progress.end());
       const result = answer as Partial<SyncResult> & { error?: unknown; notices?: unknown };
       // What Verda answers is data: a few notices, each one line and bounded.
       const notices = Array.isArray(result.notices) ? result.notices.slice(0, 20) : [];
@@ -152,32 +133,20 @@ export function answerProblem(r: Partial<SyncResult>): string | undefined {
   return undefined;
 }
 
-/**
- * The Verda side of `--models-here`: reads the request line, syncs, prints the result as one
- * JSON line. Stops (aborting uploads in flight) when stdin closes: Mello is gone.
- */
-export async function runModelsHere(): Promise<never> {
-  let decided = 0;
-  return answerRequest<ModelsRequest, SyncResult>(
-    (request, signal) =>
-      syncTree({
-        root: request.modelsDir,
-        // A request from an older Mello carries no limits.
-        backend: new R2Backend(request.target, r2Limits(request.limits ?? DEFAULT_LIMITS)),
-        prefix: '',
-        cacheFile: request.hashCacheFile,
-        legacyCache: request.legacyHashCacheFile,
-        // Every model goes into Mello's manifest, and its mode with it into R2.
-        keepActions: Infinity,
-        recordModes: true,
-        filter: isModel,
-        dryRun: request.dryRun,
-        signal,
-        onFile: (a) => {
-          decided++;
-          process.stderr.write(`${a.action} ${printable(a.key)}\n`);
-        },
-      }),
-    () => `${decided} models done so far`,
-  );
+/** Verda's side of `backup-models` (lib/verda.ts): the sync, its progress reported as it goes. */
+export function backupModelsOnVerda(request: ModelsRequest, signal: AbortSignal, report: Report): Promise<SyncResult> {
+  return syncTree({
+    root: request.modelsDir,
+    backend: new R2Backend(request.target, r2Limits(request.limits)),
+    prefix: '',
+    cacheFile: request.hashCacheFile,
+    // Every model goes into Mello's manifest, and its mode with it into R2.
+    keepActions: Infinity,
+    recordModes: true,
+    filter: isModel,
+    dryRun: request.dryRun,
+    signal,
+    onProgress: (bytes, total, file) => report({ bytes, total, file }),
+    onFile: (a) => process.stderr.write(`${a.action} ${printable(a.key)}\n`),
+  });
 }

@@ -10,38 +10,9 @@ import { openRegular } from './files.ts';
 import type { Step, StepResult } from './step.ts';
 import { IMAGE_KIND, shortId, type ImageRef, type RestoreSource } from './restore.ts';
 import { requireSfs } from './sfs.ts';
-import type { Host } from './ssh.ts';
+import { program } from './sh.ts';
+import { CommandFailed, said, type Host } from './ssh.ts';
 import type { Backend, ObjectHead } from './storage.ts';
-
-// The image's ID there; 127 when the CLI is missing, 3 when no such image is loaded.
-const INSPECT = `command -v "$1" >/dev/null 2>&1 || exit 127
-"$1" image inspect --format '{{.Id}}' "$2" 2>/dev/null || exit 3`;
-
-// sha256 of the file $1, or exit 3 when it is not there.
-const SHA256 = `[ -f "$1" ] && [ ! -L "$1" ] || exit 3
-exec sha256sum -- "$1"`;
-
-// Stores stdin as $1/$2 through a temporary name, created exclusively; read back from disk and
-// renamed only when its sha256 is $3. The temporary file goes whatever happens.
-const STORE = `set -e
-dir=$1 name=$2 want=$3
-mkdir -p -- "$dir"
-tmp=$dir/.$name.partial-$$
-trap 'rm -f -- "$tmp"' EXIT
-trap 'exit 1' HUP INT TERM
-set -C
-cat > "$tmp"
-set +C
-sync -- "$tmp"
-got=$(sha256sum -- "$tmp")
-got=\${got%% *}
-if [ "$got" != "$want" ]; then echo "the bytes received have sha256 $got, not $want" >&2; exit 3; fi
-mv -f -- "$tmp" "$dir/$name"
-trap - EXIT`;
-
-// docker load reads gzip itself, Debian's podman 4.3 cannot (a gzipped docker-archive fails with
-// "unexpected EOF"): the archive is decompressed for both. Its sha256 was checked first.
-const LOAD = 'gzip -dc -- "$1" | "$2" load';
 
 const sameId = (a: string, b: string) => a.replace(/^sha256:/, '') === b.replace(/^sha256:/, '');
 
@@ -83,12 +54,15 @@ export function imageRestoreStep(o: ImageRestoreOptions): Step {
             (o.source.absent.get(IMAGE_KIND) ?? 'no backup records one'),
         );
       const loaded = async () => {
-        const r = await o.host.run(['sh', '-c', INSPECT, 'sh', o.cli, o.image], { signal: ctx.signal });
+        const r = await o.host.$({
+          signal: ctx.signal,
+          nothrow: true,
+        })`sh -c ${program('image-id')} image-id ${o.cli} ${o.image}`;
         if (r.code === 127) throw new Error(`${o.cli} (CONTAINER_CLI) is not installed on ${o.host.label}`);
         return r.code === 0 ? r.stdout.trim() : undefined;
       };
       const before = o.load ? await loaded() : undefined;
-      const sfs = await o.host.run(['sh', '-c', SHA256, 'sh', sfsCopy], { signal: ctx.signal });
+      const sfs = await o.host.$({ signal: ctx.signal, nothrow: true })`sh -c ${program('sha256')} sha256 ${sfsCopy}`;
       const sfsSha = sfs.code === 0 ? sfs.stdout.split(' ')[0] : undefined;
       let r2Head: ObjectHead | undefined | null = null; // read once, when first needed
       const r2Holds = async (w: ImageRef) => {
@@ -137,15 +111,14 @@ export function imageRestoreStep(o: ImageRestoreOptions): Step {
           from === 'mello'
             ? (await openRegular(want.melloFile!)).handle.createReadStream({ highWaterMark: 1 << 20 })
             : await o.cache!().get(IMAGE_FILE, ctx.signal);
-        const r = await o.host.run(['sh', '-c', STORE, 'sh', o.cacheDir, IMAGE_FILE, want.sha256], {
+        await o.host.$({
           stdin: stream,
           signal: ctx.signal,
+        })`sh -c ${program('store')} store ${o.cacheDir} ${IMAGE_FILE} ${want.sha256}`.catch((e) => {
+          throw e instanceof CommandFailed
+            ? new Error(`image ${short} from ${source} not kept on ${o.host.label}: ${said(e.result.stderr, 2)}`)
+            : e;
         });
-        if (r.code !== 0)
-          throw new Error(
-            `image ${short} from ${source} not kept on ${o.host.label}: ` +
-              (r.stderr.trim().split('\n').slice(-2).join('; ') || `exit ${r.code}`),
-          );
         bytes = want.bytes;
       }
       if (!o.load) {
@@ -155,13 +128,7 @@ export function imageRestoreStep(o: ImageRestoreOptions): Step {
           warnings,
         };
       }
-      const load = await o.host.run(['sh', '-c', LOAD, 'sh', sfsCopy, o.cli], { signal: ctx.signal });
-      if (load.code !== 0) {
-        throw new Error(
-          `${o.cli} load on ${o.host.label} failed (exit ${load.code}): ` +
-            load.stderr.trim().split('\n').slice(-2).join('; '),
-        );
-      }
+      await o.host.$({ signal: ctx.signal })`sh -c ${program('load')} ${`${o.cli} load`} ${sfsCopy} ${o.cli}`;
       const after = await loaded();
       if (!after || !sameId(after, want.imageId)) {
         throw new Error(

@@ -107,7 +107,7 @@ export function restoreTreeStep(
       const cache = o.cacheFile
         ? await TreeCache.open(o.cacheFile, { write: !ctx.dryRun, keepPassedOver: true })
         : undefined;
-      const started = Date.now();
+      const progress = ctx.out.transfer(`${o.tree.dir}/ downloaded`);
       let done = 0;
       let keptShown = 0;
       const where = (a: DownloadAction) => path.join(o.dataDir, printable(a.key));
@@ -126,7 +126,7 @@ export function restoreTreeStep(
         attempts: o.limits.r2Attempts,
         backoffMs: o.limits.r2BackoffMs,
         idleTimeoutMs: o.limits.r2IdleTimeoutMs,
-        onBytes: ctx.out.fancy ? (n, listed) => ctx.out.progress(o.tree.dir, (done += n), listed, started) : undefined,
+        onBytes: (n, listed, file) => progress.update({ bytes: (done += n), total: listed, file }),
         onFile: (a) => {
           const from = `${o.backend.name}/${printable(a.key)}`;
           if (a.action === 'download') {
@@ -139,7 +139,7 @@ export function restoreTreeStep(
             else ctx.out.detail(line);
           } else if (a.action === 'in-place') ctx.out.detail(`in place ${where(a)} (${a.how})`);
         },
-      }).finally(() => ctx.out.clearProgress());
+      }).finally(() => progress.end());
       const verb = ctx.dryRun ? 'to download' : 'downloaded';
       const parts = [`${r.downloaded} ${verb} (${humanSize(r.downloadedBytes)})`, `${r.inPlace} already in place`];
       if (r.kept) {

@@ -28,6 +28,7 @@ import { listPoints, recordedImage, type PointJudge, type RestorePoint } from '.
 import { ByteBudget, LayoutError, TarGuard, checkArchiveFile } from './layout.ts';
 import { sleep } from './pacer.ts';
 import { requireSfs } from './sfs.ts';
+import { program } from './sh.ts';
 import { failedBefore, type Step, type StepContext, type StepResult } from './step.ts';
 import { datedCopies, datedPattern } from './dated.ts';
 import { CommandTimeout, type Host } from './ssh.ts';
@@ -398,7 +399,12 @@ async function fetchFile(host: Host, remote: string, local: string, limit: numbe
   writing.catch(() => {});
   raw.on('error', (e) => bounded.destroy(e));
   bounded.on('error', (e) => raw.destroy(e));
-  const r = await host.stream(['sh', '-c', CAT_REGULAR, 'sh', remote], raw, { sudo: true, signal }).catch(async (e) => {
+  const r = await host.$({
+    sudo: true,
+    signal,
+    into: raw,
+    nothrow: true,
+  })`sh -c ${program('cat-regular')} cat-regular ${remote}`.catch(async (e) => {
     await writing.catch(() => {});
     throw e;
   });
@@ -411,19 +417,15 @@ async function fetchFile(host: Host, remote: string, local: string, limit: numbe
   await writing;
 }
 
-// Prints the regular file $1 (never through a symlink, never a FIFO).
-const CAT_REGULAR = `[ -f "$1" ] && [ ! -L "$1" ] || { echo "not a regular file" >&2; exit 3; }
-exec cat -- "$1"`;
-
-// Prints, NUL-separated, the regular files `*.tar.gz` in $1; exit 3 when it is not a directory.
-const SFS_LIST = `cd -- "$1" 2>/dev/null || exit 3
-for f in *.tar.gz; do [ -f "$f" ] && [ ! -L "$f" ] && printf '%s\\0' "$f"; done; exit 0`;
-
 async function fromSfs(o: SourceOptions, ctx: StepContext, failures: string[]) {
   const s = o.source;
   s.label = `the newest SFS copies in ${o.host.label}:${o.sfsBackupDir}`;
   await requireSfs(o.host, o.sfsMount, o.sfsBackupDir, 'restoring from the copies in', ctx.signal);
-  const listed = await o.host.run(['sh', '-c', SFS_LIST, 'sh', o.sfsBackupDir], { sudo: true, signal: ctx.signal });
+  const listed = await o.host.$({
+    sudo: true,
+    signal: ctx.signal,
+    nothrow: true,
+  })`sh -c ${program('sfs-list')} sfs-list ${o.sfsBackupDir}`;
   if (listed.code === 3)
     throw new Error(`${o.sfsBackupDir} is not a directory on ${o.host.label}: no SFS copies to restore from`);
   if (listed.code !== 0)
@@ -616,7 +618,7 @@ export class Services {
   ) {}
 
   async act([verb, unit]: ServiceAction, signal: AbortSignal) {
-    const r = await this.host.run([...this.systemctl, verb, unit], { sudo: true, signal });
+    const r = await this.host.$({ sudo: true, signal, nothrow: true })`${this.systemctl} ${verb} ${unit}`;
     const said = r.stderr.trim().split('\n').slice(-2).join('; ') || `exit ${r.code}`;
     const result = {
       ok: r.code === 0,
@@ -654,25 +656,6 @@ export class Services {
   }
 }
 
-// Unpacks a gzipped tar from stdin into $1/$2 (the restore's root and the kind's base). Each
-// component of the base under the root is looked at with lstat (`test -L`) before it is made or
-// entered: a symlink there (one an earlier archive restored) ends it, so nothing is written
-// through it. The root itself (`/`, --root, the drill's directory) is the admin's, made if missing. GNU tar runs without --keep-directory-symlink, --dereference or -P, and keeps mode
-// (also for a user that is not root), mtime, and as root the owner (by name, as the SPEC's
-// `tar -xzf F -C DIR`).
-const UNPACK = `dest=$1 rel=$2
-mkdir -p -- "$dest" || exit 1
-set -f
-IFS=/
-for part in $rel; do
-  [ -n "$part" ] || continue
-  dest=\${dest%/}/$part
-  if [ -L "$dest" ]; then printf '%s is a symlink: not followed, nothing unpacked\\n' "$dest" >&2; exit 3; fi
-  [ -d "$dest" ] || mkdir -- "$dest" || exit 1
-done
-unset IFS
-exec tar --extract --gzip --file=- --directory="$dest" --preserve-permissions`;
-
 /**
  * Unpacks an archive on Mello into root/base on the host: streamed over the connection through
  * its kind's guard (the layout checked again as it passes, what home-dev may not hold left out,
@@ -685,7 +668,6 @@ async function unpackOn(
   into: { root: string; base: string },
   opts: { sudo: boolean; signal: AbortSignal; budget?: ByteBudget },
 ): Promise<{ bytes: number; dropped: string[] }> {
-  const argv = ['env', 'LC_ALL=C', 'sh', '-c', UNPACK, 'sh', into.root, into.base];
   let bytes = 0;
   const { handle } = await openRegular(ref.melloFile);
   const hash = crypto.createHash('sha256');
@@ -700,7 +682,12 @@ async function unpackOn(
   const file = handle.createReadStream({ highWaterMark: 1 << 20 });
   // gzip level 1 again for the wire: the guard reads plain tar, tar there reads gzip.
   const stdin = chain(file, tap, zlib.createGunzip(), guard, zlib.createGzip({ level: 1 }), () => {});
-  const r = await host.run(argv, { sudo: opts.sudo, signal: opts.signal, stdin });
+  const r = await host.$({
+    sudo: opts.sudo,
+    signal: opts.signal,
+    stdin,
+    nothrow: true,
+  })`env LC_ALL=C sh -c ${program('unpack')} unpack ${into.root} ${into.base}`;
   if (r.code === 0 && ref.sha256 && hash.digest('hex') !== ref.sha256) {
     throw new Error(`${ref.name} changed on Mello while it was sent: what was unpacked is not what was checked`);
   }
@@ -712,16 +699,17 @@ async function unpackOn(
   return { bytes, dropped: guard.result.dropped };
 }
 
-// Prints Tailscale's IPv4; 127 when there is no tailscale.
-const TAILSCALE_IP = 'command -v tailscale >/dev/null 2>&1 || exit 127; exec tailscale ip -4';
-
 /** `tailscale ip -4` once tailscaled has started: it may take a few seconds to come up. */
 async function tailscaleIp(host: Host, signal: AbortSignal): Promise<{ ip?: string; why?: string }> {
   let said = '';
   for (let attempt = 0; attempt < 10; attempt++) {
     if (attempt) await sleep(1000, signal);
     // A hung tailscale is no address, after 5 s, not the 10 minutes a command may stay silent.
-    const r = await host.run(['sh', '-c', TAILSCALE_IP], { signal, idleTimeoutMs: 5000 }).catch((e) => {
+    const r = await host.$({
+      signal,
+      idleTimeoutMs: 5000,
+      nothrow: true,
+    })`sh -c ${program('tailscale-ip')} tailscale-ip`.catch((e) => {
       if (e instanceof CommandTimeout) return undefined;
       throw e;
     });

@@ -16,6 +16,7 @@ import {
   humanSize,
   notices,
   parseFlags,
+  type ExtraFlags,
   type Flags,
 } from './cli.ts';
 import { DEFAULT_LIMITS, loadConfig, mergedEnv, readLimits, type Config } from './config.ts';
@@ -38,7 +39,7 @@ export interface ScriptDef {
   usage: string;
   /** Backs nothing up (restore-verda): its runs ping a failure only, never a start or a success. */
   backsNothingUp?: boolean;
-  extraFlags?: { boolean?: string[]; string?: string[] };
+  extraFlags?: ExtraFlags;
   /**
    * Builds the plan (for --verify too: its steps then check instead of send); throws UsageError
    * for a configuration the plan cannot run with (asynchronously, too: AGE_RECIPIENTS is checked

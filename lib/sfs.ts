@@ -4,6 +4,7 @@
 // what it would write would die with the instance, and what it would read is not SFS. It fails
 // naming SFS_MOUNT, before anything is written. SFS_MOUNT= (empty) turns the check off.
 import path from 'node:path';
+import { program } from './sh.ts';
 import type { Host } from './ssh.ts';
 
 /** Whether `p` lies under the mount (or is it), so that the step needs it mounted. */
@@ -12,13 +13,6 @@ export function underSfs(p: string, sfsMount: string | undefined): sfsMount is s
   const rel = path.relative(sfsMount, p);
   return rel === '' || (!rel.startsWith('..') && !path.isAbsolute(rel));
 }
-
-// Exit 0 when $1 is a mount point, 1 when it is not, 2 when it is not even a directory.
-// mountpoint(1) reads the kernel's mount table (a bind mount counts); without it, a device
-// that differs from its parent's.
-const IS_MOUNT_POINT = `[ -d "$1" ] || exit 2
-if command -v mountpoint >/dev/null 2>&1; then mountpoint -q -- "$1"; exit $?; fi
-[ "$(stat -c %d -- "$1")" != "$(stat -c %d -- "$1/..")" ]`;
 
 export class SfsNotMounted extends Error {}
 
@@ -34,7 +28,7 @@ export async function requireSfs(
   signal?: AbortSignal,
 ): Promise<void> {
   if (!underSfs(p, sfsMount)) return;
-  const r = await host.run(['sh', '-c', IS_MOUNT_POINT, 'sh', sfsMount], { signal });
+  const r = await host.$({ signal, nothrow: true })`sh -c ${program('is-mount-point')} is-mount-point ${sfsMount}`;
   if (r.code === 0) return;
   const state = r.code === 2 ? 'does not exist' : 'is not a mount point';
   throw new SfsNotMounted(

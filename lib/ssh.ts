@@ -2,11 +2,14 @@
 // socket in a private directory), every command over it; or, for a host named `local`, right
 // here with no SSH at all.
 //
-// Commands read as zx's do: `await verda.$`${cli} image inspect --format {{.Id}} ${image}``,
-// with zx's rules for `${}` (one argument each, a list spread, never split or parsed). Locally no
-// shell is involved; the remote shell gets each argument single-quoted, so no name or value is
-// ever parsed as code. Underneath is node's spawn, not zx's process: zx keeps every output chunk
-// for a late pipe(), and an image save or a home archive is gigabytes streamed into a file.
+// Commands read as zx's do, and this is the one way a command runs on a host:
+// `await verda.$`${cli} image inspect --format {{.Id}} ${image}``, with zx's rules for `${}` (one
+// argument each, a list spread, never split or parsed) and zx's result: a non-zero exit throws a
+// CommandFailed quoting the last lines the command said, unless `nothrow`. Locally no shell is
+// involved; the remote shell gets each argument single-quoted, so no name or value is ever parsed
+// as code. A shell program of ours is a file of lib/sh/ (see sh.ts), given to `sh -c`, so that
+// stdin stays free for data. Underneath is node's spawn, not zx's process: zx keeps every output
+// chunk for a late pipe(), and an image save or a home archive is gigabytes streamed into a file.
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
@@ -43,14 +46,39 @@ export interface RunOptions {
   holdStdin?: boolean;
   /** Stop the command when it prints nothing for this long (default: the host's). */
   idleTimeoutMs?: number;
-  /** For a template: stream stdout into this (a multi-GB archive) instead of collecting it. */
+  /** Stream stdout into this (a multi-GB archive) instead of collecting it. */
   into?: Writable;
+  /** Resolve whatever the exit status (zx's `nothrow`): the caller reads `code`. */
+  nothrow?: boolean;
 }
 
 export interface RunResult {
   code: number;
   stdout: string;
   stderr: string;
+}
+
+/** The last lines a command said on stderr, as one line: what a failure message quotes. */
+export function said(stderr: string, lines = 3): string {
+  return (
+    stderr
+      .trim()
+      .split('\n')
+      .map((l) => l.trim())
+      .filter(Boolean)
+      .slice(-lines)
+      .join('; ') || 'no message'
+  );
+}
+
+/** A command that exited with another status than 0 (and was not run `nothrow`). */
+export class CommandFailed extends Error {
+  constructor(
+    readonly what: string,
+    readonly result: RunResult,
+  ) {
+    super(`${what} failed (exit ${result.code}): ${said(result.stderr)}`);
+  }
 }
 
 export class HostError extends Error {
@@ -97,12 +125,22 @@ export interface CommandTemplate {
   (opts: RunOptions): (pieces: TemplateStringsArray, ...values: Arg[]) => Promise<RunResult>;
 }
 
-function templateOn(host: Pick<Host, 'run' | 'stream'>): CommandTemplate {
-  const exec = (argv: string[], opts: RunOptions) =>
-    opts.into ? host.stream(argv, opts.into, opts) : host.run(argv, opts);
+/** What runs the commands of a host: spawn, or ssh over the run's connection. */
+interface Executor {
+  exec(argv: string[], opts: RunOptions): Promise<RunResult>;
+  /** The command as the admin would read it, for messages. */
+  describe(argv: string[]): string;
+}
+
+function templateOn(host: Executor): CommandTemplate {
+  const run = async (argv: string[], opts: RunOptions) => {
+    const r = await host.exec(argv, opts);
+    if (r.code !== 0 && !opts.nothrow) throw new CommandFailed(host.describe(argv), r);
+    return r;
+  };
   return ((first: TemplateStringsArray | RunOptions, ...values: Arg[]) => {
-    if (Array.isArray(first) && 'raw' in first) return exec(commandArgs(first as TemplateStringsArray, ...values), {});
-    return (pieces: TemplateStringsArray, ...rest: Arg[]) => exec(commandArgs(pieces, ...rest), first as RunOptions);
+    if (Array.isArray(first) && 'raw' in first) return run(commandArgs(first as TemplateStringsArray, ...values), {});
+    return (pieces: TemplateStringsArray, ...rest: Arg[]) => run(commandArgs(pieces, ...rest), first as RunOptions);
   }) as CommandTemplate;
 }
 
@@ -111,10 +149,6 @@ export interface Host {
   readonly label: string;
   /** A command there, as a zx template: output captured (or streamed into `into`). */
   readonly $: CommandTemplate;
-  /** Runs a command there, its output captured. Rejects only when it could not run at all. */
-  run(argv: string[], opts?: RunOptions): Promise<RunResult>;
-  /** Runs a command there with its stdout streamed into `into` (archives, images). */
-  stream(argv: string[], into: Writable, opts?: RunOptions): Promise<RunResult>;
   /**
    * Over SSH: whether a new connection, checked against the admin's known_hosts alone, is accepted
    * (what restore-verda asks once the host keys are restored); undefined when it is, else why not.
@@ -283,25 +317,30 @@ function execute(plan: SpawnPlan, opts: RunOptions, idleTimeoutMs: number, into?
   });
 }
 
-/** The first words of a command, for messages (never its data: a secret could be in it). */
-const describe = (argv: string[], where: string) => `${argv.slice(0, 2).join(' ')} on ${where}`;
+/**
+ * The first words of a command, for messages (never its data: a secret could be in it). A shell
+ * program of ours is named by its $0 (`sh -c PROGRAM unpack ...` is `unpack`).
+ */
+function describe(argv: string[], where: string): string {
+  const words = argv.slice(argv.findIndex((a) => !/^(env|[A-Z_]+=.*)$/.test(a)));
+  const name = words[0] === 'sh' && words[1] === '-c' ? words[3] : words.slice(0, 2).join(' ');
+  return `${name} on ${where}`;
+}
 
-export class LocalHost implements Host {
+export class LocalHost implements Host, Executor {
   readonly label = 'local';
   readonly $ = templateOn(this);
   constructor(
     private readonly sudo: string[],
     private readonly idleTimeoutMs = DEFAULT_LIMITS.commandIdleTimeoutMs,
   ) {}
-  private plan(argv: string[], sudo?: boolean): SpawnPlan {
-    const full = sudo ? [...this.sudo, ...argv] : argv;
-    return { file: full[0], args: full.slice(1), what: describe(argv, 'local') };
+  describe(argv: string[]) {
+    return describe(argv, 'local');
   }
-  run(argv: string[], opts: RunOptions = {}) {
-    return execute(this.plan(argv, opts.sudo), opts, this.idleTimeoutMs);
-  }
-  stream(argv: string[], into: Writable, opts: RunOptions = {}) {
-    return execute(this.plan(argv, opts.sudo), opts, this.idleTimeoutMs, into);
+  exec(argv: string[], opts: RunOptions) {
+    const full = opts.sudo ? [...this.sudo, ...argv] : argv;
+    const plan = { file: full[0], args: full.slice(1), what: this.describe(argv) };
+    return execute(plan, opts, this.idleTimeoutMs, opts.into);
   }
   async close() {}
 }
@@ -321,7 +360,7 @@ export interface SshOptions {
   limits?: Pick<Limits, 'sshTimeoutS' | 'commandIdleTimeoutMs'>;
 }
 
-export class SshHost implements Host {
+export class SshHost implements Host, Executor {
   readonly label: string;
   readonly $ = templateOn(this);
   private constructor(
@@ -398,20 +437,18 @@ export class SshHost implements Host {
       : `${this.destination}: a new connection after the restore failed (${said})`;
   }
 
-  private plan(argv: string[], sudo?: boolean): SpawnPlan {
-    const full = sudo ? [...this.sudo, ...argv] : argv;
+  describe(argv: string[]) {
+    return describe(argv, this.destination);
+  }
+  exec(argv: string[], opts: RunOptions) {
+    const full = opts.sudo ? [...this.sudo, ...argv] : argv;
     const remote = full.map(shellQuote).join(' ');
-    return {
+    const plan = {
       file: 'ssh',
       args: [...this.baseArgs, '-o', 'ControlMaster=no', '--', this.destination, remote],
-      what: describe(argv, this.destination),
+      what: this.describe(argv),
     };
-  }
-  run(argv: string[], opts: RunOptions = {}) {
-    return execute(this.plan(argv, opts.sudo), opts, this.idleTimeoutMs);
-  }
-  stream(argv: string[], into: Writable, opts: RunOptions = {}) {
-    return execute(this.plan(argv, opts.sudo), opts, this.idleTimeoutMs, into);
+    return execute(plan, opts, this.idleTimeoutMs, opts.into);
   }
   async close() {
     const { $ } = await import('zx');
@@ -465,7 +502,7 @@ async function hostKeyProblem(
 }
 
 /** `local` means this machine; anything else is an SSH destination. */
-export async function openHost(destination: string, opts: SshOptions): Promise<Host> {
+export async function openHost(destination: string, opts: SshOptions): Promise<Host & Executor> {
   return destination === 'local'
     ? new LocalHost(opts.sudo, opts.limits?.commandIdleTimeoutMs)
     : SshHost.connect(destination, opts);
@@ -476,15 +513,15 @@ export async function openHost(destination: string, opts: SshOptions): Promise<H
  * run's listing) without a connection. A failed connection is remembered: every step that
  * needs the host fails at once with the same message instead of waiting out the timeout again.
  */
-export class LazyHost implements Host {
-  private opening?: Promise<Host>;
+export class LazyHost implements Host, Executor {
+  private opening?: Promise<Host & Executor>;
   readonly $ = templateOn(this);
   constructor(
     readonly label: string,
-    private readonly open: () => Promise<Host>,
+    private readonly open: () => Promise<Host & Executor>,
   ) {}
   private failed = false;
-  private async host(): Promise<Host> {
+  private async host(): Promise<Host & Executor> {
     this.opening ??= this.open();
     try {
       return await this.opening;
@@ -499,11 +536,11 @@ export class LazyHost implements Host {
       throw again;
     }
   }
-  async run(argv: string[], opts?: RunOptions) {
-    return (await this.host()).run(argv, opts);
+  describe(argv: string[]) {
+    return describe(argv, this.label);
   }
-  async stream(argv: string[], into: Writable, opts?: RunOptions) {
-    return (await this.host()).stream(argv, into, opts);
+  async exec(argv: string[], opts: RunOptions) {
+    return (await this.host()).exec(argv, opts);
   }
   async checkHostKey() {
     return (await this.host()).checkHostKey?.();

@@ -43,7 +43,8 @@ export interface SyncOptions {
   concurrency?: number;
   /** Only files whose relative path this accepts (e.g. `*.safetensors`). */
   filter?: (rel: string) => boolean;
-  onProgress?: (sentBytes: number, seenBytes: number) => void;
+  /** Bytes sent so far, of the files seen so far, and the file that moved last. */
+  onProgress?: (sentBytes: number, seenBytes: number, file: { key: string; bytes: number; size: number }) => void;
   /** Told of each file as it is decided, for verbose and dry-run lines. */
   onFile?: (action: FileAction) => void;
   /** How many decided files the result lists (--json, the manifest); the rest are only counted. */
@@ -398,7 +399,7 @@ class TreeSync {
         ? (n) => {
             counted += n;
             this.progressBytes += n;
-            opts.onProgress!(this.progressBytes, result.bytes);
+            opts.onProgress!(this.progressBytes, result.bytes, { key: f.key, bytes: counted, size });
           }
         : undefined,
     });
@@ -467,15 +468,14 @@ export function syncStep(o: SyncStepOptions): Step {
       if (!fs.existsSync(o.root)) {
         return { status: 'skipped', summary: `nothing to send`, warnings: [`${o.root} does not exist`] };
       }
-      const started = Date.now();
-      const label = o.prefix || o.backend.name;
+      const progress = ctx.out.transfer(`${o.prefix || o.backend.name} sent`);
       let r: SyncResult;
       try {
         r = await syncTree({
           ...o,
           dryRun: ctx.dryRun,
           signal: ctx.signal,
-          onProgress: ctx.out.fancy ? (done, seen) => ctx.out.progress(label, done, seen, started) : undefined,
+          onProgress: (bytes, total, file) => progress.update({ bytes, total, file }),
           onFile: (a) => {
             const where = `${o.backend.name}/${printable(a.key)}`;
             if (a.action === 'send') {
@@ -485,7 +485,7 @@ export function syncStep(o: SyncStepOptions): Step {
           },
         });
       } finally {
-        ctx.out.clearProgress();
+        progress.end();
       }
       const { actions, ...counts } = r;
       return {

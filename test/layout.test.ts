@@ -236,9 +236,9 @@ test('a command printing without end is stopped past OUTPUT_LIMIT, with a named 
   assert.is(OUTPUT_LIMIT, 4 * 1024 * 1024);
   // stderr lines reach the callback whole, each bounded
   const lines: string[] = [];
-  await host.run(['sh', '-c', 'head -c 100000 /dev/zero | tr "\\0" x >&2; printf "\\nnext\\n" >&2'], {
+  await host.$({
     onStderr: (l) => lines.push(l),
-  });
+  })`sh -c ${'head -c 100000 /dev/zero | tr "\\0" x >&2; printf "\\nnext\\n" >&2'}`;
   assert.equal(
     lines.map((l) => l.length),
     [4097, 4],
