@@ -134,7 +134,12 @@ async function rotate(cfg: Config, recipients: string[] | undefined, signal: Abo
 
 /** The restore points of BACKUP_DIR, judged against the cache and models buckets configured here. */
 function judgeOf(cfg: Config, buckets = configuredBuckets(cfg, ['cache', 'models'])) {
-  return new PointJudge({ backupDir: cfg.backupDir, buckets, cacheBucket: bucketName(cfg, 'cache'), stateDir: cfg.stateDir });
+  return new PointJudge({
+    backupDir: cfg.backupDir,
+    buckets,
+    cacheBucket: bucketName(cfg, 'cache'),
+    stateDir: cfg.stateDir,
+  });
 }
 
 /** --verify: from the newest manifest alone, no SSH, so it works once Verda is gone. */

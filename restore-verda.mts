@@ -13,7 +13,16 @@ import { RESTORE_VERDA_FLAGS, type Flags } from './lib/cli.ts';
 import { bucketName, bucketTarget, type Config } from './lib/config.ts';
 import { ByteBudget } from './lib/layout.ts';
 import { configuredBuckets } from './lib/r2.ts';
-import { IMAGE_KIND, MODELS_KIND, Services, TempRoot, objectsStep, sourceStep, unpackStep, verdictStep } from './lib/restore.ts';
+import {
+  IMAGE_KIND,
+  MODELS_KIND,
+  Services,
+  TempRoot,
+  objectsStep,
+  sourceStep,
+  unpackStep,
+  verdictStep,
+} from './lib/restore.ts';
 import { restoreContext } from './lib/restore-context.ts';
 import { imageCopyStep, imageRestoreStep } from './lib/restore-image.ts';
 import { modelsRestoreStep } from './lib/restore-models.ts';
@@ -138,7 +147,13 @@ function checkPlan(cfg: Config, flags: Flags): Plan {
     ...(drill ? r.specs.map(unpack) : []),
     ...(r.chosen(IMAGE_KIND) ? [imageCopyStep({ source: r.source, image: cfg.containerImage, cache })] : []),
     // The drill decrypts an age-encrypted bundle, as a restore from R2 would.
-    objectsStep({ source: r.source, backends: r.buckets, deep: flags.deep, decrypt: drill, ageIdentityFile: cfg.ageIdentityFile }),
+    objectsStep({
+      source: r.source,
+      backends: r.buckets,
+      deep: flags.deep,
+      decrypt: drill,
+      ageIdentityFile: cfg.ageIdentityFile,
+    }),
     ...(drill ? [verdictStep({ source: r.source, root: tempRoot })] : []),
   ];
   return { steps, close: async () => (tempRoot.remove(), r.source.cleanup()) };
