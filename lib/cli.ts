@@ -298,8 +298,10 @@ function directoryAdvice(err: NodeJS.ErrnoException): string {
  * ENOSPC and kin in a directory a variable names says which, and what to do.
  */
 export function errorText(e: unknown): string {
-  const err = e as NodeJS.ErrnoException;
+  const err = e as NodeJS.ErrnoException & { cause?: NodeJS.ErrnoException };
   if (err?.code && err.path) return `${err.code}: ${err.path}${directoryAdvice(err)}`;
+  // fetch's own message says nothing ("fetch failed"): its cause does (`ECONNREFUSED`).
+  if (err?.cause && err.message === 'fetch failed') return err.cause.code ?? err.cause.message;
   return err?.message ?? String(e);
 }
 

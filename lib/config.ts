@@ -7,6 +7,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { parseAgeRecipients, type AgeRecipients } from './age.ts';
 import { UsageError, nameDirectories } from './cli.ts';
+import { fileKind } from './files.ts';
 import { NOTIFY_VARIABLES, checkNotifyUrl } from './notify.ts';
 import { defaultOf, dotenvNameWarning, type VariableName } from './variables.ts';
 
@@ -283,17 +284,6 @@ export function dotenvWarnings(text: string, file: string): string[] {
     if (warning) warnings.push(warning);
   }
   return warnings;
-}
-
-function fileKind(st: fs.Stats): string {
-  if (st.isFile()) return 'a regular file';
-  if (st.isDirectory()) return 'a directory';
-  if (st.isFIFO()) return 'a FIFO';
-  if (st.isSocket()) return 'a socket';
-  if (st.isCharacterDevice()) return 'a character device';
-  if (st.isBlockDevice()) return 'a block device';
-  if (st.isSymbolicLink()) return 'a symlink';
-  return 'not a regular file';
 }
 
 /**

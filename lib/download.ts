@@ -16,13 +16,12 @@ import fs from 'node:fs';
 import path from 'node:path';
 import type { Readable } from 'node:stream';
 import { DEFAULT_LIMITS } from './config.ts';
-import { partialName, removeStalePartials } from './files.ts';
+import { MiB, partialName, removeStalePartials } from './files.ts';
 import { TreeCache, etagProvesContent, hashFile, lineMatches, lineOf, type TreeCacheLine } from './hash-cache.ts';
 import { Pacer, Slots } from './pacer.ts';
 import { pool } from './pool.ts';
 import { StorageError, type Backend, type ObjectInfo } from './storage.ts';
 
-const MiB = 1024 * 1024;
 /** Bytes written to a file between two datasyncs of it (see downloadObject). */
 const WRITE_BACK = 32 * MiB;
 /** Decisions and failures a result lists (--json); the rest are only counted. */

@@ -12,8 +12,10 @@ import zlib from 'node:zlib';
 
 const { O_WRONLY, O_RDONLY, O_CREAT, O_EXCL, O_NOFOLLOW, O_NONBLOCK } = fs.constants;
 
+export const MiB = 1024 * 1024;
+
 /** Files are checked block by block when read again for sending (see Fingerprint). */
-export const BLOCK = 1 << 20;
+export const BLOCK = MiB;
 
 /**
  * What a file held when it was read: its size and sha256, a crc32 of each BLOCK (so a later read
@@ -206,13 +208,16 @@ export class NotRegularFile extends Error {
   }
 }
 
-function kindOf(st: fs.BigIntStats | fs.Stats): string {
-  if (st.isFIFO()) return 'a FIFO';
+/** What a stat says a path is, for a message: `a FIFO`, `a directory`, `a character device`. */
+export function fileKind(st: fs.BigIntStats | fs.Stats): string {
+  if (st.isFile()) return 'a regular file';
   if (st.isDirectory()) return 'a directory';
+  if (st.isFIFO()) return 'a FIFO';
   if (st.isSocket()) return 'a socket';
-  if (st.isCharacterDevice() || st.isBlockDevice()) return 'a device';
+  if (st.isCharacterDevice()) return 'a character device';
+  if (st.isBlockDevice()) return 'a block device';
   if (st.isSymbolicLink()) return 'a symlink';
-  return 'not a file';
+  return 'not a regular file';
 }
 
 /**
@@ -226,7 +231,7 @@ export async function openRegular(
   const handle = await fs.promises.open(file, O_RDONLY | O_NONBLOCK | (opts.follow ? 0 : O_NOFOLLOW));
   try {
     const stat = await handle.stat({ bigint: true });
-    if (!stat.isFile()) throw new NotRegularFile(file, kindOf(stat));
+    if (!stat.isFile()) throw new NotRegularFile(file, fileKind(stat));
     return { handle, stat };
   } catch (e) {
     await handle.close();
@@ -239,7 +244,7 @@ export function readRegularFileSync(file: string, opts: { follow?: boolean } = {
   const fd = fs.openSync(file, O_RDONLY | O_NONBLOCK | (opts.follow ? 0 : O_NOFOLLOW));
   try {
     const st = fs.fstatSync(fd);
-    if (!st.isFile()) throw new NotRegularFile(file, kindOf(st));
+    if (!st.isFile()) throw new NotRegularFile(file, fileKind(st));
     return fs.readFileSync(fd);
   } finally {
     fs.closeSync(fd);

@@ -14,9 +14,11 @@ import {
   partialName,
   readRegular,
   readRegularFileSync,
+  withPath,
   writeFileAtomic,
   type Fingerprint,
 } from './files.ts';
+import { errorText } from './cli.ts';
 import { fingerprintFile } from './storage.ts';
 
 export { hashFile };
@@ -102,7 +104,7 @@ export class HashCache {
       this.save();
       return undefined;
     } catch (e) {
-      return `hash cache not saved (${errorOf(e, this.file ?? 'the cache')}): unchanged files will be hashed again next run`;
+      return `hash cache not saved (${errorText(withPath(e, this.file ?? 'the cache'))}): unchanged files will be hashed again next run`;
     }
   }
 
@@ -411,7 +413,7 @@ export class TreeCache {
   async finish(complete: boolean): Promise<string | undefined> {
     if (!this.out || !this.file || !this.tmp)
       return this.writeError
-        ? `hash cache not written (${errorOf(this.writeError, this.file ?? 'the cache')})`
+        ? `hash cache not written (${errorText(withPath(this.writeError, this.file ?? 'the cache'))})`
         : undefined;
     this.flush(true);
     const out = this.out;
@@ -439,14 +441,9 @@ export class TreeCache {
       return undefined;
     } catch (e) {
       fs.rmSync(this.tmp, { force: true });
-      return `hash cache not saved (${errorOf(e, this.file)}): unchanged files will be hashed again next run`;
+      return `hash cache not saved (${errorText(withPath(e, this.file))}): unchanged files will be hashed again next run`;
     }
   }
-}
-
-function errorOf(e: unknown, file: string): string {
-  const err = e as NodeJS.ErrnoException;
-  return err?.code ? `${err.code}: ${file}` : String((e as Error)?.message ?? e);
 }
 
 /**

@@ -23,6 +23,7 @@ import { Agent } from 'node:http';
 import { Agent as HttpsAgent } from 'node:https';
 import { Transform, type Readable } from 'node:stream';
 import { addNotice } from './cli.ts';
+import { MiB } from './files.ts';
 import { AdaptiveSlots, Pacer } from './pacer.ts';
 import { pool } from './pool.ts';
 import { bucketTarget, type BucketKind, type BucketTarget, type Config, type Limits } from './config.ts';
@@ -36,8 +37,6 @@ import {
   type PutOptions,
   type Source,
 } from './storage.ts';
-
-export const MiB = 1024 * 1024;
 
 /**
  * What R2 asks of an S3 client, in one place (the SPEC's "R2 as it really behaves"): region

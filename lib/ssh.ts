@@ -16,6 +16,7 @@ import os from 'node:os';
 import path from 'node:path';
 import type { Readable, Writable } from 'node:stream';
 import { DEFAULT_LIMITS, type Limits } from './config.ts';
+import { MiB } from './files.ts';
 
 /** One argument for a POSIX shell (sh, dash, bash, zsh alike): single quotes, `'` as `'\''`. */
 export function shellQuote(arg: string): string {
@@ -174,7 +175,6 @@ export class CommandTimeout extends Error {}
  */
 export class OutputTooLarge extends Error {}
 
-const MiB = 1024 * 1024;
 /** The most of a command's stdout kept in memory. */
 export const OUTPUT_LIMIT = 4 * MiB;
 /** The most of its stderr kept: the last bytes, where the reason for a failure is. */

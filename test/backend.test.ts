@@ -1,7 +1,8 @@
 // The Backend conformance suite (backend-conformance.ts) on the in-memory backend and on
 // R2Backend over a real S3 server (s3rver on loopback, taught R2's multipart abort and SigV4).
 import { suite } from 'uvu';
-import { R2Backend, MiB } from '../lib/r2.ts';
+import { MiB } from '../lib/files.ts';
+import { R2Backend } from '../lib/r2.ts';
 import { backendConformance } from './backend-conformance.ts';
 import { SECRET, startS3, type S3Server } from './helpers.ts';
 import { MemoryBackend } from './memory-backend.ts';

@@ -15,7 +15,8 @@ import { LockHeld, acquireLock, isHeld, processStart } from '../lib/lock.ts';
 import { AdaptiveSlots, Slots } from '../lib/pacer.ts';
 import { pool } from '../lib/pool.ts';
 import { commandArgs, shellQuote } from '../lib/ssh.ts';
-import { MAX_PARTS, MIN_PART_SIZE, MiB, partSizeFor } from '../lib/r2.ts';
+import { MiB } from '../lib/files.ts';
+import { MAX_PARTS, MIN_PART_SIZE, partSizeFor } from '../lib/r2.ts';
 import { datedCopies, datedPattern, isFuture, stampTime, timestamp } from '../lib/dated.ts';
 import { listBundles, rotateBundles } from '../lib/archive.ts';
 import {
