@@ -119,8 +119,9 @@ export function answerProblem(r: Partial<SyncResult>): string | undefined {
   for (const a of r.actions as Partial<FileAction & { sha256: unknown }>[]) {
     const key = typeof a?.key === 'string' ? a.key : undefined;
     const named = key === undefined ? 'a model without a key' : printable(key.slice(0, 200));
-    if (key === undefined || !isModel(key) || key.startsWith('/') || key.split('/').includes('..'))
-      return `${named}: not a model under the models directory`;
+    // A failed action may name a directory that could not be read (`.`: the models directory).
+    const outside = key === undefined || key.startsWith('/') || key.split('/').includes('..');
+    if (outside || (a.action !== 'failed' && !isModel(key))) return `${named}: not a model under the models directory`;
     if (a.action !== 'send' && a.action !== 'skip' && a.action !== 'failed') return `${named}: an unknown action`;
     if (!count(a.bytes)) return `${named} is recorded without a size`;
     if (a.action !== 'failed' && !(typeof a.sha256 === 'string' && SHA256.test(a.sha256)))

@@ -349,15 +349,15 @@ async function fromManifest(
     for (const r of from.r2) if (!isBundleKey(r.key)) s.models.set(r.key, { record: r, recordedIn: from.timestamp });
   }
   if (!o.image) return;
-  // Every image the backups up to the chosen one record, newest first, complete runs or not.
-  for (const p of older) {
+  // Every image the backups record, newest first, complete runs or not (with --from T: up to T).
+  for (const p of stamp ? older : points.filter((x) => x.manifest)) {
     const image = recordedImage(p);
     if (image && !s.images.some((i) => i.imageId === image.imageId && i.sha256 === image.sha256)) s.images.push(image);
   }
   if (!s.images.length) {
     s.absent.set(
       IMAGE_KIND,
-      `no backup in ${o.backupDir} up to ${s.label} records the worker image (--quick runs save none)`,
+      `no backup in ${o.backupDir}${stamp ? ` up to ${s.label}` : ''} records the worker image (--quick runs save none)`,
     );
     return;
   }

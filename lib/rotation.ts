@@ -65,7 +65,15 @@ export function rotateByRestorePoints(
   const record = judged
     .filter((p) => !kept.includes(p) && p.manifest && (oldestKept === undefined || p.stamp > oldestKept))
     .slice(0, keep);
-  const retained = new Set([...kept, ...record, ...judged.filter((p) => !p.manifest)]);
+  // The newest point that records the worker image, whole or not: the restore takes the image
+  // from the newest backup that recorded it whose bytes can still be had, complete run or not.
+  const imageRecord = judged.find((p) => recordedImage(p));
+  const retained = new Set([
+    ...kept,
+    ...record,
+    ...(imageRecord ? [imageRecord] : []),
+    ...judged.filter((p) => !p.manifest),
+  ]);
   const named = new Set([...retained].flatMap((p) => p.manifest?.artifacts.map((a) => a.name) ?? []));
   const unreadableStamps = new Set(judged.filter((p) => !p.manifest).map((p) => p.stamp));
   const oldestManifest = judged.length ? judged[judged.length - 1].stamp : undefined;
