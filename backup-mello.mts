@@ -6,9 +6,9 @@
 // backup-mello: the users' files on Mello to the R2 user-files bucket. Run by hand, and hourly
 // when Verda's cron triggers it. Never deletes in R2.
 import path from 'node:path';
-import { bucketTarget, requireDir, requireDirOrAbsent } from './lib/config.ts';
+import { requireDir, requireDirOrAbsent } from './lib/config.ts';
 import { runScript } from './lib/script.ts';
-import { R2Backend, r2Limits } from './lib/r2.ts';
+import { bucketBackend } from './lib/r2.ts';
 import { melloStatus } from './lib/status.ts';
 import { syncStep, verifyStep } from './lib/sync.ts';
 
@@ -26,9 +26,8 @@ its sha256 (--deep: reads the objects back).`,
     requireDir(cfg, 'MELLO_DATA_DIR');
     requireDirOrAbsent(cfg, 'COMFYMULTI_STATE_DIR');
     const data = cfg.melloDataDir;
-    const r2 = new R2Backend(bucketTarget(cfg, 'userFiles'), r2Limits(cfg.limits));
-    // One hash cache per tree, read and written as a stream (see lib/hash-cache.ts TreeCache);
-    // the older single file is read the first time only.
+    const r2 = bucketBackend(cfg, 'userFiles');
+    // One hash cache per tree, read and written as a stream (see lib/hash-cache.ts TreeCache).
     const tree = (name: string, dir: string) => {
       const o = {
         name,
@@ -36,7 +35,6 @@ its sha256 (--deep: reads the objects back).`,
         backend: r2,
         prefix: `${dir}/`,
         cacheFile: path.join(cfg.stateDir, `hashes-backup-mello-${dir}.jsonl`),
-        legacyCache: path.join(cfg.stateDir, 'hashes-backup-mello.json'),
       };
       return flags.verify ? verifyStep({ ...o, deep: flags.deep }) : syncStep(o);
     };

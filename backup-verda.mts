@@ -9,7 +9,6 @@
 import { loadRecipients } from './lib/age.ts';
 import {
   BUNDLE_PREFIX,
-  CONFIG_KINDS,
   archiveStep,
   bundleStep,
   configArchives,
@@ -19,6 +18,7 @@ import {
 import { bucketName, bucketTarget, requireDirOrAbsent, type Config } from './lib/config.ts';
 import { imageStep } from './lib/image.ts';
 import { RunRecord, manifestStep, verifyArtifactsStep, verifyObjectsStep } from './lib/manifest.ts';
+import { CONFIG_KINDS } from './lib/layout.ts';
 import { modelsStep } from './lib/models.ts';
 import { runScript, type Plan } from './lib/script.ts';
 import { bucketBackend, configuredBuckets } from './lib/r2.ts';

@@ -8,9 +8,9 @@
 // object is kept unless --overwrite. --drill (or --verify) reads objects back and compares them.
 import path from 'node:path';
 import { UsageError } from './lib/cli.ts';
-import { bucketTarget, requireDirOrAbsent } from './lib/config.ts';
+import { requireDirOrAbsent } from './lib/config.ts';
 import { runScript } from './lib/script.ts';
-import { R2Backend, r2Limits } from './lib/r2.ts';
+import { bucketBackend } from './lib/r2.ts';
 import * as mello from './lib/restore-mello.ts';
 
 await runScript({
@@ -51,7 +51,7 @@ object (changed since the last backup) is left as it is unless --overwrite.
     requireDirOrAbsent(cfg, 'MELLO_DATA_DIR');
     requireDirOrAbsent(cfg, 'COMFYMULTI_STATE_DIR');
     const dataDir = to ?? cfg.melloDataDir;
-    const backend = new R2Backend(bucketTarget(cfg, 'userFiles'), r2Limits(cfg.limits));
+    const backend = bucketBackend(cfg, 'userFiles');
     // backup-mello's hash caches, when the files land where it reads them: neither run hashes again.
     const shared = path.resolve(dataDir) === path.resolve(cfg.melloDataDir);
     const sample = new mello.DrillSample(

@@ -20,13 +20,14 @@ import {
   isRegularFile,
   openRegular,
   partialName,
+  tap,
   writeFileAtomic,
   writeStreamAtomic,
   type Written,
 } from './files.ts';
 import type { RunRecord } from './manifest.ts';
 import { failedBefore, type Step } from './step.ts';
-import { copyWarnings, newestLocal } from './dated.ts';
+import { copyWarnings, datedPattern, newestLocal } from './dated.ts';
 import { requireSfs } from './sfs.ts';
 import { program } from './sh.ts';
 import { CommandTimeout, OutputTooLarge, said, type Host } from './ssh.ts';
@@ -110,24 +111,6 @@ export function configArchives(cfg: Config): ArchiveSpec[] {
       sudo: false,
     },
   ];
-}
-
-/** The config kinds, in the SPEC's order (a fixed list: the layouts do not depend on the configuration). */
-export const CONFIG_KINDS = [
-  'tailscale-identity',
-  'ssh-host-keys',
-  'fail2ban',
-  'ufw',
-  'project-env',
-  'home-dev',
-  'comfy-project',
-  'ohmyzsh-custom',
-];
-
-/** The kind of a dated config archive's name (`ufw-20260101-120000.tar.gz` → `ufw`), or undefined. */
-export function archiveKind(name: string): string | undefined {
-  const m = /^(.+)-\d{8}-\d{6}\.tar\.gz$/.exec(name);
-  return m && CONFIG_KINDS.includes(m[1]) ? m[1] : undefined;
 }
 
 /** The five archives backup-cron keeps on SFS. */
@@ -381,19 +364,6 @@ async function readStream(file: string) {
   return handle.createReadStream({ highWaterMark: 1 << 20 });
 }
 
-/** The entry names of a .tar.gz, reading it as a stream: proof it is a whole archive. */
-export async function listArchive(gzFile: string): Promise<string[]> {
-  const names: string[] = [];
-  const extract = tar.extract();
-  extract.on('entry', (header, stream, next) => {
-    names.push(header.name);
-    stream.on('end', next);
-    stream.resume();
-  });
-  await pipeline(await readStream(gzFile), zlib.createGunzip(), extract);
-  return names;
-}
-
 /** A gzipped tar of local files, flat, by their base names (the R2 bundle of a run's artifacts). */
 export async function bundleFiles(files: string[], dest: string, signal?: AbortSignal): Promise<Written> {
   const pack = tar.pack();
@@ -607,11 +577,13 @@ export interface DatedBundle {
  * the encrypted copy first). What rotation, `--status` and a restore from R2 all read.
  */
 export async function listBundles(cache: Backend, signal?: AbortSignal): Promise<DatedBundle[]> {
-  const dated = /^verda-config-backup-(\d{8}-\d{6})\.tar\.gz(\.age)?$/;
+  const plain = datedPattern('verda-config-backup', 'tar.gz');
+  const sealed = datedPattern('verda-config-backup', `tar.gz${AGE_SUFFIX}`);
   const found: DatedBundle[] = [];
   for await (const obj of cache.list(BUNDLE_PREFIX, signal)) {
-    const m = dated.exec(obj.key.slice(BUNDLE_PREFIX.length));
-    if (m) found.push({ key: obj.key, stamp: m[1]!, encrypted: Boolean(m[2]) });
+    const name = obj.key.slice(BUNDLE_PREFIX.length);
+    const m = plain.exec(name) ?? sealed.exec(name);
+    if (m) found.push({ key: obj.key, stamp: m[1]!, encrypted: m[0].endsWith(AGE_SUFFIX) });
   }
   return found.sort((a, b) =>
     a.stamp === b.stamp ? Number(b.encrypted) - Number(a.encrypted) : a.stamp < b.stamp ? 1 : -1,
@@ -684,14 +656,7 @@ async function reencryptBundle(
   const tmp = path.join(tmpDir, `.reencrypt-${process.pid}-${path.basename(key)}${AGE_SUFFIX}`);
   try {
     const digest = crypto.createHash('sha256');
-    const plain = (await cache.get(key, signal)).pipe(
-      new Transform({
-        transform(chunk: Buffer, _e, cb) {
-          digest.update(chunk);
-          cb(null, chunk);
-        },
-      }),
-    );
+    const plain = (await cache.get(key, signal)).pipe(tap((chunk) => void digest.update(chunk)));
     const cipher = await writeStreamAtomic(tmp, await encryptStream(recipients, plain), 0o600, signal);
     if (digest.digest('hex') !== plainSha)
       throw new Error(`${cache.name}/${key}: its bytes are not its recorded sha256`);

@@ -1,6 +1,7 @@
 // Command line and output: the SPEC's flags, exit codes, step lines like the bash originals
 // (`Step 3: ...`, `✓ ... (4.0K)`), and progress with rate and ETA on a terminal only.
 import minimist from 'minimist';
+import { isStamp } from './dated.ts';
 import { variablesHelp } from './variables.ts';
 
 export const EXIT = { ok: 0, failed: 1, usage: 2, locked: 75 } as const;
@@ -124,7 +125,7 @@ export const RESTORE_VERDA_FLAGS: ExtraFlags = {
   values: {
     from: (raw): FromWhere => {
       if (raw === 'sfs' || raw === 'r2') return { from: raw };
-      if (/^\d{8}-\d{6}$/.test(raw)) return { from: 'manifest', stamp: raw };
+      if (isStamp(raw)) return { from: 'manifest', stamp: raw };
       throw new UsageError(
         `--from must be a backup's timestamp YYYYMMDD-HHMMSS, sfs or r2 (got ${JSON.stringify(raw)})`,
       );

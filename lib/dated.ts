@@ -12,9 +12,15 @@ export function timestamp(d = new Date()): string {
 
 const escape = (s: string) => s.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
 
+/** A run's stamp, `YYYYMMDD-HHMMSS`, as a pattern's source. */
+const STAMP = '\\d{8}-\\d{6}';
+
+/** Whether `text` is a run's stamp. */
+export const isStamp = (text: string) => new RegExp(`^${STAMP}$`).test(text);
+
 /** Matches `kind-T.ext` exactly; group 1 is T. */
 export function datedPattern(kind: string, ext: string): RegExp {
-  return new RegExp(`^${escape(kind)}-(\\d{8}-\\d{6})\\.${escape(ext)}$`);
+  return new RegExp(`^${escape(kind)}-(${STAMP})\\.${escape(ext)}$`);
 }
 
 /** The dated copies of a kind among names, newest first. */

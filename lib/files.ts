@@ -149,6 +149,19 @@ export interface Written {
 }
 
 /**
+ * A pass-through that shows each chunk to `see` (to hash it, count it): the one way a stream is
+ * watched as it goes. An Error returned by `see` fails the stream with it.
+ */
+export function tap(see: (chunk: Buffer) => Error | void): Transform {
+  return new Transform({
+    transform(chunk: Buffer, _encoding, cb) {
+      const problem = see(chunk);
+      cb(problem ?? null, problem ? undefined : chunk);
+    },
+  });
+}
+
+/**
  * Streams into `file` through a temporary name: fsync, then rename. On any error or abort the
  * temporary file is removed and the old `file`, if any, is untouched.
  */
@@ -160,17 +173,16 @@ export async function writeStreamAtomic(
 ): Promise<Written> {
   const tmp = partialName(file);
   const digest = new Digester();
-  const tap = new Transform({
-    transform(chunk: Buffer, _enc, cb) {
-      digest.update(chunk);
-      cb(null, chunk);
-    },
-  });
   try {
     // Created exclusively, never through a symlink; the stream owns the descriptor from here on
     // (it closes it on error too).
     const out = fs.createWriteStream(tmp, { fd: createExclusive(tmp, mode) });
-    await pipeline(source, tap, out, { signal });
+    await pipeline(
+      source,
+      tap((chunk) => digest.update(chunk)),
+      out,
+      { signal },
+    );
     const fd = fs.openSync(tmp, O_RDONLY | O_NOFOLLOW);
     let st: fs.BigIntStats;
     try {

@@ -1,8 +1,9 @@
 // Content identity without rereading: the sha256 of a file is remembered by path, size, mtime,
 // ctime and inode, so an unchanged file is never read again. The ctime is what makes "unchanged"
 // safe (as git and restic use it): an edit that keeps the size and puts the mtime back (touch -r,
-// a restore tool, a clock set back) still moves the ctime, which no user can set. The same file remembers what each bucket
-// object was proven to hold (its ETag and sha256), so an unchanged rerun needs only listings.
+// a restore tool, a clock set back) still moves the ctime, which no user can set. A tree's cache
+// also remembers what each bucket object was proven to hold (its ETag), so an unchanged rerun
+// needs only listings.
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
@@ -16,7 +17,6 @@ import {
   readRegularFileSync,
   withPath,
   writeFileAtomic,
-  type Fingerprint,
 } from './files.ts';
 import { errorText } from './cli.ts';
 import { fingerprintFile } from './storage.ts';
@@ -24,15 +24,6 @@ import { fingerprintFile } from './storage.ts';
 export { hashFile };
 
 type FileEntry = [size: number, mtimeNs: string, ctimeNs: string, ino: string, sha256: string];
-/** An entry of a cache written before the ctime was recorded: its sha256 is never trusted by stat alone. */
-type OlderFileEntry = [size: number, mtimeNs: string, ino: string, sha256: string];
-type ObjectEntry = [etag: string, sha256: string];
-
-interface CacheFile {
-  version: 1;
-  files: Record<string, FileEntry>;
-  objects: Record<string, ObjectEntry>;
-}
 
 /** What a cache line is checked against: an lstat with bigint times (fs.BigIntStats is one). */
 export interface FileStat {
@@ -42,77 +33,59 @@ export interface FileStat {
   ino: bigint;
 }
 
-export class HashCache {
+/**
+ * The sha256 of a few files of Mello's own, by path (BACKUP_DIR's worker image and archives,
+ * which rotation, --status and the restore check): one small JSON file in COMFYMULTI_STATE_DIR.
+ * A tree's files are remembered by TreeCache, below, in key order.
+ */
+export class FileDigests {
   private dirty = false;
+  /** Files read to learn their sha256 (the others were known). */
+  hashed = 0;
 
   private constructor(
-    readonly file: string | undefined,
-    private data: CacheFile,
+    readonly file: string,
+    private readonly files: Record<string, FileEntry>,
   ) {}
 
-  /**
-   * Loads the cache; a missing or unreadable one starts empty (it is only a cache), and an entry
-   * that is not of the expected shape is dropped (its file is hashed again).
-   */
-  static load(file: string | undefined): HashCache {
-    const data: CacheFile = { version: 1, files: {}, objects: {} };
-    if (file) {
-      try {
-        const parsed = JSON.parse(readRegularFileSync(file).toString('utf8')) as Partial<CacheFile>;
-        if (parsed?.version === 1) {
-          for (const [k, e] of Object.entries(parsed.files ?? {})) if (isFileEntry(e)) data.files[k] = e;
-          for (const [k, e] of Object.entries(parsed.objects ?? {})) if (isObjectEntry(e)) data.objects[k] = e;
-        }
-      } catch {
-        /* first run, or a damaged cache: hash again */
-      }
+  /** Loads it; a missing or unreadable one starts empty, an entry of another shape is dropped. */
+  static load(file: string): FileDigests {
+    const files: Record<string, FileEntry> = {};
+    try {
+      const parsed = JSON.parse(readRegularFileSync(file).toString('utf8')) as { files?: Record<string, unknown> };
+      for (const [k, e] of Object.entries(parsed?.files ?? {})) if (isFileEntry(e)) files[k] = e;
+    } catch {
+      /* first run, or a damaged file: hash again */
     }
-    return new HashCache(file, data);
+    return new FileDigests(file, files);
   }
 
-  /**
-   * The file's sha256, read only when its path, size, mtime, ctime or inode changed. When it was
-   * read now, its fingerprint comes with it (what is sent is checked against it).
-   */
-  async hash(file: string, st: FileStat, signal?: AbortSignal): Promise<{ sha256: string; fingerprint?: Fingerprint }> {
-    const e = this.data.files[file];
-    if (
-      e &&
-      BigInt(e[0]) === st.size &&
-      e[1] === String(st.mtimeNs) &&
-      e[2] === String(st.ctimeNs) &&
-      e[3] === String(st.ino)
-    )
-      return { sha256: e[4] };
-    const fingerprint = await fingerprintFile(file, signal);
-    this.remember(file, fingerprint);
-    return { sha256: fingerprint.sha256, fingerprint };
-  }
-
-  /** Records what a file held when it was read (by the stat it had then, not the walk's). */
-  remember(file: string, fp: Fingerprint) {
-    this.data.files[file] = [fp.size, String(fp.mtimeNs), String(fp.ctimeNs), String(fp.ino), fp.sha256];
+  /** The file's sha256, read only when its size, mtime, ctime or inode changed. */
+  async sha256(file: string, st: FileStat, signal?: AbortSignal): Promise<string> {
+    const e = this.files[file];
+    const same = [String(st.size), String(st.mtimeNs), String(st.ctimeNs), String(st.ino)];
+    if (e && [String(e[0]), e[1], e[2], e[3]].every((v, i) => v === same[i])) return e[4];
+    const fp = await fingerprintFile(file, signal);
+    this.hashed++;
+    this.files[file] = [fp.size, String(fp.mtimeNs), String(fp.ctimeNs), String(fp.ino), fp.sha256];
     this.dirty = true;
+    return fp.sha256;
   }
 
   /**
-   * Saves the cache; one that cannot be written (a full disk) costs only hashing again next time,
-   * so it is a warning naming the file, never a failure of the work that was done.
+   * Saves it; one that cannot be written (a full disk) costs only hashing again next time, so it
+   * is a warning naming the file, never a failure of the work that was done.
    */
   trySave(): string | undefined {
+    if (!this.dirty) return undefined;
     try {
-      this.save();
+      fs.mkdirSync(path.dirname(this.file), { recursive: true, mode: 0o700 });
+      writeFileAtomic(this.file, JSON.stringify({ version: 2, files: this.files }), 0o600);
+      this.dirty = false;
       return undefined;
     } catch (e) {
-      return `hash cache not saved (${errorText(withPath(e, this.file ?? 'the cache'))}): unchanged files will be hashed again next run`;
+      return `hash cache not saved (${errorText(withPath(e, this.file))}): unchanged files will be hashed again next run`;
     }
-  }
-
-  save() {
-    if (!this.file || !this.dirty) return;
-    fs.mkdirSync(path.dirname(this.file), { recursive: true, mode: 0o700 });
-    writeFileAtomic(this.file, JSON.stringify(this.data), 0o600);
-    this.dirty = false;
   }
 }
 
@@ -126,16 +99,6 @@ const isFileEntry = (e: unknown): e is FileEntry =>
   /^\d+$/.test(e[2]) &&
   /^\d+$/.test(e[3]) &&
   HEX64.test(e[4]);
-const isOlderFileEntry = (e: unknown): e is OlderFileEntry =>
-  Array.isArray(e) &&
-  e.length === 4 &&
-  Number.isSafeInteger(e[0]) &&
-  e[0] >= 0 &&
-  /^\d+$/.test(e[1]) &&
-  /^\d+$/.test(e[2]) &&
-  HEX64.test(e[3]);
-const isObjectEntry = (e: unknown): e is ObjectEntry =>
-  Array.isArray(e) && e.length === 2 && typeof e[0] === 'string' && HEX64.test(e[1]);
 
 /**
  * The part size aws-cli used for a multipart upload: 8 MiB, doubled until the file fits in
@@ -297,8 +260,6 @@ export class TreeCache {
 
   private constructor(
     readonly file: string | undefined,
-    /** Lines of an older whole-file cache (hashes-*.json), for the first run after an upgrade. */
-    private readonly legacy?: Map<string, TreeCacheLine>,
     /**
      * Lines passed over by a lookup are kept (written through), not dropped: for a run that goes
      * by the bucket's listing (a restore), not by a walk, a line not looked up is a file it did
@@ -307,18 +268,9 @@ export class TreeCache {
     private readonly keepPassedOver = false,
   ) {}
 
-  /**
-   * Opens the cache of a tree. `write: false` reads only (a dry run). `legacy` names an older
-   * single-file cache and the tree's root in it, read once when the new file does not exist yet.
-   */
-  static async open(
-    file: string | undefined,
-    opts: { write: boolean; legacy?: { file: string; root: string; objectPrefix: string }; keepPassedOver?: boolean },
-  ): Promise<TreeCache> {
-    let legacy: Map<string, TreeCacheLine> | undefined;
-    if (file && !fs.existsSync(file) && opts.legacy)
-      legacy = readLegacy(opts.legacy.file, opts.legacy.root, opts.legacy.objectPrefix);
-    const cache = new TreeCache(file, legacy, opts.keepPassedOver);
+  /** Opens the cache of a tree. `write: false` reads only (a dry run). */
+  static async open(file: string | undefined, opts: { write: boolean; keepPassedOver?: boolean }): Promise<TreeCache> {
+    const cache = new TreeCache(file, opts.keepPassedOver);
     if (file && fs.existsSync(file)) {
       try {
         const { handle } = await openRegular(file);
@@ -343,7 +295,6 @@ export class TreeCache {
 
   /** The remembered line of `rel`. Called in key order; lines of files no longer there are passed over. */
   async lookup(rel: string): Promise<TreeCacheLine | undefined> {
-    if (this.legacy) return this.legacy.get(rel);
     while (this.lines && !this.unsorted) {
       if (this.current && compareKeys(this.current.rel, rel) >= 0) break;
       if (this.current && this.keepPassedOver && !this.handedOut) this.settle(this.reserve(), this.current);
@@ -417,7 +368,7 @@ export class TreeCache {
         : undefined;
     this.flush(true);
     const out = this.out;
-    if (!this.legacy && this.lines && !this.unsorted && (this.keepPassedOver || !complete)) {
+    if (this.lines && !this.unsorted && (this.keepPassedOver || !complete)) {
       if (this.current && !this.handedOut) out.write(JSON.stringify(this.current) + '\n');
       for (let next = await this.lines.next(); !next.done && !this.writeError; next = await this.lines.next()) {
         // A tail of a million lines is not buffered whole: wait for the disk (or its error).
@@ -443,36 +394,5 @@ export class TreeCache {
       fs.rmSync(this.tmp, { force: true });
       return `hash cache not saved (${errorText(withPath(e, this.file))}): unchanged files will be hashed again next run`;
     }
-  }
-}
-
-/**
- * The lines of one tree from the older whole-file cache (keyed by absolute path, objects by
- * bucket/key). Its entries have no ctime: they give the ETag proven to hold a sha256 (no HEAD),
- * but the file is read once more.
- */
-function readLegacy(file: string, root: string, objectPrefix: string): Map<string, TreeCacheLine> | undefined {
-  try {
-    const data = JSON.parse(readRegularFileSync(file).toString('utf8')) as Partial<CacheFile>;
-    if (data?.version !== 1) return undefined;
-    const lines = new Map<string, TreeCacheLine>();
-    const prefix = root.endsWith(path.sep) ? root : root + path.sep;
-    for (const [p, e] of Object.entries(data.files ?? {})) {
-      if (!p.startsWith(prefix)) continue;
-      const entry = isFileEntry(e)
-        ? e
-        : isOlderFileEntry(e)
-          ? ([e[0], e[1], undefined, e[2], e[3]] as const)
-          : undefined;
-      if (!entry) continue;
-      const [size, mtimeNs, ctimeNs, ino, sha256] = entry;
-      const rel = p.slice(prefix.length).split(path.sep).join('/');
-      const object = data.objects?.[objectPrefix + rel];
-      const etag = isObjectEntry(object) && object[1] === sha256 ? object[0] : undefined;
-      lines.set(rel, { rel, size, mtimeNs, ctimeNs, ino, sha256, etag });
-    }
-    return lines;
-  } catch {
-    return undefined;
   }
 }

@@ -7,7 +7,7 @@ import path from 'node:path';
 import { IMAGE_FILE, commandToGzipFile } from './archive.ts';
 import { humanSize, printable } from './cli.ts';
 import { ensurePrivateDir, isRegularFile, readRegularFileSync, writeFileAtomic } from './files.ts';
-import { HashCache } from './hash-cache.ts';
+import { FileDigests } from './hash-cache.ts';
 import type { RunRecord } from './manifest.ts';
 import type { Step } from './step.ts';
 import { program } from './sh.ts';
@@ -40,10 +40,10 @@ function readImageRecord(dir: string): { imageId: string; sha256: string } | und
  */
 export async function melloImageDigest(file: string, stateDir: string, signal: AbortSignal) {
   if (!isRegularFile(file)) return undefined;
-  const hashes = HashCache.load(path.join(stateDir, 'hashes-backup-verda.json'));
+  const digests = FileDigests.load(path.join(stateDir, 'hashes-backup-verda.json'));
   const st = fs.lstatSync(file, { bigint: true });
-  const { sha256, fingerprint } = await hashes.hash(file, st, signal);
-  return { sha256, bytes: fingerprint?.size ?? Number(st.size), cacheWarning: hashes.trySave() };
+  const sha256 = await digests.sha256(file, st, signal);
+  return { sha256, bytes: Number(st.size), cacheWarning: digests.trySave() };
 }
 
 export function imageStep(o: {

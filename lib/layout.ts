@@ -11,7 +11,9 @@ import crypto from 'node:crypto';
 import { Transform, Writable, type TransformCallback } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import zlib from 'node:zlib';
+import tar from 'tar-stream';
 import { printable } from './cli.ts';
+import { datedPattern } from './dated.ts';
 import { openRegular, showBytes } from './files.ts';
 
 export type EntryType = 'file' | 'directory' | 'symlink' | 'hardlink' | 'device' | 'fifo';
@@ -62,6 +64,12 @@ const LAYOUTS: Record<string, Layout> = {
   'comfy-project': { allows: () => true, tree: true },
   'ohmyzsh-custom': { allows: (p, t) => under(p, 'custom') && fileOrDir(t), tree: false },
 };
+
+/** The config kinds, in the SPEC's order. */
+export const CONFIG_KINDS = Object.keys(LAYOUTS);
+
+/** The kind of a dated config archive's name (`ufw-20260101-120000.tar.gz` → `ufw`), or undefined. */
+export const archiveKind = (name: string) => CONFIG_KINDS.find((kind) => datedPattern(kind, 'tar.gz').test(name));
 
 function layoutOf(kind: string): Layout {
   const layout = LAYOUTS[kind];
@@ -352,6 +360,20 @@ export class TarGuard extends Transform {
     if (parts.includes('..')) throw new LayoutError(`${what}: a name with ".."`);
     return parts;
   }
+}
+
+/** The entry names of a .tar.gz of any layout (an image archive), read as a stream: proof it is a whole tar. */
+export async function listArchive(gzFile: string): Promise<string[]> {
+  const names: string[] = [];
+  const extract = tar.extract();
+  extract.on('entry', (header, stream, next) => {
+    names.push(header.name);
+    stream.on('end', next);
+    stream.resume();
+  });
+  const { handle } = await openRegular(gzFile);
+  await pipeline(handle.createReadStream({ highWaterMark: 1 << 20 }), zlib.createGunzip(), extract);
+  return names;
 }
 
 const digest = (key: string) => crypto.createHash('sha256').update(key, 'latin1').digest('base64').slice(0, 22);

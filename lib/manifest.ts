@@ -5,8 +5,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { readBackDecrypted, readIdentities, requireIdentityFile } from './age.ts';
-import { archiveKind, listArchive } from './archive.ts';
-import { LayoutError, checkArchiveFile } from './layout.ts';
+import { LayoutError, archiveKind, checkArchiveFile, listArchive } from './layout.ts';
 import { errorText, printable } from './cli.ts';
 import { ensurePrivateDir, readRegularFileSync, writeFileAtomic } from './files.ts';
 import { hashFile } from './hash-cache.ts';

@@ -7,11 +7,12 @@
 // flags it. Rotation, --status, --list, --verify, the drill and the restore all ask here.
 import fs from 'node:fs';
 import path from 'node:path';
-import { BUNDLE_KEY, BUNDLE_PREFIX, IMAGE_FILE, archiveKind } from './archive.ts';
+import { BUNDLE_KEY, BUNDLE_PREFIX, IMAGE_FILE } from './archive.ts';
+import { archiveKind } from './layout.ts';
 import { AGE_SUFFIX } from './age.ts';
 import { errorText, humanSize, printable } from './cli.ts';
 import { isRegularFile } from './files.ts';
-import { HashCache, hashFile } from './hash-cache.ts';
+import { FileDigests, hashFile } from './hash-cache.ts';
 import { readManifest, type Manifest, type R2Record } from './manifest.ts';
 import type { Step } from './step.ts';
 import { pool } from './pool.ts';
@@ -89,14 +90,14 @@ class Unreachable extends Error {}
  * once however many points name it, Mello's files are hashed only when their stat changed.
  */
 export class PointJudge {
-  private readonly hashes: HashCache;
+  private readonly digests: FileDigests;
   private readonly objects = new Map<string, Promise<ObjectHead | undefined>>();
   private readonly readBack = new Map<string, Promise<string>>();
   private readonly files = new Map<string, Promise<string | undefined>>();
   private imageCopies?: Promise<{ sha256: string; bytes: number; where: string }[]>;
 
   constructor(readonly o: JudgeOptions) {
-    this.hashes = HashCache.load(path.join(o.stateDir, 'hashes-backup-verda.json'));
+    this.digests = FileDigests.load(path.join(o.stateDir, 'hashes-backup-verda.json'));
   }
 
   /** Whether a point is whole, and why not. */
@@ -149,7 +150,7 @@ export class PointJudge {
 
   /** Saves what was hashed; a cache that cannot be saved only costs hashing again. */
   finish(): string | undefined {
-    return this.hashes.trySave();
+    return this.digests.trySave();
   }
 
   /** sha256 of a file of Mello's (`size`: it has another size; undefined: not there, or not a regular file). */
@@ -161,13 +162,7 @@ export class PointJudge {
         const st = fs.lstatSync(file, { bigint: true });
         if (Number(st.size) !== bytes) return 'size';
         if (this.o.deep) return hashFile(file, this.o.signal);
-        return (
-          await this.hashes.hash(
-            file,
-            { size: st.size, mtimeNs: st.mtimeNs, ctimeNs: st.ctimeNs, ino: st.ino },
-            this.o.signal,
-          )
-        ).sha256;
+        return this.digests.sha256(file, st, this.o.signal);
       })();
       this.files.set(file, found);
     }
@@ -232,13 +227,7 @@ export class PointJudge {
         const st = fs.lstatSync(file, { bigint: true });
         const sha256 = this.o.deep
           ? await hashFile(file, this.o.signal)
-          : (
-              await this.hashes.hash(
-                file,
-                { size: st.size, mtimeNs: st.mtimeNs, ctimeNs: st.ctimeNs, ino: st.ino },
-                this.o.signal,
-              )
-            ).sha256;
+          : await this.digests.sha256(file, st, this.o.signal);
         copies.push({ sha256, bytes: Number(st.size), where: `Mello's ${IMAGE_FILE}` });
       }
       const cache = this.o.cacheBucket === undefined ? undefined : this.o.buckets.get(this.o.cacheBucket);

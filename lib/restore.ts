@@ -7,7 +7,7 @@
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { PassThrough, Transform, pipeline as chain, type Readable } from 'node:stream';
+import { PassThrough, pipeline as chain, type Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import zlib from 'node:zlib';
 import tar from 'tar-stream';
@@ -20,6 +20,7 @@ import {
   openRegular,
   processAlive,
   readRegularFileSync,
+  tap,
   writeStreamAtomic,
 } from './files.ts';
 import { melloImageDigest } from './image.ts';
@@ -31,7 +32,7 @@ import { requireSfs } from './sfs.ts';
 import { program } from './sh.ts';
 import { failedBefore, type Step, type StepContext, type StepResult } from './step.ts';
 import { datedCopies, datedPattern } from './dated.ts';
-import { CommandTimeout, type Host } from './ssh.ts';
+import { CommandTimeout, said, type Host } from './ssh.ts';
 import type { Backend } from './storage.ts';
 import { decryptStream, isEncryptedKey, requireIdentityFile } from './age.ts';
 
@@ -389,12 +390,9 @@ const SFS_COPY_LIMIT = 64 * 1024 * 1024;
 async function fetchFile(host: Host, remote: string, local: string, limit: number, signal: AbortSignal) {
   const raw = new PassThrough({ highWaterMark: 1 << 20 });
   let bytes = 0;
-  const bounded = new Transform({
-    transform(chunk: Buffer, _e, cb) {
-      bytes += chunk.length;
-      cb(bytes > limit ? new Error(`more than ${humanSize(limit)}: not a config archive`) : null, chunk);
-    },
-  });
+  const bounded = tap((chunk) =>
+    (bytes += chunk.length) > limit ? new Error(`more than ${humanSize(limit)}: not a config archive`) : undefined,
+  );
   const writing = writeStreamAtomic(local, raw.pipe(bounded), 0o600, signal);
   writing.catch(() => {});
   raw.on('error', (e) => bounded.destroy(e));
@@ -409,9 +407,10 @@ async function fetchFile(host: Host, remote: string, local: string, limit: numbe
     throw e;
   });
   if (r.code !== 0) {
-    raw.destroy(new Error(r.stderr.trim().split('\n').pop() || `exit ${r.code}`));
+    const why = new Error(said(r.stderr, 1));
+    raw.destroy(why);
     await writing.catch(() => {});
-    throw new Error(r.stderr.trim().split('\n').pop() || `exit ${r.code}`);
+    throw why;
   }
   raw.end();
   await writing;
@@ -428,10 +427,7 @@ async function fromSfs(o: SourceOptions, ctx: StepContext, failures: string[]) {
   })`sh -c ${program('sfs-list')} sfs-list ${o.sfsBackupDir}`;
   if (listed.code === 3)
     throw new Error(`${o.sfsBackupDir} is not a directory on ${o.host.label}: no SFS copies to restore from`);
-  if (listed.code !== 0)
-    throw new Error(
-      `cannot list ${o.sfsBackupDir} on ${o.host.label}: ${listed.stderr.trim() || `exit ${listed.code}`}`,
-    );
+  if (listed.code !== 0) throw new Error(`cannot list ${o.sfsBackupDir} on ${o.host.label}: ${said(listed.stderr)}`);
   const names = listed.stdout.split('\0').filter(Boolean);
   for (const kind of o.kinds) {
     if (!CRON_KINDS.includes(kind)) {
@@ -619,11 +615,10 @@ export class Services {
 
   async act([verb, unit]: ServiceAction, signal: AbortSignal) {
     const r = await this.host.$({ sudo: true, signal, nothrow: true })`${this.systemctl} ${verb} ${unit}`;
-    const said = r.stderr.trim().split('\n').slice(-2).join('; ') || `exit ${r.code}`;
     const result = {
       ok: r.code === 0,
       missing: r.code === UNIT_NOT_INSTALLED,
-      said,
+      said: said(r.stderr, 2),
       what: `${this.systemctl.join(' ')} ${verb} ${unit}`,
     };
     if (result.missing) this.state.set(unit, 'not installed');
@@ -671,17 +666,11 @@ async function unpackOn(
   let bytes = 0;
   const { handle } = await openRegular(ref.melloFile);
   const hash = crypto.createHash('sha256');
-  const tap = new Transform({
-    transform(chunk: Buffer, _e, cb) {
-      hash.update(chunk);
-      bytes += chunk.length;
-      cb(null, chunk);
-    },
-  });
+  const seen = tap((chunk) => void ((bytes += chunk.length), hash.update(chunk)));
   const guard = new TarGuard(kind, opts.budget);
   const file = handle.createReadStream({ highWaterMark: 1 << 20 });
   // gzip level 1 again for the wire: the guard reads plain tar, tar there reads gzip.
-  const stdin = chain(file, tap, zlib.createGunzip(), guard, zlib.createGzip({ level: 1 }), () => {});
+  const stdin = chain(file, seen, zlib.createGunzip(), guard, zlib.createGzip({ level: 1 }), () => {});
   const r = await host.$({
     sudo: opts.sudo,
     signal: opts.signal,
@@ -692,16 +681,17 @@ async function unpackOn(
     throw new Error(`${ref.name} changed on Mello while it was sent: what was unpacked is not what was checked`);
   }
   if (r.code !== 0) {
-    const said = r.stderr.trim().split('\n').slice(-3).join('; ') || 'no message';
     const dest = path.join(into.root, into.base);
-    throw new Error(`tar on ${host.label} could not unpack ${ref.name} into ${dest} (exit ${r.code}): ${said}`);
+    throw new Error(
+      `tar on ${host.label} could not unpack ${ref.name} into ${dest} (exit ${r.code}): ${said(r.stderr)}`,
+    );
   }
   return { bytes, dropped: guard.result.dropped };
 }
 
 /** `tailscale ip -4` once tailscaled has started: it may take a few seconds to come up. */
 async function tailscaleIp(host: Host, signal: AbortSignal): Promise<{ ip?: string; why?: string }> {
-  let said = '';
+  let last = '';
   for (let attempt = 0; attempt < 10; attempt++) {
     if (attempt) await sleep(1000, signal);
     // A hung tailscale is no address, after 5 s, not the 10 minutes a command may stay silent.
@@ -717,9 +707,9 @@ async function tailscaleIp(host: Host, signal: AbortSignal): Promise<{ ip?: stri
     if (r.code === 127) return { why: `tailscale is not installed on ${host.label}` };
     const ip = r.code === 0 ? r.stdout.trim().split('\n')[0] : '';
     if (ip) return { ip };
-    said = r.stderr.trim().split('\n').pop() ?? '';
+    last = said(r.stderr, 1);
   }
-  return { why: `tailscale ip -4 gave no address within 10 s${said ? ` (${said})` : ''}` };
+  return { why: `tailscale ip -4 gave no address within 10 s (${last})` };
 }
 
 /** Compares Verda's Tailscale IP after the restore with the recorded one: a different one is said loudly. */

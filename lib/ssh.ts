@@ -415,9 +415,8 @@ export class SshHost implements Host, Executor {
     })`ssh ${baseArgs} -o ControlMaster=yes -o ControlPersist=120 -f -N -- ${destination}`;
     if (master.exitCode !== 0) {
       fs.rmSync(dir, { recursive: true, force: true });
-      const said = master.stderr.trim().split('\n').filter(Boolean).pop() ?? `exit ${master.exitCode}`;
       const keyProblem = await hostKeyProblem(destination, master.stderr, common, timeout, opts.newHostHint);
-      throw new HostError(keyProblem ?? `cannot reach ${destination} over SSH: ${said}`);
+      throw new HostError(keyProblem ?? `cannot reach ${destination} over SSH: ${said(master.stderr, 1)}`);
     }
     return new SshHost(destination, dir, baseArgs, opts.sudo, limits.commandIdleTimeoutMs, common);
   }
@@ -431,10 +430,10 @@ export class SshHost implements Host, Executor {
       timeout: '30s',
     })`ssh ${this.common} -o ControlPath=none -o StrictHostKeyChecking=yes -- ${this.destination} true`;
     if (r.exitCode === 0) return undefined;
-    const said = r.stderr.trim().split('\n').filter(Boolean).pop() ?? `exit ${r.exitCode}`;
+    const why = said(r.stderr, 1);
     return /host key|identification/i.test(r.stderr)
-      ? `${this.destination} does not present the host key your known_hosts trusts (${said}): the SSH host keys restored are not the ones it had`
-      : `${this.destination}: a new connection after the restore failed (${said})`;
+      ? `${this.destination} does not present the host key your known_hosts trusts (${why}): the SSH host keys restored are not the ones it had`
+      : `${this.destination}: a new connection after the restore failed (${why})`;
   }
 
   describe(argv: string[]) {

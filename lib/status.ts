@@ -8,7 +8,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { BUNDLE_KEY, BUNDLE_PREFIX, CRON_KINDS, configArchives, latestBundleKey, listBundles } from './archive.ts';
-import { errorText, humanSize, printable } from './cli.ts';
+import { errorText, humanSize, localTime, printable } from './cli.ts';
 import { bucketName, bucketTarget, type Config } from './config.ts';
 import { isRegularFile, readRegularFileSync, writeFileAtomic } from './files.ts';
 import { isHeld, type LockRecord } from './lock.ts';
@@ -18,6 +18,7 @@ import { LocalHost } from './ssh.ts';
 import type { StepStatus } from './step.ts';
 import { R2Backend, configuredBuckets } from './r2.ts';
 import { datedPattern, localCopies, stampTime } from './dated.ts';
+import { archiveKind } from './layout.ts';
 import { PointJudge, listPoints, type Wholeness } from './restore-point.ts';
 
 /** The dated copies' kind: `verda-config-backups/verda-config-backup-T.tar.gz`. */
@@ -175,12 +176,6 @@ export function humanAge(hours: number): string {
   return `${Math.floor(min / 1440)} d${Math.floor((min % 1440) / 60) ? ` ${Math.floor((min % 1440) / 60)} h` : ''}`;
 }
 
-/** Local time as the stamps read: `2026-01-02 14:03:05`. */
-function localTime(d: Date): string {
-  const p = (n: number) => String(n).padStart(2, '0');
-  const date = `${d.getFullYear()}-${p(d.getMonth() + 1)}-${p(d.getDate())}`;
-  return `${date} ${p(d.getHours())}:${p(d.getMinutes())}:${p(d.getSeconds())}`;
-}
 const when = (iso: string, ageHours: number) => `${localTime(new Date(iso))} (${humanAge(ageHours)} ago)`;
 
 /** The holder of the script's lock, if a run of it is going on now (read only: the lock is not touched). */
@@ -246,9 +241,7 @@ export async function melloStatus(cfg: Config, now = Date.now()): Promise<Status
 // backup-verda: the newest backups in BACKUP_DIR, and the config bundle in R2
 
 /** `home-dev-20260102-140305.tar.gz` → `home-dev`; undated names are their own kind. */
-function artifactKind(name: string): string {
-  return /^(.+)-\d{8}-\d{6}\.(?:tar\.gz|json)$/.exec(name)?.[1] ?? name;
-}
+const artifactKind = (name: string) => archiveKind(name) ?? name;
 
 /** A judge of restore points that only reads: a glance at R2 (two attempts, 10 s without a byte). */
 function statusJudge(cfg: Config): PointJudge {
@@ -301,11 +294,7 @@ async function r2Bundle(cfg: Config, now: number): Promise<R2BundleStatus> {
     return { state: 'not configured', problem: errorText(e) };
   }
   // A status is a glance: two attempts, at most 10 s each without a byte moving, 30 s in all.
-  const backend = new R2Backend(target, {
-    idleTimeoutMs: Math.min(cfg.limits.r2IdleTimeoutMs, 10_000),
-    attempts: Math.min(cfg.limits.r2Attempts, 2),
-    backoffMs: cfg.limits.r2BackoffMs,
-  });
+  const backend = new R2Backend(target, glance(cfg));
   const signal = AbortSignal.timeout(30_000);
   try {
     // Plain or age-encrypted (AGE_RECIPIENTS): the latest key is the newest dated copy's kind.

@@ -30,8 +30,6 @@ export interface SyncOptions {
   prefix: string;
   /** The tree's hash cache file (undefined: none, every file is hashed). */
   cacheFile?: string;
-  /** An older whole-file cache to read once, the first time (see TreeCache.open). */
-  legacyCache?: string;
   /**
    * Hash every file again, whatever its cache line says (--verify --deep: trust no cache). The
    * cache still names the objects proven to hold a sha256, and splits the listing.
@@ -258,12 +256,7 @@ async function* march(
 
 /** Sends a tree: see the top of this file. */
 export async function syncTree(opts: SyncOptions): Promise<SyncResult> {
-  const cache = await TreeCache.open(opts.cacheFile, {
-    write: !opts.dryRun,
-    legacy: opts.legacyCache
-      ? { file: opts.legacyCache, root: opts.root, objectPrefix: `${opts.backend.name}/${opts.prefix}` }
-      : undefined,
-  });
+  const cache = await TreeCache.open(opts.cacheFile, { write: !opts.dryRun });
   return new TreeSync(opts, cache).run();
 }
 
@@ -435,9 +428,8 @@ export interface SyncStepOptions {
   root: string;
   backend: Backend;
   prefix: string;
-  /** The tree's hash cache file; `legacyCache`: the older whole-file one, read the first time. */
+  /** The tree's hash cache file. */
   cacheFile?: string;
-  legacyCache?: string;
   filter?: (rel: string) => boolean;
 }
 

@@ -5,7 +5,7 @@ import { errorText } from './cli.ts';
 import type { Limits } from './config.ts';
 import type { Step } from './step.ts';
 import { program } from './sh.ts';
-import { openHost } from './ssh.ts';
+import { openHost, said } from './ssh.ts';
 
 // The command line sent to Mello: `sh -c PROGRAM MELLO_SCRIPTS_DIR backup-mello.mts FLAGS`, the
 // flags last, as plain words; lib/sh/trigger-mello.sh goes to the directory and runs the script.
@@ -89,8 +89,8 @@ export function triggerMelloStep(o: {
             failures: [`mello: ${held?.replace(/^backup-mello: /, '') ?? 'lock held (exit 75)'}`],
           };
         }
-        const said = kept.filter((l) => l.startsWith('✗')).map((l) => l.replace(/^✗\s*/, ''));
-        const why = said.length ? said : [r.stderr.trim().split('\n').pop() || 'no output'];
+        const failed = kept.filter((l) => l.startsWith('✗')).map((l) => l.replace(/^✗\s*/, ''));
+        const why = failed.length ? failed : [said(r.stderr, 1)];
         return {
           summary: `backup-mello on ${o.melloHost} exited ${r.code}${r.code === 255 ? ' (SSH connection lost)' : ''}`,
           failures: why.map((l) => `mello: ${l}`),
