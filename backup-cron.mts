@@ -51,10 +51,10 @@ backup-mello.mts --verify on Mello (--deep is passed on).`,
     });
     if (flags.verify) return { steps: [...specs.map((spec) => verifyCopyStep({ host: verda, spec, dir })), trigger] };
 
-    const run = new RunRecord(timestamp());
+    const record = new RunRecord(timestamp());
     return {
       steps: [
-        ...specs.map((spec) => archiveStep({ host: verda, spec, dir, run, dedupe: true, sfsMount: cfg.sfsMount })),
+        ...specs.map((spec) => archiveStep({ host: verda, spec, dir, record, dedupe: true, sfsMount: cfg.sfsMount })),
         rotationStep({
           where: dir,
           keep: cfg.keepBackups,

@@ -50,25 +50,25 @@ With AGE_RECIPIENTS set, the bundle is age-encrypted before it leaves Mello (.ta
     const quick = flags.quick ? '--quick' : undefined; // leaves the image and the models out
     const dir = cfg.backupDir;
     const verda = lazyHost(cfg.verdaHost, { configFile: cfg.sshConfig, sudo: cfg.verdaSudo, limits: cfg.limits });
-    const cacheBucket = bucketTarget(cfg, 'cache');
-    const cache = bucketBackend(cfg, 'cache');
-    const run = new RunRecord(timestamp());
+    const cacheTarget = bucketTarget(cfg, 'cache');
+    const cacheBucket = bucketBackend(cfg, 'cache');
+    const record = new RunRecord(timestamp());
 
-    const archives = configArchives(cfg).map((spec) => archiveStep({ host: verda, spec, dir, run }));
-    const configSteps = [...archives, tailscaleIpStep({ host: verda, dir, run })];
+    const archives = configArchives(cfg).map((spec) => archiveStep({ host: verda, spec, dir, record }));
+    const configSteps = [...archives, tailscaleIpStep({ host: verda, dir, record })];
     // The config bundle goes before the long steps: a run stopped during them still has it in R2.
     return {
       steps: [
         ...configSteps,
-        bundleStep({ dir, cache, bucket: cacheBucket.bucket, run, configSteps, ageRecipients }),
+        bundleStep({ dir, cacheBucket, bucket: cacheTarget.bucket, record, configSteps, ageRecipients }),
         imageStep({
           host: verda,
           cli: cfg.containerCli,
           image: cfg.containerImage,
           dir,
-          cache,
-          bucket: cacheBucket.bucket,
-          run,
+          cacheBucket,
+          bucket: cacheTarget.bucket,
+          record,
           stateDir: cfg.stateDir,
           skipReason: quick,
         }),
@@ -78,13 +78,13 @@ With AGE_RECIPIENTS set, the bundle is age-encrypted before it leaves Mello (.ta
           modelsDir: cfg.verdaModelsDir,
           sfsBackupDir: cfg.sfsBackupDir,
           limits: cfg.limits,
-          run,
+          record,
           sfsMount: cfg.sfsMount,
           skipReason: quick,
         }),
-        manifestStep({ dir, run, mode: quick ? 'quick' : 'full', verdaHost: cfg.verdaHost }),
+        manifestStep({ dir, record, mode: quick ? 'quick' : 'full', verdaHost: cfg.verdaHost }),
         rotationStep({
-          where: `${dir} and ${cache.name}/${BUNDLE_PREFIX}`,
+          where: `${dir} and ${cacheBucket.name}/${BUNDLE_PREFIX}`,
           keep: cfg.keepBackups,
           what: `the ${cfg.keepBackups} newest whole restore points and the newest whole one with the worker image`,
           rotate: (signal) => rotate(cfg, ageRecipients, signal),
@@ -103,11 +103,11 @@ With AGE_RECIPIENTS set, the bundle is age-encrypted before it leaves Mello (.ta
  * point names, and none while BACKUP_DIR holds fewer than KEEP_BACKUPS points of its own).
  */
 async function rotate(cfg: Config, recipients: string[] | undefined, signal: AbortSignal) {
-  const cache = bucketBackend(cfg, 'cache');
+  const cacheBucket = bucketBackend(cfg, 'cache');
   const judge = new PointJudge({
     backupDir: cfg.backupDir,
     buckets: configuredBuckets(cfg, ['cache', 'models']),
-    cacheBucket: cache.target.bucket,
+    cacheBucket: cacheBucket.target.bucket,
     stateDir: cfg.stateDir,
     signal,
   });
@@ -115,7 +115,7 @@ async function rotate(cfg: Config, recipients: string[] | undefined, signal: Abo
   const local = rotateByRestorePoints(cfg.backupDir, judged, cfg.keepBackups, CONFIG_KINDS);
   const usableKept = local.kept.filter(usable);
   const r2 = await rotateBundles(
-    cache,
+    cacheBucket,
     cfg.keepBackups,
     {
       keptStamps: new Set(usableKept.map((p) => p.stamp)),

@@ -104,8 +104,8 @@ function restorePlan(cfg: Config, flags: Flags): Plan {
         cli: cfg.containerCli,
         image: cfg.containerImage,
         source: r.source,
-        cacheDir: r.rooted(cfg.sfsBackupDir),
-        cache: r.cache,
+        imageDir: r.rooted(cfg.sfsBackupDir),
+        cacheBucket: r.cacheBucket,
         load: !r.root,
         sfsMount: cfg.sfsMount,
         skipReason: r.imageSkip,
@@ -141,11 +141,11 @@ function checkPlan(cfg: Config, flags: Flags): Plan {
   const budget = new ByteBudget(cfg.drillMaxBytes, 'DRILL_MAX_BYTES');
   const unpack = (spec: (typeof r.specs)[number]) =>
     unpackStep({ host: local, spec, source: r.source, root: (kind) => tempRoot.get(kind), compare: true, budget });
-  const cache = () => r.buckets().get(bucketName(cfg, 'cache'))!;
+  const cacheBucket = () => r.buckets().get(bucketName(cfg, 'cache'))!;
   const steps = [
     sourceStep(r.sourceOptions(local, r.chosen(IMAGE_KIND))),
     ...(drill ? r.specs.map(unpack) : []),
-    ...(r.chosen(IMAGE_KIND) ? [imageCopyStep({ source: r.source, image: cfg.containerImage, cache })] : []),
+    ...(r.chosen(IMAGE_KIND) ? [imageCopyStep({ source: r.source, image: cfg.containerImage, cacheBucket })] : []),
     // The drill decrypts an age-encrypted bundle, as a restore from R2 would.
     objectsStep({
       source: r.source,

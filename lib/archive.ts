@@ -261,9 +261,9 @@ export async function commandToGzipFile(
   const gzipped = opts.guard ? chain(raw, opts.guard, tap, gzip, () => {}) : chain(raw, tap, gzip, () => {});
   const writing = writeStreamAtomic(file, gzipped, 0o600, opts.signal);
   writing.catch(() => {}); // awaited below; a failure must not surface as unhandled first
-  let run;
+  let result;
   try {
-    run = await host.$({ sudo: opts.sudo, signal: opts.signal, into: raw, nothrow: true })`${argv}`;
+    result = await host.$({ sudo: opts.sudo, signal: opts.signal, into: raw, nothrow: true })`${argv}`;
   } catch (e) {
     raw.destroy(e as Error);
     await writing.catch(() => {});
@@ -274,19 +274,19 @@ export async function commandToGzipFile(
     await writing.catch(() => {});
     throw opts.guard.errored;
   }
-  if (!(opts.okCodes ?? [0]).includes(run.code) && !opts.acceptFailure?.(run.code, run.stderr)) {
+  if (!(opts.okCodes ?? [0]).includes(result.code) && !opts.acceptFailure?.(result.code, result.stderr)) {
     const what = argv
       .filter((a) => !/^(env|LC_ALL=C)$/.test(a))
       .slice(0, 2)
       .join(' ');
-    const error = new ArchiveError(`${what} on ${host.label} failed (exit ${run.code}): ${said(run.stderr)}`);
+    const error = new ArchiveError(`${what} on ${host.label} failed (exit ${result.code}): ${said(result.stderr)}`);
     raw.destroy(error);
     await writing.catch(() => {});
     throw error;
   }
   raw.end();
   const written = await writing;
-  return { ...written, contentSha256: content?.digest('hex'), code: run.code, stderr: run.stderr };
+  return { ...written, contentSha256: content?.digest('hex'), code: result.code, stderr: result.stderr };
 }
 
 /**
@@ -397,13 +397,13 @@ export function archiveStep(o: {
   host: Host;
   spec: ArchiveSpec;
   dir: string;
-  run: RunRecord;
+  record: RunRecord;
   dedupe?: boolean;
   /** backup-cron's copies go to SFS: SFS_MOUNT must be mounted (lib/sfs.ts). */
   sfsMount?: string;
 }): Step {
   const { spec, host } = o;
-  const name = `${spec.kind}-${o.run.stamp}.tar.gz`;
+  const name = `${spec.kind}-${o.record.stamp}.tar.gz`;
   const file = path.join(o.dir, name);
   const none = (where: string) => `${spec.base}: none of ${spec.entries.join(', ')} exists${where}`;
   return {
@@ -426,7 +426,7 @@ export function archiveStep(o: {
       if (!r) return { status: 'skipped', summary: 'nothing to archive', warnings: [none(` on ${host.label}`)] };
       const warnings = r.warnings.map((w) => `${name}: ${w}`);
       if (!r.written) return { summary: `unchanged since ${path.basename(newest!)}: not written again`, warnings };
-      o.run.artifact({ name, bytes: r.bytes, sha256: r.sha256 });
+      o.record.artifact({ name, bytes: r.bytes, sha256: r.sha256 });
       const data = { file, bytes: r.bytes, sha256: r.sha256, entries: r.entries };
       return { summary: `${name} (${humanSize(r.bytes)})`, bytes: r.bytes, warnings, data };
     },
@@ -438,7 +438,7 @@ export function archiveStep(o: {
  * prints without end or prints anything but an address (what Verda says is data: only an address
  * is written, and nothing else of it is printed).
  */
-export function tailscaleIpStep(o: { host: Host; dir: string; run: RunRecord }): Step {
+export function tailscaleIpStep(o: { host: Host; dir: string; record: RunRecord }): Step {
   const file = path.join(o.dir, 'tailscale-ip.txt');
   return {
     name: 'Tailscale IP',
@@ -461,7 +461,7 @@ export function tailscaleIpStep(o: { host: Host; dir: string; run: RunRecord }):
       if (ctx.dryRun) return { summary: `would write tailscale-ip.txt (${ip})` };
       ensurePrivateDir(o.dir);
       writeFileAtomic(file, `${ip}\n`, 0o600);
-      o.run.artifact({
+      o.record.artifact({
         name: 'tailscale-ip.txt',
         bytes: ip.length + 1,
         sha256: crypto.createHash('sha256').update(`${ip}\n`).digest('hex'),
@@ -492,28 +492,28 @@ export const BUNDLE_PREFIX = 'verda-config-backups/';
  */
 export function bundleStep(o: {
   dir: string;
-  cache: Backend;
+  cacheBucket: Backend;
   bucket: string;
-  run: RunRecord;
+  record: RunRecord;
   configSteps: Step[];
   ageRecipients?: string[];
 }): Step {
   const encrypt = o.ageRecipients?.length ? o.ageRecipients : undefined;
   const suffix = encrypt ? AGE_SUFFIX : '';
   const latest = BUNDLE_KEY + suffix;
-  const dated = `${BUNDLE_PREFIX}verda-config-backup-${o.run.stamp}.tar.gz${suffix}`;
+  const dated = `${BUNDLE_PREFIX}verda-config-backup-${o.record.stamp}.tar.gz${suffix}`;
   const how = encrypt ? `, age-encrypted to ${encrypt.length} recipient${encrypt.length === 1 ? '' : 's'}` : '';
   return {
     name: 'Config bundle to R2',
-    moves: `this run's config artifacts → ${o.cache.name}/${latest} and ${dated}${how}`,
+    moves: `this run's config artifacts → ${o.cacheBucket.name}/${latest} and ${dated}${how}`,
     async run(ctx) {
       if (ctx.dryRun) return { summary: `would send the run's config artifacts as ${latest} and ${dated}${how}` };
       const failed = failedBefore(ctx, o.configSteps);
       if (failed.length)
         throw new Error(`not sent, ${failed.map((r) => r.name).join(', ')} failed: R2 keeps the previous bundle`);
-      const config = o.run.artifacts.filter((a) => a.name !== IMAGE_FILE);
+      const config = o.record.artifacts.filter((a) => a.name !== IMAGE_FILE);
       if (!config.length) throw new Error('no config artifact was written: nothing to bundle');
-      const tmp = path.join(o.dir, `.verda-config-backup-${o.run.stamp}.tar.gz`);
+      const tmp = path.join(o.dir, `.verda-config-backup-${o.record.stamp}.tar.gz`);
       const tmpAge = tmp + AGE_SUFFIX;
       try {
         const plain = await bundleFiles(
@@ -525,11 +525,11 @@ export function bundleStep(o: {
         const file = encrypt ? tmpAge : tmp;
         const bucket = o.bucket;
         for (const key of [latest, dated]) {
-          await o.cache.put(key, fingerprintedSource(file, b.fingerprint), {
+          await o.cacheBucket.put(key, fingerprintedSource(file, b.fingerprint), {
             metadata: { sha256: b.sha256 },
             signal: ctx.signal,
           });
-          o.run.object({
+          o.record.object({
             bucket,
             key,
             bytes: b.bytes,
@@ -576,11 +576,11 @@ export interface DatedBundle {
  * The dated bundles in the cache bucket, plain and age-encrypted, newest first (for one stamp,
  * the encrypted copy first). What rotation, `--status` and a restore from R2 all read.
  */
-export async function listBundles(cache: Backend, signal?: AbortSignal): Promise<DatedBundle[]> {
+export async function listBundles(cacheBucket: Backend, signal?: AbortSignal): Promise<DatedBundle[]> {
   const plain = datedPattern('verda-config-backup', 'tar.gz');
   const sealed = datedPattern('verda-config-backup', `tar.gz${AGE_SUFFIX}`);
   const found: DatedBundle[] = [];
-  for await (const obj of cache.list(BUNDLE_PREFIX, signal)) {
+  for await (const obj of cacheBucket.list(BUNDLE_PREFIX, signal)) {
     const name = obj.key.slice(BUNDLE_PREFIX.length);
     const m = plain.exec(name) ?? sealed.exec(name);
     if (m) found.push({ key: obj.key, stamp: m[1]!, encrypted: m[0].endsWith(AGE_SUFFIX) });
@@ -594,7 +594,7 @@ export async function listBundles(cache: Backend, signal?: AbortSignal): Promise
 export const latestBundleKey = (newest?: DatedBundle) => BUNDLE_KEY + (newest?.encrypted ? AGE_SUFFIX : '');
 
 export async function rotateBundles(
-  cache: Backend,
+  cacheBucket: Backend,
   keep: number,
   opts: {
     /** The stamps of the restore points BACKUP_DIR keeps: their bundles are never deleted. */
@@ -614,13 +614,13 @@ export async function rotateBundles(
   },
   signal?: AbortSignal,
 ): Promise<{ deleted: string[]; notes: string[] }> {
-  const found = await listBundles(cache, signal);
+  const found = await listBundles(cacheBucket, signal);
   const notes: string[] = [];
   const encrypted = Boolean(opts.encryptTo?.length);
   if (encrypted) {
     for (const f of found.filter((b) => !b.encrypted && opts.keptStamps.has(b.stamp))) {
       if (found.some((b) => b.encrypted && b.stamp === f.stamp)) continue;
-      await reencryptBundle(cache, f.key, opts.encryptTo!, opts.tmpDir!, signal);
+      await reencryptBundle(cacheBucket, f.key, opts.encryptTo!, opts.tmpDir!, signal);
       notes.push(`${f.key} of a kept restore point sent again age-encrypted`);
     }
   }
@@ -632,8 +632,8 @@ export async function rotateBundles(
       `R2's ${found.length} dated bundles kept: BACKUP_DIR holds fewer than ${keep} restore points of its own`,
     );
   // The plain latest key once bundles are encrypted: superseded by the .age one, and it holds secrets.
-  if (encrypted && (await cache.head(BUNDLE_KEY, signal))) doomed.push(BUNDLE_KEY);
-  for (const key of doomed) await cache.delete(key, signal);
+  if (encrypted && (await cacheBucket.head(BUNDLE_KEY, signal))) doomed.push(BUNDLE_KEY);
+  for (const key of doomed) await cacheBucket.delete(key, signal);
   return { deleted: doomed, notes };
 }
 
@@ -643,24 +643,24 @@ export async function rotateBundles(
  * plaintext bundle is judged by once the plaintext is gone.
  */
 async function reencryptBundle(
-  cache: Backend,
+  cacheBucket: Backend,
   key: string,
   recipients: string[],
   tmpDir: string,
   signal?: AbortSignal,
 ) {
-  const head = await cache.head(key, signal);
+  const head = await cacheBucket.head(key, signal);
   const plainSha = head?.metadata.sha256;
   if (!head || !plainSha) return;
   ensurePrivateDir(tmpDir);
   const tmp = path.join(tmpDir, `.reencrypt-${process.pid}-${path.basename(key)}${AGE_SUFFIX}`);
   try {
     const digest = crypto.createHash('sha256');
-    const plain = (await cache.get(key, signal)).pipe(tap((chunk) => void digest.update(chunk)));
+    const plain = (await cacheBucket.get(key, signal)).pipe(tap((chunk) => void digest.update(chunk)));
     const cipher = await writeStreamAtomic(tmp, await encryptStream(recipients, plain), 0o600, signal);
     if (digest.digest('hex') !== plainSha)
-      throw new Error(`${cache.name}/${key}: its bytes are not its recorded sha256`);
-    await cache.put(key + AGE_SUFFIX, fingerprintedSource(tmp, cipher.fingerprint), {
+      throw new Error(`${cacheBucket.name}/${key}: its bytes are not its recorded sha256`);
+    await cacheBucket.put(key + AGE_SUFFIX, fingerprintedSource(tmp, cipher.fingerprint), {
       metadata: { sha256: cipher.sha256, 'plaintext-sha256': plainSha },
       signal,
     });

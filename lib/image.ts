@@ -51,9 +51,9 @@ export function imageStep(o: {
   cli: string;
   image: string;
   dir: string;
-  cache: Backend;
+  cacheBucket: Backend;
   bucket: string;
-  run: RunRecord;
+  record: RunRecord;
   /** Where Mello's hash cache of its own files lives (COMFYMULTI_STATE_DIR). */
   stateDir: string;
   skipReason?: string;
@@ -61,7 +61,7 @@ export function imageStep(o: {
   const file = path.join(o.dir, IMAGE_FILE);
   return {
     name: 'Container image',
-    moves: `${o.host.label}: ${o.cli} save ${o.image} → ${file} → ${o.cache.name}/${IMAGE_FILE}`,
+    moves: `${o.host.label}: ${o.cli} save ${o.image} → ${file} → ${o.cacheBucket.name}/${IMAGE_FILE}`,
     skipReason: o.skipReason,
     async run(ctx) {
       const inspect = await o.host.$({
@@ -80,10 +80,10 @@ export function imageStep(o: {
           `${o.cli} image inspect ${o.image} on ${o.host.label} did not give an image ID ` +
             `(${JSON.stringify(printable(imageId.slice(0, 80)))}): nothing saved or recorded`,
         );
-      o.run.imageId = imageId;
+      o.record.imageId = imageId;
       const short = imageId.replace(/^sha256:/, '').slice(0, 12);
       const recorded = readImageRecord(o.dir);
-      const there = await o.cache.head(IMAGE_FILE, ctx.signal);
+      const there = await o.cacheBucket.head(IMAGE_FILE, ctx.signal);
       const warnings: string[] = [];
       // Unchanged only when all three agree: the recorded ID is this image's, R2's object carries
       // it with the recorded bytes, and Mello's copy still holds them. A file that merely exists
@@ -96,8 +96,8 @@ export function imageStep(o: {
         const local = await melloImageDigest(file, o.stateDir, ctx.signal);
         if (local?.cacheWarning) warnings.push(local.cacheWarning);
         if (local?.sha256 === recorded.sha256 && local.bytes === there.size) {
-          o.run.artifact({ name: IMAGE_FILE, bytes: local.bytes, sha256: local.sha256 });
-          o.run.object({
+          o.record.artifact({ name: IMAGE_FILE, bytes: local.bytes, sha256: local.sha256 });
+          o.record.object({
             bucket: o.bucket,
             key: IMAGE_FILE,
             bytes: there.size,
@@ -110,7 +110,7 @@ export function imageStep(o: {
       }
       if (ctx.dryRun)
         return {
-          summary: `would save image ${short} to ${file} and send it to ${o.cache.name}/${IMAGE_FILE}`,
+          summary: `would save image ${short} to ${file} and send it to ${o.cacheBucket.name}/${IMAGE_FILE}`,
           warnings,
         };
       ensurePrivateDir(o.dir);
@@ -120,17 +120,23 @@ export function imageStep(o: {
         level: 1,
         expectTar: true,
       });
-      o.run.artifact({ name: IMAGE_FILE, bytes: saved.bytes, sha256: saved.sha256 });
+      o.record.artifact({ name: IMAGE_FILE, bytes: saved.bytes, sha256: saved.sha256 });
       const progress = ctx.out.transfer(`${IMAGE_FILE} sent`);
       let sent = 0;
-      await o.cache
+      await o.cacheBucket
         .put(IMAGE_FILE, fingerprintedSource(file, saved.fingerprint), {
           metadata: { sha256: saved.sha256, 'image-id': imageId },
           signal: ctx.signal,
           onBytes: (n) => progress.update({ bytes: (sent += n), total: saved.bytes }),
         })
         .finally(() => progress.end());
-      o.run.object({ bucket: o.bucket, key: IMAGE_FILE, bytes: saved.bytes, sha256: saved.sha256, action: 'uploaded' });
+      o.record.object({
+        bucket: o.bucket,
+        key: IMAGE_FILE,
+        bytes: saved.bytes,
+        sha256: saved.sha256,
+        action: 'uploaded',
+      });
       // Recorded only once both copies are complete: the ID last.
       writeFileAtomic(path.join(o.dir, IMAGE_SHA_FILE), `${saved.sha256}  ${IMAGE_FILE}\n`, 0o600);
       writeFileAtomic(path.join(o.dir, IMAGE_ID_FILE), `${imageId}\n`, 0o600);

@@ -69,34 +69,34 @@ export class RunRecord {
  * completed. Written after an interrupt too (marked so): what was done stays on record. A run
  * that made no config archive and no image writes none.
  */
-export function manifestStep(o: { dir: string; run: RunRecord; mode: Manifest['mode']; verdaHost: string }): Step {
-  const name = `manifest-${o.run.stamp}.json`;
+export function manifestStep(o: { dir: string; record: RunRecord; mode: Manifest['mode']; verdaHost: string }): Step {
+  const name = `manifest-${o.record.stamp}.json`;
   return {
     name: 'Manifest',
     moves: `→ ${o.dir}/${name}`,
     always: true,
     async run(ctx) {
       if (ctx.dryRun) return { summary: `would write ${name}` };
-      if (!o.run.artifacts.some((a) => a.name !== 'tailscale-ip.txt'))
+      if (!o.record.artifacts.some((a) => a.name !== 'tailscale-ip.txt'))
         return { status: 'skipped', summary: 'no archive was made: no manifest written' };
       const failedSteps = failedBefore(ctx).map((r) => r.name);
       const manifest: Manifest = {
         version: 1,
         script: 'backup-verda',
-        timestamp: o.run.stamp,
+        timestamp: o.record.stamp,
         mode: o.mode,
         verdaHost: o.verdaHost,
-        imageId: o.run.imageId,
+        imageId: o.record.imageId,
         complete: failedSteps.length === 0,
         ...(ctx.signal.aborted ? { interrupted: true } : {}),
         failedSteps,
-        artifacts: o.run.artifacts,
-        r2: o.run.r2,
+        artifacts: o.record.artifacts,
+        r2: o.record.r2,
       };
       ensurePrivateDir(o.dir);
       writeFileAtomic(path.join(o.dir, name), JSON.stringify(manifest, null, 2) + '\n', 0o600);
       const state = manifest.complete ? '' : manifest.interrupted ? ' (interrupted: incomplete)' : ' (incomplete)';
-      return { summary: `${name}: ${o.run.artifacts.length} artifacts, ${o.run.r2.length} R2 objects${state}` };
+      return { summary: `${name}: ${o.record.artifacts.length} artifacts, ${o.record.r2.length} R2 objects${state}` };
     },
   };
 }

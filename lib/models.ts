@@ -36,7 +36,7 @@ export function modelsStep(opts: {
   limits: Limits;
   skipReason?: string;
   /** The run's record: every model sent or found unchanged goes into the manifest. */
-  run: RunRecord;
+  record: RunRecord;
   /** SFS_MOUNT: the models and their hash cache live on SFS (lib/sfs.ts). */
   sfsMount?: string;
 }): Step {
@@ -78,7 +78,7 @@ export function modelsStep(opts: {
         if (a.action === 'send' && ctx.dryRun)
           ctx.out.info(`would send r2://${bucket}/${printable(a.key)} (${humanSize(a.bytes)})`);
         if (a.action !== 'failed' && !ctx.dryRun) {
-          opts.run.object({
+          opts.record.object({
             bucket,
             key: a.key,
             bytes: a.bytes,

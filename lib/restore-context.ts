@@ -29,7 +29,7 @@ export interface RestoreContext {
   /** The cache and models buckets configured here, by name. */
   buckets: () => Map<string, Backend>;
   /** The cache bucket: the image's last source, and --from r2's. */
-  cache?: () => Backend;
+  cacheBucket?: () => Backend;
   /** The options of the run's one source step, on `host` (Verda, or Mello for the drill). */
   sourceOptions: (host: Host, image: boolean) => SourceOptions;
 }
@@ -52,7 +52,7 @@ export function restoreContext(cfg: Config, flags: Flags): RestoreContext {
   const bucketsOnce = () => (buckets ??= configuredBuckets(cfg, ['cache', 'models']));
   // Looked up now, so a missing R2 variable is exit 2 before anything is done.
   const needCache = where.from === 'r2' || (chosen(IMAGE_KIND) && !imageSkip);
-  let cache: Backend | undefined;
+  let cacheBucket: Backend | undefined;
   if (needCache) bucketTarget(cfg, 'cache');
   const source = new RestoreSource();
   let judge: PointJudge | undefined;
@@ -67,7 +67,7 @@ export function restoreContext(cfg: Config, flags: Flags): RestoreContext {
     imageSkip,
     modelsSkip: leftOut(x['skip-models'], '--skip-models'),
     buckets: bucketsOnce,
-    cache: needCache ? () => (cache ??= bucketBackend(cfg, 'cache')) : undefined,
+    cacheBucket: needCache ? () => (cacheBucket ??= bucketBackend(cfg, 'cache')) : undefined,
     sourceOptions: (host, image) => ({
       where,
       backupDir: cfg.backupDir,
@@ -77,7 +77,7 @@ export function restoreContext(cfg: Config, flags: Flags): RestoreContext {
       host,
       sfsBackupDir: cfg.sfsBackupDir,
       ageIdentityFile: cfg.ageIdentityFile,
-      cache: needCache ? () => (cache ??= bucketBackend(cfg, 'cache')) : undefined,
+      cacheBucket: needCache ? () => (cacheBucket ??= bucketBackend(cfg, 'cache')) : undefined,
       source,
       sfsMount: cfg.sfsMount,
       judge: () =>

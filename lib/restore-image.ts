@@ -21,10 +21,10 @@ export interface ImageRestoreOptions {
   cli: string;
   image: string;
   source: RestoreSource;
-  /** Where Verda keeps its cache copy (SFS_BACKUP_DIR, under --root if given). */
-  cacheDir: string;
+  /** Where Verda keeps its copy of the image archive (SFS_BACKUP_DIR, under --root if given). */
+  imageDir: string;
   /** The cache bucket, the last place the image is read from. */
-  cache?: () => Backend;
+  cacheBucket?: () => Backend;
   /** --root: the archive is left under the root, never loaded (the output says how). */
   load: boolean;
   /** SFS_MOUNT: the cache copy is written on SFS (lib/sfs.ts). */
@@ -39,7 +39,7 @@ export interface ImageRestoreOptions {
  * the step fails naming the image, never a skipped row.
  */
 export function imageRestoreStep(o: ImageRestoreOptions): Step {
-  const sfsCopy = path.join(o.cacheDir, IMAGE_FILE);
+  const sfsCopy = path.join(o.imageDir, IMAGE_FILE);
   return {
     name: 'Worker image',
     moves: `${o.host.label}: ${o.load ? `${o.cli} load ${o.image}, ` : ''}from ${sfsCopy}, else Mello's ${IMAGE_FILE}, else R2`,
@@ -66,7 +66,7 @@ export function imageRestoreStep(o: ImageRestoreOptions): Step {
       const sfsSha = sfs.code === 0 ? sfs.stdout.split(' ')[0] : undefined;
       let r2Head: ObjectHead | undefined | null = null; // read once, when first needed
       const r2Holds = async (w: ImageRef) => {
-        if (r2Head === null) r2Head = o.cache ? await o.cache().head(IMAGE_FILE, ctx.signal) : undefined;
+        if (r2Head === null) r2Head = o.cacheBucket ? await o.cacheBucket().head(IMAGE_FILE, ctx.signal) : undefined;
         return r2Head?.metadata.sha256 === w.sha256 && r2Head.size === w.bytes;
       };
       // The newest image that can be had, and from where.
@@ -97,9 +97,13 @@ export function imageRestoreStep(o: ImageRestoreOptions): Step {
           : [`the newest recorded image cannot be had (${tried.join(', ')}): ${short} (${want.recordedIn}) instead`];
       if (from === 'loaded') return { summary: `image ${short} already loaded: nothing to do`, warnings };
       if (from !== 'sfs')
-        await requireSfs(o.host, o.sfsMount, o.cacheDir, 'keeping the image cache copy in', ctx.signal);
+        await requireSfs(o.host, o.sfsMount, o.imageDir, 'keeping the image cache copy in', ctx.signal);
       const source =
-        from === 'sfs' ? sfsCopy : from === 'mello' ? `Mello's ${want.melloFile}` : `${o.cache!().name}/${IMAGE_FILE}`;
+        from === 'sfs'
+          ? sfsCopy
+          : from === 'mello'
+            ? `Mello's ${want.melloFile}`
+            : `${o.cacheBucket!().name}/${IMAGE_FILE}`;
       if (ctx.dryRun) {
         const then = o.load ? ` and load it with ${o.cli} load` : '';
         return { summary: `would bring image ${short} (${humanSize(want.bytes)}) from ${source}${then}`, warnings };
@@ -110,11 +114,11 @@ export function imageRestoreStep(o: ImageRestoreOptions): Step {
         const stream =
           from === 'mello'
             ? (await openRegular(want.melloFile!)).handle.createReadStream({ highWaterMark: 1 << 20 })
-            : await o.cache!().get(IMAGE_FILE, ctx.signal);
+            : await o.cacheBucket!().get(IMAGE_FILE, ctx.signal);
         await o.host.$({
           stdin: stream,
           signal: ctx.signal,
-        })`sh -c ${program('store')} store ${o.cacheDir} ${IMAGE_FILE} ${want.sha256}`.catch((e) => {
+        })`sh -c ${program('store')} store ${o.imageDir} ${IMAGE_FILE} ${want.sha256}`.catch((e) => {
           throw e instanceof CommandFailed
             ? new Error(`image ${short} from ${source} not kept on ${o.host.label}: ${said(e.result.stderr, 2)}`)
             : e;
@@ -147,7 +151,7 @@ export function imageRestoreStep(o: ImageRestoreOptions): Step {
  * bytes Mello's copy or the cache bucket still holds (what is loaded on Verda or on SFS is not
  * seen from here). None: the step fails naming the image, as the restore's would.
  */
-export function imageCopyStep(o: { source: RestoreSource; image: string; cache?: () => Backend }): Step {
+export function imageCopyStep(o: { source: RestoreSource; image: string; cacheBucket?: () => Backend }): Step {
   return {
     name: 'Worker image (a copy a restore could load)',
     moves: `Mello's ${IMAGE_FILE}, else the cache bucket's: the recorded sha256`,
@@ -160,11 +164,13 @@ export function imageCopyStep(o: { source: RestoreSource; image: string; cache?:
           `no copy of the worker image ${o.image} (CONTAINER_IMAGE) to restore: ` +
             (o.source.absent.get(IMAGE_KIND) ?? 'no backup records one'),
         );
-      const head = o.cache ? await o.cache().head(IMAGE_FILE, ctx.signal) : undefined;
+      const head = o.cacheBucket ? await o.cacheBucket().head(IMAGE_FILE, ctx.signal) : undefined;
       for (const w of wanted) {
         const where = [
           ...(w.melloFile ? [`Mello's ${IMAGE_FILE}`] : []),
-          ...(head?.metadata.sha256 === w.sha256 && head.size === w.bytes ? [`${o.cache!().name}/${IMAGE_FILE}`] : []),
+          ...(head?.metadata.sha256 === w.sha256 && head.size === w.bytes
+            ? [`${o.cacheBucket!().name}/${IMAGE_FILE}`]
+            : []),
         ];
         if (!where.length) continue;
         const older =

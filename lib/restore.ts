@@ -180,7 +180,7 @@ export interface SourceOptions {
   host: Host;
   sfsBackupDir: string;
   /** The cache bucket: --from r2, and the image's identity when no manifest is read. */
-  cache?: () => Backend;
+  cacheBucket?: () => Backend;
   /** AGE_IDENTITY_FILE: decrypts an age-encrypted R2 bundle (--from r2). */
   ageIdentityFile?: string;
   source: RestoreSource;
@@ -468,9 +468,9 @@ async function fromSfs(o: SourceOptions, ctx: StepContext, failures: string[]) {
 
 async function fromR2(o: SourceOptions, ctx: StepContext, failures: string[], warnings: string[]) {
   const s = o.source;
-  const cache = o.cache!();
-  s.label = `${cache.name}/${BUNDLE_KEY}`;
-  const bundle = await readR2Bundle(cache, o.stateDir, ctx.signal, o.ageIdentityFile);
+  const cacheBucket = o.cacheBucket!();
+  s.label = `${cacheBucket.name}/${BUNDLE_KEY}`;
+  const bundle = await readR2Bundle(cacheBucket, o.stateDir, ctx.signal, o.ageIdentityFile);
   s.label = bundle.label;
   s.tempDirs.push(bundle.dir);
   warnings.push(...bundle.warnings);
@@ -492,16 +492,16 @@ async function fromR2(o: SourceOptions, ctx: StepContext, failures: string[], wa
 
 /** Without a manifest, the image to have is the one the cache bucket holds (its `image-id` and `sha256`). */
 async function imageFromR2(o: SourceOptions, signal: AbortSignal) {
-  const cache = o.cache!();
-  const head = await cache.head(IMAGE_FILE, signal);
+  const cacheBucket = o.cacheBucket!();
+  const head = await cacheBucket.head(IMAGE_FILE, signal);
   const imageId = head?.metadata['image-id'];
   const sha256 = head?.metadata.sha256;
   if (!head || !imageId || !sha256) {
     const why = head ? 'has no image-id or sha256 metadata' : 'does not exist';
-    o.source.absent.set(IMAGE_KIND, `${cache.name}/${IMAGE_FILE} ${why}: no image to restore`);
+    o.source.absent.set(IMAGE_KIND, `${cacheBucket.name}/${IMAGE_FILE} ${why}: no image to restore`);
     return;
   }
-  o.source.images.push({ imageId, sha256, bytes: head.size, recordedIn: `${cache.name}/${IMAGE_FILE}` });
+  o.source.images.push({ imageId, sha256, bytes: head.size, recordedIn: `${cacheBucket.name}/${IMAGE_FILE}` });
   await adoptMelloImage(o, o.source.images, signal);
 }
 
@@ -510,8 +510,8 @@ async function imageFromR2(o: SourceOptions, signal: AbortSignal) {
  * or age-encrypted, as the latest key of either kind may be older (encryption turned on or off);
  * the plain latest key when there is no dated copy.
  */
-async function newestBundleKey(cache: Backend, signal: AbortSignal): Promise<string> {
-  return (await listBundles(cache, signal))[0]?.key ?? BUNDLE_KEY;
+async function newestBundleKey(cacheBucket: Backend, signal: AbortSignal): Promise<string> {
+  return (await listBundles(cacheBucket, signal))[0]?.key ?? BUNDLE_KEY;
 }
 
 /** A member of the R2 bundle: one flat, plain name (what bundleFiles writes). */
@@ -523,14 +523,14 @@ const BUNDLE_MEMBER = /^[A-Za-z0-9][A-Za-z0-9._-]*$/;
  * age-encrypted one is a change to this function alone.
  */
 async function readR2Bundle(
-  cache: Backend,
+  cacheBucket: Backend,
   stateDir: string,
   signal: AbortSignal,
   ageIdentityFile?: string,
 ): Promise<{ dir: string; names: string[]; warnings: string[]; label: string }> {
-  const key = await newestBundleKey(cache, signal);
-  const label = `${cache.name}/${key}`;
-  const head = await cache.head(key, signal);
+  const key = await newestBundleKey(cacheBucket, signal);
+  const label = `${cacheBucket.name}/${key}`;
+  const head = await cacheBucket.head(key, signal);
   if (!head) throw new Error(`${label} does not exist: nothing to restore from R2`);
   // An encrypted bundle (AGE_RECIPIENTS on Mello) needs the identity before anything is read.
   const identity = isEncryptedKey(key) ? requireIdentityFile(ageIdentityFile, `to restore from ${label}`) : undefined;
@@ -539,7 +539,7 @@ async function readR2Bundle(
   try {
     // The object as stored (the ciphertext, when encrypted) is checked against its sha256 first.
     const stored = path.join(dir, identity ? '.bundle.tar.gz.age' : '.bundle.tar.gz');
-    const written = await writeStreamAtomic(stored, await cache.get(key, signal), 0o600, signal);
+    const written = await writeStreamAtomic(stored, await cacheBucket.get(key, signal), 0o600, signal);
     if (written.bytes !== head.size)
       throw new Error(`${label}: read ${written.bytes} bytes, the object has ${head.size}`);
     if (!head.metadata.sha256)

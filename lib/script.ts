@@ -146,19 +146,19 @@ export async function runScript(def: ScriptDef, argv = scriptArgs()): Promise<ne
     await plan.close?.().catch(() => {});
     release();
   }
-  const run = summarize(def, flags, reports, started, signal, plan.report?.() ?? []);
-  if (!flags.dryRun && !flags.verify) recordLastRun(def, cfg, flags, run);
+  const outcome = summarize(def, flags, reports, started, signal, plan.report?.() ?? []);
+  if (!flags.dryRun && !flags.verify) recordLastRun(def, cfg, flags, outcome);
   const startProblem = await notifier?.settleStart();
   if (startProblem) notices.add(startProblem);
 
   out.plain('');
-  out.header(`=== ${run.result} ===`);
-  for (const f of run.failures) out.fail(f);
+  out.header(`=== ${outcome.result} ===`);
+  for (const f of outcome.failures) out.fail(f);
   for (const notice of notices) out.warn(notice);
-  for (const line of run.report) out.info(line);
-  if (run.moved) out.info(run.moved);
+  for (const line of outcome.report) out.info(line);
+  if (outcome.moved) out.info(outcome.moved);
   if (notifier) {
-    const endProblem = await notifier.end(run.code === EXIT.ok, pingBody(pingLines(def, flags, run)));
+    const endProblem = await notifier.end(outcome.code === EXIT.ok, pingBody(pingLines(def, flags, outcome)));
     if (endProblem) {
       notices.add(endProblem);
       out.warn(endProblem);
@@ -170,18 +170,18 @@ export async function runScript(def: ScriptDef, argv = scriptArgs()): Promise<ne
       mode: flags.quick ? 'quick' : 'full',
       dryRun: flags.dryRun,
       verify: flags.verify,
-      ok: run.code === EXIT.ok,
-      exitCode: run.code,
+      ok: outcome.code === EXIT.ok,
+      exitCode: outcome.code,
       interrupted: signal.aborted || undefined,
       startedAt: new Date(started).toISOString(),
       durationMs: Date.now() - started,
       steps: reports,
       notices: [...notices],
-      ...(run.report.length ? { report: run.report } : {}),
+      ...(outcome.report.length ? { report: outcome.report } : {}),
     };
     process.stdout.write(JSON.stringify(summary, null, 2) + '\n');
   }
-  return exitAfterOutput(run.code);
+  return exitAfterOutput(outcome.code);
 }
 
 /**
@@ -339,22 +339,22 @@ function summarize(
 }
 
 /** The record --status reads; one that cannot be written is a notice, not a failure. */
-function recordLastRun(def: ScriptDef, cfg: Config, flags: Flags, run: RunSummary) {
+function recordLastRun(def: ScriptDef, cfg: Config, flags: Flags, outcome: RunSummary) {
   try {
     writeLastRun(cfg.stateDir, {
       version: 1,
       script: def.name,
       host: os.hostname(),
       mode: flags.quick ? 'quick' : 'full',
-      startedAt: new Date(run.started).toISOString(),
+      startedAt: new Date(outcome.started).toISOString(),
       endedAt: new Date().toISOString(),
-      exitCode: run.code,
-      ok: run.code === EXIT.ok,
-      interrupted: run.interrupted || undefined,
-      failedSteps: run.failedSteps,
-      failures: run.failures,
-      steps: run.reports.map((r) => ({ name: r.name, status: r.status, bytes: r.bytes })),
-      bytesSent: run.bytes,
+      exitCode: outcome.code,
+      ok: outcome.code === EXIT.ok,
+      interrupted: outcome.interrupted || undefined,
+      failedSteps: outcome.failedSteps,
+      failures: outcome.failures,
+      steps: outcome.reports.map((r) => ({ name: r.name, status: r.status, bytes: r.bytes })),
+      bytesSent: outcome.bytes,
     });
   } catch (e) {
     notices.add(`the run's record for --status was not written: ${errorText(e)}`);
@@ -362,15 +362,15 @@ function recordLastRun(def: ScriptDef, cfg: Config, flags: Flags, run: RunSummar
 }
 
 /** The ping's body: the summary as printed, then each step's line; never an environment value. */
-function pingLines(def: ScriptDef, flags: Flags, run: RunSummary): string[] {
+function pingLines(def: ScriptDef, flags: Flags, outcome: RunSummary): string[] {
   return [
-    `${def.name} on ${os.hostname()} (${flags.quick ? 'quick' : 'full'}): ${run.result}`,
-    ...run.failures.map((f) => `✗ ${f}`),
+    `${def.name} on ${os.hostname()} (${flags.quick ? 'quick' : 'full'}): ${outcome.result}`,
+    ...outcome.failures.map((f) => `✗ ${f}`),
     ...[...notices].map((n) => `⚠ ${n}`),
-    ...run.report,
-    ...(run.moved ? [run.moved] : []),
+    ...outcome.report,
+    ...(outcome.moved ? [outcome.moved] : []),
     '',
-    ...run.reports.map((r) => {
+    ...outcome.reports.map((r) => {
       const mark = r.status === 'ok' ? '✓' : r.status === 'skipped' ? '–' : '✗';
       return `Step ${r.step} (${r.name}): ${mark} ${r.error ?? r.summary ?? r.status}`;
     }),
