@@ -116,7 +116,7 @@ export function configArchives(cfg: Config): ArchiveSpec[] {
 /** The five archives backup-cron keeps on SFS. */
 export const CRON_KINDS = ['tailscale-identity', 'ssh-host-keys', 'fail2ban', 'ufw', 'project-env'];
 
-export interface ArchiveResult extends Written {
+interface ArchiveResult extends Written {
   /** sha256 of the uncompressed tar: equal for equal content. */
   contentSha256: string;
   /** Entries that were found and archived. */
@@ -125,13 +125,13 @@ export interface ArchiveResult extends Written {
   warnings: string[];
 }
 
-export class ArchiveError extends Error {}
+class ArchiveError extends Error {}
 
 /**
  * Which of the spec's entries exist on the host. A source that exists and cannot be read (the
  * base directory, or the directory of the host keys, without root) fails: it is not "missing".
  */
-export async function presentEntries(host: Host, spec: ArchiveSpec, signal?: AbortSignal): Promise<string[]> {
+async function presentEntries(host: Host, spec: ArchiveSpec, signal?: AbortSignal): Promise<string[]> {
   const r = await host.$({ sudo: spec.sudo, signal })`sh -c ${program('present')} present ${spec.base} ${spec.entries}`;
   const records = r.stdout.split('\0').filter(Boolean);
   const unreadable = records.find((x) => x.startsWith('U'));
@@ -152,7 +152,7 @@ const unreadableHint = (spec: ArchiveSpec) =>
     : `the ${spec.kind} archive would not hold it`;
 
 /** tar in the C locale: its messages are read (which files it could not read), so they must be English. */
-export function tarCommand(spec: ArchiveSpec, entries: string[]): string[] {
+function tarCommand(spec: ArchiveSpec, entries: string[]): string[] {
   return [
     'env',
     'LC_ALL=C',
@@ -294,7 +294,7 @@ export async function commandToGzipFile(
  * temporary name. Returns undefined when none of its entries exist. With `unlessSameAs`, an
  * archive whose content equals that file's is not written (the temporary file is removed).
  */
-export async function writeArchive(
+async function writeArchive(
   host: Host,
   spec: ArchiveSpec,
   file: string,
@@ -352,7 +352,7 @@ export async function writeArchive(
 }
 
 /** sha256 of a .tar.gz's uncompressed bytes. */
-export async function contentSha256(gzFile: string): Promise<string> {
+async function contentSha256(gzFile: string): Promise<string> {
   const hash = crypto.createHash('sha256');
   await pipeline(await readStream(gzFile), zlib.createGunzip(), hash);
   return hash.digest('hex');
@@ -365,7 +365,7 @@ async function readStream(file: string) {
 }
 
 /** A gzipped tar of local files, flat, by their base names (the R2 bundle of a run's artifacts). */
-export async function bundleFiles(files: string[], dest: string, signal?: AbortSignal): Promise<Written> {
+async function bundleFiles(files: string[], dest: string, signal?: AbortSignal): Promise<Written> {
   const pack = tar.pack();
   const feeding = (async () => {
     for (const file of files) {

@@ -15,63 +15,6 @@ export async function exitAfterOutput(code: number): Promise<never> {
   process.exit(code);
 }
 
-/** A line on stderr this often while Verda works for Mello, which stops a command that stays silent. */
-const REQUEST_HEARTBEAT_MS = 30_000;
-
-/**
- * The Verda side of a request from Mello (models backup or restore): the first line of stdin as
- * JSON goes to `work`, whose result (or error) is printed as one JSON line with the run's
- * notices; exit 1 when it names failures, 2 when the request cannot be read. Stdin closing
- * (Mello gone, the link dropped) or a signal aborts `work`'s signal, so it stops and cleans up.
- * `progress` gives the heartbeat line (COMFYMULTI_COMMAND_TIMEOUT on Mello's side).
- */
-export async function answerRequest<Request, Result extends { failures: unknown[] }>(
-  work: (request: Request, signal: AbortSignal) => Promise<Result>,
-  progress: () => string,
-): Promise<never> {
-  const controller = new AbortController();
-  // Mello gone: what is still said goes nowhere, and must not stop the clean-up.
-  process.stdout.on('error', () => {});
-  process.stderr.on('error', () => {});
-  let buffered = '';
-  const request = await new Promise<Request>((resolve, reject) => {
-    process.stdin.setEncoding('utf8');
-    process.stdin.on('data', (chunk: string) => {
-      buffered += chunk;
-      const nl = buffered.indexOf('\n');
-      if (nl >= 0) {
-        try {
-          resolve(JSON.parse(buffered.slice(0, nl)));
-        } catch {
-          reject(new Error('the request on stdin is not JSON'));
-        }
-      }
-    });
-    process.stdin.on('end', () => {
-      reject(new Error('no request on stdin'));
-      controller.abort(new Error('Mello closed the connection'));
-    });
-  }).catch((e: Error) => {
-    process.stdout.write(JSON.stringify({ error: e.message }) + '\n');
-    return exitAfterOutput(2);
-  });
-  for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) process.on(sig, () => controller.abort(new Error(sig)));
-
-  const heartbeat = setInterval(() => process.stderr.write(`working: ${progress()}\n`), REQUEST_HEARTBEAT_MS);
-  let code: number;
-  try {
-    const result = await work(request, controller.signal);
-    process.stdout.write(JSON.stringify({ ...result, notices: [...notices] }) + '\n');
-    code = result.failures.length ? 1 : 0;
-  } catch (e) {
-    process.stdout.write(JSON.stringify({ error: (e as Error).message, notices: [...notices] }) + '\n');
-    code = 1;
-  } finally {
-    clearInterval(heartbeat);
-  }
-  return exitAfterOutput(code);
-}
-
 /** What the admin should know about the run as a whole (a skewed clock): summary ⚠ lines, --json `notices`. */
 export const notices = new Set<string>();
 export const addNotice = (text: string) => void notices.add(text);
@@ -346,7 +289,7 @@ function humanDuration(seconds: number): string {
 }
 
 /** Where a transfer stands: the whole, and the file that moved last. */
-export interface TransferState {
+interface TransferState {
   bytes: number;
   total: number;
   file?: { key: string; bytes: number; size: number };

@@ -23,7 +23,7 @@ export interface BucketTarget {
   variables?: TargetVariables;
 }
 
-export interface TargetVariables {
+interface TargetVariables {
   /** R2_CACHE_BUCKET. */
   bucket: string;
   /** The variable the endpoint came from: R2_CACHE_ENDPOINT or R2_ENDPOINT. */
@@ -322,7 +322,7 @@ function readEnvFile(file: string, label: string, required: boolean): string | u
 }
 
 /** `~` and `~/x` against HOME, the way the bash originals' defaults read. */
-export function expandHome(p: string, home: string): string {
+function expandHome(p: string, home: string): string {
   if (p === '~') return home;
   return p.startsWith('~/') ? path.join(home, p.slice(2)) : p;
 }
@@ -508,13 +508,13 @@ export function requireDirOrAbsent(cfg: Config, name: LocalDirVariable): void {
  * else undefined. A missing `.env` otherwise surfaces as a default that does not fit the machine
  * ("MELLO_DATA_DIR does not exist: /root/...") or a variable that is not set.
  */
-export function noDotenv(cfg: Pick<Config, 'env' | 'missingDotenv'>, name: VariableName): string | undefined {
+function noDotenv(cfg: Pick<Config, 'env' | 'missingDotenv'>, name: VariableName): string | undefined {
   const unset = cfg.env[name] === undefined || cfg.env[name] === '';
   return unset && cfg.missingDotenv ? `no .env at ${cfg.missingDotenv}` : undefined;
 }
 
 /** What to add to a message about a variable whose default failed: ` (the default; no .env at PATH)`, or nothing. */
-export function defaultHint(cfg: Pick<Config, 'env' | 'missingDotenv'>, name: VariableName): string {
+function defaultHint(cfg: Pick<Config, 'env' | 'missingDotenv'>, name: VariableName): string {
   const why = noDotenv(cfg, name);
   return why ? ` (the default; ${why})` : '';
 }

@@ -101,7 +101,7 @@ export interface DownloadTreeOptions {
 }
 
 /** The defaults: a lone big model gets 8 streams (R2 gives each connection a share, not the whole link). */
-export const DOWNLOAD_DEFAULTS = {
+const DOWNLOAD_DEFAULTS = {
   files: 4,
   rangeSize: 8 * MiB,
   rangesPerFile: 8,

@@ -15,7 +15,7 @@ const { O_WRONLY, O_RDONLY, O_CREAT, O_EXCL, O_NOFOLLOW, O_NONBLOCK } = fs.const
 export const MiB = 1024 * 1024;
 
 /** Files are checked block by block when read again for sending (see Fingerprint). */
-export const BLOCK = MiB;
+export const BLOCK = 1 << 20;
 
 /**
  * What a file held when it was read: its size and sha256, a crc32 of each BLOCK (so a later read
@@ -301,7 +301,7 @@ export async function hashFile(file: string, signal?: AbortSignal, algorithm = '
   return hash.digest('hex');
 }
 
-export interface WalkedFile {
+interface WalkedFile {
   path: string;
   /** Relative to the root, with `/` separators: the object key below the prefix. */
   rel: string;

@@ -37,7 +37,7 @@ export class LockHeld extends Error {
 /** The lock could not be written at all (a read-only or full state directory). */
 export class LockError extends Error {}
 
-export const HEARTBEAT_MS = 60_000;
+const HEARTBEAT_MS = 60_000;
 const FOREIGN_STALE_MS = 10 * 60_000;
 
 function readProc(file: string): string | undefined {

@@ -120,7 +120,7 @@ function readNewest(dir: string): { file: string; manifest: Manifest } {
 }
 
 /** The newest manifest that records a complete run, if any. */
-export function newestComplete(dir: string): { file: string; manifest: Manifest } | undefined {
+function newestComplete(dir: string): { file: string; manifest: Manifest } | undefined {
   for (const name of localCopies(dir, 'manifest', 'json')) {
     const file = path.join(dir, name);
     try {

@@ -24,7 +24,7 @@ export interface ModelsRequest {
   limits: Pick<Limits, 'r2IdleTimeoutMs' | 'r2Attempts' | 'r2BackoffMs'>;
 }
 
-export const isModel = (rel: string) => rel.endsWith('.safetensors');
+const isModel = (rel: string) => rel.endsWith('.safetensors');
 
 /** The Mello side: one step that drives Verda and reports its result. */
 export function modelsStep(opts: {

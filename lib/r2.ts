@@ -45,7 +45,7 @@ import {
  * rejected the SDK's default CRC32, and an aws-chunked body is refused by some S3 servers); equal
  * multipart parts of at least 5 MiB, at most 10,000 of them.
  */
-export const R2_QUIRKS = {
+const R2_QUIRKS = {
   region: 'auto',
   forcePathStyle: true,
   requestChecksumCalculation: 'WHEN_REQUIRED',
@@ -129,20 +129,20 @@ export function configuredBuckets(
 const CLOCK_SKEW_MS = 5 * 60_000;
 
 /** `3h0m`, `12m`: how far apart two clocks are. */
-export function clockDistance(ms: number): string {
+function clockDistance(ms: number): string {
   const minutes = Math.round(Math.abs(ms) / 60_000);
   return minutes >= 60 ? `${Math.floor(minutes / 60)}h${minutes % 60}m` : `${minutes}m`;
 }
 
 /** What to tell the admin about this machine's clock, `offsetMs` being R2's time minus ours. */
-export function clockNotice(offsetMs: number): string {
+function clockNotice(offsetMs: number): string {
   const where = offsetMs > 0 ? 'behind' : 'ahead of';
   const fix = 'fix it (timedatectl / chrony); dated names use the local clock';
   return `this machine's clock is ${clockDistance(offsetMs)} ${where} R2's: ${fix}`;
 }
 
 /** What an error from the SDK (or the network under it) says, read in one place. */
-export interface S3Fields {
+interface S3Fields {
   /** HTTP status of R2's answer, if there was one. */
   status?: number;
   /** S3's error code (`NoSuchKey`, `SlowDown`) or the error's name (`TimeoutError`). */
@@ -155,7 +155,7 @@ export interface S3Fields {
   message: string;
 }
 
-export function s3Fields(e: unknown): S3Fields {
+function s3Fields(e: unknown): S3Fields {
   const err = e as {
     name?: string;
     Code?: string;
@@ -205,7 +205,7 @@ const EU_ENDPOINT = 'https://<account>.eu.r2.cloudflarestorage.com';
  * `signedOffsetMs`: the clock correction the failed request was signed with. `target`: the
  * bucket the request went to; its `variables` let the sentence name the variables in use.
  */
-export function describeS3Error(e: unknown, signedOffsetMs = 0, target?: BucketTarget): string {
+function describeS3Error(e: unknown, signedOffsetMs = 0, target?: BucketTarget): string {
   const { status, code, errno, message } = s3Fields(e);
   const clock = clockOffsetOf(e, signedOffsetMs);
   if (clock !== undefined) {

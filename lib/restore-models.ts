@@ -9,7 +9,7 @@
 // on SFS, which the backup keeps too) is not downloaded. Nothing is ever deleted.
 import { addNotice, humanSize, printable } from './cli.ts';
 import type { BucketTarget, Limits } from './config.ts';
-import { downloadTree, type DownloadAction, type DownloadTreeOptions, type DownloadTreeResult } from './download.ts';
+import { downloadTree, type DownloadTreeOptions, type DownloadTreeResult } from './download.ts';
 import { TreeCache } from './hash-cache.ts';
 import type { Step } from './step.ts';
 import { R2Backend, r2Limits } from './r2.ts';
@@ -28,7 +28,6 @@ export interface ModelsRestoreRequest {
 }
 
 /** What the models step decides for each model (the download engine's actions: lib/download.ts). */
-export type ModelAction = DownloadAction;
 export type RestoreTreeResult = DownloadTreeResult;
 export type RestoreTreeOptions = DownloadTreeOptions;
 

@@ -244,7 +244,7 @@ export class PointJudge {
 /** Keys every run overwrites (the latest bundle, the image): not any one point's. */
 const isSharedKey = (key: string) => key === IMAGE_FILE || key.startsWith(BUNDLE_KEY);
 
-export const shortImageId = (id: string) => id.replace(/^sha256:/, '').slice(0, 12);
+const shortImageId = (id: string) => id.replace(/^sha256:/, '').slice(0, 12);
 
 /** A point and its judgement. */
 export interface JudgedPoint extends RestorePoint {
@@ -287,7 +287,7 @@ export function newestPointStep(o: { judge: () => PointJudge }): Step {
 }
 
 /** One restore point as --list shows it. */
-export interface ListedPoint {
+interface ListedPoint {
   stamp: string;
   manifest: string;
   mode?: 'full' | 'quick';

@@ -41,7 +41,7 @@ export const IMAGE_KIND = 'image';
 export const MODELS_KIND = 'models';
 
 /** Where a restore reads its archives: a manifest in BACKUP_DIR (the newest complete one, or T's), SFS or R2. */
-export type FromWhere = { from: 'manifest'; stamp?: string } | { from: 'sfs' } | { from: 'r2' };
+type FromWhere = { from: 'manifest'; stamp?: string } | { from: 'sfs' } | { from: 'r2' };
 
 /** One config archive to restore, checked. */
 export interface ArchiveRef {

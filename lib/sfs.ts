@@ -8,13 +8,13 @@ import { program } from './sh.ts';
 import type { Host } from './ssh.ts';
 
 /** Whether `p` lies under the mount (or is it), so that the step needs it mounted. */
-export function underSfs(p: string, sfsMount: string | undefined): sfsMount is string {
+function underSfs(p: string, sfsMount: string | undefined): sfsMount is string {
   if (!sfsMount) return false;
   const rel = path.relative(sfsMount, p);
   return rel === '' || (!rel.startsWith('..') && !path.isAbsolute(rel));
 }
 
-export class SfsNotMounted extends Error {}
+class SfsNotMounted extends Error {}
 
 /**
  * Throws, naming SFS_MOUNT, when `p` lies under it and it is not a mount point on the host.

@@ -82,7 +82,7 @@ export class CommandFailed extends Error {
   }
 }
 
-export class HostError extends Error {
+class HostError extends Error {
   /** Set on every error after the first for the same host: said once, not once per step. */
   repeat = false;
 }
@@ -360,7 +360,7 @@ export interface SshOptions {
   limits?: Pick<Limits, 'sshTimeoutS' | 'commandIdleTimeoutMs'>;
 }
 
-export class SshHost implements Host, Executor {
+class SshHost implements Host, Executor {
   readonly label: string;
   readonly $ = templateOn(this);
   private constructor(

@@ -77,11 +77,11 @@ function readLastRun(stateDir: string, script: string): { record?: LastRun; prob
 // ---------------------------------------------------------------------------------------------
 // The report
 
-export interface LastRunStatus extends LastRun {
+interface LastRunStatus extends LastRun {
   ageHours: number;
 }
 
-export interface ArtifactStatus {
+interface ArtifactStatus {
   /** `home-dev`, `tailscale-ip.txt`, `worker-image.tar.gz`. */
   kind: string;
   name: string;
@@ -90,7 +90,7 @@ export interface ArtifactStatus {
   state: 'present' | 'missing' | 'other size' | 'not checked';
 }
 
-export interface VerdaBackupStatus {
+interface VerdaBackupStatus {
   manifest: string;
   time: string;
   ageHours: number;
@@ -107,7 +107,7 @@ export interface VerdaBackupStatus {
   totalBytes: number;
 }
 
-export interface R2BundleStatus {
+interface R2BundleStatus {
   /** `not configured`: no R2 settings here (said, not flagged). `unreadable`: R2 did not answer or refused. */
   state: 'read' | 'not configured' | 'unreadable';
   bucket?: string;
@@ -119,7 +119,7 @@ export interface R2BundleStatus {
   datedCopies?: number;
 }
 
-export interface VerdaStatus {
+interface VerdaStatus {
   backupDir: string;
   newest: VerdaBackupStatus | null;
   /** When the newest is not complete: the newest that is. */
@@ -127,7 +127,7 @@ export interface VerdaStatus {
   r2: R2BundleStatus;
 }
 
-export interface SfsCopyStatus {
+interface SfsCopyStatus {
   kind: string;
   newest: string | null;
   time?: string;
@@ -142,7 +142,7 @@ export interface SfsCopyStatus {
   stale: boolean;
 }
 
-export interface SfsStatus {
+interface SfsStatus {
   sfsBackupDir: string;
   kinds: SfsCopyStatus[];
 }

@@ -140,9 +140,6 @@ export async function readBackSha256(backend: Backend, key: string, signal?: Abo
   return hash.digest('hex');
 }
 
-/** Files up to this size are read in one piece, hashed and sent from that one read. */
-export const SMALL_SOURCE = BLOCK;
-
 /** Why a file could not be opened again, as a SourceChanged where the file changed or went. */
 function reopenError(e: unknown, file: string): unknown {
   const code = (e as NodeJS.ErrnoException).code;

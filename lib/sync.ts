@@ -91,7 +91,7 @@ export interface ListingSplit {
 }
 
 /** Keys in a listing page (S3's and R2's most). */
-export const PAGE_KEYS = 1000;
+const PAGE_KEYS = 1000;
 
 /**
  * The objects under `prefix`, in key order. With splits, the ranges are listed at once, each a
@@ -228,8 +228,7 @@ interface Marched {
  * A temporary file of one of our writers (lib/files.ts partialName: `.NAME.partial-PID-XXXXXXXX`),
  * as restore-mello leaves one in the tree while it downloads: not a user's file, never sent.
  */
-export const isPartialFile = (rel: string) =>
-  /^\..+\.partial-\d+-[0-9a-f]{8}$/.test(rel.slice(rel.lastIndexOf('/') + 1));
+const isPartialFile = (rel: string) => /^\..+\.partial-\d+-[0-9a-f]{8}$/.test(rel.slice(rel.lastIndexOf('/') + 1));
 
 async function* march(
   walk: AsyncGenerator<WalkEntry>,
@@ -434,7 +433,7 @@ export interface SyncStepOptions {
 }
 
 /** A step's lines for one sync: the summary, warnings (vanished files, an unsaved cache), failures. */
-export function syncSummary(r: SyncResult, dryRun: boolean) {
+function syncSummary(r: SyncResult, dryRun: boolean) {
   const parts = [`${r.sent} ${dryRun ? 'to send' : 'sent'} (${humanSize(r.sentBytes)})`, `${r.skipped} unchanged`];
   if (r.adopted) parts.push(`${r.adopted} adopted from earlier uploads`);
   if (r.symlinkCount) parts.push(`${r.symlinkCount} symlinks not followed`);

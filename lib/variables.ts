@@ -5,7 +5,7 @@
 // data and text only: `--help` loads it without anything else.
 
 export const SCRIPTS = ['backup-verda', 'backup-mello', 'backup-cron', 'restore-verda', 'restore-mello'] as const;
-export type Script = (typeof SCRIPTS)[number];
+type Script = (typeof SCRIPTS)[number];
 
 const ALL = SCRIPTS;
 const R2_SCRIPTS = ['backup-verda', 'backup-mello', 'restore-verda', 'restore-mello'] as const;
@@ -13,7 +13,7 @@ const VERDA_SSH = ['backup-verda', 'restore-verda'] as const;
 const VERDA_BUCKETS = ['backup-verda', 'restore-verda'] as const;
 const MELLO_FILES = ['backup-mello', 'restore-mello'] as const;
 
-export const GROUPS = {
+const GROUPS = {
   r2: 'R2: endpoint, buckets and keys',
   hosts: 'Machines and SSH',
   mello: 'Paths on Mello (and the state directory of each machine)',
@@ -493,7 +493,7 @@ export type VariableName = (typeof VARIABLES)[number]['name'];
 
 const BY_NAME: ReadonlyMap<string, Variable> = new Map(VARIABLES.map((v) => [v.name, v]));
 
-export function variable(name: string): Variable | undefined {
+function variable(name: string): Variable | undefined {
   return BY_NAME.get(name);
 }
 

@@ -12,7 +12,7 @@ export function bufferSource(data: Buffer): Source {
 }
 
 /** A source whose stream gives `goodBytes` bytes, then fails as a file that changed under it. */
-export function changingSource(size: number, goodBytes: number): Source {
+function changingSource(size: number, goodBytes: number): Source {
   const data = crypto.randomBytes(size);
   return {
     size,
@@ -30,7 +30,7 @@ export function changingSource(size: number, goodBytes: number): Source {
 }
 
 /** A source that gives fewer bytes than it declares: a file that shrank. */
-export function shortSource(size: number, given: number): Source {
+function shortSource(size: number, given: number): Source {
   const data = crypto.randomBytes(given);
   return { size, describe: 'short', open: (start, end) => Readable.from([data.subarray(start, Math.min(end, given))]) };
 }

@@ -30,7 +30,7 @@ export interface StandIns {
 
 /** The IPv4 a well-behaved tailscale prints. */
 export const TAILSCALE_IP = '100.64.0.7';
-export const IMAGE_ID = `sha256:${'ab12'.repeat(16)}`;
+const IMAGE_ID = `sha256:${'ab12'.repeat(16)}`;
 
 /** The line the models answer forges, and what marks it as forged. */
 export const FORGED = '=== Backup complete in 0.4s: 14 ok, 0 skipped, 0 failed (FORGED) ===';
