@@ -10,6 +10,7 @@
 // left alone. Nothing is ever deleted, and a key that would leave the root (`..`, an absolute
 // key, a symlink in the way) is refused, never followed. The listing, the hash cache and the
 // decisions are streams in key order: memory stays bounded whatever the number of objects.
+import { setMaxListeners } from 'node:events';
 import crypto from 'node:crypto';
 import { constants as FS } from 'node:fs';
 import fs from 'node:fs';
@@ -212,6 +213,7 @@ async function downloadObject(
   }
   // One failure stops the other ranges of this file.
   const stop = new AbortController();
+  setMaxListeners(0, stop.signal); // each range in flight listens on it
   const onAbort = () => stop.abort(signal!.reason);
   signal?.addEventListener('abort', onAbort, { once: true });
   const pacer = new Pacer({ attempts: opts.attempts, backoffMs: opts.backoffMs });

@@ -9,6 +9,7 @@
 // the console (its warnings would land in the cron log).
 process.env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED ??= 'true';
 
+import { setMaxListeners } from 'node:events';
 import type {
   CompleteMultipartUploadCommandOutput,
   CreateMultipartUploadCommandOutput,
@@ -629,6 +630,8 @@ export class R2Backend implements Backend {
     // A failure of one part stops the others at once, then the upload is aborted.
     const failFast = new AbortController();
     const signal = opts.signal ? AbortSignal.any([opts.signal, failFast.signal]) : failFast.signal;
+    // Every part in flight listens on it: more than Node's warning threshold (a warning in the cron log).
+    setMaxListeners(0, signal);
     try {
       const etags: string[] = new Array(partCount);
       const parts = Array.from({ length: partCount }, (_, i) => i);

@@ -5,6 +5,7 @@
 // Verda runs is always the code Mello runs. While it works, Verda's side reports its progress on
 // stderr as `@progress` lines, which also tell Mello it is alive; stdin stays open, and Verda
 // stops (and cleans up) when it closes: Mello is gone, or the link dropped.
+import { setMaxListeners } from 'node:events';
 import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -129,6 +130,8 @@ export async function answerMello(
   >,
 ): Promise<never> {
   const controller = new AbortController();
+  // Every request in flight listens on it: many more than Node's warning threshold.
+  setMaxListeners(0, controller.signal);
   // Mello gone: what is still said goes nowhere, and must not stop the clean-up.
   process.stdout.on('error', () => {});
   process.stderr.on('error', () => {});

@@ -14,6 +14,7 @@ import {
   exitAfterOutput,
   helpText,
   humanSize,
+  localTime,
   notices,
   parseFlags,
   type ExtraFlags,
@@ -130,7 +131,7 @@ export async function runScript(def: ScriptDef, argv = scriptArgs()): Promise<ne
   const { flags, cfg, plan, notifier } = await prepare(def, argv);
   if (flags.status) return showStatus(def, cfg, flags.json);
   if (flags.list) return showList(def, cfg, flags.json);
-  const out = new Output(flags.json, flags.verbose);
+  const out = new Output(flags.json, flags.verbose, cfg.statsIntervalS * 1000);
   const release = await takeLock(def, cfg, flags);
   notifier?.start();
   // What a killed run (SIGKILL, power loss) left half-written: its writer is gone.
@@ -138,7 +139,8 @@ export async function runScript(def: ScriptDef, argv = scriptArgs()): Promise<ne
   const signal = stopOnSignals(def, out, release);
 
   const started = Date.now();
-  out.header(def.title(flags));
+  // Dated, as the summary is: a cron log is read by date.
+  out.header(def.title(flags).replace(/ ===$/, `, ${localTime(new Date(started))} ===`));
   let reports: StepReport[];
   try {
     reports = await runPlan(plan.steps, { out, dryRun: flags.dryRun, verbose: flags.verbose, signal });
@@ -152,7 +154,7 @@ export async function runScript(def: ScriptDef, argv = scriptArgs()): Promise<ne
   if (startProblem) notices.add(startProblem);
 
   out.plain('');
-  out.header(`=== ${outcome.result} ===`);
+  out.header(`=== ${outcome.result}, ended ${localTime(new Date())} ===`);
   for (const f of outcome.failures) out.fail(f);
   for (const notice of notices) out.warn(notice);
   for (const line of outcome.report) out.info(line);

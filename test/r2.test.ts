@@ -545,4 +545,20 @@ test('e2e: backup-mello with a wrong user-files key fails naming R2_USER_FILES_A
   assert.match(noBucket.stdout, /check R2_USER_FILES_BUCKET; an EU bucket needs .* in R2_USER_FILES_ENDPOINT/);
 });
 
+test('an upload of many parts at once prints no runtime warning (MaxListenersExceededWarning)', async () => {
+  const warnings: string[] = [];
+  const onWarning = (w: Error) => warnings.push(`${w.name}: ${w.message}`);
+  process.on('warning', onWarning);
+  try {
+    const backend = new R2Backend(target(s3.endpoint), { ...SMALL_PARTS, partsInFlight: 24, maxPartsInFlight: 32 });
+    const bytes = crypto.randomBytes(120 * MiB);
+    const run = new AbortController();
+    await backend.put('outputs/big/warning.bin', bufferSource(bytes), { signal: run.signal });
+    await new Promise((r) => setTimeout(r, 50)); // a warning is emitted on the next tick
+    assert.equal(warnings, []);
+  } finally {
+    process.off('warning', onWarning);
+  }
+});
+
 test.run();

@@ -6,7 +6,17 @@ import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { DeleteObjectCommand } from '@aws-sdk/client-s3';
-import { ROOT, runScript, s3Env, sha256, startS3, tempDir, type RunResult, type S3Server } from './helpers.ts';
+import {
+  ROOT,
+  runScript,
+  s3Env,
+  sha256,
+  startS3,
+  tempDir,
+  writeRandomFile,
+  type RunResult,
+  type S3Server,
+} from './helpers.ts';
 import { startSshd, type Sshd } from './sshd.ts';
 import { ENV_SECRET, ODD, makeVerda, type VerdaFixture } from './verda-fixture.ts';
 
@@ -359,6 +369,25 @@ test('a changed image is saved and sent again; a new model alone is sent', async
     sha256(await s3.readObject(CACHE, 'worker-image.tar.gz')),
     sha256(fs.readFileSync(path.join(backupDir, 'worker-image.tar.gz'))),
   );
+});
+
+test('the long steps say where they stand: dated stats lines every STATS_INTERVAL without a terminal, bytes, rate, ETA, the file', async () => {
+  await new Promise((r) => setTimeout(r, 1100));
+  const model = path.join(verda.models, 'checkpoints/progress.safetensors');
+  writeRandomFile(model, 24 * 1024 * 1024);
+  try {
+    const r = await backup([], { STATS_INTERVAL: '0.1' });
+    assert.is(r.code, 0, r.stdout + r.stderr);
+    const stats =
+      /^ {2}\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] models sent from Verda: \S+ of \S+ \(\d+%\), \S+\/s, ETA [\d:-]+; checkpoints\/progress\.safetensors \S+ of 24M$/m;
+    assert.match(r.stdout, stats, r.stdout);
+    // The header and the summary carry the date and time.
+    assert.match(r.stdout, /^=== Verda → Mello and R2 \(full\), \d{4}-\d\d-\d\d \d\d:\d\d:\d\d ===$/m);
+    assert.match(r.stdout, /^=== Backup complete in [\d.]+s: .*, ended \d{4}-\d\d-\d\d \d\d:\d\d:\d\d ===$/m);
+    assert.not.match(r.stderr, /Warning|warning/);
+  } finally {
+    fs.rmSync(model);
+  }
 });
 
 test('rotation keeps KEEP_BACKUPS dated copies of each kind, on Mello and in R2', async () => {
