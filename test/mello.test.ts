@@ -324,7 +324,7 @@ test('progress with rate and ETA on a terminal only; none with NO_COLOR or into 
   process.env = withoutNoColor; // the test runner sets NO_COLOR for everything else
   const tty = await onTerminal({});
   assert.is(tty.code, 0, tty.screen);
-  assert.match(tty.screen, /\r\x1b\[2K {2}outputs\/ .*\/s ETA \d+:\d\d/);
+  assert.match(tty.screen, /\r\x1b\[2K {2}outputs\/ sent: .*\/s, ETA \d+:\d\d/);
   assert.match(tty.screen, /\x1b\[32m/, 'colour on a terminal');
   fs.writeFileSync(file, crypto.randomBytes(24 * MiB));
   const noColor = await onTerminal({ NO_COLOR: '1' });
