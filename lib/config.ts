@@ -124,7 +124,6 @@ export interface Config {
   verdaHome: string;
   verdaProjectDir: string;
   verdaModelsDir: string;
-  verdaScriptsDir: string;
   sfsBackupDir: string;
   containerCli: 'docker' | 'podman';
   containerImage: string;
@@ -677,7 +676,6 @@ export function loadConfig(
     verdaHome: dir('VERDA_HOME'),
     verdaProjectDir: dir('VERDA_PROJECT_DIR'),
     verdaModelsDir: dir('VERDA_MODELS_DIR'),
-    verdaScriptsDir: dir('VERDA_SCRIPTS_DIR'),
     sfsBackupDir: dir('SFS_BACKUP_DIR'),
     containerCli: cli,
     containerImage: str('CONTAINER_IMAGE'),

@@ -286,13 +286,6 @@ export const VARIABLES = [
     scripts: VERDA_SSH,
   },
   {
-    name: 'VERDA_SCRIPTS_DIR',
-    group: 'verda',
-    default: '/usr/local/bin',
-    meaning: "where ./install put the scripts on Verda: Verda's side of the models backup runs from there",
-    scripts: ['backup-verda'],
-  },
-  {
     name: 'SFS_BACKUP_DIR',
     group: 'verda',
     default: '/mnt/sfs/cache/backups',
@@ -563,6 +556,7 @@ export function nearestVariable(name: string): string | undefined {
  * the scripts read from there.
  */
 export function dotenvNameWarning(name: string, where: string): string | undefined {
+  if (name in RETIRED) return `${where}: ${name} is no longer read (ignored): ${RETIRED[name]}`;
   const known = variable(name);
   if (known?.environmentOnly) return `${where}: ${name} is read from the environment only: in .env it does nothing`;
   if (known) return undefined;
@@ -573,6 +567,12 @@ export function dotenvNameWarning(name: string, where: string): string | undefin
 
 // -------------------------------------------------------------------------------------------
 // docs/configuration.md and .env.example
+
+/** Names the scripts once read, and why they no longer do: a `.env` still setting one is told so. */
+export const RETIRED: Record<string, string> = {
+  VERDA_SCRIPTS_DIR:
+    "nothing is installed on Verda any more: Verda's side of the models steps is brought over the run's SSH connection",
+};
 
 /** An `unset` that names the variables taken instead (`R2_ENDPOINT`, `A, else B`). */
 const OTHER_VARIABLES = /^[A-Z][A-Z0-9_]*(, else [A-Z][A-Z0-9_]*)?$/;

@@ -20,8 +20,6 @@ import tar from 'tar-stream';
 export interface StandIns {
   /** Put first on the sessions' PATH (sshd's SetEnv). */
   bin: string;
-  /** VERDA_SCRIPTS_DIR: a backup-verda.mts that answers the models request as `node` does. */
-  scriptsDir: string;
   /** sshd's ForceCommand: logs each session, then runs what it was asked to run. */
   sessionLogger: string;
   /** What the stand-ins read: `tailscale.mode`, `models.mode`, `tar-rules`. */
@@ -46,7 +44,7 @@ const logged = (name: string, log: string) => [
 ];
 
 /**
- * The models answer (`node` and `VERDA_SCRIPTS_DIR/backup-verda.mts` alike): reads the request up
+ * The models answer (a `node` first on the PATH): reads the request up
  * to its `"modelsDir"` line (a bundle pushed before it on stdin is read past), keeps it in the
  * log, and prints one JSON line chosen by `models.mode`:
  *   clean:  one model, unchanged in R2, with its size and sha256;
@@ -236,20 +234,18 @@ export function writeStandIns(
   model: { key: string; bytes: number; sha256: string },
 ): StandIns {
   const bin = path.join(root, 'bin');
-  const scriptsDir = path.join(root, 'verda-scripts');
-  for (const d of [bin, scriptsDir, log, control]) fs.mkdirSync(d, { recursive: true });
+  for (const d of [bin, log, control]) fs.mkdirSync(d, { recursive: true });
   const put = (file: string, text: string) => fs.writeFileSync(file, text, { mode: 0o755 });
   put(path.join(bin, 'tar'), tarStandIn(log, control));
   put(path.join(bin, 'tailscale'), tailscaleStandIn(log, control));
   put(path.join(bin, 'docker'), containerStandIn('docker', log, control));
   put(path.join(bin, 'podman'), containerStandIn('podman', log, control));
-  // After a refactor the models step may run `node` with a bundle it pushed: it answers the same.
+  // The models step runs `node` on Verda with the bundle it pushed: the stand-in answers instead.
   put(path.join(bin, 'node'), answerModels(log, control, model));
-  put(path.join(scriptsDir, 'backup-verda.mts'), answerModels(log, control, model));
   const sessionLog = writeSessionLogger(path.join(root, 'session-logger'), log);
   fs.mkdirSync(path.join(control, 'image/etc'), { recursive: true });
   fs.writeFileSync(path.join(control, 'image/etc/motd'), 'the stand-in worker image\n');
-  return { bin, scriptsDir, sessionLogger: sessionLog, control };
+  return { bin, sessionLogger: sessionLog, control };
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -109,7 +109,6 @@ function verdaEnv(dirs: Record<string, string>, extra: Record<string, string> = 
     ...verda.env,
     VERDA_HOST: 'verda',
     SSH_CONFIG: verdaSshd.config,
-    VERDA_SCRIPTS_DIR: standIns.scriptsDir,
     CONTAINER_CLI: 'docker',
     CONTAINER_IMAGE: 'comfy-multi-worker-1',
     SFS_MOUNT: '',

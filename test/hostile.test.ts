@@ -309,7 +309,6 @@ esac
     VERDA_HOST: 'local',
     BACKUP_DIR: backupDir,
     COMFYMULTI_STATE_DIR: path.join(root, 'state'),
-    VERDA_SCRIPTS_DIR: ROOT,
     R2_ENDPOINT: s3.endpoint,
     R2_ACCESS_KEY_ID: SECRET,
     R2_SECRET_ACCESS_KEY: SECRET,
@@ -545,7 +544,6 @@ test('18. -v prints no stack for an expected failure', async () => {
   const { env } = verdaEnv('verbose', {
     CONTAINER_CLI: 'podman',
     CONTAINER_IMAGE: 'no-such-image-here',
-    VERDA_SCRIPTS_DIR: ROOT,
   });
   const r = await run('backup-verda.mts', ['-v'], env);
   assert.is(r.code, 1, out(r));

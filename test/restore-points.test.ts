@@ -10,7 +10,6 @@ import path from 'node:path';
 import { DeleteObjectCommand } from '@aws-sdk/client-s3';
 import { FaultProxy } from './fault-proxy.ts';
 import {
-  ROOT,
   SECRET,
   out,
   runScript,
@@ -111,7 +110,6 @@ function makeWorld(name: string, extra: Record<string, string> = {}): World {
       ...fixture.env,
       VERDA_HOST: 'local',
       SSH_CONFIG: sshd.config,
-      VERDA_SCRIPTS_DIR: ROOT,
       BACKUP_DIR: backupDir,
       CONTAINER_CLI: 'podman',
       CONTAINER_IMAGE: IMAGE,

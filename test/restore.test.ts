@@ -275,7 +275,6 @@ test.before(async () => {
     ...verda.env,
     VERDA_HOST: 'verda',
     SSH_CONFIG: sshd.config,
-    VERDA_SCRIPTS_DIR: ROOT,
     BACKUP_DIR: backupDir,
     CONTAINER_CLI: 'podman',
     CONTAINER_IMAGE: IMAGE,

@@ -51,6 +51,14 @@ function record(name, ok, detail = '') {
   console.log(`${ok ? 'PASS' : 'FAIL'} ${name}${detail ? ` — ${detail}` : ''}`);
 }
 
+// The bundles the scripts run from the checkout, and Verda's that the models steps bring, built
+// from the code under test: a bundle older than lib/ is an error at run time, by design.
+const build = spawnSync(process.execPath, [path.join(root, 'build.mjs')], { cwd: root, encoding: 'utf8' });
+if (build.status !== 0) {
+  process.stdout.write(build.stdout + build.stderr);
+  record('npm run build', false, `exit ${build.status}`);
+}
+
 if (!only.length || only.includes('checks')) {
   const tsc = spawnSync(
     process.execPath,

@@ -189,25 +189,36 @@ test.before(async () => {
     ],
   );
 
-  // Verda's side of the models step, wrapped to keep a copy of what arrives on its stdin.
-  const scripts = path.join(work, 'verda-scripts');
-  fs.mkdirSync(scripts);
+  // Verda's side of the models step: a `node` first on the PATH runs the brought bundle through a
+  // wrapper that keeps a copy of what it reads on stdin (the request), and ends when the bundle ends.
+  const shims = path.join(work, 'verda-bin');
+  fs.mkdirSync(shims);
   captureFile = path.join(work, 'verda-stdin');
-  const wrapper = path.join(scripts, 'capture.mjs');
+  const wrapper = path.join(shims, 'capture.mjs');
   fs.writeFileSync(
     wrapper,
     `import { spawn } from 'node:child_process';
 import fs from 'node:fs';
-const child = spawn(${JSON.stringify(path.join(ROOT, 'backup-verda.mts'))}, process.argv.slice(2), { stdio: ['pipe', 'inherit', 'inherit'] });
+const child = spawn(process.execPath, process.argv.slice(2), { stdio: ['pipe', 'inherit', 'inherit'] });
 child.stdin.on('error', () => {});
 process.stdin.on('data', (d) => { fs.appendFileSync(${JSON.stringify(captureFile)}, d); child.stdin.write(d); });
 process.stdin.on('end', () => child.stdin.end());
 child.on('exit', (code) => process.exit(code ?? 1));
 `,
   );
-  fs.writeFileSync(path.join(scripts, 'backup-verda.mts'), `#!/bin/sh\nexec node ${JSON.stringify(wrapper)} "$@"\n`, {
-    mode: 0o755,
-  });
+  const node = JSON.stringify(process.execPath);
+  fs.writeFileSync(
+    path.join(shims, 'node'),
+    [
+      '#!/bin/sh',
+      'case "$1" in',
+      `  */comfymulti-verda.*/verda.mjs) exec ${node} ${JSON.stringify(wrapper)} "$@" ;;`,
+      `  *) exec ${node} "$@" ;;`,
+      'esac',
+      '',
+    ].join('\n'),
+    { mode: 0o755 },
+  );
 
   // A worker image for the full run (podman import of a one-file root).
   const rootfs = path.join(work, 'rootfs');
@@ -224,8 +235,8 @@ child.on('exit', (code) => process.exit(code ?? 1));
 
   verdaEnv = {
     ...verda.env,
+    PATH: `${shims}:${verda.env.PATH ?? process.env.PATH}`,
     VERDA_HOST: 'local',
-    VERDA_SCRIPTS_DIR: scripts,
     BACKUP_DIR: backupDir,
     R2_ENDPOINT: s3.endpoint,
     ...GLOBAL_INVALID,
@@ -235,6 +246,8 @@ child.on('exit', (code) => process.exit(code ?? 1));
     CONTAINER_IMAGE: IMAGE,
     KEEP_BACKUPS: '2',
     COMFYMULTI_STATE_DIR: path.join(work, 'verda-run-state'),
+    // A hang fails the test in a minute, not the production ten.
+    COMFYMULTI_COMMAND_TIMEOUT: '60',
   };
   cronEnv = {
     ...verda.env,
@@ -482,7 +495,8 @@ test('per-bucket keys: with the shared pair invalid, backup-verda (full) works; 
   assert.ok((await s3.listKeys(CACHE)).includes('verda-config-backup.tar.gz'));
 
   const received = fs.readFileSync(captureFile, 'utf8');
-  const request = JSON.parse(received.split('\n')[0]);
+  const { call, request } = JSON.parse(received.split('\n')[0]);
+  assert.is(call, 'backup-models');
   assert.equal(request.target, {
     bucket: MODELS,
     endpoint: s3.endpoint,

@@ -7,7 +7,6 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { DeleteObjectCommand } from '@aws-sdk/client-s3';
 import {
-  ROOT,
   runScript,
   s3Env,
   sha256,
@@ -123,7 +122,6 @@ test.before(async () => {
     ...verda.env,
     VERDA_HOST: 'verda',
     SSH_CONFIG: sshd.config,
-    VERDA_SCRIPTS_DIR: ROOT,
     BACKUP_DIR: backupDir,
     CONTAINER_CLI: 'podman',
     CONTAINER_IMAGE: IMAGE,
