@@ -24,6 +24,7 @@ import { startRgw, type Rgw } from './rgw.ts';
 
 let rgw: Rgw;
 let backend: R2Backend;
+let versions: R2Backend;
 const opts = { multipartThreshold: 5 * MiB, partSize: 5 * MiB, backoffMs: 20 };
 const target = (bucket: string, secretAccessKey = rgw.secretAccessKey) => ({
   bucket,
@@ -51,13 +52,24 @@ conformance.before(async () => {
   rgw = await startRgw();
   await rgw.createBucket('conformance');
   await rgw.createBucket('rgw-checks');
+  await rgw.createBucket('conformance-versions');
   // Parts of 5 MiB (R2's smallest, and RGW's) so that the big case is three parts.
   backend = new R2Backend(target('conformance'), opts);
+  // Copies of 5 MiB and more in parts of 5 MiB: the big case is three UploadPartCopy.
+  versions = new R2Backend(target('conformance-versions'), {
+    ...opts,
+    copyMultipartThreshold: 5 * MiB,
+    copyPartSize: 5 * MiB,
+  });
 });
-backendConformance(conformance, () => backend, 11 * MiB);
+backendConformance(conformance, () => backend, 11 * MiB, {
+  other: () => versions,
+  multipartCopy: true,
+  ifMatch: false,
+});
 conformance.after.each(async () => {
   // No multipart upload may be left open by any case (R2 would bill its parts).
-  const open = await openUploads('conformance');
+  const open = [...(await openUploads('conformance')), ...(await openUploads('conformance-versions'))];
   if (open.length) throw new Error(`multipart uploads left open: ${open.join(', ')}`);
 });
 
