@@ -24,7 +24,7 @@ import type {
 import { Agent } from 'node:http';
 import { Agent as HttpsAgent } from 'node:https';
 import { Transform, type Readable } from 'node:stream';
-import { addNotice } from './cli.ts';
+import { UsageError, addNotice } from './cli.ts';
 import { AdaptiveSlots, Pacer } from './pacer.ts';
 import { pool } from './pool.ts';
 import { bucketTarget, type BucketKind, type BucketTarget, type Config, type Limits } from './config.ts';
@@ -115,6 +115,22 @@ export function r2Limits(limits: Pick<Limits, 'r2IdleTimeoutMs' | 'r2Attempts' |
 /** One bucket of the configuration as a Backend: the one way a script makes one. */
 export function bucketBackend(cfg: Config, kind: BucketKind): R2Backend {
   return new R2Backend(bucketTarget(cfg, kind), r2Limits(cfg.limits));
+}
+
+/**
+ * The versions bucket (R2_VERSIONS_BUCKET), checked to be reachable by a server-side copy from
+ * the user-files bucket: the same endpoint (R2's jurisdiction is in the endpoint), else exit 2.
+ */
+export function versionsBackend(cfg: Config, userFiles: R2Backend): R2Backend {
+  const versions = bucketBackend(cfg, 'versions');
+  const [own, theirs] = [versions.target, userFiles.target];
+  if (own.endpoint !== theirs.endpoint)
+    throw new UsageError(
+      `${own.variables?.endpoint ?? 'R2_VERSIONS_ENDPOINT'} (${own.endpoint}) is not the user-files bucket's endpoint ` +
+        `(${theirs.endpoint}, ${theirs.variables?.endpoint ?? 'R2_USER_FILES_ENDPOINT'}): versions are copied within one ` +
+        `endpoint, so R2_VERSIONS_BUCKET must be in the user-files bucket's jurisdiction`,
+    );
+  return versions;
 }
 
 /**
