@@ -5,8 +5,10 @@
 // else the oldest version replaced after T (a version's copy was made just before the object was
 // replaced: its Last-Modified is when). A key whose version current at T was first sent after T
 // (its `sent` time, or the current object's Last-Modified), with no version replaced before T,
-// did not exist then: it is left out. T must not be older than kept-from.json (since then every
-// replaced version is kept): an older T is exit 2 naming the oldest that can be had.
+// did not exist then: it is left out. Times are compared to the second (S3 and s3rver keep
+// Last-Modified to the second): what happened within T's second counts as after T, so --as-of a
+// run's stamp is the state before that run. T must not be older than kept-from.json (since then
+// every replaced version is kept): an older T is exit 2 naming the oldest that can be had.
 import fs from 'node:fs';
 import path from 'node:path';
 import { UsageError, addNotice, humanSize, printable } from './cli.ts';
@@ -144,12 +146,16 @@ export class VersionIndex {
   private loading?: Promise<void>;
   private readonly after = new Map<string, Kept>();
   private readonly before = new Set<string>();
+  /** T's second: a time from it on is after T. */
+  readonly from: number;
 
   constructor(
     readonly backend: Backend,
     readonly t: number,
     private readonly prefixes: string[],
-  ) {}
+  ) {
+    this.from = Math.floor(t / 1000) * 1000;
+  }
 
   load(signal?: AbortSignal): Promise<void> {
     this.loading ??= (async () => {
@@ -157,7 +163,7 @@ export class VersionIndex {
         const v = parseVersionKey(o.key);
         if (!v || !this.prefixes.some((p) => v.key.startsWith(p))) continue;
         const replacedAt = o.modifiedMs ?? stampTime(v.stamp).getTime();
-        if (replacedAt <= this.t) this.before.add(v.key);
+        if (replacedAt < this.from) this.before.add(v.key);
         else {
           const known = this.after.get(v.key);
           if (!known || replacedAt < known.replacedAt) this.after.set(v.key, { object: o, replacedAt });
@@ -210,7 +216,6 @@ export async function* asOfChoices(o: {
   signal?: AbortSignal;
 }): AsyncGenerator<AsOfChoice> {
   const { index } = o;
-  const t = index.t;
   async function* merged(): AsyncGenerator<{ key: string; current?: ObjectInfo }> {
     const versioned = index.keysUnder(o.listing);
     let i = 0;
@@ -237,7 +242,7 @@ export async function* asOfChoices(o: {
     }
     if (!item) return undefined; // versions from before T only, and no current object: none to give
     // First sent after T, and nothing of it replaced before: it did not exist at T.
-    if (sent !== undefined && sent > t && !index.replacedBefore(key)) return { leftOut: key };
+    if (sent !== undefined && sent >= index.from && !index.replacedBefore(key)) return { leftOut: key };
     return { item };
   };
   for await (const c of mapOrdered(merged(), 16, choose)) if (c) yield c;

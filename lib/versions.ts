@@ -256,16 +256,17 @@ export class Versions implements VersionKeeper {
    * each page, kept-from.json is raised past the time the last of them was replaced, so a pass
    * cut short deletes nothing that a T it still allows would need.
    */
-  async retention(signal?: AbortSignal, now = Date.now()) {
+  async retention(signal?: AbortSignal, now = Date.now()): Promise<RetentionResult> {
     const { backend, keepDays, stateDir } = this.opts;
     const cutoff = timestamp(new Date(now - keepDays * DAY_MS));
-    const found = { deleted: 0, bytes: 0, cutoff, listed: 0 };
+    const found: RetentionResult = { deleted: 0, bytes: 0, cutoff };
     let keptFrom: number | undefined;
     const page: ObjectInfo[] = [];
     const flush = async () => {
       if (!page.length) return;
-      // Every version deleted was replaced at or before its copy's time (its Last-Modified).
-      const latest = Math.max(...page.map((o) => o.modifiedMs ?? now));
+      // Every version deleted was replaced within the second of its copy's Last-Modified (S3
+      // keeps it to the second): from the next one on, none of them is needed.
+      const latest = Math.max(...page.map((o) => Math.floor((o.modifiedMs ?? now) / 1000) * 1000 + 1000));
       keptFrom ??= Date.parse((await readKeptFrom(backend, signal))?.keptFrom ?? '') || 0;
       if (latest > keptFrom) {
         const why = `retention deleted the versions replaced until then (KEEP_VERSIONS_DAYS=${keepDays})`;
@@ -281,7 +282,6 @@ export class Versions implements VersionKeeper {
       const v = parseVersionKey(o.key);
       if (!v) continue; // kept-from.json, or not ours
       if (v.stamp >= cutoff) break; // keys sort by stamp: the rest are younger
-      found.listed++;
       page.push(o);
       if (page.length >= RETENTION_BATCH) await flush();
     }
@@ -291,13 +291,20 @@ export class Versions implements VersionKeeper {
       const same = record?.bucket === this.name ? record : {};
       writeRecord(stateDir, { ...same, bucket: this.name, retentionAt: new Date(now).toISOString() });
     } catch (e) {
-      return {
-        ...found,
-        warning: `the time of this retention pass was not recorded (${errorText(e)}): the next run does it again`,
-      };
+      found.warning = `the time of this retention pass was not recorded (${errorText(e)}): the next run does it again`;
     }
     return found;
   }
+}
+
+export interface RetentionResult {
+  /** Versions deleted, and their bytes. */
+  deleted: number;
+  bytes: number;
+  /** The versions of runs before this stamp are deleted. */
+  cutoff: string;
+  /** The pass was done but not recorded (the state directory): the next run does it again. */
+  warning?: string;
 }
 
 /** backup-mello's last step with versions on: retention when due. */
@@ -315,7 +322,7 @@ export function retentionStep(versions: Versions, skipReason?: string): Step {
       const deleted = r.deleted
         ? `${r.deleted} versions of runs before ${r.cutoff} deleted (${humanSize(r.bytes)})`
         : `none older than ${r.cutoff}`;
-      const { warning, ...counts } = r as typeof r & { warning?: string };
+      const { warning, ...counts } = r;
       return {
         summary: `${kept}; ${deleted}`,
         warnings: warning ? [warning] : [],

@@ -12,7 +12,7 @@ import { UsageError } from '../lib/cli.ts';
 import { timestamp } from '../lib/dated.ts';
 import { CountingBackend, StorageError } from '../lib/storage.ts';
 import { syncTree } from '../lib/sync.ts';
-import { Versions, parseVersionKey, versionKey } from '../lib/versions.ts';
+import { Versions, noteVersionsOff, parseVersionKey, readKeptFrom, versionKey } from '../lib/versions.ts';
 import { FaultProxy } from './fault-proxy.ts';
 import { SECRET, sha256, startS3, tempDir, writeTree, type S3Server } from './helpers.ts';
 import { MemoryBackend } from './memory-backend.ts';
@@ -202,6 +202,78 @@ keeping("two runs in one second: the second waits for the next, never writing ov
     fs.rmSync(t.work, { recursive: true, force: true });
   }
 });
+keeping(
+  'kept-from.json: written when versions are turned on, raised after a run without them, trusted by a new Mello',
+  async () => {
+    const t = await setup();
+    try {
+      const start = async (now: Date) => {
+        const v = await Versions.start({ backend: t.versions, stateDir: t.stateDir, keepDays: 30, now });
+        assert.is(await v.begin(), undefined);
+        return (await readKeptFrom(t.versions))!;
+      };
+      const on = new Date(2026, 10, 1, 9);
+      assert.equal(await start(on), { keptFrom: on.toISOString(), why: 'versions turned on' });
+      const counted = new CountingBackend(t.versions);
+      const again = await Versions.start({ backend: counted, stateDir: t.stateDir, keepDays: 30 });
+      await again.begin();
+      assert.equal(counted.calls, {}, 'checked once per Mello, then its record says so');
+      // A run with versions off between: what it replaced was not kept.
+      noteVersionsOff(t.stateDir, new Date(2026, 10, 2, 9));
+      const back = new Date(2026, 10, 3, 9);
+      const raised = await start(back);
+      assert.is(raised.keptFrom, back.toISOString());
+      assert.match(raised.why, /versions were off on this Mello from 2026-11-02/);
+      // A new disk (no record): what is stored is trusted, not moved.
+      fs.rmSync(path.join(t.stateDir, 'versions.json'));
+      assert.is((await start(new Date(2026, 10, 4, 9))).keptFrom, back.toISOString());
+    } finally {
+      fs.rmSync(t.work, { recursive: true, force: true });
+    }
+  },
+);
+
+keeping(
+  'retention: versions of runs older than the limit deleted page by page, kept-from.json raised before each page',
+  async () => {
+    const t = await setup();
+    try {
+      const now = Date.now();
+      const day = 86_400_000;
+      const store = (stamp: string, key: string, modifiedMs: number) =>
+        t.versions.objects.set(versionKey(stamp, key), { data: Buffer.from('v'), etag: 'e', metadata: {}, modifiedMs });
+      // 1,203 old versions (two pages of deletes), one a day younger than the limit.
+      for (let i = 0; i < 1203; i++)
+        store(timestamp(new Date(now - 40 * day + i * 1000)), `outputs/u/${i}.png`, now - 40 * day + i * 1000 + 500);
+      store(timestamp(new Date(now - 29 * day)), 'user_data/u/flow.json', now - 29 * day);
+      const raises: string[] = [];
+      const counted = new CountingBackend(t.versions);
+      const put = counted.put.bind(counted);
+      counted.put = async (key, source, opts) => {
+        raises.push(`${key} after ${counted.calls.delete ?? 0} deletes`);
+        return put(key, source, opts);
+      };
+      const v = await Versions.start({ backend: counted, stateDir: t.stateDir, keepDays: 30 });
+      assert.ok(v.retentionDue(), 'never ran: due');
+      const r = await v.retention(undefined, now);
+      assert.is(r.deleted, 1203);
+      assert.equal(raises, ['kept-from.json after 0 deletes', 'kept-from.json after 1000 deletes']);
+      assert.equal(
+        [...t.versions.objects.keys()].filter((k) => parseVersionKey(k)),
+        [versionKey(timestamp(new Date(now - 29 * day)), 'user_data/u/flow.json')],
+      );
+      assert.is(
+        (await readKeptFrom(t.versions))!.keptFrom,
+        new Date(Math.floor((now - 40 * day + 1202 * 1000 + 500) / 1000) * 1000 + 1000).toISOString(),
+        'the second after the last deleted was replaced',
+      );
+      assert.not.ok(v.retentionDue(now + 3_600_000), 'not again within the day');
+      assert.ok(v.retentionDue(now + day + 1), 'once a day');
+    } finally {
+      fs.rmSync(t.work, { recursive: true, force: true });
+    }
+  },
+);
 keeping.run();
 
 const choosing = suite('the version current at T');
@@ -242,7 +314,7 @@ choosing(
       sent: new Date(at(2)).toISOString(),
     });
     const choose = async (h: number) => {
-      const index = new VersionIndex(versions, at(h), ['user_data/']);
+      const index = new VersionIndex(versions, at(0) + h * 3_600_000, ['user_data/']);
       await index.load();
       const got: Record<string, string> = {};
       for await (const c of asOfChoices({ userFiles: users, index, prefix: 'user_data/', listing: 'user_data/' })) {
@@ -253,9 +325,12 @@ choosing(
       }
       return got;
     };
+    const half = 0.5;
     assert.equal(await choose(0), { 'u/flow.json': 'left out', 'u/gone.json': 'left out', 'u/late.json': 'left out' });
-    assert.equal(await choose(2), { 'u/flow.json': 'A', 'u/gone.json': 'G', 'u/late.json': 'left out' });
-    assert.equal(await choose(4), { 'u/flow.json': 'B', 'u/late.json': 'L' });
+    assert.equal(await choose(2 + half), { 'u/flow.json': 'A', 'u/gone.json': 'G', 'u/late.json': 'left out' });
+    // Within T's second counts as after T: --as-of the stamp of the run that replaced A gives A.
+    assert.equal(await choose(3), { 'u/flow.json': 'A', 'u/gone.json': 'G', 'u/late.json': 'left out' });
+    assert.equal(await choose(4 + half), { 'u/flow.json': 'B', 'u/late.json': 'L' });
     assert.equal(await choose(6), { 'u/flow.json': 'C', 'u/late.json': 'L' });
   },
 );
