@@ -95,7 +95,7 @@ for (let hour = 0; hour <= HOURS; hour++) {
     if (r.code !== 0) throw new Error(`backup-mello (versions ${mode}) exited ${r.code}:\n${r.stdout}\n${r.stderr}`);
     seconds[mode] = (Date.now() - started) / 1000;
     if (mode !== 'on') continue;
-    copies = proxy.of('copy', from).length;
+    copies = new Set(proxy.of('copy', from).map((e) => e.key)).size; // a retried copy is one
     // The objects this run replaced, as its summary lists them: each must have cost one copy.
     type Sent = { action: string; reason?: string };
     const steps = (JSON.parse(r.stdout) as { steps: { data?: { objects?: Sent[] } }[] }).steps;

