@@ -1,16 +1,16 @@
 // The house as drawn (npm test runs `depcruise`): no import cycle, and no import up a floor.
 // Floors, from the ground: 1 the plain tools (cli, files, pool, pacer, dated, variables, sh);
 // 2 what the steps stand on (config, age, lock, notify, storage, ssh, hash-cache, layout, sfs,
-// step); 3 the engines (r2, sync, download, remote); 4 the steps and what they share (archive,
-// manifest, image, models, restore*, rotation, trigger, status); 5 the two mains (script.ts, the
+// step); 3 the engines (r2, sync, download, remote, versions); 4 the steps and what they share (archive,
+// manifest, image, models, restore*, rotation, trigger, status, as-of); 5 the two mains (script.ts, the
 // scripts' runner; verda.ts, the Verda bundle's entry). The scripts (*.mts) stand on top.
 const floor = (names) => `^lib/(${names.join('|')})\\.ts$`;
 const FLOORS = [
   ['cli', 'files', 'pool', 'pacer', 'dated', 'variables', 'sh'],
   ['config', 'age', 'lock', 'notify', 'storage', 'ssh', 'hash-cache', 'layout', 'sfs', 'step'],
-  ['r2', 'sync', 'download', 'remote'],
+  ['r2', 'sync', 'download', 'remote', 'versions'],
   ['archive', 'manifest', 'image', 'models', 'restore', 'restore-context', 'restore-image', 'restore-mello',
-   'restore-models', 'restore-point', 'rotation', 'trigger', 'status'],
+   'restore-models', 'restore-point', 'rotation', 'trigger', 'status', 'as-of'],
   ['script', 'verda'],
 ];
 

@@ -1,6 +1,8 @@
-// The download engine: the objects under a key prefix into a local tree, where they are missing
-// or differ. restore-verda's models (run on Verda) and restore-mello (the users' files on Mello)
-// both go through downloadTree; they differ only in options.
+// The download engine: objects into a local tree, where they are missing or differ: the objects
+// under a key prefix, or a stream of items given (each: where to GET it, its path under the root,
+// its mtime), as restore-mello --as-of gives the versions current at a time. restore-verda's
+// models (run on Verda) and restore-mello (the users' files on Mello) both go through
+// downloadTree; they differ only in options.
 //
 // Each object that is missing or differs is downloaded in ranged GETs, several in flight per
 // file, written under a temporary name (O_EXCL, never through a symlink), its sha256 taken in
@@ -31,7 +33,7 @@ const KEEP = 1000;
 export type DownloadAction =
   | { action: 'download'; key: string; bytes: number; reason: 'new' | 'changed' }
   | { action: 'in-place'; key: string; bytes: number; how: 'known' | 'metadata' | 'etag' }
-  /** A local file that differs and is newer than its object: left as it is (keepNewer). */
+  /** A local file that differs and is newer than its object (keepNewer), or differs (keepDiffering): left as it is. */
   | { action: 'kept'; key: string; bytes: number }
   | { action: 'failed'; key: string; bytes: number; error: string };
 
@@ -56,14 +58,34 @@ export interface DownloadTreeResult {
   cacheWarning?: string;
 }
 
+/** One object to download: where to GET it, its path under the root, its mtime. */
+export interface DownloadItem {
+  /** The object, as listed: its key is what is GET. */
+  object: ObjectInfo;
+  /** The backend that holds it; the tree's (`backend`) when unset. */
+  from?: Backend;
+  /** Its path under the root, `/`-separated (checked: never out of the root). */
+  rel: string;
+  /** The mtime the file gets (ms); unset: the object's Last-Modified with objectTimes, else now. */
+  mtimeMs?: number;
+  /** The object's sha256, when the caller knows it already: no HEAD is made for it. */
+  sha256?: string;
+}
+
 export interface DownloadTreeOptions {
   /** The local directory the keys land under (made when missing). */
   root: string;
+  /** The tree's backend: what is listed, and what an item without `from` is read from. */
   backend: Backend;
   /** The key prefix that `root` stands for (`user_data/`); '' for the bucket's top. */
   prefix?: string;
   /** Only the keys under `prefix + under` (`user007/`): the rest of the tree is not looked at. */
   under?: string;
+  /**
+   * The objects to download, in the order of their `rel` (compareKeys: the hash cache is read
+   * forward only), instead of the listing of `prefix + under`.
+   */
+  items?: AsyncIterable<DownloadItem>;
   /**
    * The tree's hash cache, keyed by the path under `root` (backup-mello's and the models' own),
    * read and written in key order; lines of files not met are kept. None: every file is read.
@@ -76,6 +98,8 @@ export interface DownloadTreeOptions {
    * Last-Modified, or that time unknown) is kept, not replaced: restore-mello without --overwrite.
    */
   keepNewer?: boolean;
+  /** A local file that differs from its object is kept, not replaced, whatever its time (restore-mello --as-of). */
+  keepDiffering?: boolean;
   /** A downloaded file gets its object's Last-Modified as its mtime (as `aws s3 sync` does). */
   objectTimes?: boolean;
   /**
@@ -197,13 +221,15 @@ class WriteFailed extends Error {}
 async function downloadObject(
   opts: Settings,
   slots: Slots,
-  o: ObjectInfo,
+  item: DownloadItem,
   dest: string,
   wantSha256: string | undefined,
   onBytes?: (n: number, file: { key: string; bytes: number; size: number }) => void,
   mode?: number,
 ): Promise<{ sha256: string; stat: fs.BigIntStats }> {
-  const { backend, signal } = opts;
+  const { signal } = opts;
+  const o = item.object;
+  const backend = item.from ?? opts.backend;
   const tmp = partialName(dest);
   const fh = await fs.promises.open(tmp, FS.O_WRONLY | FS.O_CREAT | FS.O_EXCL | FS.O_NOFOLLOW, 0o644);
   const ranges: Range[] = [];
@@ -359,8 +385,9 @@ async function downloadObject(
     }
     await syncing;
     if (syncError) throw new WriteFailed(`${tmp}: ${(syncError as NodeJS.ErrnoException).code ?? syncError}`);
-    if (opts.objectTimes && o.modifiedMs !== undefined) {
-      const when = new Date(o.modifiedMs);
+    const mtimeMs = item.mtimeMs ?? (opts.objectTimes ? o.modifiedMs : undefined);
+    if (mtimeMs !== undefined) {
+      const when = new Date(mtimeMs);
       await fh.utimes(when, when);
     }
     if (mode !== undefined) await fh.chmod(mode);
@@ -382,15 +409,14 @@ async function downloadObject(
   }
 }
 
-/** An object with what the hash cache knows of its path, in key order. */
+/** An item with what the hash cache knows of its path, in key order. */
 interface Listed {
-  o: ObjectInfo;
-  rel: string;
+  item: DownloadItem;
   seq: number;
   cached?: TreeCacheLine;
 }
 
-/** Every object under the prefix into `root`, where missing or different. Never deletes. */
+/** Every object under the prefix (or every item given) into `root`, where missing or different. Never deletes. */
 export async function downloadTree(options: DownloadTreeOptions): Promise<DownloadTreeResult> {
   const opts: Settings = { ...DOWNLOAD_DEFAULTS, ...options, prefix: options.prefix ?? '' };
   const { backend, cache, signal, root } = opts;
@@ -419,19 +445,26 @@ export async function downloadTree(options: DownloadTreeOptions): Promise<Downlo
     ? (n: number, file: { key: string; bytes: number; size: number }) => opts.onBytes!(n, result.bytes, file)
     : undefined;
 
-  /** The object's sha256: remembered with its ETag, else its metadata; undefined for a bash-era upload. */
+  // The hash cache's ETags name objects of the tree's own backend: an item from another (a
+  // version) is never known by one, nor recorded with it.
+  const ownEtag = (item: DownloadItem) => (!item.from || item.from === backend ? item.object.etag : undefined);
+
+  /** The object's sha256: given, remembered with its ETag, else its metadata; undefined for a bash-era upload. */
   const objectSha = async (
-    o: ObjectInfo,
+    item: DownloadItem,
     cached?: TreeCacheLine,
   ): Promise<{ sha256?: string; how: 'known' | 'metadata' | 'etag'; mode?: number }> => {
-    if (cached?.etag === o.etag) return { sha256: cached.sha256, how: 'known' };
-    const head = await backend.head(o.key, signal);
+    const o = item.object;
+    if (item.sha256) return { sha256: item.sha256, how: 'metadata' };
+    if (cached?.etag !== undefined && cached.etag === ownEtag(item)) return { sha256: cached.sha256, how: 'known' };
+    const head = await (item.from ?? backend).head(o.key, signal);
     if (!head) throw new Error('gone from the bucket since it was listed');
     const mode = recordedMode(head.metadata.mode);
     return head.metadata.sha256 ? { sha256: head.metadata.sha256, how: 'metadata', mode } : { how: 'etag', mode };
   };
 
-  const one = async ({ o, rel, seq, cached }: Listed) => {
+  const one = async ({ item, seq, cached }: Listed) => {
+    const { object: o, rel } = item;
     const parts = keyParts(rel);
     if (!parts) throw new Error(`the key would leave ${root} (an empty, "." or ".." part): not restored`);
     // Nothing under a symlink is looked at, not even to compare.
@@ -440,7 +473,7 @@ export async function downloadTree(options: DownloadTreeOptions): Promise<Downlo
     const st = there === undefined ? undefined : fs.lstatSync(dest, { bigint: true, throwIfNoEntry: false });
     if (st && !st.isFile())
       throw new Error(`${dest} is ${st.isDirectory() ? 'a directory' : 'not a regular file'}: not replaced`);
-    const object = await objectSha(o, cached);
+    const object = await objectSha(item, cached);
     let local: string | undefined;
     if (st && Number(st.size) === o.size) {
       // The local file's sha256: from the cache while its stat is the one it was hashed with.
@@ -451,13 +484,15 @@ export async function downloadTree(options: DownloadTreeOptions): Promise<Downlo
       }
       const same = object.sha256 ? object.sha256 === local : await etagProvesContent(dest, o.size, o.etag, signal);
       if (same) {
-        cache?.settle(seq, lineOf(rel, st, local, o.etag));
+        cache?.settle(seq, lineOf(rel, st, local, ownEtag(item)));
         result.inPlace++;
         return report({ action: 'in-place', key: o.key, bytes: o.size, how: object.how });
       }
     }
-    if (st && opts.keepNewer && (o.modifiedMs === undefined || Number(st.mtimeNs / 1_000_000n) > o.modifiedMs)) {
-      // Changed here since the object was sent (not backed up yet): the admin's to decide.
+    const newer = (s: fs.BigIntStats) => o.modifiedMs === undefined || Number(s.mtimeNs / 1_000_000n) > o.modifiedMs;
+    if (st && (opts.keepDiffering || (opts.keepNewer && newer(st)))) {
+      // Changed here since the object was sent (not backed up yet), or not what it was at the
+      // time asked for: the admin's to decide.
       cache?.settle(seq, local ? lineOf(rel, st, local) : cached);
       result.kept++;
       return report({ action: 'kept', key: o.key, bytes: o.size });
@@ -470,25 +505,31 @@ export async function downloadTree(options: DownloadTreeOptions): Promise<Downlo
         removeStalePartials(dir);
         cleaned.add(dir);
       }
-      const mode = opts.modes ? (object.mode ?? (await objectSha(o)).mode ?? 0o644) : undefined;
-      const done = await downloadObject(opts, slots, o, dest, object.sha256, onBytes, mode);
-      cache?.settle(seq, lineOf(rel, done.stat, done.sha256, o.etag));
+      const mode = opts.modes ? (object.mode ?? (await objectSha(item)).mode ?? 0o644) : undefined;
+      const done = await downloadObject(opts, slots, item, dest, object.sha256, onBytes, mode);
+      cache?.settle(seq, lineOf(rel, done.stat, done.sha256, ownEtag(item)));
     }
     result.downloaded++;
     result.downloadedBytes += o.size;
     report({ action: 'download', key: o.key, bytes: o.size, reason });
   };
 
-  // Each object with what the cache knows of its path, in key order (lookups go forward only),
-  // listed as the work goes: a million keys are never held at once.
-  async function* listed(): AsyncGenerator<Listed> {
+  /** The objects under the prefix, as items. */
+  async function* listing(): AsyncGenerator<DownloadItem> {
     for await (const o of backend.list(opts.prefix + (opts.under ?? ''), signal)) {
       if (o.key.endsWith('/')) continue; // a "directory" placeholder, not a file
+      yield { object: o, rel: o.key.slice(opts.prefix.length) };
+    }
+  }
+
+  // Each item with what the cache knows of its path, in key order (lookups go forward only),
+  // taken as the work goes: a million keys are never held at once.
+  async function* listed(): AsyncGenerator<Listed> {
+    for await (const item of opts.items ?? listing()) {
       result.objects++;
-      result.bytes += o.size;
-      const rel = o.key.slice(opts.prefix.length);
-      const cached = await cache?.lookup(rel);
-      yield { o, rel, cached, seq: cache?.reserve() ?? -1 };
+      result.bytes += item.object.size;
+      const cached = await cache?.lookup(item.rel);
+      yield { item, cached, seq: cache?.reserve() ?? -1 };
     }
   }
 
@@ -497,7 +538,7 @@ export async function downloadTree(options: DownloadTreeOptions): Promise<Downlo
       listed(),
       opts.files,
       async (item) => {
-        const o = item.o;
+        const o = item.item.object;
         try {
           await one(item);
         } catch (e) {

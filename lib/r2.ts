@@ -12,6 +12,7 @@ process.env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED ??= 'true';
 import { setMaxListeners } from 'node:events';
 import type {
   CompleteMultipartUploadCommandOutput,
+  CopyObjectCommandOutput,
   CreateMultipartUploadCommandOutput,
   GetObjectCommandOutput,
   HeadObjectCommandOutput,
@@ -19,11 +20,12 @@ import type {
   PutObjectCommandOutput,
   S3Client,
   UploadPartCommandOutput,
+  UploadPartCopyCommandOutput,
 } from '@aws-sdk/client-s3';
 import { Agent } from 'node:http';
 import { Agent as HttpsAgent } from 'node:https';
 import { Transform, type Readable } from 'node:stream';
-import { addNotice } from './cli.ts';
+import { UsageError, addNotice } from './cli.ts';
 import { MiB } from './files.ts';
 import { AdaptiveSlots, Pacer } from './pacer.ts';
 import { pool } from './pool.ts';
@@ -33,6 +35,8 @@ import {
   StorageError,
   type Backend,
   type ByteRange,
+  type CopyOptions,
+  type CopySource,
   type ObjectHead,
   type ObjectInfo,
   type PutOptions,
@@ -80,6 +84,13 @@ export interface R2Options {
   idleTimeoutMs?: number;
   /** Connections to the endpoint at once; requests beyond wait for one. */
   maxSockets?: number;
+  /**
+   * Copies of objects this size and larger are multipart (UploadPartCopy): one CopyObject copies
+   * at most 5 GiB. Tests set it small.
+   */
+  copyMultipartThreshold?: number;
+  /** Preferred part size of a multipart copy; raised when an object would need more than 10,000 parts. */
+  copyPartSize?: number;
 }
 
 const DEFAULTS: Required<R2Options> = {
@@ -92,6 +103,8 @@ const DEFAULTS: Required<R2Options> = {
   backoffMs: 500,
   idleTimeoutMs: 60_000,
   maxSockets: 64,
+  copyMultipartThreshold: 5 * 1024 * MiB,
+  copyPartSize: 512 * MiB,
 };
 
 /** The R2 part of the run's limits (COMFYMULTI_R2_*), as R2Backend options. */
@@ -102,6 +115,22 @@ export function r2Limits(limits: Pick<Limits, 'r2IdleTimeoutMs' | 'r2Attempts' |
 /** One bucket of the configuration as a Backend: the one way a script makes one. */
 export function bucketBackend(cfg: Config, kind: BucketKind): R2Backend {
   return new R2Backend(bucketTarget(cfg, kind), r2Limits(cfg.limits));
+}
+
+/**
+ * The versions bucket (R2_VERSIONS_BUCKET), checked to be reachable by a server-side copy from
+ * the user-files bucket: the same endpoint (R2's jurisdiction is in the endpoint), else exit 2.
+ */
+export function versionsBackend(cfg: Config, userFiles: R2Backend): R2Backend {
+  const versions = bucketBackend(cfg, 'versions');
+  const [own, theirs] = [versions.target, userFiles.target];
+  if (own.endpoint !== theirs.endpoint)
+    throw new UsageError(
+      `${own.variables?.endpoint ?? 'R2_VERSIONS_ENDPOINT'} (${own.endpoint}) is not the user-files bucket's endpoint ` +
+        `(${theirs.endpoint}, ${theirs.variables?.endpoint ?? 'R2_USER_FILES_ENDPOINT'}): versions are copied within one ` +
+        `endpoint, so R2_VERSIONS_BUCKET must be in the user-files bucket's jurisdiction`,
+    );
+  return versions;
 }
 
 /**
@@ -576,6 +605,103 @@ export class R2Backend implements Backend {
     await this.request('delete', key, signal, (a) =>
       this.send<unknown>((sdk) => new sdk.DeleteObjectCommand({ Bucket: this.target.bucket, Key: key }), a.signal),
     );
+  }
+
+  /**
+   * A server-side copy from another bucket of the same endpoint: one CopyObject, or above
+   * `copyMultipartThreshold` a multipart upload of UploadPartCopy parts (aborted if it fails).
+   * Signed with this bucket's key pair, which must also be allowed to read the source's bucket.
+   * The metadata given replaces the source's; with `source.etag`, each request holds only while
+   * the source still has that ETag (x-amz-copy-source-if-match), so a copy is of one object.
+   */
+  async copy(source: CopySource, key: string, opts: CopyOptions): Promise<ObjectInfo> {
+    const from = source.backend;
+    if (!(from instanceof R2Backend) || from.target.endpoint !== this.target.endpoint)
+      throw new Error(`${this.name}: cannot copy from ${from.name}: not a bucket of ${this.target.endpoint}`);
+    // `bucket/key`, the key URL-encoded a path segment at a time (S3's rule for the header).
+    const CopySource = `${from.target.bucket}/${source.key.split('/').map(encodeURIComponent).join('/')}`;
+    const CopySourceIfMatch = source.etag ? `"${source.etag}"` : undefined;
+    const where = { CopySource, CopySourceIfMatch, Bucket: this.target.bucket, Key: key };
+    if (source.size >= this.opts.copyMultipartThreshold) return this.copyMultipart(source, where, opts);
+    const r = await this.request('copy', key, opts.signal, (a) =>
+      this.send<CopyObjectCommandOutput>(
+        (sdk) => new sdk.CopyObjectCommand({ ...where, MetadataDirective: 'REPLACE', Metadata: opts.metadata }),
+        a.signal,
+      ),
+    );
+    return { key, size: source.size, etag: unquote(r.CopyObjectResult?.ETag) };
+  }
+
+  private async copyMultipart(
+    source: CopySource,
+    where: { CopySource: string; CopySourceIfMatch?: string; Bucket: string; Key: string },
+    opts: CopyOptions,
+  ): Promise<ObjectInfo> {
+    const { Bucket, Key } = where;
+    const partSize = partSizeFor(source.size, this.opts.copyPartSize);
+    const partCount = Math.ceil(source.size / partSize);
+    const created = await this.request('create-multipart', Key, opts.signal, (a) =>
+      this.send<CreateMultipartUploadCommandOutput>(
+        (sdk) => new sdk.CreateMultipartUploadCommand({ Bucket, Key, Metadata: opts.metadata }),
+        a.signal,
+      ),
+    );
+    const UploadId = created.UploadId!;
+    const failFast = new AbortController();
+    const signal = opts.signal ? AbortSignal.any([opts.signal, failFast.signal]) : failFast.signal;
+    try {
+      const etags: string[] = new Array(partCount);
+      const parts = Array.from({ length: partCount }, (_, i) => i);
+      // No byte passes through here: a few parts at once is what the server copies at once.
+      await pool(parts, 4, async (index) => {
+        const start = index * partSize;
+        const end = Math.min(source.size, start + partSize);
+        const r = await this.request('copy-part', Key, signal, (a) =>
+          this.send<UploadPartCopyCommandOutput>(
+            (sdk) =>
+              new sdk.UploadPartCopyCommand({
+                ...where,
+                UploadId,
+                PartNumber: index + 1,
+                CopySourceRange: `bytes=${start}-${end - 1}`,
+              }),
+            a.signal,
+          ),
+        ).catch((e) => {
+          failFast.abort(e);
+          throw e;
+        });
+        etags[index] = r.CopyPartResult!.ETag!;
+      }).catch((e) => {
+        throw opts.signal?.aborted ? opts.signal.reason : e;
+      });
+      let completeAttempts = 0;
+      const done = await this.request('complete-multipart', Key, opts.signal, (a) => {
+        completeAttempts++;
+        return this.send<CompleteMultipartUploadCommandOutput>(
+          (sdk) =>
+            new sdk.CompleteMultipartUploadCommand({
+              Bucket,
+              Key,
+              UploadId,
+              MultipartUpload: { Parts: etags.map((ETag, i) => ({ ETag, PartNumber: i + 1 })) },
+            }),
+          a.signal,
+        );
+      }).catch(async (e) => {
+        // A completion whose answer was lost: whole if the object holds this size and metadata.
+        const head = completeAttempts > 1 ? await this.head(Key, opts.signal).catch(() => undefined) : undefined;
+        const meta = Object.entries(opts.metadata);
+        const same = head && head.size === source.size && meta.every(([k, v]) => head.metadata[k] === v);
+        if (same) return { ETag: head.etag };
+        throw e;
+      });
+      const etag = unquote(done.ETag) || ((await this.head(Key, opts.signal).catch(() => undefined))?.etag ?? '');
+      return { key: Key, size: source.size, etag };
+    } catch (e) {
+      await this.abortUpload(Key, UploadId);
+      throw e;
+    }
   }
 
   async put(key: string, source: Source, opts: PutOptions = {}): Promise<ObjectInfo> {

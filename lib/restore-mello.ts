@@ -12,7 +12,7 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { pipeline } from 'node:stream/promises';
-import { UsageError, addNotice, errorText, humanSize, printable } from './cli.ts';
+import { UsageError, addNotice, errorText, humanSize, printable, type Flags } from './cli.ts';
 import { directoryOf, downloadTree, keyParts, type DownloadAction } from './download.ts';
 import { EtagCheck, TreeCache, hashFile } from './hash-cache.ts';
 import type { Limits } from './config.ts';
@@ -62,6 +62,31 @@ export function parseOnly(value: unknown, user: string | undefined): MelloTree[]
     if (!trees.includes(tree)) trees.push(tree);
   }
   return trees;
+}
+
+/** restore-mello's first line, for the mode its flags say. */
+export function title(f: Flags): string {
+  const x = f.extra;
+  if (x['list-versions'] !== undefined) return `=== Versions of ${printable(String(x['list-versions']))} in R2 ===`;
+  if (x.drill || f.verify) return "=== Drill: users' files read back from R2 and compared with Mello ===";
+  const what = `${x.user ? ` of ${x.user}` : ''}${x['as-of'] !== undefined ? ` as of ${printable(String(x['as-of']))}` : ''}`;
+  return `=== R2 → Mello user files${what}${x.to ? ` into ${x.to}` : ''} ===`;
+}
+
+/** --list-versions KEY: a user-files key (`user_data/user007/x.json`), alone of the restore's flags. */
+export function parseListVersions(x: Flags['extra'], f: Flags): string {
+  const key = String(x['list-versions']);
+  const others = ['user', 'only', 'to', 'as-of', 'overwrite', 'drill'].filter(
+    (n) => x[n] !== undefined && x[n] !== false,
+  );
+  if (f.dryRun || f.verify) others.push(f.dryRun ? 'dry-run' : 'verify');
+  if (others.length) throw new UsageError(`--list-versions lists one key's versions: not with --${others[0]}`);
+  const tree = MELLO_TREES.find((t) => key.startsWith(`${t.dir}/`));
+  if (!tree || !keyParts(key.slice(tree.dir.length + 1)))
+    throw new UsageError(
+      `--list-versions needs a key of the user-files bucket, like user_data/user007/workflows/flow.json (got ${JSON.stringify(key)})`,
+    );
+  return key;
 }
 
 /** --to: an absolute directory, there or not yet (made by the restore), never a file. */

@@ -1,5 +1,6 @@
-// The storage interface, after restic's backend: five operations and nothing else. Sync,
-// rotation and verification are built on it; R2's quirks live in r2.ts alone.
+// The storage interface, after restic's backend: six operations and nothing else (the sixth,
+// copy, keeps a replaced users' file in the versions bucket without its bytes passing through
+// Mello). Sync, rotation and verification are built on it; R2's quirks live in r2.ts alone.
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import { Readable } from 'node:stream';
@@ -54,6 +55,22 @@ export interface ByteRange {
   end: number;
 }
 
+/** The object a copy reads: in another backend of the same kind and endpoint (another bucket). */
+export interface CopySource {
+  backend: Backend;
+  key: string;
+  /** Its size, as listed: what decides a single or a multipart copy. */
+  size: number;
+  /** Copy only while the object still has this ETag (else the copy fails and nothing is stored). */
+  etag?: string;
+}
+
+export interface CopyOptions {
+  /** The copy's metadata, in place of the source's (S3's MetadataDirective REPLACE). */
+  metadata: Record<string, string>;
+  signal?: AbortSignal;
+}
+
 export interface Backend {
   /** For messages: `r2://bucket`. */
   readonly name: string;
@@ -64,6 +81,11 @@ export interface Backend {
   /** The object's bytes, or with `range` those bytes alone (exactly `end - start` of them, or an error). */
   get(key: string, signal?: AbortSignal, range?: ByteRange): Promise<Readable>;
   delete(key: string, signal?: AbortSignal): Promise<void>;
+  /**
+   * A server-side copy of `source` to `key` here, with `opts.metadata` as its metadata; no byte
+   * passes through this machine. All or nothing: a copy that fails stores nothing under `key`.
+   */
+  copy(source: CopySource, key: string, opts: CopyOptions): Promise<ObjectInfo>;
   /** Calls `listener` whenever the server asks to slow down (R2's 429 or 503), so callers send less at once. */
   onCongestion?(listener: () => void): void;
 }
@@ -100,6 +122,12 @@ export class CountingBackend implements Backend {
   delete(key: string, signal?: AbortSignal) {
     this.count('delete');
     return this.inner.delete(key, signal);
+  }
+  copy(source: CopySource, key: string, opts: CopyOptions): Promise<ObjectInfo> {
+    this.count('copy');
+    // The server copies between the backends underneath: a counted source is its inner one.
+    const from: Backend = source.backend instanceof CountingBackend ? source.backend.inner : source.backend;
+    return this.inner.copy({ ...source, backend: from }, key, opts);
   }
 }
 

@@ -20,8 +20,10 @@ import {
   fingerprintedSource,
   readBackSha256,
   type Backend,
+  type ObjectHead,
   type ObjectInfo,
 } from './storage.ts';
+import type { VersionKeeper } from './versions.ts';
 
 export interface SyncOptions {
   root: string;
@@ -49,10 +51,23 @@ export interface SyncOptions {
   keepActions?: number;
   /** Each object records its file's permission bits (metadata `mode`): the models. */
   recordModes?: boolean;
+  /**
+   * Where an object whose bytes changed is kept before it is replaced (R2_VERSIONS_BUCKET): a
+   * copy that fails leaves the object as it is and the file failed.
+   */
+  versions?: VersionKeeper;
 }
 
 export type FileAction =
-  | { action: 'send'; key: string; bytes: number; sha256: string; reason: 'new' | 'changed' }
+  | {
+      action: 'send';
+      key: string;
+      bytes: number;
+      sha256: string;
+      reason: 'new' | 'changed';
+      /** The key in the versions bucket of the object it replaced (`T/KEY`), when one was kept. */
+      kept?: string;
+    }
   | { action: 'skip'; key: string; bytes: number; sha256: string; how: 'known' | 'metadata' | 'etag' }
   | { action: 'failed'; key: string; bytes: number; error: string };
 
@@ -70,6 +85,9 @@ export interface SyncResult {
   skipped: number;
   /** Skipped objects proven by ETag alone (bash-era uploads), now recorded. */
   adopted: number;
+  /** Replaced objects kept first in the versions bucket (one copy each), and their bytes. */
+  versionsKept: number;
+  versionsKeptBytes: number;
   hashed: number;
   /** Symlinks not followed: how many, and the first few. */
   symlinkCount: number;
@@ -222,6 +240,8 @@ interface Marched {
   key: string;
   there?: ObjectInfo;
   cached?: TreeCacheLine;
+  /** The object's HEAD, when one was made to decide. */
+  head?: ObjectHead;
 }
 
 /**
@@ -268,6 +288,8 @@ class TreeSync {
     sentBytes: 0,
     skipped: 0,
     adopted: 0,
+    versionsKept: 0,
+    versionsKeptBytes: 0,
     hashed: 0,
     symlinkCount: 0,
     symlinks: [],
@@ -382,6 +404,8 @@ class TreeSync {
     // What is sent is checked against a fingerprint taken from one read of the file, so the
     // object's sha256 metadata is always its bytes' (a file known to the cache is read again).
     fp ??= await fingerprintFile(f.path, opts.signal);
+    // The object it replaces is kept first: a copy that fails leaves it in place, unreplaced.
+    const kept = f.there && opts.versions ? await this.keepReplaced(f, f.there, opts.versions) : undefined;
     let counted = 0;
     const put = await opts.backend.put(f.key, fingerprintedSource(f.path, fp), {
       // The models' mode goes with them: a restore gives it back (the worker container reads them as another uid).
@@ -400,7 +424,33 @@ class TreeSync {
     this.files.done(fp.size);
     this.progressBytes += fp.size - counted;
     cache.settle(f.seq, line(put.etag, fp));
-    this.report({ action: 'send', key: f.key, bytes: fp.size, sha256: fp.sha256, reason });
+    this.report({ action: 'send', key: f.key, bytes: fp.size, sha256: fp.sha256, reason, kept });
+  }
+
+  /**
+   * Copies the object about to be replaced into the versions bucket, with its sha256 (the hash
+   * cache's while it names that object's ETag, else its metadata by the HEAD made to decide, else
+   * one HEAD) and its file's mtime where the cache knows it. Undefined: the object is gone.
+   */
+  private async keepReplaced(f: Marched, there: ObjectInfo, versions: VersionKeeper): Promise<string | undefined> {
+    const { opts, result } = this;
+    const known = f.cached?.etag === there.etag ? f.cached : undefined;
+    let sha256 = known?.sha256;
+    if (!sha256) {
+      const head = f.head ?? (await opts.backend.head(f.key, opts.signal));
+      if (!head) return undefined; // nothing left to replace
+      sha256 = head.metadata.sha256;
+    }
+    try {
+      const key = await versions.keep(opts.backend, { object: there, sha256, mtimeNs: known?.mtimeNs }, opts.signal);
+      result.versionsKept++;
+      result.versionsKeptBytes += there.size;
+      return key;
+    } catch (e) {
+      if (opts.signal?.aborted) throw e;
+      const why = `its earlier version could not be kept in ${versions.name} (${errorText(e)}): not replaced`;
+      throw e instanceof StorageError ? new StorageError(why, e.fatal, e.status) : new Error(why);
+    }
   }
 
   /**
@@ -413,6 +463,7 @@ class TreeSync {
     if (!there || there.size !== size) return undefined;
     if (f.cached?.etag === there.etag && f.cached.sha256 === sha256) return { how: 'known' as const, etag: there.etag };
     const head = await this.opts.backend.head(f.key, this.opts.signal);
+    f.head = head;
     if (!head || head.size !== size) return undefined;
     if (head.metadata.sha256)
       return head.metadata.sha256 === sha256 ? { how: 'metadata' as const, etag: head.etag } : undefined;
@@ -430,12 +481,16 @@ export interface SyncStepOptions {
   /** The tree's hash cache file. */
   cacheFile?: string;
   filter?: (rel: string) => boolean;
+  /** R2_VERSIONS_BUCKET: see SyncOptions.versions; `begin` runs before the step's first file. */
+  versions?: VersionKeeper & { begin(signal?: AbortSignal): Promise<string | undefined> };
 }
 
 /** A step's lines for one sync: the summary, warnings (vanished files, an unsaved cache), failures. */
 function syncSummary(r: SyncResult, dryRun: boolean) {
   const parts = [`${r.sent} ${dryRun ? 'to send' : 'sent'} (${humanSize(r.sentBytes)})`, `${r.skipped} unchanged`];
   if (r.adopted) parts.push(`${r.adopted} adopted from earlier uploads`);
+  if (r.versionsKept)
+    parts.push(`${r.versionsKept} replaced kept as earlier versions (${humanSize(r.versionsKeptBytes)})`);
   if (r.symlinkCount) parts.push(`${r.symlinkCount} symlinks not followed`);
   const warnings = r.vanished.map(
     (k) => `${printable(k)} vanished before it was sent (deleted meanwhile): not backed up`,
@@ -459,6 +514,7 @@ export function syncStep(o: SyncStepOptions): Step {
       if (!fs.existsSync(o.root)) {
         return { status: 'skipped', summary: `nothing to send`, warnings: [`${o.root} does not exist`] };
       }
+      const versionsWarning = ctx.dryRun ? undefined : await o.versions?.begin(ctx.signal);
       const progress = ctx.out.transfer(`${o.prefix || o.backend.name} sent`);
       let r: SyncResult;
       try {
@@ -470,8 +526,13 @@ export function syncStep(o: SyncStepOptions): Step {
           onFile: (a) => {
             const where = `${o.backend.name}/${printable(a.key)}`;
             if (a.action === 'send') {
-              if (ctx.dryRun) ctx.out.info(`would send ${where} (${humanSize(a.bytes)}, ${a.reason})`);
-              else ctx.out.detail(`sent ${where} (${humanSize(a.bytes)}, ${a.reason})`);
+              const keep =
+                o.versions && a.reason === 'changed' ? `; the one it replaces kept in ${o.versions.name}` : '';
+              if (ctx.dryRun) ctx.out.info(`would send ${where} (${humanSize(a.bytes)}, ${a.reason}${keep})`);
+              else
+                ctx.out.detail(
+                  `sent ${where} (${humanSize(a.bytes)}, ${a.reason}${a.kept ? `; kept ${printable(a.kept)}` : ''})`,
+                );
             } else if (a.action === 'skip') ctx.out.detail(`unchanged ${where} (${a.how})`);
           },
         });
@@ -479,8 +540,10 @@ export function syncStep(o: SyncStepOptions): Step {
         progress.end();
       }
       const { actions, ...counts } = r;
+      const summary = syncSummary(r, ctx.dryRun);
+      if (versionsWarning) summary.warnings.push(versionsWarning);
       return {
-        ...syncSummary(r, ctx.dryRun),
+        ...summary,
         bytes: r.sentBytes,
         data: { ...counts, objects: actions },
       };

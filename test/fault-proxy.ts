@@ -20,6 +20,8 @@ export type Kind =
   | 'complete-multipart'
   | 'abort-multipart'
   | 'delete'
+  /** A server-side copy: CopyObject, or UploadPartCopy (a PUT with x-amz-copy-source). */
+  | 'copy'
   | 'other';
 
 export interface Exchange {
@@ -49,9 +51,10 @@ export interface Exchange {
   outcome: 'pending' | 'forwarded' | 'injected' | 'cut' | 'client-gone' | 'upstream-error' | 'held' | 'stalled';
 }
 
-export function requestKind(method: string, url: string): Kind {
+export function requestKind(method: string, url: string, copySource = false): Kind {
   const q = new URL(url, 'http://x').searchParams;
   const hasKey = new URL(url, 'http://x').pathname.split('/').filter(Boolean).length > 1;
+  if (method === 'PUT' && copySource) return 'copy';
   if (method === 'PUT') return q.has('uploadId') && q.has('partNumber') ? 'upload-part' : 'put';
   if (method === 'POST')
     return q.has('uploads') ? 'create-multipart' : q.has('uploadId') ? 'complete-multipart' : 'other';
@@ -245,7 +248,7 @@ export class FaultProxy {
     const part = parsed.searchParams.get('partNumber');
     const ex: Exchange = {
       n: this.log.length + 1,
-      kind: requestKind(req.method ?? '', url),
+      kind: requestKind(req.method ?? '', url, 'x-amz-copy-source' in req.headers),
       method: req.method ?? '',
       url,
       bucket,
