@@ -84,6 +84,11 @@ export const RESTORE_VERDA_FLAGS: ExtraFlags = {
     ['drill', 'verify', 'the drill is the deeper check'],
     ['verify', 'from=sfs', '--verify checks a backup of BACKUP_DIR'],
     ['verify', 'from=r2', '--verify checks a backup of BACKUP_DIR'],
+    ['new-host', 'drill', 'the drill runs on Mello alone, without connecting to Verda'],
+    ['new-host', 'verify', '--verify runs on Mello alone, without connecting to Verda'],
+    ...['drill', 'verify', 'dry-run', 'from', 'root', 'only', 'skip-image', 'skip-models', 'new-host'].map(
+      (other): [string, string, string] => ['list', other, '--list only lists the restore points'],
+    ),
   ],
 };
 
