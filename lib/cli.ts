@@ -325,6 +325,19 @@ export function localTime(d: Date): string {
 }
 
 /**
+ * One progress line: bytes of the total, rate, ETA and the file that moved last. Before the total
+ * is known (Verda still listing what to send) it says so rather than "0B of 0B (100%)".
+ */
+export function transferLine(label: string, s: TransferState, seconds: number): string {
+  const rate = seconds > 0 ? s.bytes / seconds : 0;
+  const file = s.file ? `; ${printable(s.file.key)} ${humanSize(s.file.bytes)} of ${humanSize(s.file.size)}` : '';
+  if (s.total <= 0) return `${label}: ${humanSize(s.bytes)} so far, ${humanSize(rate)}/s (total not known yet)${file}`;
+  const eta = rate > 0 ? Math.max(0, s.total - s.bytes) / rate : Infinity;
+  const pct = Math.floor((s.bytes / s.total) * 100);
+  return `${label}: ${humanSize(s.bytes)} of ${humanSize(s.total)} (${pct}%), ${humanSize(rate)}/s, ETA ${humanDuration(eta)}${file}`;
+}
+
+/**
  * Where the human lines go. With --json they go to stderr so stdout holds the JSON alone.
  * Colour and progress only on a terminal without NO_COLOR.
  */
@@ -382,14 +395,7 @@ export class Output {
     let lastDraw = 0;
     let lastStats = started;
     let latest: TransferState = { bytes: 0, total: 0 };
-    const line = (s: TransferState) => {
-      const seconds = (Date.now() - started) / 1000;
-      const rate = seconds > 0 ? s.bytes / seconds : 0;
-      const eta = rate > 0 ? Math.max(0, s.total - s.bytes) / rate : Infinity;
-      const pct = s.total > 0 ? Math.floor((s.bytes / s.total) * 100) : 100;
-      const file = s.file ? `; ${printable(s.file.key)} ${humanSize(s.file.bytes)} of ${humanSize(s.file.size)}` : '';
-      return `${label}: ${humanSize(s.bytes)} of ${humanSize(s.total)} (${pct}%), ${humanSize(rate)}/s, ETA ${humanDuration(eta)}${file}`;
-    };
+    const line = (s: TransferState) => transferLine(label, s, (Date.now() - started) / 1000);
     return {
       update: (s) => {
         latest = s;

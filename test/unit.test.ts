@@ -8,7 +8,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { readTarMessages } from '../lib/archive.ts';
-import { RESTORE_VERDA_FLAGS, UsageError, humanSize, parseFlags } from '../lib/cli.ts';
+import { RESTORE_VERDA_FLAGS, UsageError, humanSize, parseFlags, transferLine } from '../lib/cli.ts';
 import { BLOCK, Digester, showBytes, walkTree } from '../lib/files.ts';
 import { FileDigests, TreeCache, awsCliPartSize, etagProvesContent } from '../lib/hash-cache.ts';
 import { LockHeld, acquireLock, isHeld, processStart } from '../lib/lock.ts';
@@ -85,6 +85,20 @@ test("restore-verda's flag rules: what cannot go together is refused naming both
   assert.equal(rv('--drill', '--from', '20261201-120000').extra.from, { from: 'manifest', stamp: '20261201-120000' });
   assert.is(rv('--list').list, true);
   assert.is(rv('--new-host').extra['new-host'], true);
+});
+
+test('a progress line: bytes of the total, rate, ETA, the file; before the total is known it says so', () => {
+  const file = { key: 'checkpoints/a\nb.safetensors', bytes: 3 * 1024 ** 2, size: 8 * 1024 ** 2 };
+  assert.is(
+    transferLine('models sent', { bytes: 10 * 1024 ** 2, total: 40 * 1024 ** 2, file }, 5),
+    'models sent: 10M of 40M (25%), 2.0M/s, ETA 0:15; checkpoints/a\\nb.safetensors 3.0M of 8.0M',
+  );
+  // Verda's first report comes before its listing: not "0B of 0B (100%)".
+  assert.is(
+    transferLine('models sent', { bytes: 0, total: 0 }, 0.2),
+    'models sent: 0B so far, 0B/s (total not known yet)',
+  );
+  assert.match(transferLine('x', { bytes: 0, total: 5 }, 1), /^x: 0B of 5B \(0%\), 0B\/s, ETA --:--$/);
 });
 
 test('humanSize prints as du -h does', () => {
