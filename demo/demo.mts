@@ -1,6 +1,8 @@
 // `npm run demo`: the scripts on embedded stand-ins, no account and no server of yours. A local
 // S3 server (s3rver) on loopback plays R2; a sample tree in .demo/ plays Mello's user files and,
-// for backup-verda --quick, Verda itself (VERDA_HOST=local: no SSH).
+// for backup-verda --quick, Verda itself (VERDA_HOST=local: no SSH). With --keep, the S3 server stays
+// up after the runs and .demo/.env names it, so that every other command can be tried with
+// --env-file .demo/.env, until Ctrl-C.
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
@@ -30,6 +32,24 @@ const env: NodeJS.ProcessEnv & { BACKUP_DIR: string } = {
   BACKUP_DIR: path.join(demo, 'mello/backups/verda'),
 };
 delete env.AWS_CA_BUNDLE;
+const keep = process.argv.includes('--keep');
+
+/** The stand-ins' settings as an .env: a restore-verda with it restores into .demo/verda and controls no service. */
+function writeDemoEnv(file: string) {
+  const settings: Record<string, string> = {
+    ...s3Env(s3, path.join(demo, 'state')),
+    ...verda.env,
+    MELLO_DATA_DIR: data,
+    VERDA_HOST: 'local',
+    VERDA_SYSTEMCTL: 'true',
+    BACKUP_DIR: env.BACKUP_DIR,
+  };
+  const quote = (v: string) => (/^[\w@%+=:,./-]*$/.test(v) ? v : `'${v}'`);
+  const lines = Object.entries(settings).map(([k, v]) => `${k}=${quote(v)}`);
+  fs.writeFileSync(file, `# npm run demo -- --keep: the demo's stand-ins, while it runs\n${lines.join('\n')}\n`, {
+    mode: 0o600,
+  });
+}
 
 // Asynchronous: the S3 server lives in this process and must keep answering.
 async function run(script: string, ...args: string[]) {
@@ -49,7 +69,21 @@ try {
   }
   console.log(`\nMello's copy of Verda: ${env.BACKUP_DIR}`);
   for (const name of fs.readdirSync(env.BACKUP_DIR).sort()) console.log(`  ${name}`);
-  console.log(`\nThe sample trees are under ${demo}; the S3 server stopped with this demo.`);
+  if (keep) {
+    const file = path.join(demo, '.env');
+    writeDemoEnv(file);
+    console.log(`\nThe sample trees are under ${demo}. The S3 server keeps running; ${file} names it. Try:`);
+    console.log('  ./backup-verda.mts --env-file .demo/.env --list');
+    console.log('  ./restore-mello.mts --env-file .demo/.env --user user001 --to /tmp/lost');
+    console.log('  ./restore-verda.mts --env-file .demo/.env --skip-image --dry-run');
+    console.log('Ctrl-C stops it.');
+    await new Promise<void>((resolve) => {
+      process.once('SIGINT', resolve);
+      process.once('SIGTERM', resolve);
+    });
+  } else {
+    console.log(`\nThe sample trees are under ${demo}; the S3 server stopped with this demo.`);
+  }
 } finally {
   await s3.stop();
 }

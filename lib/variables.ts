@@ -342,8 +342,9 @@ export const VARIABLES = [
     name: 'DRILL_MAX_BYTES',
     group: 'keep',
     default: '4294967296',
-    meaning: 'bytes a drill may unpack on Mello in all (4 GiB), counted as it unpacks',
-    scripts: ['restore-verda'],
+    meaning:
+      "bytes a drill may handle on Mello in all (4 GiB): restore-verda's unpacks up to it; restore-mello's reads every object back within it, else a random sample of that many bytes",
+    scripts: ['restore-verda', 'restore-mello'],
   },
   {
     name: 'STATS_INTERVAL',
