@@ -169,13 +169,20 @@ export class Versions implements VersionKeeper {
    * the second waits for the next, so that it never writes over the first's `T/KEY`).
    */
   static async start(opts: VersionsOptions): Promise<Versions> {
-    const last = readRecord(opts.stateDir)?.lastStamp;
+    const record = readRecord(opts.stateDir);
+    const last = record?.lastStamp;
     let now = opts.now ?? new Date();
-    // A clock set far back is not waited for: the skew notice says what to fix.
-    while (last && timestamp(now) <= last && stampTime(last).getTime() - now.getTime() < 5_000) {
+    const nextSecond = async () => {
       await new Promise((r) => setTimeout(r, 1000 - (now.getTime() % 1000) + 5));
       now = new Date();
-    }
+    };
+    // A clock set far back is not waited for: the skew notice says what to fix.
+    while (last && timestamp(now) <= last && stampTime(last).getTime() - now.getTime() < 5_000) await nextSecond();
+    // A run that may write kept-from.json (versions just turned on here, or back after a gap)
+    // begins on a whole second, and kept-from.json is its stamp: `--as-of` the run's stamp (the
+    // state before it) can then be had, and no run without versions ended within that second.
+    if (!opts.now && (record?.bucket !== opts.backend.name || !record.keptFromChecked || record.offSince))
+      await nextSecond();
     return new Versions(opts, now);
   }
 
@@ -202,7 +209,7 @@ export class Versions implements VersionKeeper {
     // A Mello without a record (a new disk) trusts what is stored; one whose record says versions
     // were off (or went to another bucket) does not: what it replaced meanwhile was not kept.
     const gap = record !== undefined && (record.bucket !== bucket || record.offSince !== undefined);
-    const from = this.started.toISOString();
+    const from = stampTime(this.stamp).toISOString(); // the run's second: it began on it (start)
     if (!stored) await writeKeptFrom(backend, { keptFrom: from, why: 'versions turned on' }, signal);
     else if (gap && Date.parse(stored.keptFrom) < this.started.getTime()) {
       const why = `versions were off on this Mello${record?.offSince ? ` from ${record.offSince}` : ''}`;

@@ -7,7 +7,7 @@ import * as assert from 'uvu/assert';
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { asOfChoices, parseAsOf, VersionIndex } from '../lib/as-of.ts';
+import { asOfChoices, checkAsOf, parseAsOf, VersionIndex } from '../lib/as-of.ts';
 import { UsageError } from '../lib/cli.ts';
 import { timestamp } from '../lib/dated.ts';
 import { CountingBackend, StorageError } from '../lib/storage.ts';
@@ -212,8 +212,12 @@ keeping(
         assert.is(await v.begin(), undefined);
         return (await readKeptFrom(t.versions))!;
       };
-      const on = new Date(2026, 10, 1, 9);
-      assert.equal(await start(on), { keptFrom: on.toISOString(), why: 'versions turned on' });
+      // Turned on at 9:00:00.911: kept from the run's stamp, 9:00:00, so that `--as-of` the stamp
+      // the first run's versions carry (offered by --list-versions) can be had.
+      const on = new Date(2026, 10, 1, 9, 0, 0, 911);
+      const onSecond = new Date(2026, 10, 1, 9);
+      assert.equal(await start(on), { keptFrom: onSecond.toISOString(), why: 'versions turned on' });
+      await checkAsOf(onSecond.getTime(), t.versions);
       const counted = new CountingBackend(t.versions);
       const again = await Versions.start({ backend: counted, stateDir: t.stateDir, keepDays: 30 });
       await again.begin();
