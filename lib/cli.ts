@@ -333,7 +333,7 @@ export function transferLine(label: string, s: TransferState, seconds: number): 
   const file = s.file ? `; ${printable(s.file.key)} ${humanSize(s.file.bytes)} of ${humanSize(s.file.size)}` : '';
   if (s.total <= 0) return `${label}: ${humanSize(s.bytes)} so far, ${humanSize(rate)}/s (total not known yet)${file}`;
   const eta = rate > 0 ? Math.max(0, s.total - s.bytes) / rate : Infinity;
-  const pct = Math.floor((s.bytes / s.total) * 100);
+  const pct = Math.min(100, Math.floor((s.bytes / s.total) * 100)); // a retried part counts twice
   return `${label}: ${humanSize(s.bytes)} of ${humanSize(s.total)} (${pct}%), ${humanSize(rate)}/s, ETA ${humanDuration(eta)}${file}`;
 }
 

@@ -43,7 +43,7 @@ export interface SyncOptions {
   concurrency?: number;
   /** Only files whose relative path this accepts (e.g. `*.safetensors`). */
   filter?: (rel: string) => boolean;
-  /** Bytes sent so far, of the files seen so far, and the file that moved last. */
+  /** Bytes sent so far, of the files decided to send so far, and the file that moved last. */
   onProgress?: (sentBytes: number, seenBytes: number, file: { key: string; bytes: number; size: number }) => void;
   /** Told of each file as it is decided, for verbose and dry-run lines. */
   onFile?: (action: FileAction) => void;
@@ -300,6 +300,8 @@ class TreeSync {
     actionCount: 0,
   };
   private progressBytes = 0;
+  /** Bytes of the files decided to send so far: progress's total (unchanged files are not work). */
+  private sendingBytes = 0;
   // Files in flight: 16 to start, more while more carry more (a long path), up to 64.
   private readonly maxFiles: number;
   private readonly files: AdaptiveSlots;
@@ -395,6 +397,7 @@ class TreeSync {
       return this.report({ action: 'skip', key: f.key, bytes: size, sha256, how: how.how });
     }
     const reason = f.there ? 'changed' : 'new';
+    this.sendingBytes += size;
     if (opts.dryRun) {
       result.sent++;
       result.sentBytes += size;
@@ -415,7 +418,7 @@ class TreeSync {
         ? (n) => {
             counted += n;
             this.progressBytes += n;
-            opts.onProgress!(this.progressBytes, result.bytes, { key: f.key, bytes: counted, size });
+            opts.onProgress!(this.progressBytes, this.sendingBytes, { key: f.key, bytes: counted, size });
           }
         : undefined,
     });

@@ -62,6 +62,7 @@ export class MemoryBackend implements Backend {
     if (whole) {
       chunks.push(whole);
       size = whole.length;
+      opts.onBytes?.(whole.length); // as R2Backend says of a small object sent whole
     } else {
       for await (const chunk of source.open(0, source.size) as AsyncIterable<Buffer>) {
         opts.signal?.throwIfAborted();

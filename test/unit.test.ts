@@ -487,6 +487,15 @@ test('syncTree: new files are sent with their sha256; an unchanged rerun sends n
   );
 });
 
+test("syncTree's progress: bytes sent of the bytes to send; unchanged files are not counted as work", async () => {
+  const root = await tree({ 'old.bin': 'x'.repeat(5000), 'new.bin': 'y'.repeat(300) });
+  const b = new MemoryBackend();
+  await b.put('old.bin', bufferSource(Buffer.from('x'.repeat(5000))), { metadata: { sha256: sha('x'.repeat(5000)) } });
+  let last = { sent: 0, total: 0 };
+  await syncTree({ root, backend: b, prefix: '', onProgress: (sent, total) => (last = { sent, total }) });
+  assert.equal(last, { sent: 300, total: 300 });
+});
+
 test('syncTree: an object proven by its sha256 metadata or by a bash-era ETag is skipped; other bytes of the same size are sent', async () => {
   const root = await tree({ 'meta.txt': 'same', 'bash.txt': 'from bash', 'changed.txt': 'new!' });
   const b = new MemoryBackend();
