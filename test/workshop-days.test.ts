@@ -18,7 +18,8 @@
 //   TEST_DAYS=N node test/run.mjs workshop-days      and N days more under a random seed
 //   TEST_SEED=S [TEST_DAYS=N] node test/run.mjs workshop-days   replays seed S alone
 //   TEST_STOP_FIRST=1                                stop a sequence at its first violation
-//   TEST_VERBOSE=1                                   print each operation and its outcome
+//   TEST_VERBOSE=1 (2)                               print each operation and its outcome (and output)
+//   TEST_PLAN='[[{"kind":"backup-verda","quick":false}, ...]]'   these days instead of a seed's
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import fs from 'node:fs';
@@ -48,6 +49,7 @@ import {
   kindExpected,
   kindPresent,
   planDays,
+  judge,
   readState,
   runWatched,
   sh,
@@ -352,7 +354,7 @@ class Sequence {
   // Faults
 
   /** Sets the fault up; returns the environment it needs, the line watcher that fires it, and its undoing. */
-  private async arm(fault: Fault | undefined, side: 'mello' | 'verda') {
+  private async arm(fault: Fault | undefined, side: 'mello' | 'verda', untilStopped = false) {
     const env: Record<string, string> = {};
     const fired: { at?: string } = {};
     let onLine: ((line: string, ctl: { interrupt(): void }) => void) | undefined;
@@ -400,21 +402,31 @@ class Sequence {
       case 'sigint':
       case 'link-cut': {
         const sshd = side === 'verda' ? w.verdaSshd : w.melloSshd;
+        const fire = (ctl: { interrupt(): void }) => {
+          if (fault.kind === 'sigint') ctl.interrupt();
+          else
+            for (const pid of sshd.sessions()) {
+              try {
+                process.kill(pid, 'SIGKILL');
+              } catch {
+                /* gone */
+              }
+            }
+        };
+        const stopsBefore = w.serviceStops();
         onLine = (line, ctl) => {
           const m = /^Step (\d+): (.*)$/.exec(line.trim());
           if (!m || fired.at || Number(m[1]) !== fault.step) return;
           fired.at = m[2]!;
-          setTimeout(() => {
-            if (fault.kind === 'sigint') ctl.interrupt();
-            else
-              for (const pid of sshd.sessions()) {
-                try {
-                  process.kill(pid, 'SIGKILL');
-                } catch {
-                  /* gone */
-                }
-              }
-          }, fault.delayMs);
+          // A restore's services step: fired while the service it stopped is down (the stand-in
+          // holds a stop 0.3 s), where a restore that does not start it again leaves it stopped.
+          const waitForStop = untilStopped && /tailscale/i.test(fired.at);
+          const started = Date.now();
+          const poll = () => {
+            if (w.serviceStops() > stopsBefore || Date.now() - started > 5000) fire(ctl);
+            else setTimeout(poll, 10);
+          };
+          setTimeout(() => (waitForStop ? poll() : fire(ctl)), waitForStop ? 0 : fault.delayMs);
         };
         break;
       }
@@ -437,6 +449,7 @@ class Sequence {
   ) {
     const run = await runWatched(script, args, env, { limitMs: 150_000, onLine });
     say(`    → exit ${run.code ?? run.signal} in ${(run.ms / 1000).toFixed(1)} s`);
+    if (process.env.TEST_VERBOSE === '2') say(`      ${tail(run, 40)}`);
     if (run.hung)
       this.violate('a run always ends by itself', `${script} ${args.join(' ')} still ran after 150 s: killed`);
     if (run.code === 75)
@@ -493,7 +506,8 @@ class Sequence {
     }
     this.checkBackupDirClean();
     const interrupted = fault?.kind === 'sigint' && armed.fired.at;
-    if ((run.code === 0 || run.code === 1) && !interrupted) this.checkRotation(before, after, p, fault);
+    if (!run.hung)
+      this.checkRotation(before, after, p, fault, Boolean(interrupted) || (run.code !== 0 && run.code !== 1));
     await this.checkStatuses();
   }
 
@@ -604,7 +618,8 @@ class Sequence {
     if (fault?.kind === 'bucket-misnamed')
       need(/R2_(MODELS|CACHE|USER_FILES)_BUCKET/, 'the bucket variable (NoSuchBucket)');
     if (fault?.kind === 'sfs-unmounted') need(/SFS_MOUNT/, 'SFS_MOUNT');
-    if (fault?.kind === 'disk-full') need(/BACKUP_DIR|COMFYMULTI_STATE_DIR|ENOSPC|no space/i, 'BACKUP_DIR (disk full)');
+    if (fault?.kind === 'disk-full')
+      need(/BACKUP_DIR|COMFYMULTI_STATE_DIR/, 'the variable of the full disk (BACKUP_DIR)');
     if (fault?.kind === 'drill-limit') need(/DRILL_MAX_BYTES/, 'DRILL_MAX_BYTES');
     if (fault?.kind === 'no-root')
       need(/tailscaled\.state|ssh_host_\w+_key|user6?\.rules|\.env/, 'the essential file it could not read');
@@ -625,28 +640,41 @@ class Sequence {
    * Rotation by restore points: the KEEP newest whole points (those before the run, and the run's
    * own) and the newest whole one that records the image are kept, whatever the run did.
    */
-  private checkRotation(before: Observed, after: Observed, p: Point | undefined, fault: Fault | undefined) {
-    const wholeBefore = before.all.judged.filter((j) => j.whole).map((j) => j.point);
+  private checkRotation(
+    before: Observed,
+    after: Observed,
+    p: Point | undefined,
+    fault: Fault | undefined,
+    interrupted: boolean,
+  ) {
+    const w = this.w;
+    const r2Fault = fault?.kind === 'bucket-deleted';
+    // What rotation may have taken: local artifacts and manifests, and R2's dated bundles (unless
+    // the harness deleted the bucket itself). A point whole before the run stays a candidate when
+    // nothing else about it changed: the run may have replaced the image or a model, which ends
+    // an older point's wholeness without any deletion.
+    const byRotation = (cls: string) => cls === 'local' || (cls === 'bundle' && !r2Fault);
+    const candidates = before.all.judged
+      .filter((j) => j.whole)
+      .map((j) => j.point)
+      .filter((q) => judge(q, after.state, w.buckets, ALL_SOURCES).reasons.every((r) => byRotation(r.cls)));
     const own = p && after.all.judged.find((j) => j.point.name === p.name && j.whole)?.point;
-    const candidates = [...wholeBefore, ...(own ? [own] : [])].sort((a, b) => (a.stamp < b.stamp ? 1 : -1));
+    if (own) candidates.push(own);
+    candidates.sort((a, b) => (a.stamp < b.stamp ? 1 : -1));
     const keep = candidates.slice(0, KEEP);
     const withImage = candidates.find((c) => c.imageId && c.imageSha);
     if (withImage && !keep.includes(withImage)) keep.push(withImage);
-    const r2Fault = fault?.kind === 'bucket-deleted';
     for (const k of keep) {
-      const j = after.all.judged.find((x) => x.point.name === k.name);
-      if (!j) {
-        this.violate('rotation keeps the newest whole points', `${k.name}, whole and among those to keep, was deleted`);
-        continue;
-      }
-      const lost = j.reasons.filter((r) => r.cls === 'local' || (r.cls === 'bundle' && !r2Fault));
-      if (lost.length)
+      const there = after.state.points.some((q) => q.name === k.name);
+      const lost = judge(k, after.state, w.buckets, ALL_SOURCES).reasons.filter((r) => byRotation(r.cls));
+      if (!there || lost.length)
         this.violate(
-          'rotation keeps the newest whole points',
-          `${k.name}, whole and among those to keep, lost: ${lost.map((r) => r.why).join('; ')}`,
+          interrupted ? 'an interrupted run deletes nothing' : 'rotation keeps the newest whole points',
+          `${k.name}, whole and among the ${KEEP} newest (or the newest with the image), lost: ` +
+            [...(there ? [] : ['its manifest']), ...lost.map((r) => r.why)].join('; '),
         );
     }
-    if (fault?.kind === 'bucket-misnamed' || fault?.kind === 'bucket-deleted') return;
+    if (interrupted || fault?.kind === 'bucket-misnamed' || r2Fault) return;
     const wholeAfter = after.all.judged.filter((j) => j.whole).map((j) => j.point.name);
     if (wholeAfter.length > KEEP + 1)
       this.violate(
@@ -1035,7 +1063,7 @@ class Sequence {
     const w = this.w;
     const before = await this.observe();
     const modelsBefore = snap(w.storeModels, (r) => r.endsWith('.safetensors'));
-    const armed = await this.arm(fault, 'verda');
+    const armed = await this.arm(fault, 'verda', true);
     const run = await this.script('restore-verda.mts', [], w.melloEnv(armed.env), armed.onLine);
     await armed.undo();
     const after = await this.observe();
@@ -1067,7 +1095,11 @@ class Sequence {
           .join(', ')}`,
       );
     let ok = run.code === 0;
-    if (fault) return { ok, exit: run.code };
+    if (fault) {
+      // Named when the fault is why it failed (the rest of what it needs could be had).
+      if (run.code !== 0 && t.restorable && fault.kind !== 'no-root') this.checkNamed(run, fault);
+      return { ok, exit: run.code };
+    }
 
     if (t.restorable && run.code !== 0)
       this.violate(
@@ -1232,7 +1264,7 @@ async function sequence(seed: number, days: number): Promise<Violation[]> {
   try {
     await w.start(new Rng(seed ^ 0x5eed));
     const s = new Sequence(w, seed, days);
-    await s.run(planDays(seed, days));
+    await s.run(givenPlan ?? planDays(seed, days));
     say(
       `seed ${seed}: ${days} days in ${((Date.now() - started) / 1000).toFixed(1)} s, ${s.violations.length} violations`,
     );
@@ -1243,13 +1275,16 @@ async function sequence(seed: number, days: number): Promise<Violation[]> {
 }
 
 function report(seed: number, days: number, violations: Violation[]): string {
-  const plan = planDays(seed, days);
+  const plan = givenPlan ?? planDays(seed, days);
   return [
     `seed ${seed}, ${days} days: ${violations.length} invariant(s) broken. Replay: TEST_SEED=${seed} TEST_DAYS=${days} node test/run.mjs workshop-days`,
     ...violations.slice(0, 40).map((v) => `  day ${v.day} op ${v.op} (${v.what}): ${v.invariant}\n      ${v.detail}`),
     `  the days: ${plan.map((ops, d) => `day ${d + 1}: ${ops.map(describe).join(' | ')}`).join('\n            ')}`,
   ].join('\n');
 }
+
+/** TEST_PLAN: the days as JSON (an array of days, each an array of operations), instead of a seed's. */
+const givenPlan: Op[][] | undefined = process.env.TEST_PLAN ? JSON.parse(process.env.TEST_PLAN) : undefined;
 
 const wanted: { seed: number; days: number }[] = process.env.TEST_SEED
   ? [{ seed: Number(process.env.TEST_SEED), days: Number(process.env.TEST_DAYS ?? 2) }]

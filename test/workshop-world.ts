@@ -733,6 +733,14 @@ exit 0
     return states;
   }
 
+  /** How many stops the stand-in recorded so far. */
+  serviceStops(): number {
+    return fs
+      .readFileSync(this.services, 'utf8')
+      .split('\n')
+      .filter((l) => l.endsWith(' stop')).length;
+  }
+
   resetServices() {
     fs.writeFileSync(this.services, '');
   }
