@@ -23,6 +23,7 @@
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import fs from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import tar from 'tar-stream';
 import zlib from 'node:zlib';
@@ -133,6 +134,8 @@ const MAY_WRITE: Record<string, string[]> = {
 
 class Sequence {
   readonly violations: Violation[] = [];
+  /** Script runs so far (not counting --status). */
+  runs = 0;
   private day = 0;
   private opIndex = 0;
   private what = '';
@@ -360,6 +363,7 @@ class Sequence {
     let onLine: ((line: string, ctl: { interrupt(): void }) => void) | undefined;
     const w = this.w;
     const undo: (() => Promise<void>)[] = [];
+    let ended = false;
     if (!fault) return { env, fired, onLine, undo: async () => {} };
     switch (fault.kind) {
       case 'unreachable':
@@ -403,17 +407,24 @@ class Sequence {
       case 'link-cut': {
         const sshd = side === 'verda' ? w.verdaSshd : w.melloSshd;
         const fire = (ctl: { interrupt(): void }) => {
-          if (fault.kind === 'sigint') ctl.interrupt();
-          else
-            for (const pid of sshd.sessions()) {
-              try {
-                process.kill(pid, 'SIGKILL');
-              } catch {
-                /* gone */
-              }
+          if (fault.kind === 'sigint') return ctl.interrupt();
+          let sessions: number[] = [];
+          try {
+            sessions = sshd.sessions();
+          } catch {
+            /* the server is gone */
+          }
+          for (const pid of sessions) {
+            try {
+              process.kill(pid, 'SIGKILL');
+            } catch {
+              /* that session ended meanwhile */
             }
+          }
         };
         const stopsBefore = w.serviceStops();
+        // Nothing fires once the run has ended (its undo ran): the world may be gone by then.
+        undo.push(async () => void (ended = true));
         onLine = (line, ctl) => {
           const m = /^Step (\d+): (.*)$/.exec(line.trim());
           if (!m || fired.at || Number(m[1]) !== fault.step) return;
@@ -423,10 +434,11 @@ class Sequence {
           const waitForStop = untilStopped && /tailscale/i.test(fired.at);
           const started = Date.now();
           const poll = () => {
+            if (ended) return;
             if (w.serviceStops() > stopsBefore || Date.now() - started > 5000) fire(ctl);
             else setTimeout(poll, 10);
           };
-          setTimeout(() => (waitForStop ? poll() : fire(ctl)), waitForStop ? 0 : fault.delayMs);
+          setTimeout(() => (ended ? undefined : waitForStop ? poll() : fire(ctl)), waitForStop ? 0 : fault.delayMs);
         };
         break;
       }
@@ -448,6 +460,7 @@ class Sequence {
     onLine?: (l: string, c: { interrupt(): void }) => void,
   ) {
     const run = await runWatched(script, args, env, { limitMs: 150_000, onLine });
+    this.runs++;
     say(`    → exit ${run.code ?? run.signal} in ${(run.ms / 1000).toFixed(1)} s`);
     if (process.env.TEST_VERBOSE === '2') say(`      ${tail(run, 40)}`);
     if (run.hung)
@@ -495,11 +508,8 @@ class Sequence {
       if (!p) this.violate('exit 0 means its promise is in place', `exit 0 but no new manifest in BACKUP_DIR`);
       else await this.checkVerdaPromise(p, quick, after, verdaBefore, modelsBefore, imageBefore);
     } else if (run.code === 1) {
-      if (p && !made.length)
-        this.violate(
-          'a run that made no artifact writes no manifest',
-          `${p.name} written, but no dated artifact was made`,
-        );
+      if (p && !p.artifacts.length)
+        this.violate('a run that made no artifact writes no manifest', `${p.name} written, recording no artifact`);
       if (p?.complete) this.violate('a failed run is never complete', `exit 1 but ${p.name} records a complete run`);
       this.checkOrder(run, armed.fired.at, fault, after, made);
       this.checkNamed(run, fault);
@@ -1079,20 +1089,30 @@ class Sequence {
       ? this.expectedVerda(t.point.point)
       : new Map<string, import('./workshop-world.ts').Entry>();
     // Never a mix: whatever was restored is the point's, entry for entry (directories' mtimes aside).
-    const foreign = [...actual].filter(([rel, e]) => {
-      const want = expected.get(rel);
-      if (!want) return true;
-      return e.type === 'dir'
-        ? want.type !== 'dir' || want.mode !== e.mode
-        : snapDiff(new Map([[rel, want]]), new Map([[rel, e]])).length > 0;
-    });
+    // An entry the point does not hold came from elsewhere; one it holds otherwise is a partial
+    // file under its final name (an interrupted unpack) or other bytes.
+    const foreign = [...actual].filter(([rel]) => !expected.has(rel)).map(([rel]) => rel);
+    const partial = [...actual]
+      .filter(([rel, e]) => {
+        const want = expected.get(rel);
+        if (!want) return false;
+        if (e.type === 'dir') return want.type !== 'dir' || want.mode !== e.mode;
+        return snapDiff(new Map([[rel, want]]), new Map([[rel, e]])).length > 0;
+      })
+      .map(([rel]) => rel);
+    const names = (rels: string[]) =>
+      rels.slice(0, 6).join(', ') + (rels.length > 6 ? ` and ${rels.length - 6} more` : '');
     if (foreign.length)
       this.violate(
         'a restore brings back one whole point, never a mix',
-        `${t.point ? `not what ${t.point.point.name} holds` : 'restored though no point is whole'}: ${foreign
-          .slice(0, 6)
-          .map(([r]) => r)
-          .join(', ')}`,
+        t.point
+          ? `restored what ${t.point.point.name} does not hold: ${names(foreign)}`
+          : `restored config though no restore point is whole (${t.missing[0]}): ${names(foreign)}`,
+      );
+    if (partial.length)
+      this.violate(
+        run.code === 0 ? 'exit 0 means its promise is in place' : 'no partial file under a final name',
+        `exit ${run.code}: restored otherwise than ${t.point?.point.name} holds it: ${names(partial)}`,
       );
     let ok = run.code === 0;
     if (fault) {
@@ -1116,14 +1136,13 @@ class Sequence {
         this.violate('a restore fails naming what is missing', `exit ${run.code} without naming the models`);
     }
     if (run.code === 0 && t.point) {
-      const diff = snapDiff(expected, actual, { max: 8 });
-      if (diff.length) {
-        ok = false;
+      const notRestored = [...expected.keys()].filter((rel) => !actual.has(rel));
+      if (notRestored.length || foreign.length || partial.length) ok = false;
+      if (notRestored.length)
         this.violate(
           'exit 0 means its promise is in place',
-          `the restored Verda is not ${t.point.point.name}: ${diff.join('; ')}`,
+          `exit 0, but of what ${t.point.point.name} holds these are not on Verda: ${names(notRestored)}`,
         );
-      }
     }
     if (run.code === 0) {
       const loaded = w.loadedImage();
@@ -1148,7 +1167,7 @@ class Sequence {
       }
     }
     // Models a worker (another uid) can read; none deleted.
-    const unreadable = [...snap(w.storeModels)].filter(([, e]) =>
+    const unreadable = [...snap(w.storeModels, () => true, true)].filter(([, e]) =>
       e.type === 'file' ? (e.mode & 0o004) === 0 : e.type === 'dir' && (e.mode & 0o005) !== 0o005,
     );
     if (unreadable.length)
@@ -1252,10 +1271,17 @@ function imageIdOf(file: string): string | undefined {
 // ---------------------------------------------------------------------------------------------
 // The sequences npm test runs, and the ones asked for
 
-/** Fixed seeds: together they meet every operation and fault within the time budget. */
+/**
+ * What npm test runs: seed 0, the two days written to meet each example of issue 19
+ * (ISSUE_DAYS), and three random seeds chosen (greedy set cover over the generator's plans) to
+ * add the faults those days leave out: together every operation and most faults, in about 36
+ * script runs. TEST_DAYS=N explores further.
+ */
 const FIXED: { seed: number; days: number }[] = [
-  { seed: 11, days: 2 },
-  { seed: 23, days: 1 },
+  { seed: 0, days: 2 },
+  { seed: 261, days: 1 },
+  { seed: 2433, days: 1 },
+  { seed: 1329, days: 1 },
 ];
 
 async function sequence(seed: number, days: number): Promise<Violation[]> {
@@ -1265,8 +1291,10 @@ async function sequence(seed: number, days: number): Promise<Violation[]> {
     await w.start(new Rng(seed ^ 0x5eed));
     const s = new Sequence(w, seed, days);
     await s.run(givenPlan ?? planDays(seed, days));
-    say(
-      `seed ${seed}: ${days} days in ${((Date.now() - started) / 1000).toFixed(1)} s, ${s.violations.length} violations`,
+    const seconds = ((Date.now() - started) / 1000).toFixed(1);
+    process.stdout.write(
+      `workshop-days: seed ${seed}, ${days} days: ${s.runs} script runs in ${seconds} s ` +
+        `(load average ${os.loadavg()[0]!.toFixed(1)}), ${s.violations.length} violations\n`,
     );
     return s.violations;
   } finally {

@@ -735,6 +735,7 @@ exit 0
 
   /** How many stops the stand-in recorded so far. */
   serviceStops(): number {
+    if (!fs.existsSync(this.services)) return 0;
     return fs
       .readFileSync(this.services, 'utf8')
       .split('\n')
@@ -1117,7 +1118,45 @@ export function pickFault(
 }
 
 /** The days of a seed: each a few edits and runs, most with no fault, ending with Verda deleted and restored. */
-export function planDays(seed: number, days: number, faultP = 0.4): Op[][] {
+/**
+ * Seed 0 is not random: two days written to meet each example of issue 19 (a run without root,
+ * SFS not mounted, rotation after an afternoon of failed runs, a restore with no complete full
+ * run, a restore interrupted with tailscaled stopped, restored models' modes, --root, --verify
+ * --deep and the hash cache, Ctrl-C during the models), in the order a workshop would.
+ */
+export const ISSUE_DAYS: Op[][] = [
+  [
+    { kind: 'backup-verda', quick: true },
+    { kind: 'backup-mello', quick: false },
+    { kind: 'edit-mello', what: 'edit', keepMtime: true },
+    { kind: 'verify-mello', deep: true },
+    { kind: 'backup-cron', quick: false, fault: { kind: 'no-root' } },
+    { kind: 'backup-cron', quick: true, fault: { kind: 'sfs-unmounted' } },
+    { kind: 'edit-verda', what: 'env', keepMtime: false },
+    {
+      kind: 'end-of-day',
+      sfsLoss: false,
+      rooted: false,
+      restoreFault: { kind: 'sigint', step: 2, delayMs: 0 },
+    },
+  ],
+  [
+    { kind: 'backup-verda', quick: false },
+    { kind: 'backup-verda', quick: false, fault: { kind: 'bucket-misnamed', bucket: 'models' } },
+    { kind: 'backup-verda', quick: false, fault: { kind: 'unreachable' } },
+    { kind: 'backup-verda', quick: false, fault: { kind: 'bucket-misnamed', bucket: 'models' } },
+    { kind: 'backup-verda', quick: false, fault: { kind: 'bucket-misnamed', bucket: 'models' } },
+    { kind: 'backup-verda', quick: true },
+    { kind: 'edit-verda', what: 'ufw', keepMtime: false },
+    { kind: 'backup-verda', quick: false, fault: { kind: 'sigint', step: 11, delayMs: 0 } },
+    { kind: 'edit-model', keepMtime: true },
+    { kind: 'backup-verda', quick: false },
+    { kind: 'end-of-day', sfsLoss: true, rooted: true },
+  ],
+];
+
+export function planDays(seed: number, days: number, faultP = 0.5): Op[][] {
+  if (seed === 0) return ISSUE_DAYS.slice(0, days);
   const rng = new Rng(seed);
   const plan: Op[][] = [];
   for (let d = 0; d < days; d++) {
