@@ -95,6 +95,16 @@ function failedSteps(run: ScriptRun): string[] {
   return [...run.stdout.matchAll(/^\s+✗ Step \d+ \(([^)]+)\):/gm)].map((m) => m[1]!);
 }
 
+/** What must never be printed: the fixture's .env values, keys and identity, and the R2 secret. */
+const SECRETS = [
+  'hf_fixture_secret_4242',
+  'project_secret_9',
+  'PRIVATE HOST KEY',
+  'PRIVATE RSA KEY',
+  'privkey:abc',
+  'S3RVER',
+];
+
 const CONFIG_STEPS = [
   'Tailscale identity',
   'SSH host keys',
@@ -469,6 +479,9 @@ class Sequence {
       this.violate('the lock is released', `${script} found its lock held, though no run of it was going on`);
     if (/\n\s+at .+:\d+:\d+\)?\n/.test(run.stdout + run.stderr))
       this.violate('no stack trace', `${script}: a stack trace in its output:\n      ${tail(run)}`);
+    const leaked = SECRETS.filter((secret) => (run.stdout + run.stderr).includes(secret));
+    if (leaked.length)
+      this.violate('no secret in any output', `${script} ${args.join(' ')} printed ${leaked.join(', ')}`);
     return run;
   }
 
@@ -514,7 +527,7 @@ class Sequence {
       this.checkOrder(run, armed.fired.at, fault, after, made);
       this.checkNamed(run, fault);
     }
-    this.checkBackupDirClean();
+    this.checkBackupDirClean(run.code === 0);
     const interrupted = fault?.kind === 'sigint' && armed.fired.at;
     if (!run.hung)
       this.checkRotation(before, after, p, fault, Boolean(interrupted) || (run.code !== 0 && run.code !== 1));
@@ -635,10 +648,11 @@ class Sequence {
       need(/tailscaled\.state|ssh_host_\w+_key|user6?\.rules|\.env/, 'the essential file it could not read');
   }
 
-  /** No partial file under a final name, no temporary file left. */
-  private checkBackupDirClean() {
+  /** No partial file under a final name, no temporary file left; secrets 0600 in a 0700 directory. */
+  private checkBackupDirClean(ok: boolean) {
     const w = this.w;
-    for (const name of fs.readdirSync(w.backupDir)) {
+    if (ok) this.checkPrivate(w.backupDir, 'BACKUP_DIR');
+    for (const name of fs.existsSync(w.backupDir) ? fs.readdirSync(w.backupDir) : []) {
       const file = path.join(w.backupDir, name);
       if (name.startsWith('.')) this.violate('no temporary file left', `${name} left in BACKUP_DIR`);
       else if (name.endsWith('.tar.gz') && sh('tar', ['-tzf', file], { allowFail: true }).status !== 0)
@@ -762,8 +776,23 @@ class Sequence {
     }
     for (const name of fs.existsSync(w.storeBackups) ? fs.readdirSync(w.storeBackups) : [])
       if (name.startsWith('.') && name !== '.hash-cache') this.violate('no temporary file left', `${name} left on SFS`);
+    if (run.code === 0) this.checkPrivate(w.storeBackups, 'SFS_BACKUP_DIR');
     this.checkUserFilesKept(before.state, after.state);
     await this.checkStatuses();
+  }
+
+  /** Artifacts holding keys, identity or .env: mode 0600 in a 0700 directory (SPEC, Secrets). */
+  private checkPrivate(dir: string, label: string) {
+    if (!fs.existsSync(dir)) return;
+    const mode = fs.statSync(dir).mode & 0o777;
+    if (mode !== 0o700) this.violate('secrets are 0600 in 0700 directories', `${label} has mode ${mode.toString(8)}`);
+    const open = fs
+      .readdirSync(dir)
+      .filter((n) =>
+        /^(tailscale-identity|ssh-host-keys|project-env|home-dev|comfy-project)-\d{8}-\d{6}\.tar\.gz$/.test(n),
+      )
+      .filter((n) => (fs.statSync(path.join(dir, n)).mode & 0o777) !== 0o600);
+    if (open.length) this.violate('secrets are 0600 in 0700 directories', `in ${label}, not 0600: ${open.join(', ')}`);
   }
 
   private sfsCopies(kind: string): string[] {

@@ -461,7 +461,8 @@ export class World {
     this.mountSfs();
     // Mello's disk: a tmpfs, so that it can be filled.
     this.mount(['-t', 'tmpfs', '-o', 'size=128m,mode=755', 'tmpfs', this.mello]);
-    for (const dir of [this.backupDir, this.melloData, this.melloState, path.dirname(this.services), this.bin])
+    // BACKUP_DIR is the scripts' to make (private); Mello's data and state are there already.
+    for (const dir of [this.melloData, this.melloState, path.dirname(this.services), this.bin])
       fs.mkdirSync(dir, { recursive: true });
     fs.writeFileSync(this.services, '');
     fs.chmodSync(this.services, 0o644);
