@@ -423,7 +423,11 @@ export class World {
   private mounts: string[] = [];
   private counter = 0;
 
+  /** Worlds not yet stopped: a process that dies leaves no mount, image or tree behind (see below). */
+  static readonly live = new Set<World>();
+
   constructor(readonly seed: number) {
+    World.live.add(this);
     this.work = tempDir(`wsd-${seed}`);
     // nobody (a run without root) must be able to walk to the sources, as on a real Verda.
     fs.chmodSync(this.work, 0o755);
@@ -532,7 +536,17 @@ exit 0
     sh('mount', ['-o', 'remount,size=128m', this.mello]);
   }
 
+  /** What stop() does that can be done synchronously, as the process exits. */
+  stopNow() {
+    World.live.delete(this);
+    for (const id of this.imageIds) sh('podman', ['rmi', '--force', id], { allowFail: true });
+    sh('umount', ['-l', this.sfs], { allowFail: true });
+    for (const m of [...this.mounts].reverse()) sh('umount', ['-l', m], { allowFail: true });
+    fs.rmSync(this.work, { recursive: true, force: true });
+  }
+
   async stop() {
+    World.live.delete(this);
     try {
       await this.s3?.stop();
     } catch {
@@ -792,6 +806,13 @@ exit 0
     }
   }
 }
+
+// A test process that ends abruptly (an uncaught error, Ctrl-C) still unmounts its tmpfs mounts
+// and removes its images and trees.
+process.on('exit', () => {
+  for (const w of World.live) w.stopNow();
+});
+for (const sig of ['SIGINT', 'SIGTERM'] as const) process.once(sig, () => process.exit(130));
 
 async function closedPort(): Promise<number> {
   return new Promise((resolve) => {
