@@ -539,6 +539,13 @@ exit 0
   /** What stop() does that can be done synchronously, as the process exits. */
   stopNow() {
     World.live.delete(this);
+    for (const d of [this.verdaSshd, this.melloSshd]) {
+      try {
+        process.kill(Number(fs.readFileSync(path.join(d.dir, 'sshd.pid'), 'utf8')), 'SIGTERM');
+      } catch {
+        /* not started, or gone */
+      }
+    }
     for (const id of this.imageIds) sh('podman', ['rmi', '--force', id], { allowFail: true });
     sh('umount', ['-l', this.sfs], { allowFail: true });
     for (const m of [...this.mounts].reverse()) sh('umount', ['-l', m], { allowFail: true });
