@@ -479,6 +479,8 @@ class Sequence {
       this.violate('the lock is released', `${script} found its lock held, though no run of it was going on`);
     if (/\n\s+at .+:\d+:\d+\)?\n/.test(run.stdout + run.stderr))
       this.violate('no stack trace', `${script}: a stack trace in its output:\n      ${tail(run)}`);
+    const warning = /^.*(\(node:\d+\)|DeprecationWarning|ExperimentalWarning).*$/m.exec(run.stderr);
+    if (warning) this.violate('nothing but our own lines on stderr', `${script}: ${warning[0]}`);
     const leaked = SECRETS.filter((secret) => (run.stdout + run.stderr).includes(secret));
     if (leaked.length)
       this.violate('no secret in any output', `${script} ${args.join(' ')} printed ${leaked.join(', ')}`);
