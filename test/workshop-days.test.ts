@@ -1025,6 +1025,20 @@ class Sequence {
       fs.mkdirSync(w.storeBackups, { recursive: true });
     }
     say(`    Verda deleted${sfsLoss ? ', SFS lost' : ''}`);
+    if (verbose) {
+      const o = await this.observe();
+      for (const [view, t] of [
+        ['with SFS', o.all],
+        ['Mello alone', o.mello],
+      ] as const)
+        say(
+          `    truth (${view}): point ${t.point?.point.name ?? 'none'}, image ${t.image ? `${t.image.id.slice(0, 12)} (${t.image.recordedIn})` : 'none'}, ` +
+            `models ${t.models.ok ? 'ok' : t.models.why}; not whole: ${t.judged
+              .filter((j) => !j.whole)
+              .map((j) => `${j.point.name} (${j.reasons.map((r) => r.why).join('; ')})`)
+              .join(', ')}`,
+        );
+    }
 
     if (sfsLoss) {
       this.what = `end of day ${this.day}: restore-verda --from sfs, SFS lost`;
