@@ -12,7 +12,7 @@ import fs from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
-import { CreateBucketCommand, DeleteBucketCommand, DeleteObjectCommand, PutObjectCommand } from '@aws-sdk/client-s3';
+import { CreateBucketCommand, DeleteBucketCommand, DeleteObjectCommand } from '@aws-sdk/client-s3';
 import { ROOT, SECRET, sha256, startS3, tempDir, type S3Server } from './helpers.ts';
 import { startSshd, type Sshd } from './sshd.ts';
 import { makeVerda } from './verda-fixture.ts';
@@ -780,10 +780,6 @@ exit 0
 
   async createBucket(bucket: string) {
     await this.s3.client.send(new CreateBucketCommand({ Bucket: bucket })).catch(() => {});
-  }
-
-  async putObject(bucket: string, key: string, body: Buffer) {
-    await this.s3.client.send(new PutObjectCommand({ Bucket: bucket, Key: key, Body: body }));
   }
 
   /** Every object of a bucket, key → sha256 of its bytes (read back: the truth, not its metadata). */
