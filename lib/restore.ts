@@ -614,6 +614,12 @@ export class Services {
   ) {}
 
   async act([verb, unit]: ServiceAction, signal: AbortSignal) {
+    // A stop cut short (a signal, a lost connection) before it answered may have taken effect:
+    // until a clear "no", the unit counts as stopped, so it is started again.
+    if (verb === 'stop' && !this.stopped.has(unit)) {
+      this.stopped.add(unit);
+      this.state.set(unit, 'STOPPED');
+    }
     const r = await this.host.$({ sudo: true, signal, nothrow: true })`${this.systemctl} ${verb} ${unit}`;
     const result = {
       ok: r.code === 0,
@@ -621,11 +627,12 @@ export class Services {
       said: said(r.stderr, 2),
       what: `${this.systemctl.join(' ')} ${verb} ${unit}`,
     };
+    if (verb === 'stop' && !result.ok) {
+      this.stopped.delete(unit);
+      this.state.delete(unit);
+    }
     if (result.missing) this.state.set(unit, 'not installed');
-    else if (verb === 'stop' && result.ok) {
-      this.stopped.add(unit);
-      this.state.set(unit, 'STOPPED');
-    } else if (verb !== 'stop') {
+    else if (verb !== 'stop') {
       if (result.ok) this.stopped.delete(unit);
       const done = { start: 'started', restart: 'restarted', reload: 'reloaded' }[verb];
       this.state.set(

@@ -607,6 +607,19 @@ test('5. a restore that fails, or is interrupted, after stopping tailscaled star
   assert.match(r.stderr, /SIGINT received/);
   assert.equal(signalled.calls(), ['stop tailscaled', 'start tailscaled'], 'started again after the interrupt');
   assert.match(summaryOf(r), /services: tailscaled started/, out(r));
+
+  // SIGINT while `systemctl stop` has stopped the unit but not yet answered (systemd waits for the
+  // unit to go): the stop took effect, so it is started again (found by the workshop-days test).
+  const lingering = recorder(path.join(t, 'lingering'));
+  fs.appendFileSync(lingering.bin, '[ "$1" = stop ] && { : > "$(dirname "$0")/stopping"; sleep 20; }\nexit 0\n');
+  const stopping = path.join(t, 'lingering', 'stopping');
+  const cut = restore(['--only', 'tailscale-identity'], env(lingering.bin), { onSpawn: (p) => (pid = p) });
+  await until(() => fs.existsSync(stopping), 60_000, 'systemctl stop running');
+  process.kill(pid, 'SIGINT');
+  const c = await cut;
+  assert.is(c.code, 1, out(c));
+  assert.equal(lingering.calls(), ['stop tailscaled', 'start tailscaled'], 'started again after a stop cut short');
+  assert.match(summaryOf(c), /services: tailscaled started/, out(c));
 });
 
 test('6. --root DIR changes nothing outside DIR: the Verda tree, the loaded images and the services as they were', async () => {
