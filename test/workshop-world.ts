@@ -628,7 +628,6 @@ exit 0
       ...this.verdaPaths(),
       VERDA_HOST: 'verda',
       SSH_CONFIG: this.verdaSshConfig,
-      VERDA_SCRIPTS_DIR: ROOT,
       BACKUP_DIR: this.backupDir,
       MELLO_DATA_DIR: this.melloData,
       COMFYMULTI_STATE_DIR: this.melloState,
@@ -1097,8 +1096,9 @@ export function pickFault(
   where: 'backup-verda' | 'backup-cron' | 'backup-mello' | 'restore' | 'drill',
 ): Fault {
   // Where a fault hurts most is picked more often: backup-verda's long steps (the image, the
-  // models: 10 and 11 in the bash order), a restore right after it stopped tailscaled (step 2).
-  const hot: Record<string, number[]> = { 'backup-verda': [10, 11, 11], restore: [2, 2] };
+  // models: 11 and 12, after the config bundle, step 10), a restore right after it stopped
+  // tailscaled (step 2).
+  const hot: Record<string, number[]> = { 'backup-verda': [11, 12, 12], restore: [2, 2] };
   const timed = (kind: 'link-cut' | 'sigint', steps: number): Fault => ({
     kind,
     step: rng.chance(0.5) && hot[where] ? rng.pick(hot[where]!) : rng.between(1, steps),
@@ -1173,7 +1173,7 @@ export const ISSUE_DAYS: Op[][] = [
     { kind: 'backup-verda', quick: false, fault: { kind: 'bucket-misnamed', bucket: 'models' } },
     { kind: 'backup-verda', quick: true },
     { kind: 'edit-verda', what: 'ufw', keepMtime: false },
-    { kind: 'backup-verda', quick: false, fault: { kind: 'sigint', step: 11, delayMs: 0 } },
+    { kind: 'backup-verda', quick: false, fault: { kind: 'sigint', step: 12, delayMs: 0 } },
     { kind: 'edit-model', keepMtime: true },
     { kind: 'backup-verda', quick: false },
     { kind: 'end-of-day', sfsLoss: true, rooted: true },
