@@ -335,16 +335,19 @@ async function fromManifest(
     else if (ip)
       warnings.push(`tailscale-ip.txt is no longer the one ${s.label} recorded: the Tailscale IP will not be compared`);
   }
-  s.objectsFrom.push({ ...m });
   const older = points.filter((p) => p.stamp <= chosen.stamp && p.manifest);
-  // The models: those of the chosen run, or of the newest full run before it that completed (a
-  // --quick run sends none). They are what a restore must bring back: R2 is checked against them,
-  // not they against R2.
-  if (m.mode !== 'full') {
-    const full = older.find((p) => p.manifest!.mode === 'full' && p.manifest!.complete);
-    // Its models only: its config bundle is superseded by the chosen run's.
-    if (full) s.objectsFrom.push({ ...full.manifest!, r2: full.manifest!.r2.filter((r) => !isBundleKey(r.key)) });
-  }
+  // The models: those of the newest full run that completed (a --quick run sends none), or the
+  // chosen run's when it is that run (with --from T: up to T, the chosen run's when it is a full
+  // one). Without --from, a newer full run counts though its point is not whole (its models gone
+  // from R2, say): the models the newest backup sent are what a restore must bring back, and R2
+  // is checked against them, not they against R2.
+  const modelsRun = (stamp ? older : points.filter((p) => p.manifest)).find((p) =>
+    p === chosen ? m.mode === 'full' : p.manifest!.mode === 'full' && p.manifest!.complete,
+  );
+  s.objectsFrom.push(modelsRun === chosen ? { ...m } : { ...m, r2: m.r2.filter((r) => isBundleKey(r.key)) });
+  // Its models only: its config bundle is superseded by the chosen run's.
+  const run = modelsRun !== chosen ? modelsRun?.manifest : undefined;
+  if (run) s.objectsFrom.push({ ...run, r2: run.r2.filter((r) => !isBundleKey(r.key)) });
   for (const from of s.objectsFrom) {
     from.r2 = from.r2.filter((r) => r.key !== IMAGE_FILE); // the image is judged by any copy that holds it
     for (const r of from.r2) if (!isBundleKey(r.key)) s.models.set(r.key, { record: r, recordedIn: from.timestamp });

@@ -27,7 +27,7 @@ import { makeVerda, type VerdaFixture } from './verda-fixture.ts';
 const IMAGE = `comfy-multi-points-test-${process.pid}`;
 const NOBODY = 65534;
 const MiB = 1024 * 1024;
-const WORLDS = ['base', 'nonroot', 'sfs', 'sfs-dir', 'rot', 'img', 'int'];
+const WORLDS = ['base', 'nonroot', 'sfs', 'sfs-dir', 'rot', 'img', 'mod', 'int'];
 /** Short R2 limits: a refused upload is given up in a second here, minutes in production. */
 const FAST = { COMFYMULTI_R2_ATTEMPTS: '2', COMFYMULTI_R2_BACKOFF: '0.05', COMFYMULTI_SSH_TIMEOUT: '5' };
 const CONFIG_KINDS = [
@@ -542,6 +542,43 @@ test('4. no complete full run: the image its failed run recorded is loaded from 
   const blind = await restore(['--drill'], fresh(path.join(w.root, 'drill-2')));
   assert.is(blind.code, 1, out(blind));
   assert.match(summaryOf(blind), new RegExp(`Worker image.*${short}`), out(blind));
+});
+
+test('4b. the models the newest complete full run sent must come back, though the config comes from an older --quick point: one gone from R2 fails the drill and the models step, naming it', async () => {
+  // Found by the workshop-days test: the models bucket emptied, SFS lost, the restore exit 0 with no model.
+  ensureImageLoaded();
+  const w = makeWorld('mod');
+  const quick = await backup(w, ['--quick']);
+  assert.is(quick.code, 0, out(quick));
+  const full = await backup(w, []);
+  assert.is(full.code, 0, out(full));
+  const m = readJson(path.join(w.backupDir, full.manifest!));
+  const model = (m.r2 as { bucket: string; key: string }[]).find(
+    (r) => r.bucket === w.models && /^[\w/.-]+$/.test(r.key),
+  );
+  assert.ok(model, 'the full run records its models');
+  // The models bucket loses one: the full run is no longer whole, the --quick one still is.
+  await s3.client.send(new DeleteObjectCommand({ Bucket: w.models, Key: model.key }));
+  const fresh = (into: string) => ({
+    ...w.env,
+    COMFYMULTI_STATE_DIR: path.join(w.root, 'restore-state'),
+    VERDA_SYSROOT: into,
+    VERDA_HOME: path.join(into, 'home/dev'),
+    VERDA_PROJECT_DIR: path.join(into, 'home/dev/comfy-multi'),
+    VERDA_MODELS_DIR: path.join(into, 'mnt/sfs/models'),
+    SFS_BACKUP_DIR: path.join(into, 'mnt/sfs/cache/backups'),
+    VERDA_SYSTEMCTL: recorder(path.join(into, '..', `${path.basename(into)}-bin`)).bin,
+  });
+  const drill = await restore(['--drill'], fresh(path.join(w.root, 'drill')));
+  assert.is(drill.code, 1, out(drill));
+  assert.match(summaryOf(drill), new RegExp(escape(model.key)), out(drill));
+  const r = await restore(['--only', 'models'], fresh(path.join(w.root, 'fresh')));
+  assert.is(r.code, 1, out(r));
+  assert.match(
+    summaryOf(r),
+    new RegExp(`Step \\d+ \\(Models \\(downloaded by Verda\\)\\): .*${escape(model.key)}`),
+    out(r),
+  );
 });
 
 test('5. a restore that fails, or is interrupted, after stopping tailscaled starts it again, and the summary says so', async () => {
