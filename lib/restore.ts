@@ -349,7 +349,9 @@ async function fromManifest(
   const run = modelsRun !== chosen ? modelsRun?.manifest : undefined;
   if (run) s.objectsFrom.push({ ...run, r2: run.r2.filter((r) => !isBundleKey(r.key)) });
   for (const from of s.objectsFrom) {
-    from.r2 = from.r2.filter((r) => r.key !== IMAGE_FILE); // the image is judged by any copy that holds it
+    // The image is judged by any copy that holds it; the latest bundle is sent again by every run
+    // since: the dated one is the point's (as the judge has it).
+    from.r2 = from.r2.filter((r) => r.key !== IMAGE_FILE && !r.key.startsWith(BUNDLE_KEY));
     for (const r of from.r2) if (!isBundleKey(r.key)) s.models.set(r.key, { record: r, recordedIn: from.timestamp });
   }
   if (!o.image) return;

@@ -27,7 +27,7 @@ import { makeVerda, type VerdaFixture } from './verda-fixture.ts';
 const IMAGE = `comfy-multi-points-test-${process.pid}`;
 const NOBODY = 65534;
 const MiB = 1024 * 1024;
-const WORLDS = ['base', 'nonroot', 'sfs', 'sfs-dir', 'rot', 'img', 'mod', 'int'];
+const WORLDS = ['base', 'nonroot', 'sfs', 'sfs-dir', 'rot', 'img', 'mod', 'latest', 'int'];
 /** Short R2 limits: a refused upload is given up in a second here, minutes in production. */
 const FAST = { COMFYMULTI_R2_ATTEMPTS: '2', COMFYMULTI_R2_BACKOFF: '0.05', COMFYMULTI_SSH_TIMEOUT: '5' };
 const CONFIG_KINDS = [
@@ -579,6 +579,20 @@ test('4b. the models the newest complete full run sent must come back, though th
     new RegExp(`Step \\d+ \\(Models \\(downloaded by Verda\\)\\): .*${escape(model.key)}`),
     out(r),
   );
+});
+
+test('4c. the drill of a point older than the newest run: the latest bundle, sent again by every run since, is not held against it', async () => {
+  // Found by the workshop-days test: after a full run that failed past its bundle, the drill of
+  // the --quick point before it failed on verda-config-backup.tar.gz "has N bytes, the source M".
+  ensureImageLoaded();
+  const w = makeWorld('latest');
+  const quick = await backup(w, ['--quick']);
+  assert.is(quick.code, 0, out(quick));
+  const failed = await backup(w, [], { VERDA_MODELS_DIR: path.join(w.root, 'no-models') });
+  assert.is(failed.code, 1, out(failed));
+  const drill = await restore(['--drill'], { ...w.env, COMFYMULTI_STATE_DIR: path.join(w.root, 'drill-state') });
+  assert.match(drill.stdout, new RegExp(`✓ ${escape(quick.manifest!)}: 8 archives checked`), out(drill));
+  assert.is(drill.code, 0, out(drill));
 });
 
 test('5. a restore that fails, or is interrupted, after stopping tailscaled starts it again, and the summary says so', async () => {
