@@ -137,6 +137,7 @@ const MAY_WRITE: Record<string, string[]> = {
   'backup-mello': ['mello-state'],
   restore: ['verda', 'sfs-models', 'sfs-cache', 'mello-state', 'services'],
   drill: ['mello-state'],
+  'restore-mello': ['mello-state'],
   rooted: ['mello-state'],
   verify: ['mello-state'],
   status: [],
@@ -201,6 +202,8 @@ class Sequence {
         return this.editVerda(op.what, op.keepMtime, rng);
       case 'edit-mello':
         return this.editMello(op.what, op.keepMtime, rng);
+      case 'save-over':
+        return this.saveOver(op.keepMtime, rng);
       case 'new-image':
         this.w.newImage(rng);
         return;
@@ -380,9 +383,12 @@ class Sequence {
         env.VERDA_HOST = 'verda-down';
         break;
       case 'bucket-misnamed': {
-        const variable = { models: 'R2_MODELS_BUCKET', cache: 'R2_CACHE_BUCKET', userFiles: 'R2_USER_FILES_BUCKET' }[
-          fault.bucket
-        ];
+        const variable = {
+          models: 'R2_MODELS_BUCKET',
+          cache: 'R2_CACHE_BUCKET',
+          userFiles: 'R2_USER_FILES_BUCKET',
+          versions: 'R2_VERSIONS_BUCKET',
+        }[fault.bucket];
         env[variable] = `${w.buckets[fault.bucket]}-missing`;
         break;
       }
@@ -641,7 +647,7 @@ class Sequence {
         this.violate('a failure names what is wrong', `exit ${run.code} without naming ${what}:\n      ${tail(run)}`);
     };
     if (fault?.kind === 'bucket-misnamed')
-      need(/R2_(MODELS|CACHE|USER_FILES)_BUCKET/, 'the bucket variable (NoSuchBucket)');
+      need(/R2_(MODELS|CACHE|USER_FILES|VERSIONS)_BUCKET/, 'the bucket variable (NoSuchBucket)');
     if (fault?.kind === 'sfs-unmounted') need(/SFS_MOUNT/, 'SFS_MOUNT');
     if (fault?.kind === 'disk-full')
       need(/BACKUP_DIR|COMFYMULTI_STATE_DIR/, 'the variable of the full disk (BACKUP_DIR)');
@@ -781,6 +787,7 @@ class Sequence {
     // (With SFS not mounted, what it wrote went elsewhere: that is reported above.)
     if (run.code === 0 && !sfsFaulted) this.checkPrivate(w.storeBackups, 'SFS_BACKUP_DIR');
     this.checkUserFilesKept(before.state, after.state);
+    this.checkVersionsKept(before.state, after.state, undefined);
     await this.checkStatuses();
   }
 
@@ -807,12 +814,13 @@ class Sequence {
       .reverse();
   }
 
-  private async backupMello(quick: boolean, fault?: Fault) {
+  private async backupMello(quick: boolean, fault?: Fault, extraArgs: string[] = []): Promise<ScriptRun> {
     const w = this.w;
     const before = await this.observe();
     const melloBefore = snap(w.melloData);
     const armed = await this.arm(fault, 'mello');
-    const run = await this.script('backup-mello.mts', quick ? ['--quick'] : [], w.melloEnv(armed.env), armed.onLine);
+    const args = [...(quick ? ['--quick'] : []), ...extraArgs];
+    const run = await this.script('backup-mello.mts', args, w.melloEnv(armed.env), armed.onLine);
     await armed.undo();
     const after = await this.observe();
     const outcome = this.outcome(run);
@@ -821,7 +829,103 @@ class Sequence {
     if (run.code === 0) this.checkMelloInR2(melloBefore, quick, after.state);
     else if (run.code === 1) this.checkNamed(run, fault);
     if (fault?.kind !== 'bucket-deleted') this.checkUserFilesKept(before.state, after.state);
+    this.checkVersionsKept(before.state, after.state, fault);
     await this.checkStatuses();
+    return run;
+  }
+
+  /**
+   * Issue 23: never a replaced object without its kept version (a new `T/KEY` in the versions
+   * bucket with the bytes replaced), and a kept version stays (KEEP_VERSIONS_DAYS are days; these
+   * days last minutes).
+   */
+  private checkVersionsKept(before: State, after: State, fault: Fault | undefined) {
+    const gone = [...before.versions.keys()].filter((k) => !after.versions.has(k));
+    if (gone.length)
+      this.violate('a kept version stays KEEP_VERSIONS_DAYS', `gone from the versions bucket: ${gone.join(', ')}`);
+    // The harness emptied the user-files bucket itself: what it held was not replaced by the run.
+    if (fault?.kind === 'bucket-deleted' && fault.bucket === 'userFiles') return;
+    const added = [...after.versions].filter(([k]) => !before.versions.has(k));
+    const unkept = [...before.userFiles]
+      .filter(([key, sha]) => after.userFiles.has(key) && after.userFiles.get(key) !== sha)
+      .filter(
+        ([key, sha]) => !added.some(([v, vSha]) => /^\d{8}-\d{6}\//.test(v) && v.slice(16) === key && vSha === sha),
+      )
+      .map(([key]) => key);
+    if (unkept.length)
+      this.violate(
+        'never a replaced object without its kept version',
+        `replaced in the user-files bucket, no T/KEY with the bytes replaced in the versions bucket: ${unkept.slice(0, 6).join(', ')}`,
+      );
+  }
+
+  /**
+   * A user saves over a workflow (issue 23): the workflow sent by backup-mello, T the next whole
+   * second after that send (S3 keeps Last-Modified to the second), the workflow saved over and sent
+   * again (one version kept, by --json's count), then `restore-mello --as-of T --user U --only
+   * user_data --to DIR` gives back that user's files as the user-files bucket held them at T (what
+   * Mello held then, and what a backup kept of files deleted since), the saved-over one with its mtime.
+   */
+  private async saveOver(keepMtime: boolean, rng: Rng) {
+    const w = this.w;
+    const user = `user00${1 + rng.int(3)}`;
+    const prefix = `user_data/${user}/`;
+    const flows = [...snap(path.join(w.melloData, prefix))]
+      .filter(([rel, e]) => e.type === 'file' && rel.endsWith('.json'))
+      .map(([rel]) => prefix + rel);
+    const rel = flows.length ? rng.pick(flows) : `${prefix}workflows/flow-${w.nextN()}.json`;
+    if (!flows.length) w.putMello(rel, JSON.stringify({ nodes: rng.words(4) }));
+    const file = path.join(w.melloData, rel);
+    const what = this.what;
+    this.what = `${what}: backup-mello (the first send)`;
+    const first = await this.backupMello(false, undefined);
+    if (first.code !== 0) return say('    the first send failed: no --as-of to check');
+    const t = await pastNextSecond();
+    const atT = new Map([...(await readState(w)).userFiles].filter(([key]) => key.startsWith(prefix)));
+    const mtimeAtT = Math.floor(fs.statSync(file).mtimeMs / 1000);
+    if (keepMtime) editKeepingMtime(file, rng);
+    else fs.writeFileSync(file, JSON.stringify({ nodes: rng.words(5), saved: w.nextN() }));
+    this.what = `${what}: backup-mello --json (${rel} saved over)`;
+    const second = await this.backupMello(false, undefined, ['--json']);
+    if (second.code !== 0) return say('    the second send failed: no --as-of to check');
+    let kept: unknown;
+    try {
+      kept = JSON.parse(second.stdout).steps[0].data.versionsKept;
+    } catch {
+      kept = 'not in its --json';
+    }
+    if (kept !== 1)
+      this.violate(
+        'a replaced object is kept as a version',
+        `${rel} saved over${keepMtime ? ' (size and mtime kept)' : ''}: backup-mello --json says versionsKept ${kept}, not 1`,
+      );
+    this.what = `${what}: restore-mello --as-of ${t}`;
+    const to = path.join(w.harness, `as-of-${this.day}-${this.opIndex}`);
+    const before = this.areas();
+    const args = ['--as-of', t, '--user', user, '--only', 'user_data', '--to', to];
+    const run = await this.script('restore-mello.mts', args, w.melloEnv());
+    this.checkAreas('restore-mello', before, this.areas());
+    if (run.code !== 0)
+      this.violate('--as-of T gives back the files as they were at T', `exit ${run.code}:\n      ${tail(run)}`);
+    else {
+      const got = new Map(
+        [...snap(path.join(to, prefix))].filter(([, e]) => e.type === 'file').map(([r, e]) => [prefix + r, e]),
+      );
+      const differ = [...new Set([...atT.keys(), ...got.keys()])]
+        .filter((key) => atT.get(key) !== got.get(key)?.sha)
+        .map((key) => `${key} (${!got.has(key) ? 'missing' : !atT.has(key) ? 'not in R2 at T' : 'other bytes'})`);
+      if (differ.length)
+        this.violate(
+          '--as-of T gives back the files as they were at T',
+          `restore-mello ${args.join(' ')}: ${differ.slice(0, 6).join(', ')}`,
+        );
+      else if (got.get(rel)!.mtime !== mtimeAtT)
+        this.violate(
+          '--as-of T gives back the files as they were at T',
+          `${rel} came back with mtime ${got.get(rel)!.mtime}, not ${mtimeAtT}, its mtime at T`,
+        );
+    }
+    fs.rmSync(to, { recursive: true, force: true });
   }
 
   /** Every file of Mello's data (outputs too unless quick) in R2 with its bytes. */
@@ -1298,6 +1402,18 @@ async function tarMembers(gz: Buffer): Promise<Map<string, string>> {
     out.set('(not a whole archive)', '');
   }
   return out;
+}
+
+/** Waits past the next whole second; its stamp (YYYYMMDD-HHMMSS, local time): a T after all done so far. */
+async function pastNextSecond(): Promise<string> {
+  const boundary = (Math.floor(Date.now() / 1000) + 1) * 1000;
+  await new Promise((r) => setTimeout(r, boundary - Date.now() + 50));
+  const d = new Date(boundary);
+  const two = (n: number) => String(n).padStart(2, '0');
+  return (
+    `${d.getFullYear()}${two(d.getMonth() + 1)}${two(d.getDate())}-` +
+    `${two(d.getHours())}${two(d.getMinutes())}${two(d.getSeconds())}`
+  );
 }
 
 /** The image ID a `docker save` archive holds (its manifest.json's Config), or undefined. */

@@ -387,6 +387,8 @@ export interface Buckets {
   models: string;
   cache: string;
   userFiles: string;
+  /** R2_VERSIONS_BUCKET: what backup-mello replaces, kept as T/KEY (issue 23). */
+  versions: string;
 }
 
 export class World {
@@ -453,7 +455,12 @@ export class World {
     this.services = path.join(this.work, 'services/state');
     this.bin = path.join(this.work, 'bin');
     this.image = `comfy-multi-wsd-${process.pid}-${seed}`;
-    this.buckets = { models: `wsd${seed}-models`, cache: `wsd${seed}-cache`, userFiles: `wsd${seed}-user-files` };
+    this.buckets = {
+      models: `wsd${seed}-models`,
+      cache: `wsd${seed}-cache`,
+      userFiles: `wsd${seed}-user-files`,
+      versions: `wsd${seed}-versions`,
+    };
   }
 
   async start(rng: Rng) {
@@ -471,7 +478,7 @@ export class World {
     fs.writeFileSync(this.services, '');
     fs.chmodSync(this.services, 0o644);
 
-    this.s3 = await startS3([this.buckets.models, this.buckets.cache, this.buckets.userFiles]);
+    this.s3 = await startS3(Object.values(this.buckets));
     this.verdaSshd = await startSshd(['verda']);
     this.melloSshd = await startSshd(['mello'], [`SetEnv ${this.melloSideEnvLine()}`]);
     this.verdaSshConfig = path.join(this.harness, 'ssh_config');
@@ -589,6 +596,7 @@ exit 0
       R2_MODELS_BUCKET: this.buckets.models,
       R2_CACHE_BUCKET: this.buckets.cache,
       R2_USER_FILES_BUCKET: this.buckets.userFiles,
+      R2_VERSIONS_BUCKET: this.buckets.versions,
     };
   }
 
@@ -886,6 +894,8 @@ export interface State {
   cache: Map<string, string>;
   models: Map<string, string>;
   userFiles: Map<string, string>;
+  /** The versions bucket: `T/KEY` → sha256. */
+  versions: Map<string, string>;
   image: Partial<Record<ImageSource, string>>;
 }
 
@@ -951,6 +961,7 @@ export async function readState(w: World): Promise<State> {
     cache,
     models: await w.objects(w.buckets.models),
     userFiles: await w.objects(w.buckets.userFiles),
+    versions: await w.objects(w.buckets.versions),
     image: {
       mello: backupFiles.get(IMAGE_FILE),
       sfs: fileSha(path.join(w.storeBackups, IMAGE_FILE)),
@@ -1049,6 +1060,7 @@ export type Op =
   | { kind: 'backup-mello'; quick: boolean; fault?: Fault }
   | { kind: 'edit-verda'; what: VerdaEdit; keepMtime: boolean }
   | { kind: 'edit-mello'; what: 'add' | 'edit' | 'delete'; keepMtime: boolean }
+  | { kind: 'save-over'; keepMtime: boolean }
   | { kind: 'new-image' }
   | { kind: 'new-model' }
   | { kind: 'verify-verda' }
@@ -1074,6 +1086,8 @@ export function describe(op: Op): string {
       return `${op.kind} ${op.what}${op.keepMtime ? ' (mtime put back)' : ''}`;
     case 'edit-model':
       return `edit-model${op.keepMtime ? ' (mtime put back)' : ''}`;
+    case 'save-over':
+      return `a user saves over a workflow${op.keepMtime ? ' (mtime put back)' : ''}, restore-mello --as-of T`;
     case 'verify-verda':
       return 'backup-verda --verify';
     case 'verify-mello':
@@ -1089,7 +1103,7 @@ export function describe(op: Op): string {
   }
 }
 
-export const STEPS = { 'backup-verda': 14, 'backup-cron': 7, 'backup-mello': 3, restore: 11 } as const;
+export const STEPS = { 'backup-verda': 14, 'backup-cron': 7, 'backup-mello': 4, restore: 11 } as const;
 
 export function pickFault(
   rng: Rng,
@@ -1122,7 +1136,7 @@ export function pickFault(
       () => ({ kind: 'sfs-unmounted' }) as Fault,
     ],
     'backup-mello': [
-      () => ({ kind: 'bucket-misnamed', bucket: 'userFiles' }) as Fault,
+      () => ({ kind: 'bucket-misnamed', bucket: rng.pick(['userFiles', 'versions'] as const) }) as Fault,
       () => ({ kind: 'bucket-deleted', bucket: 'userFiles' }) as Fault,
       () => timed('sigint', STEPS['backup-mello']),
     ],
@@ -1147,7 +1161,8 @@ export function pickFault(
  * Seed 0 is not random: two days written to meet each example of issue 19 (a run without root,
  * SFS not mounted, rotation after an afternoon of failed runs, a restore with no complete full
  * run, a restore interrupted with tailscaled stopped, restored models' modes, --root, --verify
- * --deep and the hash cache, Ctrl-C during the models), in the order a workshop would.
+ * --deep and the hash cache, Ctrl-C during the models), in the order a workshop would; and issue
+ * 23's user who saves over a workflow (keeping its size and mtime) and gets it back --as-of T.
  */
 export const ISSUE_DAYS: Op[][] = [
   [
@@ -1155,6 +1170,7 @@ export const ISSUE_DAYS: Op[][] = [
     { kind: 'backup-mello', quick: false },
     { kind: 'edit-mello', what: 'edit', keepMtime: true },
     { kind: 'verify-mello', deep: true },
+    { kind: 'save-over', keepMtime: true },
     { kind: 'backup-cron', quick: false, fault: { kind: 'no-root' } },
     { kind: 'backup-cron', quick: true, fault: { kind: 'sfs-unmounted' } },
     { kind: 'edit-verda', what: 'env', keepMtime: false },
@@ -1195,6 +1211,7 @@ export function planDays(seed: number, days: number, faultP = 0.5): Op[][] {
       ],
       [1, () => ({ kind: 'new-model' })],
       [1, () => ({ kind: 'edit-model', keepMtime: rng.chance(0.6) })],
+      [1, () => ({ kind: 'save-over', keepMtime: rng.chance(0.4) })],
       [1, () => ({ kind: 'new-image' })],
       [1, () => (rng.chance(0.5) ? { kind: 'verify-verda' } : { kind: 'verify-mello', deep: rng.chance(0.5) })],
       [
