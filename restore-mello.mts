@@ -55,15 +55,17 @@ object (changed since the last backup) is left as it is unless --overwrite.
     const user = mello.parseUser(x.user);
     const trees = mello.parseOnly(x.only, user);
     const to = mello.parseTo(x.to);
+    // The flags' values are checked before anything is asked of the configuration.
+    const listKey = x['list-versions'] === undefined ? undefined : mello.parseListVersions(x, flags);
+    const asOf = x['as-of'] === undefined ? undefined : parseAsOf(String(x['as-of']));
     requireDirOrAbsent(cfg, 'MELLO_DATA_DIR');
     requireDirOrAbsent(cfg, 'COMFYMULTI_STATE_DIR');
     const dataDir = to ?? cfg.melloDataDir;
     const backend = bucketBackend(cfg, 'userFiles');
-    if (x['list-versions'] !== undefined) {
-      const key = mello.parseListVersions(x, flags);
-      return { steps: [listVersionsStep({ key, userFiles: backend, versions: bucketBackend(cfg, 'versions') })] };
-    }
-    const asOf = x['as-of'] === undefined ? undefined : parseAsOf(String(x['as-of']));
+    if (listKey !== undefined)
+      return {
+        steps: [listVersionsStep({ key: listKey, userFiles: backend, versions: bucketBackend(cfg, 'versions') })],
+      };
     const versions = asOf === undefined ? undefined : bucketBackend(cfg, 'versions');
     if (versions) await checkAsOf(asOf!, versions);
     const prefixes = trees.map((tree) => mello.listing({ tree, user }));

@@ -39,8 +39,9 @@ await runScript({
       : `=== Backups → Verda${f.extra.root ? ` under ${f.extra.root} (no service touched)` : ''} ===`,
   outcome: (f) => (f.extra.drill ? 'Drill' : 'Restore'),
   moved: () => 'restored',
-  usage: `Usage: restore-verda.mts [--from T|sfs|r2] [--only KIND,...] [--skip-image] [--skip-models]
-                         [--root DIR] [--drill] [--dry-run] [--verify] [--json] [-v] [--env-file PATH]
+  usage: `Usage: restore-verda.mts [--from T|sfs|r2] [--only KIND,...] [--skip-image] [--skip-models] [--quick]
+                         [--new-host] [--root DIR] [--dry-run] [--json] [-v] [--env-file PATH]
+       restore-verda.mts --drill | --verify [--deep] | --list
 
 Run on Mello to bring a fresh Verda (VERDA_HOST) back from its backups, over one SSH connection.
 Every artifact is checked against its manifest before anything on Verda changes. Then, in order:
@@ -49,9 +50,10 @@ one), SSH host keys (ssh restarted), fail2ban, ufw (each reloaded), project .env
 comfy-project, oh-my-zsh custom; the worker image (unless loaded already); the models, which
 Verda downloads from the models bucket where missing or different (never deleting anything).
 
-  --from T          the backup of manifest-T.json (default: the newest complete one in BACKUP_DIR)
+  --from T          the backup of manifest-T.json (default: the newest whole one in BACKUP_DIR)
   --from sfs        the newest copy of each kind in SFS_BACKUP_DIR on Verda (backup-cron's five)
-  --from r2         the cache bucket's verda-config-backup.tar.gz
+  --from r2         the newest dated bundle in the cache bucket
+                    (verda-config-backups/verda-config-backup-T.tar.gz, or .tar.gz.age)
   --only KIND,...   just these, of tailscale-identity, ssh-host-keys, fail2ban, ufw, project-env,
                     home-dev, comfy-project, ohmyzsh-custom, image, models
   --skip-image      leave the worker image out (--quick: the image and the models)

@@ -84,6 +84,11 @@ export const RESTORE_VERDA_FLAGS: ExtraFlags = {
     ['drill', 'verify', 'the drill is the deeper check'],
     ['verify', 'from=sfs', '--verify checks a backup of BACKUP_DIR'],
     ['verify', 'from=r2', '--verify checks a backup of BACKUP_DIR'],
+    ['new-host', 'drill', 'the drill runs on Mello alone, without connecting to Verda'],
+    ['new-host', 'verify', '--verify runs on Mello alone, without connecting to Verda'],
+    ...['drill', 'verify', 'dry-run', 'from', 'root', 'only', 'skip-image', 'skip-models', 'new-host'].map(
+      (other): [string, string, string] => ['list', other, '--list only lists the restore points'],
+    ),
   ],
 };
 
@@ -176,15 +181,28 @@ const COMMON_FLAGS: [flag: string, help: string][] = [
 
 /**
  * A script's `--help`: its usage, the common flags it takes and does not describe itself (each
- * flag once; `--status` only where there is one), exit codes, pings, and the variables it reads
- * with their defaults (from lib/variables.ts).
+ * flag once; `--status` and `--list` only where there are; `--full` and `--quick` only where the
+ * usage's synopsis names `--quick`), exit codes, pings, and the variables it reads with their
+ * defaults (from lib/variables.ts).
  */
-export function helpText(script: string, usage: string, opts: { status: boolean; list: boolean }): string {
+export function helpText(
+  script: string,
+  usage: string,
+  opts: { status: boolean; list: boolean; failurePingsOnly?: boolean },
+): string {
   const ownLines = usage.split('\n').filter((line) => /^\s+-/.test(line));
+  const synopsis = usage.split('\n\n')[0];
   const describedHere = (flag: string) => ownLines.some((line) => new RegExp(`^\\s+${flag}(?![\\w-])`).test(line));
-  const flags = COMMON_FLAGS.filter(
-    ([flag]) => !describedHere(flag) && (opts.status || flag !== '--status') && (opts.list || flag !== '--list'),
-  );
+  const takes = (flag: string) =>
+    (opts.status || flag !== '--status') &&
+    (opts.list || flag !== '--list') &&
+    (synopsis.includes('--quick') || (flag !== '--quick' && flag !== '--full'));
+  const flags = COMMON_FLAGS.filter(([flag]) => !describedHere(flag) && takes(flag));
+  const pings = opts.failurePingsOnly
+    ? `NOTIFY_URL (or NOTIFY_URL_VERDA, _MELLO for one script) receives one healthchecks.io ping,
+URL/fail with the summary, when a run fails; nothing when it succeeds (a restore backs nothing up).`
+    : `NOTIFY_URL (or NOTIFY_URL_VERDA, _MELLO, _CRON for one script) receives healthchecks.io pings:
+URL/start when a run begins, URL with the summary when it succeeds, URL/fail when it fails.`;
   return `${usage}
 
 ${flags.length ? 'Flags:' : ''}
@@ -193,8 +211,7 @@ ${flags.map(([, help]) => help).join('\n')}
 Exit codes: 0 done, 1 a step failed (the others still ran), 2 usage or configuration error,
 75 another run of this script holds the lock.
 
-NOTIFY_URL (or NOTIFY_URL_VERDA, _MELLO, _CRON for one script) receives healthchecks.io pings:
-URL/start when a run begins, URL with the summary when it succeeds, URL/fail when it fails.
+${pings}
 
 ${variablesHelp(script)}
 `;

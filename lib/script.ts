@@ -202,7 +202,8 @@ async function prepare(def: ScriptDef, argv: string[]) {
     return exitAfterOutput(e instanceof UsageError ? EXIT.usage : EXIT.failed);
   }
   if (flags.help) {
-    process.stdout.write(helpText(def.name, def.usage, { status: Boolean(def.status), list: Boolean(def.list) }));
+    const shown = { status: Boolean(def.status), list: Boolean(def.list), failurePingsOnly: def.backsNothingUp };
+    process.stdout.write(helpText(def.name, def.usage, shown));
     return exitAfterOutput(EXIT.ok);
   }
   let cfg: Config | undefined;

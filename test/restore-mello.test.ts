@@ -367,6 +367,14 @@ test('usage errors are exit 2 naming the flag or variable, before any request', 
     [['--status'], /--status is not available/],
     [['--drill'], /DRILL_MAX_BYTES must be/, { DRILL_MAX_BYTES: '4G' }],
     [['--bogus'], /unknown flag: --bogus/],
+    [['--drill', '--as-of', 'yesterday'], /--drill changes nothing/],
+    // A flag's value is judged before the configuration: the flag is the mistake to name.
+    [
+      ['--as-of', 'tomorrowish'],
+      /--as-of: "tomorrowish" is not a time/,
+      { R2_ENDPOINT: '', R2_USER_FILES_ENDPOINT: '' },
+    ],
+    [['--list-versions'], /--list-versions needs a value/, { R2_ENDPOINT: '', R2_USER_FILES_ENDPOINT: '' }],
   ] as const) {
     const r = await restore([...args], extra);
     assert.is(r.code, 2, `${args.join(' ')}: ${out(r)}`);
@@ -375,7 +383,8 @@ test('usage errors are exit 2 naming the flag or variable, before any request', 
   assert.is(proxy.log.length, before, 'no request');
   const help = await restore(['--help']);
   assert.is(help.code, 0);
-  for (const flag of ['--user', '--only', '--to', '--overwrite', '--drill']) assert.match(help.stdout, flag);
+  for (const flag of ['--user', '--only', '--to', '--overwrite', '--drill', '--as-of', '--list-versions'])
+    assert.match(help.stdout, flag);
 });
 
 test('keys that would leave the root (.., an absolute key, a symlink in the way) are refused, never followed', async () => {

@@ -8,7 +8,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { readTarMessages } from '../lib/archive.ts';
-import { UsageError, humanSize, parseFlags } from '../lib/cli.ts';
+import { RESTORE_VERDA_FLAGS, UsageError, humanSize, parseFlags } from '../lib/cli.ts';
 import { BLOCK, Digester, showBytes, walkTree } from '../lib/files.ts';
 import { FileDigests, TreeCache, awsCliPartSize, etagProvesContent } from '../lib/hash-cache.ts';
 import { LockHeld, acquireLock, isHeld, processStart } from '../lib/lock.ts';
@@ -63,6 +63,28 @@ test('parseFlags: the SPEC flags, their aliases, and what is refused', () => {
   throwsUsage(() => parseFlags(['--env-file', 'a', '--env-file', 'b']), /more than once/);
   throwsUsage(() => parseFlags(['--env-file']), /--env-file needs a value/);
   assert.is(parseFlags(['--drill'], { boolean: ['drill'] }).extra.drill, true);
+});
+
+test("restore-verda's flag rules: what cannot go together is refused naming both, with why", () => {
+  const rv = (...argv: string[]) => parseFlags(argv, RESTORE_VERDA_FLAGS);
+  throwsUsage(() => rv('--drill', '--from', 'r2'), /--drill and --from r2 cannot be used together/);
+  throwsUsage(() => rv('--drill', '--root', '/tmp/x'), /--drill and --root/);
+  throwsUsage(() => rv('--verify', '--from', 'sfs'), /--verify and --from sfs/);
+  throwsUsage(() => rv('--new-host', '--drill'), /--new-host and --drill .*without connecting to Verda/);
+  throwsUsage(() => rv('--new-host', '--verify'), /--new-host and --verify/);
+  for (const other of [
+    ['--drill'],
+    ['--from', 'r2'],
+    ['--root', '/r'],
+    ['--only', 'ufw'],
+    ['--new-host'],
+    ['--skip-models'],
+  ])
+    throwsUsage(() => rv('--list', ...other), new RegExp(`--list and ${other[0]} .*only lists`));
+  throwsUsage(() => rv('--from', 'yesterday'), /--from must be a backup's timestamp/);
+  assert.equal(rv('--drill', '--from', '20261201-120000').extra.from, { from: 'manifest', stamp: '20261201-120000' });
+  assert.is(rv('--list').list, true);
+  assert.is(rv('--new-host').extra['new-host'], true);
 });
 
 test('humanSize prints as du -h does', () => {
