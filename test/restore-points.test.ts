@@ -595,6 +595,25 @@ test('4c. the drill of a point older than the newest run: the latest bundle, sen
   assert.is(drill.code, 0, out(drill));
 });
 
+test('4d. a drill whose R2_CACHE_BUCKET or R2_MODELS_BUCKET names another bucket than the backup recorded fails naming the variable', async () => {
+  // Found by the workshop-days test (seed 592441, a misnamed bucket at the drill): the failure
+  // said only "bucket not configured here", not which setting to look at.
+  const w = await base();
+  const state = path.join(w.root, 'misnamed-state');
+  for (const [variable, bucket] of [
+    ['R2_CACHE_BUCKET', w.cache],
+    ['R2_MODELS_BUCKET', w.models],
+  ]) {
+    const drill = await restore(['--drill'], { ...w.env, [variable]: `${bucket}-typo`, COMFYMULTI_STATE_DIR: state });
+    assert.is(drill.code, 1, out(drill));
+    assert.match(
+      drill.stdout,
+      new RegExp(`r2://${escape(bucket)}/\\S+: .*${variable}=${escape(bucket)}-typo`),
+      out(drill),
+    );
+  }
+});
+
 test('5. a restore that fails, or is interrupted, after stopping tailscaled starts it again, and the summary says so', async () => {
   const b = await base();
   const t = path.join(work, 'services');
