@@ -1130,7 +1130,9 @@ class Sequence {
     fs.mkdirSync(w.verda.root);
     w.removeImages();
     w.resetServices();
-    this.lastCron = undefined; // its last-run record was on Verda
+    // backup-cron's last-run record was on Verda: gone with it, and back if Verda is rebuilt by hand.
+    const cronAside = { last: this.lastCron, found: this.cronFound };
+    this.lastCron = undefined;
     this.cronFound = undefined;
     if (sfsLoss) {
       for (const name of fs.readdirSync(w.sfsStore))
@@ -1184,6 +1186,8 @@ class Sequence {
       say('    the restore did not bring Verda back: rebuilt by hand');
       fs.rmSync(w.verda.root, { recursive: true, force: true });
       sh('cp', ['-a', aside, w.verda.root]);
+      this.lastCron = cronAside.last;
+      this.cronFound = cronAside.found;
       w.resetServices();
       if (imageAside && w.loadedImage() !== imageAside) w.loadImageByHand(imageAside);
       if (sfsLoss) {
