@@ -57,6 +57,7 @@ import {
   snap,
   snapDiff,
   truth,
+  type Entry,
   type Fault,
   type Op,
   type Point,
@@ -1249,9 +1250,7 @@ class Sequence {
 
     const t = before.all;
     const actual = snap(w.verda.root, (r) => r !== 'root-state' && !r.startsWith('root-state/'));
-    const expected = t.point
-      ? this.expectedVerda(t.point.point)
-      : new Map<string, import('./workshop-world.ts').Entry>();
+    const expected = t.point ? this.expectedVerda(t.point.point) : new Map<string, Entry>();
     // Never a mix: whatever was restored is the point's, entry for entry (directories' mtimes aside).
     // An entry the point does not hold came from elsewhere; one it holds otherwise is a partial
     // file under its final name (an interrupted unpack) or other bytes.

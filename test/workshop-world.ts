@@ -18,7 +18,7 @@ import { startSshd, type Sshd } from './sshd.ts';
 import { makeVerda } from './verda-fixture.ts';
 
 export const KEEP = 3;
-export const NOBODY = 65534;
+const NOBODY = 65534;
 /** VERDA_SUDO for a run without root: what it reads "as root" it reads as nobody. */
 export const DROP_ROOT = `setpriv --reuid=${NOBODY} --regid=${NOBODY} --clear-groups`;
 export const UNITS = ['tailscaled', 'ssh', 'fail2ban', 'ufw'];
@@ -349,7 +349,7 @@ export const KINDS: KindSource[] = [
 export const CRON_KINDS = KINDS.filter((k) => k.cron).map((k) => k.kind);
 
 /** Where a kind's sources are on a Verda. */
-export function kindSrc(k: KindSource, v: VerdaPaths): string {
+function kindSrc(k: KindSource, v: VerdaPaths): string {
   const [where, rel] = k.src.split(':') as [string, string];
   const base = where === 'sys' ? v.sys : where === 'home' ? v.home : v.project;
   return path.join(base, rel);
@@ -899,7 +899,7 @@ export interface State {
   image: Partial<Record<ImageSource, string>>;
 }
 
-export type ReasonClass = 'run' | 'local' | 'bundle' | 'model' | 'image';
+type ReasonClass = 'run' | 'local' | 'bundle' | 'model' | 'image';
 export interface Judged {
   point: Point;
   whole: boolean;
@@ -909,7 +909,7 @@ export interface Judged {
 const normId = (id: unknown) => (typeof id === 'string' ? id.replace(/^sha256:/, '') : undefined);
 
 /** A manifest as a restore point; tolerant of fields a newer manifest may add. */
-export function parsePoint(name: string, text: string): Point {
+function parsePoint(name: string, text: string): Point {
   const m = JSON.parse(text);
   if (!m || !Array.isArray(m.artifacts)) throw new Error('not a manifest');
   const stamp = /^manifest-(\d{8}-\d{6})\.json$/.exec(name)![1]!;
@@ -1103,12 +1103,9 @@ export function describe(op: Op): string {
   }
 }
 
-export const STEPS = { 'backup-verda': 14, 'backup-cron': 7, 'backup-mello': 4, restore: 11 } as const;
+const STEPS = { 'backup-verda': 14, 'backup-cron': 7, 'backup-mello': 4, restore: 11 } as const;
 
-export function pickFault(
-  rng: Rng,
-  where: 'backup-verda' | 'backup-cron' | 'backup-mello' | 'restore' | 'drill',
-): Fault {
+function pickFault(rng: Rng, where: 'backup-verda' | 'backup-cron' | 'backup-mello' | 'restore' | 'drill'): Fault {
   // Where a fault hurts most is picked more often: backup-verda's long steps (the image, the
   // models: 11 and 12, after the config bundle, step 10), a restore right after it stopped
   // tailscaled (step 2).
@@ -1164,7 +1161,7 @@ export function pickFault(
  * --deep and the hash cache, Ctrl-C during the models), in the order a workshop would; and issue
  * 23's user who saves over a workflow (keeping its size and mtime) and gets it back --as-of T.
  */
-export const ISSUE_DAYS: Op[][] = [
+const ISSUE_DAYS: Op[][] = [
   [
     { kind: 'backup-verda', quick: true },
     { kind: 'backup-mello', quick: false },
@@ -1272,14 +1269,4 @@ export function planDays(seed: number, days: number, faultP = 0.5): Op[][] {
   return plan;
 }
 
-export const EDITS: VerdaEdit[] = [
-  'env',
-  'tailscale',
-  'ufw',
-  'ssh-key',
-  'home',
-  'project',
-  'ohmyzsh',
-  'fail2ban',
-  'symlink',
-];
+const EDITS: VerdaEdit[] = ['env', 'tailscale', 'ufw', 'ssh-key', 'home', 'project', 'ohmyzsh', 'fail2ban', 'symlink'];
