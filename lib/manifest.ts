@@ -218,6 +218,18 @@ export interface ObjectsChecked {
 }
 
 /**
+ * The buckets configured here, each with the variable that named it (`R2_CACHE_BUCKET=name`): a
+ * manifest's bucket missing among them is a misnamed or changed variable, and the message says which.
+ */
+function bucketNames(backends: Map<string, Backend>): string {
+  const named = [...backends].map(([bucket, b]) => {
+    const variable = (b as { target?: { variables?: { bucket?: string } } }).target?.variables?.bucket;
+    return variable ? `${variable}=${bucket}` : bucket;
+  });
+  return named.length ? named.join(', ') : 'none configured';
+}
+
+/**
  * Each record's object against it: present, its size, its sha256 metadata; `deep` reads every
  * byte back. An age-encrypted object is read back and decrypted with `ageIdentityFile` under
  * `deep` or `decrypt` (the drill): its plaintext must be the bundle that was sent. Shared by
@@ -252,7 +264,8 @@ export async function checkObjects(
       // A record that cannot be checked proves nothing: never passed over.
       const problem = recordProblem(o);
       if (problem) return void failures.push(`${name}: the manifest's record ${problem}: nothing to check it against`);
-      if (!backend) return void failures.push(`${name}: bucket not configured here`);
+      if (!backend)
+        return void failures.push(`${name}: no bucket configured here is ${o.bucket} (${bucketNames(backends)})`);
       const head = await backend.head(o.key, signal);
       if (!head) failures.push(`missing: ${name}`);
       else if (head.size !== o.bytes) failures.push(`differs: ${name} has ${head.size} bytes, the source ${o.bytes}`);

@@ -335,18 +335,23 @@ async function fromManifest(
     else if (ip)
       warnings.push(`tailscale-ip.txt is no longer the one ${s.label} recorded: the Tailscale IP will not be compared`);
   }
-  s.objectsFrom.push({ ...m });
   const older = points.filter((p) => p.stamp <= chosen.stamp && p.manifest);
-  // The models: those of the chosen run, or of the newest full run before it that completed (a
-  // --quick run sends none). They are what a restore must bring back: R2 is checked against them,
-  // not they against R2.
-  if (m.mode !== 'full') {
-    const full = older.find((p) => p.manifest!.mode === 'full' && p.manifest!.complete);
-    // Its models only: its config bundle is superseded by the chosen run's.
-    if (full) s.objectsFrom.push({ ...full.manifest!, r2: full.manifest!.r2.filter((r) => !isBundleKey(r.key)) });
-  }
+  // The models: those of the newest full run that completed (a --quick run sends none), or the
+  // chosen run's when it is that run (with --from T: up to T, the chosen run's when it is a full
+  // one). Without --from, a newer full run counts though its point is not whole (its models gone
+  // from R2, say): the models the newest backup sent are what a restore must bring back, and R2
+  // is checked against them, not they against R2.
+  const modelsRun = (stamp ? older : points.filter((p) => p.manifest)).find((p) =>
+    p === chosen ? m.mode === 'full' : p.manifest!.mode === 'full' && p.manifest!.complete,
+  );
+  s.objectsFrom.push(modelsRun === chosen ? { ...m } : { ...m, r2: m.r2.filter((r) => isBundleKey(r.key)) });
+  // Its models only: its config bundle is superseded by the chosen run's.
+  const run = modelsRun !== chosen ? modelsRun?.manifest : undefined;
+  if (run) s.objectsFrom.push({ ...run, r2: run.r2.filter((r) => !isBundleKey(r.key)) });
   for (const from of s.objectsFrom) {
-    from.r2 = from.r2.filter((r) => r.key !== IMAGE_FILE); // the image is judged by any copy that holds it
+    // The image is judged by any copy that holds it; the latest bundle is sent again by every run
+    // since: the dated one is the point's (as the judge has it).
+    from.r2 = from.r2.filter((r) => r.key !== IMAGE_FILE && !r.key.startsWith(BUNDLE_KEY));
     for (const r of from.r2) if (!isBundleKey(r.key)) s.models.set(r.key, { record: r, recordedIn: from.timestamp });
   }
   if (!o.image) return;
@@ -614,6 +619,12 @@ export class Services {
   ) {}
 
   async act([verb, unit]: ServiceAction, signal: AbortSignal) {
+    // A stop cut short (a signal, a lost connection) before it answered may have taken effect:
+    // until a clear "no", the unit counts as stopped, so it is started again.
+    if (verb === 'stop' && !this.stopped.has(unit)) {
+      this.stopped.add(unit);
+      this.state.set(unit, 'STOPPED');
+    }
     const r = await this.host.$({ sudo: true, signal, nothrow: true })`${this.systemctl} ${verb} ${unit}`;
     const result = {
       ok: r.code === 0,
@@ -621,11 +632,12 @@ export class Services {
       said: said(r.stderr, 2),
       what: `${this.systemctl.join(' ')} ${verb} ${unit}`,
     };
+    if (verb === 'stop' && !result.ok) {
+      this.stopped.delete(unit);
+      this.state.delete(unit);
+    }
     if (result.missing) this.state.set(unit, 'not installed');
-    else if (verb === 'stop' && result.ok) {
-      this.stopped.add(unit);
-      this.state.set(unit, 'STOPPED');
-    } else if (verb !== 'stop') {
+    else if (verb !== 'stop') {
       if (result.ok) this.stopped.delete(unit);
       const done = { start: 'started', restart: 'restarted', reload: 'reloaded' }[verb];
       this.state.set(

@@ -27,7 +27,7 @@ import { makeVerda, type VerdaFixture } from './verda-fixture.ts';
 const IMAGE = `comfy-multi-points-test-${process.pid}`;
 const NOBODY = 65534;
 const MiB = 1024 * 1024;
-const WORLDS = ['base', 'nonroot', 'sfs', 'sfs-dir', 'rot', 'img', 'int'];
+const WORLDS = ['base', 'nonroot', 'sfs', 'sfs-dir', 'rot', 'img', 'mod', 'latest', 'int'];
 /** Short R2 limits: a refused upload is given up in a second here, minutes in production. */
 const FAST = { COMFYMULTI_R2_ATTEMPTS: '2', COMFYMULTI_R2_BACKOFF: '0.05', COMFYMULTI_SSH_TIMEOUT: '5' };
 const CONFIG_KINDS = [
@@ -544,6 +544,76 @@ test('4. no complete full run: the image its failed run recorded is loaded from 
   assert.match(summaryOf(blind), new RegExp(`Worker image.*${short}`), out(blind));
 });
 
+test('4b. the models the newest complete full run sent must come back, though the config comes from an older --quick point: one gone from R2 fails the drill and the models step, naming it', async () => {
+  // Found by the workshop-days test: the models bucket emptied, SFS lost, the restore exit 0 with no model.
+  ensureImageLoaded();
+  const w = makeWorld('mod');
+  const quick = await backup(w, ['--quick']);
+  assert.is(quick.code, 0, out(quick));
+  const full = await backup(w, []);
+  assert.is(full.code, 0, out(full));
+  const m = readJson(path.join(w.backupDir, full.manifest!));
+  const model = (m.r2 as { bucket: string; key: string }[]).find(
+    (r) => r.bucket === w.models && /^[\w/.-]+$/.test(r.key),
+  );
+  assert.ok(model, 'the full run records its models');
+  // The models bucket loses one: the full run is no longer whole, the --quick one still is.
+  await s3.client.send(new DeleteObjectCommand({ Bucket: w.models, Key: model.key }));
+  const fresh = (into: string) => ({
+    ...w.env,
+    COMFYMULTI_STATE_DIR: path.join(w.root, 'restore-state'),
+    VERDA_SYSROOT: into,
+    VERDA_HOME: path.join(into, 'home/dev'),
+    VERDA_PROJECT_DIR: path.join(into, 'home/dev/comfy-multi'),
+    VERDA_MODELS_DIR: path.join(into, 'mnt/sfs/models'),
+    SFS_BACKUP_DIR: path.join(into, 'mnt/sfs/cache/backups'),
+    VERDA_SYSTEMCTL: recorder(path.join(into, '..', `${path.basename(into)}-bin`)).bin,
+  });
+  const drill = await restore(['--drill'], fresh(path.join(w.root, 'drill')));
+  assert.is(drill.code, 1, out(drill));
+  assert.match(summaryOf(drill), new RegExp(escape(model.key)), out(drill));
+  const r = await restore(['--only', 'models'], fresh(path.join(w.root, 'fresh')));
+  assert.is(r.code, 1, out(r));
+  assert.match(
+    summaryOf(r),
+    new RegExp(`Step \\d+ \\(Models \\(downloaded by Verda\\)\\): .*${escape(model.key)}`),
+    out(r),
+  );
+});
+
+test('4c. the drill of a point older than the newest run: the latest bundle, sent again by every run since, is not held against it', async () => {
+  // Found by the workshop-days test: after a full run that failed past its bundle, the drill of
+  // the --quick point before it failed on verda-config-backup.tar.gz "has N bytes, the source M".
+  ensureImageLoaded();
+  const w = makeWorld('latest');
+  const quick = await backup(w, ['--quick']);
+  assert.is(quick.code, 0, out(quick));
+  const failed = await backup(w, [], { VERDA_MODELS_DIR: path.join(w.root, 'no-models') });
+  assert.is(failed.code, 1, out(failed));
+  const drill = await restore(['--drill'], { ...w.env, COMFYMULTI_STATE_DIR: path.join(w.root, 'drill-state') });
+  assert.match(drill.stdout, new RegExp(`✓ ${escape(quick.manifest!)}: 8 archives checked`), out(drill));
+  assert.is(drill.code, 0, out(drill));
+});
+
+test('4d. a drill whose R2_CACHE_BUCKET or R2_MODELS_BUCKET names another bucket than the backup recorded fails naming the variable', async () => {
+  // Found by the workshop-days test (seed 592441, a misnamed bucket at the drill): the failure
+  // said only "bucket not configured here", not which setting to look at.
+  const w = await base();
+  const state = path.join(w.root, 'misnamed-state');
+  for (const [variable, bucket] of [
+    ['R2_CACHE_BUCKET', w.cache],
+    ['R2_MODELS_BUCKET', w.models],
+  ]) {
+    const drill = await restore(['--drill'], { ...w.env, [variable]: `${bucket}-typo`, COMFYMULTI_STATE_DIR: state });
+    assert.is(drill.code, 1, out(drill));
+    assert.match(
+      drill.stdout,
+      new RegExp(`r2://${escape(bucket)}/\\S+: .*${variable}=${escape(bucket)}-typo`),
+      out(drill),
+    );
+  }
+});
+
 test('5. a restore that fails, or is interrupted, after stopping tailscaled starts it again, and the summary says so', async () => {
   const b = await base();
   const t = path.join(work, 'services');
@@ -607,6 +677,19 @@ test('5. a restore that fails, or is interrupted, after stopping tailscaled star
   assert.match(r.stderr, /SIGINT received/);
   assert.equal(signalled.calls(), ['stop tailscaled', 'start tailscaled'], 'started again after the interrupt');
   assert.match(summaryOf(r), /services: tailscaled started/, out(r));
+
+  // SIGINT while `systemctl stop` has stopped the unit but not yet answered (systemd waits for the
+  // unit to go): the stop took effect, so it is started again (found by the workshop-days test).
+  const lingering = recorder(path.join(t, 'lingering'));
+  fs.appendFileSync(lingering.bin, '[ "$1" = stop ] && { : > "$(dirname "$0")/stopping"; sleep 20; }\nexit 0\n');
+  const stopping = path.join(t, 'lingering', 'stopping');
+  const cut = restore(['--only', 'tailscale-identity'], env(lingering.bin), { onSpawn: (p) => (pid = p) });
+  await until(() => fs.existsSync(stopping), 60_000, 'systemctl stop running');
+  process.kill(pid, 'SIGINT');
+  const c = await cut;
+  assert.is(c.code, 1, out(c));
+  assert.equal(lingering.calls(), ['stop tailscaled', 'start tailscaled'], 'started again after a stop cut short');
+  assert.match(summaryOf(c), /services: tailscaled started/, out(c));
 });
 
 test('6. --root DIR changes nothing outside DIR: the Verda tree, the loaded images and the services as they were', async () => {
