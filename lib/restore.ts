@@ -632,7 +632,9 @@ export class Services {
       said: said(r.stderr, 2),
       what: `${this.systemctl.join(' ')} ${verb} ${unit}`,
     };
-    if (verb === 'stop' && !result.ok) {
+    // ssh's own 255: the connection was lost, not a "no" from systemctl; the stop may have taken.
+    const lost = r.code === 255 && this.host.label !== 'local';
+    if (verb === 'stop' && !result.ok && !lost) {
       this.stopped.delete(unit);
       this.state.delete(unit);
     }
@@ -642,7 +644,7 @@ export class Services {
       const done = { start: 'started', restart: 'restarted', reload: 'reloaded' }[verb];
       this.state.set(
         unit,
-        result.ok ? done : `${verb} FAILED (${said})${this.stopped.has(unit) ? ', left STOPPED' : ''}`,
+        result.ok ? done : `${verb} FAILED (${result.said})${this.stopped.has(unit) ? ', left STOPPED' : ''}`,
       );
     }
     return result;

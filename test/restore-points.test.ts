@@ -692,6 +692,40 @@ test('5. a restore that fails, or is interrupted, after stopping tailscaled star
   assert.match(summaryOf(c), /services: tailscaled started/, out(c));
 });
 
+test('5b. a restore whose SSH connection is lost during `systemctl stop` (ssh exits 255): the stop may have taken, so the service is started again', async () => {
+  const b = await base();
+  const t = path.join(work, 'services-lost');
+  const cutting = recorder(path.join(t, 'cutting'));
+  // The stop takes effect, then the connection goes: the nearest sshd above this command is killed.
+  fs.appendFileSync(
+    cutting.bin,
+    [
+      '[ "$1" = stop ] || exit 0',
+      'p=$PPID',
+      'while [ "$p" -gt 1 ] && [ "$(ps -o comm= -p "$p")" != sshd ]; do p=$(ps -o ppid= -p "$p" | tr -d " "); done',
+      '[ "$p" -gt 1 ] && kill -9 "$p"',
+      'sleep 5',
+      '',
+    ].join('\n'),
+  );
+  const r = await restore(['--only', 'tailscale-identity'], {
+    ...b.env,
+    VERDA_HOST: 'verda',
+    COMFYMULTI_STATE_DIR: path.join(t, 'restore-state'),
+    VERDA_SYSTEMCTL: cutting.bin,
+    VERDA_SYSROOT: path.join(t, 'sys'),
+    VERDA_HOME: path.join(t, 'home/dev'),
+    VERDA_PROJECT_DIR: path.join(t, 'home/dev/comfy-multi'),
+    VERDA_MODELS_DIR: path.join(t, 'models'),
+    SFS_BACKUP_DIR: path.join(t, 'sfs'),
+  });
+  assert.is(r.code, 1, out(r));
+  assert.match(r.stdout, /the SSH connection was lost/, out(r));
+  // A lost connection is no "no" from systemctl: the unit is started again, and the summary says it.
+  assert.equal(cutting.calls(), ['stop tailscaled', 'start tailscaled'], out(r));
+  assert.match(summaryOf(r), /services: tailscaled started/, out(r));
+});
+
 test('6. --root DIR changes nothing outside DIR: the Verda tree, the loaded images and the services as they were', async () => {
   const b = await base();
   spawnSync('podman', ['rmi', '--force', IMAGE]);
