@@ -44,6 +44,72 @@ export interface Measure {
 
 let traces = 0;
 
+const TICK = 100; // USER_HZ: /proc's CPU times are in hundredths of a second on Linux
+
+/**
+ * CPU seconds by who used them, sampled from /proc every 500 ms until stopped: this process (the
+ * proxy), its descendants by what they are (the S3 server, our scripts on Mello and on Verda,
+ * ssh, aws-cli, podman, ...), and everything else on the machine (other people's work).
+ */
+function watchCpu(): () => Record<string, number> {
+  const self = process.pid;
+  const seen = new Map<number, { ticks: number; who: string; comm: string }>();
+  const kind = (pid: number, comm: string, parents: Map<number, number>): string => {
+    let p = pid;
+    for (let i = 0; i < 64 && p > 1; i++) {
+      if (p === self) break;
+      p = parents.get(p) ?? 0;
+    }
+    if (pid === self) return 'the proxy (bench process)';
+    if (p !== self) return 'other work on the machine';
+    let cmd = '';
+    try {
+      cmd = fs.readFileSync(`/proc/${pid}/cmdline`, 'latin1').replace(/\0/g, ' ');
+    } catch {
+      /* gone */
+    }
+    if (cmd.includes('--models-here')) return 'restore-verda on Verda (--models-here)';
+    if (/s3-server|radosgw|ceph-osd|ceph-mon/.test(cmd)) return 'S3 server';
+    if (/restore-verda|backup-mello|backup-verda/.test(cmd)) return 'our script on Mello';
+    if (/\baws\b|awscli/.test(cmd)) return 'aws-cli';
+    return comm;
+  };
+  const sample = () => {
+    const parents = new Map<number, number>();
+    const stats: [number, string, number][] = [];
+    for (const name of fs.readdirSync('/proc')) {
+      if (!/^\d+$/.test(name)) continue;
+      try {
+        const text = fs.readFileSync(`/proc/${name}/stat`, 'latin1');
+        const close = text.lastIndexOf(')');
+        const comm = text.slice(text.indexOf('(') + 1, close);
+        const fields = text.slice(close + 2).split(' ');
+        parents.set(Number(name), Number(fields[1]));
+        stats.push([Number(name), comm, Number(fields[11]) + Number(fields[12])]);
+      } catch {
+        /* gone meanwhile */
+      }
+    }
+    for (const [pid, comm, ticks] of stats) {
+      const known = seen.get(pid);
+      // Classified again when it exec'd something else (sh → node --models-here).
+      const who = known?.comm === comm ? known.who : kind(pid, comm, parents);
+      seen.set(pid, { ticks, who, comm });
+    }
+  };
+  sample();
+  // A process there at the start counts from then; one born later, from 0.
+  const atStart = new Map([...seen].map(([pid, v]) => [pid, v.ticks]));
+  const timer = setInterval(sample, 500);
+  return () => {
+    clearInterval(timer);
+    sample();
+    const by: Record<string, number> = {};
+    for (const [pid, { ticks, who }] of seen) by[who] = (by[who] ?? 0) + (ticks - (atStart.get(pid) ?? 0)) / TICK;
+    return by;
+  };
+}
+
 /** The peak RSS (VmHWM) of the processes whose command line holds `marker`, polled until stopped. */
 function watchRss(marker: string): () => number {
   let peakKb = 0;
@@ -105,6 +171,7 @@ export async function measure(
       )
     : undefined;
   const remoteRss = o.remoteMarker ? watchRss(o.remoteMarker) : () => 0;
+  const cpu = tracing ? watchCpu() : () => ({});
   // A process group of its own, so that a run past its time is ended whole (time, sh, node).
   const child = spawn('/usr/bin/time', ['-f', '%M', '-o', timeFile, cmd, ...args], {
     env,
@@ -121,6 +188,7 @@ export async function measure(
   clearInterval(sampler);
   const seconds = (performance.now() - started) / 1000;
   const remoteRssMb = remoteRss();
+  const cpuBy = cpu();
   const log = o.proxy.log.splice(0);
   const linkBytes = { up: o.link.bytes.up - bytes.up, down: o.link.bytes.down - bytes.down };
   // BENCH_TRACE=1: every run's exchanges (times relative to its start) to look at where time goes.
@@ -132,6 +200,7 @@ export async function measure(
       cmd: [path.basename(cmd), ...args].join(' '),
       seconds,
       linkBytes,
+      cpuBy,
       // restore-verda --json: its steps and their times.
       stdout: stdout.slice(-50_000),
       exchanges: log.map((e) => ({ ...e, start: rel(e.start), headers: rel(e.headers), end: rel(e.end) })),

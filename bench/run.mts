@@ -619,10 +619,10 @@ if (restoreRuns.size && restoreData) {
   const size = `${(restoreData.models.bytes / 1e9).toFixed(1)} GB in ${restoreData.models.files} files`;
   lines.push(
     `**Models restore** (${size}, into an empty directory: restore-verda --only models, Verda over ssh ` +
-      'on the same link, against `aws s3 sync` of the bucket; peak RSS of ours: Mello / Verda):',
+      'on the same link, against `aws s3 sync` of the bucket):',
     '',
     '| profile | restore-verda s | aws s3 sync s | ours / aws | line ours / aws | goal | met | ' +
-      'GETs ours / aws | connections ours / aws | models step s | no-op restore s | peak RSS MB ours / aws |',
+      'GETs ours / aws | connections ours / aws | models step s | no-op restore s | peak RSS MB Mello / Verda / aws |',
     '|---|---:|---:|---:|---|---|---|---|---|---:|---:|---|',
     ...profiles
       .filter((p) => restoreRuns.has(p.name))

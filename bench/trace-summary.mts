@@ -28,6 +28,7 @@ interface Trace {
   cmd: string;
   seconds: number;
   linkBytes: { up: number; down: number };
+  cpuBy?: Record<string, number>;
   stdout?: string;
   exchanges: TraceExchange[];
   timeline: { t: number; up: number; down: number }[];
@@ -69,6 +70,16 @@ export function summarize(t: Trace): string {
     `${t.seconds.toFixed(2)} s; link ${(t.linkBytes.down / MB).toFixed(1)} MB down, ${(t.linkBytes.up / MB).toFixed(1)} MB up` +
       (Number.isFinite(cap) ? `; line (both ways) ${(moved / (t.seconds * cap)).toFixed(2)}` : ''),
   );
+  if (t.cpuBy && Object.keys(t.cpuBy).length) {
+    const by = Object.entries(t.cpuBy)
+      .filter(([, v]) => v >= 0.05)
+      .sort((a, b) => b[1] - a[1]);
+    const all = by.reduce((a, [, v]) => a + v, 0);
+    out.push(
+      `CPU seconds (${(all / t.seconds).toFixed(2)} cores of 2 on average): ` +
+        by.map(([k, v]) => `${k} ${v.toFixed(1)}`).join(', '),
+    );
+  }
   if (t.stdout?.includes('"steps"')) {
     try {
       const json = JSON.parse(t.stdout.slice(t.stdout.indexOf('\n{') + 1));
