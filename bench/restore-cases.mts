@@ -156,12 +156,21 @@ export async function prepareRestoreData(
       { env: awsEnv(srv) },
     );
   }
+  // BENCH_CPU_PROF=1: every Node on "Verda" (the models download) writes a CPU profile: a `node`
+  // first on the sessions' PATH adds --cpu-prof (which NODE_OPTIONS may not carry).
+  const profDir = path.join(work, 'cpu-prof');
+  const wrapperDir = path.join(work, 'cpu-prof-bin');
+  if (process.env.BENCH_CPU_PROF === '1') {
+    fs.mkdirSync(wrapperDir, { recursive: true });
+    fs.writeFileSync(
+      path.join(wrapperDir, 'node'),
+      `#!/bin/sh\nexec '${process.execPath}' --cpu-prof --cpu-prof-dir='${profDir}' "$@"\n`,
+      { mode: 0o755 },
+    );
+  }
   const sshd = await startSshd(
     ['verda'],
-    // BENCH_CPU_PROF=1: every Node on "Verda" (the models download) writes a CPU profile.
-    process.env.BENCH_CPU_PROF === '1'
-      ? [`SetEnv NODE_OPTIONS="--cpu-prof --cpu-prof-dir=${path.join(work, 'cpu-prof')}"`]
-      : [],
+    process.env.BENCH_CPU_PROF === '1' ? [`SetEnv "PATH=${wrapperDir}:/usr/local/bin:/usr/bin:/bin"`] : [],
   );
   return {
     models: { dir, files: o.files, size: o.size, bytes: o.files * o.size },
