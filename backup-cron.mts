@@ -1,15 +1,16 @@
 #!/bin/sh
-':' //; exec "$(dirname "$(readlink -f "$0")")/lib/launch.sh" "$0" "$@"
-// (The two lines above are read by sh and ignored by Node: lib/launch.sh starts Node with this
-// script, found beside it whatever the working directory. See README "How the scripts run".)
+//bin/true; exec "$(dirname "$(readlink -f "$0")")/lib/launch.sh" "$0" "$@"
+// (The two lines above are run by sh and are comments to Node: lib/launch.sh starts Node with
+// this script, found beside it whatever the working directory. See README "How the scripts run".)
 
 // backup-cron: run hourly on Verda by root's cron (see ./install). Verda's identity and firewall
 // config to SFS, which survives the instance, then backup-mello on Mello over SSH. Needs no R2.
 import { CRON_KINDS, archiveStep, configArchives, verifyCopyStep } from './lib/archive.ts';
 import { requireDirOrAbsent } from './lib/config.ts';
 import { RunRecord } from './lib/manifest.ts';
-import { runScript } from './lib/plan.ts';
-import { copyWarnings, rotateLocal, rotationStep, timestamp } from './lib/rotation.ts';
+import { runScript } from './lib/script.ts';
+import { copyWarnings, listCopies, timestamp } from './lib/dated.ts';
+import { rotateLocal, rotationStep } from './lib/rotation.ts';
 import { LocalHost } from './lib/ssh.ts';
 import { cronStatus } from './lib/status.ts';
 import { triggerMelloStep } from './lib/trigger.ts';
@@ -29,6 +30,7 @@ Mello cannot be reached the SFS copies stand and the run exits 1.
 --verify: checks that the newest SFS copy of each kind is a whole archive, and runs
 backup-mello.mts --verify on Mello (--deep is passed on).`,
   status: (cfg) => cronStatus(cfg),
+  list: async (cfg, json) => listCopies(cfg.sfsBackupDir, CRON_KINDS, json),
   plan(cfg, flags) {
     requireDirOrAbsent(cfg, 'SFS_BACKUP_DIR');
     requireDirOrAbsent(cfg, 'COMFYMULTI_STATE_DIR');
@@ -49,14 +51,14 @@ backup-mello.mts --verify on Mello (--deep is passed on).`,
     });
     if (flags.verify) return { steps: [...specs.map((spec) => verifyCopyStep({ host: verda, spec, dir })), trigger] };
 
-    const run = new RunRecord(timestamp());
+    const record = new RunRecord(timestamp());
     return {
       steps: [
-        ...specs.map((spec) => archiveStep({ host: verda, spec, dir, run, dedupe: true })),
+        ...specs.map((spec) => archiveStep({ host: verda, spec, dir, record, dedupe: true, sfsMount: cfg.sfsMount })),
         rotationStep({
           where: dir,
           keep: cfg.keepBackups,
-          rotate: async () => specs.flatMap((s) => rotateLocal(dir, s.kind, 'tar.gz', cfg.keepBackups)),
+          rotate: async () => ({ deleted: specs.flatMap((s) => rotateLocal(dir, s.kind, 'tar.gz', cfg.keepBackups)) }),
           inspect: () => specs.flatMap((s) => copyWarnings(dir, s.kind, 'tar.gz')),
         }),
         trigger,

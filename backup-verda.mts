@@ -1,7 +1,7 @@
 #!/bin/sh
-':' //; exec "$(dirname "$(readlink -f "$0")")/lib/launch.sh" "$0" "$@"
-// (The two lines above are read by sh and ignored by Node: lib/launch.sh starts Node with this
-// script, found beside it whatever the working directory. See README "How the scripts run".)
+//bin/true; exec "$(dirname "$(readlink -f "$0")")/lib/launch.sh" "$0" "$@"
+// (The two lines above are run by sh and are comments to Node: lib/launch.sh starts Node with
+// this script, found beside it whatever the working directory. See README "How the scripts run".)
 
 // backup-verda: run on Mello before Verda is shut down. Verda's identity and config to
 // BACKUP_DIR on Mello and to the R2 cache bucket; in a full run also the worker image, and the
@@ -15,18 +15,18 @@ import {
   rotateBundles,
   tailscaleIpStep,
 } from './lib/archive.ts';
-import { bucketTarget, requireDirOrAbsent, type Config } from './lib/config.ts';
+import { bucketName, bucketTarget, requireDirOrAbsent, type Config } from './lib/config.ts';
 import { imageStep } from './lib/image.ts';
 import { RunRecord, manifestStep, verifyArtifactsStep, verifyObjectsStep } from './lib/manifest.ts';
-import { MODELS_FLAG, modelsStep, runModelsHere } from './lib/models.ts';
-import { runScript, type Plan } from './lib/plan.ts';
-import { R2Backend, r2Limits } from './lib/r2.ts';
-import { copyWarnings, rotateLocal, rotationStep, timestamp } from './lib/rotation.ts';
+import { CONFIG_KINDS } from './lib/layout.ts';
+import { modelsStep } from './lib/models.ts';
+import { runScript, type Plan } from './lib/script.ts';
+import { bucketBackend, configuredBuckets } from './lib/r2.ts';
+import { PointJudge, judgeAll, listRestorePoints, newestPointStep, usable } from './lib/restore-point.ts';
+import { copyWarnings, timestamp } from './lib/dated.ts';
+import { rotateByRestorePoints, rotationStep } from './lib/rotation.ts';
 import { lazyHost } from './lib/ssh.ts';
 import { verdaStatus } from './lib/status.ts';
-
-// Verda's side of the models step (see lib/models.ts): not a flag for people.
-if (process.argv.includes(MODELS_FLAG)) await runModelsHere();
 
 await runScript({
   name: 'backup-verda',
@@ -41,6 +41,7 @@ to the R2 models bucket. --quick: config only. Keeps KEEP_BACKUPS dated copies o
 With AGE_RECIPIENTS set, the bundle is age-encrypted before it leaves Mello (.tar.gz.age);
 --verify --deep then decrypts it with AGE_IDENTITY_FILE.`,
   status: (cfg) => verdaStatus(cfg),
+  list: (cfg, json) => listRestorePoints(judgeOf(cfg), json),
   async plan(cfg, flags) {
     requireDirOrAbsent(cfg, 'BACKUP_DIR');
     requireDirOrAbsent(cfg, 'COMFYMULTI_STATE_DIR');
@@ -49,47 +50,46 @@ With AGE_RECIPIENTS set, the bundle is age-encrypted before it leaves Mello (.ta
     const quick = flags.quick ? '--quick' : undefined; // leaves the image and the models out
     const dir = cfg.backupDir;
     const verda = lazyHost(cfg.verdaHost, { configFile: cfg.sshConfig, sudo: cfg.verdaSudo, limits: cfg.limits });
-    const cacheBucket = bucketTarget(cfg, 'cache');
-    const cache = new R2Backend(cacheBucket, r2Limits(cfg.limits));
-    const run = new RunRecord(timestamp());
+    const cacheTarget = bucketTarget(cfg, 'cache');
+    const cacheBucket = bucketBackend(cfg, 'cache');
+    const record = new RunRecord(timestamp());
 
-    const archives = configArchives(cfg).map((spec) => archiveStep({ host: verda, spec, dir, run }));
-    const configSteps = [...archives, tailscaleIpStep({ host: verda, dir, run })];
-    const kinds = [...configArchives(cfg).map((a) => a.kind), 'manifest'];
+    const archives = configArchives(cfg).map((spec) => archiveStep({ host: verda, spec, dir, record }));
+    const configSteps = [...archives, tailscaleIpStep({ host: verda, dir, record })];
+    // The config bundle goes before the long steps: a run stopped during them still has it in R2.
     return {
       steps: [
         ...configSteps,
+        bundleStep({ dir, cacheBucket, bucket: cacheTarget.bucket, record, configSteps, ageRecipients }),
         imageStep({
           host: verda,
           cli: cfg.containerCli,
           image: cfg.containerImage,
           dir,
-          cache,
-          bucket: cacheBucket.bucket,
-          run,
+          cacheBucket,
+          bucket: cacheTarget.bucket,
+          record,
           stateDir: cfg.stateDir,
           skipReason: quick,
         }),
         modelsStep({
           host: verda,
-          scriptsDir: cfg.verdaScriptsDir,
           target: quick ? undefined : bucketTarget(cfg, 'models'),
           modelsDir: cfg.verdaModelsDir,
           sfsBackupDir: cfg.sfsBackupDir,
           limits: cfg.limits,
-          run,
+          record,
+          sfsMount: cfg.sfsMount,
           skipReason: quick,
         }),
-        bundleStep({ dir, cache, bucket: cacheBucket.bucket, run, configSteps, ageRecipients }),
-        manifestStep({ dir, run, mode: quick ? 'quick' : 'full', verdaHost: cfg.verdaHost }),
+        manifestStep({ dir, record, mode: quick ? 'quick' : 'full', verdaHost: cfg.verdaHost }),
         rotationStep({
-          where: `${dir} and ${cache.name}/${BUNDLE_PREFIX}`,
+          where: `${dir} and ${cacheBucket.name}/${BUNDLE_PREFIX}`,
           keep: cfg.keepBackups,
-          rotate: async (signal) => [
-            ...kinds.flatMap((k) => rotateLocal(dir, k, k === 'manifest' ? 'json' : 'tar.gz', cfg.keepBackups)),
-            ...(await rotateBundles(cache, cfg.keepBackups, Boolean(ageRecipients), signal)),
-          ],
-          inspect: () => kinds.flatMap((k) => copyWarnings(dir, k, k === 'manifest' ? 'json' : 'tar.gz')),
+          what: `the ${cfg.keepBackups} newest whole restore points and the newest whole one with the worker image`,
+          rotate: (signal) => rotate(cfg, ageRecipients, signal),
+          inspect: () =>
+            [...CONFIG_KINDS, 'manifest'].flatMap((k) => copyWarnings(dir, k, k === 'manifest' ? 'json' : 'tar.gz')),
         }),
       ],
       close: () => verda.close(),
@@ -98,10 +98,54 @@ With AGE_RECIPIENTS set, the bundle is age-encrypted before it leaves Mello (.ta
   },
 });
 
+/**
+ * BACKUP_DIR by restore points, then R2's dated bundles by their own listing (never one a kept
+ * point names, and none while BACKUP_DIR holds fewer than KEEP_BACKUPS points of its own).
+ */
+async function rotate(cfg: Config, recipients: string[] | undefined, signal: AbortSignal) {
+  const cacheBucket = bucketBackend(cfg, 'cache');
+  const judge = new PointJudge({
+    backupDir: cfg.backupDir,
+    buckets: configuredBuckets(cfg, ['cache', 'models']),
+    cacheBucket: cacheBucket.target.bucket,
+    stateDir: cfg.stateDir,
+    signal,
+  });
+  const judged = await judgeAll(judge);
+  const local = rotateByRestorePoints(cfg.backupDir, judged, cfg.keepBackups, CONFIG_KINDS);
+  const usableKept = local.kept.filter(usable);
+  const r2 = await rotateBundles(
+    cacheBucket,
+    cfg.keepBackups,
+    {
+      keptStamps: new Set(usableKept.map((p) => p.stamp)),
+      trim: usableKept.length >= cfg.keepBackups,
+      encryptTo: recipients,
+      tmpDir: cfg.backupDir,
+    },
+    signal,
+  );
+  const cacheWarning = judge.finish();
+  return {
+    deleted: [...local.deleted, ...r2.deleted],
+    notes: [...local.notes, ...r2.notes, ...(cacheWarning ? [cacheWarning] : [])],
+  };
+}
+
+/** The restore points of BACKUP_DIR, judged against the cache and models buckets configured here. */
+function judgeOf(cfg: Config, buckets = configuredBuckets(cfg, ['cache', 'models'])) {
+  return new PointJudge({
+    backupDir: cfg.backupDir,
+    buckets,
+    cacheBucket: bucketName(cfg, 'cache'),
+    stateDir: cfg.stateDir,
+  });
+}
+
 /** --verify: from the newest manifest alone, no SSH, so it works once Verda is gone. */
 function verifyPlan(cfg: Config, deep: boolean): Plan {
-  const buckets = [bucketTarget(cfg, 'cache'), bucketTarget(cfg, 'models')];
-  const backends = new Map(buckets.map((b) => [b.bucket, new R2Backend(b, r2Limits(cfg.limits))]));
+  const backends = configuredBuckets(cfg, ['cache', 'models']);
+  const judge = () => judgeOf(cfg, backends);
   const objects = verifyObjectsStep(cfg.backupDir, backends, deep, { ageIdentityFile: cfg.ageIdentityFile });
-  return { steps: [verifyArtifactsStep(cfg.backupDir), objects] };
+  return { steps: [verifyArtifactsStep(cfg.backupDir), objects, newestPointStep({ judge })] };
 }

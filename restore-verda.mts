@@ -1,7 +1,7 @@
 #!/bin/sh
-':' //; exec "$(dirname "$(readlink -f "$0")")/lib/launch.sh" "$0" "$@"
-// (The two lines above are read by sh and ignored by Node: lib/launch.sh starts Node with this
-// script, found beside it whatever the working directory. See README "How the scripts run".)
+//bin/true; exec "$(dirname "$(readlink -f "$0")")/lib/launch.sh" "$0" "$@"
+// (The two lines above are run by sh and are comments to Node: lib/launch.sh starts Node with
+// this script, found beside it whatever the working directory. See README "How the scripts run".)
 
 // restore-verda: run on Mello to bring a fresh Verda back from its backups, the mirror of
 // backup-verda over the same one SSH connection. The backup is checked whole first; then the
@@ -9,29 +9,26 @@
 // worker image, and the models, which Verda downloads itself. --drill restores into a temporary
 // root on Mello alone and compares.
 import path from 'node:path';
-import { configArchives } from './lib/archive.ts';
-import { UsageError, type Flags } from './lib/cli.ts';
-import { bucketTarget, requireDirOrAbsent, type Config } from './lib/config.ts';
-import { runScript, type Plan, type Step } from './lib/plan.ts';
-import { R2Backend, r2Limits } from './lib/r2.ts';
+import { RESTORE_VERDA_FLAGS, type Flags } from './lib/cli.ts';
+import { bucketName, bucketTarget, type Config } from './lib/config.ts';
+import { ByteBudget } from './lib/layout.ts';
+import { configuredBuckets } from './lib/r2.ts';
 import {
   IMAGE_KIND,
   MODELS_KIND,
-  RestoreSource,
+  Services,
   TempRoot,
   objectsStep,
   sourceStep,
   unpackStep,
   verdictStep,
-  type FromWhere,
 } from './lib/restore.ts';
-import { imageRestoreStep } from './lib/restore-image.ts';
-import { MODELS_HERE_FLAG, modelsRestoreStep, runModelsRestoreHere, scriptBundle } from './lib/restore-models.ts';
+import { restoreContext } from './lib/restore-context.ts';
+import { imageCopyStep, imageRestoreStep } from './lib/restore-image.ts';
+import { modelsRestoreStep } from './lib/restore-models.ts';
+import { PointJudge, listRestorePoints } from './lib/restore-point.ts';
+import { runScript, type Plan } from './lib/script.ts';
 import { LocalHost, lazyHost } from './lib/ssh.ts';
-import type { Backend } from './lib/storage.ts';
-
-// Verda's side of the models step (see lib/restore-models.ts): not a flag for people.
-if (process.argv.includes(MODELS_HERE_FLAG)) await runModelsRestoreHere();
 
 await runScript({
   name: 'restore-verda',
@@ -42,8 +39,9 @@ await runScript({
       : `=== Backups → Verda${f.extra.root ? ` under ${f.extra.root} (no service touched)` : ''} ===`,
   outcome: (f) => (f.extra.drill ? 'Drill' : 'Restore'),
   moved: () => 'restored',
-  usage: `Usage: restore-verda.mts [--from T|sfs|r2] [--only KIND,...] [--skip-image] [--skip-models]
-                         [--root DIR] [--drill] [--dry-run] [--verify] [--json] [-v] [--env-file PATH]
+  usage: `Usage: restore-verda.mts [--from T|sfs|r2] [--only KIND,...] [--skip-image] [--skip-models] [--quick]
+                         [--new-host] [--root DIR] [--dry-run] [--json] [-v] [--env-file PATH]
+       restore-verda.mts --drill | --verify [--deep] | --list
 
 Run on Mello to bring a fresh Verda (VERDA_HOST) back from its backups, over one SSH connection.
 Every artifact is checked against its manifest before anything on Verda changes. Then, in order:
@@ -52,163 +50,113 @@ one), SSH host keys (ssh restarted), fail2ban, ufw (each reloaded), project .env
 comfy-project, oh-my-zsh custom; the worker image (unless loaded already); the models, which
 Verda downloads from the models bucket where missing or different (never deleting anything).
 
-  --from T          the backup of manifest-T.json (default: the newest complete one in BACKUP_DIR)
+  --from T          the backup of manifest-T.json (default: the newest whole one in BACKUP_DIR)
   --from sfs        the newest copy of each kind in SFS_BACKUP_DIR on Verda (backup-cron's five)
-  --from r2         the cache bucket's verda-config-backup.tar.gz
+  --from r2         the newest dated bundle in the cache bucket
+                    (verda-config-backups/verda-config-backup-T.tar.gz, or .tar.gz.age)
   --only KIND,...   just these, of tailscale-identity, ssh-host-keys, fail2ban, ufw, project-env,
                     home-dev, comfy-project, ohmyzsh-custom, image, models
   --skip-image      leave the worker image out (--quick: the image and the models)
   --skip-models     leave the models out
+  --new-host        a fresh Verda's new SSH host key is accepted for this run's one connection only
+                    (your known_hosts is not changed); once the host keys are restored, Verda must
+                    present the old key your known_hosts trusts
   --root DIR        restore under DIR on Verda instead of /, and control no service
   --drill           on Mello alone: restore the newest backup into a temporary root, compare every
                     file with its archive and the manifest, check R2 holds the manifest's objects;
                     one verdict line, exit 1 naming what would not restore
   --verify          check the backup (artifacts against the manifest, its R2 objects); change nothing`,
-  extraFlags: { boolean: ['skip-image', 'skip-models', 'drill'], string: ['from', 'only', 'root'] },
-  plan: (cfg, flags) => restorePlan(cfg, flags),
+  extraFlags: RESTORE_VERDA_FLAGS,
+  list: (cfg, json) =>
+    listRestorePoints(
+      new PointJudge({
+        backupDir: cfg.backupDir,
+        buckets: configuredBuckets(cfg, ['cache', 'models']),
+        cacheBucket: bucketName(cfg, 'cache'),
+        stateDir: cfg.stateDir,
+      }),
+      json,
+    ),
+  plan: (cfg, flags) => (flags.extra.drill || flags.verify ? checkPlan(cfg, flags) : restorePlan(cfg, flags)),
 });
 
-function fromFlag(value: unknown): FromWhere {
-  if (value === undefined) return { from: 'manifest' };
-  if (value === 'sfs' || value === 'r2') return { from: value };
-  if (typeof value === 'string' && /^\d{8}-\d{6}$/.test(value)) return { from: 'manifest', stamp: value };
-  throw new UsageError(`--from must be a backup's timestamp YYYYMMDD-HHMMSS, sfs or r2 (got ${JSON.stringify(value)})`);
-}
-
+/** The restore, over one SSH connection to Verda: the backup checked, then the SPEC's order. */
 function restorePlan(cfg: Config, flags: Flags): Plan {
-  requireDirOrAbsent(cfg, 'COMFYMULTI_STATE_DIR');
-  const x = flags.extra;
-  const where = fromFlag(x.from);
-  const specs = configArchives(cfg);
-  const known = [...specs.map((s) => s.kind), IMAGE_KIND, MODELS_KIND];
-  let only: string[] | undefined;
-  if (x.only !== undefined) {
-    only = String(x.only)
-      .split(',')
-      .map((k) => k.trim());
-    const unknown = only.find((k) => !known.includes(k));
-    if (unknown !== undefined)
-      throw new UsageError(`--only: unknown kind ${JSON.stringify(unknown)} (kinds: ${known.join(', ')})`);
-  }
-  const root = x.root === undefined ? undefined : String(x.root);
-  if (root !== undefined && (!path.isAbsolute(root) || /[\0\n\r]/.test(root))) {
-    throw new UsageError(`--root must be an absolute path (got ${JSON.stringify(root)})`);
-  }
-  const drill = Boolean(x.drill);
-  if (drill && (where.from !== 'manifest' || root || flags.dryRun || flags.verify)) {
-    throw new UsageError(
-      '--drill restores a backup of BACKUP_DIR into its own temporary root: ' +
-        'not with --from sfs|r2, --root, --dry-run or --verify',
-    );
-  }
-  if (flags.verify && where.from !== 'manifest')
-    throw new UsageError('--verify checks a backup of BACKUP_DIR: not with --from sfs|r2');
-  const chosen = (kind: string) => !only || only.includes(kind);
-  const kinds = specs.map((s) => s.kind).filter(chosen);
-  const source = new RestoreSource();
-  const limits = r2Limits(cfg.limits);
-  const buckets = () => {
-    const map = new Map<string, Backend>();
-    for (const kind of ['cache', 'models'] as const) {
-      const target = bucketTarget(cfg, kind);
-      map.set(target.bucket, new R2Backend(target, limits));
-    }
-    return map;
-  };
-
-  if (drill || flags.verify) {
-    const ageIdentityFile = cfg.ageIdentityFile;
-    // Mello alone: no SSH. The drill unpacks with the same tar command, here, under a temporary root.
-    const local = new LocalHost([], cfg.limits.commandIdleTimeoutMs);
-    const backends = buckets();
-    const tempRoot = new TempRoot(cfg.stateDir);
-    const steps: Step[] = [
-      sourceStep({
-        where,
-        backupDir: cfg.backupDir,
-        stateDir: cfg.stateDir,
-        kinds,
-        image: false,
-        host: local,
-        sfsBackupDir: cfg.sfsBackupDir,
-        ageIdentityFile: cfg.ageIdentityFile,
-        source,
-      }),
-      ...(drill
-        ? specs
-            .filter((s) => chosen(s.kind))
-            .map((spec) => unpackStep({ host: local, spec, source, root: () => tempRoot.get(), compare: true }))
-        : []),
-      // The drill decrypts an age-encrypted bundle, as a restore from R2 would.
-      objectsStep({ source, backends: () => backends, deep: flags.deep, decrypt: drill, ageIdentityFile }),
-      ...(drill ? [verdictStep({ source, root: tempRoot })] : []),
-    ];
-    return { steps, close: async () => (tempRoot.remove(), source.cleanup()) };
-  }
-
-  const leftOut = (flag: unknown, name: string) => (flags.quick ? '--quick' : flag ? name : undefined);
-  const imageSkip = leftOut(x['skip-image'], '--skip-image');
-  const modelsSkip = leftOut(x['skip-models'], '--skip-models');
-  const wantImage = chosen(IMAGE_KIND) && !imageSkip;
-  const wantModels = chosen(MODELS_KIND) && !modelsSkip;
-  // Buckets are looked up now, so a missing R2 variable is exit 2 before anything is done.
-  const cacheTarget = where.from === 'r2' || wantImage ? bucketTarget(cfg, 'cache') : undefined;
-  let cache: Backend | undefined;
-  const cacheBackend = cacheTarget ? () => (cache ??= new R2Backend(cacheTarget, limits)) : undefined;
-  const verda = lazyHost(cfg.verdaHost, { configFile: cfg.sshConfig, sudo: cfg.verdaSudo, limits: cfg.limits });
-  const rooted = (p: string) => (root ? path.join(root, p) : p);
-  const services = root ? undefined : { host: verda, systemctl: cfg.verdaSystemctl };
-
-  const steps: Step[] = [
-    sourceStep({
-      where,
-      backupDir: cfg.backupDir,
-      stateDir: cfg.stateDir,
-      kinds,
-      image: wantImage,
-      host: verda,
-      sfsBackupDir: cfg.sfsBackupDir,
-      ageIdentityFile: cfg.ageIdentityFile,
-      cache: cacheBackend,
-      source,
-    }),
-    ...specs
-      .filter((s) => chosen(s.kind))
-      .map((spec) => unpackStep({ host: verda, spec, source, root: root ? () => root : undefined, services })),
+  const r = restoreContext(cfg, flags);
+  const verda = lazyHost(cfg.verdaHost, {
+    configFile: cfg.sshConfig,
+    sudo: cfg.verdaSudo,
+    limits: cfg.limits,
+    newHost: Boolean(flags.extra['new-host']),
+    newHostHint:
+      "a fresh Verda has a new key: check it on the provider's console, then run restore-verda.mts --new-host " +
+      '(it accepts that key for this one connection, leaves your known_hosts as it is, and checks that Verda ' +
+      'presents the old key once the host keys are restored)',
+  });
+  const services = r.root ? undefined : new Services(verda, cfg.verdaSystemctl);
+  const root = r.root ? () => r.root! : undefined;
+  const steps = [
+    sourceStep(r.sourceOptions(verda, r.chosen(IMAGE_KIND) && !r.imageSkip)),
+    ...r.specs.map((spec) => unpackStep({ host: verda, spec, source: r.source, root, services })),
   ];
-  if (chosen(IMAGE_KIND)) {
+  if (r.chosen(IMAGE_KIND))
     steps.push(
       imageRestoreStep({
         host: verda,
         cli: cfg.containerCli,
         image: cfg.containerImage,
-        source,
-        cacheDir: rooted(cfg.sfsBackupDir),
-        cache: cacheBackend,
-        skipReason: imageSkip,
+        source: r.source,
+        imageDir: r.rooted(cfg.sfsBackupDir),
+        cacheBucket: r.cacheBucket,
+        load: !r.root,
+        sfsMount: cfg.sfsMount,
+        skipReason: r.imageSkip,
       }),
     );
-  }
-  if (chosen(MODELS_KIND)) {
+  if (r.chosen(MODELS_KIND))
     steps.push(
       modelsRestoreStep({
         host: verda,
-        target: wantModels ? bucketTarget(cfg, 'models') : undefined,
-        modelsDir: rooted(cfg.verdaModelsDir),
+        target: r.modelsSkip ? undefined : bucketTarget(cfg, 'models'),
+        modelsDir: r.rooted(cfg.verdaModelsDir),
         // The backup's models step keeps the same cache: a restore after a backup hashes nothing.
-        hashCacheFile: rooted(path.join(cfg.sfsBackupDir, '.hash-cache', 'models.jsonl')),
+        hashCacheFile: r.rooted(path.join(cfg.sfsBackupDir, '.hash-cache', 'models.jsonl')),
         limits: cfg.limits,
-        source,
-        bundle: () => scriptBundle('restore-verda'),
-        skipReason: modelsSkip,
+        source: r.source,
+        sfsMount: cfg.sfsMount,
+        skipReason: r.modelsSkip,
       }),
     );
-  }
-  return {
-    steps,
-    close: async () => {
-      await verda.close();
-      source.cleanup();
-    },
-  };
+  const close = async () => (await services?.startStopped(), await verda.close(), r.source.cleanup());
+  return { steps, close, report: () => services?.report() ?? [] };
+}
+
+/**
+ * --drill and --verify, on Mello alone (no SSH): the same source step as the restore; the drill
+ * unpacks each kind into a fresh directory of its own here and compares, within DRILL_MAX_BYTES.
+ */
+function checkPlan(cfg: Config, flags: Flags): Plan {
+  const r = restoreContext(cfg, flags);
+  const drill = Boolean(flags.extra.drill);
+  const local = new LocalHost([], cfg.limits.commandIdleTimeoutMs);
+  const tempRoot = new TempRoot(cfg.stateDir);
+  const budget = new ByteBudget(cfg.drillMaxBytes, 'DRILL_MAX_BYTES');
+  const unpack = (spec: (typeof r.specs)[number]) =>
+    unpackStep({ host: local, spec, source: r.source, root: (kind) => tempRoot.get(kind), compare: true, budget });
+  const cacheBucket = () => r.buckets().get(bucketName(cfg, 'cache'))!;
+  const steps = [
+    sourceStep(r.sourceOptions(local, r.chosen(IMAGE_KIND))),
+    ...(drill ? r.specs.map(unpack) : []),
+    ...(r.chosen(IMAGE_KIND) ? [imageCopyStep({ source: r.source, image: cfg.containerImage, cacheBucket })] : []),
+    // The drill decrypts an age-encrypted bundle, as a restore from R2 would.
+    objectsStep({
+      source: r.source,
+      backends: r.buckets,
+      deep: flags.deep,
+      decrypt: drill,
+      ageIdentityFile: cfg.ageIdentityFile,
+    }),
+    ...(drill ? [verdictStep({ source: r.source, root: tempRoot })] : []),
+  ];
+  return { steps, close: async () => (tempRoot.remove(), r.source.cleanup()) };
 }

@@ -7,11 +7,11 @@
 // The library is imported on first use only: it costs about 0.1 s to load, and most runs never
 // encrypt or decrypt anything.
 import path from 'node:path';
-import { Readable, Transform, pipeline as chain } from 'node:stream';
+import { Readable, pipeline as chain } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import crypto from 'node:crypto';
 import { UsageError } from './cli.ts';
-import { readRegularFileSync } from './files.ts';
+import { readRegularFileSync, tap } from './files.ts';
 
 /** The suffix of every encrypted object's key: `verda-config-backup.tar.gz.age`. */
 export const AGE_SUFFIX = '.age';
@@ -204,13 +204,11 @@ export async function readBackDecrypted(
   signal?: AbortSignal,
 ): Promise<{ sha256: string; plaintextSha256: string }> {
   const stored = crypto.createHash('sha256');
-  const tap = new Transform({
-    transform(chunk: Buffer, _e, cb) {
-      stored.update(chunk);
-      cb(null, chunk);
-    },
-  });
-  const cipher = chain(body, tap, () => {}); // destroying either destroys both
+  const cipher = chain(
+    body,
+    tap((chunk) => void stored.update(chunk)),
+    () => {},
+  ); // destroying either destroys both
   const plain = crypto.createHash('sha256');
   await pipeline(await decryptStream(identities, cipher), plain, { signal });
   return { sha256: stored.digest('hex'), plaintextSha256: plain.digest('hex') };

@@ -1,22 +1,40 @@
-// Configuration: the SPEC's variables with their defaults. The environment wins over `.env`
-// beside the scripts (or --env-file). Every problem is a UsageError naming the variable, raised
-// before any work starts.
+// Configuration: the variables of lib/variables.ts (names, defaults), read and checked. The
+// environment wins over `.env` beside the scripts (or --env-file). Every problem is a UsageError
+// naming the variable, raised before any work starts.
 import fs from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { parseAgeRecipients, type AgeRecipients } from './age.ts';
-import { UsageError } from './cli.ts';
+import { UsageError, nameDirectories } from './cli.ts';
+import { fileKind } from './files.ts';
 import { NOTIFY_VARIABLES, checkNotifyUrl } from './notify.ts';
+import { defaultOf, dotenvNameWarning, type VariableName } from './variables.ts';
 
 export interface BucketTarget {
   bucket: string;
   endpoint: string;
   accessKeyId: string;
   secretAccessKey: string;
+  /**
+   * The variables each value came from, as bucketTarget found them: an error names the one in
+   * use (R2_CACHE_ACCESS_KEY_ID, not R2_ACCESS_KEY_ID). Names only, never values.
+   */
+  variables?: TargetVariables;
 }
 
-export type BucketKind = 'models' | 'cache' | 'userFiles';
+interface TargetVariables {
+  /** R2_CACHE_BUCKET. */
+  bucket: string;
+  /** The variable the endpoint came from: R2_CACHE_ENDPOINT or R2_ENDPOINT. */
+  endpoint: string;
+  /** The bucket's own endpoint variable, where an EU bucket's endpoint goes (R2_USER_FILES_ENDPOINT). */
+  ownEndpoint: string;
+  accessKeyId: string;
+  secretAccessKey: string;
+}
+
+export type BucketKind = 'models' | 'cache' | 'userFiles' | 'versions';
 
 /**
  * Timeouts, attempts and backoff: production values by default; tests set them to seconds so a
@@ -37,26 +55,34 @@ export interface Limits {
   notifyTimeoutMs: number;
 }
 
+const defaultSeconds = (name: VariableName) => Number(defaultOf(name));
+
+/** The table's defaults (lib/variables.ts), in the units the code counts in. */
 export const DEFAULT_LIMITS: Limits = {
-  r2IdleTimeoutMs: 60_000,
-  r2Attempts: 5,
-  r2BackoffMs: 500,
-  sshTimeoutS: 10,
-  commandIdleTimeoutMs: 600_000,
-  notifyTimeoutMs: 3_000,
+  r2IdleTimeoutMs: defaultSeconds('COMFYMULTI_R2_TIMEOUT') * 1000,
+  r2Attempts: Number(defaultOf('COMFYMULTI_R2_ATTEMPTS')),
+  r2BackoffMs: defaultSeconds('COMFYMULTI_R2_BACKOFF') * 1000,
+  sshTimeoutS: defaultSeconds('COMFYMULTI_SSH_TIMEOUT'),
+  commandIdleTimeoutMs: defaultSeconds('COMFYMULTI_COMMAND_TIMEOUT') * 1000,
+  notifyTimeoutMs: defaultSeconds('COMFYMULTI_NOTIFY_TIMEOUT') * 1000,
 };
+
+/** Seconds as a variable may give them: digits, decimals allowed (`.5`, `2.`); NaN otherwise. */
+function parseSeconds(raw: string): number {
+  return /^(\d+(\.\d*)?|\.\d+)$/.test(raw) ? Number(raw) : NaN;
+}
 
 /** The limits from COMFYMULTI_R2_TIMEOUT and its siblings; unset or empty keeps the default. */
 export function readLimits(env: Record<string, string | undefined>): Limits {
-  const value = (name: string) => {
+  const value = (name: VariableName) => {
     const raw = env[name]?.trim();
     return raw ? raw : undefined;
   };
   // Seconds, decimals allowed; at most a day, beyond which Node's timers would fire at once.
-  const secondsOf = (name: string, fallbackS: number, zero: boolean) => {
+  const secondsOf = (name: VariableName, fallbackS: number, zero: boolean) => {
     const raw = value(name);
     if (raw === undefined) return fallbackS;
-    const s = /^(\d+(\.\d*)?|\.\d+)$/.test(raw) ? Number(raw) : NaN;
+    const s = parseSeconds(raw);
     if (!(s <= 86_400) || (!zero && s === 0)) {
       throw new UsageError(`${name} must be a number of seconds, ${zero ? '0' : 'above 0'} to 86400 (got "${raw}")`);
     }
@@ -68,7 +94,7 @@ export function readLimits(env: Record<string, string | undefined>): Limits {
     throw new UsageError(`COMFYMULTI_R2_ATTEMPTS must be a whole number from 1 to 100 (got "${attemptsRaw}")`);
   }
   // A timeout in whole ms, never 0 (which would mean none at all).
-  const ms = (name: string, fallbackMs: number, zero = false) => {
+  const ms = (name: VariableName, fallbackMs: number, zero = false) => {
     const n = Math.round(secondsOf(name, fallbackMs / 1000, zero) * 1000);
     return zero ? n : Math.max(1, n);
   };
@@ -98,7 +124,6 @@ export interface Config {
   verdaHome: string;
   verdaProjectDir: string;
   verdaModelsDir: string;
-  verdaScriptsDir: string;
   sfsBackupDir: string;
   containerCli: 'docker' | 'podman';
   containerImage: string;
@@ -112,21 +137,48 @@ export interface Config {
   ageRecipients?: AgeRecipients;
   /** AGE_IDENTITY_FILE: the age identity that decrypts them (restore, --verify --deep). */
   ageIdentityFile?: string;
+  /** SFS_MOUNT (/mnt/sfs): must be a mount point on Verda for the steps under it; undefined (`SFS_MOUNT=`): no check. */
+  sfsMount?: string;
+  /** DRILL_MAX_BYTES (4 GiB): what a drill may unpack on Mello in all. */
+  drillMaxBytes: number;
+  /** STATS_INTERVAL (60): seconds between stats lines of a long step when stdout is not a terminal. */
+  statsIntervalS: number;
+  /** KEEP_VERSIONS_DAYS (30): days replaced versions are kept in the versions bucket. */
+  keepVersionsDays: number;
+  /** R2_VERSIONS_BUCKET: where replaced users' files are kept; undefined: versions are off. */
+  versionsBucket?: string;
+  /**
+   * The default `.env` that was looked for and is not there (undefined when one was read, or
+   * --env-file given): a default that fails says so (see defaultHint).
+   */
+  missingDotenv?: string;
 }
 
-const BUCKETS: Record<BucketKind, { name: string; fallback: string; endpoint: string; keys: string }> = {
-  models: {
-    name: 'R2_MODELS_BUCKET',
-    fallback: 'comfy-multi-model-vault-backup',
-    endpoint: 'R2_MODELS_ENDPOINT',
-    keys: 'R2_MODELS',
-  },
-  cache: { name: 'R2_CACHE_BUCKET', fallback: 'comfy-multi-cache', endpoint: 'R2_CACHE_ENDPOINT', keys: 'R2_CACHE' },
+type KeyPair = 'models' | 'cache' | 'userFiles';
+
+const KEY_PAIRS: Record<KeyPair, { id: VariableName; secret: VariableName }> = {
+  models: { id: 'R2_MODELS_ACCESS_KEY_ID', secret: 'R2_MODELS_SECRET_ACCESS_KEY' },
+  cache: { id: 'R2_CACHE_ACCESS_KEY_ID', secret: 'R2_CACHE_SECRET_ACCESS_KEY' },
+  userFiles: { id: 'R2_USER_FILES_ACCESS_KEY_ID', secret: 'R2_USER_FILES_SECRET_ACCESS_KEY' },
+};
+
+/**
+ * Each bucket: its variable, its endpoint variables in the order they are tried (R2_ENDPOINT
+ * last), and whose key pair signs its requests. The versions bucket takes the user-files pair: a
+ * server-side copy is one request, signed by one key that reads one bucket and writes the other.
+ */
+const BUCKETS: Record<BucketKind, { name: VariableName; endpoints: VariableName[]; keys: KeyPair }> = {
+  models: { name: 'R2_MODELS_BUCKET', endpoints: ['R2_MODELS_ENDPOINT', 'R2_ENDPOINT'], keys: 'models' },
+  cache: { name: 'R2_CACHE_BUCKET', endpoints: ['R2_CACHE_ENDPOINT', 'R2_ENDPOINT'], keys: 'cache' },
   userFiles: {
     name: 'R2_USER_FILES_BUCKET',
-    fallback: 'comfy-multi-user-files',
-    endpoint: 'R2_USER_FILES_ENDPOINT',
-    keys: 'R2_USER_FILES',
+    endpoints: ['R2_USER_FILES_ENDPOINT', 'R2_ENDPOINT'],
+    keys: 'userFiles',
+  },
+  versions: {
+    name: 'R2_VERSIONS_BUCKET',
+    endpoints: ['R2_VERSIONS_ENDPOINT', 'R2_USER_FILES_ENDPOINT', 'R2_ENDPOINT'],
+    keys: 'userFiles',
   },
 };
 
@@ -135,21 +187,20 @@ const BUCKETS: Record<BucketKind, { name: string; fallback: string; endpoint: st
  * undefined when neither is set (the bucket then uses R2_ACCESS_KEY_ID / R2_SECRET_ACCESS_KEY).
  * Half a pair is a UsageError naming the missing half: it would silently fall back otherwise.
  */
-function bucketKeyPair(env: Record<string, string | undefined>, kind: BucketKind) {
-  const idVar = `${BUCKETS[kind].keys}_ACCESS_KEY_ID`;
-  const secretVar = `${BUCKETS[kind].keys}_SECRET_ACCESS_KEY`;
+function bucketKeyPair(env: Record<string, string | undefined>, pair: KeyPair) {
+  const { id: idVar, secret: secretVar } = KEY_PAIRS[pair];
   const accessKeyId = env[idVar];
   const secretAccessKey = env[secretVar];
   if (!accessKeyId && !secretAccessKey) return undefined;
   if (!secretAccessKey)
     throw new UsageError(
-      `${secretVar} is not set, but ${idVar} is: set both (the ${kind} bucket's key pair) or neither`,
+      `${secretVar} is not set, but ${idVar} is: set both (the ${pair} bucket's key pair) or neither`,
     );
   if (!accessKeyId)
     throw new UsageError(
-      `${idVar} is not set, but ${secretVar} is: set both (the ${kind} bucket's key pair) or neither`,
+      `${idVar} is not set, but ${secretVar} is: set both (the ${pair} bucket's key pair) or neither`,
     );
-  return { accessKeyId, secretAccessKey };
+  return { accessKeyId, secretAccessKey, variables: { accessKeyId: idVar, secretAccessKey: secretVar } };
 }
 
 /** Why a dotenv line is refused: `file:line: ...`, naming the key but never its value (it may be a secret). */
@@ -193,9 +244,9 @@ function dotenvValue(gap: string, rest: string, where: string, key: string): str
   return value;
 }
 
-/** Parses a dotenv file: KEY=VALUE, optional `export `, single or double quotes, # comments, CRLF. */
-export function parseDotenv(text: string, file: string): Record<string, string> {
-  const vars: Record<string, string> = {};
+/** Each assignment of a dotenv file, in order, with where it stands (`file:line`). */
+function dotenvAssignments(text: string, file: string): { key: string; value: string; where: string }[] {
+  const assignments: { key: string; value: string; where: string }[] = [];
   text
     .replace(/^\uFEFF/, '')
     .split('\n')
@@ -205,20 +256,33 @@ export function parseDotenv(text: string, file: string): Record<string, string> 
       const where = `${file}:${i + 1}`;
       const m = /^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=(\s*)(.*)$/s.exec(line);
       if (!m) throw dotenvError(where, 'not a KEY=VALUE line');
-      vars[m[1]] = dotenvValue(m[2], m[3], where, m[1]);
+      assignments.push({ key: m[1], value: dotenvValue(m[2], m[3], where, m[1]), where });
     });
+  return assignments;
+}
+
+/** Parses a dotenv file: KEY=VALUE, optional `export `, single or double quotes, # comments, CRLF. */
+export function parseDotenv(text: string, file: string): Record<string, string> {
+  const vars: Record<string, string> = {};
+  for (const a of dotenvAssignments(text, file)) vars[a.key] = a.value;
   return vars;
 }
 
-function fileKind(st: fs.Stats): string {
-  if (st.isFile()) return 'a regular file';
-  if (st.isDirectory()) return 'a directory';
-  if (st.isFIFO()) return 'a FIFO';
-  if (st.isSocket()) return 'a socket';
-  if (st.isCharacterDevice()) return 'a character device';
-  if (st.isBlockDevice()) return 'a block device';
-  if (st.isSymbolicLink()) return 'a symlink';
-  return 'not a regular file';
+/**
+ * The warnings for the names a dotenv file sets that no script reads from there (a misspelling:
+ * `VERDA_HOTS`, "did you mean VERDA_HOST?"), one per name. The environment's names are never
+ * checked: it holds everyone's variables.
+ */
+export function dotenvWarnings(text: string, file: string): string[] {
+  const seen = new Set<string>();
+  const warnings: string[] = [];
+  for (const { key, where } of dotenvAssignments(text, file)) {
+    if (seen.has(key)) continue;
+    seen.add(key);
+    const warning = dotenvNameWarning(key, where);
+    if (warning) warnings.push(warning);
+  }
+  return warnings;
 }
 
 /**
@@ -227,7 +291,7 @@ function fileKind(st: fs.Stats): string {
  * again from fstat of what was opened (non-blocking, so even a FIFO swapped in between cannot
  * hold the run).
  */
-function readEnvFile(file: string, label: string, required: boolean): Record<string, string> {
+function readEnvFile(file: string, label: string, required: boolean): string | undefined {
   const refuse = (why: string) => new UsageError(`${label}: cannot be read (${why})`);
   const notRegular = (st: fs.Stats) =>
     refuse(st.isDirectory() ? 'EISDIR: a directory' : `${fileKind(st)}, not a regular file`);
@@ -239,7 +303,7 @@ function readEnvFile(file: string, label: string, required: boolean): Record<str
   } catch (e) {
     if (e instanceof UsageError) throw e;
     const code = (e as NodeJS.ErrnoException).code;
-    if (!required && code === 'ENOENT') return {};
+    if (!required && code === 'ENOENT') return undefined;
     throw refuse(code ?? (e as Error).message);
   }
   let text: string;
@@ -253,11 +317,11 @@ function readEnvFile(file: string, label: string, required: boolean): Record<str
   } finally {
     fs.closeSync(fd);
   }
-  return parseDotenv(text, file);
+  return text;
 }
 
 /** `~` and `~/x` against HOME, the way the bash originals' defaults read. */
-export function expandHome(p: string, home: string): string {
+function expandHome(p: string, home: string): string {
   if (p === '~') return home;
   return p.startsWith('~/') ? path.join(home, p.slice(2)) : p;
 }
@@ -431,11 +495,27 @@ export function requireDirOrAbsent(cfg: Config, name: LocalDirVariable): void {
     }
     if (st.isDirectory()) return;
     throw new UsageError(
-      at === dir
+      (at === dir
         ? `${name} is not a directory: ${dir} is ${fileKind(st)}`
-        : `${name}: ${dir} cannot be created: ${at} is ${fileKind(st)}`,
+        : `${name}: ${dir} cannot be created: ${at} is ${fileKind(st)}`) + defaultHint(cfg, name),
     );
   }
+}
+
+/**
+ * `no .env at PATH` when `name` is unset and the default `.env` was looked for and is not there,
+ * else undefined. A missing `.env` otherwise surfaces as a default that does not fit the machine
+ * ("MELLO_DATA_DIR does not exist: /root/...") or a variable that is not set.
+ */
+function noDotenv(cfg: Pick<Config, 'env' | 'missingDotenv'>, name: VariableName): string | undefined {
+  const unset = cfg.env[name] === undefined || cfg.env[name] === '';
+  return unset && cfg.missingDotenv ? `no .env at ${cfg.missingDotenv}` : undefined;
+}
+
+/** What to add to a message about a variable whose default failed: ` (the default; no .env at PATH)`, or nothing. */
+function defaultHint(cfg: Pick<Config, 'env' | 'missingDotenv'>, name: VariableName): string {
+  const why = noDotenv(cfg, name);
+  return why ? ` (the default; ${why})` : '';
 }
 
 /** A directory the script reads from: it must be there, and be a directory. */
@@ -446,10 +526,29 @@ export function requireDir(cfg: Config, name: LocalDirVariable): void {
     st = fs.statSync(dir);
   } catch (e) {
     const code = (e as NodeJS.ErrnoException).code;
-    if (code === 'ENOENT' || code === 'ENOTDIR') throw new UsageError(`${name} does not exist: ${dir}`);
+    if (code === 'ENOENT' || code === 'ENOTDIR') {
+      throw new UsageError(`${name} does not exist: ${dir}${defaultHint(cfg, name)}`);
+    }
     return; // EACCES and the like: the step that reads says so
   }
   if (!st.isDirectory()) throw new UsageError(`${name} is not a directory: ${dir} is ${fileKind(st)}`);
+}
+
+interface MergedEnv {
+  env: Record<string, string | undefined>;
+  /** The default `.env` looked for and not found; undefined when a file was read. */
+  missing?: string;
+  /** Names the file sets that no script reads from it (see dotenvWarnings). */
+  warnings: string[];
+}
+
+function readMergedEnv(processEnv: NodeJS.ProcessEnv, scriptDir: string, envFile?: string): MergedEnv {
+  const file = envFile ?? path.join(scriptDir, '.env');
+  const text = readEnvFile(file, envFile ? `--env-file ${envFile}` : file, Boolean(envFile));
+  const env: Record<string, string | undefined> = text === undefined ? {} : parseDotenv(text, file);
+  for (const [k, v] of Object.entries(processEnv)) if (v !== undefined) env[k] = v;
+  const warnings = text === undefined ? [] : dotenvWarnings(text, file);
+  return { env, missing: text === undefined ? file : undefined, warnings };
 }
 
 /** The environment over `.env` (or --env-file), unchecked: loadConfig's first step. */
@@ -458,30 +557,41 @@ export function mergedEnv(
   scriptDir: string,
   envFile?: string,
 ): Record<string, string | undefined> {
-  const fileVars = envFile
-    ? readEnvFile(envFile, `--env-file ${envFile}`, true)
-    : readEnvFile(path.join(scriptDir, '.env'), path.join(scriptDir, '.env'), false);
-  const env: Record<string, string | undefined> = { ...fileVars };
-  for (const [k, v] of Object.entries(processEnv)) if (v !== undefined) env[k] = v;
-  return env;
+  return readMergedEnv(processEnv, scriptDir, envFile).env;
+}
+
+export interface LoadOptions {
+  /**
+   * Told each warning about the `.env` (a name no script reads, with the nearest known one),
+   * before anything is checked: a configuration error that follows does not hide it.
+   */
+  warn?: (text: string) => void;
 }
 
 /**
  * Loads the configuration. `scriptDir` is where the default `.env` is looked for; `envFile`
- * (from --env-file) replaces it and must exist.
+ * (from --env-file) replaces it and must exist. Also tells errorText (lib/cli.ts) which variable
+ * names each directory of this machine, so an EACCES or ENOSPC there names it.
  */
-export function loadConfig(processEnv: NodeJS.ProcessEnv, scriptDir: string, envFile?: string): Config {
-  const env = mergedEnv(processEnv, scriptDir, envFile);
+export function loadConfig(
+  processEnv: NodeJS.ProcessEnv,
+  scriptDir: string,
+  envFile?: string,
+  opts: LoadOptions = {},
+): Config {
+  const merged = readMergedEnv(processEnv, scriptDir, envFile);
+  for (const w of merged.warnings) opts.warn?.(w);
+  const env = merged.env;
 
   const home = env.HOME || os.homedir();
   // XDG: a relative XDG_CACHE_HOME is invalid and ignored.
   if (env.XDG_CACHE_HOME && !path.isAbsolute(env.XDG_CACHE_HOME)) env.XDG_CACHE_HOME = undefined;
-  const str = (name: string, fallback: string) => {
+  const str = (name: VariableName, fallback = defaultOf(name)) => {
     const v = env[name];
     return v === undefined || v === '' ? fallback : v;
   };
   // An absolute path after `~` expansion: a relative one lands wherever the run starts (`/` under cron).
-  const absolute = (name: string, raw: string) => {
+  const absolute = (name: VariableName, raw: string) => {
     if (/[\0\n\r]/.test(raw)) throw new UsageError(`${name} holds a NUL or line break: not a path`);
     const v = expandHome(raw, home);
     if (!path.isAbsolute(v)) {
@@ -490,77 +600,110 @@ export function loadConfig(processEnv: NodeJS.ProcessEnv, scriptDir: string, env
     }
     return v;
   };
-  const dir = (name: string, fallback: string) => absolute(name, str(name, fallback));
+  const dir = (name: VariableName, fallback?: string) => absolute(name, str(name, fallback));
   // Checked as a path, kept as written: a `~` that another machine's shell expands (Mello's).
-  const asWritten = (name: string, fallback: string) => {
-    const raw = str(name, fallback);
+  const asWritten = (name: VariableName) => {
+    const raw = str(name);
     absolute(name, raw);
     return raw;
   };
+  // A whole number from `min` to `max`.
+  const whole = (name: VariableName, min: number, max: number) => {
+    const raw = str(name); // untrimmed: "3 " is not a whole number
+    const n = /^\d+$/.test(raw) ? Number(raw) : NaN;
+    if (!(n >= min && n <= max)) {
+      const range = max === Number.MAX_SAFE_INTEGER ? `of at least ${min}` : `from ${min} to ${max}`;
+      throw new UsageError(`${name} must be a whole number ${range} (got "${raw}")`);
+    }
+    return n;
+  };
 
-  const keepRaw = str('KEEP_BACKUPS', '10');
-  if (!/^\d+$/.test(keepRaw) || Number(keepRaw) < 1) {
-    throw new UsageError(`KEEP_BACKUPS must be a whole number of at least 1 (got "${keepRaw}")`);
-  }
-  const cli = str('CONTAINER_CLI', 'docker');
+  const keepBackups = whole('KEEP_BACKUPS', 1, Number.MAX_SAFE_INTEGER);
+  const cli = str('CONTAINER_CLI');
   if (cli !== 'docker' && cli !== 'podman') {
     throw new UsageError(`CONTAINER_CLI must be docker or podman (got "${cli}")`);
   }
-  const sudo = env.VERDA_SUDO === undefined ? 'sudo -n' : env.VERDA_SUDO;
+  // Empty is a value here: no sudo.
+  const sudo = env.VERDA_SUDO === undefined ? defaultOf('VERDA_SUDO') : env.VERDA_SUDO;
   if (sudo.trim().startsWith('-') || /[\0\n\r]/.test(sudo)) {
     const expected = 'a command and its options, e.g. "sudo -n", or empty';
     throw new UsageError(`VERDA_SUDO must be ${expected} (got ${JSON.stringify(sudo)})`);
   }
-  const systemctl = str('VERDA_SYSTEMCTL', 'systemctl');
+  const systemctl = str('VERDA_SYSTEMCTL');
   if (systemctl.trim().startsWith('-') || !systemctl.trim() || /[\0\n\r]/.test(systemctl)) {
     const expected = 'a command and its options, e.g. "systemctl"';
     throw new UsageError(`VERDA_SYSTEMCTL must be ${expected} (got ${JSON.stringify(systemctl)})`);
   }
-  checkImageReference('CONTAINER_IMAGE', str('CONTAINER_IMAGE', 'comfy-multi-worker-1'));
-  const staleRaw = str('STALE_HOURS', '26').trim();
-  const staleHours = /^(\d+(\.\d*)?|\.\d+)$/.test(staleRaw) ? Number(staleRaw) : NaN;
+  checkImageReference('CONTAINER_IMAGE', str('CONTAINER_IMAGE'));
+  const staleRaw = str('STALE_HOURS').trim();
+  const staleHours = parseSeconds(staleRaw);
   if (!(staleHours > 0 && staleHours <= 87_600)) {
     throw new UsageError(`STALE_HOURS must be a number of hours, above 0 and at most 87600 (got "${staleRaw}")`);
   }
+  const statsRaw = str('STATS_INTERVAL').trim();
+  const statsIntervalS = parseSeconds(statsRaw);
+  if (!(statsIntervalS > 0 && statsIntervalS <= 86_400)) {
+    throw new UsageError(`STATS_INTERVAL must be a number of seconds, above 0 and at most 86400 (got "${statsRaw}")`);
+  }
+  const drillMaxBytes = whole('DRILL_MAX_BYTES', 1, Number.MAX_SAFE_INTEGER);
+  const keepVersionsDays = whole('KEEP_VERSIONS_DAYS', 1, 36_500);
+  // Unset: the default; empty: no check (tests, a Verda without SFS). A Verda path, compared
+  // with others, so without a trailing slash.
+  const sfsMount = env.SFS_MOUNT === '' ? undefined : path.resolve(absolute('SFS_MOUNT', str('SFS_MOUNT')));
   // Every ping URL is checked, used by this script or not, as the R2 settings below are.
   for (const name of NOTIFY_VARIABLES) if (env[name]) checkNotifyUrl(name, env[name]!);
   // R2 settings are checked whether or not this script uses them: a wrong one is wrong everywhere.
   if (env.R2_ENDPOINT) checkEndpoint('R2_ENDPOINT', env.R2_ENDPOINT);
   for (const b of Object.values(BUCKETS)) {
-    if (env[b.endpoint]) checkEndpoint(b.endpoint, env[b.endpoint]!, b.name);
+    const own = b.endpoints[0];
+    if (env[own]) checkEndpoint(own, env[own]!, b.name);
     if (env[b.name]) checkBucketName(b.name, env[b.name]!);
   }
-  for (const kind of Object.keys(BUCKETS) as BucketKind[]) bucketKeyPair(env, kind);
+  for (const pair of Object.keys(KEY_PAIRS) as KeyPair[]) bucketKeyPair(env, pair);
   const ageRecipients = parseAgeRecipients(env.AGE_RECIPIENTS, home);
 
-  return {
+  const cfg: Config = {
     env,
-    verdaHost: sshDestination('VERDA_HOST', str('VERDA_HOST', 'dev@verda')),
-    melloHost: sshDestination('MELLO_HOST', str('MELLO_HOST', 'dev@mello')),
+    verdaHost: sshDestination('VERDA_HOST', str('VERDA_HOST')),
+    melloHost: sshDestination('MELLO_HOST', str('MELLO_HOST')),
     sshConfig: env.SSH_CONFIG ? absolute('SSH_CONFIG', env.SSH_CONFIG) : undefined,
-    backupDir: dir('BACKUP_DIR', '~/backups/verda'),
-    melloDataDir: dir('MELLO_DATA_DIR', '~/projects/comfyui/data'),
-    melloScriptsDir: asWritten('MELLO_SCRIPTS_DIR', '~/projects/comfymulti-scripts'),
-    verdaSysroot: dir('VERDA_SYSROOT', '/'),
+    backupDir: dir('BACKUP_DIR'),
+    melloDataDir: dir('MELLO_DATA_DIR'),
+    melloScriptsDir: asWritten('MELLO_SCRIPTS_DIR'),
+    verdaSysroot: dir('VERDA_SYSROOT'),
     verdaSudo: sudo.split(/\s+/).filter(Boolean),
     verdaSystemctl: systemctl.split(/\s+/).filter(Boolean),
-    verdaHome: dir('VERDA_HOME', '/home/dev'),
-    verdaProjectDir: dir('VERDA_PROJECT_DIR', '/home/dev/comfy-multi'),
-    verdaModelsDir: dir('VERDA_MODELS_DIR', '/mnt/sfs/models'),
-    verdaScriptsDir: dir('VERDA_SCRIPTS_DIR', '/usr/local/bin'),
-    sfsBackupDir: dir('SFS_BACKUP_DIR', '/mnt/sfs/cache/backups'),
+    verdaHome: dir('VERDA_HOME'),
+    verdaProjectDir: dir('VERDA_PROJECT_DIR'),
+    verdaModelsDir: dir('VERDA_MODELS_DIR'),
+    sfsBackupDir: dir('SFS_BACKUP_DIR'),
     containerCli: cli,
-    containerImage: str('CONTAINER_IMAGE', 'comfy-multi-worker-1'),
-    keepBackups: Number(keepRaw),
+    containerImage: str('CONTAINER_IMAGE'),
+    keepBackups,
+    // The table's default (~/.cache/comfymulti-scripts), under XDG_CACHE_HOME when that is set.
     stateDir: dir(
       'COMFYMULTI_STATE_DIR',
-      path.join(env.XDG_CACHE_HOME || path.join(home, '.cache'), 'comfymulti-scripts'),
+      env.XDG_CACHE_HOME ? path.join(env.XDG_CACHE_HOME, 'comfymulti-scripts') : undefined,
     ),
     staleHours,
     limits: readLimits(env),
     ageRecipients,
     ageIdentityFile: env.AGE_IDENTITY_FILE ? absolute('AGE_IDENTITY_FILE', env.AGE_IDENTITY_FILE) : undefined,
+    sfsMount,
+    drillMaxBytes,
+    statsIntervalS,
+    keepVersionsDays,
+    versionsBucket: env.R2_VERSIONS_BUCKET || undefined,
+    missingDotenv: merged.missing,
   };
+  nameDirectories(Object.entries(LOCAL_DIRS).map(([name, field]) => [name, cfg[field]]));
+  return cfg;
+}
+
+/** A bucket's name (its variable, else the default), without needing its endpoint or keys. */
+export function bucketName(cfg: Config, kind: BucketKind): string {
+  const b = BUCKETS[kind];
+  return checkBucketName(b.name, cfg.env[b.name] || defaultOf(b.name));
 }
 
 /**
@@ -570,19 +713,31 @@ export function loadConfig(processEnv: NodeJS.ProcessEnv, scriptDir: string, env
 export function bucketTarget(cfg: Config, kind: BucketKind): BucketTarget {
   const b = BUCKETS[kind];
   const env = cfg.env;
-  const endpointVar = env[b.endpoint] ? b.endpoint : 'R2_ENDPOINT';
-  const endpoint = env[endpointVar];
-  if (!endpoint)
-    throw new UsageError(`R2_ENDPOINT is not set (needed for the ${kind} bucket; ${b.endpoint} may override it)`);
-  const origin = checkEndpoint(endpointVar, endpoint, b.name);
-  const bucket = checkBucketName(b.name, env[b.name] || b.fallback);
+  // Not set, with no .env found: that is likely why.
+  const unset = (name: VariableName, why: string) => {
+    const missing = noDotenv(cfg, name);
+    return new UsageError(`${name} is not set (${missing ? `${missing}; ` : ''}${why})`);
+  };
+  if (kind === 'versions' && !env[b.name]) throw unset(b.name, "versions of the users' files are off");
+  const endpointVar = b.endpoints.find((name) => env[name]);
+  if (!endpointVar) {
+    const others = b.endpoints.slice(0, -1).join(' or ');
+    throw unset('R2_ENDPOINT', `needed for the ${kind} bucket; ${others} may override it`);
+  }
+  const origin = checkEndpoint(endpointVar, env[endpointVar]!, b.name);
+  const bucket = checkBucketName(b.name, env[b.name] || defaultOf(b.name));
+  const where = { bucket: b.name, endpoint: endpointVar, ownEndpoint: b.endpoints[0] };
   // The bucket's own pair (a token scoped to it), else the shared one.
-  const own = bucketKeyPair(env, kind);
-  if (own) return { bucket, endpoint: origin, ...own };
-  const accessKeyId = env.R2_ACCESS_KEY_ID || env.AWS_ACCESS_KEY_ID;
-  const secretAccessKey = env.R2_SECRET_ACCESS_KEY || env.AWS_SECRET_ACCESS_KEY;
-  const pair = `${b.keys}_ACCESS_KEY_ID and ${b.keys}_SECRET_ACCESS_KEY may set the ${kind} bucket's own`;
-  if (!accessKeyId) throw new UsageError(`R2_ACCESS_KEY_ID (or AWS_ACCESS_KEY_ID) is not set (${pair})`);
-  if (!secretAccessKey) throw new UsageError(`R2_SECRET_ACCESS_KEY (or AWS_SECRET_ACCESS_KEY) is not set (${pair})`);
-  return { bucket, endpoint: origin, accessKeyId, secretAccessKey };
+  const own = bucketKeyPair(env, b.keys);
+  if (own) return { bucket, endpoint: origin, ...own, variables: { ...where, ...own.variables } };
+  const idVar = env.R2_ACCESS_KEY_ID ? 'R2_ACCESS_KEY_ID' : 'AWS_ACCESS_KEY_ID';
+  const secretVar = env.R2_SECRET_ACCESS_KEY ? 'R2_SECRET_ACCESS_KEY' : 'AWS_SECRET_ACCESS_KEY';
+  const accessKeyId = env[idVar];
+  const secretAccessKey = env[secretVar];
+  const { id, secret } = KEY_PAIRS[b.keys];
+  const pair = `${id} and ${secret} may set the ${kind} bucket's own`;
+  if (!accessKeyId) throw unset('R2_ACCESS_KEY_ID', `nor AWS_ACCESS_KEY_ID; ${pair}`);
+  if (!secretAccessKey) throw unset('R2_SECRET_ACCESS_KEY', `nor AWS_SECRET_ACCESS_KEY; ${pair}`);
+  const variables = { ...where, accessKeyId: idVar, secretAccessKey: secretVar };
+  return { bucket, endpoint: origin, accessKeyId, secretAccessKey, variables };
 }

@@ -12,6 +12,8 @@ import zlib from 'node:zlib';
 
 const { O_WRONLY, O_RDONLY, O_CREAT, O_EXCL, O_NOFOLLOW, O_NONBLOCK } = fs.constants;
 
+export const MiB = 1024 * 1024;
+
 /** Files are checked block by block when read again for sending (see Fingerprint). */
 export const BLOCK = 1 << 20;
 
@@ -27,6 +29,8 @@ export interface Fingerprint {
   blockCrcs: number[];
   ino: bigint;
   mtimeNs: bigint;
+  /** The status change time: a hash cache line trusts a file only while this is unchanged too (see lineMatches). */
+  ctimeNs: bigint;
   /** The bytes themselves, for a file of at most one BLOCK: sent from memory, never read twice. */
   data?: Buffer;
 }
@@ -145,6 +149,19 @@ export interface Written {
 }
 
 /**
+ * A pass-through that shows each chunk to `see` (to hash it, count it): the one way a stream is
+ * watched as it goes. An Error returned by `see` fails the stream with it.
+ */
+export function tap(see: (chunk: Buffer) => Error | void): Transform {
+  return new Transform({
+    transform(chunk: Buffer, _encoding, cb) {
+      const problem = see(chunk);
+      cb(problem ?? null, problem ? undefined : chunk);
+    },
+  });
+}
+
+/**
  * Streams into `file` through a temporary name: fsync, then rename. On any error or abort the
  * temporary file is removed and the old `file`, if any, is untouched.
  */
@@ -156,17 +173,16 @@ export async function writeStreamAtomic(
 ): Promise<Written> {
   const tmp = partialName(file);
   const digest = new Digester();
-  const tap = new Transform({
-    transform(chunk: Buffer, _enc, cb) {
-      digest.update(chunk);
-      cb(null, chunk);
-    },
-  });
   try {
     // Created exclusively, never through a symlink; the stream owns the descriptor from here on
     // (it closes it on error too).
     const out = fs.createWriteStream(tmp, { fd: createExclusive(tmp, mode) });
-    await pipeline(source, tap, out, { signal });
+    await pipeline(
+      source,
+      tap((chunk) => digest.update(chunk)),
+      out,
+      { signal },
+    );
     const fd = fs.openSync(tmp, O_RDONLY | O_NOFOLLOW);
     let st: fs.BigIntStats;
     try {
@@ -177,7 +193,10 @@ export async function writeStreamAtomic(
     }
     fs.renameSync(tmp, file);
     const { sha256, blockCrcs, bytes } = digest.finish();
-    return { bytes, sha256, fingerprint: { size: bytes, sha256, blockCrcs, ino: st.ino, mtimeNs: st.mtimeNs } };
+    // The ctime is the one before the rename (which sets it again): a line made from it would
+    // only cost a read, never trust a file wrongly.
+    const fingerprint = { size: bytes, sha256, blockCrcs, ino: st.ino, mtimeNs: st.mtimeNs, ctimeNs: st.ctimeNs };
+    return { bytes, sha256, fingerprint };
   } catch (e) {
     source.destroy();
     fs.rmSync(tmp, { force: true });
@@ -201,13 +220,16 @@ export class NotRegularFile extends Error {
   }
 }
 
-function kindOf(st: fs.BigIntStats | fs.Stats): string {
-  if (st.isFIFO()) return 'a FIFO';
+/** What a stat says a path is, for a message: `a FIFO`, `a directory`, `a character device`. */
+export function fileKind(st: fs.BigIntStats | fs.Stats): string {
+  if (st.isFile()) return 'a regular file';
   if (st.isDirectory()) return 'a directory';
+  if (st.isFIFO()) return 'a FIFO';
   if (st.isSocket()) return 'a socket';
-  if (st.isCharacterDevice() || st.isBlockDevice()) return 'a device';
+  if (st.isCharacterDevice()) return 'a character device';
+  if (st.isBlockDevice()) return 'a block device';
   if (st.isSymbolicLink()) return 'a symlink';
-  return 'not a file';
+  return 'not a regular file';
 }
 
 /**
@@ -221,7 +243,7 @@ export async function openRegular(
   const handle = await fs.promises.open(file, O_RDONLY | O_NONBLOCK | (opts.follow ? 0 : O_NOFOLLOW));
   try {
     const stat = await handle.stat({ bigint: true });
-    if (!stat.isFile()) throw new NotRegularFile(file, kindOf(stat));
+    if (!stat.isFile()) throw new NotRegularFile(file, fileKind(stat));
     return { handle, stat };
   } catch (e) {
     await handle.close();
@@ -234,7 +256,7 @@ export function readRegularFileSync(file: string, opts: { follow?: boolean } = {
   const fd = fs.openSync(file, O_RDONLY | O_NONBLOCK | (opts.follow ? 0 : O_NOFOLLOW));
   try {
     const st = fs.fstatSync(fd);
-    if (!st.isFile()) throw new NotRegularFile(file, kindOf(st));
+    if (!st.isFile()) throw new NotRegularFile(file, fileKind(st));
     return fs.readFileSync(fd);
   } finally {
     fs.closeSync(fd);
@@ -279,7 +301,7 @@ export async function hashFile(file: string, signal?: AbortSignal, algorithm = '
   return hash.digest('hex');
 }
 
-export interface WalkedFile {
+interface WalkedFile {
   path: string;
   /** Relative to the root, with `/` separators: the object key below the prefix. */
   rel: string;

@@ -1,6 +1,9 @@
-// Content identity without rereading: the sha256 of a file is remembered by path, size, mtime
-// and inode, so an unchanged file is never read again. The same file remembers what each bucket
-// object was proven to hold (its ETag and sha256), so an unchanged rerun needs only listings.
+// Content identity without rereading: the sha256 of a file is remembered by path, size, mtime,
+// ctime and inode, so an unchanged file is never read again. The ctime is what makes "unchanged"
+// safe (as git and restic use it): an edit that keeps the size and puts the mtime back (touch -r,
+// a restore tool, a clock set back) still moves the ctime, which no user can set. A tree's cache
+// also remembers what each bucket object was proven to hold (its ETag), so an unchanged rerun
+// needs only listings.
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
@@ -12,107 +15,90 @@ import {
   partialName,
   readRegular,
   readRegularFileSync,
+  withPath,
   writeFileAtomic,
-  type Fingerprint,
 } from './files.ts';
+import { errorText } from './cli.ts';
 import { fingerprintFile } from './storage.ts';
 
 export { hashFile };
 
-type FileEntry = [size: number, mtimeNs: string, ino: string, sha256: string];
-type ObjectEntry = [etag: string, sha256: string];
+type FileEntry = [size: number, mtimeNs: string, ctimeNs: string, ino: string, sha256: string];
 
-interface CacheFile {
-  version: 1;
-  files: Record<string, FileEntry>;
-  objects: Record<string, ObjectEntry>;
-}
-
+/** What a cache line is checked against: an lstat with bigint times (fs.BigIntStats is one). */
 export interface FileStat {
   size: bigint;
   mtimeNs: bigint;
+  ctimeNs: bigint;
   ino: bigint;
 }
 
-export class HashCache {
+/**
+ * The sha256 of a few files of Mello's own, by path (BACKUP_DIR's worker image and archives,
+ * which rotation, --status and the restore check): one small JSON file in COMFYMULTI_STATE_DIR.
+ * A tree's files are remembered by TreeCache, below, in key order.
+ */
+export class FileDigests {
   private dirty = false;
+  /** Files read to learn their sha256 (the others were known). */
+  hashed = 0;
 
   private constructor(
-    readonly file: string | undefined,
-    private data: CacheFile,
+    readonly file: string,
+    private readonly files: Record<string, FileEntry>,
   ) {}
 
-  /**
-   * Loads the cache; a missing or unreadable one starts empty (it is only a cache), and an entry
-   * that is not of the expected shape is dropped (its file is hashed again).
-   */
-  static load(file: string | undefined): HashCache {
-    const data: CacheFile = { version: 1, files: {}, objects: {} };
-    if (file) {
-      try {
-        const parsed = JSON.parse(readRegularFileSync(file).toString('utf8')) as Partial<CacheFile>;
-        if (parsed?.version === 1) {
-          for (const [k, e] of Object.entries(parsed.files ?? {})) if (isFileEntry(e)) data.files[k] = e;
-          for (const [k, e] of Object.entries(parsed.objects ?? {})) if (isObjectEntry(e)) data.objects[k] = e;
-        }
-      } catch {
-        /* first run, or a damaged cache: hash again */
-      }
+  /** Loads it; a missing or unreadable one starts empty, an entry of another shape is dropped. */
+  static load(file: string): FileDigests {
+    const files: Record<string, FileEntry> = {};
+    try {
+      const parsed = JSON.parse(readRegularFileSync(file).toString('utf8')) as { files?: Record<string, unknown> };
+      for (const [k, e] of Object.entries(parsed?.files ?? {})) if (isFileEntry(e)) files[k] = e;
+    } catch {
+      /* first run, or a damaged file: hash again */
     }
-    return new HashCache(file, data);
+    return new FileDigests(file, files);
   }
 
-  /**
-   * The file's sha256, read only when its path, size, mtime or inode changed. When it was read
-   * now, its fingerprint comes with it (what is sent is checked against it).
-   */
-  async hash(file: string, st: FileStat, signal?: AbortSignal): Promise<{ sha256: string; fingerprint?: Fingerprint }> {
-    const e = this.data.files[file];
-    if (e && BigInt(e[0]) === st.size && e[1] === String(st.mtimeNs) && e[2] === String(st.ino))
-      return { sha256: e[3] };
-    const fingerprint = await fingerprintFile(file, signal);
-    this.remember(file, fingerprint);
-    return { sha256: fingerprint.sha256, fingerprint };
-  }
-
-  /** Records what a file held when it was read (by the stat it had then, not the walk's). */
-  remember(file: string, fp: Fingerprint) {
-    this.data.files[file] = [fp.size, String(fp.mtimeNs), String(fp.ino), fp.sha256];
+  /** The file's sha256, read only when its size, mtime, ctime or inode changed. */
+  async sha256(file: string, st: FileStat, signal?: AbortSignal): Promise<string> {
+    const e = this.files[file];
+    const same = [String(st.size), String(st.mtimeNs), String(st.ctimeNs), String(st.ino)];
+    if (e && [String(e[0]), e[1], e[2], e[3]].every((v, i) => v === same[i])) return e[4];
+    const fp = await fingerprintFile(file, signal);
+    this.hashed++;
+    this.files[file] = [fp.size, String(fp.mtimeNs), String(fp.ctimeNs), String(fp.ino), fp.sha256];
     this.dirty = true;
+    return fp.sha256;
   }
 
   /**
-   * Saves the cache; one that cannot be written (a full disk) costs only hashing again next time,
-   * so it is a warning naming the file, never a failure of the work that was done.
+   * Saves it; one that cannot be written (a full disk) costs only hashing again next time, so it
+   * is a warning naming the file, never a failure of the work that was done.
    */
   trySave(): string | undefined {
+    if (!this.dirty) return undefined;
     try {
-      this.save();
+      fs.mkdirSync(path.dirname(this.file), { recursive: true, mode: 0o700 });
+      writeFileAtomic(this.file, JSON.stringify({ version: 2, files: this.files }), 0o600);
+      this.dirty = false;
       return undefined;
     } catch (e) {
-      return `hash cache not saved (${errorOf(e, this.file ?? 'the cache')}): unchanged files will be hashed again next run`;
+      return `hash cache not saved (${errorText(withPath(e, this.file))}): unchanged files will be hashed again next run`;
     }
-  }
-
-  save() {
-    if (!this.file || !this.dirty) return;
-    fs.mkdirSync(path.dirname(this.file), { recursive: true, mode: 0o700 });
-    writeFileAtomic(this.file, JSON.stringify(this.data), 0o600);
-    this.dirty = false;
   }
 }
 
 const HEX64 = /^[0-9a-f]{64}$/;
 const isFileEntry = (e: unknown): e is FileEntry =>
   Array.isArray(e) &&
-  e.length === 4 &&
+  e.length === 5 &&
   Number.isSafeInteger(e[0]) &&
   e[0] >= 0 &&
   /^\d+$/.test(e[1]) &&
   /^\d+$/.test(e[2]) &&
-  HEX64.test(e[3]);
-const isObjectEntry = (e: unknown): e is ObjectEntry =>
-  Array.isArray(e) && e.length === 2 && typeof e[0] === 'string' && HEX64.test(e[1]);
+  /^\d+$/.test(e[3]) &&
+  HEX64.test(e[4]);
 
 /**
  * The part size aws-cli used for a multipart upload: 8 MiB, doubled until the file fits in
@@ -135,36 +121,62 @@ export async function etagProvesContent(
   etag: string,
   signal?: AbortSignal,
 ): Promise<boolean> {
-  const m = /^([0-9a-f]{32})(?:-(\d+))?$/.exec(etag);
-  if (!m) return false;
-  if (m[2] === undefined) return (await hashFile(file, signal, 'md5')) === m[1];
-  const parts = Number(m[2]);
-  const partSize = awsCliPartSize(size);
-  if (Math.ceil(size / partSize) !== parts) return false;
-  const partDigests: Buffer[] = [];
-  let part = crypto.createHash('md5');
-  let inPart = 0;
-  await readRegular(
-    file,
-    (chunk) => {
-      let offset = 0;
-      while (offset < chunk.length) {
-        const take = Math.min(chunk.length - offset, partSize - inPart);
-        part.update(chunk.subarray(offset, offset + take));
-        offset += take;
-        inPart += take;
-        if (inPart === partSize) {
-          partDigests.push(part.digest());
-          part = crypto.createHash('md5');
-          inPart = 0;
-        }
+  const check = new EtagCheck(size, etag);
+  if (!check.possible) return false;
+  await readRegular(file, (chunk) => check.update(chunk), signal);
+  return check.proves();
+}
+
+/**
+ * Whether bytes fed in order are the ones an ETag names (see etagProvesContent): for a file read
+ * from disk, or an object read back (restore-mello's drill of a bash-era upload).
+ */
+export class EtagCheck {
+  private readonly md5?: string;
+  private readonly parts?: number;
+  private readonly partSize: number;
+  private readonly partDigests: Buffer[] = [];
+  private part = crypto.createHash('md5');
+  private inPart = 0;
+  private bytes = 0;
+  /** False when no bytes can match: not an MD5 ETag, or a part count aws-cli would not have made. */
+  readonly possible: boolean;
+
+  constructor(
+    private readonly size: number,
+    etag: string,
+  ) {
+    const m = /^([0-9a-f]{32})(?:-(\d+))?$/.exec(etag);
+    this.md5 = m?.[1];
+    this.parts = m?.[2] === undefined ? undefined : Number(m[2]);
+    // A single-part upload's ETag is the MD5 of the whole: one part of any size.
+    this.partSize = this.parts === undefined ? Infinity : awsCliPartSize(size);
+    this.possible = Boolean(m) && (this.parts === undefined || Math.ceil(size / this.partSize) === this.parts);
+  }
+
+  update(chunk: Buffer) {
+    this.bytes += chunk.length;
+    let offset = 0;
+    while (offset < chunk.length) {
+      const take = Math.min(chunk.length - offset, this.partSize - this.inPart);
+      this.part.update(chunk.subarray(offset, offset + take));
+      offset += take;
+      this.inPart += take;
+      if (this.inPart === this.partSize) {
+        this.partDigests.push(this.part.digest());
+        this.part = crypto.createHash('md5');
+        this.inPart = 0;
       }
-    },
-    signal,
-  );
-  if (inPart > 0) partDigests.push(part.digest());
-  const combined = crypto.createHash('md5').update(Buffer.concat(partDigests)).digest('hex');
-  return partDigests.length === parts && combined === m[1];
+    }
+  }
+
+  proves(): boolean {
+    if (!this.possible || this.bytes !== this.size) return false;
+    if (this.parts === undefined) return this.part.digest('hex') === this.md5;
+    if (this.inPart > 0) this.partDigests.push(this.part.digest());
+    const combined = crypto.createHash('md5').update(Buffer.concat(this.partDigests)).digest('hex');
+    return this.partDigests.length === this.parts && combined === this.md5;
+  }
 }
 
 /** One file of a tree, as its hash cache remembers it: what it held, and the object that holds it. */
@@ -172,6 +184,11 @@ export interface TreeCacheLine {
   rel: string;
   size: number;
   mtimeNs: string;
+  /**
+   * The ctime the file had when it was hashed. A line without one (written before it was
+   * recorded) still names the object proven to hold its sha256, but never vouches for the file.
+   */
+  ctimeNs?: string;
   ino: string;
   sha256: string;
   /** The ETag of the object proven to hold these bytes: a listing that shows it proves them again. */
@@ -184,18 +201,40 @@ const isLine = (l: unknown): l is TreeCacheLine => {
     typeof x?.rel === 'string' &&
     Number.isSafeInteger(x.size) &&
     /^\d+$/.test(x.mtimeNs) &&
+    (x.ctimeNs === undefined || /^\d+$/.test(x.ctimeNs)) &&
     /^\d+$/.test(x.ino) &&
     HEX64.test(x.sha256) &&
     (x.etag === undefined || typeof x.etag === 'string')
   );
 };
 
-/** A file's line still holds when its size, mtime and inode are the ones it was hashed with. */
+/**
+ * A file's line still holds when its size, mtime, ctime and inode are the ones it was hashed
+ * with. The ctime catches what the others miss: an edit of the same size whose mtime was put back.
+ */
 export const lineMatches = (line: TreeCacheLine | undefined, st: FileStat) =>
   line !== undefined &&
+  line.ctimeNs !== undefined &&
   BigInt(line.size) === st.size &&
   line.mtimeNs === String(st.mtimeNs) &&
+  line.ctimeNs === String(st.ctimeNs) &&
   line.ino === String(st.ino);
+
+/** The line that remembers a file's sha256 by the stat it had when it was hashed. */
+export const lineOf = (
+  rel: string,
+  st: Omit<FileStat, 'size'> & { size: bigint | number },
+  sha256: string,
+  etag?: string,
+): TreeCacheLine => ({
+  rel,
+  size: Number(st.size),
+  mtimeNs: String(st.mtimeNs),
+  ctimeNs: String(st.ctimeNs),
+  ino: String(st.ino),
+  sha256,
+  etag,
+});
 
 /**
  * A tree's hash cache, never held whole in memory: a file of JSON lines sorted by key, read as a
@@ -221,8 +260,6 @@ export class TreeCache {
 
   private constructor(
     readonly file: string | undefined,
-    /** Lines of an older whole-file cache (hashes-*.json), for the first run after an upgrade. */
-    private readonly legacy?: Map<string, TreeCacheLine>,
     /**
      * Lines passed over by a lookup are kept (written through), not dropped: for a run that goes
      * by the bucket's listing (a restore), not by a walk, a line not looked up is a file it did
@@ -231,18 +268,9 @@ export class TreeCache {
     private readonly keepPassedOver = false,
   ) {}
 
-  /**
-   * Opens the cache of a tree. `write: false` reads only (a dry run). `legacy` names an older
-   * single-file cache and the tree's root in it, read once when the new file does not exist yet.
-   */
-  static async open(
-    file: string | undefined,
-    opts: { write: boolean; legacy?: { file: string; root: string; objectPrefix: string }; keepPassedOver?: boolean },
-  ): Promise<TreeCache> {
-    let legacy: Map<string, TreeCacheLine> | undefined;
-    if (file && !fs.existsSync(file) && opts.legacy)
-      legacy = readLegacy(opts.legacy.file, opts.legacy.root, opts.legacy.objectPrefix);
-    const cache = new TreeCache(file, legacy, opts.keepPassedOver);
+  /** Opens the cache of a tree. `write: false` reads only (a dry run). */
+  static async open(file: string | undefined, opts: { write: boolean; keepPassedOver?: boolean }): Promise<TreeCache> {
+    const cache = new TreeCache(file, opts.keepPassedOver);
     if (file && fs.existsSync(file)) {
       try {
         const { handle } = await openRegular(file);
@@ -267,7 +295,6 @@ export class TreeCache {
 
   /** The remembered line of `rel`. Called in key order; lines of files no longer there are passed over. */
   async lookup(rel: string): Promise<TreeCacheLine | undefined> {
-    if (this.legacy) return this.legacy.get(rel);
     while (this.lines && !this.unsorted) {
       if (this.current && compareKeys(this.current.rel, rel) >= 0) break;
       if (this.current && this.keepPassedOver && !this.handedOut) this.settle(this.reserve(), this.current);
@@ -337,11 +364,11 @@ export class TreeCache {
   async finish(complete: boolean): Promise<string | undefined> {
     if (!this.out || !this.file || !this.tmp)
       return this.writeError
-        ? `hash cache not written (${errorOf(this.writeError, this.file ?? 'the cache')})`
+        ? `hash cache not written (${errorText(withPath(this.writeError, this.file ?? 'the cache'))})`
         : undefined;
     this.flush(true);
     const out = this.out;
-    if (!this.legacy && this.lines && !this.unsorted && (this.keepPassedOver || !complete)) {
+    if (this.lines && !this.unsorted && (this.keepPassedOver || !complete)) {
       if (this.current && !this.handedOut) out.write(JSON.stringify(this.current) + '\n');
       for (let next = await this.lines.next(); !next.done && !this.writeError; next = await this.lines.next()) {
         // A tail of a million lines is not buffered whole: wait for the disk (or its error).
@@ -365,32 +392,7 @@ export class TreeCache {
       return undefined;
     } catch (e) {
       fs.rmSync(this.tmp, { force: true });
-      return `hash cache not saved (${errorOf(e, this.file)}): unchanged files will be hashed again next run`;
+      return `hash cache not saved (${errorText(withPath(e, this.file))}): unchanged files will be hashed again next run`;
     }
-  }
-}
-
-function errorOf(e: unknown, file: string): string {
-  const err = e as NodeJS.ErrnoException;
-  return err?.code ? `${err.code}: ${file}` : String((e as Error)?.message ?? e);
-}
-
-/** The lines of one tree from the older whole-file cache (keyed by absolute path, objects by bucket/key). */
-function readLegacy(file: string, root: string, objectPrefix: string): Map<string, TreeCacheLine> | undefined {
-  try {
-    const data = JSON.parse(readRegularFileSync(file).toString('utf8')) as Partial<CacheFile>;
-    if (data?.version !== 1) return undefined;
-    const lines = new Map<string, TreeCacheLine>();
-    const prefix = root.endsWith(path.sep) ? root : root + path.sep;
-    for (const [p, e] of Object.entries(data.files ?? {})) {
-      if (!p.startsWith(prefix) || !isFileEntry(e)) continue;
-      const rel = p.slice(prefix.length).split(path.sep).join('/');
-      const object = data.objects?.[objectPrefix + rel];
-      const etag = isObjectEntry(object) && object[1] === e[3] ? object[0] : undefined;
-      lines.set(rel, { rel, size: e[0], mtimeNs: e[1], ino: e[2], sha256: e[3], etag });
-    }
-    return lines;
-  } catch {
-    return undefined;
   }
 }

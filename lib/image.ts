@@ -5,15 +5,18 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { IMAGE_FILE, commandToGzipFile } from './archive.ts';
-import { humanSize } from './cli.ts';
+import { humanSize, printable } from './cli.ts';
 import { ensurePrivateDir, isRegularFile, readRegularFileSync, writeFileAtomic } from './files.ts';
-import { HashCache } from './hash-cache.ts';
+import { FileDigests } from './hash-cache.ts';
 import type { RunRecord } from './manifest.ts';
-import type { Step } from './plan.ts';
-import type { Host } from './ssh.ts';
+import type { Step } from './step.ts';
+import { program } from './sh.ts';
+import { said, type Host } from './ssh.ts';
 import { fingerprintedSource, type Backend } from './storage.ts';
 
 const IMAGE_ID_FILE = 'worker-image.id';
+/** An image ID as docker (`sha256:` + 64 hex) and podman (64 hex) give it. */
+const IMAGE_ID = /^(?:sha256:)?[0-9a-f]{64}$/;
 const IMAGE_SHA_FILE = 'worker-image.sha256';
 
 /**
@@ -37,10 +40,10 @@ function readImageRecord(dir: string): { imageId: string; sha256: string } | und
  */
 export async function melloImageDigest(file: string, stateDir: string, signal: AbortSignal) {
   if (!isRegularFile(file)) return undefined;
-  const hashes = HashCache.load(path.join(stateDir, 'hashes-backup-verda.json'));
+  const digests = FileDigests.load(path.join(stateDir, 'hashes-backup-verda.json'));
   const st = fs.lstatSync(file, { bigint: true });
-  const { sha256, fingerprint } = await hashes.hash(file, { size: st.size, mtimeNs: st.mtimeNs, ino: st.ino }, signal);
-  return { sha256, bytes: fingerprint?.size ?? Number(st.size), cacheWarning: hashes.trySave() };
+  const sha256 = await digests.sha256(file, st, signal);
+  return { sha256, bytes: Number(st.size), cacheWarning: digests.trySave() };
 }
 
 export function imageStep(o: {
@@ -48,9 +51,9 @@ export function imageStep(o: {
   cli: string;
   image: string;
   dir: string;
-  cache: Backend;
+  cacheBucket: Backend;
   bucket: string;
-  run: RunRecord;
+  record: RunRecord;
   /** Where Mello's hash cache of its own files lives (COMFYMULTI_STATE_DIR). */
   stateDir: string;
   skipReason?: string;
@@ -58,20 +61,29 @@ export function imageStep(o: {
   const file = path.join(o.dir, IMAGE_FILE);
   return {
     name: 'Container image',
-    moves: `${o.host.label}: ${o.cli} save ${o.image} → ${file} → ${o.cache.name}/${IMAGE_FILE}`,
+    moves: `${o.host.label}: ${o.cli} save ${o.image} → ${file} → ${o.cacheBucket.name}/${IMAGE_FILE}`,
     skipReason: o.skipReason,
     async run(ctx) {
-      const inspect = await o.host.$({ signal: ctx.signal })`${o.cli} image inspect --format {{.Id}} ${o.image}`;
-      if (inspect.code !== 0) {
+      const inspect = await o.host.$({
+        signal: ctx.signal,
+        nothrow: true,
+      })`sh -c ${program('image-id')} image-id ${o.cli} ${o.image}`;
+      if (inspect.code === 127) throw new Error(`${o.cli} (CONTAINER_CLI) is not installed on ${o.host.label}`);
+      if (inspect.code !== 0)
         throw new Error(
-          `${o.cli} image inspect ${o.image} on ${o.host.label}: ${inspect.stderr.trim() || `exit ${inspect.code}`}`,
+          `${o.cli} image inspect ${o.image} (CONTAINER_IMAGE) on ${o.host.label}: ${said(inspect.stderr)}`,
         );
-      }
+      // What Verda says is data: an image ID is 64 hex digits (docker prefixes `sha256:`).
       const imageId = inspect.stdout.trim();
-      o.run.imageId = imageId;
+      if (!IMAGE_ID.test(imageId))
+        throw new Error(
+          `${o.cli} image inspect ${o.image} on ${o.host.label} did not give an image ID ` +
+            `(${JSON.stringify(printable(imageId.slice(0, 80)))}): nothing saved or recorded`,
+        );
+      o.record.imageId = imageId;
       const short = imageId.replace(/^sha256:/, '').slice(0, 12);
       const recorded = readImageRecord(o.dir);
-      const there = await o.cache.head(IMAGE_FILE, ctx.signal);
+      const there = await o.cacheBucket.head(IMAGE_FILE, ctx.signal);
       const warnings: string[] = [];
       // Unchanged only when all three agree: the recorded ID is this image's, R2's object carries
       // it with the recorded bytes, and Mello's copy still holds them. A file that merely exists
@@ -84,8 +96,8 @@ export function imageStep(o: {
         const local = await melloImageDigest(file, o.stateDir, ctx.signal);
         if (local?.cacheWarning) warnings.push(local.cacheWarning);
         if (local?.sha256 === recorded.sha256 && local.bytes === there.size) {
-          o.run.artifact({ name: IMAGE_FILE, bytes: local.bytes, sha256: local.sha256 });
-          o.run.object({
+          o.record.artifact({ name: IMAGE_FILE, bytes: local.bytes, sha256: local.sha256 });
+          o.record.object({
             bucket: o.bucket,
             key: IMAGE_FILE,
             bytes: there.size,
@@ -98,7 +110,7 @@ export function imageStep(o: {
       }
       if (ctx.dryRun)
         return {
-          summary: `would save image ${short} to ${file} and send it to ${o.cache.name}/${IMAGE_FILE}`,
+          summary: `would save image ${short} to ${file} and send it to ${o.cacheBucket.name}/${IMAGE_FILE}`,
           warnings,
         };
       ensurePrivateDir(o.dir);
@@ -108,15 +120,23 @@ export function imageStep(o: {
         level: 1,
         expectTar: true,
       });
-      o.run.artifact({ name: IMAGE_FILE, bytes: saved.bytes, sha256: saved.sha256 });
-      const started = Date.now();
+      o.record.artifact({ name: IMAGE_FILE, bytes: saved.bytes, sha256: saved.sha256 });
+      const progress = ctx.out.transfer(`${IMAGE_FILE} sent`);
       let sent = 0;
-      await o.cache.put(IMAGE_FILE, fingerprintedSource(file, saved.fingerprint), {
-        metadata: { sha256: saved.sha256, 'image-id': imageId },
-        signal: ctx.signal,
-        onBytes: ctx.out.fancy ? (n) => ctx.out.progress(IMAGE_FILE, (sent += n), saved.bytes, started) : undefined,
+      await o.cacheBucket
+        .put(IMAGE_FILE, fingerprintedSource(file, saved.fingerprint), {
+          metadata: { sha256: saved.sha256, 'image-id': imageId },
+          signal: ctx.signal,
+          onBytes: (n) => progress.update({ bytes: (sent += n), total: saved.bytes }),
+        })
+        .finally(() => progress.end());
+      o.record.object({
+        bucket: o.bucket,
+        key: IMAGE_FILE,
+        bytes: saved.bytes,
+        sha256: saved.sha256,
+        action: 'uploaded',
       });
-      o.run.object({ bucket: o.bucket, key: IMAGE_FILE, bytes: saved.bytes, sha256: saved.sha256, action: 'uploaded' });
       // Recorded only once both copies are complete: the ID last.
       writeFileAtomic(path.join(o.dir, IMAGE_SHA_FILE), `${saved.sha256}  ${IMAGE_FILE}\n`, 0o600);
       writeFileAtomic(path.join(o.dir, IMAGE_ID_FILE), `${imageId}\n`, 0o600);

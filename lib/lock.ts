@@ -37,7 +37,7 @@ export class LockHeld extends Error {
 /** The lock could not be written at all (a read-only or full state directory). */
 export class LockError extends Error {}
 
-export const HEARTBEAT_MS = 60_000;
+const HEARTBEAT_MS = 60_000;
 const FOREIGN_STALE_MS = 10 * 60_000;
 
 function readProc(file: string): string | undefined {
@@ -64,10 +64,8 @@ export function isHeld(record: Partial<LockRecord>, script: string, ageMs: numbe
   if (!Number.isInteger(pid) || pid! <= 0) return false;
   if (record.bootId && bootId() && record.bootId !== bootId()) return false;
   if (!processAlive(pid!)) return false;
-  if (record.procStart) return processStart(pid!) === record.procStart;
-  // A lock written by an older version: the pid alone. Held only if that process runs this script.
-  const cmdline = readProc(`/proc/${pid}/cmdline`);
-  return cmdline === undefined ? true : cmdline.includes(script);
+  // The same process, not another that was given the pid since (no /proc: alive is all we know).
+  return record.procStart ? processStart(pid!) === record.procStart : true;
 }
 
 function readRecord(lockFile: string): { record: Partial<LockRecord>; ageMs: number; ino: number } | undefined {
@@ -78,7 +76,7 @@ function readRecord(lockFile: string): { record: Partial<LockRecord>; ageMs: num
     try {
       record = JSON.parse(text) as Partial<LockRecord>;
     } catch {
-      record = { pid: Number.parseInt(text, 10) }; // older versions wrote the pid alone
+      record = {}; // not a lock record: nobody holds it
     }
     return { record: record ?? {}, ageMs: Date.now() - st.mtimeMs, ino: st.ino };
   } catch (e) {

@@ -5,15 +5,14 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { readBackDecrypted, readIdentities, requireIdentityFile } from './age.ts';
-import { listArchive } from './archive.ts';
-import { errorText } from './cli.ts';
+import { LayoutError, archiveKind, checkArchiveFile, listArchive } from './layout.ts';
+import { errorText, printable } from './cli.ts';
 import { ensurePrivateDir, readRegularFileSync, writeFileAtomic } from './files.ts';
 import { hashFile } from './hash-cache.ts';
-import { failedBefore, type Step } from './plan.ts';
-import { copyWarnings, localCopies } from './rotation.ts';
+import { failedBefore, type Step } from './step.ts';
+import { copyWarnings, localCopies } from './dated.ts';
 import { pool } from './pool.ts';
 import { readBackSha256, type Backend } from './storage.ts';
-import { printable } from './sync.ts';
 
 /** An artifact of a run, as the manifest lists it. */
 export interface Artifact {
@@ -43,6 +42,8 @@ export interface Manifest {
   verdaHost: string;
   imageId?: string;
   complete: boolean;
+  /** The run was stopped by a signal or a lost connection: what it records is what was done. */
+  interrupted?: boolean;
   failedSteps: string[];
   artifacts: Artifact[];
   r2: R2Record[];
@@ -63,30 +64,39 @@ export class RunRecord {
   }
 }
 
-/** The manifest, written last: every artifact and R2 object of the run, and whether it is whole. */
-export function manifestStep(o: { dir: string; run: RunRecord; mode: Manifest['mode']; verdaHost: string }): Step {
-  const name = `manifest-${o.run.stamp}.json`;
+/**
+ * The manifest, written last: every artifact and R2 object of the run, and whether the run
+ * completed. Written after an interrupt too (marked so): what was done stays on record. A run
+ * that made no config archive and no image writes none.
+ */
+export function manifestStep(o: { dir: string; record: RunRecord; mode: Manifest['mode']; verdaHost: string }): Step {
+  const name = `manifest-${o.record.stamp}.json`;
   return {
     name: 'Manifest',
     moves: `→ ${o.dir}/${name}`,
+    always: true,
     async run(ctx) {
       if (ctx.dryRun) return { summary: `would write ${name}` };
+      if (!o.record.artifacts.some((a) => a.name !== 'tailscale-ip.txt'))
+        return { status: 'skipped', summary: 'no archive was made: no manifest written' };
       const failedSteps = failedBefore(ctx).map((r) => r.name);
       const manifest: Manifest = {
         version: 1,
         script: 'backup-verda',
-        timestamp: o.run.stamp,
+        timestamp: o.record.stamp,
         mode: o.mode,
         verdaHost: o.verdaHost,
-        imageId: o.run.imageId,
+        imageId: o.record.imageId,
         complete: failedSteps.length === 0,
+        ...(ctx.signal.aborted ? { interrupted: true } : {}),
         failedSteps,
-        artifacts: o.run.artifacts,
-        r2: o.run.r2,
+        artifacts: o.record.artifacts,
+        r2: o.record.r2,
       };
       ensurePrivateDir(o.dir);
       writeFileAtomic(path.join(o.dir, name), JSON.stringify(manifest, null, 2) + '\n', 0o600);
-      return { summary: `${name}: ${o.run.artifacts.length} artifacts, ${o.run.r2.length} R2 objects` };
+      const state = manifest.complete ? '' : manifest.interrupted ? ' (interrupted: incomplete)' : ' (incomplete)';
+      return { summary: `${name}: ${o.record.artifacts.length} artifacts, ${o.record.r2.length} R2 objects${state}` };
     },
   };
 }
@@ -110,7 +120,7 @@ function readNewest(dir: string): { file: string; manifest: Manifest } {
 }
 
 /** The newest manifest that records a complete run, if any. */
-export function newestComplete(dir: string): { file: string; manifest: Manifest } | undefined {
+function newestComplete(dir: string): { file: string; manifest: Manifest } | undefined {
   for (const name of localCopies(dir, 'manifest', 'json')) {
     const file = path.join(dir, name);
     try {
@@ -144,7 +154,17 @@ async function checkArtifacts(dir: string, manifest: Manifest, signal: AbortSign
       failures.push(`differs: ${a.name} sha256 is not the manifest's${sha.startsWith('unreadable') ? `: ${sha}` : ''}`);
       continue;
     }
-    if (a.name.endsWith('.tar.gz')) {
+    // A config archive is read through its kind's layout, as a restore would read it.
+    const kind = archiveKind(a.name);
+    if (kind) {
+      await checkArchiveFile(p, kind, signal).catch((e) =>
+        failures.push(
+          e instanceof LayoutError
+            ? `refused: ${a.name} holds ${e.message}`
+            : `damaged: ${a.name} does not list as an archive (${errorText(e)})`,
+        ),
+      );
+    } else if (a.name.endsWith('.tar.gz')) {
       await listArchive(p).catch((e) =>
         failures.push(`damaged: ${a.name} does not list as an archive (${errorText(e)})`),
       );
@@ -224,11 +244,14 @@ export async function checkObjects(
     return identities;
   };
   await pool(
-    records.filter((o) => o.sha256),
+    records,
     8,
     async (o) => {
       const backend = backends.get(o.bucket);
-      const name = `r2://${o.bucket}/${printable(o.key)}`;
+      const name = `r2://${o.bucket}/${printable(String(o.key))}`;
+      // A record that cannot be checked proves nothing: never passed over.
+      const problem = recordProblem(o);
+      if (problem) return void failures.push(`${name}: the manifest's record ${problem}: nothing to check it against`);
       if (!backend) return void failures.push(`${name}: bucket not configured here`);
       const head = await backend.head(o.key, signal);
       if (!head) failures.push(`missing: ${name}`);
@@ -260,6 +283,14 @@ export async function checkObjects(
   return found;
 }
 
+/** What is wrong with an R2 record (no sha256, no size), or undefined. */
+export function recordProblem(o: Partial<R2Record>): string | undefined {
+  if (typeof o.key !== 'string' || !o.key) return 'has no key';
+  if (typeof o.sha256 !== 'string' || !/^[0-9a-f]{64}$/.test(o.sha256)) return 'has no sha256';
+  if (typeof o.bytes !== 'number' || !Number.isSafeInteger(o.bytes) || o.bytes < 0) return 'has no size';
+  return undefined;
+}
+
 /** The objects' warning line: those checked by size only. */
 export const sizeOnlyWarnings = (found: ObjectsChecked) =>
   found.sizeOnly
@@ -284,7 +315,7 @@ export function verifyObjectsStep(
     moves: `${dir}/manifest-*.json → ${[...backends.values()].map((b) => b.name).join(', ')}`,
     async run(ctx) {
       const { manifest } = readNewest(dir);
-      const records = manifest.r2.filter((o) => o.sha256);
+      const records = manifest.r2;
       const found = await checkObjects(records, backends, { deep, ...opts, signal: ctx.signal });
       return {
         summary: `${records.length - found.failures.length} of ${records.length} objects match their sources${decryptedNote(found)}`,

@@ -5,7 +5,8 @@
 // a run waits for its pings at most twice COMFYMULTI_NOTIFY_TIMEOUT. The URL is the check's key:
 // messages name its variable and host, never the URL itself.
 import os from 'node:os';
-import { UsageError } from './cli.ts';
+import { UsageError, errorText, printable } from './cli.ts';
+import { Pacer } from './pacer.ts';
 
 export const NOTIFY_VARIABLES = ['NOTIFY_URL', 'NOTIFY_URL_VERDA', 'NOTIFY_URL_MELLO', 'NOTIFY_URL_CRON'] as const;
 
@@ -14,6 +15,7 @@ const SCRIPT_VARIABLE: Record<string, (typeof NOTIFY_VARIABLES)[number]> = {
   'backup-verda': 'NOTIFY_URL_VERDA',
   'restore-verda': 'NOTIFY_URL_VERDA',
   'backup-mello': 'NOTIFY_URL_MELLO',
+  'restore-mello': 'NOTIFY_URL_MELLO',
   'backup-cron': 'NOTIFY_URL_CRON',
 };
 
@@ -62,9 +64,9 @@ export function pingUrl(base: URL, kind: PingKind): URL {
   return url;
 }
 
-/** A ping's body: `lines` joined, cut to BODY_LIMIT bytes on a character boundary. */
+/** A ping's body: `lines` joined, each made printable, cut to BODY_LIMIT bytes on a character boundary. */
 export function pingBody(lines: string[]): string {
-  const text = lines.join('\n') + '\n';
+  const text = lines.map(printable).join('\n') + '\n';
   const bytes = Buffer.from(text);
   if (bytes.length <= BODY_LIMIT) return text;
   const cut = '\n… (cut at 10,000 bytes)\n';
@@ -77,12 +79,11 @@ export function pingBody(lines: string[]): string {
   );
 }
 
-const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, Math.max(0, ms)));
-
-/** What went wrong with a request, in a few words: `ECONNREFUSED`, `HTTP 404`, `no answer within 3 s`. */
-function requestProblem(e: unknown): string {
-  const cause = (e as { cause?: NodeJS.ErrnoException })?.cause;
-  return cause?.code ?? cause?.message ?? (e as Error)?.message ?? String(e);
+/** A ping the server answered with a status that is not a success. */
+class PingRefused extends Error {
+  constructor(readonly status: number) {
+    super(`HTTP ${status}`);
+  }
 }
 
 /** One script run's pings. */
@@ -146,31 +147,43 @@ export class Notifier {
     outer?: AbortSignal,
   ): Promise<string | undefined> {
     const url = pingUrl(this.target.url, kind);
+    const pacer = new Pacer({ attempts: ATTEMPTS, backoffMs: BACKOFF_MS });
     let last = 'no time left';
-    for (let attempt = 1; attempt <= ATTEMPTS; attempt++) {
-      const left = deadline - Date.now();
-      if (left <= 0 || outer?.aborted) break;
-      const limitMs = Math.min(this.timeoutMs, left);
-      const timeout = AbortSignal.timeout(limitMs);
-      try {
-        const res = await fetch(url, {
-          method: body === undefined ? 'GET' : 'POST',
-          body,
-          headers: body === undefined ? undefined : { 'content-type': 'text/plain; charset=utf-8' },
-          signal: outer ? AbortSignal.any([outer, timeout]) : timeout,
-        });
-        // The answer's body ("OK") is not needed; not reading it frees the connection.
-        void res.body?.cancel().catch(() => {});
-        if (res.ok) return undefined;
-        last = `HTTP ${res.status}`;
-        // Any other 4xx says the URL is wrong: asking again will not help.
-        if (res.status < 500 && res.status !== 429) break;
-      } catch (e) {
-        last = timeout.aborted ? `no answer within ${limitMs / 1000} s` : requestProblem(e);
-      }
-      if (attempt < ATTEMPTS) await sleep(Math.min(BACKOFF_MS * attempt, deadline - Date.now()));
+    try {
+      await pacer.run(
+        'ping',
+        outer,
+        async () => {
+          const left = deadline - Date.now();
+          if (left <= 0) throw new Error('no time left');
+          const limitMs = Math.min(this.timeoutMs, left);
+          const timeout = AbortSignal.timeout(limitMs);
+          try {
+            const res = await fetch(url, {
+              method: body === undefined ? 'GET' : 'POST',
+              body,
+              headers: body === undefined ? undefined : { 'content-type': 'text/plain; charset=utf-8' },
+              signal: outer ? AbortSignal.any([outer, timeout]) : timeout,
+            });
+            // The answer's body ("OK") is not needed; not reading it frees the connection.
+            void res.body?.cancel().catch(() => {});
+            if (!res.ok) throw new PingRefused(res.status);
+          } catch (e) {
+            last = timeout.aborted ? `no answer within ${limitMs / 1000} s` : errorText(e);
+            throw e;
+          }
+        },
+        // Another 4xx says the URL is wrong: asking again will not help. Nor is there time past the deadline.
+        (e) =>
+          (e instanceof PingRefused && e.status < 500 && e.status !== 429) || Date.now() >= deadline
+            ? 'fail'
+            : 'backoff',
+        (e) => e,
+      );
+      return undefined;
+    } catch {
+      return this.problem(kind, last);
     }
-    return this.problem(kind, last);
   }
 }
 

@@ -9,8 +9,10 @@
 // the console (its warnings would land in the cron log).
 process.env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED ??= 'true';
 
+import { setMaxListeners } from 'node:events';
 import type {
   CompleteMultipartUploadCommandOutput,
+  CopyObjectCommandOutput,
   CreateMultipartUploadCommandOutput,
   GetObjectCommandOutput,
   HeadObjectCommandOutput,
@@ -18,26 +20,28 @@ import type {
   PutObjectCommandOutput,
   S3Client,
   UploadPartCommandOutput,
+  UploadPartCopyCommandOutput,
 } from '@aws-sdk/client-s3';
 import { Agent } from 'node:http';
 import { Agent as HttpsAgent } from 'node:https';
 import { Transform, type Readable } from 'node:stream';
-import { addNotice } from './cli.ts';
+import { UsageError, addNotice } from './cli.ts';
+import { MiB } from './files.ts';
 import { AdaptiveSlots, Pacer } from './pacer.ts';
 import { pool } from './pool.ts';
-import type { BucketTarget, Limits } from './config.ts';
+import { bucketTarget, type BucketKind, type BucketTarget, type Config, type Limits } from './config.ts';
 import {
   SourceChanged,
   StorageError,
   type Backend,
   type ByteRange,
+  type CopyOptions,
+  type CopySource,
   type ObjectHead,
   type ObjectInfo,
   type PutOptions,
   type Source,
 } from './storage.ts';
-
-export const MiB = 1024 * 1024;
 
 /**
  * What R2 asks of an S3 client, in one place (the SPEC's "R2 as it really behaves"): region
@@ -46,7 +50,7 @@ export const MiB = 1024 * 1024;
  * rejected the SDK's default CRC32, and an aws-chunked body is refused by some S3 servers); equal
  * multipart parts of at least 5 MiB, at most 10,000 of them.
  */
-export const R2_QUIRKS = {
+const R2_QUIRKS = {
   region: 'auto',
   forcePathStyle: true,
   requestChecksumCalculation: 'WHEN_REQUIRED',
@@ -80,6 +84,13 @@ export interface R2Options {
   idleTimeoutMs?: number;
   /** Connections to the endpoint at once; requests beyond wait for one. */
   maxSockets?: number;
+  /**
+   * Copies of objects this size and larger are multipart (UploadPartCopy): one CopyObject copies
+   * at most 5 GiB. Tests set it small.
+   */
+  copyMultipartThreshold?: number;
+  /** Preferred part size of a multipart copy; raised when an object would need more than 10,000 parts. */
+  copyPartSize?: number;
 }
 
 const DEFAULTS: Required<R2Options> = {
@@ -92,6 +103,8 @@ const DEFAULTS: Required<R2Options> = {
   backoffMs: 500,
   idleTimeoutMs: 60_000,
   maxSockets: 64,
+  copyMultipartThreshold: 5 * 1024 * MiB,
+  copyPartSize: 512 * MiB,
 };
 
 /** The R2 part of the run's limits (COMFYMULTI_R2_*), as R2Backend options. */
@@ -99,24 +112,67 @@ export function r2Limits(limits: Pick<Limits, 'r2IdleTimeoutMs' | 'r2Attempts' |
   return { idleTimeoutMs: limits.r2IdleTimeoutMs, attempts: limits.r2Attempts, backoffMs: limits.r2BackoffMs };
 }
 
+/** One bucket of the configuration as a Backend: the one way a script makes one. */
+export function bucketBackend(cfg: Config, kind: BucketKind): R2Backend {
+  return new R2Backend(bucketTarget(cfg, kind), r2Limits(cfg.limits));
+}
+
+/**
+ * The versions bucket (R2_VERSIONS_BUCKET), checked to be reachable by a server-side copy from
+ * the user-files bucket: the same endpoint (R2's jurisdiction is in the endpoint), else exit 2.
+ */
+export function versionsBackend(cfg: Config, userFiles: R2Backend): R2Backend {
+  const versions = bucketBackend(cfg, 'versions');
+  const [own, theirs] = [versions.target, userFiles.target];
+  if (own.endpoint !== theirs.endpoint)
+    throw new UsageError(
+      `${own.variables?.endpoint ?? 'R2_VERSIONS_ENDPOINT'} (${own.endpoint}) is not the user-files bucket's endpoint ` +
+        `(${theirs.endpoint}, ${theirs.variables?.endpoint ?? 'R2_USER_FILES_ENDPOINT'}): versions are copied within one ` +
+        `endpoint, so R2_VERSIONS_BUCKET must be in the user-files bucket's jurisdiction`,
+    );
+  return versions;
+}
+
+/**
+ * The buckets of these kinds that are configured here, by bucket name (what a manifest records);
+ * one whose variables are missing is left out: what it holds is then not checked ("unknown").
+ */
+export function configuredBuckets(
+  cfg: Config,
+  kinds: BucketKind[],
+  opts = r2Limits(cfg.limits),
+): Map<string, R2Backend> {
+  const buckets = new Map<string, R2Backend>();
+  for (const kind of kinds) {
+    let target: BucketTarget;
+    try {
+      target = bucketTarget(cfg, kind);
+    } catch {
+      continue;
+    }
+    buckets.set(target.bucket, new R2Backend(target, opts));
+  }
+  return buckets;
+}
+
 /** Beyond this, a clock is worth a word (the SDK treats 4 min as skew; R2 refuses from 15 min). */
 const CLOCK_SKEW_MS = 5 * 60_000;
 
 /** `3h0m`, `12m`: how far apart two clocks are. */
-export function clockDistance(ms: number): string {
+function clockDistance(ms: number): string {
   const minutes = Math.round(Math.abs(ms) / 60_000);
   return minutes >= 60 ? `${Math.floor(minutes / 60)}h${minutes % 60}m` : `${minutes}m`;
 }
 
 /** What to tell the admin about this machine's clock, `offsetMs` being R2's time minus ours. */
-export function clockNotice(offsetMs: number): string {
+function clockNotice(offsetMs: number): string {
   const where = offsetMs > 0 ? 'behind' : 'ahead of';
   const fix = 'fix it (timedatectl / chrony); dated names use the local clock';
   return `this machine's clock is ${clockDistance(offsetMs)} ${where} R2's: ${fix}`;
 }
 
 /** What an error from the SDK (or the network under it) says, read in one place. */
-export interface S3Fields {
+interface S3Fields {
   /** HTTP status of R2's answer, if there was one. */
   status?: number;
   /** S3's error code (`NoSuchKey`, `SlowDown`) or the error's name (`TimeoutError`). */
@@ -129,7 +185,7 @@ export interface S3Fields {
   message: string;
 }
 
-export function s3Fields(e: unknown): S3Fields {
+function s3Fields(e: unknown): S3Fields {
   const err = e as {
     name?: string;
     Code?: string;
@@ -171,11 +227,15 @@ export function partSizeFor(size: number, preferred: number): number {
   return Math.ceil(partSize / MiB) * MiB;
 }
 
+/** Where a bucket in R2's EU jurisdiction is reached: not the account's default endpoint. */
+const EU_ENDPOINT = 'https://<account>.eu.r2.cloudflarestorage.com';
+
 /**
  * A plain sentence for an S3 error: status, code, and what it likely means. No stack.
- * `signedOffsetMs`: the clock correction the failed request was signed with.
+ * `signedOffsetMs`: the clock correction the failed request was signed with. `target`: the
+ * bucket the request went to; its `variables` let the sentence name the variables in use.
  */
-export function describeS3Error(e: unknown, signedOffsetMs = 0): string {
+function describeS3Error(e: unknown, signedOffsetMs = 0, target?: BucketTarget): string {
   const { status, code, errno, message } = s3Fields(e);
   const clock = clockOffsetOf(e, signedOffsetMs);
   if (clock !== undefined) {
@@ -184,10 +244,22 @@ export function describeS3Error(e: unknown, signedOffsetMs = 0): string {
     const answer = [status, code].filter(Boolean).join(' ');
     return `R2 refused the request (${answer}): this machine's clock is ${how} R2's; fix it (timedatectl / chrony)`;
   }
+  const vars = target?.variables;
   if (status === 403 || code === 'InvalidAccessKeyId' || code === 'SignatureDoesNotMatch') {
-    return `R2 refused the credentials (${[status, code].filter(Boolean).join(' ')}): check R2_ACCESS_KEY_ID and R2_SECRET_ACCESS_KEY`;
+    const answer = [status, code].filter(Boolean).join(' ');
+    if (!vars) return `R2 refused the credentials (${answer}): check R2_ACCESS_KEY_ID and R2_SECRET_ACCESS_KEY`;
+    // The pair that signed, which is the bucket's own when it has one: that is the one to fix.
+    const pair = `${vars.accessKeyId} and ${vars.secretAccessKey}`;
+    return `R2 refused the credentials (${answer}): check ${pair}, the key pair in use for ${vars.bucket} (a token must be allowed on that bucket)`;
   }
-  if (code === 'NoSuchBucket') return `the bucket does not exist (${code})`;
+  if (code === 'NoSuchBucket') {
+    if (!vars) return `the bucket does not exist (${code})`;
+    const at = `${target!.endpoint} (${vars.endpoint})`;
+    return (
+      `R2 has no bucket ${target!.bucket} at ${at} (${code}): check ${vars.bucket}; ` +
+      `an EU bucket needs its jurisdiction's endpoint, ${EU_ENDPOINT}, in ${vars.ownEndpoint}`
+    );
+  }
   if (errno) return `cannot reach R2: ${errno}`;
   if (code === 'TimeoutError') return 'R2 did not answer in time (nothing moved either way)';
   if (status) return `R2 answered ${status} ${code ?? ''}: ${message}`.trim();
@@ -458,7 +530,9 @@ export class R2Backend implements Backend {
     const refused = status === 403 || status === 401 || code === 'NoSuchBucket' || code === 'InvalidAccessKeyId';
     const tries = attempts > 1 ? ` after ${attempts} attempts` : '';
     const idle = seconds(this.opts.idleTimeoutMs);
-    const what = timedOut ? `R2 did not answer (no byte moved for ${idle})` : describeS3Error(e, signedOffset);
+    const what = timedOut
+      ? `R2 did not answer (no byte moved for ${idle})`
+      : describeS3Error(e, signedOffset, this.target);
     return new StorageError(`${this.name}/${key} ${op}: ${what}${tries}`, refused || unreachable, status);
   }
 
@@ -482,7 +556,8 @@ export class R2Backend implements Backend {
         ),
       );
       for (const o of page.Contents ?? []) {
-        if (o.Key !== undefined) yield { key: o.Key, size: o.Size ?? 0, etag: unquote(o.ETag) };
+        if (o.Key !== undefined)
+          yield { key: o.Key, size: o.Size ?? 0, etag: unquote(o.ETag), modifiedMs: o.LastModified?.getTime() };
       }
       token = page.IsTruncated ? page.NextContinuationToken : undefined;
     } while (token);
@@ -530,6 +605,103 @@ export class R2Backend implements Backend {
     await this.request('delete', key, signal, (a) =>
       this.send<unknown>((sdk) => new sdk.DeleteObjectCommand({ Bucket: this.target.bucket, Key: key }), a.signal),
     );
+  }
+
+  /**
+   * A server-side copy from another bucket of the same endpoint: one CopyObject, or above
+   * `copyMultipartThreshold` a multipart upload of UploadPartCopy parts (aborted if it fails).
+   * Signed with this bucket's key pair, which must also be allowed to read the source's bucket.
+   * The metadata given replaces the source's; with `source.etag`, each request holds only while
+   * the source still has that ETag (x-amz-copy-source-if-match), so a copy is of one object.
+   */
+  async copy(source: CopySource, key: string, opts: CopyOptions): Promise<ObjectInfo> {
+    const from = source.backend;
+    if (!(from instanceof R2Backend) || from.target.endpoint !== this.target.endpoint)
+      throw new Error(`${this.name}: cannot copy from ${from.name}: not a bucket of ${this.target.endpoint}`);
+    // `bucket/key`, the key URL-encoded a path segment at a time (S3's rule for the header).
+    const CopySource = `${from.target.bucket}/${source.key.split('/').map(encodeURIComponent).join('/')}`;
+    const CopySourceIfMatch = source.etag ? `"${source.etag}"` : undefined;
+    const where = { CopySource, CopySourceIfMatch, Bucket: this.target.bucket, Key: key };
+    if (source.size >= this.opts.copyMultipartThreshold) return this.copyMultipart(source, where, opts);
+    const r = await this.request('copy', key, opts.signal, (a) =>
+      this.send<CopyObjectCommandOutput>(
+        (sdk) => new sdk.CopyObjectCommand({ ...where, MetadataDirective: 'REPLACE', Metadata: opts.metadata }),
+        a.signal,
+      ),
+    );
+    return { key, size: source.size, etag: unquote(r.CopyObjectResult?.ETag) };
+  }
+
+  private async copyMultipart(
+    source: CopySource,
+    where: { CopySource: string; CopySourceIfMatch?: string; Bucket: string; Key: string },
+    opts: CopyOptions,
+  ): Promise<ObjectInfo> {
+    const { Bucket, Key } = where;
+    const partSize = partSizeFor(source.size, this.opts.copyPartSize);
+    const partCount = Math.ceil(source.size / partSize);
+    const created = await this.request('create-multipart', Key, opts.signal, (a) =>
+      this.send<CreateMultipartUploadCommandOutput>(
+        (sdk) => new sdk.CreateMultipartUploadCommand({ Bucket, Key, Metadata: opts.metadata }),
+        a.signal,
+      ),
+    );
+    const UploadId = created.UploadId!;
+    const failFast = new AbortController();
+    const signal = opts.signal ? AbortSignal.any([opts.signal, failFast.signal]) : failFast.signal;
+    try {
+      const etags: string[] = new Array(partCount);
+      const parts = Array.from({ length: partCount }, (_, i) => i);
+      // No byte passes through here: a few parts at once is what the server copies at once.
+      await pool(parts, 4, async (index) => {
+        const start = index * partSize;
+        const end = Math.min(source.size, start + partSize);
+        const r = await this.request('copy-part', Key, signal, (a) =>
+          this.send<UploadPartCopyCommandOutput>(
+            (sdk) =>
+              new sdk.UploadPartCopyCommand({
+                ...where,
+                UploadId,
+                PartNumber: index + 1,
+                CopySourceRange: `bytes=${start}-${end - 1}`,
+              }),
+            a.signal,
+          ),
+        ).catch((e) => {
+          failFast.abort(e);
+          throw e;
+        });
+        etags[index] = r.CopyPartResult!.ETag!;
+      }).catch((e) => {
+        throw opts.signal?.aborted ? opts.signal.reason : e;
+      });
+      let completeAttempts = 0;
+      const done = await this.request('complete-multipart', Key, opts.signal, (a) => {
+        completeAttempts++;
+        return this.send<CompleteMultipartUploadCommandOutput>(
+          (sdk) =>
+            new sdk.CompleteMultipartUploadCommand({
+              Bucket,
+              Key,
+              UploadId,
+              MultipartUpload: { Parts: etags.map((ETag, i) => ({ ETag, PartNumber: i + 1 })) },
+            }),
+          a.signal,
+        );
+      }).catch(async (e) => {
+        // A completion whose answer was lost: whole if the object holds this size and metadata.
+        const head = completeAttempts > 1 ? await this.head(Key, opts.signal).catch(() => undefined) : undefined;
+        const meta = Object.entries(opts.metadata);
+        const same = head && head.size === source.size && meta.every(([k, v]) => head.metadata[k] === v);
+        if (same) return { ETag: head.etag };
+        throw e;
+      });
+      const etag = unquote(done.ETag) || ((await this.head(Key, opts.signal).catch(() => undefined))?.etag ?? '');
+      return { key: Key, size: source.size, etag };
+    } catch (e) {
+      await this.abortUpload(Key, UploadId);
+      throw e;
+    }
   }
 
   async put(key: string, source: Source, opts: PutOptions = {}): Promise<ObjectInfo> {
@@ -584,6 +756,8 @@ export class R2Backend implements Backend {
     // A failure of one part stops the others at once, then the upload is aborted.
     const failFast = new AbortController();
     const signal = opts.signal ? AbortSignal.any([opts.signal, failFast.signal]) : failFast.signal;
+    // Every part in flight listens on it: more than Node's warning threshold (a warning in the cron log).
+    setMaxListeners(0, signal);
     try {
       const etags: string[] = new Array(partCount);
       const parts = Array.from({ length: partCount }, (_, i) => i);

@@ -4,44 +4,15 @@
 // key to that bucket). A copy that arrives is written on SFS under a temporary name, checked
 // there against the recorded sha256, then renamed: it is the cache copy the next instance loads.
 import path from 'node:path';
-import type { Readable } from 'node:stream';
 import { IMAGE_FILE } from './archive.ts';
-import { errorText, humanSize } from './cli.ts';
+import { humanSize } from './cli.ts';
 import { openRegular } from './files.ts';
-import type { Step, StepResult } from './plan.ts';
-import { IMAGE_KIND, shortId, type RestoreSource } from './restore.ts';
-import type { Host } from './ssh.ts';
-import type { Backend } from './storage.ts';
-
-// The image's ID there; 127 when the CLI is missing, 3 when no such image is loaded.
-const INSPECT = `command -v "$1" >/dev/null 2>&1 || exit 127
-"$1" image inspect --format '{{.Id}}' "$2" 2>/dev/null || exit 3`;
-
-// sha256 of the file $1, or exit 3 when it is not there.
-const SHA256 = `[ -f "$1" ] && [ ! -L "$1" ] || exit 3
-exec sha256sum -- "$1"`;
-
-// Stores stdin as $1/$2 through a temporary name, created exclusively; read back from disk and
-// renamed only when its sha256 is $3. The temporary file goes whatever happens.
-const STORE = `set -e
-dir=$1 name=$2 want=$3
-mkdir -p -- "$dir"
-tmp=$dir/.$name.partial-$$
-trap 'rm -f -- "$tmp"' EXIT
-trap 'exit 1' HUP INT TERM
-set -C
-cat > "$tmp"
-set +C
-sync -- "$tmp"
-got=$(sha256sum -- "$tmp")
-got=\${got%% *}
-if [ "$got" != "$want" ]; then echo "the bytes received have sha256 $got, not $want" >&2; exit 3; fi
-mv -f -- "$tmp" "$dir/$name"
-trap - EXIT`;
-
-// docker load reads gzip itself, Debian's podman 4.3 cannot (a gzipped docker-archive fails with
-// "unexpected EOF"): the archive is decompressed for both. Its sha256 was checked first.
-const LOAD = 'gzip -dc -- "$1" | "$2" load';
+import type { Step, StepResult } from './step.ts';
+import { IMAGE_KIND, shortId, type ImageRef, type RestoreSource } from './restore.ts';
+import { requireSfs } from './sfs.ts';
+import { program } from './sh.ts';
+import { CommandFailed, said, type Host } from './ssh.ts';
+import type { Backend, ObjectHead } from './storage.ts';
 
 const sameId = (a: string, b: string) => a.replace(/^sha256:/, '') === b.replace(/^sha256:/, '');
 
@@ -50,104 +21,118 @@ export interface ImageRestoreOptions {
   cli: string;
   image: string;
   source: RestoreSource;
-  /** Where Verda keeps its cache copy (SFS_BACKUP_DIR, under --root if given). */
-  cacheDir: string;
+  /** Where Verda keeps its copy of the image archive (SFS_BACKUP_DIR, under --root if given). */
+  imageDir: string;
   /** The cache bucket, the last place the image is read from. */
-  cache?: () => Backend;
+  cacheBucket?: () => Backend;
+  /** --root: the archive is left under the root, never loaded (the output says how). */
+  load: boolean;
+  /** SFS_MOUNT: the cache copy is written on SFS (lib/sfs.ts). */
+  sfsMount?: string;
   skipReason?: string;
 }
 
+/**
+ * The worker image back on Verda: the newest image a backup records whose bytes can still be had
+ * whole (already loaded; the SFS cache copy; Mello's copy; the cache bucket's; each checked
+ * against the recorded sha256), older recorded images only when the newer cannot be had. None:
+ * the step fails naming the image, never a skipped row.
+ */
 export function imageRestoreStep(o: ImageRestoreOptions): Step {
-  const sfsCopy = path.join(o.cacheDir, IMAGE_FILE);
+  const sfsCopy = path.join(o.imageDir, IMAGE_FILE);
   return {
     name: 'Worker image',
-    moves: `${o.host.label}: ${o.cli} load ${o.image}, from ${sfsCopy}, else Mello's ${IMAGE_FILE}, else R2`,
+    moves: `${o.host.label}: ${o.load ? `${o.cli} load ${o.image}, ` : ''}from ${sfsCopy}, else Mello's ${IMAGE_FILE}, else R2`,
     skipReason: o.skipReason,
     async run(ctx): Promise<StepResult> {
       if (!o.source.checked)
         return { status: 'skipped', summary: 'not restored: the backup did not check out (step 1)' };
-      const want = o.source.image;
-      if (!want)
-        return {
-          status: 'skipped',
-          summary: 'nothing to restore',
-          warnings: [o.source.absent.get(IMAGE_KIND) ?? 'no image recorded'],
-        };
-      const short = shortId(want.imageId);
+      const wanted = o.source.images;
+      if (!wanted.length)
+        throw new Error(
+          `no copy of the worker image ${o.image} (CONTAINER_IMAGE) to restore: ` +
+            (o.source.absent.get(IMAGE_KIND) ?? 'no backup records one'),
+        );
       const loaded = async () => {
-        const r = await o.host.run(['sh', '-c', INSPECT, 'sh', o.cli, o.image], { signal: ctx.signal });
+        const r = await o.host.$({
+          signal: ctx.signal,
+          nothrow: true,
+        })`sh -c ${program('image-id')} image-id ${o.cli} ${o.image}`;
         if (r.code === 127) throw new Error(`${o.cli} (CONTAINER_CLI) is not installed on ${o.host.label}`);
         return r.code === 0 ? r.stdout.trim() : undefined;
       };
-      const before = await loaded();
-      if (before && sameId(before, want.imageId)) return { summary: `image ${short} already loaded: nothing to do` };
-
-      const sfs = await o.host.run(['sh', '-c', SHA256, 'sh', sfsCopy], { signal: ctx.signal });
-      const sfsHolds = sfs.code === 0 && sfs.stdout.split(' ')[0] === want.sha256;
-      const relay = async () => {
-        const cache = o.cache?.();
-        const head = await cache?.head(IMAGE_FILE, ctx.signal);
-        return cache && head?.metadata.sha256 === want.sha256 && head.size === want.bytes ? cache : undefined;
+      const before = o.load ? await loaded() : undefined;
+      const sfs = await o.host.$({ signal: ctx.signal, nothrow: true })`sh -c ${program('sha256')} sha256 ${sfsCopy}`;
+      const sfsSha = sfs.code === 0 ? sfs.stdout.split(' ')[0] : undefined;
+      let r2Head: ObjectHead | undefined | null = null; // read once, when first needed
+      const r2Holds = async (w: ImageRef) => {
+        if (r2Head === null) r2Head = o.cacheBucket ? await o.cacheBucket().head(IMAGE_FILE, ctx.signal) : undefined;
+        return r2Head?.metadata.sha256 === w.sha256 && r2Head.size === w.bytes;
       };
-      if (ctx.dryRun) {
-        const from = sfsHolds
-          ? sfsCopy
-          : want.melloFile
-            ? `Mello's ${want.melloFile}`
-            : (await relay())
-              ? `${o.cache!().name}/${IMAGE_FILE}`
-              : undefined;
-        if (!from) throw new Error(`no copy of image ${short} (${want.recordedIn}) on SFS, on Mello or in R2`);
-        return { summary: `would load image ${short} (${humanSize(want.bytes)}) from ${from} with ${o.cli} load` };
-      }
-
-      const warnings: string[] = [];
-      let from = sfsCopy;
-      let bytes = 0;
-      if (!sfsHolds) {
-        if (sfs.code === 0) warnings.push(`${sfsCopy} is not image ${short}: replaced`);
-        // Mello's copy, else R2's: each sent into the SFS cache copy and checked there.
-        const tried: string[] = [];
-        const store = async (stream: Readable, label: string) => {
-          const r = await o.host.run(['sh', '-c', STORE, 'sh', o.cacheDir, IMAGE_FILE, want.sha256], {
-            stdin: stream,
-            signal: ctx.signal,
-          });
-          if (r.code !== 0) throw new Error(r.stderr.trim().split('\n').slice(-2).join('; ') || `exit ${r.code}`);
-          from = label;
-          bytes = want.bytes;
-        };
-        if (want.melloFile) {
-          const { handle } = await openRegular(want.melloFile);
-          await store(handle.createReadStream({ highWaterMark: 1 << 20 }), `Mello's ${IMAGE_FILE}`).catch((e) => {
-            if (ctx.signal.aborted) throw e;
-            tried.push(`Mello's copy: ${errorText(e)}`);
-          });
+      // The newest image that can be had, and from where.
+      const tried: string[] = [];
+      let want: ImageRef | undefined;
+      let from: 'loaded' | 'sfs' | 'mello' | 'r2' | undefined;
+      for (const w of wanted) {
+        if (before && sameId(before, w.imageId)) from = 'loaded';
+        else if (sfsSha === w.sha256) from = 'sfs';
+        else if (w.melloFile) from = 'mello';
+        else if (await r2Holds(w)) from = 'r2';
+        if (from) {
+          want = w;
+          break;
         }
-        if (!bytes) {
-          const cache = await relay();
-          if (cache) {
-            await store(await cache.get(IMAGE_FILE, ctx.signal), `${cache.name}/${IMAGE_FILE}`).catch((e) => {
-              if (ctx.signal.aborted) throw e;
-              tried.push(`${cache.name}/${IMAGE_FILE}: ${errorText(e)}`);
-            });
-          } else
-            tried.push(
-              `${o.cache ? `the cache bucket's ${IMAGE_FILE} is another image or missing` : 'no cache bucket'}`,
-            );
-        }
-        if (!bytes)
-          throw new Error(
-            `image ${short} (${want.recordedIn}) not loaded: no copy of it could be had (${tried.join('; ')})`,
-          );
+        tried.push(`${shortId(w.imageId)} (${w.recordedIn})`);
       }
-      const load = await o.host.run(['sh', '-c', LOAD, 'sh', sfsCopy, o.cli], { signal: ctx.signal });
-      if (load.code !== 0) {
+      if (!want || !from) {
         throw new Error(
-          `${o.cli} load on ${o.host.label} failed (exit ${load.code}): ` +
-            load.stderr.trim().split('\n').slice(-2).join('; '),
+          `the worker image cannot be had whole: ${tried.join(', ')} ` +
+            `${tried.length === 1 ? 'is' : 'are'} not loaded on ${o.host.label} and no copy with its sha256 is on SFS, on Mello or in R2`,
         );
       }
+      const short = shortId(want.imageId);
+      const warnings =
+        want === wanted[0]
+          ? []
+          : [`the newest recorded image cannot be had (${tried.join(', ')}): ${short} (${want.recordedIn}) instead`];
+      if (from === 'loaded') return { summary: `image ${short} already loaded: nothing to do`, warnings };
+      if (from !== 'sfs')
+        await requireSfs(o.host, o.sfsMount, o.imageDir, 'keeping the image cache copy in', ctx.signal);
+      const source =
+        from === 'sfs'
+          ? sfsCopy
+          : from === 'mello'
+            ? `Mello's ${want.melloFile}`
+            : `${o.cacheBucket!().name}/${IMAGE_FILE}`;
+      if (ctx.dryRun) {
+        const then = o.load ? ` and load it with ${o.cli} load` : '';
+        return { summary: `would bring image ${short} (${humanSize(want.bytes)}) from ${source}${then}`, warnings };
+      }
+      let bytes = 0;
+      if (from !== 'sfs') {
+        if (sfsSha) warnings.push(`${sfsCopy} is not image ${short}: replaced`);
+        const stream =
+          from === 'mello'
+            ? (await openRegular(want.melloFile!)).handle.createReadStream({ highWaterMark: 1 << 20 })
+            : await o.cacheBucket!().get(IMAGE_FILE, ctx.signal);
+        await o.host.$({
+          stdin: stream,
+          signal: ctx.signal,
+        })`sh -c ${program('store')} store ${o.imageDir} ${IMAGE_FILE} ${want.sha256}`.catch((e) => {
+          throw e instanceof CommandFailed
+            ? new Error(`image ${short} from ${source} not kept on ${o.host.label}: ${said(e.result.stderr, 2)}`)
+            : e;
+        });
+        bytes = want.bytes;
+      }
+      if (!o.load) {
+        return {
+          summary: `image ${short} (${humanSize(want.bytes)}) left at ${sfsCopy}, not loaded (--root): load it with \`gzip -dc ${sfsCopy} | ${o.cli} load\``,
+          bytes,
+          warnings,
+        };
+      }
+      await o.host.$({ signal: ctx.signal })`sh -c ${program('load')} ${`${o.cli} load`} ${sfsCopy} ${o.cli}`;
       const after = await loaded();
       if (!after || !sameId(after, want.imageId)) {
         throw new Error(
@@ -155,8 +140,50 @@ export function imageRestoreStep(o: ImageRestoreOptions): Step {
             `not ${short} as ${want.recordedIn} records`,
         );
       }
-      const kept = from === sfsCopy ? '' : `; kept as ${sfsCopy}`;
-      return { summary: `image ${short} (${humanSize(want.bytes)}) loaded from ${from}${kept}`, bytes, warnings };
+      const kept = from === 'sfs' ? '' : `; kept as ${sfsCopy}`;
+      return { summary: `image ${short} (${humanSize(want.bytes)}) loaded from ${source}${kept}`, bytes, warnings };
+    },
+  };
+}
+
+/**
+ * The drill's (and --verify's) image check, from Mello alone: the newest recorded image whose
+ * bytes Mello's copy or the cache bucket still holds (what is loaded on Verda or on SFS is not
+ * seen from here). None: the step fails naming the image, as the restore's would.
+ */
+export function imageCopyStep(o: { source: RestoreSource; image: string; cacheBucket?: () => Backend }): Step {
+  return {
+    name: 'Worker image (a copy a restore could load)',
+    moves: `Mello's ${IMAGE_FILE}, else the cache bucket's: the recorded sha256`,
+    async run(ctx): Promise<StepResult> {
+      if (!o.source.checked)
+        return { status: 'skipped', summary: 'not checked: the backup did not check out (step 1)' };
+      const wanted = o.source.images;
+      if (!wanted.length)
+        throw new Error(
+          `no copy of the worker image ${o.image} (CONTAINER_IMAGE) to restore: ` +
+            (o.source.absent.get(IMAGE_KIND) ?? 'no backup records one'),
+        );
+      const head = o.cacheBucket ? await o.cacheBucket().head(IMAGE_FILE, ctx.signal) : undefined;
+      for (const w of wanted) {
+        const where = [
+          ...(w.melloFile ? [`Mello's ${IMAGE_FILE}`] : []),
+          ...(head?.metadata.sha256 === w.sha256 && head.size === w.bytes
+            ? [`${o.cacheBucket!().name}/${IMAGE_FILE}`]
+            : []),
+        ];
+        if (!where.length) continue;
+        const older =
+          w === wanted[0] ? [] : [`the newest recorded image, ${shortId(wanted[0].imageId)}, has no copy here`];
+        return {
+          summary: `image ${shortId(w.imageId)} (${w.recordedIn}): ${where.join(' and ')} hold it whole`,
+          warnings: older,
+        };
+      }
+      throw new Error(
+        `the worker image cannot be had from Mello or R2: ${wanted.map((w) => `${shortId(w.imageId)} (${w.recordedIn})`).join(', ')} ` +
+          `${wanted.length === 1 ? 'has' : 'have'} no copy with its sha256 on Mello or in the cache bucket`,
+      );
     },
   };
 }

@@ -1,80 +1,13 @@
-// Dated copies: `kind-YYYYMMDD-HHMMSS.ext`, local time of the run. The KEEP_BACKUPS newest of
-// each kind are kept; rotation runs only after a run completed, so a failed run never costs an
-// older good copy.
+// Rotation. backup-verda's
+// BACKUP_DIR rotates by restore points (lib/restore-point.ts): the KEEP_BACKUPS newest whole ones
+// plus the newest whole one recording the worker image are kept, and a dated artifact goes only
+// when no kept point names it, so failed runs never push a whole point out. The R2 bundles and
+// backup-cron's SFS copies rotate from their own listings, the KEEP_BACKUPS newest per kind.
 import fs from 'node:fs';
 import path from 'node:path';
-import { isRegularFile } from './files.ts';
-import { failedBefore, type Step } from './plan.ts';
-
-/** `YYYYMMDD-HHMMSS` in local time, as the bash originals' `date +%Y%m%d-%H%M%S`. */
-export function timestamp(d = new Date()): string {
-  const p = (n: number) => String(n).padStart(2, '0');
-  return `${d.getFullYear()}${p(d.getMonth() + 1)}${p(d.getDate())}-${p(d.getHours())}${p(d.getMinutes())}${p(d.getSeconds())}`;
-}
-
-const escape = (s: string) => s.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
-
-/** Matches `kind-T.ext` exactly; group 1 is T. */
-export function datedPattern(kind: string, ext: string): RegExp {
-  return new RegExp(`^${escape(kind)}-(\\d{8}-\\d{6})\\.${escape(ext)}$`);
-}
-
-/** The dated copies of a kind among names, newest first. */
-export function datedCopies(names: string[], kind: string, ext: string): string[] {
-  const re = datedPattern(kind, ext);
-  return names
-    .filter((n) => re.test(n))
-    .sort()
-    .reverse();
-}
-
-/** The time a `YYYYMMDD-HHMMSS` stamp names, in local time. */
-export function stampTime(stamp: string): Date {
-  const n = (from: number, len: number) => Number(stamp.slice(from, from + len));
-  return new Date(n(0, 4), n(4, 2) - 1, n(6, 2), n(9, 2), n(11, 2), n(13, 2));
-}
-
-/** A stamp more than five minutes ahead of now: written while the clock was ahead. */
-export function isFuture(stamp: string, now = Date.now()): boolean {
-  return stampTime(stamp).getTime() > now + 5 * 60_000;
-}
-
-function names(dir: string): string[] {
-  try {
-    return fs.readdirSync(dir);
-  } catch {
-    return [];
-  }
-}
-
-/** The dated copies of a kind in a directory that are regular files, newest first. */
-export function localCopies(dir: string, kind: string, ext: string): string[] {
-  return datedCopies(names(dir), kind, ext).filter((n) => isRegularFile(path.join(dir, n)));
-}
-
-/** The newest dated copy of a kind in a directory, if any (regular files only: never a FIFO). */
-export function newestLocal(dir: string, kind: string, ext: string): string | undefined {
-  const newest = localCopies(dir, kind, ext)[0];
-  return newest && path.join(dir, newest);
-}
-
-/**
- * What is odd about a kind's dated copies, as warnings: a name of ours that is not a regular file
- * (ignored), and a stamp in the future, which stays "newest" until its time comes.
- */
-export function copyWarnings(dir: string, kind: string, ext: string): string[] {
-  const re = datedPattern(kind, ext);
-  const warnings: string[] = [];
-  for (const name of datedCopies(names(dir), kind, ext)) {
-    if (!isRegularFile(path.join(dir, name))) warnings.push(`${path.join(dir, name)} is not a regular file: ignored`);
-    else if (isFuture(re.exec(name)![1])) {
-      warnings.push(
-        `${name} is dated in the future (the clock was ahead when it was written): it counts as the newest ${kind} until then`,
-      );
-    }
-  }
-  return warnings;
-}
+import { datedPattern, localCopies } from './dated.ts';
+import type { Step } from './step.ts';
+import { recordedImage, usable, type JudgedPoint } from './restore-point.ts';
 
 /** Deletes all but the `keep` newest dated copies of a kind in a directory; returns what went. */
 export function rotateLocal(dir: string, kind: string, ext: string, keep: number): string[] {
@@ -84,33 +17,87 @@ export function rotateLocal(dir: string, kind: string, ext: string, keep: number
 }
 
 /**
- * The last step of a run: rotation, only when no earlier step failed, so a failed run never
- * costs an older good copy. `rotate` deletes and returns what went.
+ * The last step of a run: rotation. It runs after failed steps too (rotation by restore points
+ * never counts a failed run against a whole one), but not after an interrupt. `rotate` deletes
+ * and returns what went, with notes on what was kept.
  */
 export function rotationStep(opts: {
   where: string;
   keep: number;
-  rotate: (signal: AbortSignal) => Promise<string[]>;
+  /** What is kept, for the step line. */
+  what?: string;
+  rotate: (signal: AbortSignal) => Promise<{ deleted: string[]; notes?: string[] }>;
   /** Warnings about the copies (copyWarnings), given whether or not anything is deleted. */
   inspect?: () => string[];
 }): Step {
   return {
     name: 'Rotation',
-    moves: `keep the ${opts.keep} newest dated copies of each kind in ${opts.where}`,
+    moves: `keep ${opts.what ?? `the ${opts.keep} newest dated copies of each kind`} in ${opts.where}`,
     async run(ctx) {
       const warnings = opts.inspect?.() ?? [];
-      const failed = failedBefore(ctx);
-      if (failed.length) {
-        warnings.push(`not rotated: ${failed.map((r) => r.name).join(', ')} failed, older copies kept`);
-        return { status: 'skipped', summary: 'nothing deleted', warnings };
-      }
-      if (ctx.dryRun) return { summary: `would keep the ${opts.keep} newest of each kind`, warnings };
-      const gone = await opts.rotate(ctx.signal);
-      return {
-        summary: gone.length ? `deleted ${gone.length} older copies` : 'nothing to delete',
-        warnings,
-        data: { deleted: gone },
-      };
+      if (ctx.dryRun) return { summary: `would keep ${opts.what ?? `the ${opts.keep} newest of each kind`}`, warnings };
+      const { deleted, notes = [] } = await opts.rotate(ctx.signal);
+      const what = deleted.length ? `deleted ${deleted.length} older copies` : 'nothing to delete';
+      return { summary: [what, ...notes].join('; '), warnings, data: { deleted } };
     },
   };
+}
+
+/**
+ * backup-verda's BACKUP_DIR by restore points. Kept: the `keep` newest points that are whole (or
+ * unknown: what could not be checked is not held against a point), the newest whole one that
+ * records the worker image, and, as the record of what went wrong, up to `keep` newer points that
+ * are not whole; an unreadable manifest is never deleted. A dated artifact goes only when no kept
+ * manifest names it. Dated artifacts no manifest names: older than every manifest, they are the
+ * bash originals' (the `keep` newest of each kind stay); newer, what a killed run left (they go).
+ */
+export function rotateByRestorePoints(
+  dir: string,
+  judged: JudgedPoint[],
+  keep: number,
+  kinds: string[],
+): { deleted: string[]; kept: JudgedPoint[]; notes: string[] } {
+  const usablePoints = judged.filter(usable);
+  const kept = usablePoints.slice(0, keep);
+  const imagePoint = usablePoints.find((p) => recordedImage(p));
+  if (imagePoint && !kept.includes(imagePoint)) kept.push(imagePoint);
+  const oldestKept = kept.length ? kept[kept.length - 1].stamp : undefined;
+  const record = judged
+    .filter((p) => !kept.includes(p) && p.manifest && (oldestKept === undefined || p.stamp > oldestKept))
+    .slice(0, keep);
+  // The newest point that records the worker image, whole or not: the restore takes the image
+  // from the newest backup that recorded it whose bytes can still be had, complete run or not.
+  const imageRecord = judged.find((p) => recordedImage(p));
+  const retained = new Set([
+    ...kept,
+    ...record,
+    ...(imageRecord ? [imageRecord] : []),
+    ...judged.filter((p) => !p.manifest),
+  ]);
+  const named = new Set([...retained].flatMap((p) => p.manifest?.artifacts.map((a) => a.name) ?? []));
+  const unreadableStamps = new Set(judged.filter((p) => !p.manifest).map((p) => p.stamp));
+  const oldestManifest = judged.length ? judged[judged.length - 1].stamp : undefined;
+  const manifestStamps = new Set(judged.map((p) => p.stamp));
+  const doomed: string[] = [];
+  for (const kind of kinds) {
+    const re = datedPattern(kind, 'tar.gz');
+    let bashEra = 0;
+    for (const name of localCopies(dir, kind, 'tar.gz')) {
+      const stamp = re.exec(name)![1];
+      if (named.has(name) || unreadableStamps.has(stamp)) continue;
+      const orphanOfOldTimes = !manifestStamps.has(stamp) && (oldestManifest === undefined || stamp < oldestManifest);
+      if (orphanOfOldTimes && bashEra++ < keep) continue;
+      doomed.push(name);
+    }
+  }
+  doomed.push(...judged.filter((p) => !retained.has(p)).map((p) => p.name));
+  for (const name of doomed) fs.rmSync(path.join(dir, name), { force: true });
+  const whole = kept.filter((p) => p.judgement.state === 'whole').length;
+  const unknown = kept.length - whole;
+  const notes = [
+    `${kept.length} restore points kept` +
+      (kept.length ? ` (${whole} whole${unknown ? `, ${unknown} not checkable now` : ''})` : '') +
+      (imagePoint ? `, the newest recording the worker image: ${imagePoint.name}` : ''),
+  ];
+  return { deleted: doomed, kept, notes };
 }

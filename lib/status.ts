@@ -8,14 +8,18 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { BUNDLE_KEY, BUNDLE_PREFIX, CRON_KINDS, configArchives, latestBundleKey, listBundles } from './archive.ts';
-import { errorText, humanSize } from './cli.ts';
-import { bucketTarget, type Config } from './config.ts';
+import { errorText, humanSize, localTime, printable } from './cli.ts';
+import { bucketName, bucketTarget, type Config } from './config.ts';
 import { isRegularFile, readRegularFileSync, writeFileAtomic } from './files.ts';
 import { isHeld, type LockRecord } from './lock.ts';
 import type { Manifest } from './manifest.ts';
-import type { StepStatus } from './plan.ts';
-import { R2Backend } from './r2.ts';
-import { datedPattern, localCopies, stampTime } from './rotation.ts';
+import { requireSfs } from './sfs.ts';
+import { LocalHost } from './ssh.ts';
+import type { StepStatus } from './step.ts';
+import { R2Backend, configuredBuckets } from './r2.ts';
+import { datedPattern, localCopies, stampTime } from './dated.ts';
+import { archiveKind } from './layout.ts';
+import { PointJudge, listPoints, type Wholeness } from './restore-point.ts';
 
 /** The dated copies' kind: `verda-config-backups/verda-config-backup-T.tar.gz`. */
 
@@ -73,11 +77,11 @@ function readLastRun(stateDir: string, script: string): { record?: LastRun; prob
 // ---------------------------------------------------------------------------------------------
 // The report
 
-export interface LastRunStatus extends LastRun {
+interface LastRunStatus extends LastRun {
   ageHours: number;
 }
 
-export interface ArtifactStatus {
+interface ArtifactStatus {
   /** `home-dev`, `tailscale-ip.txt`, `worker-image.tar.gz`. */
   kind: string;
   name: string;
@@ -86,19 +90,24 @@ export interface ArtifactStatus {
   state: 'present' | 'missing' | 'other size' | 'not checked';
 }
 
-export interface VerdaBackupStatus {
+interface VerdaBackupStatus {
   manifest: string;
   time: string;
   ageHours: number;
   mode: 'full' | 'quick';
+  /** The run completed (the manifest's own word). */
   complete: boolean;
+  /** As a restore point (lib/restore-point.ts): whole, broken, or unknown (what R2 holds could not be read). */
+  restorePoint?: Wholeness;
+  /** Why it is not whole, or what could not be checked. */
+  why?: string[];
   failedSteps: string[];
   imageId?: string;
   artifacts: ArtifactStatus[];
   totalBytes: number;
 }
 
-export interface R2BundleStatus {
+interface R2BundleStatus {
   /** `not configured`: no R2 settings here (said, not flagged). `unreadable`: R2 did not answer or refused. */
   state: 'read' | 'not configured' | 'unreadable';
   bucket?: string;
@@ -110,7 +119,7 @@ export interface R2BundleStatus {
   datedCopies?: number;
 }
 
-export interface VerdaStatus {
+interface VerdaStatus {
   backupDir: string;
   newest: VerdaBackupStatus | null;
   /** When the newest is not complete: the newest that is. */
@@ -118,7 +127,7 @@ export interface VerdaStatus {
   r2: R2BundleStatus;
 }
 
-export interface SfsCopyStatus {
+interface SfsCopyStatus {
   kind: string;
   newest: string | null;
   time?: string;
@@ -133,7 +142,7 @@ export interface SfsCopyStatus {
   stale: boolean;
 }
 
-export interface SfsStatus {
+interface SfsStatus {
   sfsBackupDir: string;
   kinds: SfsCopyStatus[];
 }
@@ -167,12 +176,6 @@ export function humanAge(hours: number): string {
   return `${Math.floor(min / 1440)} d${Math.floor((min % 1440) / 60) ? ` ${Math.floor((min % 1440) / 60)} h` : ''}`;
 }
 
-/** Local time as the stamps read: `2026-01-02 14:03:05`. */
-function localTime(d: Date): string {
-  const p = (n: number) => String(n).padStart(2, '0');
-  const date = `${d.getFullYear()}-${p(d.getMonth() + 1)}-${p(d.getDate())}`;
-  return `${date} ${p(d.getHours())}:${p(d.getMinutes())}:${p(d.getSeconds())}`;
-}
 const when = (iso: string, ageHours: number) => `${localTime(new Date(iso))} (${humanAge(ageHours)} ago)`;
 
 /** The holder of the script's lock, if a run of it is going on now (read only: the lock is not touched). */
@@ -238,15 +241,25 @@ export async function melloStatus(cfg: Config, now = Date.now()): Promise<Status
 // backup-verda: the newest backups in BACKUP_DIR, and the config bundle in R2
 
 /** `home-dev-20260102-140305.tar.gz` → `home-dev`; undated names are their own kind. */
-function artifactKind(name: string): string {
-  return /^(.+)-\d{8}-\d{6}\.(?:tar\.gz|json)$/.exec(name)?.[1] ?? name;
+const artifactKind = (name: string) => archiveKind(name) ?? name;
+
+/** A judge of restore points that only reads: a glance at R2 (two attempts, 10 s without a byte). */
+function statusJudge(cfg: Config): PointJudge {
+  const buckets = configuredBuckets(cfg, ['cache', 'models'], glance(cfg));
+  return new PointJudge({
+    backupDir: cfg.backupDir,
+    buckets,
+    cacheBucket: bucketName(cfg, 'cache'),
+    stateDir: cfg.stateDir,
+    signal: AbortSignal.timeout(60_000),
+  });
 }
 
-function readManifestFile(file: string): Manifest {
-  const m = JSON.parse(readRegularFileSync(file).toString('utf8')) as Manifest;
-  if (!Array.isArray(m.artifacts) || typeof m.complete !== 'boolean') throw new Error('not a manifest');
-  return m;
-}
+const glance = (cfg: Config) => ({
+  idleTimeoutMs: Math.min(cfg.limits.r2IdleTimeoutMs, 10_000),
+  attempts: Math.min(cfg.limits.r2Attempts, 2),
+  backoffMs: cfg.limits.r2BackoffMs,
+});
 
 function backupStatus(dir: string, name: string, m: Manifest, now: number, check: boolean): VerdaBackupStatus {
   const stamp = datedPattern('manifest', 'json').exec(name)![1];
@@ -281,11 +294,7 @@ async function r2Bundle(cfg: Config, now: number): Promise<R2BundleStatus> {
     return { state: 'not configured', problem: errorText(e) };
   }
   // A status is a glance: two attempts, at most 10 s each without a byte moving, 30 s in all.
-  const backend = new R2Backend(target, {
-    idleTimeoutMs: Math.min(cfg.limits.r2IdleTimeoutMs, 10_000),
-    attempts: Math.min(cfg.limits.r2Attempts, 2),
-    backoffMs: cfg.limits.r2BackoffMs,
-  });
+  const backend = new R2Backend(target, glance(cfg));
   const signal = AbortSignal.timeout(30_000);
   try {
     // Plain or age-encrypted (AGE_RECIPIENTS): the latest key is the newest dated copy's kind.
@@ -318,24 +327,28 @@ export async function verdaStatus(cfg: Config, now = Date.now()): Promise<Status
   const report = baseReport(cfg, 'backup-verda', now);
   const dir = cfg.backupDir;
   const flag = (text: string) => report.flagged.push(text);
-  const names = localCopies(dir, 'manifest', 'json');
+  const points = listPoints(dir);
   const verda: VerdaStatus = { backupDir: dir, newest: null, r2: { state: 'not configured' } };
   report.verda = verda;
+  // Whole or not, as rotation and the restore judge it; reads only (the hash cache is not saved).
+  const judge = statusJudge(cfg);
 
   let newestManifest: Manifest | undefined;
-  if (!names.length) flag(`no backup yet: no manifest-*.json in BACKUP_DIR (${dir})`);
-  for (const [i, name] of names.entries()) {
-    let m: Manifest;
-    try {
-      m = readManifestFile(path.join(dir, name));
-    } catch (e) {
+  if (!points.length) flag(`no backup yet: no manifest-*.json in BACKUP_DIR (${dir})`);
+  for (const [i, point] of points.entries()) {
+    const name = point.name;
+    const m = point.manifest;
+    if (!m) {
       if (i === 0) {
-        flag(`the newest manifest, ${name}, cannot be read (${errorText(e)})`);
+        flag(`the newest manifest, ${name}, cannot be read (${point.readError})`);
         verda.newestComplete = null;
       }
       continue;
     }
     const b = backupStatus(dir, name, m, now, i === 0);
+    const judgement = await judge.judge(point);
+    b.restorePoint = judgement.state;
+    b.why = judgement.why;
     if (i === 0) {
       verda.newest = b;
       newestManifest = m;
@@ -345,7 +358,11 @@ export async function verdaStatus(cfg: Config, now = Date.now()): Promise<Status
       if (!b.complete) {
         const steps = b.failedSteps.length ? `: ${b.failedSteps.join(', ')} failed` : ': it holds no artifact';
         flag(`the newest backup, ${name}, is incomplete${steps}`);
+      } else if (judgement.state === 'broken') {
+        flag(`the newest backup, ${name}, is not a whole restore point: ${judgement.why.join('; ')}`);
       }
+      if (judgement.state === 'unknown')
+        flag(`the newest backup, ${name}, could not be checked whole: ${judgement.why.join('; ')}`);
       const gone = b.artifacts.filter((a) => a.state !== 'present');
       if (gone.length) {
         flag(
@@ -353,14 +370,14 @@ export async function verdaStatus(cfg: Config, now = Date.now()): Promise<Status
             gone.map((a) => `${a.name} (${a.state})`).join(', '),
         );
       }
-      if (b.complete) break;
+      if (judgement.state === 'whole') break;
       verda.newestComplete = null;
-    } else if (b.complete) {
+    } else if (judgement.state !== 'broken') {
       verda.newestComplete = b;
       break;
     }
   }
-  if (names.length && verda.newestComplete === null) flag(`no complete backup in BACKUP_DIR (${dir})`);
+  if (points.length && verda.newestComplete === null) flag(`no whole restore point in BACKUP_DIR (${dir})`);
 
   verda.r2 = await r2Bundle(cfg, now);
   const r2 = verda.r2;
@@ -392,6 +409,10 @@ export async function verdaStatus(cfg: Config, now = Date.now()): Promise<Status
 export async function cronStatus(cfg: Config, now = Date.now()): Promise<StatusReport> {
   const report = baseReport(cfg, 'backup-cron', now);
   const dir = cfg.sfsBackupDir;
+  // Cron runs on Verda: its copies are only SFS copies when SFS is mounted (lib/sfs.ts).
+  await requireSfs(new LocalHost([]), cfg.sfsMount, dir, 'the copies in').catch((e) =>
+    report.flagged.push(errorText(e)),
+  );
   const last = report.lastRun;
   const titles = new Map(configArchives(cfg).map((s) => [s.kind, s.title]));
   const kinds = CRON_KINDS.map((kind): SfsCopyStatus => {
@@ -454,6 +475,11 @@ export function statusText(r: StatusReport): string {
         ? '✓ complete'
         : `✗ incomplete${b.failedSteps.length ? ` (failed: ${b.failedSteps.join(', ')})` : ''}`;
       say(`  ${result}, ${b.mode}, ${when(b.time, b.ageHours)}`);
+      if (b.restorePoint === 'whole') say('  ✓ a whole restore point');
+      else if (b.restorePoint) {
+        say(`  ✗ ${b.restorePoint === 'broken' ? 'not a whole restore point' : 'not checkable now'}:`);
+        for (const why of b.why ?? []) say(`    ${why}`);
+      }
       say(`  image: ${b.imageId ?? (b.mode === 'quick' ? 'not saved (quick run)' : 'none recorded')}`);
       const width = Math.max(...b.artifacts.map((a) => a.kind.length), 4);
       for (const a of b.artifacts) {
@@ -465,7 +491,7 @@ export function statusText(r: StatusReport): string {
     say();
     if (v.newest) backup(`Newest backup in ${v.backupDir}`, v.newest);
     else say(`Newest backup in ${v.backupDir}: none`);
-    if (v.newestComplete) backup('Newest complete backup', v.newestComplete);
+    if (v.newestComplete) backup('Newest whole restore point', v.newestComplete);
     say();
     const b = v.r2;
     if (b.state === 'not configured') say('Config bundle in R2: not read (R2 is not configured here)');
@@ -517,5 +543,5 @@ export function statusText(r: StatusReport): string {
     say(`✗ ${r.flagged.length} flagged:`);
     for (const f of r.flagged) say(`  ✗ ${f}`);
   }
-  return lines.join('\n') + '\n';
+  return lines.map(printable).join('\n') + '\n';
 }

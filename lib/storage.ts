@@ -1,5 +1,6 @@
-// The storage interface, after restic's backend: five operations and nothing else. Sync,
-// rotation and verification are built on it; R2's quirks live in r2.ts alone.
+// The storage interface, after restic's backend: six operations and nothing else (the sixth,
+// copy, keeps a replaced users' file in the versions bucket without its bytes passing through
+// Mello). Sync, rotation and verification are built on it; R2's quirks live in r2.ts alone.
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import { Readable } from 'node:stream';
@@ -12,6 +13,8 @@ export interface ObjectInfo {
   size: number;
   /** As the server gives it, without quotes: `md5hex` or `md5hex-N` for multipart. */
   etag: string;
+  /** When the object was stored (its Last-Modified, in ms), where a listing says it. */
+  modifiedMs?: number;
 }
 
 export interface ObjectHead extends ObjectInfo {
@@ -52,6 +55,22 @@ export interface ByteRange {
   end: number;
 }
 
+/** The object a copy reads: in another backend of the same kind and endpoint (another bucket). */
+export interface CopySource {
+  backend: Backend;
+  key: string;
+  /** Its size, as listed: what decides a single or a multipart copy. */
+  size: number;
+  /** Copy only while the object still has this ETag (else the copy fails and nothing is stored). */
+  etag?: string;
+}
+
+export interface CopyOptions {
+  /** The copy's metadata, in place of the source's (S3's MetadataDirective REPLACE). */
+  metadata: Record<string, string>;
+  signal?: AbortSignal;
+}
+
 export interface Backend {
   /** For messages: `r2://bucket`. */
   readonly name: string;
@@ -62,6 +81,11 @@ export interface Backend {
   /** The object's bytes, or with `range` those bytes alone (exactly `end - start` of them, or an error). */
   get(key: string, signal?: AbortSignal, range?: ByteRange): Promise<Readable>;
   delete(key: string, signal?: AbortSignal): Promise<void>;
+  /**
+   * A server-side copy of `source` to `key` here, with `opts.metadata` as its metadata; no byte
+   * passes through this machine. All or nothing: a copy that fails stores nothing under `key`.
+   */
+  copy(source: CopySource, key: string, opts: CopyOptions): Promise<ObjectInfo>;
   /** Calls `listener` whenever the server asks to slow down (R2's 429 or 503), so callers send less at once. */
   onCongestion?(listener: () => void): void;
 }
@@ -98,6 +122,12 @@ export class CountingBackend implements Backend {
   delete(key: string, signal?: AbortSignal) {
     this.count('delete');
     return this.inner.delete(key, signal);
+  }
+  copy(source: CopySource, key: string, opts: CopyOptions): Promise<ObjectInfo> {
+    this.count('copy');
+    // The server copies between the backends underneath: a counted source is its inner one.
+    const from: Backend = source.backend instanceof CountingBackend ? source.backend.inner : source.backend;
+    return this.inner.copy({ ...source, backend: from }, key, opts);
   }
 }
 
@@ -137,9 +167,6 @@ export async function readBackSha256(backend: Backend, key: string, signal?: Abo
   await pipeline(await backend.get(key, signal), hash, { signal });
   return hash.digest('hex');
 }
-
-/** Files up to this size are read in one piece, hashed and sent from that one read. */
-export const SMALL_SOURCE = BLOCK;
 
 /** Why a file could not be opened again, as a SourceChanged where the file changed or went. */
 function reopenError(e: unknown, file: string): unknown {
@@ -191,7 +218,7 @@ export async function fingerprintFile(file: string, signal?: AbortSignal): Promi
     if (after.size !== stat.size || after.mtimeNs !== stat.mtimeNs)
       throw new SourceChanged(`${file} changed while it was read`);
     const { sha256, blockCrcs } = digest.finish();
-    return { size, sha256, blockCrcs, ino: stat.ino, mtimeNs: stat.mtimeNs, data };
+    return { size, sha256, blockCrcs, ino: stat.ino, mtimeNs: stat.mtimeNs, ctimeNs: stat.ctimeNs, data };
   } finally {
     await handle.close();
   }

@@ -4,12 +4,13 @@
 // An object is skipped when its size and sha256 match: the sha256 comes from the tree's hash
 // cache, and the object's from the ETag the cache remembers for it (no request), else its `sha256`
 // metadata (one HEAD), else an ETag that proves the content (objects the bash scripts uploaded).
-// Never deletes.
+// Never deletes. The temporary files of our own writers (restore-mello downloading into the same
+// tree) are never sent.
 import fs from 'node:fs';
-import { errorText, humanSize } from './cli.ts';
+import { errorText, humanSize, printable } from './cli.ts';
 import { compareKeys, lstatBig, walkSorted, type WalkEntry } from './files.ts';
-import { etagProvesContent, lineMatches, TreeCache, type TreeCacheLine } from './hash-cache.ts';
-import type { Step } from './plan.ts';
+import { etagProvesContent, lineMatches, lineOf, TreeCache, type TreeCacheLine } from './hash-cache.ts';
+import type { Step } from './step.ts';
 import { AdaptiveSlots } from './pacer.ts';
 import { pool } from './pool.ts';
 import {
@@ -19,8 +20,10 @@ import {
   fingerprintedSource,
   readBackSha256,
   type Backend,
+  type ObjectHead,
   type ObjectInfo,
 } from './storage.ts';
+import type { VersionKeeper } from './versions.ts';
 
 export interface SyncOptions {
   root: string;
@@ -29,23 +32,42 @@ export interface SyncOptions {
   prefix: string;
   /** The tree's hash cache file (undefined: none, every file is hashed). */
   cacheFile?: string;
-  /** An older whole-file cache to read once, the first time (see TreeCache.open). */
-  legacyCache?: string;
+  /**
+   * Hash every file again, whatever its cache line says (--verify --deep: trust no cache). The
+   * cache still names the objects proven to hold a sha256, and splits the listing.
+   */
+  rehash?: boolean;
   dryRun?: boolean;
   signal?: AbortSignal;
   /** Files in flight at once (each multipart file has its own parts in flight too). */
   concurrency?: number;
   /** Only files whose relative path this accepts (e.g. `*.safetensors`). */
   filter?: (rel: string) => boolean;
-  onProgress?: (sentBytes: number, seenBytes: number) => void;
+  /** Bytes sent so far, of the files seen so far, and the file that moved last. */
+  onProgress?: (sentBytes: number, seenBytes: number, file: { key: string; bytes: number; size: number }) => void;
   /** Told of each file as it is decided, for verbose and dry-run lines. */
   onFile?: (action: FileAction) => void;
   /** How many decided files the result lists (--json, the manifest); the rest are only counted. */
   keepActions?: number;
+  /** Each object records its file's permission bits (metadata `mode`): the models. */
+  recordModes?: boolean;
+  /**
+   * Where an object whose bytes changed is kept before it is replaced (R2_VERSIONS_BUCKET): a
+   * copy that fails leaves the object as it is and the file failed.
+   */
+  versions?: VersionKeeper;
 }
 
 export type FileAction =
-  | { action: 'send'; key: string; bytes: number; sha256: string; reason: 'new' | 'changed' }
+  | {
+      action: 'send';
+      key: string;
+      bytes: number;
+      sha256: string;
+      reason: 'new' | 'changed';
+      /** The key in the versions bucket of the object it replaced (`T/KEY`), when one was kept. */
+      kept?: string;
+    }
   | { action: 'skip'; key: string; bytes: number; sha256: string; how: 'known' | 'metadata' | 'etag' }
   | { action: 'failed'; key: string; bytes: number; error: string };
 
@@ -63,6 +85,9 @@ export interface SyncResult {
   skipped: number;
   /** Skipped objects proven by ETag alone (bash-era uploads), now recorded. */
   adopted: number;
+  /** Replaced objects kept first in the versions bucket (one copy each), and their bytes. */
+  versionsKept: number;
+  versionsKeptBytes: number;
   hashed: number;
   /** Symlinks not followed: how many, and the first few. */
   symlinkCount: number;
@@ -84,7 +109,7 @@ export interface ListingSplit {
 }
 
 /** Keys in a listing page (S3's and R2's most). */
-export const PAGE_KEYS = 1000;
+const PAGE_KEYS = 1000;
 
 /**
  * The objects under `prefix`, in key order. With splits, the ranges are listed at once, each a
@@ -215,7 +240,15 @@ interface Marched {
   key: string;
   there?: ObjectInfo;
   cached?: TreeCacheLine;
+  /** The object's HEAD, when one was made to decide. */
+  head?: ObjectHead;
 }
+
+/**
+ * A temporary file of one of our writers (lib/files.ts partialName: `.NAME.partial-PID-XXXXXXXX`),
+ * as restore-mello leaves one in the tree while it downloads: not a user's file, never sent.
+ */
+const isPartialFile = (rel: string) => /^\..+\.partial-\d+-[0-9a-f]{8}$/.test(rel.slice(rel.lastIndexOf('/') + 1));
 
 async function* march(
   walk: AsyncGenerator<WalkEntry>,
@@ -231,7 +264,7 @@ async function* march(
       other(e);
       continue;
     }
-    if (filter && !filter(e.rel)) continue;
+    if ((filter && !filter(e.rel)) || isPartialFile(e.rel)) continue;
     const key = prefix + e.rel;
     while (!remote.done && compareKeys(remote.value.key, key) < 0) remote = await listing.next();
     const there = !remote.done && remote.value.key === key ? remote.value : undefined;
@@ -242,12 +275,7 @@ async function* march(
 
 /** Sends a tree: see the top of this file. */
 export async function syncTree(opts: SyncOptions): Promise<SyncResult> {
-  const cache = await TreeCache.open(opts.cacheFile, {
-    write: !opts.dryRun,
-    legacy: opts.legacyCache
-      ? { file: opts.legacyCache, root: opts.root, objectPrefix: `${opts.backend.name}/${opts.prefix}` }
-      : undefined,
-  });
+  const cache = await TreeCache.open(opts.cacheFile, { write: !opts.dryRun });
   return new TreeSync(opts, cache).run();
 }
 
@@ -260,6 +288,8 @@ class TreeSync {
     sentBytes: 0,
     skipped: 0,
     adopted: 0,
+    versionsKept: 0,
+    versionsKeptBytes: 0,
     hashed: 0,
     symlinkCount: 0,
     symlinks: [],
@@ -348,21 +378,14 @@ class TreeSync {
     if (!st.isFile()) throw new SourceChanged(`${f.path} is no longer a regular file`);
     result.files++;
     result.bytes += Number(st.size);
-    // The hash: from the cache when the file is as it was, else one read that also fingerprints it.
-    let fp = lineMatches(f.cached, { size: st.size, mtimeNs: st.mtimeNs, ino: st.ino })
-      ? undefined
-      : await fingerprintFile(f.path, opts.signal);
+    // The hash: from the cache when the file is as it was (size, mtime, ctime, inode), else one
+    // read that also fingerprints it.
+    let fp = !opts.rehash && lineMatches(f.cached, st) ? undefined : await fingerprintFile(f.path, opts.signal);
     if (fp) result.hashed++;
     const sha256 = fp?.sha256 ?? f.cached!.sha256;
     const size = fp?.size ?? Number(st.size);
-    const line = (etag?: string, p = fp): TreeCacheLine => ({
-      rel: f.rel,
-      size: p?.size ?? size,
-      mtimeNs: String(p?.mtimeNs ?? st.mtimeNs),
-      ino: String(p?.ino ?? st.ino),
-      sha256: p?.sha256 ?? sha256,
-      etag,
-    });
+    // By the stat the file had when it was read (its fingerprint's), else the one that matched.
+    const line = (etag?: string, p = fp): TreeCacheLine => lineOf(f.rel, p ?? st, p?.sha256 ?? sha256, etag);
     cache.provisional(f.seq, line(f.cached?.sha256 === sha256 ? f.cached.etag : undefined));
     const how = await this.alreadyThere(f, size, sha256);
     if (how) {
@@ -381,15 +404,18 @@ class TreeSync {
     // What is sent is checked against a fingerprint taken from one read of the file, so the
     // object's sha256 metadata is always its bytes' (a file known to the cache is read again).
     fp ??= await fingerprintFile(f.path, opts.signal);
+    // The object it replaces is kept first: a copy that fails leaves it in place, unreplaced.
+    const kept = f.there && opts.versions ? await this.keepReplaced(f, f.there, opts.versions) : undefined;
     let counted = 0;
     const put = await opts.backend.put(f.key, fingerprintedSource(f.path, fp), {
-      metadata: { sha256: fp.sha256 },
+      // The models' mode goes with them: a restore gives it back (the worker container reads them as another uid).
+      metadata: { sha256: fp.sha256, ...(opts.recordModes ? { mode: (Number(st.mode) & 0o777).toString(8) } : {}) },
       signal: opts.signal,
       onBytes: opts.onProgress
         ? (n) => {
             counted += n;
             this.progressBytes += n;
-            opts.onProgress!(this.progressBytes, result.bytes);
+            opts.onProgress!(this.progressBytes, result.bytes, { key: f.key, bytes: counted, size });
           }
         : undefined,
     });
@@ -398,7 +424,33 @@ class TreeSync {
     this.files.done(fp.size);
     this.progressBytes += fp.size - counted;
     cache.settle(f.seq, line(put.etag, fp));
-    this.report({ action: 'send', key: f.key, bytes: fp.size, sha256: fp.sha256, reason });
+    this.report({ action: 'send', key: f.key, bytes: fp.size, sha256: fp.sha256, reason, kept });
+  }
+
+  /**
+   * Copies the object about to be replaced into the versions bucket, with its sha256 (the hash
+   * cache's while it names that object's ETag, else its metadata by the HEAD made to decide, else
+   * one HEAD) and its file's mtime where the cache knows it. Undefined: the object is gone.
+   */
+  private async keepReplaced(f: Marched, there: ObjectInfo, versions: VersionKeeper): Promise<string | undefined> {
+    const { opts, result } = this;
+    const known = f.cached?.etag === there.etag ? f.cached : undefined;
+    let sha256 = known?.sha256;
+    if (!sha256) {
+      const head = f.head ?? (await opts.backend.head(f.key, opts.signal));
+      if (!head) return undefined; // nothing left to replace
+      sha256 = head.metadata.sha256;
+    }
+    try {
+      const key = await versions.keep(opts.backend, { object: there, sha256, mtimeNs: known?.mtimeNs }, opts.signal);
+      result.versionsKept++;
+      result.versionsKeptBytes += there.size;
+      return key;
+    } catch (e) {
+      if (opts.signal?.aborted) throw e;
+      const why = `its earlier version could not be kept in ${versions.name} (${errorText(e)}): not replaced`;
+      throw e instanceof StorageError ? new StorageError(why, e.fatal, e.status) : new Error(why);
+    }
   }
 
   /**
@@ -411,6 +463,7 @@ class TreeSync {
     if (!there || there.size !== size) return undefined;
     if (f.cached?.etag === there.etag && f.cached.sha256 === sha256) return { how: 'known' as const, etag: there.etag };
     const head = await this.opts.backend.head(f.key, this.opts.signal);
+    f.head = head;
     if (!head || head.size !== size) return undefined;
     if (head.metadata.sha256)
       return head.metadata.sha256 === sha256 ? { how: 'metadata' as const, etag: head.etag } : undefined;
@@ -420,26 +473,24 @@ class TreeSync {
   }
 }
 
-/** A key or path as one printable line: control characters (a newline in a name) escaped. */
-export function printable(name: string): string {
-  return name.replace(/[\x00-\x1f\x7f]/g, (c) => JSON.stringify(c).slice(1, -1));
-}
-
 export interface SyncStepOptions {
   name: string;
   root: string;
   backend: Backend;
   prefix: string;
-  /** The tree's hash cache file; `legacyCache`: the older whole-file one, read the first time. */
+  /** The tree's hash cache file. */
   cacheFile?: string;
-  legacyCache?: string;
   filter?: (rel: string) => boolean;
+  /** R2_VERSIONS_BUCKET: see SyncOptions.versions; `begin` runs before the step's first file. */
+  versions?: VersionKeeper & { begin(signal?: AbortSignal): Promise<string | undefined> };
 }
 
 /** A step's lines for one sync: the summary, warnings (vanished files, an unsaved cache), failures. */
-export function syncSummary(r: SyncResult, dryRun: boolean) {
+function syncSummary(r: SyncResult, dryRun: boolean) {
   const parts = [`${r.sent} ${dryRun ? 'to send' : 'sent'} (${humanSize(r.sentBytes)})`, `${r.skipped} unchanged`];
   if (r.adopted) parts.push(`${r.adopted} adopted from earlier uploads`);
+  if (r.versionsKept)
+    parts.push(`${r.versionsKept} replaced kept as earlier versions (${humanSize(r.versionsKeptBytes)})`);
   if (r.symlinkCount) parts.push(`${r.symlinkCount} symlinks not followed`);
   const warnings = r.vanished.map(
     (k) => `${printable(k)} vanished before it was sent (deleted meanwhile): not backed up`,
@@ -463,29 +514,36 @@ export function syncStep(o: SyncStepOptions): Step {
       if (!fs.existsSync(o.root)) {
         return { status: 'skipped', summary: `nothing to send`, warnings: [`${o.root} does not exist`] };
       }
-      const started = Date.now();
-      const label = o.prefix || o.backend.name;
+      const versionsWarning = ctx.dryRun ? undefined : await o.versions?.begin(ctx.signal);
+      const progress = ctx.out.transfer(`${o.prefix || o.backend.name} sent`);
       let r: SyncResult;
       try {
         r = await syncTree({
           ...o,
           dryRun: ctx.dryRun,
           signal: ctx.signal,
-          onProgress: ctx.out.fancy ? (done, seen) => ctx.out.progress(label, done, seen, started) : undefined,
+          onProgress: (bytes, total, file) => progress.update({ bytes, total, file }),
           onFile: (a) => {
             const where = `${o.backend.name}/${printable(a.key)}`;
             if (a.action === 'send') {
-              if (ctx.dryRun) ctx.out.info(`would send ${where} (${humanSize(a.bytes)}, ${a.reason})`);
-              else ctx.out.detail(`sent ${where} (${humanSize(a.bytes)}, ${a.reason})`);
+              const keep =
+                o.versions && a.reason === 'changed' ? `; the one it replaces kept in ${o.versions.name}` : '';
+              if (ctx.dryRun) ctx.out.info(`would send ${where} (${humanSize(a.bytes)}, ${a.reason}${keep})`);
+              else
+                ctx.out.detail(
+                  `sent ${where} (${humanSize(a.bytes)}, ${a.reason}${a.kept ? `; kept ${printable(a.kept)}` : ''})`,
+                );
             } else if (a.action === 'skip') ctx.out.detail(`unchanged ${where} (${a.how})`);
           },
         });
       } finally {
-        ctx.out.clearProgress();
+        progress.end();
       }
       const { actions, ...counts } = r;
+      const summary = syncSummary(r, ctx.dryRun);
+      if (versionsWarning) summary.warnings.push(versionsWarning);
       return {
-        ...syncSummary(r, ctx.dryRun),
+        ...summary,
         bytes: r.sentBytes,
         data: { ...counts, objects: actions },
       };
@@ -495,8 +553,9 @@ export function syncStep(o: SyncStepOptions): Step {
 
 /**
  * --verify for a tree: every local file is in the bucket with its size and sha256 (what a dry
- * run would send is what is missing or differs). With `deep`, the objects found equal are read
- * back and hashed too. Changes nothing: the hash cache is read, not written.
+ * run would send is what is missing or differs). With `deep`, nothing cached is trusted: every
+ * file is read and hashed again, and the objects found equal are read back and hashed too.
+ * Changes nothing: the hash cache is read, not written.
  */
 export function verifyStep(o: SyncStepOptions & { deep: boolean }): Step {
   return {
@@ -511,6 +570,7 @@ export function verifyStep(o: SyncStepOptions & { deep: boolean }): Step {
       const r = await syncTree({
         ...o,
         dryRun: true,
+        rehash: o.deep,
         signal: ctx.signal,
         onFile: (a) => {
           if (a.action === 'send') {

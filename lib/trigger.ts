@@ -3,17 +3,15 @@
 import { Writable } from 'node:stream';
 import { errorText } from './cli.ts';
 import type { Limits } from './config.ts';
-import type { Step } from './plan.ts';
-import { openHost, shellQuote } from './ssh.ts';
+import type { Step } from './step.ts';
+import { program } from './sh.ts';
+import { openHost, said } from './ssh.ts';
 
-// The command line sent to Mello: `sh -c 'CODE' backup-mello.mts FLAGS`, the flags last, as
-// plain words. Mello's shell runs CODE (cd MELLO_SCRIPTS_DIR && exec ./backup-mello.mts FLAGS;
-// `~` is Mello's home, the user backup-cron logs in as, not root's on Verda, so it is expanded
-// there). Where Verda's key is a forced command (install --mello-trigger-key), no shell reads
-// the line: lib/mello-trigger.sh takes the words after the last `backup-mello.mts` as flags, from
-// its allow-list, and runs the backup-mello.mts beside it.
-const triggerCode = (dir: string) =>
-  `d=${shellQuote(dir)}; case $d in '~') d=$HOME ;; '~/'*) d=$HOME/\${d#'~/'} ;; esac; cd -- "$d" && exec ./backup-mello.mts "$@"`;
+// The command line sent to Mello: `sh -c PROGRAM MELLO_SCRIPTS_DIR backup-mello.mts FLAGS`, the
+// flags last, as plain words; lib/sh/trigger-mello.sh goes to the directory and runs the script.
+// Where Verda's key is a forced command (install --mello-trigger-key), no shell reads the line:
+// lib/mello-trigger.sh takes the words after the last `backup-mello.mts` as flags, from its
+// allow-list, and runs the backup-mello.mts beside it.
 
 /**
  * How long backup-mello may go without printing a line before this run gives up on it: it prints
@@ -71,9 +69,10 @@ export function triggerMelloStep(o: {
         const r = await host.$({
           into: sink.stream,
           signal: ctx.signal,
-          onStderr: sink.feed,
+          onStderr: (line) => sink.feed(`${line}\n`),
           idleTimeoutMs: TRIGGER_IDLE_LIMIT_MS,
-        })`sh -c ${triggerCode(o.scriptsDir)} backup-mello.mts ${o.flags}`;
+          nothrow: true,
+        })`sh -c ${program('trigger-mello')} ${o.scriptsDir} backup-mello.mts ${o.flags}`;
         sink.flush();
         const last = kept.filter((l) => l.startsWith('===')).pop();
         if (r.code === 0) return { summary: `backup-mello on ${o.melloHost}: ${last ?? 'done'}` };
@@ -90,8 +89,8 @@ export function triggerMelloStep(o: {
             failures: [`mello: ${held?.replace(/^backup-mello: /, '') ?? 'lock held (exit 75)'}`],
           };
         }
-        const said = kept.filter((l) => l.startsWith('✗')).map((l) => l.replace(/^✗\s*/, ''));
-        const why = said.length ? said : [r.stderr.trim().split('\n').pop() || 'no output'];
+        const failed = kept.filter((l) => l.startsWith('✗')).map((l) => l.replace(/^✗\s*/, ''));
+        const why = failed.length ? failed : [said(r.stderr, 1)];
         return {
           summary: `backup-mello on ${o.melloHost} exited ${r.code}${r.code === 255 ? ' (SSH connection lost)' : ''}`,
           failures: why.map((l) => `mello: ${l}`),

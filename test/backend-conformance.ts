@@ -5,14 +5,14 @@ import * as assert from 'uvu/assert';
 import crypto from 'node:crypto';
 import { Readable } from 'node:stream';
 import type { Test } from 'uvu';
-import { readBackSha256, SourceChanged, type Backend, type Source } from '../lib/storage.ts';
+import { readBackSha256, SourceChanged, StorageError, type Backend, type Source } from '../lib/storage.ts';
 
 export function bufferSource(data: Buffer): Source {
   return { size: data.length, describe: 'buffer', open: (start, end) => Readable.from([data.subarray(start, end)]) };
 }
 
 /** A source whose stream gives `goodBytes` bytes, then fails as a file that changed under it. */
-export function changingSource(size: number, goodBytes: number): Source {
+function changingSource(size: number, goodBytes: number): Source {
   const data = crypto.randomBytes(size);
   return {
     size,
@@ -30,18 +30,28 @@ export function changingSource(size: number, goodBytes: number): Source {
 }
 
 /** A source that gives fewer bytes than it declares: a file that shrank. */
-export function shortSource(size: number, given: number): Source {
+function shortSource(size: number, given: number): Source {
   const data = crypto.randomBytes(given);
   return { size, describe: 'short', open: (start, end) => Readable.from([data.subarray(start, Math.min(end, given))]) };
 }
 
 const sha = (b: Buffer) => crypto.createHash('sha256').update(b).digest('hex');
 
+export interface CopyConformance {
+  /** A backend on another bucket of the same server: where copies go. */
+  other: () => Backend;
+  /** The server copies an object of `big` bytes in parts (R2: UploadPartCopy, which s3rver lacks). */
+  multipartCopy: boolean;
+  /** The server refuses a copy whose x-amz-copy-source-if-match is not the source's ETag (Ceph 16's RGW ignores it). */
+  ifMatch: boolean;
+}
+
 /**
  * Adds the conformance tests to `suite`. `backend()` gives a backend on an empty bucket;
- * `big` is a size that the backend sends in several parts (R2: multipart).
+ * `big` is a size that the backend sends in several parts (R2: multipart). `copies`: the copy
+ * cases, between `backend()`'s bucket and another.
  */
-export function backendConformance(suite: Test, backend: () => Backend, big: number) {
+export function backendConformance(suite: Test, backend: () => Backend, big: number, copies: CopyConformance) {
   suite('put, then head and get give the bytes, size and metadata back', async () => {
     const b = backend();
     const data = crypto.randomBytes(70_000);
@@ -67,20 +77,31 @@ export function backendConformance(suite: Test, backend: () => Backend, big: num
     await b.delete('gone');
   });
 
-  suite('list gives every key under a prefix, in key order, with sizes and ETags, past a page of 1,000', async () => {
-    const b = backend();
-    const keys = Array.from({ length: 1010 }, (_, i) => `many/${String(i).padStart(4, '0')}`);
-    for (let i = 0; i < keys.length; i += 50)
-      await Promise.all(keys.slice(i, i + 50).map((k) => b.put(k, bufferSource(Buffer.from(k)))));
-    await b.put('other/x', bufferSource(Buffer.from('x')));
-    const listed = [];
-    for await (const o of b.list('many/')) listed.push(o);
-    assert.equal(
-      listed.map((o) => o.key),
-      keys,
-    );
-    assert.ok(listed.every((o) => o.size === 9 && o.etag));
-  });
+  suite(
+    'list gives every key under a prefix, in key order, with sizes, ETags and times, past a page of 1,000',
+    async () => {
+      const b = backend();
+      // Stored times have a second's precision on some servers (and the clocks are one here).
+      const before = Math.floor(Date.now() / 1000) * 1000 - 1000;
+      const keys = Array.from({ length: 1010 }, (_, i) => `many/${String(i).padStart(4, '0')}`);
+      for (let i = 0; i < keys.length; i += 50)
+        await Promise.all(keys.slice(i, i + 50).map((k) => b.put(k, bufferSource(Buffer.from(k)))));
+      await b.put('other/x', bufferSource(Buffer.from('x')));
+      const listed = [];
+      for await (const o of b.list('many/')) listed.push(o);
+      assert.equal(
+        listed.map((o) => o.key),
+        keys,
+      );
+      assert.ok(listed.every((o) => o.size === 9 && o.etag));
+      // restore-mello keeps a local file newer than its object: the listing says when each was stored.
+      const after = Date.now() + 1000;
+      assert.ok(
+        listed.every((o) => o.modifiedMs !== undefined && o.modifiedMs >= before && o.modifiedMs <= after),
+        `Last-Modified of each object: ${listed[0].modifiedMs} within ${before}..${after}`,
+      );
+    },
+  );
 
   suite('a put replaces the object whole', async () => {
     const b = backend();
@@ -159,4 +180,76 @@ export function backendConformance(suite: Test, backend: () => Backend, big: num
       assert.instance(await read(big + 5, big + 10).catch((e) => e), Error, 'a range after the object is refused');
     },
   );
+
+  suite("copy: the bytes into another bucket, with the metadata given in place of the source's", async () => {
+    const b = backend();
+    const into = copies.other();
+    const data = crypto.randomBytes(70_000);
+    const put = await b.put('src/a file ü $(x).json', bufferSource(data), {
+      metadata: { sha256: sha(data), other: 'y' },
+    });
+    const copied = await into.copy(
+      { backend: b, key: 'src/a file ü $(x).json', size: data.length, etag: put.etag },
+      '20261201-120000/src/a file ü $(x).json',
+      { metadata: { sha256: sha(data), sent: '2026-12-01T11:00:00.000Z' } },
+    );
+    assert.is(copied.size, data.length);
+    const head = await into.head('20261201-120000/src/a file ü $(x).json');
+    assert.is(head?.size, data.length);
+    assert.is(head?.etag, copied.etag, 'the ETag the copy answered is the one a HEAD shows');
+    assert.equal(head?.metadata, { sha256: sha(data), sent: '2026-12-01T11:00:00.000Z' });
+    assert.is(await readBackSha256(into, '20261201-120000/src/a file ü $(x).json'), sha(data));
+    assert.equal(
+      (await b.head('src/a file ü $(x).json'))?.metadata,
+      { sha256: sha(data), other: 'y' },
+      'source untouched',
+    );
+  });
+
+  if (copies.ifMatch)
+    suite('copy: a source whose ETag is no longer the one given fails, and stores nothing', async () => {
+      const b = backend();
+      const into = copies.other();
+      const first = await b.put('moving', bufferSource(Buffer.from('first')));
+      await b.put('moving', bufferSource(Buffer.from('second, longer')));
+      const stale = await into
+        .copy({ backend: b, key: 'moving', size: 5, etag: first.etag }, 'kept/moving', { metadata: {} })
+        .catch((e) => e);
+      assert.instance(stale, StorageError);
+      assert.is((stale as StorageError).status, 412);
+      assert.not.ok((stale as StorageError).fatal, 'another copy may still succeed');
+      assert.is(await into.head('kept/moving'), undefined, 'nothing stored for a stale ETag');
+    });
+
+  suite('copy: a source that is gone fails (404, not fatal), and stores nothing', async () => {
+    const b = backend();
+    const into = copies.other();
+    const gone = await into
+      .copy({ backend: b, key: 'never/there', size: 1 }, 'kept/never', { metadata: {} })
+      .catch((e) => e);
+    assert.instance(gone, StorageError);
+    assert.is((gone as StorageError).status, 404);
+    assert.not.ok((gone as StorageError).fatal, 'another copy may still succeed');
+    assert.is(await into.head('kept/never'), undefined);
+  });
+
+  if (copies.multipartCopy)
+    suite('copy: an object above the copy threshold is copied in parts, whole, with its metadata', async () => {
+      const b = backend();
+      const into = copies.other();
+      const data = crypto.randomBytes(big);
+      const put = await b.put('big/video.mp4', bufferSource(data), { metadata: { sha256: sha(data) } });
+      const copied = await into.copy(
+        { backend: b, key: 'big/video.mp4', size: big, etag: put.etag },
+        'v/big/video.mp4',
+        {
+          metadata: { sha256: sha(data), mtime: '2026-12-01T10:00:00.000Z' },
+        },
+      );
+      const head = await into.head('v/big/video.mp4');
+      assert.is(head?.size, big);
+      assert.is(head?.etag, copied.etag);
+      assert.equal(head?.metadata, { sha256: sha(data), mtime: '2026-12-01T10:00:00.000Z' });
+      assert.is(await readBackSha256(into, 'v/big/video.mp4'), sha(data));
+    });
 }

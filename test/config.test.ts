@@ -6,8 +6,9 @@ import * as assert from 'uvu/assert';
 import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
-import { UsageError } from '../lib/cli.ts';
+import { UsageError, errorText } from '../lib/cli.ts';
 import {
+  bucketTarget,
   checkBucketName,
   checkEndpoint,
   checkImageReference,
@@ -18,7 +19,8 @@ import {
   sshDestination,
   type Config,
 } from '../lib/config.ts';
-import { ROOT, SECRET, runScript, startS3, tempDir, type RunResult, type S3Server } from './helpers.ts';
+import { writeFileAtomic } from '../lib/files.ts';
+import { ROOT, SECRET, out, runScript, startS3, tempDir, type RunResult, type S3Server } from './helpers.ts';
 import { makeVerda, type VerdaFixture } from './verda-fixture.ts';
 
 const CACHE = 'comfy-multi-cache';
@@ -185,7 +187,6 @@ const PATH_VARIABLES = [
   'VERDA_HOME',
   'VERDA_PROJECT_DIR',
   'VERDA_MODELS_DIR',
-  'VERDA_SCRIPTS_DIR',
   'SFS_BACKUP_DIR',
   'COMFYMULTI_STATE_DIR',
   'SSH_CONFIG',
@@ -448,6 +449,78 @@ test('requireDir: MELLO_DATA_DIR must be there and be a directory', () => {
 });
 
 // -------------------------------------------------------------------------------------------
+// Errors that say what to do (issue 20)
+
+test('a default that fails for lack of a .env says "no .env at PATH"; with a .env (or --env-file) it does not', () => {
+  const noEnv = path.join(noEnvDir, '.env');
+  const hint = `no .env at ${noEnv}`;
+  const bare = loadConfig({ HOME: path.join(work, 'fresh-home') }, noEnvDir);
+  const data = refuses(() => requireDir(bare, 'MELLO_DATA_DIR'), /^MELLO_DATA_DIR does not exist: /);
+  assert.match(data, `${path.join(work, 'fresh-home')}/projects/comfyui/data (the default; ${hint})`);
+  refuses(() => bucketTarget(bare, 'userFiles'), `R2_ENDPOINT is not set (${hint}; needed for the userFiles bucket`);
+  const keyless = loadConfig({ HOME: '/h', R2_ENDPOINT: 'https://acc.r2.example' }, noEnvDir);
+  refuses(() => bucketTarget(keyless, 'cache'), `R2_ACCESS_KEY_ID is not set (${hint}; nor AWS_ACCESS_KEY_ID`);
+  // Set, not defaulted: the .env is not what is wrong.
+  const set = loadConfig({ HOME: '/h', MELLO_DATA_DIR: path.join(work, 'absent') }, noEnvDir);
+  const named = refuses(() => requireDir(set, 'MELLO_DATA_DIR'), /^MELLO_DATA_DIR does not exist/);
+  assert.not.match(named, 'no .env');
+  // A .env that is there, and an --env-file: no hint either.
+  const withEnv = path.join(work, 'with-env');
+  fs.mkdirSync(withEnv, { recursive: true });
+  fs.writeFileSync(path.join(withEnv, '.env'), 'KEEP_BACKUPS=3\n');
+  const read = loadConfig({ HOME: path.join(work, 'fresh-home') }, withEnv);
+  assert.not.match(
+    refuses(() => requireDir(read, 'MELLO_DATA_DIR'), /does not exist/),
+    'no .env',
+  );
+  const file = envFile('hint.env', 'KEEP_BACKUPS=3\n');
+  const given = loadConfig({ HOME: path.join(work, 'fresh-home') }, noEnvDir, file);
+  assert.not.match(
+    refuses(() => bucketTarget(given, 'models'), /^R2_ENDPOINT is not set/),
+    'no .env',
+  );
+});
+
+test('errorText names the variable of the directory an EACCES or ENOSPC happened in, the deepest one', () => {
+  const disk = path.join(work, 'tiny-disk');
+  fs.mkdirSync(disk);
+  assert.is(spawnSync('mount', ['-t', 'tmpfs', '-o', 'size=16k', 'tmpfs', disk]).status, 0, 'mount a 16 KiB tmpfs');
+  try {
+    const state = path.join(disk, 'state');
+    fs.mkdirSync(state);
+    load({ BACKUP_DIR: disk, COMFYMULTI_STATE_DIR: state });
+    const full = (file: string) => {
+      try {
+        writeFileAtomic(file, Buffer.alloc(64 * 1024));
+      } catch (e) {
+        return errorText(e);
+      }
+      return assert.unreachable('64 KiB written on a 16 KiB disk') as never;
+    };
+    assert.is(
+      full(path.join(disk, 'a.tar.gz')),
+      `ENOSPC: ${disk}/a.tar.gz (BACKUP_DIR: its disk is full; free space there or set BACKUP_DIR to a directory on a larger disk)`,
+    );
+    assert.match(full(path.join(state, 'hashes.jsonl')), `ENOSPC: ${state}/hashes.jsonl (COMFYMULTI_STATE_DIR: `);
+    // Elsewhere, and an errno with nothing to advise: as before.
+    const other = errorText(Object.assign(new Error('x'), { code: 'ENOSPC', path: '/elsewhere/f' }));
+    assert.is(other, 'ENOSPC: /elsewhere/f');
+    const missing = errorText(Object.assign(new Error('x'), { code: 'ENOENT', path: `${disk}/f` }));
+    assert.is(missing, `ENOENT: ${disk}/f`);
+    // mkdir refused above BACKUP_DIR, on the way to it: named with where it is.
+    load({ BACKUP_DIR: '/srv/a/b/backups' });
+    const above = { code: 'EACCES', syscall: 'mkdir', path: '/srv/a' };
+    const uid = process.getuid!();
+    assert.is(
+      errorText(Object.assign(new Error('x'), above)),
+      `EACCES: /srv/a (BACKUP_DIR is /srv/a/b/backups: uid ${uid} is not allowed there; run as the directory's owner, give it to uid ${uid}, or set BACKUP_DIR to another)`,
+    );
+  } finally {
+    spawnSync('umount', [disk]);
+  }
+});
+
+// -------------------------------------------------------------------------------------------
 // End to end: the real scripts, as the admin runs them
 
 /** Runs a script and kills it if it has not ended after RUN_LIMIT_MS (a hang fails the test). */
@@ -617,6 +690,62 @@ test('e2e: an --env-file that is a FIFO is exit 2 at once, never blocking', asyn
   const verdaEnv = { ...c.verdaEnv, ...c.r2 };
   await refusedRun('backup-verda.mts', ['--quick', '--env-file', fifo], verdaEnv, `--env-file ${fifo}`);
   assert.ok(Date.now() - started < RUN_LIMIT_MS, 'ended by itself');
+});
+
+test('e2e: BACKUP_DIR full (ENOSPC) or not the user’s (as nobody: EPERM, EACCES) fails its steps naming BACKUP_DIR', async () => {
+  const c = scene('e2e-backup-dir-errors');
+  fs.mkdirSync(c.backupDir);
+  assert.is(spawnSync('mount', ['-t', 'tmpfs', '-o', 'size=16k', 'tmpfs', c.backupDir]).status, 0, 'mount');
+  try {
+    fs.writeFileSync(path.join(c.backupDir, 'filler'), Buffer.alloc(12 * 1024));
+    const env = { ...c.verdaEnv, ...c.r2, BACKUP_DIR: c.backupDir, COMFYMULTI_R2_ATTEMPTS: '1' };
+    const full = await run('backup-verda.mts', ['--quick'], env);
+    assert.is(full.code, 1, out(full));
+    const fullLine = `(BACKUP_DIR: its disk is full; free space there or set BACKUP_DIR to a directory on a larger disk)`;
+    assert.match(
+      full.stdout,
+      new RegExp(`✗ ENOSPC: ${c.backupDir}/[a-z-]+-\\d{8}-\\d{6}\\.tar\\.gz \\(BACKUP_DIR: its disk is full`),
+    );
+    assert.match(full.stdout, `Step 13 (Manifest): ENOSPC: ${c.backupDir}/manifest-`);
+    assert.match(full.stdout, fullLine);
+  } finally {
+    spawnSync('umount', [c.backupDir]);
+  }
+  // Root's directory, run as nobody (whose state dir is its own, reached through 0755 parents).
+  fs.chmodSync(work, 0o755);
+  fs.chmodSync(c.root, 0o755);
+  const state = path.join(c.root, 'nobody-state');
+  fs.mkdirSync(state);
+  fs.chownSync(state, 65534, 65534);
+  const env = { ...c.verdaEnv, ...c.r2, BACKUP_DIR: c.backupDir, COMFYMULTI_STATE_DIR: state };
+  let timer: NodeJS.Timeout | undefined;
+  const denied = await runScript('backup-verda.mts', ['--quick'], env, {
+    asUser: 65534,
+    onSpawn: (pid) => (timer = setTimeout(() => process.kill(pid, 'SIGKILL'), RUN_LIMIT_MS)),
+  });
+  clearTimeout(timer);
+  assert.is(denied.code, 1, out(denied));
+  assert.match(
+    denied.stdout,
+    new RegExp(
+      `✗ (EPERM|EACCES): ${c.backupDir}\\S* \\(BACKUP_DIR: uid 65534 is not allowed there; run as the directory's owner, give it to uid 65534, or set BACKUP_DIR to another\\)`,
+    ),
+  );
+  assert.not.match(denied.stdout + denied.stderr, STACK);
+});
+
+test('e2e: with no .env beside the scripts, a default MELLO_DATA_DIR that is not there says "no .env at PATH"', async () => {
+  const dotenv = path.join(ROOT, '.env');
+  if (fs.existsSync(dotenv)) {
+    console.log(`  (${dotenv} exists in this checkout: the run would read it; the unit test above covers the case)`);
+    return;
+  }
+  const home = path.join(work, 'e2e-no-dotenv-home');
+  fs.mkdirSync(home);
+  const r = await run('backup-mello.mts', [], { HOME: home, COMFYMULTI_STATE_DIR: path.join(home, 'state') });
+  assert.is(r.code, 2, out(r));
+  const expected = `backup-mello: MELLO_DATA_DIR does not exist: ${home}/projects/comfyui/data (the default; no .env at ${dotenv})`;
+  assert.is(r.stderr.trim(), expected);
 });
 
 test.run();

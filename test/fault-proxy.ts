@@ -2,7 +2,8 @@
 // as R2_ENDPOINT, and the test decides what the network and the server do to each request. It
 // can answer requests of a kind with a 5xx (an S3 XML error, the request never forwarded), cut
 // the client's connection after N bytes of a request body, slow request bodies down, hold a
-// request without ever answering it, and stop reading a request body midway; and it
+// request without ever answering it, and stop reading a request body midway; cut or slow an
+// answer's body (a download) midway; and it
 // logs every exchange with its outcome, so a test can count what passed.
 // Request signing covers the Host header, which is forwarded unchanged.
 import http from 'node:http';
@@ -19,6 +20,8 @@ export type Kind =
   | 'complete-multipart'
   | 'abort-multipart'
   | 'delete'
+  /** A server-side copy: CopyObject, or UploadPartCopy (a PUT with x-amz-copy-source). */
+  | 'copy'
   | 'other';
 
 export interface Exchange {
@@ -38,15 +41,20 @@ export interface Exchange {
   status?: number;
   /** Request body bytes passed on to the server. */
   bodyBytes: number;
+  /** Answer body bytes passed on to the client. */
+  answerBytes: number;
+  /** The Range header of a GET, if any (`bytes=8388608-16777215`). */
+  range?: string;
   /** forwarded: answered by the server; injected: answered by the proxy with an error; cut: the
    * connection was cut by the proxy; client-gone: the client went away before the answer; held:
    * accepted and never answered; stalled: its body stopped being read midway. */
   outcome: 'pending' | 'forwarded' | 'injected' | 'cut' | 'client-gone' | 'upstream-error' | 'held' | 'stalled';
 }
 
-export function requestKind(method: string, url: string): Kind {
+export function requestKind(method: string, url: string, copySource = false): Kind {
   const q = new URL(url, 'http://x').searchParams;
   const hasKey = new URL(url, 'http://x').pathname.split('/').filter(Boolean).length > 1;
+  if (method === 'PUT' && copySource) return 'copy';
   if (method === 'PUT') return q.has('uploadId') && q.has('partNumber') ? 'upload-part' : 'put';
   if (method === 'POST')
     return q.has('uploads') ? 'create-multipart' : q.has('uploadId') ? 'complete-multipart' : 'other';
@@ -83,6 +91,8 @@ export class FaultProxy {
   private holds: (Rule & { readBody: boolean })[] = [];
   private stalls: (Rule & { afterBytes: number })[] = [];
   private throttles = new Map<Kind, number>();
+  private answerCuts: (Rule & { afterBytes: number })[] = [];
+  private answerThrottles = new Map<Kind, number>();
   private watchers: (() => void)[] = [];
   private readonly agent = new http.Agent({ keepAlive: true, maxSockets: 64 });
   private readonly sockets = new Set<Socket>();
@@ -157,8 +167,28 @@ export class FaultProxy {
     this.notify();
   }
 
+  /**
+   * The next `count` matching answers whose body is longer than `afterBytes` (after `skip` such
+   * let through) have their connection cut once `afterBytes` of the body reached the client: a
+   * download cut midway.
+   */
+  cutAnswer(kinds: Kind[], afterBytes: number, skip = 0, count = 1) {
+    this.answerCuts.push({ kinds, afterBytes, skip, remaining: count });
+  }
+
+  /** Answer bodies of these kinds pass at `bytesPerSecond` each at most; undefined lifts it, for those in flight too. */
+  throttleAnswers(kinds: Kind[], bytesPerSecond: number | undefined) {
+    for (const k of kinds) {
+      if (bytesPerSecond === undefined) this.answerThrottles.delete(k);
+      else this.answerThrottles.set(k, bytesPerSecond);
+    }
+    this.notify();
+  }
+
   /** Removes every fault; what is in flight goes on at full speed. */
   clearFaults() {
+    this.answerCuts = [];
+    this.answerThrottles.clear();
     this.fails = [];
     this.cuts = [];
     this.losses = [];
@@ -170,7 +200,7 @@ export class FaultProxy {
 
   /** Matching fault rules not yet used up (a test asserts its faults were all met). */
   pendingFaults(): number {
-    const rules = [...this.fails, ...this.cuts, ...this.losses, ...this.holds, ...this.stalls];
+    const rules = [...this.fails, ...this.cuts, ...this.losses, ...this.holds, ...this.stalls, ...this.answerCuts];
     return rules.filter((r) => r.remaining > 0 && Number.isFinite(r.remaining)).length;
   }
 
@@ -218,7 +248,7 @@ export class FaultProxy {
     const part = parsed.searchParams.get('partNumber');
     const ex: Exchange = {
       n: this.log.length + 1,
-      kind: requestKind(req.method ?? '', url),
+      kind: requestKind(req.method ?? '', url, 'x-amz-copy-source' in req.headers),
       method: req.method ?? '',
       url,
       bucket,
@@ -227,6 +257,8 @@ export class FaultProxy {
       partNumber: part ? Number(part) : undefined,
       at: Date.now(),
       bodyBytes: 0,
+      answerBytes: 0,
+      range: typeof req.headers.range === 'string' ? req.headers.range : undefined,
       outcome: 'pending',
     };
     this.log.push(ex);
@@ -305,7 +337,35 @@ export class FaultProxy {
       const h = { ...answer.headers };
       for (const name of HOP_BY_HOP) delete h[name];
       res.writeHead(answer.statusCode ?? 502, h);
-      answer.pipe(res);
+      const answerLength = Number(answer.headers['content-length'] ?? 0);
+      const answerCut = this.take(this.answerCuts, ex.kind, (r) => answerLength > r.afterBytes);
+      const proxy = this;
+      const paced = new Transform({
+        async transform(chunk: Buffer, _enc, cb) {
+          for (let at = 0; at < chunk.length;) {
+            const rate = proxy.answerThrottles.get(ex.kind);
+            let n = rate ? Math.min(chunk.length - at, 16 * 1024) : chunk.length - at;
+            if (answerCut) n = Math.min(n, answerCut.afterBytes - ex.answerBytes);
+            this.push(chunk.subarray(at, at + n));
+            at += n;
+            ex.answerBytes += n;
+            proxy.notify();
+            if (answerCut && ex.answerBytes >= answerCut.afterBytes) {
+              // The bytes so far reach the client; then the line goes dead.
+              ex.outcome = 'cut';
+              setTimeout(() => {
+                req.socket.destroy();
+                answer.destroy();
+                proxy.notify();
+              }, 20);
+              return;
+            }
+            if (rate) await sleep((n / rate) * 1000);
+          }
+          cb();
+        },
+      });
+      answer.pipe(paced).pipe(res);
       answer.on('end', () => {
         if (ex.outcome === 'pending') ex.outcome = 'forwarded';
         this.notify();

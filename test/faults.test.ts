@@ -429,7 +429,6 @@ function verdaSetup(name: string, backupDir?: string): VerdaSetup {
       ...fixture.env,
       VERDA_HOST: 'verda',
       SSH_CONFIG: sshd.config,
-      VERDA_SCRIPTS_DIR: ROOT,
       BACKUP_DIR: dir,
       KEEP_BACKUPS: '1',
     },

@@ -238,7 +238,7 @@ export const runScript = (script: string, args: string[], env: Record<string, st
 
 /**
  * A lock as a live run of `script` holds it: this test process's pid, host, boot and start time.
- * (A bare pid of a process that is not the script is a stale lock since pid reuse is detected.)
+ * (A lock whose pid now runs something else is stale: the start time tells pid reuse apart.)
  */
 export function writeHeldLock(lockFile: string, script: string) {
   const record = {

@@ -1,6 +1,8 @@
 // install's logrotate rule for the cron log (issue 11), checked by Debian's logrotate itself: it
 // parses (`logrotate -d`), and a forced rotation keeps appending to the same file (copytruncate).
-// And install from a checkout whose node_modules is a symlink (a git worktree sharing another's).
+// And what install copies (the bundles it builds, the shell programs, nothing else), from a
+// checkout whose node_modules is a symlink (a git worktree sharing another's), and the Node.js it
+// takes (20.15 or newer).
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { spawnSync } from 'node:child_process';
@@ -135,31 +137,20 @@ test('a prefix logrotate would read as a pattern is exit 2, and nothing is insta
   }
 });
 
-test('a checkout whose node_modules is a symlink: install copies it, and deletes nothing from where it points', () => {
-  // A fake checkout: the real install and scripts, and node_modules linked to a shared tree that
-  // holds a production package, a development one (the lockfile says so) and tsx's loader.
+test('install builds and copies what runs: the bundles and lib/sh/, not node_modules, not an untracked *.mts; from a worktree sharing node_modules', () => {
+  // A checkout of the tracked files, an untracked script beside them, node_modules a link to ours.
   const checkout = path.join(work, 'worktree');
-  const shared = path.join(work, 'shared node_modules');
-  for (const [rel, text] of Object.entries({
-    'tsx/dist/loader.mjs': 'export {};\n',
-    'prodpkg/index.js': 'module.exports = 1;\n',
-    'devpkg/index.js': 'module.exports = 2;\n',
-  })) {
-    fs.mkdirSync(path.dirname(path.join(shared, rel)), { recursive: true });
-    fs.writeFileSync(path.join(shared, rel), text);
+  const tracked = spawnSync('git', ['ls-files', '-z'], { cwd: ROOT, encoding: 'utf8' })
+    .stdout.split('\0')
+    .filter(Boolean);
+  for (const rel of tracked) {
+    fs.mkdirSync(path.dirname(path.join(checkout, rel)), { recursive: true });
+    fs.copyFileSync(path.join(ROOT, rel), path.join(checkout, rel));
+    fs.chmodSync(path.join(checkout, rel), fs.statSync(path.join(ROOT, rel)).mode);
   }
-  fs.mkdirSync(path.join(shared, '.bin'));
-  fs.symlinkSync('../devpkg/index.js', path.join(shared, '.bin/devpkg'));
-  fs.mkdirSync(path.join(checkout, 'lib'), { recursive: true });
-  for (const f of ['install', 'backup-cron.mts', 'backup-verda.mts', 'backup-mello.mts', 'package.json'])
-    fs.copyFileSync(path.join(ROOT, f), path.join(checkout, f));
-  fs.writeFileSync(path.join(checkout, 'lib/plan.ts'), '// lib\n');
-  const lock = {
-    lockfileVersion: 3,
-    packages: { '': {}, 'node_modules/prodpkg': {}, 'node_modules/tsx': {}, 'node_modules/devpkg': { dev: true } },
-  };
-  fs.writeFileSync(path.join(checkout, 'package-lock.json'), JSON.stringify(lock));
-  fs.symlinkSync(shared, path.join(checkout, 'node_modules'));
+  fs.writeFileSync(path.join(checkout, 'scratch.mts'), "// an admin's experiment, not part of the package\n");
+  fs.symlinkSync(path.join(ROOT, 'node_modules'), path.join(checkout, 'node_modules'));
+  const shared = fs.readdirSync(path.join(ROOT, 'node_modules')).sort();
   const target = path.join(work, 'from a worktree');
   const r = spawnSync(path.join(checkout, 'install'), ['--prefix', target], {
     cwd: os.tmpdir(),
@@ -167,11 +158,45 @@ test('a checkout whose node_modules is a symlink: install copies it, and deletes
     encoding: 'utf8',
   });
   assert.is(r.status, 0, r.stdout + r.stderr);
-  assert.ok(fs.existsSync(path.join(shared, 'devpkg/index.js')), 'the shared development package is still there');
-  assert.ok(fs.lstatSync(path.join(shared, '.bin/devpkg')).isSymbolicLink(), 'and its .bin');
-  const installed = path.join(target, 'usr/local/lib/comfymulti-scripts/node_modules');
-  assert.ok(fs.lstatSync(installed).isDirectory(), "a real directory, not a link to the checkout's");
-  assert.equal(fs.readdirSync(installed).sort(), ['prodpkg', 'tsx']);
+  const pkg = path.join(target, 'usr/local/lib/comfymulti-scripts');
+  assert.equal(fs.readdirSync(pkg).sort(), [
+    'backup-cron.mts',
+    'backup-mello.mts',
+    'backup-verda.mts',
+    'dist',
+    'lib',
+    'package.json',
+    'restore-verda.mts',
+  ]);
+  assert.equal(fs.readdirSync(path.join(pkg, 'lib')), ['sh']);
+  assert.ok(fs.existsSync(path.join(pkg, 'dist/verda.mjs')));
+  assert.not.ok(
+    fs.existsSync(path.join(pkg, 'dist/scratch.mjs')) || fs.existsSync(path.join(target, 'usr/local/bin/scratch.mts')),
+  );
+  assert.equal(
+    fs.readdirSync(path.join(ROOT, 'node_modules')).sort(),
+    shared,
+    'nothing deleted where node_modules points',
+  );
+  // The installed launcher runs from / under cron's bare environment.
+  const help = spawnSync(path.join(target, 'usr/local/bin/backup-cron.mts'), ['--help'], {
+    cwd: '/',
+    env: BARE,
+    encoding: 'utf8',
+  });
+  assert.is(help.status, 0, help.stdout + help.stderr);
+  assert.match(help.stdout, /^Usage: backup-cron\.mts/);
+});
+
+test('install needs Node.js 20.15 (zlib.crc32): a 20.14 is refused, exit 2, nothing installed', () => {
+  const old = path.join(work, 'node-20.14');
+  fs.mkdirSync(old);
+  fs.writeFileSync(path.join(old, 'node'), '#!/bin/sh\necho v20.14.0\n', { mode: 0o755 });
+  const target = path.join(work, 'old node');
+  const r = install(['--prefix', target, '--node', path.join(old, 'node')]);
+  assert.is(r.code, 2, r.out);
+  assert.match(r.out, /Node\.js v20\.14\.0 at \S+ is too old: the scripts need 20\.15 or newer/);
+  assert.not.ok(fs.existsSync(target));
 });
 
 test("the prefix's `$(touch PWNED)` was never run by a shell, in any test above", () => {

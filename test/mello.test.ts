@@ -2,7 +2,7 @@
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import crypto from 'node:crypto';
-import { spawn } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { DeleteObjectCommand, PutObjectCommand } from '@aws-sdk/client-s3';
@@ -142,6 +142,29 @@ test('a file changed to new bytes of the same size is sent again, alone', async 
   assert.is(json(r.stdout).steps[1].data?.hashed, 1, 'only the changed file was read');
 });
 
+/** Puts `file`'s mtime back to what `ref` holds, to the nanosecond (GNU touch -r), as a restore tool or `touch -r` would. */
+function touchLike(ref: string, file: string) {
+  assert.is(spawnSync('touch', ['-r', ref, file]).status, 0);
+}
+
+test('an edit that keeps the size and puts the mtime back is sent by the next run (the ctime tells)', async () => {
+  const file = path.join(data, 'user_data/user001/workflows/flow.json');
+  const ref = path.join(work, 'flow.json.times');
+  fs.writeFileSync(ref, '');
+  touchLike(file, ref);
+  const before = fs.statSync(file, { bigint: true });
+  const edited = Buffer.from('{"nodes":[9,8,7]}');
+  assert.is(BigInt(edited.length), before.size);
+  fs.writeFileSync(file, edited);
+  touchLike(ref, file);
+  const after = fs.statSync(file, { bigint: true });
+  assert.is(after.mtimeNs, before.mtimeNs, 'the mtime is back');
+  assert.is(after.ino, before.ino, 'the same inode');
+  const r = await runScript('backup-mello.mts', ['--quick'], env);
+  assert.is(r.code, 0, r.stdout + r.stderr);
+  assert.ok((await s3.readObject(BUCKET, 'user_data/user001/workflows/flow.json')).equals(edited), 'sent');
+});
+
 test('--quick leaves outputs alone', async () => {
   fs.writeFileSync(path.join(data, 'outputs/user001/img_0002.png'), 'new output');
   fs.writeFileSync(path.join(data, 'user_data/user001/workflows/flow2.json'), '{"new":true}');
@@ -243,6 +266,44 @@ test('--verify passes on a whole backup, names a deleted object, and --deep name
   assert.is((await runScript('backup-mello.mts', ['--verify', '--deep'], env)).code, 0);
 });
 
+test('--verify --deep hashes the sources again: a file edited behind its cache line is named', async () => {
+  const rel = 'user001/workflows/flow.json';
+  const file = path.join(data, 'user_data', rel);
+  const ref = path.join(work, 'flow.json.times2');
+  fs.writeFileSync(ref, '');
+  touchLike(file, ref);
+  const edited = Buffer.from('{"nodes":[0,0,0]}');
+  assert.is(edited.length, fs.statSync(file).size);
+  fs.writeFileSync(file, edited);
+  touchLike(ref, file);
+  // A cache line that vouches for the file as it is now (its stat, ctime included) with the old
+  // sha256: what a damaged state directory, or an edit within the clock's tick, leaves behind.
+  const cacheFile = path.join(env.COMFYMULTI_STATE_DIR, 'hashes-backup-mello-user_data.jsonl');
+  const st = fs.statSync(file, { bigint: true });
+  const lines = fs.readFileSync(cacheFile, 'utf8').trim().split('\n');
+  const at = lines.findIndex((l) => JSON.parse(l).rel === rel);
+  assert.ok(at >= 0, 'the file has a cache line');
+  const line = JSON.parse(lines[at]);
+  lines[at] = JSON.stringify({
+    ...line,
+    mtimeNs: String(st.mtimeNs),
+    ctimeNs: String(st.ctimeNs),
+    ino: String(st.ino),
+  });
+  fs.writeFileSync(cacheFile, lines.join('\n') + '\n');
+  // The everyday --verify trusts the cache (that is what makes it cheap) ...
+  const shallow = await runScript('backup-mello.mts', ['--verify'], env);
+  assert.is(shallow.code, 0, 'the cache line is trusted: the test fools it as meant');
+  // ... --deep trusts nothing.
+  const deep = await runScript('backup-mello.mts', ['--verify', '--deep'], env);
+  assert.is(deep.code, 1, deep.stdout + deep.stderr);
+  assert.match(deep.stdout, `differs: r2://${BUCKET}/user_data/${rel}`);
+  // Mended: without its cache, the next backup hashes and sends the file.
+  fs.rmSync(cacheFile);
+  assert.is((await runScript('backup-mello.mts', ['--quick'], env)).code, 0);
+  assert.is((await runScript('backup-mello.mts', ['--verify', '--deep'], env)).code, 0);
+});
+
 /** Runs a script under script(1), which gives it a pseudo-terminal; resolves with what it showed. */
 function onTerminal(extraEnv: Record<string, string>): Promise<{ code: number | null; screen: string }> {
   return new Promise((resolve) => {
@@ -263,7 +324,7 @@ test('progress with rate and ETA on a terminal only; none with NO_COLOR or into 
   process.env = withoutNoColor; // the test runner sets NO_COLOR for everything else
   const tty = await onTerminal({});
   assert.is(tty.code, 0, tty.screen);
-  assert.match(tty.screen, /\r\x1b\[2K {2}outputs\/ .*\/s ETA \d+:\d\d/);
+  assert.match(tty.screen, /\r\x1b\[2K {2}outputs\/ sent: .*\/s, ETA \d+:\d\d/);
   assert.match(tty.screen, /\x1b\[32m/, 'colour on a terminal');
   fs.writeFileSync(file, crypto.randomBytes(24 * MiB));
   const noColor = await onTerminal({ NO_COLOR: '1' });

@@ -9,6 +9,8 @@ import {
   StorageError,
   type Backend,
   type ByteRange,
+  type CopyOptions,
+  type CopySource,
   type ObjectHead,
   type ObjectInfo,
   type PutOptions,
@@ -19,12 +21,15 @@ interface Stored {
   data: Buffer;
   etag: string;
   metadata: Record<string, string>;
+  modifiedMs: number;
 }
 
 export class MemoryBackend implements Backend {
   readonly objects = new Map<string, Stored>();
   /** Keys whose next put fails with this error (then the rule is spent). */
   failNextPut = new Map<string, Error>();
+  /** Keys (of the copy) whose next copy fails with this error (then the rule is spent). */
+  failNextCopy = new Map<string, Error>();
 
   constructor(readonly name = 'mem://bucket') {}
 
@@ -35,7 +40,7 @@ export class MemoryBackend implements Backend {
     for (const key of keys) {
       signal?.throwIfAborted();
       const o = this.objects.get(key);
-      if (o) yield { key, size: o.data.length, etag: o.etag };
+      if (o) yield { key, size: o.data.length, etag: o.etag, modifiedMs: o.modifiedMs };
     }
   }
 
@@ -72,7 +77,7 @@ export class MemoryBackend implements Backend {
     const etag = crypto.createHash('md5').update(data).digest('hex');
     // S3 lowercases metadata names.
     const metadata = Object.fromEntries(Object.entries(opts.metadata ?? {}).map(([k, v]) => [k.toLowerCase(), v]));
-    this.objects.set(key, { data, etag, metadata });
+    this.objects.set(key, { data, etag, metadata, modifiedMs: Date.now() });
     return { key, size, etag };
   }
 
@@ -90,5 +95,24 @@ export class MemoryBackend implements Backend {
   async delete(key: string, signal?: AbortSignal): Promise<void> {
     signal?.throwIfAborted();
     this.objects.delete(key);
+  }
+
+  /** As S3's CopyObject with MetadataDirective REPLACE and x-amz-copy-source-if-match. */
+  async copy(source: CopySource, key: string, opts: CopyOptions): Promise<ObjectInfo> {
+    opts.signal?.throwIfAborted();
+    const planted = this.failNextCopy.get(key);
+    if (planted) {
+      this.failNextCopy.delete(key);
+      throw planted;
+    }
+    if (!(source.backend instanceof MemoryBackend))
+      throw new Error(`${this.name}: cannot copy from ${source.backend.name}`);
+    const o = source.backend.objects.get(source.key);
+    if (!o) throw new StorageError(`${this.name} copy ${source.key}: no such key`, false, 404);
+    if (source.etag !== undefined && source.etag !== o.etag)
+      throw new StorageError(`${this.name} copy ${source.key}: PreconditionFailed`, false, 412);
+    const metadata = Object.fromEntries(Object.entries(opts.metadata).map(([k, v]) => [k.toLowerCase(), v]));
+    this.objects.set(key, { data: o.data, etag: o.etag, metadata, modifiedMs: Date.now() });
+    return { key, size: o.data.length, etag: o.etag };
   }
 }

@@ -26,6 +26,7 @@ import {
 } from './helpers.ts';
 import { setServerClock } from './s3rver-fixes.ts';
 import { notices } from '../lib/cli.ts';
+import { bucketTarget, loadConfig, type BucketKind } from '../lib/config.ts';
 import { R2Backend } from '../lib/r2.ts';
 import { SourceChanged, StorageError, type Source } from '../lib/storage.ts';
 
@@ -471,6 +472,93 @@ test('the SDK warns of requests queueing for sockets: the warning is kept, nothi
     [],
     'nothing of the SDK printed',
   );
+});
+
+// ---------------------------------------------------------------------------------------------
+// 5. Errors that name the variable in use (issue 20)
+
+/** A backend for `kind` as the scripts make it: bucketTarget from loadConfig of `env`. */
+function backendFor(kind: BucketKind, env: Record<string, string>) {
+  const cfg = loadConfig({ HOME: work, ...env }, work);
+  return new R2Backend(bucketTarget(cfg, kind), { idleTimeoutMs: 20_000, backoffMs: 50, attempts: 2 });
+}
+
+async function listError(backend: R2Backend): Promise<string> {
+  const listing = (async () => {
+    for await (const o of backend.list('')) void o;
+  })();
+  const r = await settle(listing, 10_000, 'the listing');
+  assert.instance(r.error, StorageError);
+  return (r.error as Error).message;
+}
+
+test('a refused per-bucket key names that pair, not R2_ACCESS_KEY_ID; the shared pair is named as such', async () => {
+  const shared = { R2_ENDPOINT: s3.endpoint, R2_ACCESS_KEY_ID: SECRET, R2_SECRET_ACCESS_KEY: SECRET };
+  const own = { R2_USER_FILES_ACCESS_KEY_ID: SECRET, R2_USER_FILES_SECRET_ACCESS_KEY: 'not-the-secret' };
+  const wrongOwn = await listError(backendFor('userFiles', { ...shared, ...own }));
+  assert.match(
+    wrongOwn,
+    /refused the credentials \(403 SignatureDoesNotMatch\): check R2_USER_FILES_ACCESS_KEY_ID and R2_USER_FILES_SECRET_ACCESS_KEY, the key pair in use for R2_USER_FILES_BUCKET/,
+  );
+  assert.not.match(wrongOwn, /R2_ACCESS_KEY_ID|R2_SECRET_ACCESS_KEY|not-the-secret/);
+  // The versions bucket is signed with the user-files pair: its refusal names that pair too.
+  const versions = await listError(backendFor('versions', { ...shared, ...own, R2_VERSIONS_BUCKET: BUCKET }));
+  assert.match(
+    versions,
+    /check R2_USER_FILES_ACCESS_KEY_ID and R2_USER_FILES_SECRET_ACCESS_KEY, .* R2_VERSIONS_BUCKET/,
+  );
+  const wrongShared = await listError(backendFor('userFiles', { ...shared, R2_SECRET_ACCESS_KEY: 'nope' }));
+  assert.match(wrongShared, /check R2_ACCESS_KEY_ID and R2_SECRET_ACCESS_KEY, the key pair in use/);
+  const aws = { R2_ENDPOINT: s3.endpoint, AWS_ACCESS_KEY_ID: 'AKIA-NOT-A-KEY', AWS_SECRET_ACCESS_KEY: SECRET };
+  const wrongAws = await listError(backendFor('userFiles', aws));
+  assert.match(wrongAws, /\(403 InvalidAccessKeyId\): check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY/);
+});
+
+test('NoSuchBucket names the bucket variable, the endpoint in use and the EU jurisdiction endpoint', async () => {
+  const env = { R2_ENDPOINT: s3.endpoint, R2_ACCESS_KEY_ID: SECRET, R2_SECRET_ACCESS_KEY: SECRET };
+  const missing = await listError(backendFor('userFiles', { ...env, R2_USER_FILES_BUCKET: 'no-such-bucket' }));
+  assert.match(missing, `R2 has no bucket no-such-bucket at ${s3.endpoint} (R2_ENDPOINT) (NoSuchBucket)`);
+  assert.match(missing, 'check R2_USER_FILES_BUCKET');
+  assert.match(
+    missing,
+    "an EU bucket needs its jurisdiction's endpoint, https://<account>.eu.r2.cloudflarestorage.com, in R2_USER_FILES_ENDPOINT",
+  );
+  // A bucket that exists at another endpoint: named by the variable the endpoint came from.
+  const elsewhere = { ...env, R2_CACHE_ENDPOINT: s3.endpoint, R2_CACHE_BUCKET: 'comfy-multi-cache' };
+  const cache = await listError(backendFor('cache', elsewhere));
+  assert.match(cache, /\(R2_CACHE_ENDPOINT\) \(NoSuchBucket\): check R2_CACHE_BUCKET; .* in R2_CACHE_ENDPOINT/);
+});
+
+test('e2e: backup-mello with a wrong user-files key fails naming R2_USER_FILES_ACCESS_KEY_ID; a missing bucket names R2_USER_FILES_BUCKET', async () => {
+  const m = melloData('named-variables');
+  const env = { ...m.env(), R2_ENDPOINT: s3.endpoint };
+  const wrongKey = await runMello({
+    ...env,
+    R2_USER_FILES_ACCESS_KEY_ID: SECRET,
+    R2_USER_FILES_SECRET_ACCESS_KEY: 'not-the-secret',
+  });
+  assert.is(wrongKey.code, 1, out(wrongKey));
+  assert.match(wrongKey.stdout, /check R2_USER_FILES_ACCESS_KEY_ID and R2_USER_FILES_SECRET_ACCESS_KEY/);
+  assert.not.match(wrongKey.stdout + wrongKey.stderr, /check R2_ACCESS_KEY_ID|not-the-secret/);
+  const noBucket = await runMello({ ...env, R2_USER_FILES_BUCKET: 'no-such-bucket' });
+  assert.is(noBucket.code, 1, out(noBucket));
+  assert.match(noBucket.stdout, /check R2_USER_FILES_BUCKET; an EU bucket needs .* in R2_USER_FILES_ENDPOINT/);
+});
+
+test('an upload of many parts at once prints no runtime warning (MaxListenersExceededWarning)', async () => {
+  const warnings: string[] = [];
+  const onWarning = (w: Error) => warnings.push(`${w.name}: ${w.message}`);
+  process.on('warning', onWarning);
+  try {
+    const backend = new R2Backend(target(s3.endpoint), { ...SMALL_PARTS, partsInFlight: 24, maxPartsInFlight: 32 });
+    const bytes = crypto.randomBytes(120 * MiB);
+    const run = new AbortController();
+    await backend.put('outputs/big/warning.bin', bufferSource(bytes), { signal: run.signal });
+    await new Promise((r) => setTimeout(r, 50)); // a warning is emitted on the next tick
+    assert.equal(warnings, []);
+  } finally {
+    process.off('warning', onWarning);
+  }
 });
 
 test.run();

@@ -102,6 +102,23 @@ async function restore(
   return r;
 }
 
+/**
+ * A fresh Verda as a tree of its own, restored without --root (the image is loaded, services are
+ * controlled: through a VERDA_SYSTEMCTL that succeeds): the same paths as `--root into` gives.
+ */
+function freshEnv(into: string): Record<string, string> {
+  const ctl = path.join(work, 'systemctl-ok');
+  if (!fs.existsSync(ctl)) fs.writeFileSync(ctl, '#!/bin/sh\nexit 0\n', { mode: 0o755 });
+  return {
+    VERDA_SYSROOT: into,
+    VERDA_HOME: path.join(into, 'home/dev'),
+    VERDA_PROJECT_DIR: path.join(into, 'home/dev/comfy-multi'),
+    VERDA_MODELS_DIR: path.join(into, 'mnt/sfs/models'),
+    SFS_BACKUP_DIR: path.join(into, 'mnt/sfs/cache/backups'),
+    VERDA_SYSTEMCTL: ctl,
+  };
+}
+
 /** Every entry under root (files, dirs, symlinks): type, mode, owner, content digest and mtime. */
 function snapshot(root: string, keep: (rel: string) => boolean = () => true): Record<string, string> {
   const result: Record<string, string> = {};
@@ -258,7 +275,6 @@ test.before(async () => {
     ...verda.env,
     VERDA_HOST: 'verda',
     SSH_CONFIG: sshd.config,
-    VERDA_SCRIPTS_DIR: ROOT,
     BACKUP_DIR: backupDir,
     CONTAINER_CLI: 'podman',
     CONTAINER_IMAGE: IMAGE,
@@ -288,14 +304,12 @@ test.after(async () => {
 test('a command takes a stream on stdin, with backpressure; a failing stream stops it and is its error', async () => {
   const host = new LocalHost([]);
   const big = crypto.randomBytes(12 * MiB);
-  const r = await host.run(['sh', '-c', 'sha256sum'], {
-    stdin: Readable.from([big.subarray(0, 5 * MiB), big.subarray(5 * MiB)]),
-  });
+  const r = await host.$({ stdin: Readable.from([big.subarray(0, 5 * MiB), big.subarray(5 * MiB)]) })`sha256sum`;
   assert.is(r.code, 0);
   assert.is(r.stdout.split(' ')[0], sha256(big));
   const failing = new PassThrough();
   const started = Date.now();
-  const running = host.run(['sh', '-c', 'cat >/dev/null; echo finished'], { stdin: failing });
+  const running = host.$({ stdin: failing })`sh -c ${'cat >/dev/null; echo finished'}`;
   failing.write(Buffer.alloc(1024));
   setTimeout(() => failing.destroy(new Error('the source broke')), 100);
   // Bounded: a command that a broken stream does not stop fails the test in 5 s, never hangs it.
@@ -411,9 +425,11 @@ test('a fresh Verda over SSH: every kind as its source, the image loaded, every 
   const into = path.join(work, 'fresh');
   const connections = sshd.connections();
   const before = s3.requests.length;
-  const r = await restore(['--root', into]);
+  const r = await restore([], freshEnv(into));
   assert.is(r.code, 0, out(r));
-  assert.is(sshd.connections() - connections, 1, 'one SSH connection for the whole restore');
+  // The run's one connection, and one more once the host keys are back: Verda must present the key
+  // the admin's known_hosts trusts, which only a new handshake shows.
+  assert.is(sshd.connections() - connections, 2, 'one SSH connection for the whole restore, and the host key check');
   assertRestoredTree(into);
   assert.is(loadedId(), imageId.replace(/^sha256:/, ''), 'the image loaded with podman is the one backed up');
   const kept = path.join(into, 'mnt/sfs/cache/backups/worker-image.tar.gz');
@@ -452,7 +468,7 @@ test('a second restore downloads and loads nothing; a changed model is downloade
   const models = path.join(into, 'mnt/sfs/models');
   fs.writeFileSync(path.join(models, 'checkpoints/mine.safetensors'), 'not in R2');
   let before = s3.requests.length;
-  const again = await restore(['--root', into, '--json']);
+  const again = await restore(['--json'], freshEnv(into));
   assert.is(again.code, 0, out(again));
   const summary = JSON.parse(again.stdout);
   assert.is(summary.script, 'restore-verda');
@@ -479,10 +495,28 @@ test('a second restore downloads and loads nothing; a changed model is downloade
 test('an image that is not loaded comes from the SFS copy Verda kept, and nothing is sent', async () => {
   spawnSync('podman', ['rmi', '--force', IMAGE]);
   const into = path.join(work, 'fresh');
-  const r = await restore(['--root', into, '--only', 'image', '--verbose']);
+  const r = await restore(['--only', 'image', '--verbose'], freshEnv(into));
   assert.is(r.code, 0, out(r));
   assert.match(r.stdout, /loaded from \S+\/mnt\/sfs\/cache\/backups\/worker-image.tar.gz\n/, out(r));
   assert.is(loadedId(), imageId.replace(/^sha256:/, ''));
+});
+
+test('--root DIR: the image is left under DIR with how to load it; nothing is loaded, nothing outside DIR changes', async () => {
+  spawnSync('podman', ['rmi', '--force', IMAGE]);
+  const into = path.join(work, 'rooted');
+  const verdaBefore = snapshot(verda.root);
+  const r = await restore(['--root', into, '--skip-models']);
+  assert.is(r.code, 0, out(r));
+  const kept = path.join(into, 'mnt/sfs/cache/backups/worker-image.tar.gz');
+  assert.match(
+    r.stdout,
+    /left at \S+worker-image\.tar\.gz, not loaded \(--root\): load it with `gzip -dc \S+ \| podman load`/,
+    out(r),
+  );
+  assert.is(sha256(fs.readFileSync(kept)), sha256(fs.readFileSync(path.join(backupDir, 'worker-image.tar.gz'))));
+  assert.is(loadedId(), '', 'no image loaded');
+  assert.equal(snapshot(verda.root), verdaBefore, 'the Verda outside DIR is as it was');
+  assertRestoredTree(into);
 });
 
 test('an image neither loaded, nor on SFS, nor on Mello comes from the cache bucket, relayed by Mello', async () => {
@@ -492,7 +526,7 @@ test('an image neither loaded, nor on SFS, nor on Mello comes from the cache buc
   fs.renameSync(mello, `${mello}.away`);
   try {
     const before = s3.requests.length;
-    const r = await restore(['--root', into, '--only', 'image']);
+    const r = await restore(['--only', 'image'], freshEnv(into));
     assert.is(r.code, 0, out(r));
     assert.match(r.stdout, /Mello's worker-image.tar.gz is not the image manifest-\d{8}-\d{6}\.json records/, out(r));
     assert.match(r.stdout, new RegExp(`loaded from r2://${CACHE}/worker-image.tar.gz; kept as `), out(r));
@@ -591,7 +625,7 @@ exit 0
   assert.not.ok(fs.existsSync(path.join(sys, 'var/lib/tailscale')));
 });
 
-test('a damaged or missing artifact stops the restore before anything changes, naming it; no SSH at all', async () => {
+test('a damaged or missing artifact: the restore takes the newest whole point; --from it stops before anything changes, naming it, no SSH', async () => {
   const home = newest('home-dev');
   const original = fs.readFileSync(home);
   fs.writeFileSync(home, Buffer.concat([original.subarray(0, 30), Buffer.alloc(original.length - 30)]));
@@ -599,9 +633,15 @@ test('a damaged or missing artifact stops the restore before anything changes, n
   fs.renameSync(ufw, `${ufw}.away`);
   try {
     const into = path.join(work, 'damaged');
+    // Without --from: the newest whole restore point, the full one before it, and says why.
+    const dry = await restore(['--dry-run', '--root', into, '--skip-models']);
+    assert.is(dry.code, 0, out(dry));
+    const damagedPoint = `manifest-${path.basename(home).slice('home-dev-'.length, -'.tar.gz'.length)}.json`;
+    assert.match(dry.stdout, `${damagedPoint} is passed over: not a whole restore point`, out(dry));
+    assert.match(dry.stdout, /✓ manifest-\d{8}-\d{6}\.json: 8 archives checked/, out(dry));
     const connections = sshd.connections();
     const before = s3.requests.length;
-    const r = await restore(['--root', into]);
+    const r = await restore(['--from', damagedPoint.slice(9, 24), '--root', into]);
     assert.is(r.code, 1, out(r));
     assert.match(r.stdout, `damaged: ${path.basename(home)}: its sha256 is not the manifest's`, out(r));
     assert.match(r.stdout, `missing: ${path.basename(ufw)}`, out(r));
@@ -682,7 +722,7 @@ test('--dry-run says what it would restore and from where, and changes nothing',
     /would unpack home-dev-\d{8}-\d{6}\.tar\.gz \(\d+ entries\) into verda:\S+\/dry\/home\/dev/,
     out(r),
   );
-  assert.match(r.stdout, /image \w{12} already loaded: nothing to do/, out(r));
+  assert.match(r.stdout, /would bring image \w{12} \(\S+\) from Mello's \S+worker-image\.tar\.gz\n/, out(r));
   assert.match(r.stdout, /would download unet\/big.safetensors \(20M, new\)/, out(r));
   assert.match(r.stdout, /3 models \(20M\): 3 to download \(20M\), 0 already in place/, out(r));
   assert.match(r.stdout, /=== Dry run complete/, out(r));
@@ -749,10 +789,10 @@ test('--from r2 with a bundle holding a member that is not an artifact: exit 1 n
   }
 });
 
-test('a Verda without Node.js 20: the models step fails saying so, and every other step restores', async () => {
+test('a Verda without Node.js 20.15 (20.14 lacks zlib.crc32): the models step fails saying so, and every other step restores', async () => {
   const oldNode = path.join(work, 'old-node');
   fs.mkdirSync(oldNode);
-  fs.writeFileSync(path.join(oldNode, 'node'), '#!/bin/sh\necho v18.19.1\n', { mode: 0o755 });
+  fs.writeFileSync(path.join(oldNode, 'node'), '#!/bin/sh\necho v20.14.0\n', { mode: 0o755 });
   const into = path.join(work, 'no-node');
   // Started with this Node itself: the `node` on its PATH (Verda's, as VERDA_HOST is local) is the old one.
   const loader = path.join(ROOT, 'node_modules/tsx/dist/loader.mjs');
@@ -766,7 +806,7 @@ test('a Verda without Node.js 20: the models step fails saying so, and every oth
   assert.is(r.code, 1, out(r));
   assert.match(
     r.stdout,
-    /Node\.js 20 or newer is needed on local to download the models \(found: v18\.19\.1\)/,
+    /Node\.js 20\.15 or newer is needed on local to download the models \(found: v20\.14\.0\)/,
     out(r),
   );
   assert.match(r.stdout, /9 ok, 1 skipped, 1 failed/, out(r));
@@ -783,10 +823,15 @@ test('--drill on a good backup: one verdict line, no SSH, no temporary root left
   assert.is(r.code, 0, out(r));
   const verdicts = r.stdout.split('\n').filter((l) => /drill (passed|FAILED)/.test(l));
   assert.is(verdicts.length, 1, r.stdout);
-  // The --quick run's bundle and its dated copy; the full run's image and three models (its own bundle is
-  // superseded by the --quick run's, and not what a restore reads).
+  // The --quick run's bundle and its dated copy; the full run's three models (its own bundle is
+  // superseded by the --quick run's, and not what a restore reads). The image has a step of its own.
   const passed =
-    /✓ drill passed: manifest-\d{8}-\d{6}\.json restores whole \(8 archives identical on restore, 6 R2 objects in/;
+    /✓ drill passed: manifest-\d{8}-\d{6}\.json restores whole \(8 archives identical on restore, 5 R2 objects in/;
+  assert.match(
+    r.stdout,
+    /✓ image \w{12} \(manifest-\d{8}-\d{6}\.json\): Mello's worker-image\.tar\.gz and r2:\/\/\S+ hold it whole/,
+    out(r),
+  );
   assert.match(verdicts[0], passed, out(r));
   assert.match(
     r.stdout,
@@ -805,7 +850,10 @@ test('--drill fails naming what would not restore: a damaged archive, a model go
   const original = fs.readFileSync(project);
   fs.writeFileSync(project, Buffer.concat([original.subarray(0, original.length - 8), Buffer.alloc(8)]));
   try {
-    const r = await restore(['--drill']);
+    // The restore would pass over that point for the whole one before it: so does the drill, and
+    // with --from it the drill fails naming the archive.
+    const stamp = path.basename(project).slice('comfy-project-'.length, -'.tar.gz'.length);
+    const r = await restore(['--drill', '--from', stamp]);
     assert.is(r.code, 1, out(r));
     assert.match(r.stdout, `✗ drill FAILED: manifest-`, out(r));
     assert.match(r.stdout, `damaged: ${path.basename(project)}: its sha256 is not the manifest's`, out(r));
@@ -837,7 +885,8 @@ test('--verify checks the backup and its R2 objects on Mello alone, and changes 
   const before = s3.requests.length;
   const ok = await restore(['--verify']);
   assert.is(ok.code, 0, out(ok));
-  assert.match(ok.stdout, /6 of 6 objects present with their size and sha256/, out(ok));
+  assert.match(ok.stdout, /5 of 5 objects present with their size and sha256/, out(ok));
+  assert.match(ok.stdout, /✓ image \w{12} \(manifest-\d{8}-\d{6}\.json\): Mello's worker-image\.tar\.gz and /, out(ok));
   assert.match(ok.stdout, /=== Verify complete/, out(ok));
   assert.is(sshd.connections(), connections);
   assert.equal(
@@ -927,6 +976,50 @@ test('--from r2 with an age-encrypted bundle: restored with AGE_IDENTITY_FILE, r
   const drill = await restore(['--drill'], { AGE_IDENTITY_FILE: key });
   assert.is(drill.code, 0, out(drill));
   assert.match(drill.stdout, /\(2 age-encrypted, decrypted with AGE_IDENTITY_FILE\)/, out(drill));
+});
+
+test('models come back with the mode they had on Verda (0644 when unknown) in 0755 directories, whatever the umask', async () => {
+  const shared = crypto.randomBytes(1000);
+  const unknown = crypto.randomBytes(1000);
+  await s3.client.send(
+    new PutObjectCommand({
+      Bucket: MODELS,
+      Key: 'modes/shared.safetensors',
+      Body: shared,
+      Metadata: { sha256: sha256(shared), mode: '640' },
+    }),
+  );
+  // A bash-era upload: no mode recorded.
+  await s3.client.send(
+    new PutObjectCommand({
+      Bucket: MODELS,
+      Key: 'modes/old.safetensors',
+      Body: unknown,
+      Metadata: { sha256: sha256(unknown) },
+    }),
+  );
+  const into = path.join(work, 'modes');
+  const umask = process.umask(0o077); // Verda's side is a child of the run: it inherits this
+  try {
+    const r = await restore(['--root', into, '--only', 'models'], { VERDA_HOST: 'local' });
+    assert.is(r.code, 0, out(r));
+  } finally {
+    process.umask(umask);
+    await s3.client.send(new DeleteObjectCommand({ Bucket: MODELS, Key: 'modes/shared.safetensors' }));
+    await s3.client.send(new DeleteObjectCommand({ Bucket: MODELS, Key: 'modes/old.safetensors' }));
+  }
+  const models = path.join(into, 'mnt/sfs/models');
+  const mode = (p: string) => (fs.statSync(path.join(models, p)).mode & 0o777).toString(8);
+  assert.is(mode('modes/shared.safetensors'), '640', 'the recorded mode');
+  assert.is(mode('modes/old.safetensors'), '644', 'unknown: 0644');
+  assert.is(mode('modes'), '755');
+  assert.is(mode('checkpoints/sd_xl_base.safetensors'), '644', 'the mode backup-verda recorded');
+  assert.is(mode('checkpoints'), '755');
+});
+
+test('backup-verda records each model mode in R2', async () => {
+  const head = await s3.headObject(MODELS, 'checkpoints/sd_xl_base.safetensors');
+  assert.is(head?.metadata.mode, '644');
 });
 
 test.run();

@@ -15,8 +15,8 @@ import os from 'node:os';
 import path from 'node:path';
 
 // Throwaway keys of the test user, known so a test can also sign with a wrong one.
-export const RGW_ACCESS_KEY_ID = 'RGWTESTACCESSKEY0001';
-export const RGW_SECRET_ACCESS_KEY = 'rgw-test-secret-of-a-throwaway-cluster-0';
+const RGW_ACCESS_KEY_ID = 'RGWTESTACCESSKEY0001';
+const RGW_SECRET_ACCESS_KEY = 'rgw-test-secret-of-a-throwaway-cluster-0';
 
 export interface RgwOptions {
   /** Bound of the whole boot; a boot that takes longer fails with the logs' last lines. */

@@ -9,13 +9,14 @@ const only = process.argv.slice(2);
 let passed = 0;
 let failed = 0;
 
-// The tests need OpenSSH's server, podman, logrotate, age and Ceph RGW (radosgw, ceph-mon,
-// ceph-osd) from Debian: on a fresh machine, install them (as root, as .ci/run does), so that
+// The tests need OpenSSH's server, podman, logrotate, age, shellcheck and Ceph RGW (radosgw,
+// ceph-mon, ceph-osd) from Debian: on a fresh machine, install them (as root, as .ci/run does), so that
 // `npm test` alone is the whole set-up. Ceph without its recommends: ceph-mgr, ceph-mds and 50
 // more packages go unused.
 const has = (cmd) => spawnSync('sh', ['-c', 'command -v "$1" || [ -x "/usr/sbin/$1" ]', 'sh', cmd]).status === 0;
 const lacking = (pairs) => pairs.filter(([cmd]) => !has(cmd)).map(([, pkg]) => pkg);
 const missing = lacking([
+  ['shellcheck', 'shellcheck'],
   ['sshd', 'openssh-server'],
   ['ssh', 'openssh-client'],
   ['podman', 'podman'],
@@ -50,7 +51,15 @@ function record(name, ok, detail = '') {
   console.log(`${ok ? 'PASS' : 'FAIL'} ${name}${detail ? ` — ${detail}` : ''}`);
 }
 
-if (!only.length) {
+// The bundles the scripts run from the checkout, and Verda's that the models steps bring, built
+// from the code under test: a bundle older than lib/ is an error at run time, by design.
+const build = spawnSync(process.execPath, [path.join(root, 'build.mjs')], { cwd: root, encoding: 'utf8' });
+if (build.status !== 0) {
+  process.stdout.write(build.stdout + build.stderr);
+  record('npm run build', false, `exit ${build.status}`);
+}
+
+if (!only.length || only.includes('checks')) {
   const tsc = spawnSync(
     process.execPath,
     [path.join(root, 'node_modules/typescript/bin/tsc'), '--noEmit', '-p', root],
@@ -73,6 +82,38 @@ if (!only.length) {
       .join('\n') + prettier.stderr,
   );
   record('prettier --check (print width 120)', prettier.status === 0);
+  // The house as drawn: no import cycle, no import up a floor (.dependency-cruiser.cjs).
+  const cruise = spawnSync(
+    process.execPath,
+    [
+      path.join(root, 'node_modules/dependency-cruiser/bin/dependency-cruise.mjs'),
+      '--config',
+      '.dependency-cruiser.cjs',
+      'lib',
+    ],
+    { cwd: root, encoding: 'utf8' },
+  );
+  process.stdout.write(cruise.stdout + cruise.stderr);
+  record('dependency-cruiser (no cycle, no import up a floor)', cruise.status === 0);
+  // Nothing exported that nothing uses, no file that nothing reads (knip.json).
+  const knip = spawnSync(process.execPath, [path.join(root, 'node_modules/knip/bin/knip.js')], {
+    cwd: root,
+    encoding: 'utf8',
+  });
+  process.stdout.write(knip.stdout + knip.stderr);
+  record('knip (no unused file, export or dependency)', knip.status === 0);
+  // The shell programs: each a file of lib/sh/, POSIX sh, and the launchers and install beside them.
+  const shells = [
+    'lib/launch.sh',
+    'lib/mello-trigger.sh',
+    ...fs.readdirSync(path.join(root, 'lib/sh')).map((f) => `lib/sh/${f}`),
+  ];
+  const shellcheck = spawnSync('shellcheck', ['--shell=sh', '--severity=warning', ...shells], {
+    cwd: root,
+    encoding: 'utf8',
+  });
+  process.stdout.write((shellcheck.stdout ?? '') + (shellcheck.stderr ?? ''));
+  record(`shellcheck (${shells.length} shell programs)`, shellcheck.status === 0);
 }
 
 const files = fs

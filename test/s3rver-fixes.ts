@@ -12,6 +12,9 @@
 //     it comes: a request cut short left a truncated object in place of the previous one);
 //   - check Signature Version 4 (s3rver accepts any signature from a known key id, so a wrong
 //     secret went unnoticed): a request signed with another secret gets 403 SignatureDoesNotMatch;
+//   - read x-amz-copy-source URL-decoded as S3 does (s3rver's decodeURI leaves `%24` and the
+//     other reserved characters encoded: a key with `$` or `&` was not found), and honour
+//     x-amz-copy-source-if-match (412 PreconditionFailed when the source's ETag differs);
 //   - keep a clock of its own (setServerClock, or S3RVER_CLOCK_OFFSET_MS): a request signed more
 //     than 15 minutes from it gets 403 RequestTimeTooSkewed, and every answer carries the server's
 //     Date, from which clients correct their own clock (s3rver uses this machine's clock).
@@ -142,6 +145,34 @@ async function abortMultipartUpload(ctx: Ctx) {
     const digest = md5.digest('hex');
     fs.writeFileSync(`${partPath}.md5`, digest);
     return { size, md5: digest };
+  };
+}
+
+{
+  const layer = (router.stack as { path: string; methods: string[]; stack: Function[] }[]).find(
+    (l) => l.path === '/:bucket/:key+' && l.methods.includes('PUT'),
+  );
+  if (!layer) throw new Error('s3rver router: no PUT /:bucket/:key+ route to extend');
+  const original = layer.stack[layer.stack.length - 1];
+  type CopyCtx = Ctx & { store: { getMetadata(b: string, k: string): Promise<Record<string, string>> } };
+  layer.stack[layer.stack.length - 1] = async (ctx: CopyCtx, next: () => Promise<void>) => {
+    const source = ctx.headers['x-amz-copy-source'];
+    if (typeof source === 'string') {
+      // s3rver applies decodeURI, which leaves reserved characters alone: encodeURI undoes to the key.
+      const decoded = decodeURIComponent(source);
+      ctx.headers['x-amz-copy-source'] = encodeURI(decoded);
+      const ifMatch = ctx.headers['x-amz-copy-source-if-match'];
+      if (typeof ifMatch === 'string') {
+        const [bucket, ...key] = decoded.replace(/^\//, '').split('/');
+        const meta = await ctx.store.getMetadata(bucket, key.join('/')).catch(() => undefined);
+        const bare = (etag: string) => etag.replace(/"/g, '');
+        if (meta && bare(meta.etag ?? '') !== bare(ifMatch))
+          throw new S3Error('PreconditionFailed', 'At least one of the pre-conditions you specified did not hold', {
+            Condition: 'x-amz-copy-source-If-Match',
+          });
+      }
+    }
+    return original(ctx, next);
   };
 }
 

@@ -8,7 +8,7 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { humanAge, type StatusReport } from '../lib/status.ts';
-import { timestamp } from '../lib/rotation.ts';
+import { timestamp } from '../lib/dated.ts';
 import {
   closedPort,
   runScript,
@@ -295,7 +295,7 @@ test('backup-verda --status: fresh, after a good run (artifacts, sizes, R2 bundl
     /✗ the newest backup, manifest-\d{8}-\d{6}\.json, is incomplete: Config bundle to R2 failed/,
     bad.text,
   );
-  assert.match(bad.text, /^Newest complete backup: manifest-/m, 'the older good one is shown');
+  assert.match(bad.text, /^Newest whole restore point: manifest-/m, 'the older good one is shown');
   assert.equal(bad.report.verda!.newest!.failedSteps, ['Config bundle to R2']);
   assert.ok(bad.report.verda!.newestComplete?.complete);
 

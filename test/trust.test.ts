@@ -189,25 +189,36 @@ test.before(async () => {
     ],
   );
 
-  // Verda's side of the models step, wrapped to keep a copy of what arrives on its stdin.
-  const scripts = path.join(work, 'verda-scripts');
-  fs.mkdirSync(scripts);
+  // Verda's side of the models step: a `node` first on the PATH runs the brought bundle through a
+  // wrapper that keeps a copy of what it reads on stdin (the request), and ends when the bundle ends.
+  const shims = path.join(work, 'verda-bin');
+  fs.mkdirSync(shims);
   captureFile = path.join(work, 'verda-stdin');
-  const wrapper = path.join(scripts, 'capture.mjs');
+  const wrapper = path.join(shims, 'capture.mjs');
   fs.writeFileSync(
     wrapper,
     `import { spawn } from 'node:child_process';
 import fs from 'node:fs';
-const child = spawn(${JSON.stringify(path.join(ROOT, 'backup-verda.mts'))}, process.argv.slice(2), { stdio: ['pipe', 'inherit', 'inherit'] });
+const child = spawn(process.execPath, process.argv.slice(2), { stdio: ['pipe', 'inherit', 'inherit'] });
 child.stdin.on('error', () => {});
 process.stdin.on('data', (d) => { fs.appendFileSync(${JSON.stringify(captureFile)}, d); child.stdin.write(d); });
 process.stdin.on('end', () => child.stdin.end());
 child.on('exit', (code) => process.exit(code ?? 1));
 `,
   );
-  fs.writeFileSync(path.join(scripts, 'backup-verda.mts'), `#!/bin/sh\nexec node ${JSON.stringify(wrapper)} "$@"\n`, {
-    mode: 0o755,
-  });
+  const node = JSON.stringify(process.execPath);
+  fs.writeFileSync(
+    path.join(shims, 'node'),
+    [
+      '#!/bin/sh',
+      'case "$1" in',
+      `  */comfymulti-verda.*/verda.mjs) exec ${node} ${JSON.stringify(wrapper)} "$@" ;;`,
+      `  *) exec ${node} "$@" ;;`,
+      'esac',
+      '',
+    ].join('\n'),
+    { mode: 0o755 },
+  );
 
   // A worker image for the full run (podman import of a one-file root).
   const rootfs = path.join(work, 'rootfs');
@@ -224,8 +235,8 @@ child.on('exit', (code) => process.exit(code ?? 1));
 
   verdaEnv = {
     ...verda.env,
+    PATH: `${shims}:${verda.env.PATH ?? process.env.PATH}`,
     VERDA_HOST: 'local',
-    VERDA_SCRIPTS_DIR: scripts,
     BACKUP_DIR: backupDir,
     R2_ENDPOINT: s3.endpoint,
     ...GLOBAL_INVALID,
@@ -235,6 +246,8 @@ child.on('exit', (code) => process.exit(code ?? 1));
     CONTAINER_IMAGE: IMAGE,
     KEEP_BACKUPS: '2',
     COMFYMULTI_STATE_DIR: path.join(work, 'verda-run-state'),
+    // A hang fails the test in a minute, not the production ten.
+    COMFYMULTI_COMMAND_TIMEOUT: '60',
   };
   cronEnv = {
     ...verda.env,
@@ -482,12 +495,21 @@ test('per-bucket keys: with the shared pair invalid, backup-verda (full) works; 
   assert.ok((await s3.listKeys(CACHE)).includes('verda-config-backup.tar.gz'));
 
   const received = fs.readFileSync(captureFile, 'utf8');
-  const request = JSON.parse(received.split('\n')[0]);
+  const { call, request } = JSON.parse(received.split('\n')[0]);
+  assert.is(call, 'backup-models');
   assert.equal(request.target, {
     bucket: MODELS,
     endpoint: s3.endpoint,
     accessKeyId: KEYS.models.id,
     secretAccessKey: KEYS.models.secret,
+    // The names of the variables in use (never values): Verda's errors name the pair to fix.
+    variables: {
+      bucket: 'R2_MODELS_BUCKET',
+      endpoint: 'R2_ENDPOINT',
+      ownEndpoint: 'R2_MODELS_ENDPOINT',
+      accessKeyId: 'R2_MODELS_ACCESS_KEY_ID',
+      secretAccessKey: 'R2_MODELS_SECRET_ACCESS_KEY',
+    },
   });
   for (const other of [
     KEYS.cache.id,
@@ -575,6 +597,8 @@ test('with AGE_RECIPIENTS the bundle leaves Mello age-encrypted (.age names); th
     /verda-config-backup\.tar\.gz\.age and verda-config-backups\/verda-config-backup-\d{8}-\d{6}\.tar\.gz\.age, age-encrypted/,
   );
 
+  // The plaintext bundles of the points kept are sent again encrypted before they go: those
+  // points stay whole (their bundle is in R2, as .age with the plaintext's sha256).
   const r = await runScript('backup-verda.mts', ['--quick'], { ...verdaEnv, AGE_RECIPIENTS: ageRecipient });
   assert.is(r.code, 0, r.stdout + r.stderr);
   const keys = await s3.listKeys(CACHE);
@@ -727,7 +751,7 @@ test('--verify checks the ciphertext without a key; --verify --deep decrypts wit
   assert.match(forgedRun.stdout, /differs: r2:\/\/comfy-multi-cache\/verda-config-backup\.tar\.gz\.age/);
 });
 
-test('rotation keeps KEEP_BACKUPS (2) dated .age bundles in R2; AGE_RECIPIENTS may be a file of recipients', async () => {
+test('rotation keeps the dated .age bundles of the KEEP_BACKUPS (2) newest points and the image point; AGE_RECIPIENTS may be a file of recipients', async () => {
   const file = path.join(work, 'recipients.txt');
   const second = sh('age-keygen', [])
     .stdout.toString()
@@ -740,7 +764,19 @@ test('rotation keeps KEEP_BACKUPS (2) dated .age bundles in R2; AGE_RECIPIENTS m
     assert.match(r.stdout, /age-encrypted to 2 recipients/);
   }
   const dated = (await s3.listKeys(CACHE, 'verda-config-backups/')).filter((k) => k.endsWith('.tar.gz.age'));
-  assert.is(dated.length, 2, dated.join(', '));
+  // The 2 newest restore points, and the newest whole one that records the worker image (a full
+  // run's, kept beside them locally): a kept point's bundle is never deleted.
+  const manifests = fs
+    .readdirSync(backupDir)
+    .filter((n) => /^manifest-\d{8}-\d{6}\.json$/.test(n))
+    .sort()
+    .reverse();
+  const read = (n: string) => JSON.parse(fs.readFileSync(path.join(backupDir, n), 'utf8'));
+  const imagePoint = manifests.find((n) => read(n).imageId)!;
+  const want = [...new Set([...manifests.slice(0, 2), imagePoint])].map(
+    (n) => `verda-config-backups/verda-config-backup-${n.slice(9, 24)}.tar.gz.age`,
+  );
+  assert.equal(dated.sort(), want.sort(), dated.join(', '));
   assert.ok(dated.includes(`verda-config-backups/verda-config-backup-${newestManifest().timestamp}.tar.gz.age`));
   // Both recipients can decrypt it.
   const stored = await s3.readObject(CACHE, 'verda-config-backup.tar.gz.age');

@@ -8,15 +8,16 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { readTarMessages } from '../lib/archive.ts';
-import { UsageError, humanSize, parseFlags } from '../lib/cli.ts';
+import { RESTORE_VERDA_FLAGS, UsageError, humanSize, parseFlags } from '../lib/cli.ts';
 import { BLOCK, Digester, showBytes, walkTree } from '../lib/files.ts';
-import { HashCache, TreeCache, awsCliPartSize, etagProvesContent } from '../lib/hash-cache.ts';
+import { FileDigests, TreeCache, awsCliPartSize, etagProvesContent } from '../lib/hash-cache.ts';
 import { LockHeld, acquireLock, isHeld, processStart } from '../lib/lock.ts';
 import { AdaptiveSlots, Slots } from '../lib/pacer.ts';
 import { pool } from '../lib/pool.ts';
 import { commandArgs, shellQuote } from '../lib/ssh.ts';
-import { MAX_PARTS, MIN_PART_SIZE, MiB, partSizeFor } from '../lib/r2.ts';
-import { datedCopies, datedPattern, isFuture, stampTime, timestamp } from '../lib/rotation.ts';
+import { MiB } from '../lib/files.ts';
+import { MAX_PARTS, MIN_PART_SIZE, partSizeFor } from '../lib/r2.ts';
+import { datedCopies, datedPattern, isFuture, stampTime, timestamp } from '../lib/dated.ts';
 import { listBundles, rotateBundles } from '../lib/archive.ts';
 import {
   CountingBackend,
@@ -62,6 +63,28 @@ test('parseFlags: the SPEC flags, their aliases, and what is refused', () => {
   throwsUsage(() => parseFlags(['--env-file', 'a', '--env-file', 'b']), /more than once/);
   throwsUsage(() => parseFlags(['--env-file']), /--env-file needs a value/);
   assert.is(parseFlags(['--drill'], { boolean: ['drill'] }).extra.drill, true);
+});
+
+test("restore-verda's flag rules: what cannot go together is refused naming both, with why", () => {
+  const rv = (...argv: string[]) => parseFlags(argv, RESTORE_VERDA_FLAGS);
+  throwsUsage(() => rv('--drill', '--from', 'r2'), /--drill and --from r2 cannot be used together/);
+  throwsUsage(() => rv('--drill', '--root', '/tmp/x'), /--drill and --root/);
+  throwsUsage(() => rv('--verify', '--from', 'sfs'), /--verify and --from sfs/);
+  throwsUsage(() => rv('--new-host', '--drill'), /--new-host and --drill .*without connecting to Verda/);
+  throwsUsage(() => rv('--new-host', '--verify'), /--new-host and --verify/);
+  for (const other of [
+    ['--drill'],
+    ['--from', 'r2'],
+    ['--root', '/r'],
+    ['--only', 'ufw'],
+    ['--new-host'],
+    ['--skip-models'],
+  ])
+    throwsUsage(() => rv('--list', ...other), new RegExp(`--list and ${other[0]} .*only lists`));
+  throwsUsage(() => rv('--from', 'yesterday'), /--from must be a backup's timestamp/);
+  assert.equal(rv('--drill', '--from', '20261201-120000').extra.from, { from: 'manifest', stamp: '20261201-120000' });
+  assert.is(rv('--list').list, true);
+  assert.is(rv('--new-host').extra['new-host'], true);
 });
 
 test('humanSize prints as du -h does', () => {
@@ -150,7 +173,14 @@ test('rotateBundles keeps the newest KEEP bundles, plain or encrypted, and touch
     (await listBundles(b)).map((x) => `${x.stamp}${x.encrypted ? '.age' : ''}`),
     ['20260104-000000.age', '20260104-000000', '20260103-000000', '20260102-000000', '20260101-000000'],
   );
-  const gone = await rotateBundles(b, 3, false);
+  // A fresh Mello (BACKUP_DIR without KEEP restore points of its own) deletes nothing in R2.
+  const none = await rotateBundles(b, 3, { keptStamps: new Set(), trim: false });
+  assert.equal(none.deleted, []);
+  assert.match(none.notes.join(), /5 dated bundles kept/);
+  // A bundle a kept restore point names is never deleted, however old.
+  const kept = await rotateBundles(b, 4, { keptStamps: new Set(['20260101-000000']), trim: true });
+  assert.equal(kept.deleted, []);
+  const gone = (await rotateBundles(b, 3, { keptStamps: new Set(), trim: true })).deleted;
   assert.equal(
     gone.sort(),
     stamps.slice(0, 2).map((s) => `verda-config-backups/verda-config-backup-${s}.tar.gz`),
@@ -163,7 +193,7 @@ test('rotateBundles keeps the newest KEEP bundles, plain or encrypted, and touch
     'verda-config-backups/verda-config-backup-20260104-000000.tar.gz.age',
   ]);
   // Encrypted: every plaintext bundle goes, the latest plaintext key too.
-  await rotateBundles(b, 3, true);
+  await rotateBundles(b, 3, { keptStamps: new Set(), trim: true, encryptTo: ['age1unused'], tmpDir: tmp() });
   assert.equal([...b.objects.keys()].sort(), [
     'verda-config-backups/notes.txt',
     'verda-config-backups/verda-config-backup-20260104-000000.tar.gz.age',
@@ -366,28 +396,38 @@ test('AdaptiveSlots: grow while throughput grows and callers wait, step back whe
 // ---------------------------------------------------------------------------------------------
 // hash cache
 
-test('HashCache: an unchanged file is not read again; an entry of the wrong shape is dropped', async () => {
+test('FileDigests: an unchanged file is not read again; an entry of the wrong shape is dropped', async () => {
   const dir = tmp();
   const file = path.join(dir, 'f');
   fs.writeFileSync(file, 'content');
   const st = fs.statSync(file, { bigint: true });
-  const stat = { size: st.size, mtimeNs: st.mtimeNs, ino: st.ino };
+  const stat = { size: st.size, mtimeNs: st.mtimeNs, ctimeNs: st.ctimeNs, ino: st.ino };
   const cacheFile = path.join(dir, 'cache.json');
-  const c1 = HashCache.load(cacheFile);
-  assert.is((await c1.hash(file, stat)).sha256, sha('content'));
-  c1.save();
-  const c2 = HashCache.load(cacheFile);
-  const again = await c2.hash(file, stat);
-  assert.is(again.sha256, sha('content'));
-  assert.is(again.fingerprint, undefined, 'from the cache');
-  fs.writeFileSync(
-    cacheFile,
-    JSON.stringify({ version: 1, files: { [file]: ['x', 1, null, 'no'] }, objects: { o: [1] } }),
+  const c1 = FileDigests.load(cacheFile);
+  assert.is(await c1.sha256(file, stat), sha('content'));
+  c1.trySave();
+  const c2 = FileDigests.load(cacheFile);
+  assert.is(await c2.sha256(file, stat), sha('content'));
+  assert.is(c2.hashed, 0, 'from the cache');
+  // Same size, the mtime put back to the nanosecond: only the ctime moved.
+  fs.writeFileSync(file, 'CONTENT');
+  assert.is(
+    spawnSync('touch', [
+      '-d',
+      `@${st.mtimeNs / 1_000_000_000n}.${String(st.mtimeNs % 1_000_000_000n).padStart(9, '0')}`,
+      file,
+    ]).status,
+    0,
   );
-  const c3 = HashCache.load(cacheFile);
-  const third = await c3.hash(file, stat);
-  assert.is(third.sha256, sha('content'));
-  assert.ok(third.fingerprint, 'hashed again');
+  const edited = fs.statSync(file, { bigint: true });
+  assert.is(edited.mtimeNs, st.mtimeNs);
+  const seen = await c2.sha256(file, edited);
+  assert.is(seen, sha('CONTENT'), 'an edit that put the mtime back is read again');
+  fs.writeFileSync(file, 'content');
+  fs.writeFileSync(cacheFile, JSON.stringify({ version: 2, files: { [file]: ['x', 1, null, 'no'] } }));
+  const c3 = FileDigests.load(cacheFile);
+  assert.is(await c3.sha256(file, stat), sha('content'));
+  assert.is(c3.hashed, 1, 'hashed again');
   fs.rmSync(dir, { recursive: true });
 });
 
@@ -402,6 +442,18 @@ async function tree(files: Record<string, string>) {
   }
   return root;
 }
+
+test("syncTree: a temporary file of restore-mello's downloads in the tree is never sent; a look-alike name is", async () => {
+  const root = await tree({
+    'u1/a.json': 'a',
+    'u1/.b.json.partial-4242-0123abcd': 'half a download',
+    'u1/.c.partial-notes': 'a user file',
+  });
+  const b = new MemoryBackend();
+  const r = await syncTree({ root, backend: b, prefix: '' });
+  assert.equal([...b.objects.keys()].sort(), ['u1/.c.partial-notes', 'u1/a.json']);
+  assert.is(r.failureCount, 0);
+});
 
 test('syncTree: new files are sent with their sha256; an unchanged rerun sends nothing, reads nothing, asks nothing but the listing', async () => {
   const root = await tree({ 'u1/a.json': 'a', 'u2/b.json': 'bb' });
@@ -586,28 +638,6 @@ test('listingSplits: ranges of whole pages off the cache, so they cost what one 
   assert.is(pages, 3, 'the pages of one listing, no more');
 });
 
-test('TreeCache: what a run hashed is read back by the next; an older whole-file cache is read once', async () => {
-  const dir = tmp();
-  const root = await tree({ 'x/a.txt': 'a', 'x/b.txt': 'b' });
-  const legacy = path.join(dir, 'old.json');
-  const st = (rel: string) => fs.statSync(path.join(root, rel), { bigint: true });
-  fs.writeFileSync(
-    legacy,
-    JSON.stringify({
-      version: 1,
-      files: { [path.join(root, 'x/a.txt')]: [1, String(st('x/a.txt').mtimeNs), String(st('x/a.txt').ino), sha('a')] },
-      objects: {},
-    }),
-  );
-  const b = new MemoryBackend();
-  const cacheFile = path.join(dir, 'tree.jsonl');
-  const first = await syncTree({ root, backend: b, prefix: '', cacheFile, legacyCache: legacy });
-  assert.is(first.hashed, 1, 'a.txt came from the older cache, b.txt was read');
-  const second = await syncTree({ root, backend: b, prefix: '', cacheFile, legacyCache: legacy });
-  assert.is(second.hashed, 0);
-  assert.is(second.skipped, 2);
-});
-
 test('TreeCache: each line once, sorted, after a run that keeps what it passes over and after a whole walk', async () => {
   const dir = tmp();
   const file = path.join(dir, 'tree.jsonl');
@@ -690,7 +720,6 @@ test('lock: a live holder is respected; a dead pid, a reused pid, an earlier boo
   assert.is(isHeld({ ...me, pid: 999_999_999 }, 'backup-x', 0), false, 'no such process');
   assert.is(isHeld({ ...me, procStart: '1' }, 'backup-x', 0), false, 'the pid was reused');
   assert.is(isHeld({ ...me, bootId: 'another-boot' }, 'backup-x', 0), false, 'an earlier boot');
-  assert.is(isHeld({ pid: process.pid }, 'backup-x', 0), false, 'a bare pid of a process that is not the script');
   assert.is(isHeld({ ...me, host: 'other-instance' }, 'backup-x', 60_000), true, 'another host, heartbeat fresh');
   assert.is(isHeld({ ...me, host: 'other-instance' }, 'backup-x', 3600_000), false, 'another host, silent for an hour');
   const dir = tmp();

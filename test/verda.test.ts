@@ -6,7 +6,16 @@ import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { DeleteObjectCommand } from '@aws-sdk/client-s3';
-import { ROOT, runScript, s3Env, sha256, startS3, tempDir, type RunResult, type S3Server } from './helpers.ts';
+import {
+  runScript,
+  s3Env,
+  sha256,
+  startS3,
+  tempDir,
+  writeRandomFile,
+  type RunResult,
+  type S3Server,
+} from './helpers.ts';
 import { startSshd, type Sshd } from './sshd.ts';
 import { ENV_SECRET, ODD, makeVerda, type VerdaFixture } from './verda-fixture.ts';
 
@@ -113,7 +122,6 @@ test.before(async () => {
     ...verda.env,
     VERDA_HOST: 'verda',
     SSH_CONFIG: sshd.config,
-    VERDA_SCRIPTS_DIR: ROOT,
     BACKUP_DIR: backupDir,
     CONTAINER_CLI: 'podman',
     CONTAINER_IMAGE: IMAGE,
@@ -361,6 +369,25 @@ test('a changed image is saved and sent again; a new model alone is sent', async
   );
 });
 
+test('the long steps say where they stand: dated stats lines every STATS_INTERVAL without a terminal, bytes, rate, ETA, the file', async () => {
+  await new Promise((r) => setTimeout(r, 1100));
+  const model = path.join(verda.models, 'checkpoints/progress.safetensors');
+  writeRandomFile(model, 24 * 1024 * 1024);
+  try {
+    const r = await backup([], { STATS_INTERVAL: '0.1' });
+    assert.is(r.code, 0, r.stdout + r.stderr);
+    const stats =
+      /^ {2}\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] models sent from Verda: \S+ of \S+ \(\d+%\), \S+\/s, ETA [\d:-]+; checkpoints\/progress\.safetensors \S+ of 24M$/m;
+    assert.match(r.stdout, stats, r.stdout);
+    // The header and the summary carry the date and time.
+    assert.match(r.stdout, /^=== Verda → Mello and R2 \(full\), \d{4}-\d\d-\d\d \d\d:\d\d:\d\d ===$/m);
+    assert.match(r.stdout, /^=== Backup complete in [\d.]+s: .*, ended \d{4}-\d\d-\d\d \d\d:\d\d:\d\d ===$/m);
+    assert.not.match(r.stderr, /Warning|warning/);
+  } finally {
+    fs.rmSync(model);
+  }
+});
+
 test('rotation keeps KEEP_BACKUPS dated copies of each kind, on Mello and in R2', async () => {
   assert.is(manifests().length, 2);
   for (const kind of ['home-dev', 'tailscale-identity', 'comfy-project']) {
@@ -390,7 +417,8 @@ test('an unreachable Verda is exit 1 within the connect timeout, naming it', asy
   assert.match(r.stdout, /cannot reach nohost/);
   assert.ok(Date.now() - started < 20_000, `${Date.now() - started} ms`);
   assert.not.match(r.stdout + r.stderr, /\n\s+at /);
-  assert.is(manifests().length, 3, 'a manifest records the failed run');
+  // It made nothing: no manifest (a manifest is a restore point, and this run is none).
+  assert.is(manifests().length, 2, 'no manifest for a run that made no archive');
   assert.is((await s3.listKeys(CACHE, 'verda-config-backups/')).length, 2, 'not rotated after a failed run');
 });
 

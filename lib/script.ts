@@ -1,20 +1,23 @@
-// A step is a value: its name, what it moves, and how to run it. The printed step lines,
-// --dry-run and --json all come from the same plan. runScript is every script's main: flags,
-// configuration, lock, signals, the plan, the summary and the exit code.
+// runScript is every script's main: flags, configuration, lock, signals, the plan (its steps
+// run by lib/step.ts), the summary, the pings and the exit code. The top of the house: only the
+// scripts import it.
 import { setMaxListeners } from 'node:events';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import {
-  COMMON_HELP,
   EXIT,
   Output,
   UsageError,
+  addNotice,
   errorText,
   exitAfterOutput,
+  helpText,
   humanSize,
+  localTime,
   notices,
   parseFlags,
+  type ExtraFlags,
   type Flags,
 } from './cli.ts';
 import { DEFAULT_LIMITS, loadConfig, mergedEnv, readLimits, type Config } from './config.ts';
@@ -22,127 +25,7 @@ import { removeStalePartials } from './files.ts';
 import { LockError, LockHeld, acquireLock } from './lock.ts';
 import { Notifier, notifyTarget, pingBody, pingNotStarted, type NotifyTarget } from './notify.ts';
 import { statusText, writeLastRun, type StatusReport } from './status.ts';
-
-export interface StepContext {
-  out: Output;
-  dryRun: boolean;
-  verbose: boolean;
-  signal: AbortSignal;
-  /** The reports of the steps before this one, in order (see failedBefore). */
-  earlier: StepReport[];
-  /** The plan's steps, in the same order as the reports. */
-  steps: Step[];
-}
-
-/**
- * The one rule for "did an earlier step fail": the steps before this one (or those of `among`)
- * that failed or were interrupted. The bundle, the manifest and rotation all ask it.
- */
-export function failedBefore(ctx: StepContext, among?: Step[]): StepReport[] {
-  return ctx.earlier.filter(
-    (r, i) => (r.status === 'failed' || r.status === 'interrupted') && (!among || among.includes(ctx.steps[i])),
-  );
-}
-
-export interface StepResult {
-  /** The step's printed line: what was done, e.g. `1204 files (3.1G): 3 sent (12M), 1201 unchanged`. */
-  summary: string;
-  bytes?: number;
-  /** `skipped`: nothing to do here (a missing optional source); with a warning, say why. */
-  status?: 'ok' | 'skipped';
-  warnings?: string[];
-  /** Items that failed while the rest of the step went on: the step counts as failed. */
-  failures?: string[];
-  /** Machine-readable details for --json. */
-  data?: Record<string, unknown>;
-}
-
-export interface Step {
-  name: string;
-  /** What it moves and where: `~/data/outputs/ → r2://comfy-multi-user-files/outputs/`. */
-  moves: string;
-  /** Set when this mode leaves the step out (`--quick`): listed, not run. */
-  skipReason?: string;
-  run(ctx: StepContext): Promise<StepResult>;
-}
-
-export type StepStatus = 'ok' | 'skipped' | 'failed' | 'interrupted';
-
-export interface StepReport {
-  step: number;
-  name: string;
-  moves: string;
-  status: StepStatus;
-  summary?: string;
-  error?: string;
-  bytes?: number;
-  warnings: string[];
-  failures: string[];
-  ms: number;
-  data?: Record<string, unknown>;
-}
-
-/** Runs every step in order; a failed step does not stop the others, an interrupt does. */
-export async function runPlan(steps: Step[], base: Omit<StepContext, 'earlier' | 'steps'>): Promise<StepReport[]> {
-  const reports: StepReport[] = [];
-  const ctx: StepContext = { ...base, earlier: reports, steps };
-  for (const [i, step] of steps.entries()) {
-    const n = i + 1;
-    const report: StepReport = {
-      step: n,
-      name: step.name,
-      moves: step.moves,
-      status: 'ok',
-      warnings: [],
-      failures: [],
-      ms: 0,
-    };
-    reports.push(report);
-    ctx.out.step(n, step.name);
-    ctx.out.detail(step.moves);
-    if (ctx.signal.aborted) {
-      report.status = 'interrupted';
-      continue;
-    }
-    if (step.skipReason) {
-      report.status = 'skipped';
-      report.summary = `skipped (${step.skipReason})`;
-      ctx.out.info(`– ${report.summary}`);
-      continue;
-    }
-    const started = Date.now();
-    try {
-      const r = await step.run(ctx);
-      Object.assign(report, {
-        summary: r.summary,
-        bytes: r.bytes,
-        data: r.data,
-        warnings: r.warnings ?? [],
-        failures: r.failures ?? [],
-      });
-      report.status = r.failures?.length ? 'failed' : (r.status ?? 'ok');
-      for (const w of report.warnings) ctx.out.warn(w);
-      for (const f of report.failures) ctx.out.fail(f);
-      if (report.status === 'failed') ctx.out.fail(r.summary);
-      else if (report.status === 'skipped') ctx.out.info(`– ${r.summary}`);
-      else ctx.out.ok(r.summary);
-    } catch (e) {
-      report.status = ctx.signal.aborted ? 'interrupted' : 'failed';
-      report.error = ctx.signal.aborted ? `interrupted (${ctx.signal.reason?.message ?? 'signal'})` : errorText(e);
-      ctx.out.fail(report.error);
-      // A stack only for a bug (a TypeError and its kin), never for a failure the step expects,
-      // and only with --verbose.
-      if (ctx.verbose && !ctx.signal.aborted && isBug(e) && e.stack) ctx.out.detail(e.stack);
-    }
-    report.ms = Date.now() - started;
-  }
-  return reports;
-}
-
-/** Errors that only a bug in these scripts raises: worth a stack trace (with --verbose). */
-function isBug(e: unknown): e is Error {
-  return e instanceof TypeError || e instanceof ReferenceError || e instanceof RangeError || e instanceof SyntaxError;
-}
+import { runPlan, type Step, type StepReport, type StepStatus } from './step.ts';
 
 export interface ScriptDef {
   /** `backup-mello`: names the lock and the messages. */
@@ -157,7 +40,7 @@ export interface ScriptDef {
   usage: string;
   /** Backs nothing up (restore-verda): its runs ping a failure only, never a start or a success. */
   backsNothingUp?: boolean;
-  extraFlags?: { boolean?: string[]; string?: string[] };
+  extraFlags?: ExtraFlags;
   /**
    * Builds the plan (for --verify too: its steps then check instead of send); throws UsageError
    * for a configuration the plan cannot run with (asynchronously, too: AGE_RECIPIENTS is checked
@@ -166,6 +49,8 @@ export interface ScriptDef {
   plan: (cfg: Config, flags: Flags) => Plan | Promise<Plan>;
   /** --status: what is there, read without changing anything (lib/status.ts). */
   status?: (cfg: Config) => Promise<StatusReport>;
+  /** --list: the restore points (or SFS copies), newest first, as text or JSON; changes nothing. */
+  list?: (cfg: Config, json: boolean) => Promise<string>;
 }
 
 export interface Plan {
@@ -174,6 +59,8 @@ export interface Plan {
   workDirs?: string[];
   /** Runs after the steps whatever happened (closes the SSH connection). */
   close?: () => Promise<void>;
+  /** Lines for the run's summary once it is closed (the state restore-verda left each service in). */
+  report?: () => string[];
 }
 
 /** Where the running script lives: `.env` is looked for beside it (a bundle's is its parent's). */
@@ -228,11 +115,23 @@ async function showStatus(def: ScriptDef, cfg: Config, json: boolean): Promise<n
   return exitAfterOutput(report.ok ? EXIT.ok : EXIT.failed);
 }
 
+/** --list: the script's restore points (or copies); exit 0, or 1 when they cannot be read. */
+async function showList(def: ScriptDef, cfg: Config, json: boolean): Promise<never> {
+  try {
+    process.stdout.write(await def.list!(cfg, json));
+  } catch (e) {
+    process.stderr.write(`${def.name}: ${errorText(e)}\n`);
+    return exitAfterOutput(EXIT.failed);
+  }
+  return exitAfterOutput(EXIT.ok);
+}
+
 /** The whole life of a script run. Never returns; exits with the SPEC's codes. */
 export async function runScript(def: ScriptDef, argv = scriptArgs()): Promise<never> {
   const { flags, cfg, plan, notifier } = await prepare(def, argv);
   if (flags.status) return showStatus(def, cfg, flags.json);
-  const out = new Output(flags.json, flags.verbose);
+  if (flags.list) return showList(def, cfg, flags.json);
+  const out = new Output(flags.json, flags.verbose, cfg.statsIntervalS * 1000);
   const release = await takeLock(def, cfg, flags);
   notifier?.start();
   // What a killed run (SIGKILL, power loss) left half-written: its writer is gone.
@@ -240,7 +139,8 @@ export async function runScript(def: ScriptDef, argv = scriptArgs()): Promise<ne
   const signal = stopOnSignals(def, out, release);
 
   const started = Date.now();
-  out.header(def.title(flags));
+  // Dated, as the summary is: a cron log is read by date.
+  out.header(def.title(flags).replace(/ ===$/, `, ${localTime(new Date(started))} ===`));
   let reports: StepReport[];
   try {
     reports = await runPlan(plan.steps, { out, dryRun: flags.dryRun, verbose: flags.verbose, signal });
@@ -248,18 +148,19 @@ export async function runScript(def: ScriptDef, argv = scriptArgs()): Promise<ne
     await plan.close?.().catch(() => {});
     release();
   }
-  const run = summarize(def, flags, reports, started, signal);
-  if (!flags.dryRun && !flags.verify) recordLastRun(def, cfg, flags, run);
+  const outcome = summarize(def, flags, reports, started, signal, plan.report?.() ?? []);
+  if (!flags.dryRun && !flags.verify) recordLastRun(def, cfg, flags, outcome);
   const startProblem = await notifier?.settleStart();
   if (startProblem) notices.add(startProblem);
 
   out.plain('');
-  out.header(`=== ${run.result} ===`);
-  for (const f of run.failures) out.fail(f);
+  out.header(`=== ${outcome.result}, ended ${localTime(new Date())} ===`);
+  for (const f of outcome.failures) out.fail(f);
   for (const notice of notices) out.warn(notice);
-  if (run.moved) out.info(run.moved);
+  for (const line of outcome.report) out.info(line);
+  if (outcome.moved) out.info(outcome.moved);
   if (notifier) {
-    const endProblem = await notifier.end(run.code === EXIT.ok, pingBody(pingLines(def, flags, run)));
+    const endProblem = await notifier.end(outcome.code === EXIT.ok, pingBody(pingLines(def, flags, outcome)));
     if (endProblem) {
       notices.add(endProblem);
       out.warn(endProblem);
@@ -271,17 +172,18 @@ export async function runScript(def: ScriptDef, argv = scriptArgs()): Promise<ne
       mode: flags.quick ? 'quick' : 'full',
       dryRun: flags.dryRun,
       verify: flags.verify,
-      ok: run.code === EXIT.ok,
-      exitCode: run.code,
+      ok: outcome.code === EXIT.ok,
+      exitCode: outcome.code,
       interrupted: signal.aborted || undefined,
       startedAt: new Date(started).toISOString(),
       durationMs: Date.now() - started,
       steps: reports,
       notices: [...notices],
+      ...(outcome.report.length ? { report: outcome.report } : {}),
     };
     process.stdout.write(JSON.stringify(summary, null, 2) + '\n');
   }
-  return exitAfterOutput(run.code);
+  return exitAfterOutput(outcome.code);
 }
 
 /**
@@ -300,16 +202,23 @@ async function prepare(def: ScriptDef, argv: string[]) {
     return exitAfterOutput(e instanceof UsageError ? EXIT.usage : EXIT.failed);
   }
   if (flags.help) {
-    process.stdout.write(`${def.usage}\n\n${COMMON_HELP}\n`);
+    const shown = { status: Boolean(def.status), list: Boolean(def.list), failurePingsOnly: def.backsNothingUp };
+    process.stdout.write(helpText(def.name, def.usage, shown));
     return exitAfterOutput(EXIT.ok);
   }
   let cfg: Config | undefined;
   try {
-    cfg = loadConfig(process.env, scriptDir(), flags.envFile);
+    // A name in .env that no script reads (a misspelling): said once, first, and in the summary.
+    const warn = (text: string) => {
+      process.stderr.write(`${def.name}: ⚠ ${text}\n`);
+      addNotice(text);
+    };
+    cfg = loadConfig(process.env, scriptDir(), flags.envFile, { warn });
     if (flags.status && !def.status) throw new UsageError(`--status is not available for ${def.name}`);
+    if (flags.list && !def.list) throw new UsageError(`--list is not available for ${def.name}`);
     const target = pings(flags) ? notifyTarget(cfg.env, def.name) : undefined;
     const notifier = target ? new Notifier(target, cfg.limits.notifyTimeoutMs, def.backsNothingUp) : undefined;
-    const plan: Plan = flags.status ? { steps: [] } : await def.plan(cfg, flags);
+    const plan: Plan = flags.status || flags.list ? { steps: [] } : await def.plan(cfg, flags);
     return { flags, cfg, plan, notifier };
   } catch (e) {
     process.stderr.write(`${def.name}: ${notStarted(e)}\n`);
@@ -322,7 +231,7 @@ async function prepare(def: ScriptDef, argv: string[]) {
  * Only a backup run pings: a success ping from a run that backed nothing up (--dry-run,
  * --verify, --status) would tell the check that backups are being made.
  */
-const pings = (flags: Flags) => !flags.dryRun && !flags.verify && !flags.status;
+const pings = (flags: Flags) => !flags.dryRun && !flags.verify && !flags.status && !flags.list;
 
 /** The script's lock, or the exit: 75 when another run holds it, 2 when it cannot be written. */
 async function takeLock(def: ScriptDef, cfg: Config, flags: Flags): Promise<() => void> {
@@ -362,6 +271,16 @@ function stopOnSignals(def: ScriptDef, out: Output, release: () => void): AbortS
     controller.abort(new Error(sig));
   };
   for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) process.on(sig, onSignal);
+  // A bug that escapes every step (an error thrown in a callback) ends the run as an interrupt
+  // does: the steps stop, the manifest records what was done, the summary and the /fail ping go.
+  const onCrash = (e: unknown) => {
+    if (controller.signal.aborted) return;
+    out.clearProgress();
+    process.stderr.write(`${def.name}: internal error: ${errorText(e)}; stopping\n`);
+    controller.abort(new Error(`internal error: ${errorText(e)}`));
+  };
+  process.on('uncaughtException', onCrash);
+  process.on('unhandledRejection', onCrash);
   return controller.signal;
 }
 
@@ -378,6 +297,8 @@ interface RunSummary {
   /** `sent 1.2G in all`, or nothing. */
   moved: string;
   interrupted: boolean;
+  /** The plan's own summary lines (Plan.report). */
+  report: string[];
 }
 
 function summarize(
@@ -386,16 +307,23 @@ function summarize(
   reports: StepReport[],
   started: number,
   signal: AbortSignal,
+  report: string[],
 ): RunSummary {
   const failed = reports.filter((r) => r.status === 'failed' || r.status === 'interrupted');
   const count = (status: StepStatus) => reports.filter((r) => r.status === status).length;
   const counts = `${count('ok')} ok, ${count('skipped')} skipped, ${failed.length} failed`;
   const what = flags.dryRun ? 'Dry run' : flags.verify ? 'Verify' : (def.outcome?.(flags) ?? 'Backup');
   const seconds = ((Date.now() - started) / 1000).toFixed(1);
-  const failures = failed.map((r) => {
-    const items = r.failures.slice(0, 5).concat(r.failures.length > 5 ? [`and ${r.failures.length - 5} more`] : []);
-    return `Step ${r.step} (${r.name}): ${r.error ?? (items.length ? items.join('; ') : (r.summary ?? r.status))}`;
-  });
+  // Steps that failed only because a host could not be reached are one line, not one each.
+  const repeats = failed.filter((r) => r.repeat);
+  const failures = failed
+    .filter((r) => !r.repeat)
+    .map((r) => {
+      const items = r.failures.slice(0, 5).concat(r.failures.length > 5 ? [`and ${r.failures.length - 5} more`] : []);
+      return `Step ${r.step} (${r.name}): ${r.error ?? (items.length ? items.join('; ') : (r.summary ?? r.status))}`;
+    });
+  if (repeats.length)
+    failures.push(`Steps ${repeats.map((r) => r.step).join(', ')}: ${repeats[0].error ?? 'not done'}`);
   if (signal.aborted) failures.push(`interrupted by ${signal.reason?.message}`);
   const bytes = reports.reduce((n, r) => n + (r.bytes ?? 0), 0);
   const verb = flags.dryRun ? 'would send' : (def.moved?.(flags) ?? 'sent');
@@ -409,26 +337,27 @@ function summarize(
     bytes,
     moved: bytes && !flags.verify ? `${verb} ${humanSize(bytes)} in all` : '',
     interrupted: signal.aborted,
+    report,
   };
 }
 
 /** The record --status reads; one that cannot be written is a notice, not a failure. */
-function recordLastRun(def: ScriptDef, cfg: Config, flags: Flags, run: RunSummary) {
+function recordLastRun(def: ScriptDef, cfg: Config, flags: Flags, outcome: RunSummary) {
   try {
     writeLastRun(cfg.stateDir, {
       version: 1,
       script: def.name,
       host: os.hostname(),
       mode: flags.quick ? 'quick' : 'full',
-      startedAt: new Date(run.started).toISOString(),
+      startedAt: new Date(outcome.started).toISOString(),
       endedAt: new Date().toISOString(),
-      exitCode: run.code,
-      ok: run.code === EXIT.ok,
-      interrupted: run.interrupted || undefined,
-      failedSteps: run.failedSteps,
-      failures: run.failures,
-      steps: run.reports.map((r) => ({ name: r.name, status: r.status, bytes: r.bytes })),
-      bytesSent: run.bytes,
+      exitCode: outcome.code,
+      ok: outcome.code === EXIT.ok,
+      interrupted: outcome.interrupted || undefined,
+      failedSteps: outcome.failedSteps,
+      failures: outcome.failures,
+      steps: outcome.reports.map((r) => ({ name: r.name, status: r.status, bytes: r.bytes })),
+      bytesSent: outcome.bytes,
     });
   } catch (e) {
     notices.add(`the run's record for --status was not written: ${errorText(e)}`);
@@ -436,14 +365,15 @@ function recordLastRun(def: ScriptDef, cfg: Config, flags: Flags, run: RunSummar
 }
 
 /** The ping's body: the summary as printed, then each step's line; never an environment value. */
-function pingLines(def: ScriptDef, flags: Flags, run: RunSummary): string[] {
+function pingLines(def: ScriptDef, flags: Flags, outcome: RunSummary): string[] {
   return [
-    `${def.name} on ${os.hostname()} (${flags.quick ? 'quick' : 'full'}): ${run.result}`,
-    ...run.failures.map((f) => `✗ ${f}`),
+    `${def.name} on ${os.hostname()} (${flags.quick ? 'quick' : 'full'}): ${outcome.result}`,
+    ...outcome.failures.map((f) => `✗ ${f}`),
     ...[...notices].map((n) => `⚠ ${n}`),
-    ...(run.moved ? [run.moved] : []),
+    ...outcome.report,
+    ...(outcome.moved ? [outcome.moved] : []),
     '',
-    ...run.reports.map((r) => {
+    ...outcome.reports.map((r) => {
       const mark = r.status === 'ok' ? '✓' : r.status === 'skipped' ? '–' : '✗';
       return `Step ${r.step} (${r.name}): ${mark} ${r.error ?? r.summary ?? r.status}`;
     }),
