@@ -68,7 +68,8 @@ function watchCpu(): () => Record<string, number> {
     } catch {
       /* gone */
     }
-    if (cmd.includes('--models-here')) return 'restore-verda on Verda (--models-here)';
+    // Verda's side runs as the bundle Mello brought (lib/remote.ts): node .../comfymulti-verda.XXXXXXXX/verda.mjs.
+    if (cmd.includes(VERDA_BUNDLE_MARKER)) return 'our code on Verda (dist/verda.mjs)';
     if (/s3-server|radosgw|ceph-osd|ceph-mon/.test(cmd)) return 'S3 server';
     if (/restore-verda|backup-mello|backup-verda/.test(cmd)) return 'our script on Mello';
     if (/\baws\b|awscli/.test(cmd)) return 'aws-cli';
@@ -92,7 +93,7 @@ function watchCpu(): () => Record<string, number> {
     }
     for (const [pid, comm, ticks] of stats) {
       const known = seen.get(pid);
-      // Classified again when it exec'd something else (sh → node --models-here).
+      // Classified again when it exec'd something else (sh → node verda.mjs).
       const who = known?.comm === comm ? known.who : kind(pid, comm, parents);
       seen.set(pid, { ticks, who, comm });
     }
@@ -109,6 +110,9 @@ function watchCpu(): () => Record<string, number> {
     return by;
   };
 }
+
+/** What the command line of our code on Verda holds: the private directory it is brought into. */
+export const VERDA_BUNDLE_MARKER = 'comfymulti-verda.';
 
 /** The peak RSS (VmHWM) of the processes whose command line holds `marker`, polled until stopped. */
 function watchRss(marker: string): () => number {

@@ -20,7 +20,7 @@ import { syncTree } from '../lib/sync.ts';
 import { ROOT, writeRandomFile } from '../test/helpers.ts';
 import { startSshd, type Sshd } from '../test/sshd.ts';
 import { makeVerda, type VerdaFixture } from '../test/verda-fixture.ts';
-import { baseEnv, measure, median, MiB, work, type Measure } from './common.mts';
+import { baseEnv, measure, median, MiB, VERDA_BUNDLE_MARKER, work, type Measure } from './common.mts';
 import type { RunningServer } from './servers.mts';
 import { Link, TcpForward, WanProxy, type WanProfile } from './wan-proxy.mts';
 
@@ -28,9 +28,6 @@ export const MODELS_BUCKET = 'bench-models';
 export const CACHE_BUCKET = 'bench-cache';
 export const IMAGE_NAME = 'comfymulti-bench-worker';
 const IMAGE_KEY = 'worker-image.tar.gz';
-/** The Verda-side process of a models restore (lib/restore-models.ts): its peak RSS is Verda's. */
-const VERDA_MARKER = '--models-here';
-
 export interface RestoreData {
   models: { dir: string; files: number; size: number; bytes: number };
   image?: { file: string; imageId: string; bytes: number; sha256: string };
@@ -309,7 +306,7 @@ export async function modelsRestoreCase(
     settle();
     return measure(path.join(ROOT, 'restore-verda.mts'), ['--only', 'models', '--root', root, '--json'], env, {
       ...o,
-      remoteMarker: VERDA_MARKER,
+      remoteMarker: VERDA_BUNDLE_MARKER,
       label: `${label}-models-ours-${what}`,
     });
   };
@@ -419,7 +416,7 @@ export async function morningCase(
             CONTAINER_CLI: 'podman',
             CONTAINER_IMAGE: IMAGE_NAME,
           },
-          { ...o, remoteMarker: VERDA_MARKER, label: `${label}-morning-ours-run${i + 1}` },
+          { ...o, remoteMarker: VERDA_BUNDLE_MARKER, label: `${label}-morning-ours-run${i + 1}` },
         );
         const steps = stepSeconds(m);
         result.steps.push(steps.steps);
