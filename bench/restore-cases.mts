@@ -6,10 +6,10 @@
 //   of the same bucket, each into an empty directory, alternated;
 // - morning, "a fresh Verda from R2 alone": restore-verda --from r2 with an empty BACKUP_DIR on
 //   Mello and Verda's paths (VERDA_SYSROOT, VERDA_HOME, ..., SFS) in an empty tree, so everything
-//   comes from R2: the config bundle, the worker image (relayed by Mello into Verda's SFS copy and
-//   loaded with podman, as root) and the models. Its floor: models / cap + 2 × image / cap (the
-//   image crosses the link twice: R2 to Mello, Mello to Verda) + the image's load alone + 3 round
-//   trips. Beside it, as a baseline only, `aws s3 sync` of the models and `aws s3 cp` of the
+//   comes from R2: the config bundle, the worker image (downloaded by Verda into its SFS copy
+//   through a presigned URL, and loaded with podman, as root) and the models. Its floor (issue
+//   22's, from when Mello relayed the image): models / cap + 2 × image / cap (the image crossed
+//   the link twice: R2 to Mello, Mello to Verda) + the image's load alone + 3 round trips. Beside it, as a baseline only, `aws s3 sync` of the models and `aws s3 cp` of the
 //   image, one after the other, on one machine (no relay, no load).
 import { CreateBucketCommand, S3Client } from '@aws-sdk/client-s3';
 import { spawnSync } from 'node:child_process';

@@ -671,10 +671,10 @@ if (morningRuns.size && restoreData?.image) {
   const img = restoreData.image;
   lines.push(
     `**The morning: a fresh Verda from R2 alone** (restore-verda --from r2, an empty BACKUP_DIR on Mello and ` +
-      `an empty tree for Verda: the config bundle, a ${(img.bytes / 1e9).toFixed(2)} GB worker image relayed by Mello ` +
-      `and loaded with podman, ${(restoreData.models.bytes / 1e9).toFixed(1)} GB of models downloaded by Verda). ` +
+      `an empty tree for Verda: the config bundle, a ${(img.bytes / 1e9).toFixed(2)} GB worker image downloaded by Verda ` +
+      `from the cache bucket (a presigned URL) and loaded with podman, ${(restoreData.models.bytes / 1e9).toFixed(1)} GB of models downloaded by Verda). ` +
       `Floor: models / cap + 2 × image / cap + the image's load alone (gzip -dc | podman load: ${spread(loadTimes)} s) ` +
-      '+ 3 round trips. Baseline only: `aws s3 sync` of the models then `aws s3 cp` of the image, on one machine.',
+      "+ 3 round trips (issue 22's floor, from when Mello relayed the image: it crossed the link twice; it now crosses once). Baseline only: `aws s3 sync` of the models then `aws s3 cp` of the image, on one machine.",
     '',
     '| profile | restore-verda s | floor s (models + 2 × image + load + 3 RTT) | ours / floor | goal | met | ' +
       'steps s: image / models / the rest | baseline aws s | peak RSS MB Mello / Verda |',
