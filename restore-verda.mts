@@ -110,6 +110,7 @@ function restorePlan(cfg: Config, flags: Flags): Plan {
         cacheBucket: r.cacheBucket,
         load: !r.root,
         sfsMount: cfg.sfsMount,
+        limits: cfg.limits,
         skipReason: r.imageSkip,
       }),
     );

@@ -1,23 +1,36 @@
-// A long network path between the tools under test and the S3 server, emulated on loopback: an
-// HTTP proxy that the tools use as their endpoint. What it models, exactly (RTT and rate are
-// the profile's):
-// - every request costs one round trip: it is held RTT/2 before it is forwarded (the request's
-//   way there) and its answer's status and headers RTT/2 before they are sent back (the way back);
+// A long network path between the tools under test and the S3 server, emulated on loopback: a
+// `Link` (the path: its round trip, a rate per TCP connection and a cap on the sum, per direction)
+// and what carries traffic over it: `WanProxy`, an HTTP proxy the tools use as their endpoint, and
+// `TcpForward`, a raw TCP forward (ssh to "Verda", and the proxy's own check). What it models,
+// exactly (RTT, rates and cap are the profile's):
+// - every HTTP request costs one round trip: it is held RTT/2 before it is forwarded (the
+//   request's way there) and its answer's status and headers RTT/2 before they are sent back;
 // - a request with `Expect: 100-continue` (aws-cli's uploads) costs one round trip more: the
 //   body is read only one RTT after the 100 Continue was sent (the 100's way back, the body's way
 //   there);
-// - a new TCP connection costs `handshakeRtts` round trips (default 2: TCP's SYN/SYN-ACK and a
+// - a new HTTP connection costs `handshakeRtts` round trips (default 2: TCP's SYN/SYN-ACK and a
 //   TLS 1.3 handshake, as to R2 over https) before its first request is forwarded;
-// - every TCP connection carries bodies at most `bytesPerSecond` in each direction (a token
-//   bucket per connection and direction, so N connections carry N times the rate, as on a
-//   long path where one TCP flow is bound by its window, not by the link).
-// Not modelled: TCP slow start, loss, a shared bottleneck, the server's own distance-independent
-// latency. Loopback (RTT 0, no rate) goes through the same proxy, so requests are counted the
-// same way for every tool on every profile. Request signing covers the Host header, which is
-// forwarded unchanged.
+// - a raw TCP connection costs one round trip (the SYN) before its first byte, and then every
+//   byte takes RTT/2 each way (a delay line), so a protocol's own round trips (ssh's key exchange,
+//   its channel window) cost what they would;
+// - every TCP connection carries bytes at most `bytesPerSecond` in each direction (a token bucket
+//   per connection and direction: one TCP flow on a long path is bound by its window), and all
+//   the connections of a link together at most `capBytesPerSecond` per direction (a second bucket
+//   every connection draws on: the NIC, the plan). A connection waits for its own bucket, then for
+//   the shared one, so the cap is shared first come, first served.
+// Not modelled: TCP slow start, loss, the server's own distance-independent latency. Loopback (RTT
+// 0, no rate) goes through the same proxy, so requests are counted the same way for every tool on
+// every profile. Request signing covers the Host header, which is forwarded unchanged.
+//
+// Cost: bytes are paced per socket read (up to 64 KiB), not in slices with a promise each: each
+// read reserves its time in the buckets (arithmetic) and waits in a queue released by one timer
+// at a time; a source is read up to LEAD_MS ahead of its pace, then paused until its pace catches
+// up, so a connection at full rate costs a pause and a timer per LEAD_MS, not per slice. Measured
+// (bench/link-check.mts): 16 HTTP streams at the EU cap (125 MB/s) cost this process 0.35 to 0.45
+// of a core, the former 64 KiB slices with a promise each 20 to 40 % more.
 import http from 'node:http';
-import type { AddressInfo, Socket } from 'node:net';
-import { Transform } from 'node:stream';
+import net, { type AddressInfo, type Socket } from 'node:net';
+import type { Readable, Writable } from 'node:stream';
 import { requestKind, type Kind } from '../test/fault-proxy.ts';
 
 export interface WanProfile {
@@ -26,29 +39,182 @@ export interface WanProfile {
   rttMs: number;
   /** Per connection and direction; Infinity: no pacing. */
   bytesPerSecond: number;
-  /** Round trips a new connection costs before its first request (TCP + TLS). */
+  /** All the link's connections together, per direction; Infinity: no cap. */
+  capBytesPerSecond: number;
+  /** Round trips a new HTTP connection costs before its first request (TCP + TLS). */
   handshakeRtts?: number;
 }
 
 export const PROFILES: Record<string, WanProfile> = {
-  loopback: { name: 'loopback', rttMs: 0, bytesPerSecond: Infinity },
-  eu: { name: 'EU', rttMs: 30, bytesPerSecond: 50e6 },
-  far: { name: 'far', rttMs: 250, bytesPerSecond: 15e6 },
+  loopback: { name: 'loopback', rttMs: 0, bytesPerSecond: Infinity, capBytesPerSecond: Infinity },
+  // 1 Gbit/s in all: Mello (a VPS) to the EU buckets.
+  eu: { name: 'EU', rttMs: 30, bytesPerSecond: 50e6, capBytesPerSecond: 125e6 },
+  // Verda to the Oceania models bucket.
+  far: { name: 'far', rttMs: 250, bytesPerSecond: 15e6, capBytesPerSecond: 60e6 },
+  // Issue 13's profiles (no cap: N connections carry N times the rate), to compare with its results.
+  'eu-nocap': { name: 'EU, no cap', rttMs: 30, bytesPerSecond: 50e6, capBytesPerSecond: Infinity },
+  'far-nocap': { name: 'far, no cap', rttMs: 250, bytesPerSecond: 15e6, capBytesPerSecond: Infinity },
 };
+/** What `npm run bench` runs without --profile. */
+export const DEFAULT_PROFILES = ['loopback', 'eu', 'far'];
+
+export const capped = (p: WanProfile) => Number.isFinite(p.capBytesPerSecond);
 
 export function describeProfile(p: WanProfile): string {
   if (p.rttMs === 0 && p.bytesPerSecond === Infinity) return `${p.name} (no delay, no pacing)`;
-  return `${p.name} (${p.rttMs} ms RTT, ${p.bytesPerSecond / 1e6} MB/s per connection and direction)`;
+  const cap = capped(p) ? `, ${p.capBytesPerSecond / 1e6} MB/s in all` : ', no cap on the sum';
+  return `${p.name} (${p.rttMs} ms RTT, ${p.bytesPerSecond / 1e6} MB/s per connection${cap}, each direction)`;
+}
+
+/** The fraction of the line a transfer used: bytes / (seconds × cap); undefined without a cap. */
+export function lineFraction(bytes: number, seconds: number, p: WanProfile): number | undefined {
+  return capped(p) && seconds > 0 ? bytes / (seconds * p.capBytesPerSecond) : undefined;
+}
+
+const now = () => performance.now();
+const sleep = (ms: number): Promise<void> => (ms > 0 ? new Promise((r) => setTimeout(r, ms)) : Promise.resolve());
+
+/** A source is read this far ahead of its pace (the queue holds it), then paused. Under ~4 ms, timers' lateness starves the link. */
+const LEAD_MS = 20;
+
+/**
+ * A token bucket of `rate` bytes a second holding at most `burst`, kept as the time at which it is
+ * full again (so taking is arithmetic, and a debt is a time in the future).
+ */
+export class Pace {
+  private full = 0;
+  private readonly burstMs: number;
+  constructor(
+    readonly rate: number,
+    burst: number,
+  ) {
+    this.burstMs = (burst / rate) * 1000;
+  }
+
+  /** Takes n bytes that are ready at `at` (ms, performance.now()); returns when they may pass. */
+  reserve(n: number, at: number): number {
+    this.full = Math.max(this.full, at) + (n / this.rate) * 1000;
+    return Math.max(at, this.full - this.burstMs);
+  }
+}
+
+/** The path: a profile, and the buckets every connection over it shares (one per direction). */
+export class Link {
+  /** Towards the server (R2, or the TCP forward's target). */
+  readonly up?: Pace;
+  /** Towards the clients (the machines). */
+  readonly down?: Pace;
+  /** Bytes carried so far, per direction. */
+  readonly bytes = { up: 0, down: 0 };
+
+  constructor(readonly profile: WanProfile) {
+    if (capped(profile)) {
+      // A shared burst of 20 ms of the cap: what an idle NIC lets through at once.
+      this.up = new Pace(profile.capBytesPerSecond, profile.capBytesPerSecond * 0.02);
+      this.down = new Pace(profile.capBytesPerSecond, profile.capBytesPerSecond * 0.02);
+    }
+  }
+
+  /** The buckets one new connection draws on, per direction: its own, then the link's. */
+  connection(): { up: Pace[]; down: Pace[] } {
+    const rate = this.profile.bytesPerSecond;
+    // Burst: what one idle connection may send at once (20 ms of its rate, at least 64 KiB).
+    const own = () => (Number.isFinite(rate) ? [new Pace(rate, Math.max(64 * 1024, rate * 0.02))] : []);
+    return { up: [...own(), ...(this.up ? [this.up] : [])], down: [...own(), ...(this.down ? [this.down] : [])] };
+  }
+}
+
+/**
+ * Copies src to dst at the pace of `paces` (each in turn), each chunk delayed `oneWayMs` more (a
+ * delay line; 0 for HTTP bodies, whose latency is modelled per request). `end`: dst is ended when
+ * src ends. Bytes are counted as they are released.
+ */
+function pacedPipe(
+  src: Readable,
+  dst: Writable,
+  paces: Pace[],
+  oneWayMs: number,
+  count: (n: number) => void,
+  end = true,
+): void {
+  if (!paces.length && oneWayMs <= 0) {
+    src.on('data', (d: Buffer) => count(d.length));
+    src.pipe(dst, { end });
+    return;
+  }
+  const queue: { chunk: Buffer; at: number }[] = [];
+  let releaseTimer: NodeJS.Timeout | undefined;
+  let resumeTimer: NodeJS.Timeout | undefined;
+  let ahead = false; // paused: ahead of its pace
+  let blocked = false; // paused: dst is full
+  let ended = false;
+  const maybeResume = () => {
+    if (!ahead && !blocked && !ended) src.resume();
+  };
+  const release = () => {
+    releaseTimer = undefined;
+    const t = now();
+    while (queue.length && queue[0].at <= t + 1) {
+      const { chunk } = queue.shift()!;
+      count(chunk.length);
+      if (!dst.write(chunk) && !blocked) {
+        blocked = true;
+        src.pause();
+        dst.once('drain', () => {
+          blocked = false;
+          maybeResume();
+        });
+      }
+    }
+    if (queue.length) releaseTimer = setTimeout(release, queue[0].at - t);
+    else if (ended && end) dst.end();
+  };
+  src.on('data', (chunk: Buffer) => {
+    const t = now();
+    let at = t;
+    for (const p of paces) at = p.reserve(chunk.length, at);
+    queue.push({ chunk, at: at + oneWayMs });
+    if (at > t + LEAD_MS) {
+      ahead = true;
+      src.pause();
+      clearTimeout(resumeTimer);
+      resumeTimer = setTimeout(
+        () => {
+          ahead = false;
+          maybeResume();
+        },
+        at - t - LEAD_MS,
+      );
+    }
+    if (!releaseTimer) release();
+  });
+  src.on('end', () => {
+    ended = true;
+    if (!queue.length && !releaseTimer && end) dst.end();
+  });
+  const stop = () => {
+    clearTimeout(releaseTimer);
+    clearTimeout(resumeTimer);
+  };
+  src.on('close', () => queue.length || stop());
+  dst.on('close', stop);
 }
 
 /** One request as the proxy saw it. */
 export interface Exchange {
   kind: Kind;
   method: string;
-  /** performance.now() at arrival and when the answer's last byte was sent (or it failed). */
+  /** The object key's path (bucket/key), without the query. */
+  path: string;
+  /** The Range header, if any. */
+  range?: string;
+  /** performance.now() at arrival, when its answer's headers were sent back, and when its last byte was (or it failed). */
   start: number;
+  headers?: number;
   end?: number;
   status?: number;
+  /** Which client connection carried it (1-based, in order of opening). */
+  conn: number;
   /** Request body bytes forwarded. */
   bytesUp: number;
   /** Response body bytes sent back. */
@@ -56,51 +222,10 @@ export interface Exchange {
 }
 
 const HOP_BY_HOP = ['connection', 'keep-alive', 'expect', 'proxy-connection', 'upgrade'];
-const sleep = (ms: number): Promise<void> => (ms > 0 ? new Promise((r) => setTimeout(r, ms)) : Promise.resolve());
-
-/** A token bucket: `rate` bytes a second, at most `burst` saved up while idle. */
-class Bucket {
-  private tokens: number;
-  private last = performance.now();
-  constructor(
-    private readonly rate: number,
-    private readonly burst: number,
-  ) {
-    this.tokens = burst;
-  }
-
-  /** Takes n bytes' worth; resolves once they may pass (running into debt, so a sleep's overshoot evens out). */
-  take(n: number): Promise<void> {
-    const now = performance.now();
-    this.tokens = Math.min(this.burst, this.tokens + ((now - this.last) / 1000) * this.rate);
-    this.last = now;
-    this.tokens -= n;
-    return this.tokens < 0 ? sleep((-this.tokens / this.rate) * 1000) : Promise.resolve();
-  }
-}
-
-/** A stream that passes bytes at the bucket's pace, in slices small enough to keep the pace smooth. */
-function paced(bucket: Bucket, count: (n: number) => void): Transform {
-  return new Transform({
-    async transform(chunk: Buffer, _enc, cb) {
-      try {
-        for (let at = 0; at < chunk.length; at += 64 * 1024) {
-          const piece = chunk.subarray(at, at + 64 * 1024);
-          await bucket.take(piece.length);
-          count(piece.length);
-          this.push(piece);
-        }
-        cb();
-      } catch (e) {
-        cb(e as Error);
-      }
-    },
-  });
-}
 
 interface Conn {
-  up?: Bucket;
-  down?: Bucket;
+  id: number;
+  paces: { up: Pace[]; down: Pace[] };
   /** The handshake is still owed by this connection's first request. */
   fresh: boolean;
 }
@@ -115,14 +240,20 @@ export class WanProxy {
   private constructor(
     private readonly server: http.Server,
     private readonly upstream: URL,
-    readonly profile: WanProfile,
+    readonly link: Link,
   ) {}
 
-  static async start(upstream: string, profile: WanProfile): Promise<WanProxy> {
+  get profile(): WanProfile {
+    return this.link.profile;
+  }
+
+  /** A proxy to `upstream` over `link` (a new link of its own when given a profile). */
+  static async start(upstream: string, over: WanProfile | Link): Promise<WanProxy> {
+    const link = over instanceof Link ? over : new Link(over);
     // Idle keep-alive connections are kept a minute, as a CDN front would, so that no client
     // races a close on reuse; no request timeout, a slow 100 MB part is legitimate here.
     const server = http.createServer({ keepAliveTimeout: 65_000, requestTimeout: 0, headersTimeout: 60_000 });
-    const proxy = new WanProxy(server, new URL(upstream), profile);
+    const proxy = new WanProxy(server, new URL(upstream), link);
     server.on('connection', (s: Socket) => proxy.accept(s));
     server.on('request', (req, res) => void proxy.handle(req, res, false));
     server.on('checkContinue', (req, res) => void proxy.handle(req, res, true));
@@ -138,14 +269,7 @@ export class WanProxy {
   connections = 0;
 
   private accept(s: Socket) {
-    const { bytesPerSecond: rate } = this.profile;
-    // Burst: what one idle connection may send at once (20 ms of its rate, at least 64 KiB).
-    const burst = Math.max(64 * 1024, rate * 0.02);
-    this.conns.set(s, {
-      fresh: true,
-      ...(Number.isFinite(rate) ? { up: new Bucket(rate, burst), down: new Bucket(rate, burst) } : {}),
-    });
-    this.connections++;
+    this.conns.set(s, { id: ++this.connections, fresh: true, paces: this.link.connection() });
     this.sockets.add(s);
     s.on('close', () => this.sockets.delete(s));
   }
@@ -153,19 +277,23 @@ export class WanProxy {
   private async handle(req: http.IncomingMessage, res: http.ServerResponse, expectContinue: boolean) {
     const { rttMs, handshakeRtts = 2 } = this.profile;
     const url = req.url ?? '/';
+    const conn = this.conns.get(req.socket) ?? { id: 0, fresh: false, paces: { up: [], down: [] } };
+    const range = req.headers.range;
     const ex: Exchange = {
       kind: requestKind(req.method ?? '', url),
       method: req.method ?? '',
-      start: performance.now(),
+      path: url.split('?')[0],
+      ...(range ? { range } : {}),
+      start: now(),
+      conn: conn.id,
       bytesUp: 0,
       bytesDown: 0,
     };
     this.log.push(ex);
-    const conn = this.conns.get(req.socket) ?? { fresh: false };
     let gone = false;
     res.on('close', () => {
       gone = !res.writableFinished;
-      ex.end ??= performance.now();
+      ex.end ??= now();
     });
 
     await sleep((conn.fresh ? handshakeRtts * rttMs : 0) + rttMs / 2);
@@ -193,21 +321,24 @@ export class WanProxy {
       await sleep(rttMs / 2);
       if (gone) return answer.destroy();
       ex.status = answer.statusCode;
+      ex.headers = now();
       const h = { ...answer.headers };
       for (const name of HOP_BY_HOP) delete h[name];
       res.writeHead(answer.statusCode ?? 502, h);
-      const count = (n: number) => (ex.bytesDown += n);
-      if (conn.down) answer.pipe(paced(conn.down, count)).pipe(res);
-      else answer.on('data', (d: Buffer) => count(d.length)).pipe(res);
+      pacedPipe(answer, res, conn.paces.down, 0, (n) => {
+        ex.bytesDown += n;
+        this.link.bytes.down += n;
+      });
     });
     up.on('error', () => {
       if (res.headersSent || gone) res.destroy();
       else res.writeHead(502).end();
     });
     req.on('error', () => up.destroy());
-    const count = (n: number) => (ex.bytesUp += n);
-    if (conn.up) req.pipe(paced(conn.up, count)).pipe(up);
-    else req.on('data', (d: Buffer) => count(d.length)).pipe(up);
+    pacedPipe(req, up, conn.paces.up, 0, (n) => {
+      ex.bytesUp += n;
+      this.link.bytes.up += n;
+    });
   }
 
   async close() {
@@ -216,6 +347,79 @@ export class WanProxy {
       for (const s of this.sockets) s.destroy();
     });
     this.agent.destroy();
+  }
+}
+
+/**
+ * A raw TCP forward to `target` over a link: one RTT before the first byte, RTT/2 on every byte
+ * each way, each connection paced and the link's cap shared. `clientToServer` names the link's
+ * direction the client's bytes draw on: 'up' (as for HTTP, the client is a machine and the server
+ * R2), or 'down' when the server is the machine the bytes go to (Mello's ssh to Verda: what Mello
+ * sends Verda shares the way towards the machines with what R2 sends them).
+ */
+export class TcpForward {
+  private readonly sockets = new Set<Socket>();
+  connections = 0;
+
+  private constructor(
+    private readonly server: net.Server,
+    readonly link: Link,
+  ) {}
+
+  static async start(
+    target: { host: string; port: number },
+    link: Link,
+    clientToServer: 'up' | 'down' = 'up',
+  ): Promise<TcpForward> {
+    const server = net.createServer({ noDelay: true, pauseOnConnect: true, allowHalfOpen: true });
+    const fwd = new TcpForward(server, link);
+    server.on('connection', (client: Socket) => {
+      fwd.connections++;
+      fwd.track(client);
+      const { rttMs } = link.profile;
+      const paces = link.connection();
+      const [toServer, toClient] = clientToServer === 'up' ? [paces.up, paces.down] : [paces.down, paces.up];
+      const [countToServer, countToClient] =
+        clientToServer === 'up'
+          ? [(n: number) => (link.bytes.up += n), (n: number) => (link.bytes.down += n)]
+          : [(n: number) => (link.bytes.down += n), (n: number) => (link.bytes.up += n)];
+      // The SYN's round trip, then the server is reached.
+      setTimeout(() => {
+        if (client.destroyed) return;
+        const upstream = net.connect({ ...target, noDelay: true, allowHalfOpen: true });
+        fwd.track(upstream);
+        upstream.on('error', () => client.destroy());
+        client.on('error', () => upstream.destroy());
+        // Each side is ended when the other's bytes are through (half-closes pass); one that goes
+        // takes the other with it once what is still on the way (the delay line) has arrived.
+        const after = (s: Socket) => () => setTimeout(() => s.destroy(), rttMs + 100).unref();
+        upstream.on('close', after(client));
+        client.on('close', after(upstream));
+        upstream.once('connect', () => {
+          pacedPipe(client, upstream, toServer, rttMs / 2, countToServer);
+          pacedPipe(upstream, client, toClient, rttMs / 2, countToClient);
+          client.resume();
+        });
+      }, rttMs);
+    });
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+    return fwd;
+  }
+
+  private track(s: Socket) {
+    this.sockets.add(s);
+    s.on('close', () => this.sockets.delete(s));
+  }
+
+  get port(): number {
+    return (this.server.address() as AddressInfo).port;
+  }
+
+  async close() {
+    await new Promise<void>((resolve) => {
+      this.server.close(() => resolve());
+      for (const s of this.sockets) s.destroy();
+    });
   }
 }
 

@@ -223,13 +223,15 @@ async function downloadObject(
   slots: Slots,
   item: DownloadItem,
   dest: string,
-  wantSha256: string | undefined,
+  object: Promise<{ sha256?: string; mode?: number }>,
+  order: number,
   onBytes?: (n: number, file: { key: string; bytes: number; size: number }) => void,
-  mode?: number,
 ): Promise<{ sha256: string; stat: fs.BigIntStats }> {
   const { signal } = opts;
   const o = item.object;
   const backend = item.from ?? opts.backend;
+  // Asked while the ranges already move (a HEAD is a round trip): awaited before the comparison.
+  object.catch(() => {});
   const tmp = partialName(dest);
   const fh = await fs.promises.open(tmp, FS.O_WRONLY | FS.O_CREAT | FS.O_EXCL | FS.O_NOFOLLOW, 0o644);
   const ranges: Range[] = [];
@@ -367,9 +369,12 @@ async function downloadObject(
 
   let renamed = false;
   try {
+    // The file begun first gets the free slots first: files end one after another, and the next
+    // one's ranges fill the slots a file near its end no longer needs (with slots served in turn,
+    // the files in the pool would all end together and leave the link idle between them).
     await pool(ranges, opts.rangesPerFile, (r) =>
       slots
-        .run(() => fetchRange(r))
+        .run(() => fetchRange(r), order)
         .catch((e) => {
           stop.abort(e);
           throw e;
@@ -378,6 +383,7 @@ async function downloadObject(
     advance();
     if (hashed !== o.size) throw new Error(`${o.key}: ${hashed} bytes hashed of ${o.size}`);
     const sha256 = hash.digest('hex');
+    const { sha256: wantSha256, mode } = await object;
     if (wantSha256 ? sha256 !== wantSha256 : !(await etagProvesContent(tmp, o.size, o.etag, signal))) {
       throw new Error(
         `the bytes downloaded are not the object's (${wantSha256 ? 'sha256' : 'ETag'} differs): not restored`,
@@ -439,6 +445,8 @@ export async function downloadTree(options: DownloadTreeOptions): Promise<Downlo
     opts.onFile?.(a);
   };
   const slots = new Slots(opts.rangesInFlight);
+  /** Downloads begun so far: each one's order is its priority for the slots. */
+  let begun = 0;
   const dirs = new Set<string>();
   const cleaned = new Set<string>();
   const onBytes = opts.onBytes
@@ -453,14 +461,16 @@ export async function downloadTree(options: DownloadTreeOptions): Promise<Downlo
   const objectSha = async (
     item: DownloadItem,
     cached?: TreeCacheLine,
-  ): Promise<{ sha256?: string; how: 'known' | 'metadata' | 'etag'; mode?: number }> => {
+  ): Promise<{ sha256?: string; how: 'known' | 'metadata' | 'etag'; mode?: number; headed?: true }> => {
     const o = item.object;
     if (item.sha256) return { sha256: item.sha256, how: 'metadata' };
     if (cached?.etag !== undefined && cached.etag === ownEtag(item)) return { sha256: cached.sha256, how: 'known' };
     const head = await (item.from ?? backend).head(o.key, signal);
     if (!head) throw new Error('gone from the bucket since it was listed');
     const mode = recordedMode(head.metadata.mode);
-    return head.metadata.sha256 ? { sha256: head.metadata.sha256, how: 'metadata', mode } : { how: 'etag', mode };
+    return head.metadata.sha256
+      ? { sha256: head.metadata.sha256, how: 'metadata', mode, headed: true }
+      : { how: 'etag', mode, headed: true };
   };
 
   const one = async ({ item, seq, cached }: Listed) => {
@@ -473,9 +483,10 @@ export async function downloadTree(options: DownloadTreeOptions): Promise<Downlo
     const st = there === undefined ? undefined : fs.lstatSync(dest, { bigint: true, throwIfNoEntry: false });
     if (st && !st.isFile())
       throw new Error(`${dest} is ${st.isDirectory() ? 'a directory' : 'not a regular file'}: not replaced`);
-    const object = await objectSha(item, cached);
+    // Needed now only to compare with a local file; for a new one, asked as its download begins.
+    const object = st ? await objectSha(item, cached) : undefined;
     let local: string | undefined;
-    if (st && Number(st.size) === o.size) {
+    if (st && object && Number(st.size) === o.size) {
       // The local file's sha256: from the cache while its stat is the one it was hashed with.
       local = lineMatches(cached, st) ? cached!.sha256 : undefined;
       if (!local) {
@@ -505,8 +516,15 @@ export async function downloadTree(options: DownloadTreeOptions): Promise<Downlo
         removeStalePartials(dir);
         cleaned.add(dir);
       }
-      const mode = opts.modes ? (object.mode ?? (await objectSha(item)).mode ?? 0o644) : undefined;
-      const done = await downloadObject(opts, slots, item, dest, object.sha256, onBytes, mode);
+      // The object's sha256 and mode, for a file not there yet, are asked beside the first ranges.
+      const wanted = (object ? Promise.resolve(object) : objectSha(item, cached)).then(async (known) => ({
+        sha256: known.sha256,
+        // A HEAD already made said the mode, or that none was recorded: not asked twice.
+        mode: opts.modes
+          ? (known.mode ?? (known.headed ? undefined : (await objectSha(item)).mode) ?? 0o644)
+          : undefined,
+      }));
+      const done = await downloadObject(opts, slots, item, dest, wanted, begun++, onBytes);
       cache?.settle(seq, lineOf(rel, done.stat, done.sha256, ownEtag(item)));
     }
     result.downloaded++;

@@ -9,6 +9,7 @@
 // the console (its warnings would land in the cron log).
 process.env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED ??= 'true';
 
+import crypto from 'node:crypto';
 import { setMaxListeners } from 'node:events';
 import type {
   CompleteMultipartUploadCommandOutput,
@@ -22,8 +23,8 @@ import type {
   UploadPartCommandOutput,
   UploadPartCopyCommandOutput,
 } from '@aws-sdk/client-s3';
-import { Agent } from 'node:http';
-import { Agent as HttpsAgent } from 'node:https';
+import { Agent, request as httpRequest } from 'node:http';
+import { Agent as HttpsAgent, request as httpsRequest } from 'node:https';
 import { Transform, type Readable } from 'node:stream';
 import { UsageError, addNotice } from './cli.ts';
 import { MiB } from './files.ts';
@@ -601,6 +602,14 @@ export class R2Backend implements Backend {
     return body;
   }
 
+  /**
+   * A URL another machine GETs `key` with, for `seconds`, holding no key pair (presignGet), signed
+   * at R2's time as this backend has learnt it.
+   */
+  presign(key: string, seconds: number): string {
+    return presignGet(this.target, key, seconds, Date.now() + this.clockOffset);
+  }
+
   async delete(key: string, signal?: AbortSignal): Promise<void> {
     await this.request('delete', key, signal, (a) =>
       this.send<unknown>((sdk) => new sdk.DeleteObjectCommand({ Bucket: this.target.bucket, Key: key }), a.signal),
@@ -850,5 +859,121 @@ export class R2Backend implements Backend {
     } catch {
       // Best effort: R2's lifecycle rule for incomplete uploads is the safety net.
     }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// One object for another machine: a presigned GET
+
+/** `s` as SigV4 wants it in a URL: RFC 3986, every byte but the unreserved ones %-encoded. */
+const sigv4Encode = (s: string) =>
+  encodeURIComponent(s).replace(/[!'()*]/g, (c) => `%${c.charCodeAt(0).toString(16).toUpperCase()}`);
+
+/**
+ * A URL that GETs `key` of `target`'s bucket, and nothing else, until it expires (SigV4 query
+ * signing, as S3 and R2 define it: the host alone signed, the payload unsigned). Whoever holds it
+ * can read that one object for `seconds`; it holds no key pair and cannot be turned into one (the
+ * signature is an HMAC under a key derived for the day, the region and S3). `nowMs`: the time it
+ * is signed at (R2's clock, when ours is known to be off).
+ */
+export function presignGet(target: BucketTarget, key: string, seconds: number, nowMs = Date.now()): string {
+  const endpoint = new URL(target.endpoint);
+  const iso = new Date(nowMs)
+    .toISOString()
+    .replace(/[-:]/g, '')
+    .replace(/\.\d{3}/, '');
+  const day = iso.slice(0, 8);
+  const scope = `${day}/${R2_QUIRKS.region}/s3/aws4_request`;
+  // Path style, each segment encoded once (S3 does not encode the path twice).
+  const base = endpoint.pathname.replace(/\/$/, '');
+  const canonicalPath = `${base}/${[target.bucket, ...key.split('/')].map(sigv4Encode).join('/')}`;
+  const query: [string, string][] = [
+    ['X-Amz-Algorithm', 'AWS4-HMAC-SHA256'],
+    ['X-Amz-Content-Sha256', 'UNSIGNED-PAYLOAD'],
+    ['X-Amz-Credential', `${target.accessKeyId}/${scope}`],
+    ['X-Amz-Date', iso],
+    ['X-Amz-Expires', String(Math.max(1, Math.min(604_800, Math.round(seconds))))],
+    ['X-Amz-SignedHeaders', 'host'],
+  ];
+  const canonicalQuery = query
+    .map(([k, v]) => `${sigv4Encode(k)}=${sigv4Encode(v)}`)
+    .sort()
+    .join('&');
+  const canonicalRequest = [
+    'GET',
+    canonicalPath,
+    canonicalQuery,
+    `host:${endpoint.host}\n`,
+    'host',
+    'UNSIGNED-PAYLOAD',
+  ].join('\n');
+  const sha = (s: string) => crypto.createHash('sha256').update(s).digest('hex');
+  const hmac = (k: Buffer | string, s: string) => crypto.createHmac('sha256', k).update(s).digest();
+  const stringToSign = ['AWS4-HMAC-SHA256', iso, scope, sha(canonicalRequest)].join('\n');
+  let signingKey = hmac(`AWS4${target.secretAccessKey}`, day);
+  for (const part of [R2_QUIRKS.region, 's3', 'aws4_request']) signingKey = hmac(signingKey, part);
+  const signature = crypto.createHmac('sha256', signingKey).update(stringToSign).digest('hex');
+  return `${endpoint.protocol}//${endpoint.host}${canonicalPath}?${canonicalQuery}&X-Amz-Signature=${signature}`;
+}
+
+/**
+ * A Backend that only GETs, one object, through a presigned URL (presignGet): what Verda is given
+ * to download the worker image from the cache bucket, whose key pair it never holds. Ranged GETs
+ * as R2Backend's (exactly the bytes asked, or an error); the URL is never in a message.
+ */
+export class PresignedObject implements Backend {
+  private readonly agent: Agent | HttpsAgent;
+  constructor(
+    private readonly url: string,
+    /** For messages: where the object is (`r2://bucket/key`), never the URL. */
+    readonly name: string,
+    private readonly opts: { idleTimeoutMs: number; maxSockets?: number },
+  ) {
+    const agentOpts = { keepAlive: true, maxSockets: opts.maxSockets ?? DEFAULTS.maxSockets };
+    this.agent = url.startsWith('https:') ? new HttpsAgent(agentOpts) : new Agent(agentOpts);
+  }
+
+  get(_key: string, signal?: AbortSignal, range?: ByteRange): Promise<Readable> {
+    const request = this.url.startsWith('https:') ? httpsRequest : httpRequest;
+    return new Promise<Readable>((resolve, reject) => {
+      const req = request(this.url, {
+        agent: this.agent,
+        signal,
+        timeout: this.opts.idleTimeoutMs,
+        headers: range ? { Range: `bytes=${range.start}-${range.end - 1}` } : {},
+      });
+      req.on('timeout', () =>
+        req.destroy(new Error(`${this.name} get: no answer for ${this.opts.idleTimeoutMs / 1000} s`)),
+      );
+      req.on('error', (e) => reject(signal?.aborted ? signal.reason : new Error(`${this.name} get: ${e.message}`)));
+      req.on('response', (res) => {
+        const status = res.statusCode ?? 0;
+        const length = Number(res.headers['content-length']);
+        const want = range ? 206 : 200;
+        if (status === want && (!range || length === range.end - range.start)) return resolve(res);
+        res.resume();
+        const what = `${this.name} get: HTTP ${status}${range ? ` for bytes ${range.start}-${range.end - 1} (got ${res.headers['content-length'] ?? 'no'} bytes)` : ''}`;
+        // A server error or a throttle may pass (the engine backs off and resumes); a refusal
+        // (the URL expired, a wrong range) will not.
+        reject(status >= 500 || status === 429 ? new Error(what) : new StorageError(what, false, status));
+      });
+      req.end();
+    });
+  }
+
+  list(): AsyncIterable<ObjectInfo> {
+    throw new Error(`${this.name}: a presigned URL can only GET its object`);
+  }
+  async head(): Promise<ObjectHead | undefined> {
+    throw new Error(`${this.name}: a presigned URL can only GET its object`);
+  }
+  async put(): Promise<ObjectInfo> {
+    throw new Error(`${this.name}: a presigned URL can only GET its object`);
+  }
+  async delete(): Promise<void> {
+    throw new Error(`${this.name}: a presigned URL can only GET its object`);
+  }
+  async copy(): Promise<ObjectInfo> {
+    throw new Error(`${this.name}: a presigned URL can only GET its object`);
   }
 }

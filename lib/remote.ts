@@ -14,7 +14,11 @@ import { program } from './sh.ts';
 import type { Host } from './ssh.ts';
 
 /** The calls Verda answers (lib/verda.ts maps each to its work), and what each is for. */
-const CALLS = { 'backup-models': 'to send the models', 'restore-models': 'to download the models' } as const;
+const CALLS = {
+  'backup-models': 'to send the models',
+  'restore-models': 'to download the models',
+  'restore-image': 'to download the worker image',
+} as const;
 export type RemoteCall = keyof typeof CALLS;
 
 /** Where a long transfer stands: the whole, and the file that moved last. */

@@ -1,12 +1,17 @@
 // The worker image on a restored Verda: nothing to do when the image ID the backup recorded is
 // loaded; else the SFS cache copy when its sha256 is the recorded one, else Mello's copy streamed
-// over the connection, else the cache bucket's object relayed through Mello (Verda never holds a
-// key to that bucket). A copy that arrives is written on SFS under a temporary name, checked
-// there against the recorded sha256, then renamed: it is the cache copy the next instance loads.
+// over the connection, else the cache bucket's object, which Verda downloads itself through a
+// presigned URL for that one object (Verda never holds a key to that bucket: see below). A copy
+// that arrives is written on SFS under a temporary name, checked against the recorded sha256,
+// then renamed: it is the cache copy the next instance loads.
 import path from 'node:path';
 import { IMAGE_FILE } from './archive.ts';
-import { humanSize } from './cli.ts';
+import { humanSize, printable } from './cli.ts';
+import { DEFAULT_LIMITS, type Limits } from './config.ts';
+import { downloadTree, type DownloadTreeResult } from './download.ts';
 import { openRegular } from './files.ts';
+import { PresignedObject, R2Backend } from './r2.ts';
+import { callVerda, type Report } from './remote.ts';
 import type { Step, StepResult } from './step.ts';
 import { IMAGE_KIND, shortId, type ImageRef, type RestoreSource } from './restore.ts';
 import { requireSfs } from './sfs.ts';
@@ -29,8 +34,16 @@ export interface ImageRestoreOptions {
   load: boolean;
   /** SFS_MOUNT: the cache copy is written on SFS (lib/sfs.ts). */
   sfsMount?: string;
+  /** The R2 timeouts and attempts Verda's download of the image uses. */
+  limits?: Limits;
   skipReason?: string;
 }
+
+/**
+ * How long the URL Verda downloads the image with holds: the image's bytes at a slow link's pace
+ * (2.5 GB at 1 MB/s is 42 minutes); a range retried after it fails, and the step with it.
+ */
+const IMAGE_URL_SECONDS = 3600;
 
 /**
  * The worker image back on Verda: the newest image a backup records whose bytes can still be had
@@ -111,19 +124,38 @@ export function imageRestoreStep(o: ImageRestoreOptions): Step {
       let bytes = 0;
       if (from !== 'sfs') {
         if (sfsSha) warnings.push(`${sfsCopy} is not image ${short}: replaced`);
+        const bucket = from === 'r2' ? o.cacheBucket!() : undefined;
+        if (bucket instanceof R2Backend) {
+          // Verda GETs the object itself, in ranges in flight at once, from a URL presigned for
+          // that one key: the image crosses the link once, at the link's pace, instead of twice
+          // through Mello's one SSH channel (its window over the round trip: 8 MB/s at 250 ms).
+          await downloadOnVerda(o, ctx.signal, ctx.out, {
+            url: bucket.presign(IMAGE_FILE, IMAGE_URL_SECONDS),
+            source,
+            dir: o.imageDir,
+            name: IMAGE_FILE,
+            bytes: want.bytes,
+            sha256: want.sha256,
+            limits: o.limits ?? DEFAULT_LIMITS,
+          });
+          bytes = want.bytes;
+        }
         const stream =
-          from === 'mello'
-            ? (await openRegular(want.melloFile!)).handle.createReadStream({ highWaterMark: 1 << 20 })
-            : await o.cacheBucket!().get(IMAGE_FILE, ctx.signal);
-        await o.host.$({
-          stdin: stream,
-          signal: ctx.signal,
-        })`sh -c ${program('store')} store ${o.imageDir} ${IMAGE_FILE} ${want.sha256}`.catch((e) => {
-          throw e instanceof CommandFailed
-            ? new Error(`image ${short} from ${source} not kept on ${o.host.label}: ${said(e.result.stderr, 2)}`)
-            : e;
-        });
-        bytes = want.bytes;
+          bytes > 0
+            ? undefined
+            : from === 'mello'
+              ? (await openRegular(want.melloFile!)).handle.createReadStream({ highWaterMark: 1 << 20 })
+              : await bucket!.get(IMAGE_FILE, ctx.signal);
+        if (stream)
+          await o.host.$({
+            stdin: stream,
+            signal: ctx.signal,
+          })`sh -c ${program('store')} store ${o.imageDir} ${IMAGE_FILE} ${want.sha256}`.catch((e) => {
+            throw e instanceof CommandFailed
+              ? new Error(`image ${short} from ${source} not kept on ${o.host.label}: ${said(e.result.stderr, 2)}`)
+              : e;
+          });
+        if (stream) bytes = want.bytes;
       }
       if (!o.load) {
         return {
@@ -186,4 +218,82 @@ export function imageCopyStep(o: { source: RestoreSource; image: string; cacheBu
       );
     },
   };
+}
+
+// ---------------------------------------------------------------------------------------------
+// The image from the cache bucket, downloaded by Verda itself
+//
+// Verda receives a URL that GETs worker-image.tar.gz of the cache bucket, and nothing else, for
+// an hour (r2.ts presignGet). It is no key pair: it cannot list, write, delete or read another
+// object (the config bundle beside it), and it reads the bytes Verda is about to hold anyway. It
+// goes on stdin like the models' key pair, is never printed, and is dropped when the call ends.
+
+/** What Mello sends on stdin for `restore-image`: one JSON line. */
+export interface ImageDownloadRequest {
+  url: string;
+  /** Where the object is, for messages (`r2://bucket/worker-image.tar.gz`): never the URL. */
+  source: string;
+  dir: string;
+  name: string;
+  bytes: number;
+  sha256: string;
+  limits: Pick<Limits, 'r2IdleTimeoutMs' | 'r2Attempts' | 'r2BackoffMs'>;
+}
+
+async function downloadOnVerda(
+  o: ImageRestoreOptions,
+  signal: AbortSignal,
+  out: {
+    transfer(what: string): { update(p: { bytes: number; total: number }): void; end(): void };
+    detail(line: string): void;
+  },
+  request: ImageDownloadRequest,
+) {
+  const progress = out.transfer('image downloaded by Verda');
+  const answer = await callVerda(o.host, 'restore-image', request, {
+    signal,
+    onProgress: (p) => progress.update(p),
+    onLine: (line) => out.detail(`verda: ${line}`),
+  }).finally(() => progress.end());
+  // Verda's answer is data: an error or the failures named, bounded.
+  const result = answer as unknown as Partial<DownloadTreeResult> & { error?: unknown };
+  if (result.error !== undefined)
+    throw new Error(
+      `image from ${request.source} not kept on ${o.host.label}: ${printable(String(result.error).slice(0, 500))}`,
+    );
+  const failure = Array.isArray(result.failures) ? (result.failures[0] as { error?: unknown } | undefined) : undefined;
+  if (failure || (result.downloaded !== 1 && result.inPlace !== 1))
+    throw new Error(
+      `image from ${request.source} not kept on ${o.host.label}: ${printable(String(failure?.error ?? 'no answer').slice(0, 500))}`,
+    );
+}
+
+/**
+ * Verda's side of `restore-image` (lib/verda.ts): the image into DIR/NAME with the download
+ * engine (ranged GETs in flight at once, the sha256 taken as the bytes land, renamed only when it
+ * is the recorded one), its progress reported as it goes.
+ */
+export async function restoreImageOnVerda(
+  request: ImageDownloadRequest,
+  signal: AbortSignal,
+  report: Report,
+): Promise<DownloadTreeResult> {
+  const backend = new PresignedObject(request.url, request.source, { idleTimeoutMs: request.limits.r2IdleTimeoutMs });
+  let done = 0;
+  return downloadTree({
+    root: request.dir,
+    backend,
+    items: (async function* () {
+      yield {
+        object: { key: request.name, size: request.bytes, etag: '' },
+        rel: request.name,
+        sha256: request.sha256,
+      };
+    })(),
+    signal,
+    attempts: request.limits.r2Attempts,
+    backoffMs: request.limits.r2BackoffMs,
+    idleTimeoutMs: request.limits.r2IdleTimeoutMs,
+    onBytes: (n) => report({ bytes: (done += n), total: request.bytes }),
+  });
 }

@@ -533,6 +533,13 @@ test('an image neither loaded, nor on SFS, nor on Mello comes from the cache buc
     assert.ok(
       s3.requests.slice(before).some((q) => q.method === 'GET' && q.url.startsWith(`/${CACHE}/worker-image.tar.gz`)),
     );
+    // Verda GETs it itself, through a URL presigned for that one object: no key pair of that bucket.
+    assert.ok(
+      s3.requests
+        .slice(before)
+        .some((q) => q.method === 'GET' && /^\/[^/]+\/worker-image\.tar\.gz\?.*X-Amz-Signature=/.test(q.url)),
+      'a presigned GET of the image',
+    );
     assert.is(loadedId(), imageId.replace(/^sha256:/, ''));
   } finally {
     fs.renameSync(`${mello}.away`, mello);

@@ -16,7 +16,7 @@ import { AdaptiveSlots, Slots } from '../lib/pacer.ts';
 import { pool } from '../lib/pool.ts';
 import { commandArgs, shellQuote } from '../lib/ssh.ts';
 import { MiB } from '../lib/files.ts';
-import { MAX_PARTS, MIN_PART_SIZE, partSizeFor } from '../lib/r2.ts';
+import { MAX_PARTS, MIN_PART_SIZE, partSizeFor, presignGet } from '../lib/r2.ts';
 import { datedCopies, datedPattern, isFuture, stampTime, timestamp } from '../lib/dated.ts';
 import { listBundles, rotateBundles } from '../lib/archive.ts';
 import {
@@ -757,6 +757,27 @@ test('lock: a live holder is respected; a dead pid, a reused pid, an earlier boo
   fs.writeFileSync(lock, '999999999\n');
   acquireLock(lock, 'backup-x')();
   fs.rmSync(dir, { recursive: true });
+});
+
+test("presignGet: SigV4 query signing as @smithy/signature-v4 5.7.5 (the SDK's signer) signs the same GET; one object, an expiry", () => {
+  const target = {
+    endpoint: 'https://acct.r2.cloudflarestorage.com',
+    bucket: 'my-cache',
+    accessKeyId: 'AKIDEXAMPLE',
+    secretAccessKey: 'wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY',
+  };
+  const url = new URL(presignGet(target, 'dir/worker image+ü.tar.gz', 3600, Date.UTC(2026, 11, 3, 12, 0, 0)));
+  assert.is(url.origin, 'https://acct.r2.cloudflarestorage.com');
+  assert.is(url.pathname, '/my-cache/dir/worker%20image%2B%C3%BC.tar.gz');
+  assert.is(url.searchParams.get('X-Amz-Expires'), '3600');
+  assert.is(url.searchParams.get('X-Amz-Credential'), 'AKIDEXAMPLE/20261203/auto/s3/aws4_request');
+  assert.is(url.searchParams.get('X-Amz-SignedHeaders'), 'host');
+  // Computed by @smithy/signature-v4's presign for the same request (region auto, UNSIGNED-PAYLOAD).
+  assert.is(
+    url.searchParams.get('X-Amz-Signature'),
+    '17fb0f3f9f3af9d3d890bb0eeef0bb74c8d06b319f50e67fec115a9f22b41aae',
+  );
+  assert.not.ok(url.href.includes(target.secretAccessKey), 'the secret is not in the URL');
 });
 
 test.run();
