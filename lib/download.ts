@@ -121,8 +121,11 @@ export interface DownloadTreeOptions {
   /** A body that gives no byte for this long is abandoned (and resumed). */
   idleTimeoutMs?: number;
   onFile?: (a: DownloadAction) => void;
-  /** Bytes downloaded, as they land; `listed` is the bytes of the objects listed so far. */
-  onBytes?: (n: number, listed: number, file: { key: string; bytes: number; size: number }) => void;
+  /**
+   * Bytes downloaded, as they land; `toDownload` is the bytes of the objects decided to download
+   * so far (those already in place are no work: a morning with SFS kept is not "3 % done").
+   */
+  onBytes?: (n: number, toDownload: number, file: { key: string; bytes: number; size: number }) => void;
 }
 
 /** The defaults: a lone big model gets 8 streams (R2 gives each connection a share, not the whole link). */
@@ -449,8 +452,9 @@ export async function downloadTree(options: DownloadTreeOptions): Promise<Downlo
   let begun = 0;
   const dirs = new Set<string>();
   const cleaned = new Set<string>();
+  let toDownload = 0;
   const onBytes = opts.onBytes
-    ? (n: number, file: { key: string; bytes: number; size: number }) => opts.onBytes!(n, result.bytes, file)
+    ? (n: number, file: { key: string; bytes: number; size: number }) => opts.onBytes!(n, toDownload, file)
     : undefined;
 
   // The hash cache's ETags name objects of the tree's own backend: an item from another (a
@@ -509,6 +513,7 @@ export async function downloadTree(options: DownloadTreeOptions): Promise<Downlo
       return report({ action: 'kept', key: o.key, bytes: o.size });
     }
     const reason = st ? 'changed' : 'new';
+    toDownload += o.size;
     if (!opts.dryRun) {
       const dir = directoryOf(root, parts.slice(0, -1), dirs, true)!;
       if (!cleaned.has(dir)) {

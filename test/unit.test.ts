@@ -29,6 +29,7 @@ import {
   type PutOptions,
   type Source,
 } from '../lib/storage.ts';
+import { downloadTree } from '../lib/download.ts';
 import { listingSplits, listRanges, syncTree } from '../lib/sync.ts';
 import { bufferSource } from './backend-conformance.ts';
 import { MemoryBackend } from './memory-backend.ts';
@@ -494,6 +495,23 @@ test("syncTree's progress: bytes sent of the bytes to send; unchanged files are 
   let last = { sent: 0, total: 0 };
   await syncTree({ root, backend: b, prefix: '', onProgress: (sent, total) => (last = { sent, total }) });
   assert.equal(last, { sent: 300, total: 300 });
+});
+
+test("downloadTree's progress: bytes downloaded of the bytes to download; files already in place are not counted as work", async () => {
+  const root = await tree({ 'kept.bin': 'k'.repeat(6000) });
+  const b = new MemoryBackend();
+  await b.put('kept.bin', bufferSource(Buffer.from('k'.repeat(6000))), { metadata: { sha256: sha('k'.repeat(6000)) } });
+  await b.put('new.bin', bufferSource(Buffer.from('n'.repeat(700))), { metadata: { sha256: sha('n'.repeat(700)) } });
+  let done = 0;
+  let total = 0;
+  const r = await downloadTree({
+    root,
+    backend: b,
+    prefix: '',
+    onBytes: (n, toDownload) => ((done += n), (total = toDownload)),
+  });
+  assert.equal([r.downloaded, r.inPlace], [1, 1]);
+  assert.equal({ done, total }, { done: 700, total: 700 });
 });
 
 test('syncTree: an object proven by its sha256 metadata or by a bash-era ETag is skipped; other bytes of the same size are sent', async () => {
