@@ -2,6 +2,7 @@
 // bash originals named them. What is dated, how it sorts, and what is odd about a copy.
 import fs from 'node:fs';
 import path from 'node:path';
+import { humanSize } from './cli.ts';
 import { isRegularFile } from './files.ts';
 
 /** `YYYYMMDD-HHMMSS` in local time, as the bash originals' `date +%Y%m%d-%H%M%S`. */
@@ -93,8 +94,8 @@ export function listCopies(dir: string, kinds: string[], json: boolean): string 
   if (json) return JSON.stringify({ dir, kinds: copies }, null, 2) + '\n';
   const lines = [`Copies in ${dir}, newest first:`];
   for (const k of copies) {
-    lines.push(`  ${k.kind}: ${k.copies.length ? '' : 'none'}`);
-    for (const c of k.copies) lines.push(`    ${c.name}  ${c.bytes} bytes`);
+    lines.push(`  ${k.kind}:${k.copies.length ? '' : ' none'}`);
+    for (const c of k.copies) lines.push(`    ${c.name}  ${humanSize(c.bytes)}`);
   }
   lines.push('', 'Restore them with: restore-verda.mts --from sfs (the newest of each kind)');
   return lines.join('\n') + '\n';

@@ -17,7 +17,7 @@ import { pool } from '../lib/pool.ts';
 import { commandArgs, shellQuote } from '../lib/ssh.ts';
 import { MiB } from '../lib/files.ts';
 import { MAX_PARTS, MIN_PART_SIZE, partSizeFor } from '../lib/r2.ts';
-import { datedCopies, datedPattern, isFuture, stampTime, timestamp } from '../lib/dated.ts';
+import { datedCopies, datedPattern, isFuture, listCopies, stampTime, timestamp } from '../lib/dated.ts';
 import { listBundles, rotateBundles } from '../lib/archive.ts';
 import {
   CountingBackend,
@@ -99,6 +99,15 @@ test('a progress line: bytes of the total, rate, ETA, the file; before the total
     'models sent: 0B so far, 0B/s (total not known yet)',
   );
   assert.match(transferLine('x', { bytes: 0, total: 5 }, 1), /^x: 0B of 5B \(0%\), 0B\/s, ETA --:--$/);
+});
+
+test('backup-cron --list: sizes as humanSize prints them, and no line ends in a space', () => {
+  const dir = tmp();
+  fs.writeFileSync(path.join(dir, 'fail2ban-20261203-104258.tar.gz'), Buffer.alloc(209));
+  const text = listCopies(dir, ['tailscale-identity', 'fail2ban'], false);
+  assert.match(text, '  tailscale-identity: none\n  fail2ban:\n    fail2ban-20261203-104258.tar.gz  209B\n');
+  assert.not.match(text, / \n/);
+  fs.rmSync(dir, { recursive: true });
 });
 
 test('humanSize prints as du -h does', () => {
