@@ -19,7 +19,8 @@ await runScript({
   name: 'backup-cron',
   title: (f) =>
     `=== Verda config → SFS, then Mello user files → R2 (${f.verify ? 'verify' : f.quick ? 'quick' : 'full'}) ===`,
-  usage: `Usage: backup-cron.mts [--full | --quick] [--dry-run | --verify] [--json] [-v] [--env-file PATH]
+  usage: `Usage: backup-cron.mts [--full | --quick] [--dry-run | --verify [--deep]] [--json] [-v] [--env-file PATH]
+       backup-cron.mts --status | --list [--json]
 
 Run hourly on Verda as root by cron (installed by ./install). Archives tailscale identity, SSH host
 keys, fail2ban, ufw and the project .env into SFS_BACKUP_DIR as KIND-YYYYMMDD-HHMMSS.tar.gz; an
