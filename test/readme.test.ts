@@ -161,6 +161,9 @@ test("each --help: its usage names every flag it describes, and the shared lines
   ];
   for (const [script, not] of words) assert.not.match(help.get(script)!, not, script);
   assert.match(help.get('restore-verda')!, /--dry-run +say what would be restored and where/);
+  // Only backup-mello deletes old versions: restore-mello does not read KEEP_VERSIONS_DAYS.
+  assert.match(help.get('backup-mello')!, /^ +KEEP_VERSIONS_DAYS +30$/m);
+  assert.not.match(help.get('restore-mello')!, /KEEP_VERSIONS_DAYS/);
 });
 
 // -------------------------------------------------------------------------------------------
