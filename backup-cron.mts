@@ -9,8 +9,9 @@ import { CRON_KINDS, archiveStep, configArchives, verifyCopyStep } from './lib/a
 import { requireDirOrAbsent } from './lib/config.ts';
 import { RunRecord } from './lib/manifest.ts';
 import { runScript } from './lib/script.ts';
-import { copyWarnings, listCopies, timestamp } from './lib/dated.ts';
+import { copyWarnings, timestamp } from './lib/dated.ts';
 import { rotateLocal, rotationStep } from './lib/rotation.ts';
+import { listCopies } from './lib/sfs.ts';
 import { LocalHost } from './lib/ssh.ts';
 import { cronStatus } from './lib/status.ts';
 import { triggerMelloStep } from './lib/trigger.ts';

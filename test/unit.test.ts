@@ -20,7 +20,8 @@ import type { StepReport } from '../lib/step.ts';
 import { commandArgs, shellQuote } from '../lib/ssh.ts';
 import { MiB } from '../lib/files.ts';
 import { MAX_PARTS, MIN_PART_SIZE, partSizeFor } from '../lib/r2.ts';
-import { datedCopies, datedPattern, isFuture, listCopies, stampTime, timestamp } from '../lib/dated.ts';
+import { datedCopies, datedPattern, isFuture, stampTime, timestamp } from '../lib/dated.ts';
+import { listCopies } from '../lib/sfs.ts';
 import { listBundles, rotateBundles } from '../lib/archive.ts';
 import {
   CountingBackend,
