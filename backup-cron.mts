@@ -9,8 +9,9 @@ import { CRON_KINDS, archiveStep, configArchives, verifyCopyStep } from './lib/a
 import { requireDirOrAbsent } from './lib/config.ts';
 import { RunRecord } from './lib/manifest.ts';
 import { runScript } from './lib/script.ts';
-import { copyWarnings, listCopies, timestamp } from './lib/dated.ts';
+import { copyWarnings, timestamp } from './lib/dated.ts';
 import { rotateLocal, rotationStep } from './lib/rotation.ts';
+import { listCopies } from './lib/sfs.ts';
 import { LocalHost } from './lib/ssh.ts';
 import { cronStatus } from './lib/status.ts';
 import { triggerMelloStep } from './lib/trigger.ts';
@@ -19,7 +20,8 @@ await runScript({
   name: 'backup-cron',
   title: (f) =>
     `=== Verda config → SFS, then Mello user files → R2 (${f.verify ? 'verify' : f.quick ? 'quick' : 'full'}) ===`,
-  usage: `Usage: backup-cron.mts [--full | --quick] [--dry-run | --verify] [--json] [-v] [--env-file PATH]
+  usage: `Usage: backup-cron.mts [--full | --quick] [--dry-run | --verify [--deep]] [--json] [-v] [--env-file PATH]
+       backup-cron.mts --status | --list [--json]
 
 Run hourly on Verda as root by cron (installed by ./install). Archives tailscale identity, SSH host
 keys, fail2ban, ufw and the project .env into SFS_BACKUP_DIR as KIND-YYYYMMDD-HHMMSS.tar.gz; an

@@ -17,7 +17,8 @@ import { Versions, noteVersionsOff, retentionStep } from './lib/versions.ts';
 await runScript({
   name: 'backup-mello',
   title: (f) => `=== Mello user files → R2 (${f.quick ? 'quick: user_data and inputs' : 'full'}) ===`,
-  usage: `Usage: backup-mello.mts [--full | --quick] [--dry-run | --verify] [--json] [-v] [--env-file PATH]
+  usage: `Usage: backup-mello.mts [--full | --quick] [--dry-run | --verify [--deep]] [--json] [-v] [--env-file PATH]
+       backup-mello.mts --status [--json]
 
 Sends MELLO_DATA_DIR's user_data/, outputs/ and inputs/ to the R2 user-files bucket under the
 same keys. Files already there with the same size and sha256 are not sent again; a file deleted

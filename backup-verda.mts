@@ -31,7 +31,8 @@ import { verdaStatus } from './lib/status.ts';
 await runScript({
   name: 'backup-verda',
   title: (f) => `=== Verda → Mello and R2 (${f.quick ? 'quick: config only' : 'full'}) ===`,
-  usage: `Usage: backup-verda.mts [--full | --quick] [--dry-run] [--json] [-v] [--env-file PATH]
+  usage: `Usage: backup-verda.mts [--full | --quick] [--dry-run | --verify [--deep]] [--json] [-v] [--env-file PATH]
+       backup-verda.mts --status | --list [--json]
 
 Run on Mello before Verda is shut down. Archives Verda's identity and config (tailscale, SSH host
 keys, fail2ban, ufw, .env, home, project, oh-my-zsh) into BACKUP_DIR as KIND-YYYYMMDD-HHMMSS.tar.gz

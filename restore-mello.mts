@@ -43,8 +43,9 @@ object (changed since the last backup) is left as it is unless --overwrite.
   --overwrite       replace files newer here than their object (with --as-of: any that differ)
   --drill           change nothing: read objects back (all within DRILL_MAX_BYTES, else a random
                     sample of that many bytes), check each against its sha256, compare with Mello's
-                    file; exit 1 naming a damaged object. --verify is the same; --verify --deep
-                    reads every object back`,
+                    file; exit 1 naming a damaged object
+  --verify          the same as --drill
+  --deep            with --verify: every object read back, not a sample`,
   extraFlags: { boolean: ['drill', 'overwrite'], string: ['user', 'only', 'to', 'as-of', 'list-versions'] },
   async plan(cfg, flags) {
     const x = flags.extra;

@@ -152,11 +152,14 @@ export function parseFlags(argv: string[], extra: ExtraFlags = {}): Flags {
   };
 }
 
-/** The flags every script takes, each with its lines of help. */
-const COMMON_FLAGS: [flag: string, help: string][] = [
+/** The flags every script takes, each with its lines of help, in the words of `script`. */
+const commonFlags = (script: string): [flag: string, help: string][] => [
   ['--full', '  --full            full run (the default)'],
   ['--quick', '  --quick           see above'],
-  ['--dry-run', '  --dry-run         say what would be sent and where; change nothing'],
+  [
+    '--dry-run',
+    `  --dry-run         say what would be ${script.startsWith('restore-') ? 'restored' : 'sent'} and where; change nothing`,
+  ],
   [
     '--verify',
     '  --verify          change nothing; check that the newest backup is whole (exit 1 naming what differs)',
@@ -164,14 +167,20 @@ const COMMON_FLAGS: [flag: string, help: string][] = [
   ['--deep', '  --deep            with --verify: read R2 objects back and hash them, not only their metadata'],
   [
     '--status',
-    `  --status          change nothing, no SSH, no lock: the newest backups (and, for backup-verda, the
-                    bundle in R2, read only), their age, complete or not, and the last run; exit 1
-                    when the newest is older than STALE_HOURS, incomplete or missing, or the last run failed`,
+    script === 'backup-verda'
+      ? `  --status          change nothing, no SSH, no lock: the newest backups and the bundle in R2 (read
+                    only), their age, complete or not, and the last run; exit 1 when the newest is
+                    older than STALE_HOURS, incomplete or missing, or the last run failed`
+      : `  --status          change nothing, no SSH, no lock: the newest backups, their age, complete or not,
+                    and the last run; exit 1 when the newest is older than STALE_HOURS, incomplete
+                    or missing, or the last run failed`,
   ],
   [
     '--list',
-    `  --list            change nothing: the restore points, newest first (date, full or quick, whole
-                    or not and why, size, where); backup-cron: its SFS copies`,
+    script === 'backup-cron'
+      ? '  --list            change nothing: the dated copies in SFS_BACKUP_DIR, newest first (restore-verda.mts\n                    --from sfs takes the newest of each kind)'
+      : `  --list            change nothing: the restore points, newest first (date, full or quick, whole
+                    or not and why, size, where)`,
   ],
   ['--json', '  --json            machine-readable summary on stdout (step lines go to stderr)'],
   ['--verbose', '  -v, --verbose     say more'],
@@ -197,7 +206,7 @@ export function helpText(
     (opts.status || flag !== '--status') &&
     (opts.list || flag !== '--list') &&
     (synopsis.includes('--quick') || (flag !== '--quick' && flag !== '--full'));
-  const flags = COMMON_FLAGS.filter(([flag]) => !describedHere(flag) && takes(flag));
+  const flags = commonFlags(script).filter(([flag]) => !describedHere(flag) && takes(flag));
   const pings = opts.failurePingsOnly
     ? `NOTIFY_URL (or NOTIFY_URL_VERDA, _MELLO for one script) receives one healthchecks.io ping,
 URL/fail with the summary, when a run fails; nothing when it succeeds (a restore backs nothing up).`

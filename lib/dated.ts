@@ -79,23 +79,3 @@ export function copyWarnings(dir: string, kind: string, ext: string): string[] {
   }
   return warnings;
 }
-
-/** --list of backup-cron: the dated copies of each kind in a directory (SFS), newest first. */
-export function listCopies(dir: string, kinds: string[], json: boolean): string {
-  const copies = kinds.map((kind) => ({
-    kind,
-    copies: localCopies(dir, kind, 'tar.gz').map((name) => ({
-      name,
-      time: stampTime(datedPattern(kind, 'tar.gz').exec(name)![1]).toISOString(),
-      bytes: fs.lstatSync(path.join(dir, name), { throwIfNoEntry: false })?.size ?? 0,
-    })),
-  }));
-  if (json) return JSON.stringify({ dir, kinds: copies }, null, 2) + '\n';
-  const lines = [`Copies in ${dir}, newest first:`];
-  for (const k of copies) {
-    lines.push(`  ${k.kind}: ${k.copies.length ? '' : 'none'}`);
-    for (const c of k.copies) lines.push(`    ${c.name}  ${c.bytes} bytes`);
-  }
-  lines.push('', 'Restore them with: restore-verda.mts --from sfs (the newest of each kind)');
-  return lines.join('\n') + '\n';
-}

@@ -4,7 +4,7 @@
 // Verda: verify still works once the instance is gone.
 import fs from 'node:fs';
 import path from 'node:path';
-import { readBackDecrypted, readIdentities, requireIdentityFile } from './age.ts';
+import { readBackDecrypted, readIdentities } from './age.ts';
 import { LayoutError, archiveKind, checkArchiveFile, listArchive } from './layout.ts';
 import { errorText, printable } from './cli.ts';
 import { ensurePrivateDir, readRegularFileSync, writeFileAtomic } from './files.ts';
@@ -243,18 +243,21 @@ export async function checkObjects(
   const { signal } = opts;
   const found: ObjectsChecked = { failures: [], sizeOnly: 0, decrypted: 0 };
   const failures = found.failures;
-  // Read once, on first need; its problem (unset, unreadable, no identity) is every encrypted object's.
+  // Read once, on first need; its problem (unset, unreadable, no identity) is every encrypted
+  // object's: said once, after the check, naming each object it left undecrypted.
   let identities: string[] | Error | undefined;
-  const identitiesFor = (name: string) => {
+  const identitiesFor = () => {
     identities ??= (() => {
+      if (!opts.ageIdentityFile) return new Error('AGE_IDENTITY_FILE is not set');
       try {
-        return readIdentities(requireIdentityFile(opts.ageIdentityFile, `to decrypt ${name}`));
+        return readIdentities(opts.ageIdentityFile);
       } catch (e) {
         return e as Error;
       }
     })();
     return identities;
   };
+  const undecrypted = new Set<R2Record>();
   await pool(
     records,
     8,
@@ -272,8 +275,8 @@ export async function checkObjects(
       else if (head.metadata.sha256 && head.metadata.sha256 !== o.sha256)
         failures.push(`differs: ${name} sha256 metadata is not the source's`);
       else if ((opts.deep || opts.decrypt) && o.encrypted === 'age') {
-        const ids = identitiesFor(name);
-        if (ids instanceof Error) failures.push(`${name} is age-encrypted and not decrypted: ${ids.message}`);
+        const ids = identitiesFor();
+        if (ids instanceof Error) undecrypted.add(o);
         else {
           try {
             const r = await readBackDecrypted(await backend.get(o.key, signal), ids, signal);
@@ -293,6 +296,15 @@ export async function checkObjects(
     },
     signal,
   );
+  if (undecrypted.size) {
+    const names = records.filter((o) => undecrypted.has(o)).map((o) => `r2://${o.bucket}/${printable(String(o.key))}`);
+    const list = names.join(' and ');
+    failures.push(
+      opts.ageIdentityFile
+        ? `not decrypted: ${list}: ${(identities as Error).message}`
+        : `AGE_IDENTITY_FILE is not set: it is needed to decrypt ${list} (age-encrypted)`,
+    );
+  }
   return found;
 }
 

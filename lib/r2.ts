@@ -534,7 +534,9 @@ export class R2Backend implements Backend {
     const what = timedOut
       ? `R2 did not answer (no byte moved for ${idle})`
       : describeS3Error(e, signedOffset, this.target);
-    return new StorageError(`${this.name}/${key} ${op}: ${what}${tries}`, refused || unreachable, status);
+    // A refusal is the same for every request to this bucket: said once (lib/step.ts).
+    const message = `${this.name}/${key} ${op}: ${what}${tries}`;
+    return new StorageError(message, refused || unreachable, status, refused ? what : undefined);
   }
 
   onCongestion(listener: () => void) {

@@ -95,7 +95,7 @@ export function rotateByRestorePoints(
   const whole = kept.filter((p) => p.judgement.state === 'whole').length;
   const unknown = kept.length - whole;
   const notes = [
-    `${kept.length} restore points kept` +
+    `${kept.length} restore point${kept.length === 1 ? '' : 's'} kept` +
       (kept.length ? ` (${whole} whole${unknown ? `, ${unknown} not checkable now` : ''})` : '') +
       (imagePoint ? `, the newest recording the worker image: ${imagePoint.name}` : ''),
   ];

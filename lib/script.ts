@@ -322,8 +322,7 @@ function summarize(
       const items = r.failures.slice(0, 5).concat(r.failures.length > 5 ? [`and ${r.failures.length - 5} more`] : []);
       return `Step ${r.step} (${r.name}): ${r.error ?? (items.length ? items.join('; ') : (r.summary ?? r.status))}`;
     });
-  if (repeats.length)
-    failures.push(`Steps ${repeats.map((r) => r.step).join(', ')}: ${repeats[0].error ?? 'not done'}`);
+  if (repeats.length) failures.push(repeatedLine(repeats));
   if (signal.aborted) failures.push(`interrupted by ${signal.reason?.message}`);
   const bytes = reports.reduce((n, r) => n + (r.bytes ?? 0), 0);
   const verb = flags.dryRun ? 'would send' : (def.moved?.(flags) ?? 'sent');
@@ -339,6 +338,16 @@ function summarize(
     interrupted: signal.aborted,
     report,
   };
+}
+
+/**
+ * The one summary line of the steps that failed only for a host already said unreachable:
+ * `Step 11 (Models): ...` for one, as any failed step, and `Steps 2, 3, 4: ...` for more.
+ */
+export function repeatedLine(repeats: StepReport[]): string {
+  const why = repeats[0].error ?? 'not done';
+  if (repeats.length === 1) return `Step ${repeats[0].step} (${repeats[0].name}): ${why}`;
+  return `Steps ${repeats.map((r) => r.step).join(', ')}: ${why}`;
 }
 
 /** The record --status reads; one that cannot be written is a notice, not a failure. */

@@ -70,6 +70,9 @@ export interface StepReport {
 export async function runPlan(steps: Step[], base: Omit<StepContext, 'earlier' | 'steps'>): Promise<StepReport[]> {
   const reports: StepReport[] = [];
   const ctx: StepContext = { ...base, earlier: reports, steps };
+  // A refusal that every step meets (no such bucket, a key refused) is said in full once: the
+  // step that said it, by the words of its reason (lib/storage.ts StorageError.reason).
+  const saidBy = new Map<string, number>();
   for (const [i, step] of steps.entries()) {
     const n = i + 1;
     const report: StepReport = {
@@ -114,6 +117,12 @@ export async function runPlan(steps: Step[], base: Omit<StepContext, 'earlier' |
       const interrupted = ctx.signal.aborted && !step.always;
       report.status = interrupted ? 'interrupted' : 'failed';
       report.error = interrupted ? `interrupted (${ctx.signal.reason?.message ?? 'signal'})` : errorText(e);
+      const reason = (e as { reason?: unknown })?.reason;
+      if (!interrupted && typeof reason === 'string' && reason) {
+        const said = saidBy.get(reason);
+        if (said === undefined) saidBy.set(reason, n);
+        else report.error = sameCause(report.error, reason, said);
+      }
       // An error said before (a host unreachable: lib/ssh.ts HostError) is one line in the summary.
       if ((e as { repeat?: boolean })?.repeat === true) report.repeat = true;
       ctx.out.fail(report.error);
@@ -125,6 +134,12 @@ export async function runPlan(steps: Step[], base: Omit<StepContext, 'earlier' |
     report.ms = Date.now() - started;
   }
   return reports;
+}
+
+/** `r2://b/outputs/ list: <reason>` → `r2://b/outputs/ list: same cause as step 1`. */
+function sameCause(error: string, reason: string, step: number): string {
+  const same = `same cause as step ${step}`;
+  return error.includes(reason) ? error.replace(reason, same) : `${same}: ${error}`;
 }
 
 /** Errors that only a bug in these scripts raises: worth a stack trace (with --verbose). */

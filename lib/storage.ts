@@ -141,6 +141,11 @@ export class StorageError extends Error {
     /** Credentials refused or bucket missing: every other request would fail the same way. */
     readonly fatal: boolean,
     readonly status?: number,
+    /**
+     * What is wrong, in words the same for every request that meets it (no key): a later step
+     * failing for a reason already said names the step that said it (lib/step.ts).
+     */
+    readonly reason?: string,
   ) {
     super(message);
   }

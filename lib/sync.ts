@@ -452,7 +452,7 @@ class TreeSync {
     } catch (e) {
       if (opts.signal?.aborted) throw e;
       const why = `its earlier version could not be kept in ${versions.name} (${errorText(e)}): not replaced`;
-      throw e instanceof StorageError ? new StorageError(why, e.fatal, e.status) : new Error(why);
+      throw e instanceof StorageError ? new StorageError(why, e.fatal, e.status, e.reason) : new Error(why);
     }
   }
 

@@ -20,6 +20,9 @@ import { openHost, said } from './ssh.ts';
  */
 const TRIGGER_IDLE_LIMIT_MS = 6 * 3600_000;
 
+/** lib/sh/trigger-mello.sh's exit when MELLO_SCRIPTS_DIR is not a directory on Mello. */
+const NO_SCRIPTS_DIR = 66;
+
 /** Calls `each` with every complete line written to it, and the rest at the end. */
 function lineSink(each: (line: string) => void) {
   let rest = '';
@@ -75,6 +78,8 @@ export function triggerMelloStep(o: {
         })`sh -c ${program('trigger-mello')} ${o.scriptsDir} backup-mello.mts ${o.flags}`;
         sink.flush();
         const last = kept.filter((l) => l.startsWith('===')).pop();
+        if (r.code === NO_SCRIPTS_DIR && !last)
+          throw new Error(`MELLO_SCRIPTS_DIR (${o.scriptsDir}) does not exist on ${o.melloHost}`);
         if (r.code === 0) return { summary: `backup-mello on ${o.melloHost}: ${last ?? 'done'}` };
         // 75: another run holds Mello's lock. It may be doing this job, or it may be stuck: this
         // run did not do its work, and says so (a lock held for days must not pass as "skipped").

@@ -336,7 +336,7 @@ export const VARIABLES = [
     group: 'keep',
     default: '30',
     meaning: 'days the replaced versions in R2_VERSIONS_BUCKET are kept',
-    scripts: MELLO_FILES,
+    scripts: ['backup-mello'], // its retention step; restore-mello reads what is there
   },
   {
     name: 'DRILL_MAX_BYTES',

@@ -400,6 +400,21 @@ test('backup-mello failing on Mello is exit 1 with its exit status and its reaso
   }
 });
 
+test('MELLO_SCRIPTS_DIR absent on Mello: one line naming the variable, its value and the host', async () => {
+  const absent = path.join(work, 'no such scripts dir');
+  const r = await cron([], { MELLO_SCRIPTS_DIR: absent });
+  assert.is(r.code, 1, r.stdout + r.stderr);
+  const failed = r.stdout.split('\n').filter((l) => /^\s+✗/.test(l));
+  assert.equal(
+    failed.map((l) => l.trim()),
+    [
+      `✗ MELLO_SCRIPTS_DIR (${absent}) does not exist on mello`,
+      `✗ Step 7 (Trigger backup-mello on Mello): MELLO_SCRIPTS_DIR (${absent}) does not exist on mello`,
+    ],
+    r.stdout,
+  );
+});
+
 test('--dry-run says what would be written and triggered, and changes nothing', async () => {
   fs.appendFileSync(path.join(sysroot, 'etc/fail2ban/jail.local'), 'bantime = 1h\n');
   const before = sfsListing();

@@ -540,10 +540,27 @@ test('e2e: backup-mello with a wrong user-files key fails naming R2_USER_FILES_A
   assert.is(wrongKey.code, 1, out(wrongKey));
   assert.match(wrongKey.stdout, /check R2_USER_FILES_ACCESS_KEY_ID and R2_USER_FILES_SECRET_ACCESS_KEY/);
   assert.not.match(wrongKey.stdout + wrongKey.stderr, /check R2_ACCESS_KEY_ID|not-the-secret/);
+  assertSaidOnce(wrongKey, /check R2_USER_FILES_ACCESS_KEY_ID/g);
   const noBucket = await runMello({ ...env, R2_USER_FILES_BUCKET: 'no-such-bucket' });
   assert.is(noBucket.code, 1, out(noBucket));
   assert.match(noBucket.stdout, /check R2_USER_FILES_BUCKET; an EU bucket needs .* in R2_USER_FILES_ENDPOINT/);
+  assertSaidOnce(noBucket, /check R2_USER_FILES_BUCKET/g);
 });
+
+/** All three steps fail; the cause is said in full by step 1 (its line, the summary's); steps 2 and 3 point at it. */
+function assertSaidOnce(r: Run, cause: RegExp) {
+  assert.match(r.stdout, /3 failed/, out(r));
+  assert.is(r.stdout.match(cause)?.length, 2, `the cause in full only on step 1's two lines\n${out(r)}`);
+  for (const [n, tree] of [
+    [2, 'outputs'],
+    [3, 'inputs'],
+  ])
+    assert.match(
+      r.stdout,
+      new RegExp(`Step ${n} \\(\\w+\\): r2://[\\w-]+/${tree}/ list: same cause as step 1\n`),
+      out(r),
+    );
+}
 
 test('an upload of many parts at once prints no runtime warning (MaxListenersExceededWarning)', async () => {
   const warnings: string[] = [];

@@ -144,6 +144,28 @@ test('the flag check itself: a flag that a script does not offer is found', () =
   assert.ok(offers(help.get('restore-verda')!, '--new-host'));
 });
 
+test("each --help: its usage names every flag it describes, and the shared lines are in the script's own words", () => {
+  for (const script of SCRIPTS) {
+    const text = help.get(script)!;
+    const synopsis = text.split('\n\n')[0];
+    const described = [...text.matchAll(/^ {2}(?:-\w, )?(--[a-z][\w-]*)/gm)].map((m) => m[1]);
+    // --help and --verbose go without saying; --full is the default.
+    for (const flag of described.filter((f) => !['--help', '--verbose', '--full'].includes(f)))
+      assert.ok(offers(synopsis, flag), `${script}: its usage does not name ${flag}\n${synopsis}`);
+  }
+  const words: [script: string, not: RegExp][] = [
+    ['restore-verda', /backup-cron: its SFS copies|would be sent/],
+    ['restore-mello', /the newest backup|would be sent/],
+    ['backup-mello', /for backup-verda|backup-cron/],
+    ['backup-cron', /for backup-verda|the restore points/],
+  ];
+  for (const [script, not] of words) assert.not.match(help.get(script)!, not, script);
+  assert.match(help.get('restore-verda')!, /--dry-run +say what would be restored and where/);
+  // Only backup-mello deletes old versions: restore-mello does not read KEEP_VERSIONS_DAYS.
+  assert.match(help.get('backup-mello')!, /^ +KEEP_VERSIONS_DAYS +30$/m);
+  assert.not.match(help.get('restore-mello')!, /KEEP_VERSIONS_DAYS/);
+});
+
 // -------------------------------------------------------------------------------------------
 // Step numbers
 

@@ -14,10 +14,14 @@ import { FileDigests, TreeCache, awsCliPartSize, etagProvesContent } from '../li
 import { LockHeld, acquireLock, isHeld, processStart } from '../lib/lock.ts';
 import { AdaptiveSlots, Slots } from '../lib/pacer.ts';
 import { pool } from '../lib/pool.ts';
+import { rotateByRestorePoints } from '../lib/rotation.ts';
+import { repeatedLine } from '../lib/script.ts';
+import type { StepReport } from '../lib/step.ts';
 import { commandArgs, shellQuote } from '../lib/ssh.ts';
 import { MiB } from '../lib/files.ts';
 import { MAX_PARTS, MIN_PART_SIZE, partSizeFor, presignGet } from '../lib/r2.ts';
 import { datedCopies, datedPattern, isFuture, stampTime, timestamp } from '../lib/dated.ts';
+import { listCopies } from '../lib/sfs.ts';
 import { listBundles, rotateBundles } from '../lib/archive.ts';
 import {
   CountingBackend,
@@ -100,6 +104,38 @@ test('a progress line: bytes of the total, rate, ETA, the file; before the total
     'models sent: 0B so far, 0B/s (total not known yet)',
   );
   assert.match(transferLine('x', { bytes: 0, total: 5 }, 1), /^x: 0B of 5B \(0%\), 0B\/s, ETA --:--$/);
+});
+
+test('backup-cron --list: sizes as humanSize prints them, and no line ends in a space', () => {
+  const dir = tmp();
+  fs.writeFileSync(path.join(dir, 'fail2ban-20261203-104258.tar.gz'), Buffer.alloc(209));
+  const text = listCopies(dir, ['tailscale-identity', 'fail2ban'], false);
+  assert.match(text, '  tailscale-identity: none\n  fail2ban:\n    fail2ban-20261203-104258.tar.gz  209B\n');
+  assert.not.match(text, / \n/);
+  fs.rmSync(dir, { recursive: true });
+});
+
+test('the summary line of steps failed for a host said unreachable: "Step" for one, "Steps" for more', () => {
+  const why = 'not done: dev@verda cannot be reached (said above)';
+  const report = (step: number, name: string): StepReport => ({
+    ...{ step, name, moves: '', status: 'failed', error: why, repeat: true },
+    ...{ warnings: [], failures: [], ms: 0 },
+  });
+  assert.is(repeatedLine([report(11, 'Models')]), `Step 11 (Models): ${why}`);
+  assert.is(repeatedLine([report(2, 'a'), report(3, 'b')]), `Steps 2, 3: ${why}`);
+});
+
+test('rotation says "1 restore point kept", and "points" for any other count', () => {
+  const dir = tmp();
+  const point = (stamp: string) => ({
+    ...{ name: `manifest-${stamp}.json`, stamp, file: path.join(dir, `manifest-${stamp}.json`) },
+    judgement: { state: 'whole' as const, why: [] },
+  });
+  const noteOf = (points: ReturnType<typeof point>[]) => rotateByRestorePoints(dir, points, 10, []).notes[0];
+  assert.match(noteOf([point('20261203-105135')]), /^1 restore point kept \(1 whole\)/);
+  assert.match(noteOf([point('20261203-105135'), point('20261202-105135')]), /^2 restore points kept/);
+  assert.match(noteOf([]), /^0 restore points kept/);
+  fs.rmSync(dir, { recursive: true });
 });
 
 test('humanSize prints as du -h does', () => {

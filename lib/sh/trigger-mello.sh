@@ -9,4 +9,6 @@ case $d in
   '~') d=$HOME ;;
   '~/'*) d=$HOME/${d#'~/'} ;;
 esac
+# 66 (EX_NOINPUT): lib/trigger.ts says which variable to fix, once, instead of the shell's words.
+[ -d "$d" ] || exit 66
 cd -- "$d" && exec ./backup-mello.mts "$@"
