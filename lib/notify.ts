@@ -87,6 +87,9 @@ class PingRefused extends Error {
 }
 
 /** One script run's pings. */
+
+/** 0.999 s (a limit cut by the run's deadline) reads as 1 s: tenths at most. */
+const seconds = (ms: number) => String(Math.round(ms / 100) / 10);
 export class Notifier {
   private startPing?: Promise<string | undefined>;
   private readonly startAbort = new AbortController();
@@ -118,7 +121,7 @@ export class Notifier {
     const gaveUp = new Promise<string>((resolve) => {
       timer = setTimeout(() => {
         this.startAbort.abort();
-        resolve(this.problem('start', `no answer within ${this.timeoutMs / 1000} s`));
+        resolve(this.problem('start', `no answer within ${seconds(this.timeoutMs)} s`));
       }, this.timeoutMs);
     });
     try {
@@ -169,7 +172,7 @@ export class Notifier {
             void res.body?.cancel().catch(() => {});
             if (!res.ok) throw new PingRefused(res.status);
           } catch (e) {
-            last = timeout.aborted ? `no answer within ${limitMs / 1000} s` : errorText(e);
+            last = timeout.aborted ? `no answer within ${seconds(limitMs)} s` : errorText(e);
             throw e;
           }
         },
