@@ -7,21 +7,10 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { work } from './common.mts';
-import type { WanProfile } from './wan-proxy.mts';
+import type { Exchange, WanProfile } from './wan-proxy.mts';
 
-interface TraceExchange {
-  kind: string;
-  method: string;
-  path: string;
-  range?: string;
-  start: number;
-  headers?: number;
-  end?: number;
-  status?: number;
-  conn: number;
-  bytesUp: number;
-  bytesDown: number;
-}
+// As the proxy logs it (bench/wan-proxy.mts), read back from the trace's JSON.
+type TraceExchange = Exchange;
 interface Trace {
   label: string;
   profile: WanProfile;

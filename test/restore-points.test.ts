@@ -227,6 +227,20 @@ function recorder(dir: string): { bin: string; log: string; calls: () => string[
   };
 }
 
+/** A fresh Verda under `into` (its services a recorder beside it), restored from world w's backups. */
+function freshVerdaEnv(w: World, into: string): Record<string, string> {
+  return {
+    ...w.env,
+    COMFYMULTI_STATE_DIR: path.join(w.root, 'restore-state'),
+    VERDA_SYSROOT: into,
+    VERDA_HOME: path.join(into, 'home/dev'),
+    VERDA_PROJECT_DIR: path.join(into, 'home/dev/comfy-multi'),
+    VERDA_MODELS_DIR: path.join(into, 'mnt/sfs/models'),
+    SFS_BACKUP_DIR: path.join(into, 'mnt/sfs/cache/backups'),
+    VERDA_SYSTEMCTL: recorder(path.join(into, '..', `${path.basename(into)}-bin`)).bin,
+  };
+}
+
 let baseWorld: World | undefined;
 /** A world with one whole full restore point (config, image, models), made on first need. */
 async function base(): Promise<World> {
@@ -506,16 +520,7 @@ test('4. no complete full run: the image its failed run recorded is loaded from 
   const quick = await backup(w, ['--quick']); // the config kinds' whole point
   assert.is(quick.code, 0, out(quick));
 
-  const fresh = (into: string) => ({
-    ...w.env,
-    COMFYMULTI_STATE_DIR: path.join(w.root, 'restore-state'),
-    VERDA_SYSROOT: into,
-    VERDA_HOME: path.join(into, 'home/dev'),
-    VERDA_PROJECT_DIR: path.join(into, 'home/dev/comfy-multi'),
-    VERDA_MODELS_DIR: path.join(into, 'mnt/sfs/models'),
-    SFS_BACKUP_DIR: path.join(into, 'mnt/sfs/cache/backups'),
-    VERDA_SYSTEMCTL: recorder(path.join(into, '..', `${path.basename(into)}-bin`)).bin,
-  });
+  const fresh = (into: string) => freshVerdaEnv(w, into);
   spawnSync('podman', ['rmi', '--force', IMAGE]);
   assert.is(loadedId(), '');
   const r = await restore(['--only', 'image'], fresh(path.join(w.root, 'fresh-1')));
@@ -559,16 +564,7 @@ test('4b. the models the newest complete full run sent must come back, though th
   assert.ok(model, 'the full run records its models');
   // The models bucket loses one: the full run is no longer whole, the --quick one still is.
   await s3.client.send(new DeleteObjectCommand({ Bucket: w.models, Key: model.key }));
-  const fresh = (into: string) => ({
-    ...w.env,
-    COMFYMULTI_STATE_DIR: path.join(w.root, 'restore-state'),
-    VERDA_SYSROOT: into,
-    VERDA_HOME: path.join(into, 'home/dev'),
-    VERDA_PROJECT_DIR: path.join(into, 'home/dev/comfy-multi'),
-    VERDA_MODELS_DIR: path.join(into, 'mnt/sfs/models'),
-    SFS_BACKUP_DIR: path.join(into, 'mnt/sfs/cache/backups'),
-    VERDA_SYSTEMCTL: recorder(path.join(into, '..', `${path.basename(into)}-bin`)).bin,
-  });
+  const fresh = (into: string) => freshVerdaEnv(w, into);
   const drill = await restore(['--drill'], fresh(path.join(w.root, 'drill')));
   assert.is(drill.code, 1, out(drill));
   assert.match(summaryOf(drill), new RegExp(escape(model.key)), out(drill));
