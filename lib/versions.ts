@@ -209,7 +209,9 @@ export class Versions implements VersionKeeper {
     // A Mello without a record (a new disk) trusts what is stored; one whose record says versions
     // were off (or went to another bucket) does not: what it replaced meanwhile was not kept.
     const gap = record !== undefined && (record.bucket !== bucket || record.offSince !== undefined);
-    const from = stampTime(this.stamp).toISOString(); // the run's second: it began on it (start)
+    // The run's second (it began on it: start), from the clock, not from the local stamp: an hour
+    // repeated when clocks go back would read it an hour early.
+    const from = new Date(Math.floor(this.started.getTime() / 1000) * 1000).toISOString();
     if (!stored) await writeKeptFrom(backend, { keptFrom: from, why: 'versions turned on' }, signal);
     else if (gap && Date.parse(stored.keptFrom) < this.started.getTime()) {
       const why = `versions were off on this Mello${record?.offSince ? ` from ${record.offSince}` : ''}`;

@@ -238,6 +238,25 @@ keeping(
 );
 
 keeping(
+  "kept-from.json in the hour repeated when clocks go back: the run's own second, not an hour early",
+  async () => {
+    const t = await setup();
+    const tz = process.env.TZ;
+    process.env.TZ = 'Europe/Berlin';
+    try {
+      // 01:20:00.005Z is the second 02:20 local on 2025-10-26: its stamp reads as the first one.
+      const started = new Date('2025-10-26T01:20:00.005Z');
+      const v = await Versions.start({ backend: t.versions, stateDir: t.stateDir, keepDays: 30, now: started });
+      assert.is(await v.begin(), undefined);
+      assert.is((await readKeptFrom(t.versions))!.keptFrom, '2025-10-26T01:20:00.000Z');
+    } finally {
+      if (tz === undefined) delete process.env.TZ;
+      else process.env.TZ = tz;
+      fs.rmSync(t.work, { recursive: true, force: true });
+    }
+  },
+);
+keeping(
   'retention: versions of runs older than the limit deleted page by page, kept-from.json raised before each page',
   async () => {
     const t = await setup();
