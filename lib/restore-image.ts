@@ -40,10 +40,13 @@ export interface ImageRestoreOptions {
 }
 
 /**
- * How long the URL Verda downloads the image with holds: the image's bytes at a slow link's pace
- * (2.5 GB at 1 MB/s is 42 minutes); a range retried after it fails, and the step with it.
+ * How long the URL Verda downloads the image with holds: at least an hour, and the image's bytes
+ * at a slow link's pace (256 KiB/s: 10 GB in 11 hours), at most S3's limit of 7 days. Past it every
+ * range is refused and the step fails; the URL reads that one object only, which Verda then holds.
  */
-const IMAGE_URL_SECONDS = 3600;
+export function imageUrlSeconds(bytes: number): number {
+  return Math.min(7 * 86_400, Math.max(3600, Math.ceil(bytes / (256 * 1024))));
+}
 
 /**
  * The worker image back on Verda: the newest image a backup records whose bytes can still be had
@@ -130,7 +133,7 @@ export function imageRestoreStep(o: ImageRestoreOptions): Step {
           // that one key: the image crosses the link once, at the link's pace, instead of twice
           // through Mello's one SSH channel (its window over the round trip: 8 MB/s at 250 ms).
           await downloadOnVerda(o, ctx.signal, ctx.out, {
-            url: bucket.presign(IMAGE_FILE, IMAGE_URL_SECONDS),
+            url: bucket.presign(IMAGE_FILE, imageUrlSeconds(want.bytes)),
             source,
             dir: o.imageDir,
             name: IMAGE_FILE,

@@ -34,6 +34,7 @@ import {
   type Source,
 } from '../lib/storage.ts';
 import { downloadTree } from '../lib/download.ts';
+import { imageUrlSeconds } from '../lib/restore-image.ts';
 import { listingSplits, listRanges, syncTree } from '../lib/sync.ts';
 import { bufferSource } from './backend-conformance.ts';
 import { MemoryBackend } from './memory-backend.ts';
@@ -136,6 +137,12 @@ test('rotation says "1 restore point kept", and "points" for any other count', (
   assert.match(noteOf([point('20261203-105135'), point('20261202-105135')]), /^2 restore points kept/);
   assert.match(noteOf([]), /^0 restore points kept/);
   fs.rmSync(dir, { recursive: true });
+});
+
+test("the image URL Verda downloads with holds an hour at least, the image at 256 KiB/s, at most S3's 7 days", () => {
+  assert.is(imageUrlSeconds(2.5e9 / 100), 3600);
+  assert.is(imageUrlSeconds(10 * 1024 ** 3), 40_960);
+  assert.is(imageUrlSeconds(1024 ** 4), 7 * 86_400);
 });
 
 test('humanSize prints as du -h does', () => {
