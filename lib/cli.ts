@@ -319,6 +319,8 @@ interface TransferState {
   bytes: number;
   total: number;
   file?: { key: string; bytes: number; size: number };
+  /** The total is still growing (the listing or the walk goes on): no percentage, no ETA. */
+  counting?: boolean;
 }
 
 export interface Transfer {
@@ -341,6 +343,8 @@ export function transferLine(label: string, s: TransferState, seconds: number): 
   const rate = seconds > 0 ? s.bytes / seconds : 0;
   const file = s.file ? `; ${printable(s.file.key)} ${humanSize(s.file.bytes)} of ${humanSize(s.file.size)}` : '';
   if (s.total <= 0) return `${label}: ${humanSize(s.bytes)} so far, ${humanSize(rate)}/s (total not known yet)${file}`;
+  if (s.counting)
+    return `${label}: ${humanSize(s.bytes)} of ${humanSize(s.total)} found so far, ${humanSize(rate)}/s${file}`;
   const eta = rate > 0 ? Math.max(0, s.total - s.bytes) / rate : Infinity;
   const pct = Math.min(100, Math.floor((s.bytes / s.total) * 100)); // a retried part counts twice
   return `${label}: ${humanSize(s.bytes)} of ${humanSize(s.total)} (${pct}%), ${humanSize(rate)}/s, ETA ${humanDuration(eta)}${file}`;

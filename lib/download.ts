@@ -125,7 +125,13 @@ export interface DownloadTreeOptions {
    * Bytes downloaded, as they land; `toDownload` is the bytes of the objects decided to download
    * so far (those already in place are no work: a morning with SFS kept is not "3 % done").
    */
-  onBytes?: (n: number, toDownload: number, file: { key: string; bytes: number; size: number }) => void;
+  onBytes?: (
+    n: number,
+    toDownload: number,
+    file: { key: string; bytes: number; size: number },
+    /** The listing still goes on (the total is still growing). */
+    counting: boolean,
+  ) => void;
 }
 
 /** The defaults: a lone big model gets 8 streams (R2 gives each connection a share, not the whole link). */
@@ -453,8 +459,9 @@ export async function downloadTree(options: DownloadTreeOptions): Promise<Downlo
   const dirs = new Set<string>();
   const cleaned = new Set<string>();
   let toDownload = 0;
+  let listedAll = false;
   const onBytes = opts.onBytes
-    ? (n: number, file: { key: string; bytes: number; size: number }) => opts.onBytes!(n, toDownload, file)
+    ? (n: number, file: { key: string; bytes: number; size: number }) => opts.onBytes!(n, toDownload, file, !listedAll)
     : undefined;
 
   // The hash cache's ETags name objects of the tree's own backend: an item from another (a
@@ -554,6 +561,7 @@ export async function downloadTree(options: DownloadTreeOptions): Promise<Downlo
       const cached = await cache?.lookup(item.rel);
       yield { item, cached, seq: cache?.reserve() ?? -1 };
     }
+    listedAll = true;
   }
 
   try {

@@ -147,7 +147,7 @@ export function backupModelsOnVerda(request: ModelsRequest, signal: AbortSignal,
     filter: isModel,
     dryRun: request.dryRun,
     signal,
-    onProgress: (bytes, total, file) => report({ bytes, total, file }),
+    onProgress: (bytes, total, file, counting) => report({ bytes, total, file, counting }),
     onFile: (a) => process.stderr.write(`${a.action} ${printable(a.key)}\n`),
   });
 }

@@ -27,6 +27,8 @@ export interface Progress {
   /** The bytes of the work known so far (a listing grows as it goes). */
   total: number;
   file?: { key: string; bytes: number; size: number };
+  /** The total is still growing. */
+  counting?: boolean;
 }
 
 const PROGRESS = '@progress ';

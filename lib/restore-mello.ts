@@ -151,7 +151,8 @@ export function restoreTreeStep(
         attempts: o.limits.r2Attempts,
         backoffMs: o.limits.r2BackoffMs,
         idleTimeoutMs: o.limits.r2IdleTimeoutMs,
-        onBytes: (n, toDownload, file) => progress.update({ bytes: (done += n), total: toDownload, file }),
+        onBytes: (n, toDownload, file, counting) =>
+          progress.update({ bytes: (done += n), total: toDownload, file, counting }),
         onFile: (a) => {
           const from = `${o.backend.name}/${printable(a.key)}`;
           if (a.action === 'download') {

@@ -132,7 +132,7 @@ export async function restoreModelsOnVerda(
     attempts: request.limits.r2Attempts,
     backoffMs: request.limits.r2BackoffMs,
     idleTimeoutMs: request.limits.r2IdleTimeoutMs,
-    onBytes: (n, toDownload, file) => report({ bytes: (done += n), total: toDownload, file }),
+    onBytes: (n, toDownload, file, counting) => report({ bytes: (done += n), total: toDownload, file, counting }),
     onFile: (a) => process.stderr.write(`${a.action} ${printable(a.key)}\n`),
   });
 }

@@ -43,8 +43,16 @@ export interface SyncOptions {
   concurrency?: number;
   /** Only files whose relative path this accepts (e.g. `*.safetensors`). */
   filter?: (rel: string) => boolean;
-  /** Bytes sent so far, of the files decided to send so far, and the file that moved last. */
-  onProgress?: (sentBytes: number, seenBytes: number, file: { key: string; bytes: number; size: number }) => void;
+  /**
+   * Bytes sent so far, of the files decided to send so far, the file that moved last, and whether
+   * the walk still goes on (the total is still growing).
+   */
+  onProgress?: (
+    sentBytes: number,
+    toSendBytes: number,
+    file: { key: string; bytes: number; size: number },
+    counting: boolean,
+  ) => void;
   /** Told of each file as it is decided, for verbose and dry-run lines. */
   onFile?: (action: FileAction) => void;
   /** How many decided files the result lists (--json, the manifest); the rest are only counted. */
@@ -302,6 +310,8 @@ class TreeSync {
   private progressBytes = 0;
   /** Bytes of the files decided to send so far: progress's total (unchanged files are not work). */
   private sendingBytes = 0;
+  /** Every file of the walk has been taken: the total is what it will be. */
+  private walked = false;
   // Files in flight: 16 to start, more while more carry more (a long path), up to 64.
   private readonly maxFiles: number;
   private readonly files: AdaptiveSlots;
@@ -329,7 +339,11 @@ class TreeSync {
     try {
       // Files in key order. Each failure is recorded and the others go on; only credentials
       // refused or R2 gone silent stops the pool: every other file would fail the same way.
-      await pool(items, this.maxFiles, (f) => this.file(f), opts.signal);
+      const taken = async function* (this: TreeSync) {
+        yield* items;
+        this.walked = true;
+      }.call(this);
+      await pool(taken, this.maxFiles, (f) => this.file(f), opts.signal);
       complete = true;
     } finally {
       this.files.stop();
@@ -418,7 +432,7 @@ class TreeSync {
         ? (n) => {
             counted += n;
             this.progressBytes += n;
-            opts.onProgress!(this.progressBytes, this.sendingBytes, { key: f.key, bytes: counted, size });
+            opts.onProgress!(this.progressBytes, this.sendingBytes, { key: f.key, bytes: counted, size }, !this.walked);
           }
         : undefined,
     });
@@ -525,7 +539,7 @@ export function syncStep(o: SyncStepOptions): Step {
           ...o,
           dryRun: ctx.dryRun,
           signal: ctx.signal,
-          onProgress: (bytes, total, file) => progress.update({ bytes, total, file }),
+          onProgress: (bytes, total, file, counting) => progress.update({ bytes, total, file, counting }),
           onFile: (a) => {
             const where = `${o.backend.name}/${printable(a.key)}`;
             if (a.action === 'send') {

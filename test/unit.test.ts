@@ -105,6 +105,8 @@ test('a progress line: bytes of the total, rate, ETA, the file; before the total
     'models sent: 0B so far, 0B/s (total not known yet)',
   );
   assert.match(transferLine('x', { bytes: 0, total: 5 }, 1), /^x: 0B of 5B \(0%\), 0B\/s, ETA --:--$/);
+  // While the listing goes on, the total is what was found so far: no percentage, no ETA.
+  assert.is(transferLine('m', { bytes: 1024, total: 4096, counting: true }, 1), 'm: 1.0K of 4.0K found so far, 1.0K/s');
 });
 
 test('backup-cron --list: sizes as humanSize prints them, and no line ends in a space', () => {
@@ -547,14 +549,16 @@ test("downloadTree's progress: bytes downloaded of the bytes to download; files 
   await b.put('new.bin', bufferSource(Buffer.from('n'.repeat(700))), { metadata: { sha256: sha('n'.repeat(700)) } });
   let done = 0;
   let total = 0;
+  let counting = true;
   const r = await downloadTree({
     root,
     backend: b,
     prefix: '',
-    onBytes: (n, toDownload) => ((done += n), (total = toDownload)),
+    onBytes: (n, toDownload, _file, stillCounting) => ((done += n), (total = toDownload), (counting = stillCounting)),
   });
   assert.equal([r.downloaded, r.inPlace], [1, 1]);
-  assert.equal({ done, total }, { done: 700, total: 700 });
+  // Both listed before the new file's bytes came: the total was whole, and said so.
+  assert.equal({ done, total, counting }, { done: 700, total: 700, counting: false });
 });
 
 test('syncTree: an object proven by its sha256 metadata or by a bash-era ETag is skipped; other bytes of the same size are sent', async () => {
