@@ -954,7 +954,10 @@ export class PresignedObject implements Backend {
         const want = range ? 206 : 200;
         if (status === want && (!range || length === range.end - range.start)) return resolve(res);
         res.resume();
-        const what = `${this.name} get: HTTP ${status}${range ? ` for bytes ${range.start}-${range.end - 1} (got ${res.headers['content-length'] ?? 'no'} bytes)` : ''}`;
+        // The length said only of a success with other bytes: an error's length is its message's.
+        const got = status === want ? ` (got ${res.headers['content-length'] ?? 'no'} bytes)` : '';
+        const expired = status === 403 ? ': refused (the presigned URL expired, or its signature is not accepted)' : '';
+        const what = `${this.name} get: HTTP ${status}${range ? ` for bytes ${range.start}-${range.end - 1}${got}` : ''}${expired}`;
         // A server error or a throttle may pass (the engine backs off and resumes); a refusal
         // (the URL expired, a wrong range) will not.
         reject(status >= 500 || status === 429 ? new Error(what) : new StorageError(what, false, status));

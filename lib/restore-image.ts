@@ -124,7 +124,8 @@ export function imageRestoreStep(o: ImageRestoreOptions): Step {
         const then = o.load ? ` and load it with ${o.cli} load` : '';
         return { summary: `would bring image ${short} (${humanSize(want.bytes)}) from ${source}${then}`, warnings };
       }
-      let bytes = 0;
+      // Brought onto SFS (and checked there) unless the SFS copy is already the one.
+      const bytes = from === 'sfs' ? 0 : want.bytes;
       if (from !== 'sfs') {
         if (sfsSha) warnings.push(`${sfsCopy} is not image ${short}: replaced`);
         const bucket = from === 'r2' ? o.cacheBucket!() : undefined;
@@ -141,15 +142,12 @@ export function imageRestoreStep(o: ImageRestoreOptions): Step {
             sha256: want.sha256,
             limits: o.limits ?? DEFAULT_LIMITS,
           });
-          bytes = want.bytes;
-        }
-        const stream =
-          bytes > 0
-            ? undefined
-            : from === 'mello'
+        } else {
+          // Mello's copy, or a bucket that is not R2 (no URL to give): relayed over the connection.
+          const stream =
+            from === 'mello'
               ? (await openRegular(want.melloFile!)).handle.createReadStream({ highWaterMark: 1 << 20 })
               : await bucket!.get(IMAGE_FILE, ctx.signal);
-        if (stream)
           await o.host.$({
             stdin: stream,
             signal: ctx.signal,
@@ -158,7 +156,7 @@ export function imageRestoreStep(o: ImageRestoreOptions): Step {
               ? new Error(`image ${short} from ${source} not kept on ${o.host.label}: ${said(e.result.stderr, 2)}`)
               : e;
           });
-        if (stream) bytes = want.bytes;
+        }
       }
       if (!o.load) {
         return {
@@ -227,9 +225,10 @@ export function imageCopyStep(o: { source: RestoreSource; image: string; cacheBu
 // The image from the cache bucket, downloaded by Verda itself
 //
 // Verda receives a URL that GETs worker-image.tar.gz of the cache bucket, and nothing else, for
-// an hour (r2.ts presignGet). It is no key pair: it cannot list, write, delete or read another
-// object (the config bundle beside it), and it reads the bytes Verda is about to hold anyway. It
-// goes on stdin like the models' key pair, is never printed, and is dropped when the call ends.
+// as long as imageUrlSeconds gives (r2.ts presignGet). It is no key pair: it cannot list, write,
+// delete or read another object (the config bundle beside it), and it reads the bytes Verda is
+// about to hold anyway. It goes on stdin like the models' key pair, is never printed, and is
+// dropped when the call ends.
 
 /** What Mello sends on stdin for `restore-image`: one JSON line. */
 export interface ImageDownloadRequest {
